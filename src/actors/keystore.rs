@@ -1,0 +1,319 @@
+//! The keystore: the SQLite file, its schema, the master-key checks at start, and
+//! the `Keystore` actor that owns per-user keys (blocking, so on a `SyncArbiter`).
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::clock;
+use crate::config::Config;
+use crate::crypto::{MasterKey, Place, Secret};
+use crate::error::Result;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS user_keys (
+    user_id TEXT NOT NULL,
+    service TEXT NOT NULL,
+    sealed BLOB NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (user_id, service)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pool_keys (
+    channel_id TEXT NOT NULL,          -- '' for the global pool
+    service TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    sealed BLOB NOT NULL,
+    label TEXT,
+    added_at INTEGER NOT NULL,
+    PRIMARY KEY (channel_id, service, key_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS quota (
+    day TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    tool_name TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (day, user_id, tool_name)
+) WITHOUT ROWID;
+PRAGMA user_version = 1;
+";
+
+/// Why the daemon refuses to start; the message tells the operator what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StartError(pub String);
+
+/// Opens a connection to the keystore with the pragmas every connection needs:
+/// WAL, and `synchronous=FULL` so a committed write survives a crash.
+pub fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    let db = Connection::open(path)?;
+    db.busy_timeout(std::time::Duration::from_secs(5))?;
+    db.pragma_update(None, "journal_mode", "WAL")?;
+    db.pragma_update(None, "synchronous", "FULL")?;
+    Ok(db)
+}
+
+/// The keystore opened and checked at start: the master key and `n` connections.
+pub struct Opened {
+    pub key: Arc<MasterKey>,
+    pub connections: Vec<Connection>,
+}
+
+/// Opens the keystore, creates the schema, and loads (or on a first start creates)
+/// the master key, applying the rules of SPEC §4. Returns `connections` connections.
+pub fn open(config: &Config, connections: usize) -> Result<Opened, StartError> {
+    let path = &config.keystore.path;
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        StartError(format!("keystore {}: {what}: {e}", path.display()))
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| fail("cannot create its folder", &e))?;
+    }
+    let db = connect(path).map_err(|e| fail("cannot open", &e))?;
+    let check: String = db
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(|e| fail("cannot read (is it an SQLite file?)", &e))?;
+    if check != "ok" {
+        return Err(fail(
+            "integrity check failed; restore it from a backup",
+            &check,
+        ));
+    }
+    db.execute_batch(SCHEMA)
+        .map_err(|e| fail("cannot create the schema", &e))?;
+    let held: i64 = db
+        .query_row(
+            "SELECT (SELECT count(*) FROM user_keys) + (SELECT count(*) FROM pool_keys)",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(|e| fail("cannot count keys", &e))?;
+
+    let key = load_master_key(config, held)?;
+    verify_master_key(&db, &key, held).map_err(|e| StartError(format!("{e}")))?;
+
+    let mut conns = vec![db];
+    while conns.len() < connections {
+        conns.push(connect(path).map_err(|e| fail("cannot open", &e))?);
+    }
+    Ok(Opened {
+        key: Arc::new(key),
+        connections: conns,
+    })
+}
+
+fn load_master_key(config: &Config, held: i64) -> Result<MasterKey, StartError> {
+    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+        let cred = Path::new(&dir).join("master.key");
+        if cred.exists() {
+            tracing::info!(path = %cred.display(), "master key from systemd credentials");
+            return MasterKey::read_file(&cred).map_err(|e| StartError(e.0));
+        }
+    }
+    let file = &config.keystore.master_key_file;
+    if file.exists() {
+        return MasterKey::read_file(file).map_err(|e| StartError(e.0));
+    }
+    if held > 0 {
+        return Err(StartError(format!(
+            "master key {} is missing but the keystore {} holds {held} keys; \
+             restore the key file from your backup (without it those keys cannot be decrypted)",
+            file.display(),
+            config.keystore.path.display()
+        )));
+    }
+    let key = MasterKey::create_file(file).map_err(|e| StartError(e.0))?;
+    tracing::warn!(path = %file.display(), "created a new master key; back it up together with the keystore");
+    Ok(key)
+}
+
+/// The `meta.keycheck` row holds a value sealed with the master key: if it does not
+/// open, the key is not the one the keystore was written with.
+fn verify_master_key(db: &Connection, key: &MasterKey, held: i64) -> Result<(), StartError> {
+    let place = Place::Meta("keycheck");
+    let sealed: Option<Vec<u8>> = db
+        .query_row("SELECT value FROM meta WHERE name = 'keycheck'", [], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(|e| StartError(format!("cannot read the keystore: {e}")))?;
+    match sealed {
+        Some(s) if key.open(&s, place).is_ok() => return Ok(()),
+        Some(_) if held > 0 => {
+            return Err(StartError(
+                "the master key does not decrypt this keystore; start with the key file it was written with"
+                    .into(),
+            ))
+        }
+        _ => {}
+    }
+    let sealed = key.seal(b"apikeyd", place);
+    db.execute(
+        "INSERT OR REPLACE INTO meta (name, value) VALUES ('keycheck', ?1)",
+        params![sealed],
+    )
+    .map_err(|e| StartError(format!("cannot write the keystore: {e}")))?;
+    Ok(())
+}
+
+/// Owns one SQLite connection and the per-user keys in it.
+pub struct Keystore {
+    db: Connection,
+    key: Arc<MasterKey>,
+}
+
+impl Keystore {
+    /// One keystore worker on `db`.
+    pub fn new(db: Connection, key: Arc<MasterKey>) -> Self {
+        Keystore { db, key }
+    }
+}
+
+impl Actor for Keystore {
+    type Context = SyncContext<Self>;
+}
+
+/// Reads and decrypts one user's key for one service. A row that does not open is
+/// treated as absent and logged as an integrity error.
+#[derive(Message)]
+#[rtype(result = "Result<Option<Secret>>")]
+pub struct LoadUserKey {
+    pub user_id: String,
+    pub service: String,
+}
+
+impl Handler<LoadUserKey> for Keystore {
+    type Result = Result<Option<Secret>>;
+
+    fn handle(&mut self, msg: LoadUserKey, _: &mut Self::Context) -> Self::Result {
+        let sealed: Option<Vec<u8>> = self
+            .db
+            .prepare_cached("SELECT sealed FROM user_keys WHERE user_id = ?1 AND service = ?2")?
+            .query_row(params![msg.user_id, msg.service], |r| r.get(0))
+            .optional()?;
+        let Some(sealed) = sealed else {
+            return Ok(None);
+        };
+        let place = Place::User {
+            user_id: &msg.user_id,
+            service: &msg.service,
+        };
+        match self.key.open(&sealed, place) {
+            Ok(secret) => Ok(Some(secret)),
+            Err(_) => {
+                tracing::error!(user_id = %msg.user_id, service = %msg.service,
+                    "integrity: a stored user key does not decrypt; treating it as absent");
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Encrypts and stores (or replaces) a user's key; durable when it returns.
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub struct StoreUserKey {
+    pub user_id: String,
+    pub service: String,
+    pub key: Secret,
+}
+
+impl Handler<StoreUserKey> for Keystore {
+    type Result = Result<()>;
+
+    fn handle(&mut self, msg: StoreUserKey, _: &mut Self::Context) -> Self::Result {
+        let place = Place::User {
+            user_id: &msg.user_id,
+            service: &msg.service,
+        };
+        let sealed = self.key.seal(msg.key.expose().as_bytes(), place);
+        self.db
+            .prepare_cached(
+                "INSERT INTO user_keys (user_id, service, sealed, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (user_id, service) DO UPDATE SET sealed = ?3, updated_at = ?4",
+            )?
+            .execute(params![msg.user_id, msg.service, sealed, clock::now_s()])?;
+        Ok(())
+    }
+}
+
+/// Deletes a user's key; answers whether one was there.
+#[derive(Message)]
+#[rtype(result = "Result<bool>")]
+pub struct DeleteUserKey {
+    pub user_id: String,
+    pub service: String,
+}
+
+impl Handler<DeleteUserKey> for Keystore {
+    type Result = Result<bool>;
+
+    fn handle(&mut self, msg: DeleteUserKey, _: &mut Self::Context) -> Self::Result {
+        let n = self
+            .db
+            .prepare_cached("DELETE FROM user_keys WHERE user_id = ?1 AND service = ?2")?
+            .execute(params![msg.user_id, msg.service])?;
+        Ok(n > 0)
+    }
+}
+
+/// One row of `list_user_api_keys`.
+#[derive(serde::Serialize)]
+pub struct UserKeyInfo {
+    pub service: String,
+    pub masked: String,
+    pub updated_at: String,
+}
+
+/// Lists a user's keys, masked, by service.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<UserKeyInfo>>")]
+pub struct ListUserKeys {
+    pub user_id: String,
+}
+
+impl Handler<ListUserKeys> for Keystore {
+    type Result = Result<Vec<UserKeyInfo>>;
+
+    fn handle(&mut self, msg: ListUserKeys, _: &mut Self::Context) -> Self::Result {
+        let mut stmt = self.db.prepare_cached(
+            "SELECT service, sealed, updated_at FROM user_keys WHERE user_id = ?1 ORDER BY service",
+        )?;
+        let rows = stmt.query_map(params![msg.user_id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (service, sealed, updated_at) = row?;
+            let place = Place::User {
+                user_id: &msg.user_id,
+                service: &service,
+            };
+            let Ok(secret) = self.key.open(&sealed, place) else {
+                tracing::error!(user_id = %msg.user_id, service = %service,
+                    "integrity: a stored user key does not decrypt; leaving it out of the list");
+                continue;
+            };
+            out.push(UserKeyInfo {
+                masked: secret.masked(),
+                service,
+                updated_at: clock::rfc3339(updated_at),
+            });
+        }
+        Ok(out)
+    }
+}

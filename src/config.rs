@@ -1,0 +1,323 @@
+//! Configuration: the TOML structs with their defaults, validation, and path resolution.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The whole configuration file (SPEC §6). Every key is optional.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub keystore: KeystoreConfig,
+    pub redis: RedisConfig,
+    pub cache: CacheConfig,
+    pub quota: QuotaConfig,
+    pub access: AccessConfig,
+    pub log: LogConfig,
+    /// Per-service overrides and additions to the built-in table, keyed by lower-cased name.
+    pub services: BTreeMap<String, ServiceConfig>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub socket: PathBuf,
+    /// Octal mode of the socket file, as a string such as `"0660"`.
+    pub socket_mode: String,
+    pub max_line_bytes: usize,
+    pub max_connections: usize,
+    pub idle_timeout_s: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            socket: "run/apikeyd.sock".into(),
+            socket_mode: "0660".into(),
+            max_line_bytes: 65536,
+            max_connections: 1024,
+            idle_timeout_s: 300,
+        }
+    }
+}
+
+/// `[keystore]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeystoreConfig {
+    pub path: PathBuf,
+    pub master_key_file: PathBuf,
+}
+
+impl Default for KeystoreConfig {
+    fn default() -> Self {
+        KeystoreConfig {
+            path: "data/keystore.sqlite3".into(),
+            master_key_file: "data/master.key".into(),
+        }
+    }
+}
+
+/// `[redis]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Empty: embedded mode.
+    pub url: String,
+    pub prefix: String,
+    pub timeout_ms: u64,
+    pub accept_legacy_plaintext: bool,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: String::new(),
+            prefix: "stargazer".into(),
+            timeout_ms: 250,
+            accept_legacy_plaintext: false,
+        }
+    }
+}
+
+/// `[cache]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    pub user_key_ttl_s: u64,
+    pub max_entries: usize,
+    pub pool_ttl_s: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            user_key_ttl_s: 300,
+            max_entries: 100_000,
+            pool_ttl_s: 5,
+        }
+    }
+}
+
+/// What check/consume answer when the quota store cannot be reached.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStoreError {
+    #[default]
+    Deny,
+    Allow,
+}
+
+/// `[quota]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuotaConfig {
+    pub daily_limit: u64,
+    pub on_store_error: OnStoreError,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        QuotaConfig {
+            daily_limit: 20,
+            on_store_error: OnStoreError::Deny,
+        }
+    }
+}
+
+/// `[access]`
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessConfig {
+    pub allow_uids: Vec<u32>,
+    pub allow_gids: Vec<u32>,
+    pub admin_uids: Vec<u32>,
+    pub admin_gids: Vec<u32>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `debug`, or `apikeyd=debug,warn`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// `[services.<name>]`: all members optional; absent ones fall back to the built-in table.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub display_name: Option<String>,
+    pub signup_url: Option<String>,
+    /// Environment variable holding the operator's default key.
+    pub env: Option<String>,
+    /// Base URL (used by `gitea`).
+    pub base_url: Option<String>,
+}
+
+/// A configuration problem, reported before anything starts.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Where the config is read from: `--config`, else `$APIKEYD_CONFIG`, else `./config.toml`.
+    pub fn default_path() -> PathBuf {
+        std::env::var_os("APIKEYD_CONFIG")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("config.toml"))
+    }
+
+    /// Reads and validates the file at `path`, resolving relative paths against its folder.
+    ///
+    /// When `must_exist` is false and the file is missing, the defaults are used,
+    /// relative to the current folder.
+    pub fn load(path: &Path, must_exist: bool) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => String::new(),
+            Err(e) => {
+                return Err(ConfigError(format!(
+                    "cannot read config {}: {e}",
+                    path.display()
+                )))
+            }
+        };
+        let mut config = Config::parse(&text)
+            .map_err(|e| ConfigError(format!("config {}: {}", path.display(), e.0)))?;
+        let base = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let base = std::path::absolute(&base).unwrap_or(base);
+        config.resolve_paths(&base);
+        Ok(config)
+    }
+
+    /// Parses and validates TOML text; paths stay as written.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        config.services = std::mem::take(&mut config.services)
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect();
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        for p in [
+            &mut self.server.socket,
+            &mut self.keystore.path,
+            &mut self.keystore.master_key_file,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    /// The socket mode as a number.
+    pub fn socket_mode(&self) -> u32 {
+        parse_mode(&self.server.socket_mode).unwrap_or(0o660)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError(m));
+        match parse_mode(&self.server.socket_mode) {
+            Some(m) if m & !0o777 == 0 => {}
+            _ => {
+                return bad(format!(
+                    "server.socket_mode {:?} is not an octal mode such as \"0660\"",
+                    self.server.socket_mode
+                ))
+            }
+        }
+        if self.server.max_line_bytes < 64 {
+            return bad("server.max_line_bytes must be at least 64".into());
+        }
+        if self.server.max_connections == 0 {
+            return bad("server.max_connections must be at least 1".into());
+        }
+        if self.cache.max_entries == 0 {
+            return bad("cache.max_entries must be at least 1".into());
+        }
+        if self.quota.daily_limit > crate::protocol::MAX_COUNT {
+            return bad("quota.daily_limit must be at most 1000000000".into());
+        }
+        if self.redis.prefix.is_empty() || self.redis.prefix.contains(char::is_whitespace) {
+            return bad("redis.prefix must be non-empty and without whitespace".into());
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return bad(format!(
+                "log.level {:?} is not a valid level or filter",
+                self.log.level
+            ));
+        }
+        for name in self.services.keys() {
+            if crate::protocol::check_service(name).is_err() {
+                return bad(format!(
+                    "[services.{name}]: a service name is 1-64 characters of A-Z a-z 0-9 _ . -"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_mode(s: &str) -> Option<u32> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.server.socket, PathBuf::from("run/apikeyd.sock"));
+        assert_eq!(c.socket_mode(), 0o660);
+        assert_eq!(c.server.max_line_bytes, 65536);
+        assert_eq!(c.quota.daily_limit, 20);
+        assert_eq!(c.redis.prefix, "stargazer");
+        assert!(c.redis.url.is_empty());
+    }
+
+    #[test]
+    fn rejects_typos_and_bad_values() {
+        assert!(Config::parse("[server]\nsokcet = \"x\"").is_err());
+        assert!(Config::parse("[server]\nsocket_mode = \"rw\"").is_err());
+        assert!(Config::parse("[quota]\non_store_error = \"maybe\"").is_err());
+        assert!(Config::parse("[services.\"bad name\"]").is_err());
+    }
+
+    #[test]
+    fn service_names_are_lower_cased() {
+        let c = Config::parse("[services.OpenAI]\ndisplay_name = \"X\"").unwrap();
+        assert!(c.services.contains_key("openai"));
+    }
+}

@@ -1,0 +1,120 @@
+//! apikeyd: a resident daemon that hands API keys to local processes over a Unix
+//! socket speaking JSON lines.
+//!
+//! Architecture: actors own the state; the socket front end forwards.
+//! - `server` accepts connections, checks peer credentials and the connection cap;
+//!   `session` reads request lines, runs them concurrently, answers in order.
+//! - `protocol` parses lines and parameters; `ops` has one file per op family that
+//!   turns a request into actor messages and encodes the result.
+//! - `actors::keystore::Keystore` owns per-user keys in SQLite (on a `SyncArbiter`);
+//!   `actors::store::Store` is the handle to pools and quota counters (the embedded
+//!   `SqliteStore` here, Redis behind the same messages); `actors::cache::KeyCache`
+//!   keeps decrypted keys in memory so a hit touches no store.
+//! - `resolver` runs user key → channel pool → global pool → config default.
+//! - `crypto` seals every key with AES-256-GCM bound to its place; `error` maps every
+//!   failure to a wire code.
+
+pub mod access;
+pub mod actors;
+pub mod app;
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod crypto;
+pub mod error;
+pub mod ops;
+pub mod protocol;
+pub mod resolver;
+pub mod server;
+pub mod services;
+pub mod session;
+
+use std::sync::{Arc, Mutex};
+
+use actix::prelude::*;
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+
+use actors::cache::{Configure, KeyCache};
+use actors::embedded::SqliteStore;
+use actors::keystore::{Keystore, Opened, StartError};
+use actors::store::{Store, StoreMode};
+use app::App;
+use config::Config;
+
+/// Threads (each with its own SQLite connection) serving per-user keys.
+const KEYSTORE_THREADS: usize = 2;
+
+/// What the process tells a running daemon.
+pub enum Control {
+    /// Apply a re-read config (services, access, quota, cache).
+    Reload(Box<Config>),
+    /// Stop accepting, answer what is in flight, return.
+    Shutdown,
+}
+
+/// Opens and checks the keystore and master key: everything that can refuse a start,
+/// done before the socket is bound.
+pub fn open_keystore(config: &Config) -> Result<Opened, StartError> {
+    actors::keystore::open(config, KEYSTORE_THREADS + 1)
+}
+
+/// Runs the daemon on `listener` until `Control::Shutdown` (or the sender is dropped).
+/// Must be called inside an actix `System`.
+pub async fn run(
+    config: Config,
+    opened: Opened,
+    listener: UnixListener,
+    mut control: mpsc::UnboundedReceiver<Control>,
+) {
+    let Opened {
+        key,
+        mut connections,
+    } = opened;
+    // One connection for the store, the rest for the keystore threads.
+    let store_db = Mutex::new(connections.pop());
+    let store_key = key.clone();
+    let store_addr = SyncArbiter::start(1, move || {
+        let db = store_db.lock().ok().and_then(|mut d| d.take());
+        SqliteStore::new(
+            db.expect("the store's connection is taken once"),
+            store_key.clone(),
+        )
+    });
+    let store = Store::new(StoreMode::Embedded, None, store_addr);
+    let threads = connections.len();
+    let pool = Mutex::new(connections);
+    let ks_key = key.clone();
+    let keystore = SyncArbiter::start(threads, move || {
+        let db = pool.lock().ok().and_then(|mut p| p.pop());
+        Keystore::new(
+            db.expect("one connection per keystore thread"),
+            ks_key.clone(),
+        )
+    });
+    let cache = KeyCache::new(keystore.clone(), store.clone(), &config.cache).start();
+    let app = Arc::new(App::new(config, keystore, cache.clone(), store));
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let reload_app = app.clone();
+    actix_rt::spawn(async move {
+        while let Some(c) = control.recv().await {
+            match c {
+                Control::Reload(new) => {
+                    cache.do_send(Configure {
+                        cache: new.cache.clone(),
+                    });
+                    reload_app.set_config(*new);
+                    tracing::info!("config reloaded");
+                }
+                Control::Shutdown => break,
+            }
+        }
+        let _ = stop_tx.send(());
+    });
+    tracing::info!(mode = "embedded", "apikeyd ready");
+    server::serve(app, listener, async {
+        let _ = stop_rx.await;
+    })
+    .await;
+}

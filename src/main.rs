@@ -1,0 +1,198 @@
+//! The `apikeyd` command line: serve, call, keygen. Nothing else lives here.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use tokio::sync::mpsc;
+
+use apikeyd::config::{Config, LogFormat};
+use apikeyd::crypto::MasterKey;
+use apikeyd::Control;
+
+#[derive(Parser)]
+#[command(
+    name = "apikeyd",
+    version,
+    about = "Hands API keys to local processes over a Unix socket"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve {
+        /// Config file (default: $APIKEYD_CONFIG, else ./config.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Send JSON request lines (arguments, or stdin when none) and print the responses.
+    Call {
+        /// The daemon's socket (default: server.socket of the config).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Config file to find the socket in.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Requests, one JSON object each.
+        requests: Vec<String>,
+    },
+    /// Write a new random master key file (mode 0600); refuses to overwrite.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// The config named on the command line (must exist), else the default (may be absent).
+fn load_config(explicit: Option<PathBuf>) -> Result<(PathBuf, Config), String> {
+    let (path, must_exist) = match explicit {
+        Some(p) => (p, true),
+        None => (
+            Config::default_path(),
+            std::env::var_os("APIKEYD_CONFIG").is_some(),
+        ),
+    };
+    let config = Config::load(&path, must_exist).map_err(|e| e.0)?;
+    Ok((path, config))
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::new(&config.log.level);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn serve(explicit: Option<PathBuf>) -> ExitCode {
+    let (path, config) = match load_config(explicit) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("apikeyd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    let system = actix_rt::System::new();
+    let code = system.block_on(async move {
+        let opened = match apikeyd::open_keystore(&config) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!("refusing to start: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let socket = config.server.socket.clone();
+        let listener = match apikeyd::server::bind(&socket, config.socket_mode()) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("refusing to start: cannot bind {}: {e}", socket.display());
+                return ExitCode::from(1);
+            }
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        if let Err(e) = watch_signals(path, tx) {
+            tracing::error!("refusing to start: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+        tracing::info!(socket = %socket.display(), "listening");
+        apikeyd::run(config, opened, listener, rx).await;
+        if let Err(e) = std::fs::remove_file(&socket) {
+            tracing::warn!(error = %e, "cannot remove the socket file");
+        }
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    });
+    System::current_stop();
+    code
+}
+
+/// SIGHUP re-reads the config; SIGTERM and SIGINT stop the daemon.
+fn watch_signals(path: PathBuf, tx: mpsc::UnboundedSender<Control>) -> std::io::Result<()> {
+    let mut signals = signal_hook_tokio::Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+    actix_rt::spawn(async move {
+        while let Some(sig) = signals.next().await {
+            let sent = if sig == SIGHUP {
+                match Config::load(&path, false) {
+                    Ok(c) => tx.send(Control::Reload(Box::new(c))),
+                    Err(e) => {
+                        tracing::error!(
+                            "config reload failed, keeping the running config: {}",
+                            e.0
+                        );
+                        Ok(())
+                    }
+                }
+            } else {
+                tracing::info!(signal = sig, "shutting down");
+                tx.send(Control::Shutdown)
+            };
+            if sent.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(())
+}
+
+struct System;
+
+impl System {
+    fn current_stop() {
+        if let Some(s) = actix::System::try_current() {
+            s.stop();
+        }
+    }
+}
+
+fn call(socket: Option<PathBuf>, config: Option<PathBuf>, requests: Vec<String>) -> ExitCode {
+    let socket = match socket {
+        Some(s) => s,
+        None => match load_config(config) {
+            Ok((_, c)) => c.server.socket,
+            Err(e) => {
+                eprintln!("apikeyd call: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    ExitCode::from(apikeyd::client::call(&socket, requests) as u8)
+}
+
+fn keygen(out: &Path) -> ExitCode {
+    match MasterKey::create_file(out) {
+        Ok(_) => {
+            println!(
+                "wrote a new master key to {} (mode 0600); back it up",
+                out.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("apikeyd keygen: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Serve { config } => serve(config),
+        Command::Call {
+            socket,
+            config,
+            requests,
+        } => call(socket, config, requests),
+        Command::Keygen { out } => keygen(&out),
+    }
+}

@@ -1,0 +1,55 @@
+//! `ping` and `stats`.
+
+use std::sync::atomic::Ordering;
+
+use serde::Serialize;
+
+use crate::actors::cache::{CacheFigures, ReadCacheFigures};
+use crate::actors::store::StoreMode;
+use crate::app::App;
+use crate::error::Result;
+use crate::protocol::{body, Body};
+
+/// `{"op":"ping"}` → `{"pong":true,"version":"0.1.0"}`
+pub fn ping() -> Result<Body> {
+    #[derive(Serialize)]
+    struct Pong {
+        pong: bool,
+        version: &'static str,
+    }
+    body(&Pong {
+        pong: true,
+        version: env!("CARGO_PKG_VERSION"),
+    })
+}
+
+/// `{"op":"stats"}` → `{"uptime_s":12,"connections":1,"requests_total":40,
+/// "cache":{"hits":30,"misses":2,"entries":2},"store":{"mode":"embedded","redis_connected":null},"version":"0.1.0"}`
+pub async fn stats(app: &App) -> Result<Body> {
+    #[derive(Serialize)]
+    struct StoreFigures {
+        mode: StoreMode,
+        redis_connected: Option<bool>,
+    }
+    #[derive(Serialize)]
+    struct Stats {
+        uptime_s: u64,
+        connections: u64,
+        requests_total: u64,
+        cache: CacheFigures,
+        store: StoreFigures,
+        version: &'static str,
+    }
+    let cache = app.cache.send(ReadCacheFigures).await?;
+    body(&Stats {
+        uptime_s: app.started.elapsed().as_secs(),
+        connections: app.connections.load(Ordering::Relaxed),
+        requests_total: app.requests_total.load(Ordering::Relaxed),
+        cache,
+        store: StoreFigures {
+            mode: app.store.mode,
+            redis_connected: app.store.redis_connected(),
+        },
+        version: env!("CARGO_PKG_VERSION"),
+    })
+}

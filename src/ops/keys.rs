@@ -1,0 +1,201 @@
+//! Per-user keys: resolve, Gitea credentials, set, delete, list.
+
+use serde::Serialize;
+
+use super::{is_false, messages::missing_key_message};
+use crate::actors::cache::ForgetUserKey;
+use crate::actors::keystore::{DeleteUserKey, ListUserKeys, StoreUserKey, UserKeyInfo};
+use crate::app::App;
+use crate::crypto::Secret;
+use crate::error::Result;
+use crate::protocol::{body, Body, Request};
+use crate::resolver::{resolve, Query, Resolved, Source};
+use crate::services;
+
+fn query(req: &mut Request, user_id: String, service: String) -> Result<Query> {
+    Ok(Query {
+        user_id,
+        service,
+        channel_id: req.channel_id()?,
+        fallback_to_pool: req.flag("fallback_to_pool", true)?,
+        fallback_to_config: req.flag("fallback_to_config", true)?,
+    })
+}
+
+/// `{"op":"get_user_api_key","user_id":"u1","service":"openai","channel_id":"c1"}` →
+/// `{"key":"sk-…","source":"user"}`, or `{"key":null,"source":null,"message":"No API key for OpenAI …"}`.
+/// `"degraded":true` is added when a store was skipped because it failed.
+pub async fn get_user_api_key(app: &App, mut req: Request) -> Result<Body> {
+    #[derive(Serialize)]
+    struct Answer<'a> {
+        key: Option<&'a str>,
+        source: Option<Source>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+        #[serde(skip_serializing_if = "is_false")]
+        degraded: bool,
+    }
+    let user_id = req.user_id()?;
+    let service = req.service()?;
+    let q = query(&mut req, user_id, service)?;
+    let service = q.service.clone();
+    let Resolved {
+        key,
+        source,
+        degraded,
+    } = resolve(app, q).await?;
+    body(&Answer {
+        key: key.as_deref().map(Secret::expose),
+        source,
+        message: key
+            .is_none()
+            .then(|| missing_key_message(&app.config(), &service)),
+        degraded,
+    })
+}
+
+/// A stored Gitea value: a plain token, or `{"token": "...", "base_url": "..."}`.
+fn gitea_parts(value: &Secret) -> (Option<Secret>, Option<String>) {
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        token: Option<String>,
+        base_url: Option<String>,
+    }
+    let text = value.expose();
+    if text.starts_with('{') {
+        if let Ok(stored) = serde_json::from_str::<Stored>(text) {
+            let token = stored
+                .token
+                .filter(|t| !t.trim().is_empty())
+                .map(Secret::new);
+            return (token, stored.base_url.filter(|u| !u.is_empty()));
+        }
+    }
+    (Some(Secret::new(text.to_owned())), None)
+}
+
+/// `{"op":"get_gitea_credentials","user_id":"u1"}` →
+/// `{"token":"…","base_url":"https://gitea.example.com","source":"user"}`
+pub async fn get_gitea_credentials(app: &App, mut req: Request) -> Result<Body> {
+    #[derive(Serialize)]
+    struct Answer<'a> {
+        token: Option<&'a str>,
+        base_url: Option<String>,
+        source: Option<Source>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+        #[serde(skip_serializing_if = "is_false")]
+        degraded: bool,
+    }
+    let user_id = req.user_id()?;
+    let q = query(&mut req, user_id, "gitea".into())?;
+    let Resolved {
+        key,
+        source,
+        degraded,
+    } = resolve(app, q).await?;
+    let config = app.config();
+    let nothing = |message: String| Answer {
+        token: None,
+        base_url: None,
+        source: None,
+        message: Some(message),
+        degraded,
+    };
+    let Some(value) = key else {
+        return body(&nothing(missing_key_message(&config, "gitea")));
+    };
+    let (token, base_url) = gitea_parts(&value);
+    let Some(token) = token else {
+        return body(&nothing(missing_key_message(&config, "gitea")));
+    };
+    let Some(base_url) = base_url.or_else(|| services::info(&config, "gitea").base_url) else {
+        return body(&nothing(
+            "A Gitea token is stored but no Gitea base URL is known: set services.gitea.base_url in the \
+             daemon's config, or store {\"token\": \"<token>\", \"base_url\": \"https://…\"} with \
+             set_user_api_key gitea."
+                .into(),
+        ));
+    };
+    body(&Answer {
+        token: Some(token.expose()),
+        base_url: Some(base_url),
+        source,
+        message: None,
+        degraded,
+    })
+}
+
+/// `{"op":"set_user_api_key","user_id":"u1","service":"openai","key":"sk-…"}` → `{"stored":true}`
+pub async fn set_user_api_key(app: &App, mut req: Request) -> Result<Body> {
+    let user_id = req.user_id()?;
+    let service = req.service()?;
+    let key = req.key()?;
+    app.keystore
+        .send(StoreUserKey {
+            user_id: user_id.clone(),
+            service: service.clone(),
+            key,
+        })
+        .await??;
+    app.cache
+        .send(ForgetUserKey {
+            user_id: user_id.clone(),
+            service: service.clone(),
+        })
+        .await?;
+    tracing::info!(op = "set_user_api_key", user_id = %user_id, service = %service, "stored");
+    body(&serde_json::json!({ "stored": true }))
+}
+
+/// `{"op":"delete_user_api_key","user_id":"u1","service":"openai"}` → `{"deleted":true}`
+pub async fn delete_user_api_key(app: &App, mut req: Request) -> Result<Body> {
+    let user_id = req.user_id()?;
+    let service = req.service()?;
+    let deleted = app
+        .keystore
+        .send(DeleteUserKey {
+            user_id: user_id.clone(),
+            service: service.clone(),
+        })
+        .await??;
+    app.cache
+        .send(ForgetUserKey {
+            user_id: user_id.clone(),
+            service: service.clone(),
+        })
+        .await?;
+    tracing::info!(op = "delete_user_api_key", user_id = %user_id, service = %service, deleted, "deleted");
+    body(&serde_json::json!({ "deleted": deleted }))
+}
+
+/// `{"op":"list_user_api_keys","user_id":"u1"}` →
+/// `{"keys":[{"service":"openai","masked":"sk-a…1234","updated_at":"2026-11-28T12:00:00Z"}]}`
+pub async fn list_user_api_keys(app: &App, mut req: Request) -> Result<Body> {
+    #[derive(Serialize)]
+    struct Answer {
+        keys: Vec<UserKeyInfo>,
+    }
+    let user_id = req.user_id()?;
+    let keys = app.keystore.send(ListUserKeys { user_id }).await??;
+    body(&Answer { keys })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gitea_values() {
+        let (t, u) = gitea_parts(&Secret::new("tok123".into()));
+        assert_eq!(t.unwrap().expose(), "tok123");
+        assert!(u.is_none());
+        let (t, u) = gitea_parts(&Secret::new(
+            r#"{"token":"tok","base_url":"https://g"}"#.into(),
+        ));
+        assert_eq!(t.unwrap().expose(), "tok");
+        assert_eq!(u.as_deref(), Some("https://g"));
+        let (t, _) = gitea_parts(&Secret::new(r#"{"base_url":"https://g"}"#.into()));
+        assert!(t.is_none());
+    }
+}

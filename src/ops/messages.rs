@@ -1,0 +1,53 @@
+//! The human messages: `missing_api_key_error` and `default_key_limit_error`.
+
+use serde::Serialize;
+
+use crate::app::App;
+use crate::config::Config;
+use crate::error::Result;
+use crate::protocol::{body, Body, Request};
+use crate::services;
+
+#[derive(Serialize)]
+struct Message {
+    message: String,
+}
+
+/// The text that tells a user how to get and store a key for `service`.
+pub fn missing_key_message(config: &Config, service: &str) -> String {
+    let info = services::info(config, service);
+    let fix = format!("set_user_api_key {service} <your-key>");
+    match info.signup_url {
+        Some(url) => format!(
+            "No API key for {} is available to you. Get one at {url}, then run: {fix}",
+            info.display_name
+        ),
+        None => format!(
+            "No API key for {} is available to you. Get a key from {}, then run: {fix}",
+            info.display_name, info.display_name
+        ),
+    }
+}
+
+/// `{"op":"missing_api_key_error","service":"openai"}` →
+/// `{"message":"No API key for OpenAI is available to you. Get one at https://platform.openai.com/api-keys, then run: set_user_api_key openai <your-key>"}`
+pub fn missing_api_key_error(app: &App, mut req: Request) -> Result<Body> {
+    let service = req.service()?;
+    body(&Message {
+        message: missing_key_message(&app.config(), &service),
+    })
+}
+
+/// `{"op":"default_key_limit_error","tool_name":"web_search","current":20,"limit":20}` →
+/// `{"message":"You have used web_search 20 times today on the operator's key; the daily limit is 20. ..."}`
+pub fn default_key_limit_error(mut req: Request) -> Result<Body> {
+    let tool = req.tool_name()?;
+    let current = req.count("current")?;
+    let limit = req.count("limit")?;
+    body(&Message {
+        message: format!(
+            "You have used {tool} {current} times today on the operator's key; the daily limit is {limit}. \
+             The limit resets at 00:00 UTC. To lift it, set your own key with set_user_api_key <service> <your-key>."
+        ),
+    })
+}

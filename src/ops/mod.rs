@@ -1,0 +1,66 @@
+//! The ops of SPEC §3, one file per family. Each op takes the parsed request, checks
+//! its parameters, asks the actors, and encodes its result.
+
+mod admin;
+mod keys;
+mod messages;
+mod pools;
+mod quota;
+
+use crate::access::{Peer, Role};
+use crate::app::App;
+use crate::error::{Error, Result};
+use crate::protocol::{Body, Request};
+
+pub use messages::missing_key_message;
+
+/// Runs one request for `peer`.
+pub async fn dispatch(app: &App, peer: &Peer, mut req: Request) -> Result<Body> {
+    let op = std::mem::take(&mut req.op);
+    match op.as_str() {
+        "ping" => admin::ping(),
+        "stats" => admin::stats(app).await,
+        "get_user_api_key" => keys::get_user_api_key(app, req).await,
+        "get_gitea_credentials" => keys::get_gitea_credentials(app, req).await,
+        "set_user_api_key" => keys::set_user_api_key(app, req).await,
+        "delete_user_api_key" => keys::delete_user_api_key(app, req).await,
+        "list_user_api_keys" => keys::list_user_api_keys(app, req).await,
+        "get_pool_api_key" => pools::get_pool_api_key(app, req).await,
+        "get_channel_pool_api_key" => pools::get_channel_pool_api_key(app, req).await,
+        "add_pool_key" | "remove_pool_key" | "list_pool_keys" if peer.role != Role::Admin => {
+            Err(Error::Forbidden(format!(
+                "op `{op}` manages pools and needs an admin (access.admin_uids or access.admin_gids); uid {} gid {} is not one",
+                peer.uid, peer.gid
+            )))
+        }
+        "add_pool_key" => pools::add_pool_key(app, req).await,
+        "remove_pool_key" => pools::remove_pool_key(app, req).await,
+        "list_pool_keys" => pools::list_pool_keys(app, req).await,
+        "check_default_key_limit" => quota::check_default_key_limit(app, req).await,
+        "increment_default_key_usage" => quota::increment_default_key_usage(app, req).await,
+        "consume_default_key_usage" => quota::consume_default_key_usage(app, req).await,
+        "missing_api_key_error" => messages::missing_api_key_error(app, req),
+        "default_key_limit_error" => messages::default_key_limit_error(req),
+        _ => Err(Error::UnknownOp(op)),
+    }
+}
+
+/// Whether `op` changes stored state. A connection's requests after a write wait for
+/// it, and a write waits for the requests before it, so pipelined clients read their
+/// own writes.
+pub fn is_write(op: &str) -> bool {
+    matches!(
+        op,
+        "set_user_api_key"
+            | "delete_user_api_key"
+            | "add_pool_key"
+            | "remove_pool_key"
+            | "increment_default_key_usage"
+            | "consume_default_key_usage"
+    )
+}
+
+/// For `#[serde(skip_serializing_if)]` on `degraded`.
+fn is_false(b: &bool) -> bool {
+    !*b
+}

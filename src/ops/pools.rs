@@ -1,0 +1,106 @@
+//! Pools: pick from the global or a channel pool; add, remove and list pool keys (admin).
+
+use serde::Serialize;
+
+use crate::actors::cache::{ForgetPool, PickPoolKey};
+use crate::actors::store::{AddPoolKey, PoolKeyInfo, PoolRef, RemovePoolKey};
+use crate::app::App;
+use crate::crypto::Secret;
+use crate::error::Result;
+use crate::protocol::{body, Body, Request};
+
+#[derive(Serialize)]
+struct Picked<'a> {
+    key: Option<&'a str>,
+}
+
+async fn pick(app: &App, pool: PoolRef) -> Result<Body> {
+    let key = app.cache.send(PickPoolKey { pool }).await??;
+    body(&Picked {
+        key: key.as_deref().map(Secret::expose),
+    })
+}
+
+/// `{"op":"get_pool_api_key","service":"openai"}` → `{"key":"sk-…"}` (or null)
+pub async fn get_pool_api_key(app: &App, mut req: Request) -> Result<Body> {
+    let service = req.service()?;
+    pick(
+        app,
+        PoolRef {
+            channel: None,
+            service,
+        },
+    )
+    .await
+}
+
+/// `{"op":"get_channel_pool_api_key","channel_id":"c1","service":"openai"}` → `{"key":"sk-…"}` (or null)
+pub async fn get_channel_pool_api_key(app: &App, mut req: Request) -> Result<Body> {
+    let channel = req.required_channel_id()?;
+    let service = req.service()?;
+    pick(
+        app,
+        PoolRef {
+            channel: Some(channel),
+            service,
+        },
+    )
+    .await
+}
+
+/// `{"op":"add_pool_key","service":"openai","key":"sk-…","channel_id":"c1","label":"donated by ana"}` →
+/// `{"key_id":"3f2a9c0e12ab45cd","added":true}`
+pub async fn add_pool_key(app: &App, mut req: Request) -> Result<Body> {
+    let service = req.service()?;
+    let key = req.key()?;
+    let channel = req.channel_id()?;
+    let label = req.label()?;
+    let pool = PoolRef { channel, service };
+    let (key_id, added) = app
+        .store
+        .add_pool_key(AddPoolKey {
+            pool: pool.clone(),
+            key,
+            label,
+        })
+        .await?;
+    tracing::info!(op = "add_pool_key", channel_id = ?pool.channel, service = %pool.service,
+        key_id = %key_id, added, "pool key added");
+    app.cache.send(ForgetPool { pool }).await?;
+    body(&serde_json::json!({ "key_id": key_id, "added": added }))
+}
+
+/// `{"op":"remove_pool_key","service":"openai","key_id":"3f2a9c0e12ab45cd"}` → `{"removed":true}`
+pub async fn remove_pool_key(app: &App, mut req: Request) -> Result<Body> {
+    let service = req.service()?;
+    let key_id = req.key_id()?;
+    let channel = req.channel_id()?;
+    let pool = PoolRef { channel, service };
+    let removed = app
+        .store
+        .remove_pool_key(RemovePoolKey {
+            pool: pool.clone(),
+            key_id: key_id.clone(),
+        })
+        .await?;
+    tracing::info!(op = "remove_pool_key", channel_id = ?pool.channel, service = %pool.service,
+        key_id = %key_id, removed, "pool key removed");
+    app.cache.send(ForgetPool { pool }).await?;
+    body(&serde_json::json!({ "removed": removed }))
+}
+
+/// `{"op":"list_pool_keys","service":"openai"}` →
+/// `{"keys":[{"key_id":"3f2a9c0e12ab45cd","masked":"sk-a…1234","label":null,"added_at":"2026-11-28T12:00:00Z"}]}`
+pub async fn list_pool_keys(app: &App, mut req: Request) -> Result<Body> {
+    #[derive(Serialize)]
+    struct Answer {
+        keys: Vec<PoolKeyInfo>,
+    }
+    let service = req.service()?;
+    let channel = req.channel_id()?;
+    let keys = app
+        .store
+        .list_pool_keys(PoolRef { channel, service })
+        .await?;
+    body(&Answer { keys })
+}

@@ -1,0 +1,90 @@
+//! Daily default-key quotas: check, increment, and the atomic consume.
+
+use serde::Serialize;
+
+use super::is_false;
+use crate::actors::store::{ConsumeUsage, IncrementUsage, ReadUsage};
+use crate::app::App;
+use crate::config::OnStoreError;
+use crate::error::{Error, Result};
+use crate::protocol::{body, Body, Request};
+
+#[derive(Serialize)]
+struct Verdict {
+    allowed: bool,
+    current_count: u64,
+    daily_limit: u64,
+    #[serde(skip_serializing_if = "is_false")]
+    degraded: bool,
+}
+
+/// (user_id, tool_name, daily_limit) of a check or consume.
+fn params(app: &App, req: &mut Request) -> Result<(String, String, u64)> {
+    let user_id = req.user_id()?;
+    let tool_name = req.tool_name()?;
+    let limit = match req.opt_count("daily_limit")? {
+        Some(l) => l,
+        None => app.config().quota.daily_limit,
+    };
+    Ok((user_id, tool_name, limit))
+}
+
+/// The answer when the quota store failed: `quota.on_store_error` decides.
+fn degraded(app: &App, e: Error, daily_limit: u64) -> Result<Body> {
+    tracing::warn!(code = e.code(), error = %e, "quota store failed; answering per quota.on_store_error");
+    body(&Verdict {
+        allowed: app.config().quota.on_store_error == OnStoreError::Allow,
+        current_count: 0,
+        daily_limit,
+        degraded: true,
+    })
+}
+
+/// `{"op":"check_default_key_limit","user_id":"u1","tool_name":"web_search"}` →
+/// `{"allowed":true,"current_count":3,"daily_limit":20}`
+pub async fn check_default_key_limit(app: &App, mut req: Request) -> Result<Body> {
+    let (user_id, tool_name, daily_limit) = params(app, &mut req)?;
+    match app.store.read_usage(ReadUsage { user_id, tool_name }).await {
+        Ok(current_count) => body(&Verdict {
+            allowed: current_count < daily_limit,
+            current_count,
+            daily_limit,
+            degraded: false,
+        }),
+        Err(e) => degraded(app, e, daily_limit),
+    }
+}
+
+/// `{"op":"increment_default_key_usage","user_id":"u1","tool_name":"web_search"}` → `{"count":4}`
+pub async fn increment_default_key_usage(app: &App, mut req: Request) -> Result<Body> {
+    let user_id = req.user_id()?;
+    let tool_name = req.tool_name()?;
+    let count = app
+        .store
+        .increment_usage(IncrementUsage { user_id, tool_name })
+        .await?;
+    body(&serde_json::json!({ "count": count }))
+}
+
+/// `{"op":"consume_default_key_usage","user_id":"u1","tool_name":"web_search","daily_limit":5}` →
+/// `{"allowed":true,"current_count":4,"daily_limit":5}` (the count after the call)
+pub async fn consume_default_key_usage(app: &App, mut req: Request) -> Result<Body> {
+    let (user_id, tool_name, limit) = params(app, &mut req)?;
+    match app
+        .store
+        .consume_usage(ConsumeUsage {
+            user_id,
+            tool_name,
+            limit,
+        })
+        .await
+    {
+        Ok((allowed, current_count)) => body(&Verdict {
+            allowed,
+            current_count,
+            daily_limit: limit,
+            degraded: false,
+        }),
+        Err(e) => degraded(app, e, limit),
+    }
+}

@@ -1,0 +1,352 @@
+//! The wire: one JSON object per line in, one per line out. Parsing a line into a
+//! `Request`, the parameter rules of SPEC §2, and encoding responses.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use zeroize::Zeroizing;
+
+use crate::crypto::Secret;
+use crate::error::{Error, Result};
+
+/// Upper bound of `daily_limit`, `current` and `limit`.
+pub const MAX_COUNT: u64 = 1_000_000_000;
+
+/// An encoded result or response. Zeroed on drop, because it may hold a key.
+pub type Body = Zeroizing<Vec<u8>>;
+
+/// One parsed request line: its `id`, its `op`, and the remaining members.
+pub struct Request {
+    pub id: Value,
+    pub op: String,
+    params: Map<String, Value>,
+}
+
+/// What a line turned out to be.
+pub enum Line {
+    /// Only whitespace: no response.
+    Blank,
+    /// A request to dispatch.
+    Request(Request),
+    /// Not a request; answer with this error and the id, if one could be read.
+    Invalid { id: Value, error: Error },
+}
+
+/// Parses one line (without its `\n`).
+pub fn parse_line(line: &[u8]) -> Line {
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return Line::Blank;
+    }
+    let invalid = |m: &str| Line::Invalid {
+        id: Value::Null,
+        error: Error::BadRequest(m.into()),
+    };
+    let Ok(text) = std::str::from_utf8(line) else {
+        return invalid("request is not valid UTF-8");
+    };
+    let mut obj = match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(obj)) => obj,
+        // serde_json's messages give a position, never the offending text.
+        Err(e) => return invalid(&format!("request is not JSON: {e}")),
+        Ok(_) => return invalid("request must be a JSON object"),
+    };
+    let id = obj.remove("id").unwrap_or(Value::Null);
+    match obj.remove("op") {
+        Some(Value::String(op)) => Line::Request(Request {
+            id,
+            op,
+            params: obj,
+        }),
+        None | Some(Value::Null) => Line::Invalid {
+            id,
+            error: Error::param("op", "is missing"),
+        },
+        Some(_) => Line::Invalid {
+            id,
+            error: Error::param("op", "must be a string"),
+        },
+    }
+}
+
+/// `service`: 1–64 characters of `[A-Za-z0-9_.-]`.
+pub fn check_service(s: &str) -> Result<()> {
+    let ok = (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::param(
+            "service",
+            "must be 1-64 characters of A-Z a-z 0-9 _ . -",
+        ))
+    }
+}
+
+/// Identifiers (`user_id`, `channel_id`, `tool_name`, `key_id`): 1–`max` bytes, no
+/// control characters, no whitespace.
+fn check_ident(name: &str, s: &str, max: usize) -> Result<()> {
+    if s.is_empty() || s.len() > max || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(Error::param(
+            name,
+            format!("must be 1-{max} bytes without whitespace or control characters"),
+        ));
+    }
+    Ok(())
+}
+
+impl Request {
+    /// A string member; `None` when absent or null.
+    fn opt_string(&mut self, name: &str) -> Result<Option<String>> {
+        match self.params.remove(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(Error::param(name, "must be a string")),
+        }
+    }
+
+    fn string(&mut self, name: &str) -> Result<String> {
+        self.opt_string(name)?
+            .ok_or_else(|| Error::param(name, "is missing"))
+    }
+
+    fn ident(&mut self, name: &str, max: usize) -> Result<String> {
+        let s = self.string(name)?;
+        check_ident(name, &s, max)?;
+        Ok(s)
+    }
+
+    /// `service`, validated and lower-cased.
+    pub fn service(&mut self) -> Result<String> {
+        let mut s = self.string("service")?;
+        check_service(&s)?;
+        s.make_ascii_lowercase();
+        Ok(s)
+    }
+
+    /// `user_id` (required).
+    pub fn user_id(&mut self) -> Result<String> {
+        self.ident("user_id", 128)
+    }
+
+    /// `channel_id` (optional; absent or null is `None`).
+    pub fn channel_id(&mut self) -> Result<Option<String>> {
+        let c = self.opt_string("channel_id")?;
+        if let Some(c) = &c {
+            check_ident("channel_id", c, 128)?;
+        }
+        Ok(c)
+    }
+
+    /// `channel_id` where an op requires it.
+    pub fn required_channel_id(&mut self) -> Result<String> {
+        self.ident("channel_id", 128)
+    }
+
+    /// `tool_name`: the same rule as `user_id`.
+    pub fn tool_name(&mut self) -> Result<String> {
+        self.ident("tool_name", 128)
+    }
+
+    /// `key_id`: 1–64 bytes, no whitespace or control characters.
+    pub fn key_id(&mut self) -> Result<String> {
+        self.ident("key_id", 64)
+    }
+
+    /// `label`: optional, at most 256 bytes, no control characters.
+    pub fn label(&mut self) -> Result<Option<String>> {
+        let l = self.opt_string("label")?;
+        if let Some(l) = &l {
+            if l.len() > 256 || l.chars().any(char::is_control) {
+                return Err(Error::param(
+                    "label",
+                    "must be at most 256 bytes without control characters",
+                ));
+            }
+        }
+        Ok(l)
+    }
+
+    /// `key`: trimmed, then 1–4096 bytes without control characters. The message
+    /// never repeats the value.
+    pub fn key(&mut self) -> Result<Secret> {
+        let raw = Secret::new(self.string("key")?);
+        let trimmed = raw.expose().trim();
+        if trimmed.is_empty() || trimmed.len() > 4096 || trimmed.chars().any(char::is_control) {
+            return Err(Error::param(
+                "key",
+                "must be 1-4096 bytes without control characters (after trimming whitespace)",
+            ));
+        }
+        if trimmed.len() == raw.expose().len() {
+            Ok(raw)
+        } else {
+            Ok(Secret::new(trimmed.to_owned()))
+        }
+    }
+
+    /// A boolean member with a default for absent or null.
+    pub fn flag(&mut self, name: &str, default: bool) -> Result<bool> {
+        match self.params.remove(name) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Bool(b)) => Ok(b),
+            Some(_) => Err(Error::param(name, "must be true or false")),
+        }
+    }
+
+    /// An optional integer from 0 to 1,000,000,000.
+    pub fn opt_count(&mut self, name: &str) -> Result<Option<u64>> {
+        match self.params.remove(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(v) if v <= MAX_COUNT => Ok(Some(v)),
+                _ => Err(Error::param(
+                    name,
+                    "must be an integer from 0 to 1000000000",
+                )),
+            },
+            Some(_) => Err(Error::param(
+                name,
+                "must be an integer from 0 to 1000000000",
+            )),
+        }
+    }
+
+    /// A required integer from 0 to 1,000,000,000.
+    pub fn count(&mut self, name: &str) -> Result<u64> {
+        self.opt_count(name)?
+            .ok_or_else(|| Error::param(name, "is missing"))
+    }
+}
+
+/// Encodes an op's result.
+pub fn body<T: Serialize>(result: &T) -> Result<Body> {
+    let mut out = Zeroizing::new(Vec::with_capacity(128));
+    serde_json::to_writer(&mut *out, result).map_err(|e| {
+        tracing::error!(error = %e, "cannot encode a result");
+        Error::Internal("cannot encode the result".into())
+    })?;
+    Ok(out)
+}
+
+#[derive(Serialize)]
+struct WireError<'a> {
+    code: &'a str,
+    message: String,
+}
+
+/// Appends the response line for `id` and `outcome`, with its `\n`, to `out`.
+pub fn write_response(out: &mut Vec<u8>, id: &Value, outcome: &Result<Body>) {
+    out.extend_from_slice(b"{\"id\":");
+    if serde_json::to_writer(&mut *out, id).is_err() {
+        out.extend_from_slice(b"null");
+    }
+    match outcome {
+        Ok(result) => {
+            out.extend_from_slice(b",\"ok\":true,\"result\":");
+            out.extend_from_slice(result);
+        }
+        Err(e) => {
+            out.extend_from_slice(b",\"ok\":false,\"error\":");
+            let wire = WireError {
+                code: e.code(),
+                message: e.to_string(),
+            };
+            if serde_json::to_writer(&mut *out, &wire).is_err() {
+                out.extend_from_slice(br#"{"code":"internal","message":"encoding failed"}"#);
+            }
+        }
+    }
+    out.extend_from_slice(b"}\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(line: &str) -> Request {
+        match parse_line(line.as_bytes()) {
+            Line::Request(r) => r,
+            _ => panic!("not a request: {line}"),
+        }
+    }
+
+    fn error_of(line: &[u8]) -> (Value, String) {
+        match parse_line(line) {
+            Line::Invalid { id, error } => (id, error.code().to_string()),
+            _ => panic!("expected invalid"),
+        }
+    }
+
+    #[test]
+    fn blank_and_invalid_lines() {
+        assert!(matches!(parse_line(b"  \t\r"), Line::Blank));
+        assert_eq!(error_of(b"{nope").1, "bad_request");
+        assert_eq!(error_of(b"[1,2]").1, "bad_request");
+        assert_eq!(error_of(b"\xff\xfe").1, "bad_request");
+        assert_eq!(
+            error_of(br#"{"id":7}"#),
+            (Value::from(7), "bad_request".into())
+        );
+        assert_eq!(error_of(br#"{"id":"x","op":5}"#).0, Value::from("x"));
+    }
+
+    #[test]
+    fn service_rules() {
+        assert_eq!(
+            req(r#"{"op":"x","service":"OpenAI"}"#).service().unwrap(),
+            "openai"
+        );
+        for bad in [
+            r#""""#,
+            r#""a b""#,
+            r#""a/b""#,
+            "5",
+            &format!("\"{}\"", "a".repeat(65)),
+        ] {
+            let mut r = req(&format!(r#"{{"op":"x","service":{bad}}}"#));
+            let e = r.service().unwrap_err();
+            assert!(e.to_string().contains("service"), "{e}");
+        }
+    }
+
+    #[test]
+    fn key_is_trimmed_and_never_echoed() {
+        let mut r = req(r#"{"op":"x","key":"  sk-abc  "}"#);
+        assert_eq!(r.key().unwrap().expose(), "sk-abc");
+        let mut r = req(r#"{"op":"x","key":"sk-secret\u0007"}"#);
+        let e = r
+            .key()
+            .err()
+            .expect("a control character is refused")
+            .to_string();
+        assert!(!e.contains("sk-secret"));
+        let mut r = req(r#"{"op":"x","key":"   "}"#);
+        assert!(r.key().is_err());
+    }
+
+    #[test]
+    fn counts() {
+        let mut r = req(r#"{"op":"x","a":0,"b":1000000000,"c":1000000001,"d":-1,"e":1.5,"f":"3"}"#);
+        assert_eq!(r.opt_count("a").unwrap(), Some(0));
+        assert_eq!(r.opt_count("b").unwrap(), Some(MAX_COUNT));
+        for n in ["c", "d", "e", "f"] {
+            assert!(r.opt_count(n).is_err(), "{n}");
+        }
+        assert_eq!(r.opt_count("g").unwrap(), None);
+    }
+
+    #[test]
+    fn response_shape() {
+        let mut out = Vec::new();
+        write_response(
+            &mut out,
+            &Value::from("a"),
+            &Err(Error::UnknownOp("zz".into())),
+        );
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["id"], "a");
+        assert_eq!(v["ok"], false);
+        assert_eq!(v["error"]["code"], "unknown_op");
+        assert!(out.ends_with(b"\n"));
+    }
+}

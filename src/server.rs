@@ -1,0 +1,138 @@
+//! The socket: binding it safely, the accept loop with peer credentials and the
+//! connection cap, and draining open connections on shutdown.
+
+use std::future::Future;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::access::{self, Peer, Role};
+use crate::app::App;
+use crate::error::Error;
+use crate::protocol::write_response;
+use crate::session;
+
+/// How long shutdown waits for open connections to answer what they have in flight.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// Binds the Unix socket at `path` so that it is never reachable by others, even
+/// for a moment: its folder is created 0750, the socket is created under umask 0177
+/// and then given `mode`. A stale socket file is replaced; a live one is an error.
+pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(dir)?;
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("another daemon is listening on {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    // SAFETY: umask has no preconditions; the previous mask is restored right after.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    unsafe { libc::umask(old) };
+    let listener = bound?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
+
+/// Writes one error line to a connection that will not be served, then closes it.
+async fn refuse(mut stream: UnixStream, error: Error) {
+    let mut line = Vec::new();
+    write_response(&mut line, &Value::Null, &Err(error));
+    let _ = stream.write_all(&line).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Accepts connections until `shutdown` resolves, then stops accepting and waits
+/// (up to a limit) for open connections to answer what they have in flight.
+pub async fn serve(app: Arc<App>, listener: UnixListener, shutdown: impl Future<Output = ()>) {
+    let tracker = TaskTracker::new();
+    let stop = CancellationToken::new();
+    let max = app.config().server.max_connections;
+    let slots = Arc::new(Semaphore::new(max));
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors or similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(cred) = stream.peer_cred() else {
+            tracing::warn!("cannot read peer credentials; closing the connection");
+            continue;
+        };
+        let (uid, gid) = (cred.uid(), cred.gid());
+        let role = access::role(&app.config().access, uid, gid);
+        let peer = Peer {
+            uid,
+            gid,
+            pid: cred.pid(),
+            role,
+        };
+        if role == Role::Denied {
+            tracing::warn!(uid, gid, pid = ?peer.pid, "connection refused: peer not allowed");
+            let e = Error::Forbidden(format!(
+                "uid {uid} gid {gid} may not use apikeyd; an operator can add it to access.allow_uids or access.allow_gids"
+            ));
+            tracker.spawn_local(refuse(stream, e));
+            continue;
+        }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                uid,
+                max,
+                "connection refused: server.max_connections reached"
+            );
+            let e = Error::Unavailable(format!(
+                "too many connections (server.max_connections = {max}); retry later"
+            ));
+            tracker.spawn_local(refuse(stream, e));
+            continue;
+        };
+        let app = app.clone();
+        let stop = stop.clone();
+        tracker.spawn_local(async move {
+            app.connections.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(uid, gid, pid = ?peer.pid, "connection opened");
+            session::run(app.clone(), stream, peer, stop).await;
+            app.connections.fetch_sub(1, Ordering::Relaxed);
+            drop(slot);
+        });
+    }
+    drop(listener);
+    tracing::info!("stopped accepting; answering requests in flight");
+    stop.cancel();
+    tracker.close();
+    if tokio::time::timeout(DRAIN_LIMIT, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the drain limit; closing them");
+    }
+}

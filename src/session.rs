@@ -1,0 +1,224 @@
+//! One connection: request lines in, responses out in request order. Requests of one
+//! connection run concurrently up to a bound; responses that are ready together are
+//! written together.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::{self, FutureExt, LocalBoxFuture};
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+use tokio::sync::Notify;
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
+use tokio_util::sync::CancellationToken;
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::access::Peer;
+use crate::app::App;
+use crate::error::{Error, Result};
+use crate::ops;
+use crate::protocol::{parse_line, write_response, Body, Line};
+
+/// Requests of one connection in flight at once. Past it the daemon stops reading
+/// that connection until responses drain: backpressure instead of buffering.
+pub const MAX_IN_FLIGHT: usize = 256;
+
+/// Orders a connection's requests around its writes: reads run concurrently with each
+/// other; a write starts once every earlier request has finished, and requests after
+/// a write start once it has finished. With no writes in flight nothing waits.
+#[derive(Default)]
+struct Sequencer {
+    state: RefCell<SequencerState>,
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct SequencerState {
+    /// Writes started so far (the epoch of the next request).
+    writes_started: u64,
+    /// Writes finished so far.
+    writes_done: u64,
+    /// Unfinished reads by epoch; a write of epoch e waits for the reads of epoch e.
+    reads_running: BTreeMap<u64, usize>,
+}
+
+/// A request's place in its connection's order, taken when its line is read.
+struct Ticket {
+    epoch: u64,
+    write: bool,
+}
+
+impl Sequencer {
+    fn ticket(&self, write: bool) -> Ticket {
+        let mut s = self.state.borrow_mut();
+        let epoch = s.writes_started;
+        if write {
+            s.writes_started += 1;
+        } else {
+            *s.reads_running.entry(epoch).or_default() += 1;
+        }
+        Ticket { epoch, write }
+    }
+
+    fn may_start(&self, t: &Ticket) -> bool {
+        let s = self.state.borrow();
+        // Everything of epoch e waits for the writes before it; a write also waits
+        // for the reads of its epoch (those read before it on this connection).
+        s.writes_done >= t.epoch && (!t.write || !s.reads_running.contains_key(&t.epoch))
+    }
+
+    async fn admit(&self, t: &Ticket) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.may_start(t) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn finish(&self, t: Ticket) {
+        let mut s = self.state.borrow_mut();
+        if t.write {
+            s.writes_done += 1;
+        } else if let Some(n) = s.reads_running.get_mut(&t.epoch) {
+            *n -= 1;
+            if *n == 0 {
+                s.reads_running.remove(&t.epoch);
+            }
+        }
+        drop(s);
+        self.changed.notify_waiters();
+    }
+}
+
+fn encoded(id: &Value, outcome: &Result<Body>) -> Body {
+    let mut out = Zeroizing::new(Vec::with_capacity(96));
+    write_response(&mut out, id, outcome);
+    out
+}
+
+/// Turns one line into the future of its response line, or `None` for a blank line.
+fn start(
+    app: &Arc<App>,
+    peer: &Peer,
+    order: &Rc<Sequencer>,
+    line: &[u8],
+) -> Option<LocalBoxFuture<'static, Body>> {
+    let mut req = match parse_line(line) {
+        Line::Blank => return None,
+        Line::Invalid { id, error } => {
+            app.requests_total.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(code = error.code(), "malformed request");
+            return Some(future::ready(encoded(&id, &Err(error))).boxed_local());
+        }
+        Line::Request(req) => req,
+    };
+    app.requests_total.fetch_add(1, Ordering::Relaxed);
+    let app = app.clone();
+    let peer = *peer;
+    let id = std::mem::take(&mut req.id);
+    let op = tracing::enabled!(tracing::Level::DEBUG).then(|| req.op.clone());
+    let order = order.clone();
+    let ticket = order.ticket(ops::is_write(&req.op));
+    Some(
+        async move {
+            order.admit(&ticket).await;
+            let began = Instant::now();
+            let outcome = AssertUnwindSafe(ops::dispatch(&app, &peer, req))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    tracing::error!("a request handler panicked; answering internal");
+                    Err(Error::Internal(
+                        "the request failed inside the daemon; see its log".into(),
+                    ))
+                });
+            order.finish(ticket);
+            if let Some(op) = op {
+                let code = outcome.as_ref().err().map(Error::code).unwrap_or("ok");
+                tracing::debug!(op = %op, id = %id, uid = peer.uid, code,
+                    micros = began.elapsed().as_micros() as u64, "request");
+            }
+            encoded(&id, &outcome)
+        }
+        .boxed_local(),
+    )
+}
+
+/// Serves one accepted connection until EOF, error, idle timeout or shutdown.
+pub async fn run(app: Arc<App>, stream: UnixStream, peer: Peer, stop: CancellationToken) {
+    let config = app.config();
+    let max_line = config.server.max_line_bytes;
+    let idle = Duration::from_secs(config.server.idle_timeout_s.max(1));
+    drop(config);
+
+    let (rd, mut wr) = stream.into_split();
+    let codec = AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), max_line);
+    let mut lines = FramedRead::new(rd, codec);
+    let mut pending: FuturesOrdered<LocalBoxFuture<'static, Body>> = FuturesOrdered::new();
+    let mut out: Zeroizing<Vec<u8>> = Zeroizing::new(Vec::with_capacity(4096));
+    let order = Rc::new(Sequencer::default());
+    let mut reading = true;
+    let idle_deadline = tokio::time::sleep(idle);
+    tokio::pin!(idle_deadline);
+
+    loop {
+        if !reading && pending.is_empty() {
+            break;
+        }
+        tokio::select! {
+            biased;
+            Some(first) = pending.next(), if !pending.is_empty() => {
+                out.extend_from_slice(&first);
+                drop(first);
+                while let Some(Some(more)) = pending.next().now_or_never() {
+                    out.extend_from_slice(&more);
+                }
+                let written = wr.write_all(&out).await;
+                out.zeroize();
+                if written.is_err() {
+                    break;
+                }
+                idle_deadline.as_mut().reset(tokio::time::Instant::now() + idle);
+            }
+            frame = lines.next(), if reading && pending.len() < MAX_IN_FLIGHT => {
+                idle_deadline.as_mut().reset(tokio::time::Instant::now() + idle);
+                match frame {
+                    None => reading = false,
+                    Some(Ok(line)) => {
+                        if let Some(fut) = start(&app, &peer, &order, &line) {
+                            pending.push_back(fut);
+                        }
+                    }
+                    Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded)) => {
+                        tracing::info!(uid = peer.uid, max_line, "request line too long; closing the connection");
+                        app.requests_total.fetch_add(1, Ordering::Relaxed);
+                        let line = encoded(&Value::Null, &Err(Error::TooLarge(max_line)));
+                        pending.push_back(future::ready(line).boxed_local());
+                        reading = false;
+                    }
+                    Some(Err(AnyDelimiterCodecError::Io(e))) => {
+                        tracing::debug!(error = %e, "connection read failed");
+                        reading = false;
+                    }
+                }
+            }
+            () = &mut idle_deadline, if reading && pending.is_empty() => {
+                tracing::debug!(uid = peer.uid, "idle connection closed");
+                break;
+            }
+            () = stop.cancelled(), if reading => reading = false,
+        }
+    }
+    let _ = wr.shutdown().await;
+}
