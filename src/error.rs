@@ -12,9 +12,10 @@ pub enum Error {
     /// A malformed line or parameter; the message names the parameter.
     #[error("{0}")]
     BadRequest(String),
-    /// The `op` is not one this daemon knows.
-    #[error("unknown op {0:?}")]
-    UnknownOp(String),
+    /// The `op` is not one this daemon knows; holds it only when it looks like an op
+    /// name, so a value pasted into the wrong member is never echoed.
+    #[error("unknown op {}; see docs/protocol.md for the list", .0.as_deref().map(|o| format!("`{o}`")).unwrap_or_else(|| "(not shown: not an op name)".into()))]
+    UnknownOp(Option<String>),
     /// The peer may not use this op, or the daemon at all.
     #[error("{0}")]
     Forbidden(String),

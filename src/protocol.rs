@@ -341,7 +341,7 @@ mod tests {
         write_response(
             &mut out,
             &Value::from("a"),
-            &Err(Error::UnknownOp("zz".into())),
+            &Err(Error::UnknownOp(Some("zz".into()))),
         );
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["id"], "a");

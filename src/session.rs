@@ -127,7 +127,13 @@ fn start(
     let app = app.clone();
     let peer = *peer;
     let id = std::mem::take(&mut req.id);
-    let op = tracing::enabled!(tracing::Level::DEBUG).then(|| req.op.clone());
+    let op = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+        if ops::looks_like_op(&req.op) {
+            req.op.clone()
+        } else {
+            "?".into()
+        }
+    });
     let order = order.clone();
     let ticket = order.ticket(ops::is_write(&req.op));
     Some(

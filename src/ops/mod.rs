@@ -41,8 +41,13 @@ pub async fn dispatch(app: &App, peer: &Peer, mut req: Request) -> Result<Body> 
         "consume_default_key_usage" => quota::consume_default_key_usage(app, req).await,
         "missing_api_key_error" => messages::missing_api_key_error(app, req),
         "default_key_limit_error" => messages::default_key_limit_error(req),
-        _ => Err(Error::UnknownOp(op)),
+        _ => Err(Error::UnknownOp(looks_like_op(&op).then_some(op))),
     }
+}
+
+/// Whether `op` has the shape of an op name (safe to echo and log).
+pub fn looks_like_op(op: &str) -> bool {
+    (1..=40).contains(&op.len()) && op.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
 }
 
 /// Whether `op` changes stored state. A connection's requests after a write wait for

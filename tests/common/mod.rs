@@ -1,0 +1,351 @@
+//! The test harness: `TestDaemon` runs the real `apikeyd` binary on a socket in a
+//! temp dir; `Client` speaks JSON lines to it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// Where pools and quotas live for a test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Embedded,
+}
+
+/// Runs each listed test body (a `fn(Mode)`) once per storage mode.
+#[macro_export]
+macro_rules! in_every_mode {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $( #[test] fn $name() { super::$name($crate::common::Mode::Embedded) } )*
+        }
+    };
+}
+
+/// One daemon process with its own folder, config, keystore and socket.
+pub struct TestDaemon {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+    env: Vec<(String, String)>,
+    pub mode: Mode,
+}
+
+/// The canary key that must never show up in logs or files.
+pub const CANARY: &str = "sk-CANARY-7f3a9c1e5b2d8f4a6c0e";
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_apikeyd")
+}
+
+impl TestDaemon {
+    /// A daemon in embedded mode with the default config.
+    pub fn start() -> Self {
+        Self::start_with(Mode::Embedded, "", &[])
+    }
+
+    /// A daemon in `mode`, with `extra` appended to its config.toml and `env` set.
+    pub fn start_with(mode: Mode, extra: &str, env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("apikeyd-test")
+            .tempdir()
+            .expect("temp dir");
+        let config_path = dir.path().join("config.toml");
+        let log_path = dir.path().join("daemon.log");
+        let mut d = TestDaemon {
+            socket: dir.path().join("run/apikeyd.sock"),
+            dir,
+            config_path,
+            log_path,
+            child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            mode,
+        };
+        d.write_config(extra);
+        d.spawn();
+        d.wait_ready();
+        d
+    }
+
+    /// Writes config.toml: debug logging (so leak tests see everything) plus `extra`.
+    pub fn write_config(&self, extra: &str) {
+        let text = format!("[log]\nlevel = \"debug\"\n\n{extra}\n");
+        std::fs::write(&self.config_path, text).expect("write config");
+    }
+
+    /// Starts the process (without waiting for it to be ready).
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("log file");
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .env_remove("APIKEYD_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("spawn apikeyd"));
+    }
+
+    /// Waits until the socket answers a ping; panics with the log if the process exits.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().expect("wait"))
+            {
+                panic!(
+                    "apikeyd exited with {status} before it was ready; log:\n{}",
+                    self.logs()
+                );
+            }
+            if let Ok(mut c) = Client::try_connect(&self.socket) {
+                if c.call(json!({"op": "ping"}))["ok"] == true {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "apikeyd not ready in 20 s; log:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the process and expects it to refuse: returns its exit status and log.
+    pub fn expect_refusal(&mut self) -> (ExitStatus, String) {
+        self.spawn();
+        let child = self.child.as_mut().expect("child");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return (status, self.logs());
+            }
+            assert!(Instant::now() < deadline, "apikeyd did not refuse to start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sets an environment variable for the next start.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(&self.socket)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill with a pid we own.
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_exit()
+    }
+
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("apikeyd did not exit in 20 s; log:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("kill -9");
+        child.wait().expect("reap");
+    }
+
+    /// Starts the process again on the same folder and waits for it.
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            assert!(self.stop().success());
+        }
+        self.spawn();
+        self.wait_ready();
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A JSON-lines connection.
+pub struct Client {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Client {
+    pub fn try_connect(socket: &Path) -> std::io::Result<Client> {
+        let s = UnixStream::connect(socket)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(Client {
+            writer: s.try_clone()?,
+            reader: BufReader::new(s),
+        })
+    }
+
+    pub fn connect(socket: &Path) -> Client {
+        Self::try_connect(socket).expect("connect to apikeyd")
+    }
+
+    /// A second handle on the socket for writing from another thread.
+    pub fn try_clone_writer(&self) -> UnixStream {
+        self.writer.try_clone().expect("clone socket")
+    }
+
+    /// Half-closes: the daemon sees EOF after what was sent.
+    pub fn writer_shutdown(&mut self) {
+        self.writer
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).expect("write");
+    }
+
+    pub fn send(&mut self, req: &Value) {
+        let mut line = serde_json::to_vec(req).expect("encode");
+        line.push(b'\n');
+        self.send_raw(&line);
+    }
+
+    /// The next response line, parsed; panics on EOF.
+    pub fn recv(&mut self) -> Value {
+        self.try_recv().expect("a response line, got EOF")
+    }
+
+    /// The next response line, or `None` on EOF.
+    pub fn try_recv(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).expect("read");
+        if n == 0 {
+            return None;
+        }
+        assert!(
+            line.ends_with('\n'),
+            "response not newline-terminated: {line:?}"
+        );
+        Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad response {line:?}: {e}")))
+    }
+
+    /// Every response line until the daemon closes the connection. A close with
+    /// requests still unread by the daemon arrives as ECONNRESET after the last
+    /// response; that counts as closed too.
+    pub fn recv_until_closed(&mut self) -> Vec<Value> {
+        let mut out = Vec::new();
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) => return out,
+                Ok(_) => out.push(serde_json::from_str(&line).expect("a JSON response")),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return out,
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    /// Whether the daemon closed the connection (EOF on read).
+    pub fn is_closed(&mut self) -> bool {
+        let mut buf = [0u8; 1];
+        matches!(self.reader.read(&mut buf), Ok(0) | Err(_))
+    }
+
+    pub fn call(&mut self, req: Value) -> Value {
+        self.send(&req);
+        self.recv()
+    }
+
+    /// Calls and asserts success; returns `result`.
+    pub fn ok(&mut self, req: Value) -> Value {
+        let r = self.call(req.clone());
+        assert_eq!(r["ok"], true, "request {req} failed: {r}");
+        r["result"].clone()
+    }
+
+    /// Calls and asserts failure; returns (code, message).
+    pub fn err(&mut self, req: Value) -> (String, String) {
+        let r = self.call(req.clone());
+        assert_eq!(r["ok"], false, "request {req} should fail: {r}");
+        (
+            r["error"]["code"].as_str().expect("code").to_string(),
+            r["error"]["message"].as_str().expect("message").to_string(),
+        )
+    }
+}
+
+/// Every file below `dir`, read whole, with its path.
+pub fn files_below(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            let ft = e.file_type().expect("file type");
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file() {
+                out.push((p.clone(), std::fs::read(&p).unwrap_or_default()));
+            }
+        }
+    }
+    out
+}
+
+/// Whether `needle` occurs in `hay`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}

@@ -1,0 +1,313 @@
+//! The wire protocol (SPEC §2): framing, ids, ordering, pipelining, error codes,
+//! limits and malformed input.
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::{Client, Mode, TestDaemon};
+use serde_json::{json, Value};
+
+fn ping_answers_with_version(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    let r = d.client().ok(json!({"op": "ping"}));
+    assert_eq!(r["pong"], true);
+    assert_eq!(r["version"], env!("CARGO_PKG_VERSION"));
+}
+
+fn ids_are_echoed_verbatim(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    let mut c = d.client();
+    for id in [
+        json!(7),
+        json!("abc"),
+        json!({"a": [1, 2]}),
+        json!(null),
+        json!(1.5),
+        json!(true),
+    ] {
+        let r = c.call(json!({"op": "ping", "id": id}));
+        assert_eq!(r["id"], id);
+    }
+    // Absent id: null. Errors echo it too.
+    assert_eq!(c.call(json!({"op": "ping"}))["id"], Value::Null);
+    assert!(c
+        .call(json!({"op": "ping"}))
+        .as_object()
+        .unwrap()
+        .contains_key("id"));
+    let r = c.call(json!({"op": "nope", "id": "x1"}));
+    assert_eq!(r["id"], "x1");
+    assert_eq!(r["error"]["code"], "unknown_op");
+    // Unknown members are ignored.
+    assert_eq!(
+        c.call(json!({"op": "ping", "whatever": {"x": 1}}))["ok"],
+        true
+    );
+}
+
+fn malformed_lines_get_one_error_each_and_connection_survives(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    let mut c = d.client();
+    let bad: &[&[u8]] = &[
+        b"not json",
+        b"[1,2,3]",
+        b"\"just a string\"",
+        b"42",
+        b"{\"op\":",
+        b"\xff\xfe\xfd",
+        b"{\"op\": \"ping\", \"x\": \"\xc3\x28\"}",
+        b"{}",
+        b"{\"op\": 5}",
+        b"{\"op\": null}",
+        b"{\"op\": [\"ping\"]}",
+        b"{\"id\": 9}",
+    ];
+    for line in bad {
+        c.send_raw(line);
+        c.send_raw(b"\n");
+        let r = c.recv();
+        assert_eq!(r["ok"], false, "{:?}", String::from_utf8_lossy(line));
+        assert_eq!(r["error"]["code"], "bad_request", "{r}");
+        assert!(!r["error"]["message"].as_str().unwrap().is_empty());
+    }
+    let r = c.call(json!({"id": 9}));
+    assert_eq!(r["id"], 9, "id of an op-less request is still echoed");
+    assert!(r["error"]["message"].as_str().unwrap().contains("op"));
+    assert_eq!(c.ok(json!({"op": "ping"}))["pong"], true);
+}
+
+fn blank_lines_get_no_response(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    let mut c = d.client();
+    c.send_raw(b"\n   \n\t\r\n{\"op\":\"ping\",\"id\":1}\n\n\r\n{\"op\":\"ping\",\"id\":2}\r\n");
+    assert_eq!(c.recv()["id"], 1);
+    assert_eq!(c.recv()["id"], 2);
+}
+
+fn unknown_op(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    let (code, msg) = d.client().err(json!({"op": "drop_all_keys"}));
+    assert_eq!(code, "unknown_op");
+    assert!(msg.contains("drop_all_keys"));
+}
+
+fn too_large_answers_then_closes(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "[server]\nmax_line_bytes = 1024", &[]);
+    let mut c = d.client();
+    assert_eq!(c.ok(json!({"op": "ping"}))["pong"], true);
+    // Just under the cap is fine.
+    let pad = "x".repeat(1024 - 40);
+    let r = c.call(json!({"op": "ping", "pad": pad}));
+    assert_eq!(r["ok"], true, "{r}");
+    // Over the cap: too_large, then EOF, without waiting for a newline.
+    c.send_raw(&vec![b'a'; 5000]);
+    let r = c.recv();
+    assert_eq!(r["error"]["code"], "too_large");
+    assert_eq!(r["id"], Value::Null);
+    assert!(
+        c.try_recv().is_none(),
+        "connection must close after too_large"
+    );
+    // The daemon is fine.
+    assert_eq!(d.client().ok(json!({"op": "ping"}))["pong"], true);
+}
+
+fn pipelined_thousands_answer_in_order(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    let mut c = d.client();
+    c.ok(json!({"op": "set_user_api_key", "user_id": "p", "service": "openai", "key": "sk-pipelined-0000"}));
+    let mut batch = Vec::new();
+    let n = 3000;
+    for i in 0..n {
+        let req = match i % 4 {
+            0 => json!({"op": "ping", "id": i}),
+            1 => json!({"op": "get_user_api_key", "user_id": "p", "service": "openai", "id": i}),
+            2 => json!({"op": "missing_api_key_error", "service": "openai", "id": i}),
+            _ => json!({"op": "bogus", "id": i}),
+        };
+        serde_json::to_writer(&mut batch, &req).unwrap();
+        batch.push(b'\n');
+    }
+    // One write for all of them, from another thread, while this one reads.
+    let mut w = c.try_clone_writer();
+    let writer = std::thread::spawn(move || w.write_all(&batch).unwrap());
+    for i in 0..n {
+        let r = c.recv();
+        assert_eq!(r["id"], i, "response {i} out of order: {r}");
+        match i % 4 {
+            1 => assert_eq!(r["result"]["key"], "sk-pipelined-0000"),
+            3 => assert_eq!(r["error"]["code"], "unknown_op"),
+            _ => assert_eq!(r["ok"], true),
+        }
+    }
+    writer.join().unwrap();
+}
+
+fn pipelined_writes_are_read_back_in_order(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    let mut c = d.client();
+    let mut batch = String::new();
+    for i in 0..50 {
+        let key = format!("sk-version-{i:04}-abcdef");
+        batch.push_str(
+            &json!({"op": "set_user_api_key", "user_id": "rw", "service": "openai", "key": key})
+                .to_string(),
+        );
+        batch.push('\n');
+        batch.push_str(
+            &json!({"op": "get_user_api_key", "user_id": "rw", "service": "openai", "fallback_to_pool": false, "fallback_to_config": false, "id": i})
+                .to_string(),
+        );
+        batch.push('\n');
+    }
+    c.send_raw(batch.as_bytes());
+    for i in 0..50 {
+        assert_eq!(c.recv()["result"]["stored"], true);
+        let r = c.recv();
+        assert_eq!(r["id"], i);
+        assert_eq!(
+            r["result"]["key"],
+            format!("sk-version-{i:04}-abcdef"),
+            "read did not see the write before it"
+        );
+    }
+}
+
+fn fifty_concurrent_connections(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    let socket = d.socket.clone();
+    let threads: Vec<_> = (0..60)
+        .map(|t| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&socket);
+                let user = format!("user{t}");
+                let key = format!("sk-conc-{t:04}-xxxxxxxx");
+                c.ok(json!({"op": "set_user_api_key", "user_id": user, "service": "openai", "key": key}));
+                for i in 0..50 {
+                    let r = c.call(json!({"op": "get_user_api_key", "user_id": user, "service": "openai", "id": i}));
+                    assert_eq!(r["id"], i);
+                    assert_eq!(r["result"]["key"], key);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a client thread failed");
+    }
+    let stats = d.client().ok(json!({"op": "stats"}));
+    assert!(stats["requests_total"].as_u64().unwrap() >= 60 * 51);
+}
+
+fn garbage_flood_changes_nothing(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "[server]\nmax_line_bytes = 4096", &[]);
+    let mut admin = d.client();
+    admin.ok(json!({"op": "set_user_api_key", "user_id": "keep", "service": "openai", "key": "sk-keep-me-123456"}));
+    admin.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-pool-keep-123456"}));
+    // Deterministic pseudo-random bytes, with newlines sprinkled in, from several clients.
+    let socket = d.socket.clone();
+    let floods: Vec<_> = (0..4u64)
+        .map(|seed| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                let mut buf = Vec::with_capacity(200_000);
+                for _ in 0..200_000 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let b = (x & 0xff) as u8;
+                    buf.push(if b.is_multiple_of(37) { b'\n' } else { b });
+                }
+                let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let reader = s.try_clone().unwrap();
+                let drain = std::thread::spawn(move || {
+                    let mut n = 0;
+                    for line in std::io::BufRead::lines(std::io::BufReader::new(reader)) {
+                        let Ok(line) = line else { break };
+                        let v: Value = serde_json::from_str(&line).expect("every response is JSON");
+                        assert_eq!(v["ok"], false);
+                        n += 1;
+                    }
+                    n
+                });
+                let _ = s.write_all(&buf);
+                let _ = s.shutdown(std::net::Shutdown::Write);
+                drain.join().unwrap()
+            })
+        })
+        .collect();
+    for f in floods {
+        assert!(f.join().expect("flood thread") > 0);
+    }
+    let mut c = d.client();
+    let r = c.ok(json!({"op": "get_user_api_key", "user_id": "keep", "service": "openai"}));
+    assert_eq!(r["key"], "sk-keep-me-123456");
+    let r = c.ok(json!({"op": "list_pool_keys", "service": "openai"}));
+    assert_eq!(r["keys"].as_array().unwrap().len(), 1);
+    let r = c.ok(json!({"op": "list_user_api_keys", "user_id": "keep"}));
+    assert_eq!(r["keys"].as_array().unwrap().len(), 1);
+}
+
+fn partial_last_line_is_answered_at_eof(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    let mut c = d.client();
+    c.send_raw(b"{\"op\":\"ping\",\"id\":\"tail\"}");
+    c.writer_shutdown();
+    assert_eq!(c.recv()["id"], "tail");
+    assert!(c.try_recv().is_none());
+}
+
+fn idle_connections_are_closed(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "[server]\nidle_timeout_s = 1", &[]);
+    let mut c = d.client();
+    c.ok(json!({"op": "ping"}));
+    let began = Instant::now();
+    assert!(c.try_recv().is_none(), "idle connection should be closed");
+    assert!(began.elapsed() >= Duration::from_millis(900));
+}
+
+fn max_connections_refuses_the_extra_client(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "[server]\nmax_connections = 3", &[]);
+    // The readiness check's connection frees its slot once the daemon sees its EOF.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut held: Vec<Client> = (0..3).map(|_| d.client()).collect();
+    for c in &mut held {
+        c.ok(json!({"op": "ping"}));
+    }
+    let mut extra = d.client();
+    let r = extra.recv();
+    assert_eq!(r["ok"], false);
+    assert_eq!(r["error"]["code"], "unavailable");
+    assert!(r["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("max_connections"));
+    assert!(extra.try_recv().is_none());
+    for c in &mut held {
+        c.ok(json!({"op": "ping"}));
+    }
+    // A slot frees when a client leaves.
+    drop(held.pop());
+    std::thread::sleep(Duration::from_millis(200));
+    d.client().ok(json!({"op": "ping"}));
+}
+
+in_every_mode!(
+    ping_answers_with_version,
+    ids_are_echoed_verbatim,
+    malformed_lines_get_one_error_each_and_connection_survives,
+    blank_lines_get_no_response,
+    unknown_op,
+    too_large_answers_then_closes,
+    pipelined_thousands_answer_in_order,
+    pipelined_writes_are_read_back_in_order,
+    fifty_concurrent_connections,
+    garbage_flood_changes_nothing,
+    partial_last_line_is_answered_at_eof,
+    idle_connections_are_closed,
+    max_connections_refuses_the_extra_client,
+);

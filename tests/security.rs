@@ -1,0 +1,243 @@
+//! Access by peer credentials (SPEC §5), socket and folder modes, and the canary: a
+//! key that must never appear in logs, error messages or the data folder in clear.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use common::{contains, files_below, Mode, TestDaemon, CANARY};
+use serde_json::{json, Value};
+
+const NOBODY: u32 = 65534;
+
+/// Makes the daemon's socket reachable for another uid (as an operator would with
+/// a group), and copies the client binary where that uid can run it.
+fn open_up(d: &TestDaemon) -> std::path::PathBuf {
+    for p in [d.dir.path().to_path_buf(), d.path("run")] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let bin = d.path("apikeyd-client");
+    std::fs::copy(common::bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+/// Runs `apikeyd call` as uid/gid `NOBODY`, one connection for all `requests`.
+fn call_as_nobody(
+    bin: &std::path::Path,
+    socket: &std::path::Path,
+    requests: &[Value],
+) -> Vec<Value> {
+    let out = Command::new("setpriv")
+        .args([
+            format!("--reuid={NOBODY}"),
+            format!("--regid={NOBODY}"),
+            "--clear-groups".into(),
+        ])
+        .arg(bin)
+        .arg("call")
+        .arg("--socket")
+        .arg(socket)
+        .args(requests.iter().map(|r| r.to_string()))
+        .output()
+        .expect("setpriv (util-linux) is needed: apt-get install util-linux");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn strangers_get_one_forbidden_line(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    let bin = open_up(&d);
+    let out = call_as_nobody(
+        &bin,
+        &d.socket,
+        &[json!({"op": "ping"}), json!({"op": "ping"})],
+    );
+    assert_eq!(
+        out.len(),
+        1,
+        "one line, then the connection is closed: {out:?}"
+    );
+    assert_eq!(out[0]["error"]["code"], "forbidden");
+    assert!(out[0]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains(&NOBODY.to_string()));
+}
+
+fn allowed_uids_use_everything_but_pool_management(mode: Mode) {
+    let d = TestDaemon::start_with(mode, &format!("[access]\nallow_uids = [{NOBODY}]\n"), &[]);
+    d.client()
+        .ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-pool-for-all-0001"}));
+    let bin = open_up(&d);
+    let out = call_as_nobody(
+        &bin,
+        &d.socket,
+        &[
+            json!({"op": "ping", "id": 1}),
+            json!({"op": "add_pool_key", "service": "openai", "key": "sk-nobody-tries-0001", "id": 2}),
+            json!({"op": "remove_pool_key", "service": "openai", "key_id": "abc", "id": 3}),
+            json!({"op": "list_pool_keys", "service": "openai", "id": 4}),
+            json!({"op": "get_pool_api_key", "service": "openai", "id": 5}),
+            json!({"op": "set_user_api_key", "user_id": "n", "service": "openai", "key": "sk-nobody-own-0001", "id": 6}),
+            json!({"op": "get_user_api_key", "user_id": "n", "service": "openai", "id": 7}),
+        ],
+    );
+    assert_eq!(out.len(), 7, "{out:?}");
+    assert_eq!(out[0]["ok"], true);
+    for r in &out[1..4] {
+        assert_eq!(r["error"]["code"], "forbidden", "{r}");
+    }
+    assert_eq!(out[4]["result"]["key"], "sk-pool-for-all-0001");
+    assert_eq!(out[5]["result"]["stored"], true);
+    assert_eq!(out[6]["result"]["key"], "sk-nobody-own-0001");
+    // Nothing was added by the refused request.
+    let list = d
+        .client()
+        .ok(json!({"op": "list_pool_keys", "service": "openai"}));
+    assert_eq!(list["keys"].as_array().unwrap().len(), 1);
+}
+
+fn admin_uids_and_gids_manage_pools(mode: Mode) {
+    for access in [
+        format!("admin_uids = [{NOBODY}]"),
+        format!("admin_gids = [{NOBODY}]"),
+    ] {
+        let d = TestDaemon::start_with(mode, &format!("[access]\n{access}\n"), &[]);
+        let bin = open_up(&d);
+        let out = call_as_nobody(
+            &bin,
+            &d.socket,
+            &[json!({"op": "add_pool_key", "service": "openai", "key": "sk-admin-nobody-01"})],
+        );
+        assert_eq!(out[0]["result"]["added"], true, "{access}: {out:?}");
+    }
+}
+
+fn sighup_applies_access_to_new_connections(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    let bin = open_up(&d);
+    assert_eq!(
+        call_as_nobody(&bin, &d.socket, &[json!({"op": "ping"})])[0]["error"]["code"],
+        "forbidden"
+    );
+    d.write_config(&format!("[access]\nallow_gids = [{NOBODY}]\n"));
+    d.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while call_as_nobody(&bin, &d.socket, &[json!({"op": "ping"})])[0]["ok"] != true {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "access change not applied"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn socket_and_folder_modes(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    assert_eq!(
+        std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777,
+        0o660
+    );
+    assert_eq!(
+        std::fs::metadata(d.path("run"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o750
+    );
+    drop(d);
+    let d = TestDaemon::start_with(mode, "[server]\nsocket_mode = \"0600\"\n", &[]);
+    assert_eq!(
+        std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}
+
+/// Every 8-byte window of the canary except the masked form's own characters.
+fn canary_windows() -> Vec<&'static [u8]> {
+    CANARY.as_bytes().windows(8).collect()
+}
+
+fn canary_never_leaks(mode: Mode) {
+    let mut d = TestDaemon::start_with(mode, "", &[]);
+    let mut c = d.client();
+    let gitea = json!({"token": CANARY, "base_url": "https://g.example"}).to_string();
+    let mut messages = Vec::new();
+    for req in [
+        json!({"op": "set_user_api_key", "user_id": "canary", "service": "openai", "key": CANARY}),
+        json!({"op": "set_user_api_key", "user_id": "canary", "service": "gitea", "key": gitea}),
+        json!({"op": "add_pool_key", "service": "openai", "key": CANARY, "label": "canary"}),
+        json!({"op": "add_pool_key", "service": "openai", "key": CANARY, "channel_id": "c"}),
+        json!({"op": "get_user_api_key", "user_id": "canary", "service": "openai"}),
+        json!({"op": "get_gitea_credentials", "user_id": "canary"}),
+        json!({"op": "get_pool_api_key", "service": "openai"}),
+        json!({"op": "list_user_api_keys", "user_id": "canary"}),
+        json!({"op": "list_pool_keys", "service": "openai"}),
+        // Malformed requests carrying the canary: their errors must not echo it.
+        json!({"op": "set_user_api_key", "user_id": "canary", "service": "bad service", "key": CANARY}),
+        json!({"op": "set_user_api_key", "user_id": "canary", "service": "openai", "key": format!("{CANARY}\u{1}")}),
+        json!({"op": "set_user_api_key", "user_id": "canary", "service": "openai", "key": [CANARY]}),
+        json!({"op": CANARY}),
+        json!({"op": "add_pool_key", "service": "openai", "key": CANARY, "label": 5}),
+    ] {
+        let r = c.call(req);
+        if r["ok"] == false {
+            messages.push(r["error"]["message"].as_str().unwrap().to_string());
+        } else {
+            // Only the three ops that return keys may hold it.
+            let text = r.to_string();
+            let returns_key = text.contains("\"key\":\"") || text.contains("\"token\":\"");
+            assert!(returns_key || !text.contains(CANARY), "{text}");
+        }
+    }
+    let mut raw = d.client();
+    raw.send_raw(format!("{{\"op\":\"set_user_api_key\",\"key\":\"{CANARY}\n").as_bytes());
+    messages.push(raw.recv()["error"]["message"].as_str().unwrap().to_string());
+    assert!(messages.len() >= 6);
+    for m in &messages {
+        for w in canary_windows() {
+            assert!(
+                !contains(m.as_bytes(), w),
+                "error message leaks the canary: {m}"
+            );
+        }
+    }
+    drop((c, raw));
+    assert!(d.stop().success());
+    let log = d.logs();
+    assert!(log.contains("DEBUG"), "the test runs at debug level");
+    for w in canary_windows() {
+        assert!(
+            !contains(log.as_bytes(), w),
+            "log leaks the canary ({}):\n{log}",
+            String::from_utf8_lossy(w)
+        );
+    }
+    let files = files_below(&d.path("data"));
+    assert!(files.iter().any(|(p, _)| p.ends_with("keystore.sqlite3")));
+    for (path, bytes) in files {
+        for w in canary_windows() {
+            assert!(
+                !contains(&bytes, w),
+                "{} holds the canary in clear",
+                path.display()
+            );
+        }
+    }
+}
+
+in_every_mode!(
+    strangers_get_one_forbidden_line,
+    allowed_uids_use_everything_but_pool_management,
+    admin_uids_and_gids_manage_pools,
+    sighup_applies_access_to_new_connections,
+    socket_and_folder_modes,
+    canary_never_leaks,
+);
