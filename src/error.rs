@@ -78,3 +78,42 @@ impl From<actix::MailboxError> for Error {
 
 /// Result with the daemon's error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    #[test]
+    fn every_variant_has_its_spec_code() {
+        let cases = [
+            (Error::BadRequest("x".into()), "bad_request"),
+            (Error::UnknownOp(None), "unknown_op"),
+            (Error::Forbidden("x".into()), "forbidden"),
+            (Error::TooLarge(10), "too_large"),
+            (Error::Unavailable("x".into()), "unavailable"),
+            (Error::Internal("x".into()), "internal"),
+        ];
+        for (e, code) in cases {
+            assert_eq!(e.code(), code);
+        }
+        assert!(!Error::UnknownOp(None).to_string().contains("None"));
+    }
+
+    #[test]
+    fn sqlite_busy_and_full_are_unavailable() {
+        let busy = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        );
+        assert_eq!(Error::from(busy).code(), "unavailable");
+        let full = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        );
+        assert_eq!(Error::from(full).code(), "unavailable");
+        assert_eq!(
+            Error::from(rusqlite::Error::InvalidQuery).code(),
+            "internal"
+        );
+    }
+}

@@ -379,7 +379,37 @@ fn gitea_without_base_url_is_all_null(mode: Mode) {
     assert!(!r.to_string().contains("plain-token"));
 }
 
+fn cached_lookups_skip_the_store_and_expire(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "[cache]\nuser_key_ttl_s = 1\n", &[]);
+    let mut c = d.client();
+    c.ok(json!({"op": "set_user_api_key", "user_id": "hot", "service": "openai", "key": "sk-hot-key-000001"}));
+    let get = json!({"op": "get_user_api_key", "user_id": "hot", "service": "openai"});
+    c.ok(get.clone());
+    let before = c.ok(json!({"op": "stats"}))["cache"].clone();
+    for _ in 0..100 {
+        assert_eq!(c.ok(get.clone())["key"], "sk-hot-key-000001");
+    }
+    let after = c.ok(json!({"op": "stats"}))["cache"].clone();
+    assert_eq!(
+        after["misses"], before["misses"],
+        "cached lookups must not reach the keystore"
+    );
+    assert_eq!(
+        after["hits"].as_u64().unwrap(),
+        before["hits"].as_u64().unwrap() + 100
+    );
+    // After the TTL the next lookup goes to the keystore again.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    c.ok(get);
+    let expired = c.ok(json!({"op": "stats"}))["cache"].clone();
+    assert_eq!(
+        expired["misses"].as_u64().unwrap(),
+        after["misses"].as_u64().unwrap() + 1
+    );
+}
+
 in_every_mode!(
+    cached_lookups_skip_the_store_and_expire,
     set_get_delete_list,
     parameter_rules,
     resolution_order_through_all_sources,
