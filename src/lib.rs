@@ -22,6 +22,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod legacy;
 pub mod ops;
 pub mod protocol;
 pub mod resolver;
@@ -38,9 +39,13 @@ use tokio::sync::mpsc;
 use actors::cache::{Configure, KeyCache};
 use actors::embedded::SqliteStore;
 use actors::keystore::{Keystore, Opened, StartError};
+use actors::redis::RedisStore;
 use actors::store::{Store, StoreMode};
 use app::App;
 use config::Config;
+use crypto::MasterKey;
+use rusqlite::Connection;
+use std::sync::atomic::AtomicBool;
 
 /// Threads (each with its own SQLite connection) serving per-user keys.
 const KEYSTORE_THREADS: usize = 2;
@@ -59,6 +64,37 @@ pub fn open_keystore(config: &Config) -> Result<Opened, StartError> {
     actors::keystore::open(config, KEYSTORE_THREADS + 1)
 }
 
+/// Starts the store actor the config asks for: Redis when `redis.url` is set, else
+/// the embedded store on `db`. In Redis mode also starts the invalidation listener.
+fn start_store(
+    config: &Config,
+    key: Arc<MasterKey>,
+    db: Connection,
+) -> Result<(Store, Option<(redis::Client, actors::redis::Names)>), StartError> {
+    if config.redis.url.is_empty() {
+        let db = Mutex::new(Some(db));
+        let addr = SyncArbiter::start(1, move || {
+            let db = db.lock().ok().and_then(|mut d| d.take());
+            SqliteStore::new(
+                db.expect("the store's connection is taken once"),
+                key.clone(),
+            )
+        });
+        return Ok((Store::new(StoreMode::Embedded, None, addr), None));
+    }
+    let client = actors::redis::client(&config.redis).map_err(StartError)?;
+    let connected = Arc::new(AtomicBool::new(false));
+    let store = RedisStore::new(client.clone(), &config.redis, key, connected.clone())
+        .map_err(StartError)?;
+    let names = actors::redis::Names {
+        prefix: config.redis.prefix.clone(),
+    };
+    Ok((
+        Store::new(StoreMode::Redis, Some(connected), store.start()),
+        Some((client, names)),
+    ))
+}
+
 /// Runs the daemon on `listener` until `Control::Shutdown` (or the sender is dropped).
 /// Must be called inside an actix `System`.
 pub async fn run(
@@ -66,33 +102,26 @@ pub async fn run(
     opened: Opened,
     listener: UnixListener,
     mut control: mpsc::UnboundedReceiver<Control>,
-) {
+) -> Result<(), StartError> {
     let Opened {
         key,
         mut connections,
     } = opened;
-    // One connection for the store, the rest for the keystore threads.
-    let store_db = Mutex::new(connections.pop());
-    let store_key = key.clone();
-    let store_addr = SyncArbiter::start(1, move || {
-        let db = store_db.lock().ok().and_then(|mut d| d.take());
-        SqliteStore::new(
-            db.expect("the store's connection is taken once"),
-            store_key.clone(),
-        )
-    });
-    let store = Store::new(StoreMode::Embedded, None, store_addr);
+    let store_db = connections
+        .pop()
+        .ok_or_else(|| StartError("no keystore connection for the store".into()))?;
+    let (store, redis) = start_store(&config, key.clone(), store_db)?;
+    let mode = store.mode;
     let threads = connections.len();
     let pool = Mutex::new(connections);
-    let ks_key = key.clone();
     let keystore = SyncArbiter::start(threads, move || {
         let db = pool.lock().ok().and_then(|mut p| p.pop());
-        Keystore::new(
-            db.expect("one connection per keystore thread"),
-            ks_key.clone(),
-        )
+        Keystore::new(db.expect("one connection per keystore thread"), key.clone())
     });
     let cache = KeyCache::new(keystore.clone(), store.clone(), &config.cache).start();
+    if let Some((client, names)) = redis {
+        actix_rt::spawn(actors::redis::listen(client, names, cache.clone()));
+    }
     let app = Arc::new(App::new(config, keystore, cache.clone(), store));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -112,9 +141,10 @@ pub async fn run(
         }
         let _ = stop_tx.send(());
     });
-    tracing::info!(mode = "embedded", "apikeyd ready");
+    tracing::info!(mode = ?mode, "apikeyd ready");
     server::serve(app, listener, async {
         let _ = stop_rx.await;
     })
     .await;
+    Ok(())
 }

@@ -42,6 +42,15 @@ enum Command {
         /// Requests, one JSON object each.
         requests: Vec<String>,
     },
+    /// Move the original module's per-user keys from Redis into the keystore and
+    /// encrypt pool values left in clear. Idempotent; safe to interrupt and rerun.
+    ImportLegacy {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Only print what would be done.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Write a new random master key file (mode 0600); refuses to overwrite.
     Keygen {
         #[arg(long)]
@@ -106,7 +115,11 @@ fn serve(explicit: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(1);
         }
         tracing::info!(socket = %socket.display(), "listening");
-        apikeyd::run(config, opened, listener, rx).await;
+        if let Err(e) = apikeyd::run(config, opened, listener, rx).await {
+            tracing::error!("refusing to start: {e}");
+            let _ = std::fs::remove_file(&socket);
+            return ExitCode::from(1);
+        }
         if let Err(e) = std::fs::remove_file(&socket) {
             tracing::warn!(error = %e, "cannot remove the socket file");
         }
@@ -169,6 +182,33 @@ fn call(socket: Option<PathBuf>, config: Option<PathBuf>, requests: Vec<String>)
     ExitCode::from(apikeyd::client::call(&socket, requests) as u8)
 }
 
+fn import_legacy(config: Option<PathBuf>, dry_run: bool) -> ExitCode {
+    let config = match load_config(config) {
+        Ok((_, c)) => c,
+        Err(e) => {
+            eprintln!("apikeyd import-legacy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match apikeyd::legacy::import(&config, dry_run) {
+        Ok(r) => {
+            println!(
+                "{}: {} user keys moved, {} already in the keystore, {} pool values encrypted, {} skipped",
+                if dry_run { "dry run" } else { "done" },
+                r.user_keys_moved,
+                r.user_keys_already_stored,
+                r.pool_values_encrypted,
+                r.skipped
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("apikeyd import-legacy: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn keygen(out: &Path) -> ExitCode {
     match MasterKey::create_file(out) {
         Ok(_) => {
@@ -193,6 +233,7 @@ fn main() -> ExitCode {
             config,
             requests,
         } => call(socket, config, requests),
+        Command::ImportLegacy { config, dry_run } => import_legacy(config, dry_run),
         Command::Keygen { out } => keygen(&out),
     }
 }

@@ -84,7 +84,7 @@ pub fn check_service(s: &str) -> Result<()> {
 
 /// Identifiers (`user_id`, `channel_id`, `tool_name`, `key_id`): 1–`max` bytes, no
 /// control characters, no whitespace.
-fn check_ident(name: &str, s: &str, max: usize) -> Result<()> {
+pub fn check_ident(name: &str, s: &str, max: usize) -> Result<()> {
     if s.is_empty() || s.len() > max || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(Error::param(
             name,
@@ -92,6 +92,23 @@ fn check_ident(name: &str, s: &str, max: usize) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// `key`: trimmed, then 1–4096 bytes without control characters. The message never
+/// repeats the value.
+pub fn check_key(raw: Secret) -> Result<Secret> {
+    let trimmed = raw.expose().trim();
+    if trimmed.is_empty() || trimmed.len() > 4096 || trimmed.chars().any(char::is_control) {
+        return Err(Error::param(
+            "key",
+            "must be 1-4096 bytes without control characters (after trimming whitespace)",
+        ));
+    }
+    if trimmed.len() == raw.expose().len() {
+        Ok(raw)
+    } else {
+        Ok(Secret::new(trimmed.to_owned()))
+    }
 }
 
 impl Request {
@@ -166,22 +183,9 @@ impl Request {
         Ok(l)
     }
 
-    /// `key`: trimmed, then 1–4096 bytes without control characters. The message
-    /// never repeats the value.
+    /// `key`: see [`check_key`].
     pub fn key(&mut self) -> Result<Secret> {
-        let raw = Secret::new(self.string("key")?);
-        let trimmed = raw.expose().trim();
-        if trimmed.is_empty() || trimmed.len() > 4096 || trimmed.chars().any(char::is_control) {
-            return Err(Error::param(
-                "key",
-                "must be 1-4096 bytes without control characters (after trimming whitespace)",
-            ));
-        }
-        if trimmed.len() == raw.expose().len() {
-            Ok(raw)
-        } else {
-            Ok(Secret::new(trimmed.to_owned()))
-        }
+        check_key(Secret::new(self.string("key")?))
     }
 
     /// A boolean member with a default for absent or null.

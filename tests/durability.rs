@@ -142,8 +142,7 @@ fn refuses_a_key_file_others_can_read(mode: Mode) {
 
 fn refuses_a_key_that_does_not_decrypt(mode: Mode) {
     let mut d = TestDaemon::start_with(mode, "", &[]);
-    d.client()
-        .ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-sealed-with-old"}));
+    d.client().ok(json!({"op": "set_user_api_key", "user_id": "u", "service": "openai", "key": "sk-sealed-with-old"}));
     assert!(d.stop().success());
     let key = d.path("data/master.key");
     std::fs::remove_file(&key).unwrap();
@@ -194,11 +193,22 @@ fn counts_start_at_zero_on_a_new_day(mode: Mode) {
     d.client()
         .ok(json!({"op": "increment_default_key_usage", "user_id": "u", "tool_name": "t"}));
     assert!(d.stop().success());
-    // Yesterday's counter, as a daemon running yesterday would have left it.
-    let db = rusqlite::Connection::open(d.path("data/keystore.sqlite3")).unwrap();
-    db.execute("UPDATE quota SET day = '2000-01-01'", [])
-        .unwrap();
-    drop(db);
+    // Move the counter to an old day, as a daemon running back then would have left it.
+    match &d.redis {
+        None => {
+            let db = rusqlite::Connection::open(d.path("data/keystore.sqlite3")).unwrap();
+            db.execute("UPDATE quota SET day = '2000-01-01'", [])
+                .unwrap();
+        }
+        Some(r) => {
+            let today = format!("stargazer:apikeyd:usage:{}:u", utc_day());
+            let _: () = redis::cmd("RENAME")
+                .arg(&today)
+                .arg("stargazer:apikeyd:usage:2000-01-01:u")
+                .query(&mut r.conn())
+                .unwrap();
+        }
+    }
     d.spawn();
     d.wait_ready();
     let r = d
@@ -210,15 +220,27 @@ fn counts_start_at_zero_on_a_new_day(mode: Mode) {
         json!({"allowed": true, "current_count": 1, "daily_limit": 1})
     );
     assert!(d.stop().success());
-    let db = rusqlite::Connection::open(d.path("data/keystore.sqlite3")).unwrap();
-    let old: i64 = db
-        .query_row(
-            "SELECT count(*) FROM quota WHERE day = '2000-01-01'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(old, 0, "old days are purged");
+    if d.redis.is_none() {
+        let db = rusqlite::Connection::open(d.path("data/keystore.sqlite3")).unwrap();
+        let old: i64 = db
+            .query_row(
+                "SELECT count(*) FROM quota WHERE day = '2000-01-01'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(old, 0, "old days are purged");
+    }
+}
+
+/// Today as the daemon counts it, `YYYY-MM-DD` in UTC.
+fn utc_day() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    humantime::format_rfc3339_seconds(t).to_string()[..10].to_string()
 }
 
 in_every_mode!(

@@ -214,6 +214,21 @@ impl Handler<ForgetPool> for KeyCache {
     }
 }
 
+/// Drops every cached pool (after a pub/sub reconnect, when announcements may have
+/// been missed).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ForgetAllPools;
+
+impl Handler<ForgetAllPools> for KeyCache {
+    type Result = ();
+
+    fn handle(&mut self, _: ForgetAllPools, _: &mut Self::Context) {
+        self.generation += 1;
+        self.pools.clear();
+    }
+}
+
 /// Applies reloaded `[cache]` settings; shrinking evicts the least recently used.
 #[derive(Message)]
 #[rtype(result = "()")]

@@ -166,6 +166,24 @@ fn verify_master_key(db: &Connection, key: &MasterKey, held: i64) -> Result<(), 
     Ok(())
 }
 
+/// Seals `key` for (user, service) and commits it, replacing any earlier key.
+/// Shared by the `Keystore` actor and `apikeyd import-legacy`.
+pub fn store_user_key(
+    db: &Connection,
+    master: &MasterKey,
+    user_id: &str,
+    service: &str,
+    key: &Secret,
+) -> Result<()> {
+    let sealed = master.seal(key.expose().as_bytes(), Place::User { user_id, service });
+    db.prepare_cached(
+        "INSERT INTO user_keys (user_id, service, sealed, updated_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (user_id, service) DO UPDATE SET sealed = ?3, updated_at = ?4",
+    )?
+    .execute(params![user_id, service, sealed, clock::now_s()])?;
+    Ok(())
+}
+
 /// Owns one SQLite connection and the per-user keys in it.
 pub struct Keystore {
     db: Connection,
@@ -232,18 +250,7 @@ impl Handler<StoreUserKey> for Keystore {
     type Result = Result<()>;
 
     fn handle(&mut self, msg: StoreUserKey, _: &mut Self::Context) -> Self::Result {
-        let place = Place::User {
-            user_id: &msg.user_id,
-            service: &msg.service,
-        };
-        let sealed = self.key.seal(msg.key.expose().as_bytes(), place);
-        self.db
-            .prepare_cached(
-                "INSERT INTO user_keys (user_id, service, sealed, updated_at) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (user_id, service) DO UPDATE SET sealed = ?3, updated_at = ?4",
-            )?
-            .execute(params![msg.user_id, msg.service, sealed, clock::now_s()])?;
-        Ok(())
+        store_user_key(&self.db, &self.key, &msg.user_id, &msg.service, &msg.key)
     }
 }
 

@@ -4,4 +4,5 @@
 pub mod cache;
 pub mod embedded;
 pub mod keystore;
+pub mod redis;
 pub mod store;

@@ -12,7 +12,7 @@ use crate::crypto::Secret;
 use crate::error::Result;
 
 /// One pool: a channel's (`channel: Some`) or the global one, for one service.
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct PoolRef {
     pub channel: Option<String>,
     pub service: String,
@@ -85,7 +85,7 @@ pub struct ConsumeUsage {
 }
 
 /// Which kind of store is behind the handle.
-#[derive(Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreMode {
     Embedded,

@@ -3,9 +3,11 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -13,17 +15,100 @@ use serde_json::{json, Value};
 /// Where pools and quotas live for a test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
+    /// Everything in the daemon's SQLite file.
     Embedded,
+    /// Pools and quotas in a private redis-server.
+    Redis,
 }
 
 /// Runs each listed test body (a `fn(Mode)`) once per storage mode.
 #[macro_export]
 macro_rules! in_every_mode {
     ($($name:ident),* $(,)?) => {
-        mod embedded {
+        mod on_sqlite {
             $( #[test] fn $name() { super::$name($crate::common::Mode::Embedded) } )*
         }
+        mod on_redis {
+            $( #[test] fn $name() { super::$name($crate::common::Mode::Redis) } )*
+        }
     };
+}
+
+/// A private redis-server on a Unix socket in its own temp dir, persistence off,
+/// killed when dropped. Never the machine's shared instance.
+pub struct RedisServer {
+    dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    child: Mutex<Option<Child>>,
+}
+
+impl RedisServer {
+    pub fn start() -> Arc<RedisServer> {
+        let dir = tempfile::Builder::new()
+            .prefix("apikeyd-redis")
+            .tempdir()
+            .expect("temp dir");
+        let r = RedisServer {
+            socket: dir.path().join("redis.sock"),
+            dir,
+            child: Mutex::new(None),
+        };
+        r.spawn();
+        Arc::new(r)
+    }
+
+    fn spawn(&self) {
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--unixsocket"])
+            .arg(&self.socket)
+            .args(["--unixsocketperm", "700", "--save", "", "--appendonly", "no", "--dir"])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run redis-server ({e}); install it: apt-get install redis-server (bash .ci/run does)")
+            });
+        *self.child.lock().unwrap() = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&self.socket).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis+unix://{}", self.socket.display())
+    }
+
+    /// A plain client connection for inspecting and editing what is stored.
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .expect("connect to the test redis")
+    }
+
+    /// Kills the server (SIGKILL); with persistence off, its data is gone.
+    pub fn kill(&self) {
+        if let Some(mut c) = self.child.lock().unwrap().take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    /// Starts the server again on the same socket (empty).
+    pub fn restart(&self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 /// One daemon process with its own folder, config, keystore and socket.
@@ -35,6 +120,8 @@ pub struct TestDaemon {
     child: Option<Child>,
     env: Vec<(String, String)>,
     pub mode: Mode,
+    /// Redis mode: the server this daemon uses (possibly shared with another daemon).
+    pub redis: Option<Arc<RedisServer>>,
 }
 
 /// The canary key that must never show up in logs or files.
@@ -51,7 +138,28 @@ impl TestDaemon {
     }
 
     /// A daemon in `mode`, with `extra` appended to its config.toml and `env` set.
+    /// `extra` starts at the top level: dotted keys such as `redis.prefix = "x"` may
+    /// come first, then tables.
     pub fn start_with(mode: Mode, extra: &str, env: &[(&str, &str)]) -> Self {
+        let redis = (mode == Mode::Redis).then(RedisServer::start);
+        Self::start_full(mode, redis, None, extra, env)
+    }
+
+    /// A second daemon on the same Redis as `other`, with its own folder and keystore
+    /// but `other`'s master key (SPEC §4: daemons sharing a Redis share the key).
+    pub fn start_sharing(other: &TestDaemon, extra: &str) -> Self {
+        let key = std::fs::read(other.path("data/master.key")).expect("master key");
+        Self::start_full(Mode::Redis, other.redis.clone(), Some(key), extra, &[])
+    }
+
+    /// A daemon on `redis` whose data folder starts with `master_key` (when given).
+    pub fn start_full(
+        mode: Mode,
+        redis: Option<Arc<RedisServer>>,
+        master_key: Option<Vec<u8>>,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("apikeyd-test")
             .tempdir()
@@ -69,16 +177,30 @@ impl TestDaemon {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             mode,
+            redis,
         };
+        if let Some(key) = master_key {
+            std::fs::create_dir_all(d.path("data")).unwrap();
+            std::fs::set_permissions(d.path("data"), std::fs::Permissions::from_mode(0o700))
+                .unwrap();
+            let f = d.path("data/master.key");
+            std::fs::write(&f, key).unwrap();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         d.write_config(extra);
         d.spawn();
         d.wait_ready();
         d
     }
 
-    /// Writes config.toml: debug logging (so leak tests see everything) plus `extra`.
+    /// Writes config.toml: debug logging (so leak tests see everything), the Redis
+    /// URL in Redis mode, then `extra`.
     pub fn write_config(&self, extra: &str) {
-        let text = format!("[log]\nlevel = \"debug\"\n\n{extra}\n");
+        let redis = match &self.redis {
+            Some(r) => format!("redis.url = \"{}\"\n", r.url()),
+            None => String::new(),
+        };
+        let text = format!("log.level = \"debug\"\n{redis}{extra}\n");
         std::fs::write(&self.config_path, text).expect("write config");
     }
 
@@ -142,7 +264,11 @@ impl TestDaemon {
                 self.child = None;
                 return (status, self.logs());
             }
-            assert!(Instant::now() < deadline, "apikeyd did not refuse to start");
+            assert!(
+                Instant::now() < deadline,
+                "apikeyd did not refuse to start; log:\n{}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -1,0 +1,511 @@
+//! The Redis store: pools and quota counters in Redis, shared by every daemon on it.
+//! `RedisStore` owns the one `ConnectionManager` (cloned into each command) and serves
+//! the same messages as the embedded store; `listen` keeps a pub/sub subscription
+//! that drops changed pools from this daemon's cache.
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, RedisResult};
+
+use super::cache::{ForgetAllPools, ForgetPool, ForgetUserKey, KeyCache};
+use super::store::*;
+use crate::clock;
+use crate::config::RedisConfig;
+use crate::crypto::{MasterKey, Place, Secret};
+use crate::error::{Error, Result};
+
+/// Marks a pool value as an apikeyd envelope: `akd1:` + base64 of the sealed bytes.
+/// Anything else in a pool hash is a legacy value in clear.
+pub const ENVELOPE: &str = "akd1:";
+
+/// How often the connection is checked (and re-established) in the background.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
+
+/// Key names under `redis.prefix` (docs/operations.md lists them).
+#[derive(Clone)]
+pub struct Names {
+    pub prefix: String,
+}
+
+impl Names {
+    /// `{prefix}:global_api_pool:{service}` or `{prefix}:channel_api_pool:{channel}:{service}`.
+    pub fn pool(&self, pool: &PoolRef) -> String {
+        match &pool.channel {
+            None => format!("{}:global_api_pool:{}", self.prefix, pool.service),
+            Some(c) => format!("{}:channel_api_pool:{c}:{}", self.prefix, pool.service),
+        }
+    }
+
+    /// Labels and times of pool keys: `{prefix}:apikeyd:pool_info:{pool hash without prefix}`.
+    pub fn pool_info(&self, pool: &PoolRef) -> String {
+        let hash = self.pool(pool);
+        format!(
+            "{}:apikeyd:pool_info:{}",
+            self.prefix,
+            &hash[self.prefix.len() + 1..]
+        )
+    }
+
+    /// Today's counters of one user, field = tool: `{prefix}:apikeyd:usage:{day}:{user_id}`.
+    pub fn usage(&self, day: &str, user_id: &str) -> String {
+        format!("{}:apikeyd:usage:{day}:{user_id}", self.prefix)
+    }
+
+    /// The original module's per-user hash: `{prefix}:user_api_keys:{user_id}`.
+    pub fn legacy_user(&self, user_id: &str) -> String {
+        format!("{}:user_api_keys:{user_id}", self.prefix)
+    }
+
+    /// The pub/sub channel announcing changes: `{prefix}:apikeyd:invalidate`.
+    pub fn invalidate(&self) -> String {
+        format!("{}:apikeyd:invalidate", self.prefix)
+    }
+}
+
+/// What a pub/sub message on the invalidation channel says changed.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Changed {
+    Pool(PoolRef),
+    UserKey { user_id: String, service: String },
+}
+
+/// The place a pool value is sealed for in Redis: bound to prefix, scope, channel, service.
+pub fn pool_place<'a>(prefix: &'a str, pool: &'a PoolRef) -> Place<'a> {
+    Place::Pool {
+        namespace: prefix,
+        channel: pool.channel.as_deref(),
+        service: &pool.service,
+    }
+}
+
+/// Seals a pool key into the text stored in its hash.
+pub fn envelope(master: &MasterKey, prefix: &str, pool: &PoolRef, key: &Secret) -> String {
+    let sealed = master.seal(key.expose().as_bytes(), pool_place(prefix, pool));
+    format!("{ENVELOPE}{}", B64.encode(sealed))
+}
+
+/// A value read from a pool hash.
+pub enum PoolValue {
+    Sealed(Secret),
+    /// Written in clear by the original module.
+    Legacy(Secret),
+    /// An envelope that does not open here (tampered, moved, or another master key).
+    Broken,
+}
+
+/// Reads one pool hash value.
+pub fn open_value(master: &MasterKey, prefix: &str, pool: &PoolRef, value: &[u8]) -> PoolValue {
+    match value.strip_prefix(ENVELOPE.as_bytes()) {
+        Some(b64) => B64
+            .decode(b64)
+            .ok()
+            .and_then(|sealed| master.open(&sealed, pool_place(prefix, pool)).ok())
+            .map_or(PoolValue::Broken, PoolValue::Sealed),
+        None => match std::str::from_utf8(value) {
+            Ok(s) if !s.trim().is_empty() => PoolValue::Legacy(Secret::new(s.trim().to_owned())),
+            _ => PoolValue::Broken,
+        },
+    }
+}
+
+/// A hash read whole: (field, value) pairs; values may be any bytes.
+type HashFields = Vec<(String, Vec<u8>)>;
+
+/// Label and time of a pool key, as JSON in the pool-info hash.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct Info {
+    label: Option<String>,
+    added_at: Option<i64>,
+}
+
+/// HINCRBY the tool's counter and set the hash to expire after the day ends.
+const INCREMENT: &str = r"
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('EXPIREAT', KEYS[1], ARGV[2])
+return n
+";
+
+/// Check-and-increment in one script: Redis runs it atomically.
+const CONSUME: &str = r"
+local n = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if n < tonumber(ARGV[3]) then
+  n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+  redis.call('EXPIREAT', KEYS[1], ARGV[2])
+  return {1, n}
+end
+return {0, n}
+";
+
+/// Seconds since the epoch when today's counters may go: an hour after the day ends.
+fn usage_expiry() -> i64 {
+    clock::now_s() + clock::seconds_to_midnight() + 3600
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    master: Arc<MasterKey>,
+    names: Names,
+    timeout: Duration,
+    accept_legacy: bool,
+    connected: Arc<AtomicBool>,
+    /// Pool hashes already warned about (legacy values), so the log is not flooded.
+    warned: RefCell<HashSet<String>>,
+    increment: redis::Script,
+    consume: redis::Script,
+}
+
+fn is_connection_error(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
+}
+
+impl Inner {
+    /// Runs one Redis command (or pipeline) within `redis.timeout_ms`. While the
+    /// connection is known to be down, fails at once; the health check revives it.
+    async fn bounded<T>(&self, what: &str, fut: impl Future<Output = RedisResult<T>>) -> Result<T> {
+        if !self.connected.load(Ordering::Relaxed) {
+            return Err(Error::Unavailable(
+                "redis is unreachable; retry shortly".into(),
+            ));
+        }
+        self.bounded_always(what, fut).await
+    }
+
+    async fn bounded_always<T>(
+        &self,
+        what: &str,
+        fut: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(v)) => {
+                if !self.connected.swap(true, Ordering::Relaxed) {
+                    tracing::info!("redis connection is up");
+                }
+                Ok(v)
+            }
+            Ok(Err(e)) if is_connection_error(&e) => {
+                self.mark_down(what, &e.to_string());
+                Err(Error::Unavailable(
+                    "redis is unreachable; retry shortly".into(),
+                ))
+            }
+            Ok(Err(e)) => {
+                // Server-side errors (WRONGTYPE, OOM, …) carry no request data.
+                tracing::error!(what, error = %e, "redis refused a command");
+                Err(Error::Internal(format!(
+                    "redis refused {what} (see the daemon log)"
+                )))
+            }
+            Err(_) => {
+                self.mark_down(what, "timed out");
+                Err(Error::Unavailable(format!(
+                    "redis did not answer within {} ms; retry shortly",
+                    self.timeout.as_millis()
+                )))
+            }
+        }
+    }
+
+    fn mark_down(&self, what: &str, why: &str) {
+        if self.connected.swap(false, Ordering::Relaxed) {
+            tracing::warn!(what, why, "redis connection is down");
+        }
+    }
+
+    fn warn_once(&self, hash: &str, message: &'static str) {
+        if self.warned.borrow_mut().insert(hash.to_string()) {
+            tracing::warn!(hash, "{message}");
+        }
+    }
+
+    async fn load_pool(&self, pool: PoolRef) -> Result<Vec<Secret>> {
+        let hash = self.names.pool(&pool);
+        let mut conn = self.conn.clone();
+        let fields: Vec<(String, Vec<u8>)> = self.bounded("HGETALL", conn.hgetall(&hash)).await?;
+        let mut keys = Vec::with_capacity(fields.len());
+        for (field, value) in fields {
+            match open_value(&self.master, &self.names.prefix, &pool, &value) {
+                PoolValue::Sealed(k) => keys.push(k),
+                PoolValue::Legacy(k) if self.accept_legacy => {
+                    self.warn_once(&hash, "serving pool values stored in clear (redis.accept_legacy_plaintext); run apikeyd import-legacy to encrypt them");
+                    keys.push(k);
+                }
+                PoolValue::Legacy(_) => self.warn_once(&hash, "skipping pool values stored in clear; run apikeyd import-legacy or set redis.accept_legacy_plaintext"),
+                PoolValue::Broken => tracing::error!(hash = %hash, field = %field,
+                    "integrity: a pool value does not decrypt with this master key; skipping it"),
+            }
+        }
+        Ok(keys)
+    }
+
+    fn announce(&self, changed: &Changed) -> String {
+        serde_json::to_string(changed).unwrap_or_default()
+    }
+
+    async fn add_pool_key(&self, msg: AddPoolKey) -> Result<(String, bool)> {
+        let key_id = self.master.key_id(&msg.key);
+        let value = envelope(&self.master, &self.names.prefix, &msg.pool, &msg.key);
+        let info = serde_json::to_string(&Info {
+            label: msg.label,
+            added_at: Some(clock::now_s()),
+        })
+        .unwrap_or_default();
+        let mut conn = self.conn.clone();
+        let (added, _, _): (bool, bool, i64) = self
+            .bounded(
+                "add pool key",
+                redis::pipe()
+                    .atomic()
+                    .hset_nx(self.names.pool(&msg.pool), &key_id, value)
+                    .hset_nx(self.names.pool_info(&msg.pool), &key_id, info)
+                    .publish(
+                        self.names.invalidate(),
+                        self.announce(&Changed::Pool(msg.pool.clone())),
+                    )
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok((key_id, added))
+    }
+
+    async fn remove_pool_key(&self, msg: RemovePoolKey) -> Result<bool> {
+        let mut conn = self.conn.clone();
+        let (removed, _, _): (i64, i64, i64) = self
+            .bounded(
+                "remove pool key",
+                redis::pipe()
+                    .atomic()
+                    .hdel(self.names.pool(&msg.pool), &msg.key_id)
+                    .hdel(self.names.pool_info(&msg.pool), &msg.key_id)
+                    .publish(
+                        self.names.invalidate(),
+                        self.announce(&Changed::Pool(msg.pool.clone())),
+                    )
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(removed > 0)
+    }
+
+    async fn list_pool_keys(&self, pool: PoolRef) -> Result<Vec<PoolKeyInfo>> {
+        let hash = self.names.pool(&pool);
+        let mut conn = self.conn.clone();
+        let (fields, infos): (HashFields, Vec<(String, String)>) = self
+            .bounded(
+                "list pool keys",
+                redis::pipe()
+                    .hgetall(&hash)
+                    .hgetall(self.names.pool_info(&pool))
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let infos: std::collections::HashMap<String, Info> = infos
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::from_str(&v).unwrap_or_default()))
+            .collect();
+        let mut out: Vec<PoolKeyInfo> = fields
+            .into_iter()
+            .map(|(key_id, value)| {
+                let masked = match open_value(&self.master, &self.names.prefix, &pool, &value) {
+                    PoolValue::Sealed(k) => k.masked(),
+                    PoolValue::Legacy(k) => format!("{} (stored in clear)", k.masked()),
+                    PoolValue::Broken => {
+                        tracing::error!(hash = %hash, field = %key_id, "integrity: a pool value does not decrypt");
+                        "(undecryptable)".into()
+                    }
+                };
+                let info = infos.get(&key_id);
+                PoolKeyInfo {
+                    masked,
+                    label: info.and_then(|i| i.label.clone()),
+                    added_at: info.and_then(|i| i.added_at).map(clock::rfc3339),
+                    key_id,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.added_at.cmp(&b.added_at).then(a.key_id.cmp(&b.key_id)));
+        Ok(out)
+    }
+
+    async fn read_usage(&self, msg: ReadUsage) -> Result<u64> {
+        let mut conn = self.conn.clone();
+        let hash = self.names.usage(&clock::utc_day(), &msg.user_id);
+        let n: Option<u64> = self
+            .bounded("HGET", conn.hget(hash, &msg.tool_name))
+            .await?;
+        Ok(n.unwrap_or(0))
+    }
+
+    async fn increment_usage(&self, msg: IncrementUsage) -> Result<u64> {
+        let mut conn = self.conn.clone();
+        let hash = self.names.usage(&clock::utc_day(), &msg.user_id);
+        let mut call = self.increment.prepare_invoke();
+        call.key(hash).arg(&msg.tool_name).arg(usage_expiry());
+        self.bounded("increment", call.invoke_async(&mut conn))
+            .await
+    }
+
+    async fn consume_usage(&self, msg: ConsumeUsage) -> Result<(bool, u64)> {
+        let mut conn = self.conn.clone();
+        let hash = self.names.usage(&clock::utc_day(), &msg.user_id);
+        let mut call = self.consume.prepare_invoke();
+        call.key(hash)
+            .arg(&msg.tool_name)
+            .arg(usage_expiry())
+            .arg(msg.limit);
+        let (allowed, n): (i64, u64) = self
+            .bounded("consume", call.invoke_async(&mut conn))
+            .await?;
+        Ok((allowed == 1, n))
+    }
+
+    async fn ping(&self) {
+        let mut conn = self.conn.clone();
+        let _ = self
+            .bounded_always("PING", redis::cmd("PING").query_async::<String>(&mut conn))
+            .await;
+    }
+}
+
+/// Owns the Redis connection for pools and quotas.
+pub struct RedisStore {
+    inner: Rc<Inner>,
+}
+
+/// Builds the client for `config.url`; a malformed URL refuses the start.
+pub fn client(config: &RedisConfig) -> std::result::Result<redis::Client, String> {
+    redis::Client::open(config.url.as_str()).map_err(|e| format!("redis.url is not usable: {e}"))
+}
+
+impl RedisStore {
+    /// A store on `client` (nothing is connected until the first command).
+    pub fn new(
+        client: redis::Client,
+        config: &RedisConfig,
+        master: Arc<MasterKey>,
+        connected: Arc<AtomicBool>,
+    ) -> std::result::Result<Self, String> {
+        let timeout = Duration::from_millis(config.timeout_ms.max(1));
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
+            .map_err(|e| format!("cannot set up the redis connection: {e}"))?;
+        Ok(RedisStore {
+            inner: Rc::new(Inner {
+                conn,
+                master,
+                names: Names {
+                    prefix: config.prefix.clone(),
+                },
+                timeout,
+                accept_legacy: config.accept_legacy_plaintext,
+                connected,
+                warned: RefCell::new(HashSet::new()),
+                increment: redis::Script::new(INCREMENT),
+                consume: redis::Script::new(CONSUME),
+            }),
+        })
+    }
+}
+
+impl Actor for RedisStore {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let check = |store: &mut Self, ctx: &mut Context<Self>| {
+            let inner = store.inner.clone();
+            ctx.spawn(async move { inner.ping().await }.into_actor(store));
+        };
+        check(self, ctx);
+        ctx.run_interval(HEALTH_EVERY, check);
+    }
+}
+
+macro_rules! forward {
+    ($msg:ty, $out:ty, $method:ident) => {
+        impl Handler<$msg> for RedisStore {
+            type Result = ResponseFuture<Result<$out>>;
+
+            fn handle(&mut self, msg: $msg, _: &mut Self::Context) -> Self::Result {
+                let inner = self.inner.clone();
+                Box::pin(async move { inner.$method(msg).await })
+            }
+        }
+    };
+}
+
+forward!(AddPoolKey, (String, bool), add_pool_key);
+forward!(RemovePoolKey, bool, remove_pool_key);
+forward!(ReadUsage, u64, read_usage);
+forward!(IncrementUsage, u64, increment_usage);
+forward!(ConsumeUsage, (bool, u64), consume_usage);
+
+impl Handler<LoadPool> for RedisStore {
+    type Result = ResponseFuture<Result<Vec<Secret>>>;
+
+    fn handle(&mut self, msg: LoadPool, _: &mut Self::Context) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.load_pool(msg.pool).await })
+    }
+}
+
+impl Handler<ListPoolKeys> for RedisStore {
+    type Result = ResponseFuture<Result<Vec<PoolKeyInfo>>>;
+
+    fn handle(&mut self, msg: ListPoolKeys, _: &mut Self::Context) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.list_pool_keys(msg.pool).await })
+    }
+}
+
+/// Keeps a subscription to the invalidation channel, forever: every announced
+/// change drops the matching cache entry. After each (re)subscription every cached
+/// pool is dropped, since announcements may have been missed meanwhile.
+pub async fn listen(client: redis::Client, names: Names, cache: Addr<KeyCache>) {
+    let channel = names.invalidate();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let subscribed = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            RedisResult::Ok(pubsub)
+        };
+        match tokio::time::timeout(Duration::from_secs(2), subscribed).await {
+            Ok(Ok(mut pubsub)) => {
+                backoff = Duration::from_millis(100);
+                cache.do_send(ForgetAllPools);
+                tracing::info!(channel = %channel, "subscribed to pool invalidations");
+                let mut messages = pubsub.on_message();
+                while let Some(msg) = messages.next().await {
+                    let payload: Vec<u8> = msg.get_payload_bytes().to_vec();
+                    match serde_json::from_slice::<Changed>(&payload) {
+                        Ok(Changed::Pool(pool)) => cache.do_send(ForgetPool { pool }),
+                        Ok(Changed::UserKey { user_id, service }) => {
+                            cache.do_send(ForgetUserKey { user_id, service })
+                        }
+                        Err(_) => tracing::warn!("ignoring a malformed invalidation message"),
+                    }
+                }
+                tracing::warn!("pool invalidation subscription lost; resubscribing");
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot subscribe to pool invalidations yet"),
+            Err(_) => tracing::debug!("subscribing to pool invalidations timed out"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
