@@ -58,7 +58,8 @@ fn skip_failed(
 
 /// Runs the resolution order for `q`.
 pub async fn resolve(app: &App, q: Query) -> Result<Resolved> {
-    let mut degraded = false;
+    // A store known to be down marks every answer, even one it took no part in.
+    let mut degraded = app.store.redis_connected() == Some(false);
     let found = |key: Arc<Secret>, source, degraded| Resolved {
         key: Some(key),
         source: Some(source),

@@ -170,24 +170,61 @@ fn is_connection_error(e: &redis::RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
 }
 
+/// Whether a command may be sent again after `e`. Reads always may. A write may only
+/// when the error proves it never reached Redis: the connection was refused, or the
+/// write itself hit a broken pipe (a dead connection found on first use after Redis
+/// restarted). redis-rs exposes the io error kind only through its message.
+fn may_retry(e: &redis::RedisError, kind: Kind) -> bool {
+    match kind {
+        Kind::Read => is_connection_error(e) && !e.is_timeout(),
+        Kind::Write => {
+            e.is_connection_refusal()
+                || (e.is_io_error() && e.to_string().to_ascii_lowercase().contains("broken pipe"))
+        }
+    }
+}
+
+/// Whether running a command twice is harmless.
+#[derive(Clone, Copy)]
+enum Kind {
+    Read,
+    Write,
+}
+
 impl Inner {
-    /// Runs one Redis command (or pipeline) within `redis.timeout_ms`. While the
-    /// connection is known to be down, fails at once; the health check revives it.
-    async fn bounded<T>(&self, what: &str, fut: impl Future<Output = RedisResult<T>>) -> Result<T> {
+    /// Runs one Redis command (or pipeline) made by `attempt` within
+    /// `redis.timeout_ms`, sending it a second time when [`may_retry`] allows. While
+    /// the connection is known to be down, fails at once; the health check revives it.
+    async fn bounded<T, F, Fut>(&self, what: &str, kind: Kind, attempt: F) -> Result<T>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
         if !self.connected.load(Ordering::Relaxed) {
             return Err(Error::Unavailable(
                 "redis is unreachable; retry shortly".into(),
             ));
         }
-        self.bounded_always(what, fut).await
+        self.bounded_always(what, kind, attempt).await
     }
 
-    async fn bounded_always<T>(
-        &self,
-        what: &str,
-        fut: impl Future<Output = RedisResult<T>>,
-    ) -> Result<T> {
-        match tokio::time::timeout(self.timeout, fut).await {
+    async fn bounded_always<T, F, Fut>(&self, what: &str, kind: Kind, mut attempt: F) -> Result<T>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut tries = 0;
+        let outcome = loop {
+            tries += 1;
+            match tokio::time::timeout_at(deadline, attempt(self.conn.clone())).await {
+                Ok(Err(e)) if tries == 1 && may_retry(&e, kind) => {
+                    tracing::debug!(what, error = %e, "redis command failed on a stale connection; retrying once");
+                }
+                other => break other,
+            }
+        };
+        match outcome {
             Ok(Ok(v)) => {
                 if !self.connected.swap(true, Ordering::Relaxed) {
                     tracing::info!("redis connection is up");
@@ -231,8 +268,12 @@ impl Inner {
 
     async fn load_pool(&self, pool: PoolRef) -> Result<Vec<Secret>> {
         let hash = self.names.pool(&pool);
-        let mut conn = self.conn.clone();
-        let fields: Vec<(String, Vec<u8>)> = self.bounded("HGETALL", conn.hgetall(&hash)).await?;
+        let fields: HashFields = self
+            .bounded("HGETALL", Kind::Read, |mut c| {
+                let hash = hash.clone();
+                async move { c.hgetall(hash).await }
+            })
+            .await?;
         let mut keys = Vec::with_capacity(fields.len());
         for (field, value) in fields {
             match open_value(&self.master, &self.names.prefix, &pool, &value) {
@@ -253,6 +294,21 @@ impl Inner {
         serde_json::to_string(changed).unwrap_or_default()
     }
 
+    /// Runs `pipe` (built once, sent at most twice) and decodes its replies.
+    async fn pipeline<T: redis::FromRedisValue>(
+        &self,
+        what: &str,
+        kind: Kind,
+        pipe: &redis::Pipeline,
+    ) -> Result<T> {
+        self.bounded(
+            what,
+            kind,
+            |mut c| async move { pipe.query_async(&mut c).await },
+        )
+        .await
+    }
+
     async fn add_pool_key(&self, msg: AddPoolKey) -> Result<(String, bool)> {
         let key_id = self.master.key_id(&msg.key);
         let value = envelope(&self.master, &self.names.prefix, &msg.pool, &msg.key);
@@ -261,55 +317,43 @@ impl Inner {
             added_at: Some(clock::now_s()),
         })
         .unwrap_or_default();
-        let mut conn = self.conn.clone();
-        let (added, _, _): (bool, bool, i64) = self
-            .bounded(
-                "add pool key",
-                redis::pipe()
-                    .atomic()
-                    .hset_nx(self.names.pool(&msg.pool), &key_id, value)
-                    .hset_nx(self.names.pool_info(&msg.pool), &key_id, info)
-                    .publish(
-                        self.names.invalidate(),
-                        self.announce(&Changed::Pool(msg.pool.clone())),
-                    )
-                    .query_async(&mut conn),
+        let pipe = redis::pipe()
+            .atomic()
+            .hset_nx(self.names.pool(&msg.pool), &key_id, value)
+            .hset_nx(self.names.pool_info(&msg.pool), &key_id, info)
+            .publish(
+                self.names.invalidate(),
+                self.announce(&Changed::Pool(msg.pool)),
             )
-            .await?;
+            .to_owned();
+        let (added, _, _): (bool, bool, i64) =
+            self.pipeline("add pool key", Kind::Write, &pipe).await?;
         Ok((key_id, added))
     }
 
     async fn remove_pool_key(&self, msg: RemovePoolKey) -> Result<bool> {
-        let mut conn = self.conn.clone();
-        let (removed, _, _): (i64, i64, i64) = self
-            .bounded(
-                "remove pool key",
-                redis::pipe()
-                    .atomic()
-                    .hdel(self.names.pool(&msg.pool), &msg.key_id)
-                    .hdel(self.names.pool_info(&msg.pool), &msg.key_id)
-                    .publish(
-                        self.names.invalidate(),
-                        self.announce(&Changed::Pool(msg.pool.clone())),
-                    )
-                    .query_async(&mut conn),
+        let pipe = redis::pipe()
+            .atomic()
+            .hdel(self.names.pool(&msg.pool), &msg.key_id)
+            .hdel(self.names.pool_info(&msg.pool), &msg.key_id)
+            .publish(
+                self.names.invalidate(),
+                self.announce(&Changed::Pool(msg.pool)),
             )
-            .await?;
+            .to_owned();
+        let (removed, _, _): (i64, i64, i64) =
+            self.pipeline("remove pool key", Kind::Write, &pipe).await?;
         Ok(removed > 0)
     }
 
     async fn list_pool_keys(&self, pool: PoolRef) -> Result<Vec<PoolKeyInfo>> {
         let hash = self.names.pool(&pool);
-        let mut conn = self.conn.clone();
-        let (fields, infos): (HashFields, Vec<(String, String)>) = self
-            .bounded(
-                "list pool keys",
-                redis::pipe()
-                    .hgetall(&hash)
-                    .hgetall(self.names.pool_info(&pool))
-                    .query_async(&mut conn),
-            )
-            .await?;
+        let pipe = redis::pipe()
+            .hgetall(&hash)
+            .hgetall(self.names.pool_info(&pool))
+            .to_owned();
+        let (fields, infos): (HashFields, Vec<(String, String)>) =
+            self.pipeline("list pool keys", Kind::Read, &pipe).await?;
         let infos: std::collections::HashMap<String, Info> = infos
             .into_iter()
             .map(|(k, v)| (k, serde_json::from_str(&v).unwrap_or_default()))
@@ -339,41 +383,67 @@ impl Inner {
     }
 
     async fn read_usage(&self, msg: ReadUsage) -> Result<u64> {
-        let mut conn = self.conn.clone();
         let hash = self.names.usage(&clock::utc_day(), &msg.user_id);
         let n: Option<u64> = self
-            .bounded("HGET", conn.hget(hash, &msg.tool_name))
+            .bounded("HGET", Kind::Read, |mut c| {
+                let (hash, tool) = (hash.clone(), msg.tool_name.clone());
+                async move { c.hget(hash, tool).await }
+            })
             .await?;
         Ok(n.unwrap_or(0))
     }
 
+    /// Runs a quota script on today's counters of `user_id`, for `tool_name`.
+    async fn quota_script<T: redis::FromRedisValue>(
+        &self,
+        what: &str,
+        script: &redis::Script,
+        user_id: &str,
+        tool_name: &str,
+        limit: Option<u64>,
+    ) -> Result<T> {
+        let hash = self.names.usage(&clock::utc_day(), user_id);
+        let expiry = usage_expiry();
+        self.bounded(what, Kind::Write, |mut c| {
+            let mut call = script.prepare_invoke();
+            call.key(&hash).arg(tool_name).arg(expiry);
+            if let Some(limit) = limit {
+                call.arg(limit);
+            }
+            async move { call.invoke_async(&mut c).await }
+        })
+        .await
+    }
+
     async fn increment_usage(&self, msg: IncrementUsage) -> Result<u64> {
-        let mut conn = self.conn.clone();
-        let hash = self.names.usage(&clock::utc_day(), &msg.user_id);
-        let mut call = self.increment.prepare_invoke();
-        call.key(hash).arg(&msg.tool_name).arg(usage_expiry());
-        self.bounded("increment", call.invoke_async(&mut conn))
-            .await
+        self.quota_script(
+            "increment",
+            &self.increment,
+            &msg.user_id,
+            &msg.tool_name,
+            None,
+        )
+        .await
     }
 
     async fn consume_usage(&self, msg: ConsumeUsage) -> Result<(bool, u64)> {
-        let mut conn = self.conn.clone();
-        let hash = self.names.usage(&clock::utc_day(), &msg.user_id);
-        let mut call = self.consume.prepare_invoke();
-        call.key(hash)
-            .arg(&msg.tool_name)
-            .arg(usage_expiry())
-            .arg(msg.limit);
         let (allowed, n): (i64, u64) = self
-            .bounded("consume", call.invoke_async(&mut conn))
+            .quota_script(
+                "consume",
+                &self.consume,
+                &msg.user_id,
+                &msg.tool_name,
+                Some(msg.limit),
+            )
             .await?;
         Ok((allowed == 1, n))
     }
 
     async fn ping(&self) {
-        let mut conn = self.conn.clone();
         let _ = self
-            .bounded_always("PING", redis::cmd("PING").query_async::<String>(&mut conn))
+            .bounded_always("PING", Kind::Read, |mut c| async move {
+                redis::cmd("PING").query_async::<String>(&mut c).await
+            })
             .await;
     }
 }

@@ -1,0 +1,462 @@
+//! Redis mode specifics (SPEC §1, §4): key names, nothing in clear, values bound to
+//! their hash, counter expiry, two daemons on one Redis, outages, legacy import.
+//! The behavioural suite of every other test file also runs in Redis mode.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{contains, Client, Mode, TestDaemon, CANARY};
+use redis::Commands;
+use serde_json::{json, Value};
+
+fn redis_daemon(extra: &str) -> TestDaemon {
+    TestDaemon::start_with(Mode::Redis, extra, &[])
+}
+
+fn all_keys(con: &mut redis::Connection) -> BTreeSet<String> {
+    con.scan::<String>().unwrap().map(|k| k.unwrap()).collect()
+}
+
+fn today() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+        [..10]
+        .to_string()
+}
+
+/// Polls `f` until it is true, for at most `limit`; returns how long it took.
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let began = Instant::now();
+    while !f() {
+        assert!(
+            began.elapsed() < limit,
+            "condition not reached within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    began.elapsed()
+}
+
+#[test]
+fn key_names_follow_the_layout() {
+    let d = redis_daemon("redis.prefix = \"acme\"\n");
+    let mut c = d.client();
+    c.ok(json!({"op": "add_pool_key", "service": "OpenAI", "key": "sk-layout-global-01"}));
+    c.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-layout-chan-0001", "channel_id": "c:1"}));
+    c.ok(json!({"op": "consume_default_key_usage", "user_id": "u1", "tool_name": "web"}));
+    let mut con = d.redis.as_ref().unwrap().conn();
+    let expected: BTreeSet<String> = [
+        "acme:global_api_pool:openai".to_string(),
+        "acme:channel_api_pool:c:1:openai".to_string(),
+        "acme:apikeyd:pool_info:global_api_pool:openai".to_string(),
+        "acme:apikeyd:pool_info:channel_api_pool:c:1:openai".to_string(),
+        format!("acme:apikeyd:usage:{}:u1", today()),
+    ]
+    .into();
+    assert_eq!(all_keys(&mut con), expected);
+    // One field per key: field = key_id, value = an envelope.
+    let pool: Vec<(String, String)> = con.hgetall("acme:global_api_pool:openai").unwrap();
+    let listed = c.ok(json!({"op": "list_pool_keys", "service": "openai"}));
+    assert_eq!(pool.len(), 1);
+    assert_eq!(listed["keys"][0]["key_id"], pool[0].0.as_str());
+    assert!(pool[0].1.starts_with("akd1:"));
+    let count: u64 = con
+        .hget(format!("acme:apikeyd:usage:{}:u1", today()), "web")
+        .unwrap();
+    assert_eq!(count, 1);
+}
+
+#[test]
+fn no_key_in_clear_anywhere_in_redis() {
+    let d = redis_daemon("");
+    let mut c = d.client();
+    c.ok(json!({"op": "add_pool_key", "service": "openai", "key": CANARY, "label": "canary"}));
+    c.ok(json!({"op": "add_pool_key", "service": "openai", "key": CANARY, "channel_id": "c"}));
+    c.ok(json!({"op": "set_user_api_key", "user_id": "u", "service": "openai", "key": CANARY}));
+    c.ok(json!({"op": "consume_default_key_usage", "user_id": "u", "tool_name": "t"}));
+    assert_eq!(
+        c.ok(json!({"op": "get_pool_api_key", "service": "openai"}))["key"],
+        CANARY
+    );
+    let mut con = d.redis.as_ref().unwrap().conn();
+    let keys = all_keys(&mut con);
+    assert!(keys.len() >= 4);
+    let windows: Vec<&[u8]> = CANARY.as_bytes().windows(8).collect();
+    for k in keys {
+        let kind: String = redis::cmd("TYPE").arg(&k).query(&mut con).unwrap();
+        let mut blobs: Vec<Vec<u8>> = vec![k.clone().into_bytes()];
+        match kind.as_str() {
+            "hash" => {
+                let h: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&k).unwrap();
+                for (f, v) in h {
+                    blobs.push(f);
+                    blobs.push(v);
+                }
+            }
+            "string" => blobs.push(con.get(&k).unwrap()),
+            other => panic!("unexpected {other} at {k}"),
+        }
+        for b in blobs {
+            for w in &windows {
+                assert!(!contains(&b, w), "{k} holds the canary in clear");
+            }
+        }
+    }
+    // Nor in the daemon's own data folder (user keys stay in its keystore).
+    drop(c);
+    for (path, bytes) in common::files_below(&d.path("data")) {
+        for w in &windows {
+            assert!(!contains(&bytes, w), "{} holds the canary", path.display());
+        }
+    }
+}
+
+#[test]
+fn a_value_copied_to_another_hash_is_not_served() {
+    let d = redis_daemon("");
+    let mut c = d.client();
+    c.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-only-for-c1-0001", "channel_id": "c1"}));
+    let mut con = d.redis.as_ref().unwrap().conn();
+    let fields: Vec<(String, String)> =
+        con.hgetall("stargazer:channel_api_pool:c1:openai").unwrap();
+    let (field, value) = fields[0].clone();
+    for hash in [
+        "stargazer:channel_api_pool:c2:openai",
+        "stargazer:channel_api_pool:c1:anthropic",
+        "stargazer:global_api_pool:openai",
+    ] {
+        let _: () = con.hset(hash, &field, &value).unwrap();
+    }
+    let r =
+        c.ok(json!({"op": "get_channel_pool_api_key", "channel_id": "c2", "service": "openai"}));
+    assert_eq!(r["key"], Value::Null);
+    let r =
+        c.ok(json!({"op": "get_channel_pool_api_key", "channel_id": "c1", "service": "anthropic"}));
+    assert_eq!(r["key"], Value::Null);
+    let r = c.ok(json!({"op": "get_user_api_key", "user_id": "x", "service": "openai", "fallback_to_config": false}));
+    assert_eq!(
+        r["key"],
+        Value::Null,
+        "moved global value must not be served: {r}"
+    );
+    let r =
+        c.ok(json!({"op": "get_channel_pool_api_key", "channel_id": "c1", "service": "openai"}));
+    assert_eq!(r["key"], "sk-only-for-c1-0001");
+    let log = d.logs();
+    assert!(
+        log.contains("integrity") && log.contains("stargazer:channel_api_pool:c2:openai"),
+        "{log}"
+    );
+}
+
+#[test]
+fn counters_expire_after_the_day() {
+    let d = redis_daemon("");
+    let mut c = d.client();
+    c.ok(json!({"op": "increment_default_key_usage", "user_id": "a", "tool_name": "t"}));
+    c.ok(json!({"op": "consume_default_key_usage", "user_id": "b", "tool_name": "t"}));
+    let mut con = d.redis.as_ref().unwrap().conn();
+    for user in ["a", "b"] {
+        let ttl: i64 = con
+            .ttl(format!("stargazer:apikeyd:usage:{}:{user}", today()))
+            .unwrap();
+        assert!(ttl > 0 && ttl <= 86_400 + 3_600 + 5, "ttl {ttl} for {user}");
+    }
+}
+
+#[test]
+fn two_daemons_on_one_redis_share_pools_and_quotas() {
+    let a = redis_daemon("");
+    // B caches pools for an hour: only the pub/sub announcement can refresh it.
+    let b = TestDaemon::start_sharing(&a, "[cache]\npool_ttl_s = 3600\n");
+    let (mut ca, mut cb) = (a.client(), b.client());
+    let pick = |c: &mut Client| {
+        c.ok(json!({"op": "get_pool_api_key", "service": "openai"}))["key"].clone()
+    };
+    assert_eq!(pick(&mut cb), Value::Null);
+    let added =
+        ca.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-shared-pool-0001"}));
+    let seen = eventually(Duration::from_secs(5), || {
+        pick(&mut cb) == "sk-shared-pool-0001"
+    });
+    eprintln!("add through A seen by B after {seen:?}");
+    let id = added["key_id"].as_str().unwrap();
+    assert_eq!(
+        cb.ok(json!({"op": "list_pool_keys", "service": "openai"}))["keys"][0]["key_id"],
+        id,
+        "key ids agree across daemons"
+    );
+    // Remove through B: A (default pool TTL) and B both stop serving it.
+    assert_eq!(pick(&mut ca), "sk-shared-pool-0001");
+    cb.ok(json!({"op": "remove_pool_key", "service": "openai", "key_id": id}));
+    let seen = eventually(Duration::from_secs(5), || pick(&mut ca) == Value::Null);
+    eprintln!("remove through B seen by A after {seen:?}");
+    assert_eq!(pick(&mut cb), Value::Null);
+    // Quotas are shared: 10 consumes alternating between daemons, limit 7.
+    let mut allowed = 0;
+    for i in 0..10 {
+        let c = if i % 2 == 0 { &mut ca } else { &mut cb };
+        let r = c.ok(json!({"op": "consume_default_key_usage", "user_id": "u", "tool_name": "t", "daily_limit": 7}));
+        allowed += r["allowed"].as_bool().unwrap() as u32;
+    }
+    assert_eq!(allowed, 7);
+    // Per-user keys stay per daemon.
+    ca.ok(json!({"op": "set_user_api_key", "user_id": "u", "service": "openai", "key": "sk-only-on-a-00001"}));
+    let r = cb.ok(json!({"op": "get_user_api_key", "user_id": "u", "service": "openai", "fallback_to_config": false}));
+    assert_eq!(r["key"], Value::Null);
+}
+
+#[test]
+fn a_daemon_with_another_master_key_serves_nothing_wrong() {
+    let a = redis_daemon("");
+    a.client()
+        .ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-sealed-by-a-0001"}));
+    let other = TestDaemon::start_full(Mode::Redis, a.redis.clone(), None, "", &[]);
+    let mut c = other.client();
+    let r = c.ok(json!({"op": "get_user_api_key", "user_id": "u", "service": "openai", "fallback_to_config": false}));
+    assert_eq!(r["key"], Value::Null);
+    assert_eq!(
+        c.ok(json!({"op": "get_pool_api_key", "service": "openai"}))["key"],
+        Value::Null
+    );
+    assert!(other.logs().contains("integrity"));
+}
+
+#[test]
+fn survives_a_redis_outage_and_recovers_by_itself() {
+    let a = TestDaemon::start_with(
+        Mode::Redis,
+        "",
+        &[("OUTAGE_API_KEY", "sk-env-default-0001")],
+    );
+    let b = TestDaemon::start_sharing(&a, "[cache]\npool_ttl_s = 3600\n");
+    let redis = a.redis.clone().unwrap();
+    let mut c = a.client();
+    c.ok(json!({"op": "set_user_api_key", "user_id": "u", "service": "openai", "key": "sk-user-own-key-01"}));
+    redis.kill();
+    let stats = |c: &mut Client| c.ok(json!({"op": "stats"}))["store"]["redis_connected"].clone();
+    // A failed command or the health check notices within about a second.
+    c.call(json!({"op": "get_pool_api_key", "service": "openai"}));
+    eventually(Duration::from_secs(5), || stats(&mut c) == false);
+
+    let r = c.ok(json!({"op": "get_user_api_key", "user_id": "u", "service": "openai"}));
+    assert_eq!(
+        (r["key"].clone(), r["source"].clone(), r["degraded"].clone()),
+        (json!("sk-user-own-key-01"), json!("user"), json!(true))
+    );
+    let r = c.ok(json!({"op": "get_user_api_key", "user_id": "v", "service": "outage"}));
+    assert_eq!(
+        (r["key"].clone(), r["source"].clone(), r["degraded"].clone()),
+        (json!("sk-env-default-0001"), json!("config"), json!(true))
+    );
+    let r = c.ok(json!({"op": "check_default_key_limit", "user_id": "u", "tool_name": "t"}));
+    assert_eq!(
+        (r["allowed"].clone(), r["degraded"].clone()),
+        (json!(false), json!(true))
+    );
+    let r = c.ok(json!({"op": "consume_default_key_usage", "user_id": "u", "tool_name": "t"}));
+    assert_eq!(
+        (r["allowed"].clone(), r["degraded"].clone()),
+        (json!(false), json!(true))
+    );
+    for req in [
+        json!({"op": "increment_default_key_usage", "user_id": "u", "tool_name": "t"}),
+        json!({"op": "add_pool_key", "service": "openai", "key": "sk-during-outage-01"}),
+        json!({"op": "remove_pool_key", "service": "openai", "key_id": "abc"}),
+        json!({"op": "list_pool_keys", "service": "openai"}),
+    ] {
+        assert_eq!(c.err(req).0, "unavailable");
+    }
+    // Writes to the keystore still work.
+    c.ok(json!({"op": "set_user_api_key", "user_id": "w", "service": "openai", "key": "sk-written-in-outage"}));
+
+    redis.restart();
+    eventually(Duration::from_secs(10), || stats(&mut c) == true);
+    // Pub/sub is back too: a change through A reaches B's hour-long pool cache.
+    let mut cb = b.client();
+    eventually(Duration::from_secs(10), || {
+        cb.ok(json!({"op": "stats"}))["store"]["redis_connected"] == true
+    });
+    // The first command after the restart finds B's connection dead and retries once.
+    assert_eq!(
+        cb.ok(json!({"op": "get_pool_api_key", "service": "openai"}))["key"],
+        Value::Null
+    );
+    // The subscription may come back a moment after the command connection.
+    eventually(Duration::from_secs(10), || {
+        c.ok(json!({"op": "remove_pool_key", "service": "openai", "key_id": "nothing"}));
+        c.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-after-restart-01"}));
+        cb.ok(json!({"op": "get_pool_api_key", "service": "openai"}))["key"]
+            == "sk-after-restart-01"
+    });
+    let r = c.ok(json!({"op": "consume_default_key_usage", "user_id": "u", "tool_name": "t"}));
+    assert_eq!(
+        r,
+        json!({"allowed": true, "current_count": 1, "daily_limit": 20})
+    );
+}
+
+#[test]
+fn on_store_error_allow() {
+    let d = redis_daemon("[quota]\non_store_error = \"allow\"\n");
+    d.redis.as_ref().unwrap().kill();
+    let mut c = d.client();
+    let r = c.ok(json!({"op": "consume_default_key_usage", "user_id": "u", "tool_name": "t"}));
+    assert_eq!(
+        (r["allowed"].clone(), r["degraded"].clone()),
+        (json!(true), json!(true))
+    );
+}
+
+#[test]
+fn legacy_plaintext_pools_are_skipped_or_served_by_setting() {
+    for (accept, served) in [(false, Value::Null), (true, json!("sk-legacy-clear-0001"))] {
+        let d = redis_daemon(&format!("redis.accept_legacy_plaintext = {accept}\n"));
+        let mut con = d.redis.as_ref().unwrap().conn();
+        let _: () = con
+            .hset(
+                "stargazer:global_api_pool:openai",
+                "0",
+                "sk-legacy-clear-0001",
+            )
+            .unwrap();
+        let mut c = d.client();
+        for _ in 0..3 {
+            assert_eq!(
+                c.ok(json!({"op": "get_pool_api_key", "service": "openai"}))["key"],
+                served
+            );
+            // Skip the pool cache so every round reads Redis again.
+            c.ok(json!({"op": "remove_pool_key", "service": "openai", "key_id": "none"}));
+        }
+        let log = d.logs();
+        let warnings = log.matches("stored in clear").count();
+        assert_eq!(
+            warnings, 1,
+            "one warning per hash, accept = {accept}:\n{log}"
+        );
+        assert!(!log.contains("sk-legacy-clear"));
+    }
+}
+
+#[test]
+fn import_legacy_moves_keys_and_encrypts_pools() {
+    let d = redis_daemon("");
+    let redis = d.redis.clone().unwrap();
+    let mut con = redis.conn();
+    // Data as the original module wrote it.
+    let _: () = con
+        .hset_multiple(
+            "stargazer:user_api_keys:alice",
+            &[
+                ("openai", "sk-legacy-alice-0001"),
+                ("Anthropic", "sk-ant-alice-0002"),
+            ],
+        )
+        .unwrap();
+    let _: () = con
+        .hset(
+            "stargazer:user_api_keys:bob",
+            "bad service",
+            "sk-legacy-bob-0003",
+        )
+        .unwrap();
+    let _: () = con
+        .hset(
+            "stargazer:global_api_pool:openai",
+            "k1",
+            "sk-legacy-pool-0004",
+        )
+        .unwrap();
+    let _: () = con
+        .hset(
+            "stargazer:channel_api_pool:c:9:openai",
+            "k2",
+            "sk-legacy-chan-0005",
+        )
+        .unwrap();
+    let mut c = d.client();
+    let get = |c: &mut Client| {
+        c.ok(json!({"op": "get_user_api_key", "user_id": "alice", "service": "openai", "fallback_to_config": false}))
+    };
+    // Before: the daemon does not know alice, and caches that.
+    assert_eq!(get(&mut c)["key"], Value::Null);
+    assert_eq!(
+        c.ok(json!({"op": "get_pool_api_key", "service": "openai"}))["key"],
+        Value::Null
+    );
+
+    let run = |extra: &[&str]| {
+        let out = Command::new(common::bin())
+            .args(["import-legacy", "--config"])
+            .arg(&d.config_path)
+            .args(extra)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}");
+        assert!(
+            !text.contains("sk-legacy") && !text.contains("sk-ant"),
+            "output shows a key: {text}"
+        );
+        text
+    };
+    let dry = run(&["--dry-run"]);
+    assert!(
+        dry.contains("2 user keys moved")
+            && dry.contains("2 pool values encrypted")
+            && dry.contains("1 skipped"),
+        "{dry}"
+    );
+    assert_eq!(
+        con.hlen::<_, u64>("stargazer:user_api_keys:alice").unwrap(),
+        2,
+        "dry run changes nothing"
+    );
+    assert_eq!(get(&mut c)["key"], Value::Null);
+
+    let done = run(&[]);
+    assert!(done.contains("2 user keys moved"), "{done}");
+    // The running daemon's cached "none" was dropped by the announcement.
+    eventually(Duration::from_secs(5), || {
+        get(&mut c)["key"] == "sk-legacy-alice-0001"
+    });
+    assert_eq!(get(&mut c)["source"], "user");
+    let r = c.ok(json!({"op": "get_user_api_key", "user_id": "alice", "service": "anthropic"}));
+    assert_eq!(r["key"], "sk-ant-alice-0002");
+    assert!(
+        !con.exists::<_, bool>("stargazer:user_api_keys:alice")
+            .unwrap(),
+        "moved fields are deleted"
+    );
+    assert_eq!(
+        con.hlen::<_, u64>("stargazer:user_api_keys:bob").unwrap(),
+        1,
+        "invalid entries stay"
+    );
+    let pool: Vec<(String, String)> = con.hgetall("stargazer:global_api_pool:openai").unwrap();
+    assert_eq!(pool.len(), 1);
+    assert!(pool[0].1.starts_with("akd1:"));
+    eventually(Duration::from_secs(5), || {
+        c.ok(json!({"op": "get_pool_api_key", "service": "openai"}))["key"] == "sk-legacy-pool-0004"
+    });
+    let r =
+        c.ok(json!({"op": "get_channel_pool_api_key", "channel_id": "c:9", "service": "openai"}));
+    assert_eq!(r["key"], "sk-legacy-chan-0005");
+
+    let again = run(&[]);
+    assert!(
+        again.contains("0 user keys moved") && again.contains("0 pool values encrypted"),
+        "{again}"
+    );
+}
