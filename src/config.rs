@@ -90,6 +90,8 @@ pub struct CacheConfig {
     pub user_key_ttl_s: u64,
     pub max_entries: usize,
     pub pool_ttl_s: u64,
+    /// Lock the process's memory (mlockall) so cached keys never reach swap.
+    pub lock_memory: bool,
 }
 
 impl Default for CacheConfig {
@@ -98,6 +100,7 @@ impl Default for CacheConfig {
             user_key_ttl_s: 300,
             max_entries: 100_000,
             pool_ttl_s: 5,
+            lock_memory: false,
         }
     }
 }

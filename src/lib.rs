@@ -22,6 +22,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod hardening;
 pub mod legacy;
 pub mod ops;
 pub mod protocol;
@@ -83,7 +84,8 @@ fn start_store(
         return Ok((Store::new(StoreMode::Embedded, None, addr), None));
     }
     let client = actors::redis::client(&config.redis).map_err(StartError)?;
-    let connected = Arc::new(AtomicBool::new(false));
+    // "Not known to be down": the first command tries, and the first ping runs at once.
+    let connected = Arc::new(AtomicBool::new(true));
     let store = RedisStore::new(client.clone(), &config.redis, key, connected.clone())
         .map_err(StartError)?;
     let names = actors::redis::Names {

@@ -92,6 +92,18 @@ fn serve(explicit: Option<PathBuf>) -> ExitCode {
         }
     };
     init_logging(&config);
+    if let Err(e) = apikeyd::hardening::forbid_dumps() {
+        tracing::error!("refusing to start: cannot disable core dumps: {e}");
+        return ExitCode::from(1);
+    }
+    if config.cache.lock_memory {
+        match apikeyd::hardening::lock_memory() {
+            Ok(()) => tracing::info!("memory locked (cache.lock_memory)"),
+            Err(e) => tracing::warn!(
+                "cache.lock_memory is set but memory cannot be locked ({e}); raise RLIMIT_MEMLOCK (LimitMEMLOCK= under systemd)"
+            ),
+        }
+    }
     let system = actix_rt::System::new();
     let code = system.block_on(async move {
         let opened = match apikeyd::open_keystore(&config) {

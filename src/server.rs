@@ -35,6 +35,18 @@ pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
                 .mode(0o750)
                 .create(dir)?;
         }
+        // In a folder others may write to, someone else could swap the socket file.
+        let mode = std::fs::metadata(dir)?.permissions().mode();
+        if mode & 0o002 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "the socket's folder {} is writable by everyone (mode {:o}); use a private folder such as /run/apikeyd",
+                    dir.display(),
+                    mode & 0o7777
+                ),
+            ));
+        }
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {

@@ -233,7 +233,47 @@ fn canary_never_leaks(mode: Mode) {
     }
 }
 
+fn the_process_is_not_dumpable(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    let stats = d.client().ok(json!({"op": "stats"}));
+    assert_eq!(stats["process"]["dumpable"], false);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(&fields[4..6], &["0", "0"], "{core}");
+}
+
+fn lock_memory_locks_it(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "[cache]\nlock_memory = true\n", &[]);
+    let stats = d.client().ok(json!({"op": "stats"}));
+    assert!(
+        stats["process"]["locked_kb"].as_u64().unwrap() > 0,
+        "{stats}\n{}",
+        d.logs()
+    );
+    let plain = TestDaemon::start_with(mode, "", &[]);
+    assert_eq!(
+        plain.client().ok(json!({"op": "stats"}))["process"]["locked_kb"],
+        0
+    );
+}
+
+fn refuses_a_world_writable_socket_folder(mode: Mode) {
+    let mut d = TestDaemon::start_with(mode, "", &[]);
+    assert!(d.stop().success());
+    std::fs::set_permissions(d.path("run"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (status, log) = d.expect_refusal();
+    assert!(!status.success());
+    assert!(log.contains("writable by everyone"), "{log}");
+}
+
 in_every_mode!(
+    the_process_is_not_dumpable,
+    lock_memory_locks_it,
+    refuses_a_world_writable_socket_folder,
     strangers_get_one_forbidden_line,
     allowed_uids_use_everything_but_pool_management,
     admin_uids_and_gids_manage_pools,

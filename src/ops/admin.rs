@@ -24,12 +24,18 @@ pub fn ping() -> Result<Body> {
 }
 
 /// `{"op":"stats"}` → `{"uptime_s":12,"connections":1,"requests_total":40,
-/// "cache":{"hits":30,"misses":2,"entries":2},"store":{"mode":"embedded","redis_connected":null},"version":"0.1.0"}`
+/// "cache":{"hits":30,"misses":2,"entries":2},"store":{"mode":"embedded","redis_connected":null},
+/// "process":{"dumpable":false,"locked_kb":0},"version":"0.1.0"}`
 pub async fn stats(app: &App) -> Result<Body> {
     #[derive(Serialize)]
     struct StoreFigures {
         mode: StoreMode,
         redis_connected: Option<bool>,
+    }
+    #[derive(Serialize)]
+    struct Process {
+        dumpable: bool,
+        locked_kb: u64,
     }
     #[derive(Serialize)]
     struct Stats {
@@ -38,6 +44,7 @@ pub async fn stats(app: &App) -> Result<Body> {
         requests_total: u64,
         cache: CacheFigures,
         store: StoreFigures,
+        process: Process,
         version: &'static str,
     }
     let cache = app.cache.send(ReadCacheFigures).await?;
@@ -49,6 +56,10 @@ pub async fn stats(app: &App) -> Result<Body> {
         store: StoreFigures {
             mode: app.store.mode,
             redis_connected: app.store.redis_connected(),
+        },
+        process: Process {
+            dumpable: crate::hardening::dumpable() != 0,
+            locked_kb: crate::hardening::locked_kb(),
         },
         version: env!("CARGO_PKG_VERSION"),
     })
