@@ -9,6 +9,7 @@ use actix::Addr;
 use crate::actors::cache::KeyCache;
 use crate::actors::keystore::Keystore;
 use crate::actors::store::Store;
+use crate::audit::Audit;
 use crate::config::Config;
 
 /// Shared by every connection of one daemon.
@@ -20,6 +21,8 @@ pub struct App {
     pub cache: Addr<KeyCache>,
     /// Pools and quota counters.
     pub store: Store,
+    /// Where audit lines go.
+    pub audit: Audit,
     /// Open connections right now.
     pub connections: AtomicU64,
     /// Non-blank request lines since start.
@@ -34,8 +37,10 @@ impl App {
         keystore: Addr<Keystore>,
         cache: Addr<KeyCache>,
         store: Store,
+        audit: Audit,
     ) -> Self {
         App {
+            audit,
             config: RwLock::new(Arc::new(config)),
             keystore,
             cache,

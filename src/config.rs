@@ -157,6 +157,8 @@ pub struct LogConfig {
     /// A tracing filter: `info`, `debug`, or `apikeyd=debug,warn`.
     pub level: String,
     pub format: LogFormat,
+    /// Audit lines are also appended here (JSON lines, mode 0600) when set.
+    pub audit_file: Option<PathBuf>,
 }
 
 impl Default for LogConfig {
@@ -164,6 +166,7 @@ impl Default for LogConfig {
         LogConfig {
             level: "info".into(),
             format: LogFormat::Text,
+            audit_file: None,
         }
     }
 }
@@ -232,6 +235,9 @@ impl Config {
     }
 
     fn resolve_paths(&mut self, base: &Path) {
+        if let Some(p) = self.log.audit_file.as_mut().filter(|p| p.is_relative()) {
+            *p = base.join(&*p);
+        }
         for p in [
             &mut self.server.socket,
             &mut self.keystore.path,

@@ -17,6 +17,7 @@
 pub mod access;
 pub mod actors;
 pub mod app;
+pub mod audit;
 pub mod client;
 pub mod clock;
 pub mod config;
@@ -124,7 +125,9 @@ pub async fn run(
     if let Some((client, names)) = redis {
         actix_rt::spawn(actors::redis::listen(client, names, cache.clone()));
     }
-    let app = Arc::new(App::new(config, keystore, cache.clone(), store));
+    let audit = audit::Audit::open(config.log.audit_file.as_deref())
+        .map_err(|e| StartError(format!("cannot open log.audit_file for appending: {e}")))?;
+    let app = Arc::new(App::new(config, keystore, cache.clone(), store, audit));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let reload_app = app.clone();

@@ -19,6 +19,23 @@ pub struct Request {
     pub id: Value,
     pub op: String,
     params: Map<String, Value>,
+    /// The validated identifiers read so far, for the audit line.
+    pub subject: Subject,
+}
+
+/// What a request is about: only values that passed their parameter rule, never a key.
+#[derive(Default, Serialize)]
+pub struct Subject {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
 }
 
 /// What a line turned out to be.
@@ -55,6 +72,7 @@ pub fn parse_line(line: &[u8]) -> Line {
             id,
             op,
             params: obj,
+            subject: Subject::default(),
         }),
         None | Some(Value::Null) => Line::Invalid {
             id,
@@ -137,12 +155,15 @@ impl Request {
         let mut s = self.string("service")?;
         check_service(&s)?;
         s.make_ascii_lowercase();
+        self.subject.service = Some(s.clone());
         Ok(s)
     }
 
     /// `user_id` (required).
     pub fn user_id(&mut self) -> Result<String> {
-        self.ident("user_id", 128)
+        let u = self.ident("user_id", 128)?;
+        self.subject.user_id = Some(u.clone());
+        Ok(u)
     }
 
     /// `channel_id` (optional; absent or null is `None`).
@@ -151,22 +172,29 @@ impl Request {
         if let Some(c) = &c {
             check_ident("channel_id", c, 128)?;
         }
+        self.subject.channel_id.clone_from(&c);
         Ok(c)
     }
 
     /// `channel_id` where an op requires it.
     pub fn required_channel_id(&mut self) -> Result<String> {
-        self.ident("channel_id", 128)
+        let c = self.ident("channel_id", 128)?;
+        self.subject.channel_id = Some(c.clone());
+        Ok(c)
     }
 
     /// `tool_name`: the same rule as `user_id`.
     pub fn tool_name(&mut self) -> Result<String> {
-        self.ident("tool_name", 128)
+        let t = self.ident("tool_name", 128)?;
+        self.subject.tool_name = Some(t.clone());
+        Ok(t)
     }
 
     /// `key_id`: 1–64 bytes, no whitespace or control characters.
     pub fn key_id(&mut self) -> Result<String> {
-        self.ident("key_id", 64)
+        let k = self.ident("key_id", 64)?;
+        self.subject.key_id = Some(k.clone());
+        Ok(k)
     }
 
     /// `label`: optional, at most 256 bytes, no control characters.

@@ -166,7 +166,7 @@ fn canary_windows() -> Vec<&'static [u8]> {
 }
 
 fn canary_never_leaks(mode: Mode) {
-    let mut d = TestDaemon::start_with(mode, "", &[]);
+    let mut d = TestDaemon::start_with(mode, "log.audit_file = \"audit.jsonl\"\n", &[]);
     let mut c = d.client();
     let gitea = json!({"token": CANARY, "base_url": "https://g.example"}).to_string();
     let mut messages = Vec::new();
@@ -220,6 +220,14 @@ fn canary_never_leaks(mode: Mode) {
             String::from_utf8_lossy(w)
         );
     }
+    let audit = std::fs::read_to_string(d.path("audit.jsonl")).unwrap();
+    assert!(audit.lines().count() >= 4, "writes were audited: {audit}");
+    for w in canary_windows() {
+        assert!(
+            !contains(audit.as_bytes(), w),
+            "audit file leaks the canary:\n{audit}"
+        );
+    }
     let files = files_below(&d.path("data"));
     assert!(files.iter().any(|(p, _)| p.ends_with("keystore.sqlite3")));
     for (path, bytes) in files {
@@ -270,7 +278,72 @@ fn refuses_a_world_writable_socket_folder(mode: Mode) {
     assert!(log.contains("writable by everyone"), "{log}");
 }
 
+fn audit_lines_for_writes_and_admin_ops(mode: Mode) {
+    let d = TestDaemon::start_with(
+        mode,
+        &format!("log.audit_file = \"audit/audit.jsonl\"\n[access]\nallow_uids = [{NOBODY}]\n"),
+        &[],
+    );
+    let mut c = d.client();
+    c.ok(json!({"op": "set_user_api_key", "user_id": "ana", "service": "OpenAI", "key": "sk-audited-000001"}));
+    let added = c.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-audited-pool-01", "channel_id": "c1"}));
+    c.ok(json!({"op": "list_pool_keys", "service": "openai", "channel_id": "c1"}));
+    c.ok(json!({"op": "consume_default_key_usage", "user_id": "ana", "tool_name": "web"}));
+    c.ok(json!({"op": "delete_user_api_key", "user_id": "ana", "service": "openai"}));
+    c.err(json!({"op": "set_user_api_key", "user_id": "ana", "service": "bad service", "key": "sk-x"}));
+    // Reads are not audited.
+    c.ok(json!({"op": "get_user_api_key", "user_id": "ana", "service": "openai"}));
+    let bin = open_up(&d);
+    call_as_nobody(
+        &bin,
+        &d.socket,
+        &[json!({"op": "remove_pool_key", "service": "openai", "key_id": "abc"})],
+    );
+    let path = d.path("audit/audit.jsonl");
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let lines: Vec<Value> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ops: Vec<&str> = lines.iter().map(|l| l["op"].as_str().unwrap()).collect();
+    assert_eq!(
+        ops,
+        [
+            "set_user_api_key",
+            "add_pool_key",
+            "list_pool_keys",
+            "consume_default_key_usage",
+            "delete_user_api_key",
+            "set_user_api_key",
+            "remove_pool_key"
+        ]
+    );
+    assert_eq!(lines[0]["user_id"], "ana");
+    assert_eq!(lines[0]["service"], "openai");
+    assert_eq!(lines[0]["outcome"], "ok");
+    assert_eq!(lines[0]["uid"], 0);
+    assert!(lines[0]["pid"].as_i64().unwrap() > 0);
+    assert!(lines[0]["ts"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(lines[1]["key_id"], added["key_id"]);
+    assert_eq!(lines[1]["channel_id"], "c1");
+    assert_eq!(lines[3]["tool_name"], "web");
+    assert_eq!(lines[5]["outcome"], "bad_request");
+    assert_eq!(lines[6]["outcome"], "forbidden");
+    assert_eq!(lines[6]["uid"], NOBODY);
+    let log = d.logs();
+    assert_eq!(
+        log.matches("apikeyd::audit").count(),
+        7,
+        "audit lines in the log too"
+    );
+}
+
 in_every_mode!(
+    audit_lines_for_writes_and_admin_ops,
     the_process_is_not_dumpable,
     lock_memory_locks_it,
     refuses_a_world_writable_socket_folder,

@@ -25,7 +25,7 @@ fn query(req: &mut Request, user_id: String, service: String) -> Result<Query> {
 /// `{"op":"get_user_api_key","user_id":"u1","service":"openai","channel_id":"c1"}` →
 /// `{"key":"sk-…","source":"user"}`, or `{"key":null,"source":null,"message":"No API key for OpenAI …"}`.
 /// `"degraded":true` is added when a store was skipped because it failed.
-pub async fn get_user_api_key(app: &App, mut req: Request) -> Result<Body> {
+pub async fn get_user_api_key(app: &App, req: &mut Request) -> Result<Body> {
     #[derive(Serialize)]
     struct Answer<'a> {
         key: Option<&'a str>,
@@ -37,7 +37,7 @@ pub async fn get_user_api_key(app: &App, mut req: Request) -> Result<Body> {
     }
     let user_id = req.user_id()?;
     let service = req.service()?;
-    let q = query(&mut req, user_id, service)?;
+    let q = query(req, user_id, service)?;
     let service = q.service.clone();
     let Resolved {
         key,
@@ -76,7 +76,7 @@ fn gitea_parts(value: &Secret) -> (Option<Secret>, Option<String>) {
 
 /// `{"op":"get_gitea_credentials","user_id":"u1"}` →
 /// `{"token":"…","base_url":"https://gitea.example.com","source":"user"}`
-pub async fn get_gitea_credentials(app: &App, mut req: Request) -> Result<Body> {
+pub async fn get_gitea_credentials(app: &App, req: &mut Request) -> Result<Body> {
     #[derive(Serialize)]
     struct Answer<'a> {
         token: Option<&'a str>,
@@ -88,7 +88,7 @@ pub async fn get_gitea_credentials(app: &App, mut req: Request) -> Result<Body> 
         degraded: bool,
     }
     let user_id = req.user_id()?;
-    let q = query(&mut req, user_id, "gitea".into())?;
+    let q = query(req, user_id, "gitea".into())?;
     let Resolved {
         key,
         source,
@@ -127,7 +127,7 @@ pub async fn get_gitea_credentials(app: &App, mut req: Request) -> Result<Body> 
 }
 
 /// `{"op":"set_user_api_key","user_id":"u1","service":"openai","key":"sk-…"}` → `{"stored":true}`
-pub async fn set_user_api_key(app: &App, mut req: Request) -> Result<Body> {
+pub async fn set_user_api_key(app: &App, req: &mut Request) -> Result<Body> {
     let user_id = req.user_id()?;
     let service = req.service()?;
     let key = req.key()?;
@@ -149,7 +149,7 @@ pub async fn set_user_api_key(app: &App, mut req: Request) -> Result<Body> {
 }
 
 /// `{"op":"delete_user_api_key","user_id":"u1","service":"openai"}` → `{"deleted":true}`
-pub async fn delete_user_api_key(app: &App, mut req: Request) -> Result<Body> {
+pub async fn delete_user_api_key(app: &App, req: &mut Request) -> Result<Body> {
     let user_id = req.user_id()?;
     let service = req.service()?;
     let deleted = app
@@ -171,7 +171,7 @@ pub async fn delete_user_api_key(app: &App, mut req: Request) -> Result<Body> {
 
 /// `{"op":"list_user_api_keys","user_id":"u1"}` →
 /// `{"keys":[{"service":"openai","masked":"sk-a…1234","updated_at":"2026-11-28T12:00:00Z"}]}`
-pub async fn list_user_api_keys(app: &App, mut req: Request) -> Result<Body> {
+pub async fn list_user_api_keys(app: &App, req: &mut Request) -> Result<Body> {
     #[derive(Serialize)]
     struct Answer {
         keys: Vec<UserKeyInfo>,

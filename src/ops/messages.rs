@@ -31,7 +31,7 @@ pub fn missing_key_message(config: &Config, service: &str) -> String {
 
 /// `{"op":"missing_api_key_error","service":"openai"}` →
 /// `{"message":"No API key for OpenAI is available to you. Get one at https://platform.openai.com/api-keys, then run: set_user_api_key openai <your-key>"}`
-pub fn missing_api_key_error(app: &App, mut req: Request) -> Result<Body> {
+pub fn missing_api_key_error(app: &App, req: &mut Request) -> Result<Body> {
     let service = req.service()?;
     body(&Message {
         message: missing_key_message(&app.config(), &service),
@@ -40,7 +40,7 @@ pub fn missing_api_key_error(app: &App, mut req: Request) -> Result<Body> {
 
 /// `{"op":"default_key_limit_error","tool_name":"web_search","current":20,"limit":20}` →
 /// `{"message":"You have used web_search 20 times today on the operator's key; the daily limit is 20. ..."}`
-pub fn default_key_limit_error(mut req: Request) -> Result<Body> {
+pub fn default_key_limit_error(req: &mut Request) -> Result<Body> {
     let tool = req.tool_name()?;
     let current = req.count("current")?;
     let limit = req.count("limit")?;

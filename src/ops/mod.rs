@@ -14,10 +14,18 @@ use crate::protocol::{Body, Request};
 
 pub use messages::missing_key_message;
 
-/// Runs one request for `peer`.
+/// Runs one request for `peer`, leaving an audit line for writes and admin ops.
 pub async fn dispatch(app: &App, peer: &Peer, mut req: Request) -> Result<Body> {
     let op = std::mem::take(&mut req.op);
-    match op.as_str() {
+    let outcome = run(app, peer, &op, &mut req).await;
+    if crate::audit::audited(&op) {
+        app.audit.record(peer, &op, &req.subject, &outcome);
+    }
+    outcome
+}
+
+async fn run(app: &App, peer: &Peer, op: &str, req: &mut Request) -> Result<Body> {
+    match op {
         "ping" => admin::ping(),
         "stats" => admin::stats(app).await,
         "get_user_api_key" => keys::get_user_api_key(app, req).await,
@@ -41,7 +49,7 @@ pub async fn dispatch(app: &App, peer: &Peer, mut req: Request) -> Result<Body> 
         "consume_default_key_usage" => quota::consume_default_key_usage(app, req).await,
         "missing_api_key_error" => messages::missing_api_key_error(app, req),
         "default_key_limit_error" => messages::default_key_limit_error(req),
-        _ => Err(Error::UnknownOp(looks_like_op(&op).then_some(op))),
+        _ => Err(Error::UnknownOp(looks_like_op(op).then(|| op.to_string()))),
     }
 }
 

@@ -22,7 +22,7 @@ async fn pick(app: &App, pool: PoolRef) -> Result<Body> {
 }
 
 /// `{"op":"get_pool_api_key","service":"openai"}` → `{"key":"sk-…"}` (or null)
-pub async fn get_pool_api_key(app: &App, mut req: Request) -> Result<Body> {
+pub async fn get_pool_api_key(app: &App, req: &mut Request) -> Result<Body> {
     let service = req.service()?;
     pick(
         app,
@@ -35,7 +35,7 @@ pub async fn get_pool_api_key(app: &App, mut req: Request) -> Result<Body> {
 }
 
 /// `{"op":"get_channel_pool_api_key","channel_id":"c1","service":"openai"}` → `{"key":"sk-…"}` (or null)
-pub async fn get_channel_pool_api_key(app: &App, mut req: Request) -> Result<Body> {
+pub async fn get_channel_pool_api_key(app: &App, req: &mut Request) -> Result<Body> {
     let channel = req.required_channel_id()?;
     let service = req.service()?;
     pick(
@@ -50,7 +50,7 @@ pub async fn get_channel_pool_api_key(app: &App, mut req: Request) -> Result<Bod
 
 /// `{"op":"add_pool_key","service":"openai","key":"sk-…","channel_id":"c1","label":"donated by ana"}` →
 /// `{"key_id":"3f2a9c0e12ab45cd","added":true}`
-pub async fn add_pool_key(app: &App, mut req: Request) -> Result<Body> {
+pub async fn add_pool_key(app: &App, req: &mut Request) -> Result<Body> {
     let service = req.service()?;
     let key = req.key()?;
     let channel = req.channel_id()?;
@@ -64,6 +64,7 @@ pub async fn add_pool_key(app: &App, mut req: Request) -> Result<Body> {
             label,
         })
         .await?;
+    req.subject.key_id = Some(key_id.clone());
     tracing::info!(op = "add_pool_key", channel_id = ?pool.channel, service = %pool.service,
         key_id = %key_id, added, "pool key added");
     app.cache.send(ForgetPool { pool }).await?;
@@ -71,7 +72,7 @@ pub async fn add_pool_key(app: &App, mut req: Request) -> Result<Body> {
 }
 
 /// `{"op":"remove_pool_key","service":"openai","key_id":"3f2a9c0e12ab45cd"}` → `{"removed":true}`
-pub async fn remove_pool_key(app: &App, mut req: Request) -> Result<Body> {
+pub async fn remove_pool_key(app: &App, req: &mut Request) -> Result<Body> {
     let service = req.service()?;
     let key_id = req.key_id()?;
     let channel = req.channel_id()?;
@@ -91,7 +92,7 @@ pub async fn remove_pool_key(app: &App, mut req: Request) -> Result<Body> {
 
 /// `{"op":"list_pool_keys","service":"openai"}` →
 /// `{"keys":[{"key_id":"3f2a9c0e12ab45cd","masked":"sk-a…1234","label":null,"added_at":"2026-11-28T12:00:00Z"}]}`
-pub async fn list_pool_keys(app: &App, mut req: Request) -> Result<Body> {
+pub async fn list_pool_keys(app: &App, req: &mut Request) -> Result<Body> {
     #[derive(Serialize)]
     struct Answer {
         keys: Vec<PoolKeyInfo>,

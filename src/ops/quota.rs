@@ -42,8 +42,8 @@ fn degraded(app: &App, e: Error, daily_limit: u64) -> Result<Body> {
 
 /// `{"op":"check_default_key_limit","user_id":"u1","tool_name":"web_search"}` →
 /// `{"allowed":true,"current_count":3,"daily_limit":20}`
-pub async fn check_default_key_limit(app: &App, mut req: Request) -> Result<Body> {
-    let (user_id, tool_name, daily_limit) = params(app, &mut req)?;
+pub async fn check_default_key_limit(app: &App, req: &mut Request) -> Result<Body> {
+    let (user_id, tool_name, daily_limit) = params(app, req)?;
     match app.store.read_usage(ReadUsage { user_id, tool_name }).await {
         Ok(current_count) => body(&Verdict {
             allowed: current_count < daily_limit,
@@ -56,7 +56,7 @@ pub async fn check_default_key_limit(app: &App, mut req: Request) -> Result<Body
 }
 
 /// `{"op":"increment_default_key_usage","user_id":"u1","tool_name":"web_search"}` → `{"count":4}`
-pub async fn increment_default_key_usage(app: &App, mut req: Request) -> Result<Body> {
+pub async fn increment_default_key_usage(app: &App, req: &mut Request) -> Result<Body> {
     let user_id = req.user_id()?;
     let tool_name = req.tool_name()?;
     let count = app
@@ -68,8 +68,8 @@ pub async fn increment_default_key_usage(app: &App, mut req: Request) -> Result<
 
 /// `{"op":"consume_default_key_usage","user_id":"u1","tool_name":"web_search","daily_limit":5}` →
 /// `{"allowed":true,"current_count":4,"daily_limit":5}` (the count after the call)
-pub async fn consume_default_key_usage(app: &App, mut req: Request) -> Result<Body> {
-    let (user_id, tool_name, limit) = params(app, &mut req)?;
+pub async fn consume_default_key_usage(app: &App, req: &mut Request) -> Result<Body> {
+    let (user_id, tool_name, limit) = params(app, req)?;
     match app
         .store
         .consume_usage(ConsumeUsage {

@@ -1,0 +1,86 @@
+//! The audit trail: one structured line per write and per admin op, in the log and,
+//! when `log.audit_file` is set, appended to that file. Never a key: the line holds
+//! only identifiers that passed their parameter rules.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+use crate::access::Peer;
+use crate::error::Result;
+use crate::protocol::{Body, Subject};
+
+/// Whether `op` leaves an audit line: every write and every pool-management op.
+pub fn audited(op: &str) -> bool {
+    crate::ops::is_write(op) || matches!(op, "add_pool_key" | "remove_pool_key" | "list_pool_keys")
+}
+
+/// Where audit lines go besides the log.
+pub struct Audit {
+    file: Option<Mutex<File>>,
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    ts: String,
+    uid: u32,
+    gid: u32,
+    pid: Option<i32>,
+    op: &'a str,
+    #[serde(flatten)]
+    subject: &'a Subject,
+    outcome: &'a str,
+}
+
+impl Audit {
+    /// Opens `path` for appending (created 0600), or audits to the log only.
+    pub fn open(path: Option<&Path>) -> std::io::Result<Audit> {
+        let file = match path {
+            None => None,
+            Some(p) => {
+                if let Some(dir) = p.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .mode(0o600)
+                    .open(p)?;
+                Some(Mutex::new(f))
+            }
+        };
+        Ok(Audit { file })
+    }
+
+    /// Records one audited request and its outcome (`ok` or the error code).
+    pub fn record(&self, peer: &Peer, op: &str, subject: &Subject, outcome: &Result<Body>) {
+        let now = std::time::SystemTime::now();
+        let line = Line {
+            ts: humantime::format_rfc3339_millis(now).to_string(),
+            uid: peer.uid,
+            gid: peer.gid,
+            pid: peer.pid,
+            op,
+            subject,
+            outcome: outcome.as_ref().map(|_| "ok").unwrap_or_else(|e| e.code()),
+        };
+        let Ok(mut text) = serde_json::to_string(&line) else {
+            return;
+        };
+        tracing::info!(target: "apikeyd::audit", audit = %text);
+        if let Some(file) = &self.file {
+            text.push('\n');
+            let written = match file.lock() {
+                Ok(mut f) => f.write_all(text.as_bytes()),
+                Err(poisoned) => poisoned.into_inner().write_all(text.as_bytes()),
+            };
+            if let Err(e) = written {
+                tracing::error!(error = %e, "cannot append to log.audit_file");
+            }
+        }
+    }
+}
