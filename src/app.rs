@@ -6,11 +6,12 @@ use std::time::Instant;
 
 use actix::Addr;
 
-use crate::actors::cache::KeyCache;
-use crate::actors::keystore::Keystore;
+use crate::actors::cache::{Configure, KeyCache};
+use crate::actors::keystore::{read_master_key, CheckKeyring, Keystore};
 use crate::actors::store::Store;
 use crate::audit::Audit;
 use crate::config::Config;
+use crate::crypto::MasterKey;
 
 /// Shared by every connection of one daemon.
 pub struct App {
@@ -23,6 +24,8 @@ pub struct App {
     pub store: Store,
     /// Where audit lines go.
     pub audit: Audit,
+    /// The master keyring every actor seals and opens with; swapped on reload.
+    pub key: Arc<MasterKey>,
     /// Open connections right now.
     pub connections: AtomicU64,
     /// Non-blank request lines since start.
@@ -38,9 +41,11 @@ impl App {
         cache: Addr<KeyCache>,
         store: Store,
         audit: Audit,
+        key: Arc<MasterKey>,
     ) -> Self {
         App {
             audit,
+            key,
             config: RwLock::new(Arc::new(config)),
             keystore,
             cache,
@@ -60,11 +65,47 @@ impl App {
     }
 
     /// Installs a reloaded config.
-    pub fn set_config(&self, config: Config) {
+    fn set_config(&self, config: Config) {
         let new = Arc::new(config);
         match self.config.write() {
             Ok(mut c) => *c = new,
             Err(poisoned) => *poisoned.into_inner() = new,
         }
+    }
+
+    /// Re-reads the config file and the master keyring and applies them: services,
+    /// access (new connections), quota, cache, and the keyring. The keyring is only
+    /// put in service when it opens the keystore's check value; on any failure
+    /// nothing changes. Answers the key versions now in service.
+    pub async fn reload(&self) -> Result<Vec<u32>, String> {
+        let path = self
+            .config()
+            .source
+            .clone()
+            .ok_or("the running config was not read from a file")?;
+        let new = Config::load(&path, false).map_err(|e| e.0)?;
+        let candidate = Arc::new(read_master_key(&new).map_err(|e| e.0)?);
+        let opens = self
+            .keystore
+            .send(CheckKeyring {
+                candidate: candidate.clone(),
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        if !opens {
+            return Err(
+                "the master key file does not open this keystore; keeping the running keyring"
+                    .into(),
+            );
+        }
+        self.key.replace_with(&candidate);
+        self.cache.do_send(Configure {
+            cache: new.cache.clone(),
+        });
+        self.set_config(new);
+        let versions = self.key.versions();
+        tracing::info!(key_versions = ?versions, "config and keyring reloaded");
+        Ok(versions)
     }
 }

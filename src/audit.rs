@@ -14,9 +14,9 @@ use crate::access::Peer;
 use crate::error::Result;
 use crate::protocol::{Body, Subject};
 
-/// Whether `op` leaves an audit line: every write and every pool-management op.
+/// Whether `op` leaves an audit line: every write and every admin op.
 pub fn audited(op: &str) -> bool {
-    crate::ops::is_write(op) || matches!(op, "add_pool_key" | "remove_pool_key" | "list_pool_keys")
+    crate::ops::is_write(op) || crate::ops::admin_only(op)
 }
 
 /// Where audit lines go besides the log.

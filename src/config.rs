@@ -18,6 +18,9 @@ pub struct Config {
     pub log: LogConfig,
     /// Per-service overrides and additions to the built-in table, keyed by lower-cased name.
     pub services: BTreeMap<String, ServiceConfig>,
+    /// The file this config was read from, for reloads.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// `[server]`
@@ -220,6 +223,7 @@ impl Config {
         };
         let base = std::path::absolute(&base).unwrap_or(base);
         config.resolve_paths(&base);
+        config.source = Some(std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()));
         Ok(config)
     }
 

@@ -1,9 +1,11 @@
 //! Key material: the master key, the `Secret` newtype, sealing with AES-256-GCM and
 //! associated data that binds a ciphertext to its place, and pool key ids.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
@@ -93,48 +95,183 @@ pub struct OpenError;
 pub struct MasterKeyError(pub String);
 
 const FORMAT: u8 = 1;
-const KEY_VERSION: u32 = 1;
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 const HEADER_LEN: usize = 1 + 4 + NONCE_LEN;
 
-/// The 32-byte master key, ready to seal and open. No `Debug`; the cipher's round
-/// keys and the derived id key are zeroed on drop.
-pub struct MasterKey {
-    cipher: Aes256Gcm,
+/// The key version a sealed value records, or `None` when it is not a sealed value.
+pub fn sealed_version(sealed: &[u8]) -> Option<u32> {
+    if sealed.len() < HEADER_LEN + TAG_LEN || sealed[0] != FORMAT {
+        return None;
+    }
+    Some(u32::from_be_bytes([
+        sealed[1], sealed[2], sealed[3], sealed[4],
+    ]))
+}
+
+/// One immutable set of key versions.
+struct Ring {
+    /// Version → raw key bytes (kept to write the keyring file back).
+    keys: BTreeMap<u32, Zeroizing<[u8; 32]>>,
+    ciphers: BTreeMap<u32, Aes256Gcm>,
+    /// The version new values are sealed with: the highest.
+    current: u32,
+    /// Keys the HMAC behind `key_id`s. Stable across rotations, so ids never change.
     id_key: Zeroizing<[u8; 32]>,
 }
 
+fn derive_id_key(v1: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(v1).expect("HMAC takes any key");
+    mac.update(b"apikeyd key-id v1");
+    let mut id_key = Zeroizing::new([0u8; 32]);
+    id_key.copy_from_slice(&mac.finalize().into_bytes());
+    id_key
+}
+
+fn decode_32(text: &str, what: &str) -> Result<Zeroizing<[u8; 32]>, MasterKeyError> {
+    let bytes = Zeroizing::new(
+        B64.decode(text.trim())
+            .map_err(|_| MasterKeyError(format!("{what} is not base64 text of 32 bytes")))?,
+    );
+    let arr: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| MasterKeyError(format!("{what} does not hold exactly 32 bytes")))?;
+    Ok(Zeroizing::new(arr))
+}
+
+impl Ring {
+    fn new(
+        keys: BTreeMap<u32, Zeroizing<[u8; 32]>>,
+        id_key: Option<Zeroizing<[u8; 32]>>,
+    ) -> Result<Ring, MasterKeyError> {
+        let current = *keys
+            .keys()
+            .next_back()
+            .ok_or_else(|| MasterKeyError("the master key file holds no key".into()))?;
+        let id_key = match id_key {
+            Some(k) => k,
+            None => derive_id_key(keys.get(&1).ok_or_else(|| {
+                MasterKeyError("a keyring without version 1 needs an `id:` line".into())
+            })?),
+        };
+        let ciphers = keys
+            .iter()
+            .map(|(v, k)| (*v, Aes256Gcm::new((&**k).into())))
+            .collect();
+        Ok(Ring {
+            keys,
+            ciphers,
+            current,
+            id_key,
+        })
+    }
+
+    /// Parses a key file: either one bare base64 line (version 1, as SPEC §4 describes
+    /// and as first starts write it), or a keyring of `vN:<base64>` lines with an
+    /// `id:<base64>` line, as rotation writes it. `#` starts a comment line.
+    fn parse(text: &str) -> Result<Ring, MasterKeyError> {
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect();
+        let mut keys = BTreeMap::new();
+        let mut id_key = None;
+        if let [only] = lines.as_slice() {
+            if !only.contains(':') {
+                keys.insert(1, decode_32(only, "the master key file")?);
+                return Ring::new(keys, None);
+            }
+        }
+        for line in lines {
+            let (tag, value) = line.split_once(':').ok_or_else(|| {
+                MasterKeyError(
+                    "the master key file has a line that is neither `id:…` nor `vN:…`".into(),
+                )
+            })?;
+            if tag == "id" {
+                id_key = Some(decode_32(value, "the id line of the master key file")?);
+                continue;
+            }
+            let version: u32 = tag
+                .strip_prefix('v')
+                .and_then(|v| v.parse().ok())
+                .filter(|v| *v > 0)
+                .ok_or_else(|| {
+                    MasterKeyError(format!(
+                        "the master key file has an unknown line tag `{tag}`"
+                    ))
+                })?;
+            let key = decode_32(value, &format!("version {version} of the master key file"))?;
+            if keys.insert(version, key).is_some() {
+                return Err(MasterKeyError(format!(
+                    "the master key file has version {version} twice"
+                )));
+            }
+        }
+        Ring::new(keys, id_key)
+    }
+
+    fn to_text(&self) -> Zeroizing<String> {
+        let mut out = Zeroizing::new(String::from(
+            "# apikeyd keyring: keep it secret, mode 0600, backed up with the keystore\n",
+        ));
+        out.push_str("id:");
+        out.push_str(&B64.encode(*self.id_key));
+        out.push('\n');
+        for (v, k) in &self.keys {
+            out.push_str(&format!("v{v}:"));
+            out.push_str(&B64.encode(**k));
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// The master keyring, ready to seal and open; shared by every actor and swapped
+/// whole on reload. No `Debug`; key bytes and cipher round keys are zeroed on drop.
+pub struct MasterKey {
+    ring: RwLock<Arc<Ring>>,
+}
+
 impl MasterKey {
-    /// Builds the key from 32 raw bytes.
+    fn from_ring(ring: Ring) -> Self {
+        MasterKey {
+            ring: RwLock::new(Arc::new(ring)),
+        }
+    }
+
+    fn ring(&self) -> Arc<Ring> {
+        match self.ring.read() {
+            Ok(r) => r.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Builds a single-version key from 32 raw bytes.
     pub fn from_bytes(bytes: &[u8; 32]) -> Self {
-        let cipher = Aes256Gcm::new(bytes.into());
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(bytes).expect("HMAC takes any key");
-        mac.update(b"apikeyd key-id v1");
-        let mut id_key = Zeroizing::new([0u8; 32]);
-        id_key.copy_from_slice(&mac.finalize().into_bytes());
-        MasterKey { cipher, id_key }
+        let mut keys = BTreeMap::new();
+        keys.insert(1, Zeroizing::new(*bytes));
+        MasterKey::from_ring(Ring::new(keys, None).expect("version 1 is present"))
     }
 
     /// A fresh random key as base64 text, for a new key file.
     pub fn generate_base64() -> Zeroizing<String> {
-        let key = Aes256Gcm::generate_key(OsRng);
+        let mut key = Aes256Gcm::generate_key(OsRng);
         let text = Zeroizing::new(B64.encode(key.as_slice()));
-        let mut key = key;
         key.as_mut_slice().zeroize();
         text
     }
 
-    /// Parses the base64 text of a key file.
+    /// Parses the text of a key file (see the file format in docs/security.md).
+    pub fn from_text(text: &str) -> Result<Self, MasterKeyError> {
+        Ring::parse(text).map(MasterKey::from_ring)
+    }
+
+    /// Parses the base64 text of a single-key file.
     pub fn from_base64(text: &str) -> Result<Self, MasterKeyError> {
-        let bytes = Zeroizing::new(B64.decode(text.trim()).map_err(|_| {
-            MasterKeyError("master key file is not base64 text of 32 bytes".into())
-        })?);
-        let arr: &[u8; 32] = bytes
-            .as_slice()
-            .try_into()
-            .map_err(|_| MasterKeyError("master key file does not hold exactly 32 bytes".into()))?;
-        Ok(MasterKey::from_bytes(arr))
+        MasterKey::from_text(text)
     }
 
     /// Reads a key file, refusing one that group or others may read.
@@ -153,44 +290,83 @@ impl MasterKey {
         let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
             MasterKeyError(format!("cannot read master key {}: {e}", path.display()))
         })?);
-        MasterKey::from_base64(&text)
+        MasterKey::from_text(&text)
             .map_err(|e| MasterKeyError(format!("master key {}: {e}", path.display())))
     }
 
     /// Writes a new random key to `path` with mode 0600; fails if the file exists.
     pub fn create_file(path: &Path) -> Result<Self, MasterKeyError> {
-        let fail = |e: std::io::Error| {
-            MasterKeyError(format!("cannot create master key {}: {e}", path.display()))
-        };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(fail)?;
-        }
         let text = MasterKey::generate_base64();
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(fail)?;
-        f.write_all(text.as_bytes()).map_err(fail)?;
-        f.write_all(b"\n").map_err(fail)?;
-        f.sync_all().map_err(fail)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(fail)?;
-        }
-        MasterKey::from_base64(&text)
+        write_private(path, &text, true).map_err(|e| {
+            MasterKeyError(format!("cannot create master key {}: {e}", path.display()))
+        })?;
+        MasterKey::from_text(&text)
     }
 
-    /// Encrypts `plain` for `place` under a fresh random nonce.
+    /// The versions this keyring opens, oldest first.
+    pub fn versions(&self) -> Vec<u32> {
+        self.ring().keys.keys().copied().collect()
+    }
+
+    /// The version new values are sealed with.
+    pub fn current_version(&self) -> u32 {
+        self.ring().current
+    }
+
+    /// This keyring plus a new random version, which becomes current.
+    pub fn with_new_version(&self) -> MasterKey {
+        let ring = self.ring();
+        let mut keys: BTreeMap<u32, Zeroizing<[u8; 32]>> =
+            ring.keys.iter().map(|(v, k)| (*v, k.clone())).collect();
+        let mut fresh = Aes256Gcm::generate_key(OsRng);
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        bytes.copy_from_slice(fresh.as_slice());
+        fresh.as_mut_slice().zeroize();
+        keys.insert(ring.current + 1, bytes);
+        MasterKey::from_ring(Ring::new(keys, Some(ring.id_key.clone())).expect("keys are present"))
+    }
+
+    /// This keyring with only its current version left.
+    pub fn current_only(&self) -> MasterKey {
+        let ring = self.ring();
+        let mut keys = BTreeMap::new();
+        keys.insert(ring.current, ring.keys[&ring.current].clone());
+        MasterKey::from_ring(
+            Ring::new(keys, Some(ring.id_key.clone())).expect("current is present"),
+        )
+    }
+
+    /// Writes this keyring to `path` atomically (temp file 0600, fsync, rename, fsync
+    /// of the folder), always in the multi-version format with its `id:` line.
+    pub fn write_keyring(&self, path: &Path) -> std::io::Result<()> {
+        let ring = self.ring();
+        let tmp = path.with_extension("key.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        write_private(&tmp, &ring.to_text(), true)?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Replaces this keyring with `other`'s, for every holder of this `MasterKey`.
+    pub fn replace_with(&self, other: &MasterKey) {
+        let new = other.ring();
+        match self.ring.write() {
+            Ok(mut r) => *r = new,
+            Err(poisoned) => *poisoned.into_inner() = new,
+        }
+    }
+
+    /// Encrypts `plain` for `place` under the current version and a fresh random nonce.
     ///
     /// Layout: format byte, key version (u32 BE), 12-byte nonce, ciphertext and tag.
     pub fn seal(&self, plain: &[u8], place: Place<'_>) -> Vec<u8> {
+        let ring = self.ring();
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
         let aad = place.associated_data();
-        let ct = self
-            .cipher
+        let ct = ring.ciphers[&ring.current]
             .encrypt(
                 &nonce,
                 Payload {
@@ -201,25 +377,23 @@ impl MasterKey {
             .expect("AES-GCM encryption of a short message cannot fail");
         let mut out = Vec::with_capacity(HEADER_LEN + ct.len());
         out.push(FORMAT);
-        out.extend_from_slice(&KEY_VERSION.to_be_bytes());
+        out.extend_from_slice(&ring.current.to_be_bytes());
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&ct);
         out
     }
 
-    /// Decrypts what `seal` produced for the same place. Shape is checked before any
-    /// decryption; every failure is the same opaque `OpenError`.
+    /// Decrypts what `seal` produced for the same place, under whichever version
+    /// sealed it. Shape is checked before any decryption; every failure (tampered,
+    /// moved, unknown version) is the same opaque `OpenError`.
     pub fn open(&self, sealed: &[u8], place: Place<'_>) -> Result<Secret, OpenError> {
-        if sealed.len() < HEADER_LEN + TAG_LEN
-            || sealed[0] != FORMAT
-            || sealed[1..5] != KEY_VERSION.to_be_bytes()
-        {
-            return Err(OpenError);
-        }
+        let version = sealed_version(sealed).ok_or(OpenError)?;
+        let ring = self.ring();
+        let cipher = ring.ciphers.get(&version).ok_or(OpenError)?;
         let nonce = Nonce::from_slice(&sealed[5..HEADER_LEN]);
         let aad = place.associated_data();
         let plain = Zeroizing::new(
-            self.cipher
+            cipher
                 .decrypt(
                     nonce,
                     Payload {
@@ -234,14 +408,36 @@ impl MasterKey {
     }
 
     /// A short, stable id for a pool key that reveals nothing of it: 16 hex digits of
-    /// an HMAC keyed by a key derived from the master key.
+    /// an HMAC under the keyring's id key (unchanged by rotation).
     pub fn key_id(&self, key: &Secret) -> String {
+        let ring = self.ring();
         let mut mac =
-            <Hmac<Sha256> as Mac>::new_from_slice(&*self.id_key).expect("HMAC takes any key");
+            <Hmac<Sha256> as Mac>::new_from_slice(&*ring.id_key).expect("HMAC takes any key");
         mac.update(key.expose().as_bytes());
         let digest = mac.finalize().into_bytes();
         digest[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
+}
+
+/// Creates `path` with mode 0600 holding `text`, synced to disk.
+fn write_private(path: &Path, text: &str, create_new: bool) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(create_new)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())?;
+    if !text.ends_with('\n') {
+        f.write_all(b"\n")?;
+    }
+    f.sync_all()?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -306,6 +502,47 @@ mod tests {
         ];
         for p in others {
             assert!(k.open(&sealed, p).is_err());
+        }
+    }
+
+    #[test]
+    fn rotation_keeps_old_values_open_and_ids_stable() {
+        let k1 = key();
+        let old = k1.seal(b"sk-canary-123456", ALICE);
+        let id = k1.key_id(&Secret::new("sk-canary-123456".into()));
+        let k2 = k1.with_new_version();
+        assert_eq!(k2.versions(), vec![1, 2]);
+        let new = k2.seal(b"sk-canary-123456", ALICE);
+        assert_eq!(sealed_version(&new), Some(2));
+        assert_eq!(k2.open(&old, ALICE).unwrap().expose(), "sk-canary-123456");
+        assert!(
+            k1.open(&new, ALICE).is_err(),
+            "an unknown version does not open"
+        );
+        let k3 = k2.current_only();
+        assert_eq!(k3.versions(), vec![2]);
+        assert!(
+            k3.open(&old, ALICE).is_err(),
+            "retired versions no longer open"
+        );
+        assert_eq!(k3.open(&new, ALICE).unwrap().expose(), "sk-canary-123456");
+        // Ids survive rotation and the round trip through the keyring file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.key");
+        k3.write_keyring(&path).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let back = MasterKey::read_file(&path).unwrap();
+        assert_eq!(back.key_id(&Secret::new("sk-canary-123456".into())), id);
+        assert_eq!(back.open(&new, ALICE).unwrap().expose(), "sk-canary-123456");
+    }
+
+    #[test]
+    fn keyring_file_errors() {
+        for bad in ["", "v1:abc", "x:", "v0:AAAA", "id:AAAA\nv2:AAAA"] {
+            assert!(MasterKey::from_text(bad).is_err(), "{bad:?}");
         }
     }
 

@@ -34,7 +34,7 @@ fn all_keys(con: &mut redis::Connection, pattern: &str) -> redis::RedisResult<Ve
 }
 
 /// The pool a hash name stands for, or `None` for a name of another shape.
-fn pool_of(names: &Names, hash: &str) -> Option<PoolRef> {
+pub fn pool_of(names: &Names, hash: &str) -> Option<PoolRef> {
     let rest = hash.strip_prefix(&names.prefix)?.strip_prefix(':')?;
     if let Some(service) = rest.strip_prefix("global_api_pool:") {
         return Some(PoolRef {

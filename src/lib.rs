@@ -28,6 +28,7 @@ pub mod legacy;
 pub mod ops;
 pub mod protocol;
 pub mod resolver;
+pub mod rotate;
 pub mod server;
 pub mod services;
 pub mod session;
@@ -38,7 +39,7 @@ use actix::prelude::*;
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 
-use actors::cache::{Configure, KeyCache};
+use actors::cache::KeyCache;
 use actors::embedded::SqliteStore;
 use actors::keystore::{Keystore, Opened, StartError};
 use actors::redis::RedisStore;
@@ -54,8 +55,8 @@ const KEYSTORE_THREADS: usize = 2;
 
 /// What the process tells a running daemon.
 pub enum Control {
-    /// Apply a re-read config (services, access, quota, cache).
-    Reload(Box<Config>),
+    /// Re-read the config file and the keyring and apply them (see `App::reload`).
+    Reload,
     /// Stop accepting, answer what is in flight, return.
     Shutdown,
 }
@@ -114,6 +115,7 @@ pub async fn run(
         .pop()
         .ok_or_else(|| StartError("no keystore connection for the store".into()))?;
     let (store, redis) = start_store(&config, key.clone(), store_db)?;
+    let key_for_app = key.clone();
     let mode = store.mode;
     let threads = connections.len();
     let pool = Mutex::new(connections);
@@ -127,19 +129,19 @@ pub async fn run(
     }
     let audit = audit::Audit::open(config.log.audit_file.as_deref())
         .map_err(|e| StartError(format!("cannot open log.audit_file for appending: {e}")))?;
-    let app = Arc::new(App::new(config, keystore, cache.clone(), store, audit));
+    let app = Arc::new(App::new(config, keystore, cache, store, audit, key_for_app));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let reload_app = app.clone();
     actix_rt::spawn(async move {
         while let Some(c) = control.recv().await {
             match c {
-                Control::Reload(new) => {
-                    cache.do_send(Configure {
-                        cache: new.cache.clone(),
-                    });
-                    reload_app.set_config(*new);
-                    tracing::info!("config reloaded");
+                Control::Reload => {
+                    if let Err(e) = reload_app.reload().await {
+                        tracing::error!(
+                            "reload failed, keeping the running config and keyring: {e}"
+                        );
+                    }
                 }
                 Control::Shutdown => break,
             }

@@ -51,6 +51,20 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Add a master-key version, re-seal every stored key under it (keystore, and
+    /// Redis in Redis mode) and retire the old versions, while the daemon serves.
+    /// Safe to interrupt; rerun to carry on.
+    RotateMasterKey {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The key file to rotate (default: keystore.master_key_file).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// Only add the new version and reload the local daemon (for several daemons
+        /// sharing one Redis: distribute the file, reload them all, then rerun).
+        #[arg(long)]
+        add_only: bool,
+    },
     /// Write a new random master key file (mode 0600); refuses to overwrite.
     Keygen {
         #[arg(long)]
@@ -59,7 +73,7 @@ enum Command {
 }
 
 /// The config named on the command line (must exist), else the default (may be absent).
-fn load_config(explicit: Option<PathBuf>) -> Result<(PathBuf, Config), String> {
+fn load_config(explicit: Option<PathBuf>) -> Result<Config, String> {
     let (path, must_exist) = match explicit {
         Some(p) => (p, true),
         None => (
@@ -67,8 +81,7 @@ fn load_config(explicit: Option<PathBuf>) -> Result<(PathBuf, Config), String> {
             std::env::var_os("APIKEYD_CONFIG").is_some(),
         ),
     };
-    let config = Config::load(&path, must_exist).map_err(|e| e.0)?;
-    Ok((path, config))
+    Config::load(&path, must_exist).map_err(|e| e.0)
 }
 
 fn init_logging(config: &Config) {
@@ -84,7 +97,7 @@ fn init_logging(config: &Config) {
 }
 
 fn serve(explicit: Option<PathBuf>) -> ExitCode {
-    let (path, config) = match load_config(explicit) {
+    let config = match load_config(explicit) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("apikeyd: {e}");
@@ -122,7 +135,7 @@ fn serve(explicit: Option<PathBuf>) -> ExitCode {
             }
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        if let Err(e) = watch_signals(path, tx) {
+        if let Err(e) = watch_signals(tx) {
             tracing::error!("refusing to start: cannot install signal handlers: {e}");
             return ExitCode::from(1);
         }
@@ -142,27 +155,18 @@ fn serve(explicit: Option<PathBuf>) -> ExitCode {
     code
 }
 
-/// SIGHUP re-reads the config; SIGTERM and SIGINT stop the daemon.
-fn watch_signals(path: PathBuf, tx: mpsc::UnboundedSender<Control>) -> std::io::Result<()> {
+/// SIGHUP reloads the config and keyring; SIGTERM and SIGINT stop the daemon.
+fn watch_signals(tx: mpsc::UnboundedSender<Control>) -> std::io::Result<()> {
     let mut signals = signal_hook_tokio::Signals::new([SIGHUP, SIGTERM, SIGINT])?;
     actix_rt::spawn(async move {
         while let Some(sig) = signals.next().await {
-            let sent = if sig == SIGHUP {
-                match Config::load(&path, false) {
-                    Ok(c) => tx.send(Control::Reload(Box::new(c))),
-                    Err(e) => {
-                        tracing::error!(
-                            "config reload failed, keeping the running config: {}",
-                            e.0
-                        );
-                        Ok(())
-                    }
-                }
+            let control = if sig == SIGHUP {
+                Control::Reload
             } else {
                 tracing::info!(signal = sig, "shutting down");
-                tx.send(Control::Shutdown)
+                Control::Shutdown
             };
-            if sent.is_err() {
+            if tx.send(control).is_err() {
                 break;
             }
         }
@@ -184,7 +188,7 @@ fn call(socket: Option<PathBuf>, config: Option<PathBuf>, requests: Vec<String>)
     let socket = match socket {
         Some(s) => s,
         None => match load_config(config) {
-            Ok((_, c)) => c.server.socket,
+            Ok(c) => c.server.socket,
             Err(e) => {
                 eprintln!("apikeyd call: {e}");
                 return ExitCode::from(2);
@@ -196,7 +200,7 @@ fn call(socket: Option<PathBuf>, config: Option<PathBuf>, requests: Vec<String>)
 
 fn import_legacy(config: Option<PathBuf>, dry_run: bool) -> ExitCode {
     let config = match load_config(config) {
-        Ok((_, c)) => c,
+        Ok(c) => c,
         Err(e) => {
             eprintln!("apikeyd import-legacy: {e}");
             return ExitCode::from(2);
@@ -216,6 +220,29 @@ fn import_legacy(config: Option<PathBuf>, dry_run: bool) -> ExitCode {
         }
         Err(e) => {
             eprintln!("apikeyd import-legacy: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn rotate(config: Option<PathBuf>, key_file: Option<PathBuf>, add_only: bool) -> ExitCode {
+    let config = match load_config(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("apikeyd rotate-master-key: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let key_file = key_file.unwrap_or_else(|| config.keystore.master_key_file.clone());
+    let rotation = apikeyd::rotate::Rotation {
+        config: &config,
+        key_file: &key_file,
+        add_only,
+    };
+    match apikeyd::rotate::rotate(rotation) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("apikeyd rotate-master-key: {e}");
             ExitCode::from(1)
         }
     }
@@ -246,6 +273,11 @@ fn main() -> ExitCode {
             requests,
         } => call(socket, config, requests),
         Command::ImportLegacy { config, dry_run } => import_legacy(config, dry_run),
+        Command::RotateMasterKey {
+            config,
+            key_file,
+            add_only,
+        } => rotate(config, key_file, add_only),
         Command::Keygen { out } => keygen(&out),
     }
 }

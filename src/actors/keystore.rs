@@ -112,18 +112,30 @@ pub fn open(config: &Config, connections: usize) -> Result<Opened, StartError> {
     })
 }
 
-fn load_master_key(config: &Config, held: i64) -> Result<MasterKey, StartError> {
+/// Where the master key is read from: `$CREDENTIALS_DIRECTORY/master.key` when it
+/// exists (systemd `LoadCredential=`), else `keystore.master_key_file`.
+pub fn master_key_path(config: &Config) -> std::path::PathBuf {
     if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
         let cred = Path::new(&dir).join("master.key");
         if cred.exists() {
-            tracing::info!(path = %cred.display(), "master key from systemd credentials");
-            return MasterKey::read_file(&cred).map_err(|e| StartError(e.0));
+            return cred;
         }
     }
-    let file = &config.keystore.master_key_file;
-    if file.exists() {
-        return MasterKey::read_file(file).map_err(|e| StartError(e.0));
+    config.keystore.master_key_file.clone()
+}
+
+/// Reads the master key (never creates one): for reloads and tools.
+pub fn read_master_key(config: &Config) -> Result<MasterKey, StartError> {
+    MasterKey::read_file(&master_key_path(config)).map_err(|e| StartError(e.0))
+}
+
+fn load_master_key(config: &Config, held: i64) -> Result<MasterKey, StartError> {
+    let path = master_key_path(config);
+    if path.exists() {
+        tracing::info!(path = %path.display(), "master key");
+        return MasterKey::read_file(&path).map_err(|e| StartError(e.0));
     }
+    let file = &config.keystore.master_key_file;
     if held > 0 {
         return Err(StartError(format!(
             "master key {} is missing but the keystore {} holds {held} keys; \
@@ -272,6 +284,32 @@ impl Handler<DeleteUserKey> for Keystore {
             .execute(params![msg.user_id, msg.service])?;
         Ok(n > 0)
     }
+}
+
+/// Whether `candidate` opens this keystore's check value: a keyring is only put in
+/// service when it does.
+#[derive(Message)]
+#[rtype(result = "Result<bool>")]
+pub struct CheckKeyring {
+    pub candidate: Arc<MasterKey>,
+}
+
+impl Handler<CheckKeyring> for Keystore {
+    type Result = Result<bool>;
+
+    fn handle(&mut self, msg: CheckKeyring, _: &mut Self::Context) -> Self::Result {
+        Ok(opens_keycheck(&self.db, &msg.candidate)?)
+    }
+}
+
+/// Whether `key` opens the keystore's check value.
+pub fn opens_keycheck(db: &Connection, key: &MasterKey) -> rusqlite::Result<bool> {
+    let sealed: Option<Vec<u8>> = db
+        .query_row("SELECT value FROM meta WHERE name = 'keycheck'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(sealed.is_some_and(|s| key.open(&s, Place::Meta("keycheck")).is_ok()))
 }
 
 /// One row of `list_user_api_keys`.

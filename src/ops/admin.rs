@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::actors::cache::{CacheFigures, ReadCacheFigures};
 use crate::actors::store::StoreMode;
 use crate::app::App;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::protocol::{body, Body};
 
 /// `{"op":"ping"}` → `{"pong":true,"version":"0.1.0"}`
@@ -20,6 +20,24 @@ pub fn ping() -> Result<Body> {
     body(&Pong {
         pong: true,
         version: env!("CARGO_PKG_VERSION"),
+    })
+}
+
+/// `{"op":"reload"}` → `{"reloaded":true,"key_versions":[1,2]}`: re-reads the config
+/// file and the master keyring, like SIGHUP, and answers once they are in service.
+pub async fn reload(app: &App) -> Result<Body> {
+    #[derive(Serialize)]
+    struct Reloaded {
+        reloaded: bool,
+        key_versions: Vec<u32>,
+    }
+    let key_versions = app.reload().await.map_err(|e| {
+        tracing::error!("reload failed, keeping the running config and keyring: {e}");
+        Error::Internal(format!("reload failed: {e}"))
+    })?;
+    body(&Reloaded {
+        reloaded: true,
+        key_versions,
     })
 }
 

@@ -35,12 +35,11 @@ async fn run(app: &App, peer: &Peer, op: &str, req: &mut Request) -> Result<Body
         "list_user_api_keys" => keys::list_user_api_keys(app, req).await,
         "get_pool_api_key" => pools::get_pool_api_key(app, req).await,
         "get_channel_pool_api_key" => pools::get_channel_pool_api_key(app, req).await,
-        "add_pool_key" | "remove_pool_key" | "list_pool_keys" if peer.role != Role::Admin => {
-            Err(Error::Forbidden(format!(
-                "op `{op}` manages pools and needs an admin (access.admin_uids or access.admin_gids); uid {} gid {} is not one",
-                peer.uid, peer.gid
-            )))
-        }
+        _ if admin_only(op) && peer.role != Role::Admin => Err(Error::Forbidden(format!(
+            "op `{op}` needs an admin (access.admin_uids or access.admin_gids); uid {} gid {} is not one",
+            peer.uid, peer.gid
+        ))),
+        "reload" => admin::reload(app).await,
         "add_pool_key" => pools::add_pool_key(app, req).await,
         "remove_pool_key" => pools::remove_pool_key(app, req).await,
         "list_pool_keys" => pools::list_pool_keys(app, req).await,
@@ -51,6 +50,14 @@ async fn run(app: &App, peer: &Peer, op: &str, req: &mut Request) -> Result<Body
         "default_key_limit_error" => messages::default_key_limit_error(req),
         _ => Err(Error::UnknownOp(looks_like_op(op).then(|| op.to_string()))),
     }
+}
+
+/// Whether `op` is for admins only (SPEC §5: pool management; apikeyd adds `reload`).
+pub fn admin_only(op: &str) -> bool {
+    matches!(
+        op,
+        "add_pool_key" | "remove_pool_key" | "list_pool_keys" | "reload"
+    )
 }
 
 /// Whether `op` has the shape of an op name (safe to echo and log).

@@ -1,0 +1,352 @@
+//! `apikeyd rotate-master-key`: adds a key version, makes the running daemon load it,
+//! re-seals every stored key under it (SQLite, and Redis in Redis mode), then retires
+//! the old versions. Every step is safe to interrupt; rerunning carries on.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use redis::Commands;
+use rusqlite::Connection;
+
+use crate::actors::keystore;
+use crate::actors::redis::{envelope, Names, PoolValue, ENVELOPE};
+use crate::config::Config;
+use crate::crypto::{sealed_version, MasterKey, Place};
+
+/// Rows re-sealed per SQLite transaction.
+const BATCH: usize = 256;
+
+/// Options of one run.
+pub struct Rotation<'a> {
+    pub config: &'a Config,
+    /// The key file to rotate (default `keystore.master_key_file`).
+    pub key_file: &'a Path,
+    /// Stop after adding the new version (to distribute the file to other hosts).
+    pub add_only: bool,
+}
+
+/// Asks the daemon on `config`'s socket to reload; answers the key versions it now
+/// uses, or `None` when no daemon is listening.
+fn reload_daemon(config: &Config) -> Result<Option<Vec<u32>>, String> {
+    let socket = &config.server.socket;
+    let mut stream = match UnixStream::connect(socket) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => {
+            return Err(format!(
+                "cannot reach the daemon at {}: {e}",
+                socket.display()
+            ))
+        }
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    stream
+        .write_all(b"{\"op\":\"reload\"}\n")
+        .map_err(|e| format!("cannot ask the daemon to reload: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(|e| format!("no answer to reload: {e}"))?;
+    let answer: serde_json::Value =
+        serde_json::from_str(&line).map_err(|_| "the daemon's answer is not JSON".to_string())?;
+    if answer["ok"] != true {
+        return Err(format!("the daemon refused to reload: {}", answer["error"]));
+    }
+    let versions = answer["result"]["key_versions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Some(versions))
+}
+
+/// Makes the running daemon (if any) load the keyring on disk, and checks that it
+/// now seals with `current`.
+fn hand_over(config: &Config, current: u32) -> Result<(), String> {
+    match reload_daemon(config)? {
+        None => println!("no daemon is listening on {}; nothing to reload", config.server.socket.display()),
+        Some(v) if v.last() == Some(&current) => println!("the daemon now uses key versions {v:?}"),
+        Some(v) => {
+            return Err(format!(
+                "the daemon reloaded but uses key versions {v:?}, not {current}: is it reading the key \
+                 from $CREDENTIALS_DIRECTORY? Install the new key file as its credential, restart it, and rerun"
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// One keystore table whose `sealed` column is re-sealed, keyed by its primary key.
+struct Table {
+    name: &'static str,
+    key: &'static [&'static str],
+}
+
+const TABLES: [Table; 3] = [
+    Table {
+        name: "user_keys",
+        key: &["user_id", "service"],
+    },
+    Table {
+        name: "pool_keys",
+        key: &["channel_id", "service", "key_id"],
+    },
+    Table {
+        name: "meta",
+        key: &["name"],
+    },
+];
+
+fn place_of<'a>(table: &str, pk: &'a [String]) -> Place<'a> {
+    match table {
+        "user_keys" => Place::User {
+            user_id: &pk[0],
+            service: &pk[1],
+        },
+        "pool_keys" => Place::Pool {
+            namespace: "sqlite",
+            channel: Some(pk[0].as_str()).filter(|c| !c.is_empty()),
+            service: &pk[1],
+        },
+        _ => Place::Meta(&pk[0]),
+    }
+}
+
+/// Re-seals every row of the keystore not sealed with the current version, in
+/// batches, each row only if it still holds what was read (a concurrent write wins).
+/// Answers (re-sealed, left because they open with no version).
+fn reseal_sqlite(db: &mut Connection, key: &MasterKey) -> Result<(usize, usize), String> {
+    let current = key.current_version().to_be_bytes().to_vec();
+    let fail = |e: rusqlite::Error| format!("keystore: {e}");
+    let (mut done, mut broken) = (0, 0);
+    for t in &TABLES {
+        let cols = t.key.join(", ");
+        let holes = (1..=t.key.len())
+            .map(|i| format!("?{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let (sealed_col, extra) = if t.name == "meta" {
+            ("value", " AND name = 'keycheck'")
+        } else {
+            ("sealed", "")
+        };
+        let select = format!(
+            "SELECT {cols}, {sealed_col} FROM {} WHERE substr({sealed_col}, 2, 4) != ?{n}{extra} \
+             AND ({cols}) > ({holes}) ORDER BY {cols} LIMIT {BATCH}",
+            t.name,
+            n = t.key.len() + 1
+        );
+        let where_pk = t
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c} = ?{}", i + 3))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let update = format!(
+            "UPDATE {} SET {sealed_col} = ?1 WHERE {sealed_col} = ?2 AND {where_pk}",
+            t.name
+        );
+        let mut after: Vec<String> = vec![String::new(); t.key.len()];
+        loop {
+            let rows: Vec<(Vec<String>, Vec<u8>)> = {
+                let mut stmt = db.prepare(&select).map_err(fail)?;
+                let mut args: Vec<&dyn rusqlite::ToSql> =
+                    after.iter().map(|s| s as &dyn rusqlite::ToSql).collect();
+                args.push(&current);
+                let rows = stmt
+                    .query_map(args.as_slice(), |r| {
+                        let pk = (0..t.key.len())
+                            .map(|i| r.get::<_, String>(i))
+                            .collect::<rusqlite::Result<Vec<_>>>()?;
+                        Ok((pk, r.get::<_, Vec<u8>>(t.key.len())?))
+                    })
+                    .map_err(fail)?;
+                rows.collect::<rusqlite::Result<_>>().map_err(fail)?
+            };
+            let Some(last) = rows.last() else { break };
+            after = last.0.clone();
+            let tx = db.transaction().map_err(fail)?;
+            for (pk, sealed) in &rows {
+                let place = place_of(t.name, pk);
+                let Ok(plain) = key.open(sealed, place) else {
+                    eprintln!(
+                        "integrity: a row of {} does not open with any key version; left as it is",
+                        t.name
+                    );
+                    broken += 1;
+                    continue;
+                };
+                let resealed = key.seal(plain.expose().as_bytes(), place);
+                let mut args: Vec<&dyn rusqlite::ToSql> = vec![&resealed, sealed];
+                args.extend(pk.iter().map(|s| s as &dyn rusqlite::ToSql));
+                done += tx.execute(&update, args.as_slice()).map_err(fail)?;
+            }
+            tx.commit().map_err(fail)?;
+        }
+    }
+    Ok((done, broken))
+}
+
+/// Re-seals every pool value in Redis not sealed with the current version; each field
+/// only if it still holds what was read. Answers (re-sealed, left as they are).
+fn reseal_redis(config: &Config, key: &MasterKey) -> Result<(usize, usize), String> {
+    let fail = |e: redis::RedisError| format!("redis: {e}");
+    let client = crate::actors::redis::client(&config.redis)?;
+    let mut con = client
+        .get_connection_with_timeout(Duration::from_secs(5))
+        .map_err(fail)?;
+    let names = Names {
+        prefix: config.redis.prefix.clone(),
+    };
+    let swap = redis::Script::new(
+        "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) return 1 end return 0",
+    );
+    let mut hashes: Vec<String> = Vec::new();
+    for pattern in ["global_api_pool:*", "channel_api_pool:*"] {
+        let found = con
+            .scan_match::<_, String>(format!("{}:{pattern}", names.prefix))
+            .map_err(fail)?
+            .collect::<redis::RedisResult<Vec<String>>>()
+            .map_err(fail)?;
+        hashes.extend(found);
+    }
+    hashes.sort();
+    hashes.dedup();
+    let (mut done, mut broken) = (0, 0);
+    for hash in hashes {
+        let Some(pool) = crate::legacy::pool_of(&names, &hash) else {
+            continue;
+        };
+        let fields: Vec<(String, String)> = con.hgetall(&hash).map_err(fail)?;
+        for (field, value) in fields {
+            let Some(b64) = value.strip_prefix(ENVELOPE) else {
+                continue;
+            };
+            let version = B64.decode(b64).ok().as_deref().and_then(sealed_version);
+            if version == Some(key.current_version()) {
+                continue;
+            }
+            let PoolValue::Sealed(plain) =
+                crate::actors::redis::open_value(key, &names.prefix, &pool, value.as_bytes())
+            else {
+                eprintln!("integrity: {hash} field {field} does not open with any key version; left as it is");
+                broken += 1;
+                continue;
+            };
+            let resealed = envelope(key, &names.prefix, &pool, &plain);
+            let swapped: i64 = swap
+                .key(&hash)
+                .arg(&field)
+                .arg(&value)
+                .arg(resealed)
+                .invoke(&mut con)
+                .map_err(fail)?;
+            done += swapped as usize;
+        }
+    }
+    Ok((done, broken))
+}
+
+/// Re-seals the keystore and Redis until a pass finds nothing left under an old
+/// version (a daemon that had not reloaded could still have written one). Answers
+/// how many values open with no version and stay as they are.
+fn reseal_everything(
+    config: &Config,
+    db: &mut Connection,
+    key: &MasterKey,
+) -> Result<usize, String> {
+    for pass in 1..=5 {
+        let (rows, broken_rows) = reseal_sqlite(db, key)?;
+        let (values, broken_values) = if config.redis.url.is_empty() {
+            (0, 0)
+        } else {
+            reseal_redis(config, key)?
+        };
+        println!(
+            "pass {pass}: re-sealed {rows} keystore rows and {values} redis pool values under version {}",
+            key.current_version()
+        );
+        if pass > 1 && rows + values == 0 {
+            return Ok(broken_rows + broken_values);
+        }
+    }
+    Err("values under old key versions keep appearing: is a daemon still running with the old keyring? \
+         Reload every daemon, then rerun"
+        .into())
+}
+
+/// Runs (or resumes) a rotation.
+pub fn rotate(r: Rotation<'_>) -> Result<(), String> {
+    let config = r.config;
+    let mut key = MasterKey::read_file(r.key_file).map_err(|e| e.0)?;
+    let mut db = keystore::connect(&config.keystore.path).map_err(|e| format!("keystore: {e}"))?;
+    if !keystore::opens_keycheck(&db, &key).map_err(|e| format!("keystore: {e}"))? {
+        return Err(format!(
+            "{} does not open the keystore {}",
+            r.key_file.display(),
+            config.keystore.path.display()
+        ));
+    }
+    if key.versions().len() == 1 {
+        key = key.with_new_version();
+        key.write_keyring(r.key_file)
+            .map_err(|e| format!("cannot write {}: {e}", r.key_file.display()))?;
+        println!(
+            "added key version {} to {}",
+            key.current_version(),
+            r.key_file.display()
+        );
+    } else {
+        println!(
+            "resuming the rotation to key version {} (versions {:?} in the file)",
+            key.current_version(),
+            key.versions()
+        );
+    }
+    hand_over(config, key.current_version())?;
+    if r.add_only {
+        println!(
+            "stopped after adding the version (--add-only): copy {} to every daemon that shares this Redis, \
+             reload them, then run rotate-master-key again to re-seal and retire the old versions",
+            r.key_file.display()
+        );
+        return Ok(());
+    }
+    let broken = reseal_everything(config, &mut db, &key)?;
+    let retired: Vec<u32> = key
+        .versions()
+        .into_iter()
+        .filter(|v| *v != key.current_version())
+        .collect();
+    let key = key.current_only();
+    key.write_keyring(r.key_file)
+        .map_err(|e| format!("cannot write {}: {e}", r.key_file.display()))?;
+    println!(
+        "retired key versions {retired:?}; {} now holds only version {}",
+        r.key_file.display(),
+        key.current_version()
+    );
+    if broken > 0 {
+        println!(
+            "{broken} stored values opened with no key version (see above); they stay unreadable"
+        );
+    }
+    hand_over(config, key.current_version())?;
+    Ok(())
+}
