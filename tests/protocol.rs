@@ -40,6 +40,18 @@ fn ids_are_echoed_verbatim(mode: Mode) {
     let r = c.call(json!({"op": "nope", "id": "x1"}));
     assert_eq!(r["id"], "x1");
     assert_eq!(r["error"]["code"], "unknown_op");
+    // Numbers come back digit for digit, whatever their size or precision.
+    for id in [
+        "1.50",
+        "123456789012345678901234567890",
+        "-1.035394776935701e+229",
+        "0.1",
+    ] {
+        c.send_raw(format!("{{\"op\":\"ping\",\"id\":{id}}}\n").as_bytes());
+        let mut raw = String::new();
+        std::io::BufRead::read_line(c.reader(), &mut raw).unwrap();
+        assert!(raw.starts_with(&format!("{{\"id\":{id},")), "{raw}");
+    }
     // Unknown members are ignored.
     assert_eq!(
         c.call(json!({"op": "ping", "whatever": {"x": 1}}))["ok"],

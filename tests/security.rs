@@ -342,7 +342,100 @@ fn audit_lines_for_writes_and_admin_ops(mode: Mode) {
     );
 }
 
+fn tampered_or_moved_rows_are_never_served(mode: Mode) {
+    let mut d = TestDaemon::start_with(mode, "", &[]);
+    let mut c = d.client();
+    for (user, key) in [
+        ("alice", "sk-alice-0000000001"),
+        ("bob", "sk-bob-00000000002"),
+        ("carol", "sk-carol-0000000003"),
+    ] {
+        c.ok(json!({"op": "set_user_api_key", "user_id": user, "service": "openai", "key": key}));
+    }
+    c.ok(json!({"op": "set_user_api_key", "user_id": "alice", "service": "anthropic", "key": "sk-alice-anthropic-01"}));
+    drop(c);
+    assert!(d.stop().success());
+    let db = rusqlite::Connection::open(d.path("data/keystore.sqlite3")).unwrap();
+    // Relocation: alice's ciphertext copied into bob's row, and into another service.
+    db.execute_batch(
+        "UPDATE user_keys SET sealed = (SELECT sealed FROM user_keys WHERE user_id = 'alice' AND service = 'openai')
+           WHERE user_id = 'bob';
+         UPDATE user_keys SET sealed = (SELECT sealed FROM user_keys WHERE user_id = 'alice' AND service = 'openai')
+           WHERE user_id = 'alice' AND service = 'anthropic';",
+    )
+    .unwrap();
+    // Tampering: one flipped bit in carol's ciphertext, and a truncated one for dave.
+    let mut sealed: Vec<u8> = db
+        .query_row(
+            "SELECT sealed FROM user_keys WHERE user_id = 'carol'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let last = sealed.len() - 1;
+    sealed[last] ^= 1;
+    db.execute(
+        "UPDATE user_keys SET sealed = ?1 WHERE user_id = 'carol'",
+        [&sealed],
+    )
+    .unwrap();
+    db.execute(
+        "INSERT INTO user_keys VALUES ('dave', 'openai', x'0100000001', 0)",
+        [],
+    )
+    .unwrap();
+    drop(db);
+    d.spawn();
+    d.wait_ready();
+    let mut c = d.client();
+    let get = |c: &mut common::Client, user: &str, service: &str| {
+        c.ok(json!({"op": "get_user_api_key", "user_id": user, "service": service, "fallback_to_pool": false, "fallback_to_config": false}))["key"].clone()
+    };
+    assert_eq!(get(&mut c, "alice", "openai"), "sk-alice-0000000001");
+    for (user, service) in [
+        ("bob", "openai"),
+        ("alice", "anthropic"),
+        ("carol", "openai"),
+        ("dave", "openai"),
+    ] {
+        assert_eq!(
+            get(&mut c, user, service),
+            Value::Null,
+            "{user}/{service} must not be served"
+        );
+    }
+    // Listing leaves them out; the daemon keeps serving.
+    assert_eq!(
+        c.ok(json!({"op": "list_user_api_keys", "user_id": "bob"}))["keys"],
+        json!([])
+    );
+    c.ok(json!({"op": "ping"}));
+    let log = d.logs();
+    for user in ["bob", "carol", "dave"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("integrity") && l.contains(&format!("user_id={user}"))),
+            "no integrity error for {user}:\n{log}"
+        );
+    }
+    if mode == Mode::Embedded {
+        // An embedded pool row moved to another channel is not served either.
+        c.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-pool-c1-00000001", "channel_id": "c1"}));
+        assert!(d.stop().success());
+        let db = rusqlite::Connection::open(d.path("data/keystore.sqlite3")).unwrap();
+        db.execute("INSERT INTO pool_keys SELECT 'c2', service, key_id, sealed, label, added_at FROM pool_keys WHERE channel_id = 'c1'", []).unwrap();
+        drop(db);
+        d.spawn();
+        d.wait_ready();
+        let r = d
+            .client()
+            .ok(json!({"op": "get_channel_pool_api_key", "channel_id": "c2", "service": "openai"}));
+        assert_eq!(r["key"], Value::Null);
+    }
+}
+
 in_every_mode!(
+    tampered_or_moved_rows_are_never_served,
     audit_lines_for_writes_and_admin_ops,
     the_process_is_not_dumpable,
     lock_memory_locks_it,

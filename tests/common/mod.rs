@@ -367,6 +367,11 @@ impl Client {
         Self::try_connect(socket).expect("connect to apikeyd")
     }
 
+    /// The buffered reader, for reading raw response lines.
+    pub fn reader(&mut self) -> &mut BufReader<UnixStream> {
+        &mut self.reader
+    }
+
     /// A second handle on the socket for writing from another thread.
     pub fn try_clone_writer(&self) -> UnixStream {
         self.writer.try_clone().expect("clone socket")
