@@ -78,6 +78,13 @@ impl App {
     /// put in service when it opens the keystore's check value; on any failure
     /// nothing changes. Answers the key versions now in service.
     pub async fn reload(&self) -> Result<Vec<u32>, String> {
+        crate::systemd::reloading();
+        let outcome = self.reload_now().await;
+        crate::systemd::ready();
+        outcome
+    }
+
+    async fn reload_now(&self) -> Result<Vec<u32>, String> {
         let path = self
             .config()
             .source

@@ -32,6 +32,7 @@ pub mod rotate;
 pub mod server;
 pub mod services;
 pub mod session;
+pub mod systemd;
 
 use std::sync::{Arc, Mutex};
 
@@ -99,6 +100,26 @@ fn start_store(
     ))
 }
 
+/// Sends WATCHDOG=1 every `every` for as long as the cache actor (on the thread that
+/// serves connections) and a keystore thread both answer within that time; a wedged
+/// daemon stops the heartbeat and systemd restarts it.
+async fn watchdog(app: Arc<App>, every: std::time::Duration) {
+    loop {
+        let alive = async {
+            app.cache
+                .send(actors::cache::ReadCacheFigures)
+                .await
+                .is_ok()
+                && app.keystore.send(actors::keystore::Ping).await.is_ok()
+        };
+        match tokio::time::timeout(every, alive).await {
+            Ok(true) => systemd::watchdog(),
+            _ => tracing::error!("an actor did not answer the watchdog in time"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Runs the daemon on `listener` until `Control::Shutdown` (or the sender is dropped).
 /// Must be called inside an actix `System`.
 pub async fn run(
@@ -143,12 +164,19 @@ pub async fn run(
                         );
                     }
                 }
-                Control::Shutdown => break,
+                Control::Shutdown => {
+                    systemd::stopping();
+                    break;
+                }
             }
         }
         let _ = stop_tx.send(());
     });
+    if let Some(every) = systemd::watchdog_interval() {
+        actix_rt::spawn(watchdog(app.clone(), every / 2));
+    }
     tracing::info!(mode = ?mode, "apikeyd ready");
+    systemd::ready();
     server::serve(app, listener, async {
         let _ = stop_rx.await;
     })

@@ -127,7 +127,20 @@ fn serve(explicit: Option<PathBuf>) -> ExitCode {
             }
         };
         let socket = config.server.socket.clone();
-        let listener = match apikeyd::server::bind(&socket, config.socket_mode()) {
+        // Under socket activation systemd owns the socket file; otherwise we bind it.
+        let passed = match apikeyd::systemd::passed_listener() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("refusing to start: bad socket from systemd: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let activated = passed.is_some();
+        let bound = match passed {
+            Some(l) => tokio::net::UnixListener::from_std(l),
+            None => apikeyd::server::bind(&socket, config.socket_mode()),
+        };
+        let listener = match bound {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!("refusing to start: cannot bind {}: {e}", socket.display());
@@ -139,14 +152,20 @@ fn serve(explicit: Option<PathBuf>) -> ExitCode {
             tracing::error!("refusing to start: cannot install signal handlers: {e}");
             return ExitCode::from(1);
         }
-        tracing::info!(socket = %socket.display(), "listening");
-        if let Err(e) = apikeyd::run(config, opened, listener, rx).await {
-            tracing::error!("refusing to start: {e}");
-            let _ = std::fs::remove_file(&socket);
-            return ExitCode::from(1);
+        if activated {
+            tracing::info!("listening on the socket passed by systemd");
+        } else {
+            tracing::info!(socket = %socket.display(), "listening");
         }
-        if let Err(e) = std::fs::remove_file(&socket) {
-            tracing::warn!(error = %e, "cannot remove the socket file");
+        let outcome = apikeyd::run(config, opened, listener, rx).await;
+        if !activated {
+            if let Err(e) = std::fs::remove_file(&socket) {
+                tracing::warn!(error = %e, "cannot remove the socket file");
+            }
+        }
+        if let Err(e) = outcome {
+            tracing::error!("refusing to start: {e}");
+            return ExitCode::from(1);
         }
         tracing::info!("stopped");
         ExitCode::SUCCESS

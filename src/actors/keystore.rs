@@ -286,6 +286,17 @@ impl Handler<DeleteUserKey> for Keystore {
     }
 }
 
+/// Answers at once: proves a keystore thread is not wedged (for the watchdog).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Ping;
+
+impl Handler<Ping> for Keystore {
+    type Result = ();
+
+    fn handle(&mut self, _: Ping, _: &mut Self::Context) {}
+}
+
 /// Whether `candidate` opens this keystore's check value: a keyring is only put in
 /// service when it does.
 #[derive(Message)]
