@@ -33,6 +33,8 @@ pub struct ServerConfig {
     pub max_line_bytes: usize,
     pub max_connections: usize,
     pub idle_timeout_s: u64,
+    /// Deadline of one request, waiting included; past it the answer is `unavailable`.
+    pub request_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -43,6 +45,7 @@ impl Default for ServerConfig {
             max_line_bytes: 65536,
             max_connections: 1024,
             idle_timeout_s: 300,
+            request_timeout_ms: 10_000,
         }
     }
 }

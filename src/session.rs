@@ -136,19 +136,30 @@ fn start(
     });
     let order = order.clone();
     let ticket = order.ticket(ops::is_write(&req.op));
+    let deadline = Duration::from_millis(app.config().server.request_timeout_ms.max(1));
     Some(
         async move {
-            order.admit(&ticket).await;
             let began = Instant::now();
-            let outcome = AssertUnwindSafe(ops::dispatch(&app, &peer, req))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|_| {
-                    tracing::error!("a request handler panicked; answering internal");
-                    Err(Error::Internal(
-                        "the request failed inside the daemon; see its log".into(),
-                    ))
-                });
+            let work = async {
+                order.admit(&ticket).await;
+                AssertUnwindSafe(ops::dispatch(&app, &peer, req))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|_| {
+                        tracing::error!("a request handler panicked; answering internal");
+                        Err(Error::Internal(
+                            "the request failed inside the daemon; see its log".into(),
+                        ))
+                    })
+            };
+            // A write cut off here may still complete: only success promises anything.
+            let outcome = tokio::time::timeout(deadline, work).await.unwrap_or_else(|_| {
+                tracing::warn!(uid = peer.uid, "request deadline passed; answering unavailable");
+                Err(Error::Unavailable(format!(
+                    "the request did not finish within {} ms (server.request_timeout_ms); a write may or may not have been applied",
+                    deadline.as_millis()
+                )))
+            });
             order.finish(ticket);
             if let Some(op) = op {
                 let code = outcome.as_ref().err().map(Error::code).unwrap_or("ok");
@@ -190,9 +201,12 @@ pub async fn run(app: Arc<App>, stream: UnixStream, peer: Peer, stop: Cancellati
                 while let Some(Some(more)) = pending.next().now_or_never() {
                     out.extend_from_slice(&more);
                 }
-                let written = wr.write_all(&out).await;
+                // A client that stops reading holds its session here; after the idle
+                // timeout it is dropped instead of pinning memory forever.
+                let written = tokio::time::timeout(idle, wr.write_all(&out)).await;
                 out.zeroize();
-                if written.is_err() {
+                if !matches!(written, Ok(Ok(()))) {
+                    tracing::debug!(uid = peer.uid, "client not reading its responses; closing");
                     break;
                 }
                 idle_deadline.as_mut().reset(tokio::time::Instant::now() + idle);

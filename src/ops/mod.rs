@@ -48,6 +48,10 @@ async fn run(app: &App, peer: &Peer, op: &str, req: &mut Request) -> Result<Body
         "consume_default_key_usage" => quota::consume_default_key_usage(app, req).await,
         "missing_api_key_error" => messages::missing_api_key_error(app, req),
         "default_key_limit_error" => messages::default_key_limit_error(req),
+        #[cfg(debug_assertions)]
+        "debug_panic" if std::env::var_os("APIKEYD_TEST_HOOKS").is_some() => {
+            panic!("debug_panic requested (test hook)")
+        }
         _ => Err(Error::UnknownOp(looks_like_op(op).then(|| op.to_string()))),
     }
 }

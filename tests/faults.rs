@@ -1,0 +1,297 @@
+//! Limits under load and faults: clients that never read, deadlines, a busy, full or
+//! read-only keystore, a panicking handler, a corrupt keystore at start.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Mode, TestDaemon};
+use serde_json::{json, Value};
+
+fn rss_kb(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+fn a_writer_that_never_reads_cannot_grow_memory(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    let before = rss_kb(d.pid());
+    let s = UnixStream::connect(&d.socket).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let line =
+        json!({"op": "get_user_api_key", "user_id": "u", "service": "openai"}).to_string() + "\n";
+    let chunk = line.repeat(1000);
+    let mut sent = 0usize;
+    // Write until the daemon stops taking more (backpressure), up to 256 MiB.
+    while sent < 256 << 20 {
+        match (&s).write(chunk.as_bytes()) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    let after = rss_kb(d.pid());
+    eprintln!(
+        "sent {} KiB before backpressure; RSS {before} kB -> {after} kB",
+        sent / 1024
+    );
+    assert!(
+        sent < 256 << 20,
+        "the daemon kept reading from a client that never reads"
+    );
+    assert!(
+        after < before + 32 * 1024,
+        "RSS grew from {before} kB to {after} kB"
+    );
+    // Everyone else is unaffected.
+    assert_eq!(d.client().ok(json!({"op": "ping"}))["pong"], true);
+}
+
+fn a_client_that_stops_reading_is_dropped_after_the_idle_timeout(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "[server]\nidle_timeout_s = 1\n", &[]);
+    let s = UnixStream::connect(&d.socket).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+    let chunk = (json!({"op": "ping"}).to_string() + "\n").repeat(10_000);
+    while (&s).write(chunk.as_bytes()).is_ok() {}
+    // Its session gives up writing and closes; only our stats connection remains.
+    let mut c = d.client();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while c.ok(json!({"op": "stats"}))["connections"] != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stuck client was not dropped"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Holds an exclusive lock on the keystore until dropped.
+fn lock_keystore(d: &TestDaemon) -> rusqlite::Connection {
+    let db = rusqlite::Connection::open(d.path("data/keystore.sqlite3")).unwrap();
+    db.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    db
+}
+
+fn a_request_never_waits_past_its_deadline(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "[server]\nrequest_timeout_ms = 300\n", &[]);
+    let mut c = d.client();
+    c.ok(json!({"op": "set_user_api_key", "user_id": "u", "service": "openai", "key": "sk-before-the-lock-1"}));
+    let lock = lock_keystore(&d);
+    let began = std::time::Instant::now();
+    let (code, message) = c.err(json!({"op": "set_user_api_key", "user_id": "v", "service": "openai", "key": "sk-during-the-lock"}));
+    assert_eq!(code, "unavailable");
+    assert!(message.contains("request_timeout_ms"), "{message}");
+    eprintln!("answered after {:?}", began.elapsed());
+    // Other connections and cached reads go on.
+    let mut other = d.client();
+    assert_eq!(other.ok(json!({"op": "ping"}))["pong"], true);
+    assert_eq!(
+        other.ok(json!({"op": "get_user_api_key", "user_id": "u", "service": "openai"}))["key"],
+        "sk-before-the-lock-1"
+    );
+    drop(lock);
+    c.ok(json!({"op": "set_user_api_key", "user_id": "w", "service": "openai", "key": "sk-after-the-lock-1"}));
+}
+
+fn a_busy_keystore_answers_unavailable(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    let mut c = d.client();
+    let lock = lock_keystore(&d);
+    // SQLite waits out its busy timeout (5 s), then reports busy.
+    let (code, message) =
+        c.err(json!({"op": "delete_user_api_key", "user_id": "u", "service": "openai"}));
+    assert_eq!(code, "unavailable");
+    assert!(message.contains("busy"), "{message}");
+    drop(lock);
+    c.ok(json!({"op": "delete_user_api_key", "user_id": "u", "service": "openai"}));
+}
+
+/// A private tmpfs of `kb` KiB at `dir`, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, kb: u32) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={kb}k,mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .output()
+            .expect("mount(8) is needed");
+        assert!(
+            out.status.success(),
+            "this test mounts a tmpfs and needs root (CAP_SYS_ADMIN): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+
+    fn remount(&self, opt: &str) {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,{opt}")])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A daemon whose keystore lives on a 4 MiB tmpfs.
+fn daemon_on_small_disk(mode: Mode) -> (TestDaemon, Tmpfs) {
+    let mut d = TestDaemon::start_with(mode, "", &[]);
+    assert!(d.stop().success());
+    let fs = Tmpfs::mount(&d.path("small"), 4096);
+    d.write_config("[keystore]\npath = \"small/keystore.sqlite3\"\n");
+    d.spawn();
+    d.wait_ready();
+    (d, fs)
+}
+
+fn a_full_disk_answers_unavailable_and_loses_nothing(mode: Mode) {
+    let (d, _fs) = daemon_on_small_disk(mode);
+    let mut c = d.client();
+    c.ok(json!({"op": "set_user_api_key", "user_id": "kept", "service": "openai", "key": "sk-stored-before-full"}));
+    // Fill the disk.
+    let filler = d.path("small/filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    while f.write_all(&block).is_ok() {}
+    let _ = f.sync_all();
+    let big = "k".repeat(4000);
+    let mut refused = 0;
+    for i in 0..50 {
+        let r = c.call(json!({"op": "set_user_api_key", "user_id": format!("f{i}"), "service": "openai", "key": big}));
+        if r["ok"] == false {
+            assert_eq!(r["error"]["code"], "unavailable", "{r}");
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "writes on a full disk must be refused");
+    assert_eq!(
+        c.ok(json!({"op": "get_user_api_key", "user_id": "kept", "service": "openai"}))["key"],
+        "sk-stored-before-full"
+    );
+    drop(f);
+    std::fs::remove_file(&filler).unwrap();
+    c.ok(json!({"op": "set_user_api_key", "user_id": "after", "service": "openai", "key": "sk-after-space-freed"}));
+    // Whatever was acknowledged is there; the file is sound.
+    let mut d = d;
+    d.restart();
+    let mut c = d.client();
+    assert_eq!(
+        c.ok(json!({"op": "get_user_api_key", "user_id": "kept", "service": "openai"}))["key"],
+        "sk-stored-before-full"
+    );
+    assert_eq!(
+        c.ok(json!({"op": "get_user_api_key", "user_id": "after", "service": "openai"}))["key"],
+        "sk-after-space-freed"
+    );
+    let db = rusqlite::Connection::open(d.path("small/keystore.sqlite3")).unwrap();
+    let check: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+}
+
+/// Linux will not remount a filesystem read-only while the daemon holds files open
+/// for writing, so a read-only keystore is shown at start: a clear refusal, and the
+/// data intact once the filesystem is writable again. (SQLITE_READONLY at run time
+/// maps to `unavailable`; see the unit tests of `error.rs`.)
+fn a_read_only_keystore_is_refused_clearly(mode: Mode) {
+    let (mut d, fs) = daemon_on_small_disk(mode);
+    d.client().ok(json!({"op": "set_user_api_key", "user_id": "kept", "service": "openai", "key": "sk-stored-before-ro"}));
+    assert!(d.stop().success());
+    fs.remount("ro");
+    let (status, log) = d.expect_refusal();
+    assert!(!status.success());
+    assert!(
+        log.contains("keystore") && log.contains("refusing to start"),
+        "{log}"
+    );
+    fs.remount("rw");
+    d.spawn();
+    d.wait_ready();
+    let r = d
+        .client()
+        .ok(json!({"op": "get_user_api_key", "user_id": "kept", "service": "openai"}));
+    assert_eq!(r["key"], "sk-stored-before-ro");
+}
+
+fn a_panicking_handler_answers_internal(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[("APIKEYD_TEST_HOOKS", "1")]);
+    let mut c = d.client();
+    c.send_raw(b"{\"op\":\"ping\",\"id\":1}\n{\"op\":\"debug_panic\",\"id\":2}\n{\"op\":\"ping\",\"id\":3}\n");
+    let replies: Vec<Value> = (0..3).map(|_| c.recv()).collect();
+    assert_eq!(replies[0]["ok"], true);
+    assert_eq!(replies[1]["id"], 2);
+    assert_eq!(replies[1]["error"]["code"], "internal");
+    assert_eq!(replies[2]["ok"], true, "the same connection goes on");
+    assert_eq!(d.client().ok(json!({"op": "ping"}))["pong"], true);
+}
+
+fn a_corrupt_keystore_is_refused_at_start(mode: Mode) {
+    let mut d = TestDaemon::start_with(mode, "", &[]);
+    let mut c = d.client();
+    for i in 0..200 {
+        c.ok(json!({"op": "set_user_api_key", "user_id": format!("u{i}"), "service": "openai", "key": format!("sk-corrupt-{i:05}")}));
+    }
+    drop(c);
+    assert!(d.stop().success());
+    let path = d.path("data/keystore.sqlite3");
+    // Move everything from the WAL into the main file first.
+    let db = rusqlite::Connection::open(&path).unwrap();
+    db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    drop(db);
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.len() > 8192);
+    // Scribble over the second page (a b-tree page), leaving the header intact.
+    for b in &mut bytes[4096..4096 + 512] {
+        *b = 0xA5;
+    }
+    std::fs::write(&path, bytes).unwrap();
+    let (status, log) = d.expect_refusal();
+    assert!(!status.success());
+    assert!(
+        log.contains("restore it from a backup") || log.contains("malformed"),
+        "{log}"
+    );
+}
+
+in_every_mode!(
+    a_writer_that_never_reads_cannot_grow_memory,
+    a_client_that_stops_reading_is_dropped_after_the_idle_timeout,
+    a_request_never_waits_past_its_deadline,
+    a_full_disk_answers_unavailable_and_loses_nothing,
+    a_read_only_keystore_is_refused_clearly,
+    a_panicking_handler_answers_internal,
+    a_corrupt_keystore_is_refused_at_start,
+);
+
+/// Embedded only: one mode is enough to show SQLite's busy timeout (it takes 5 s).
+#[test]
+fn busy_keystore() {
+    a_busy_keystore_answers_unavailable(Mode::Embedded);
+}
