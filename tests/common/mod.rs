@@ -40,10 +40,22 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     pub socket: PathBuf,
     child: Mutex<Option<Child>>,
+    /// Append-only file with fsync on every write, for tests that restart Redis and
+    /// expect acknowledged writes to survive.
+    persistent: bool,
 }
 
 impl RedisServer {
     pub fn start() -> Arc<RedisServer> {
+        Self::start_inner(false)
+    }
+
+    /// A server that persists every write (`appendfsync always`).
+    pub fn start_persistent() -> Arc<RedisServer> {
+        Self::start_inner(true)
+    }
+
+    fn start_inner(persistent: bool) -> Arc<RedisServer> {
         let dir = tempfile::Builder::new()
             .prefix("apikeyd-redis")
             .tempdir()
@@ -52,16 +64,24 @@ impl RedisServer {
             socket: dir.path().join("redis.sock"),
             dir,
             child: Mutex::new(None),
+            persistent,
         };
         r.spawn();
         Arc::new(r)
     }
 
     fn spawn(&self) {
+        let aof: &[&str] = if self.persistent {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--appendonly", "no"]
+        };
         let child = Command::new("redis-server")
             .args(["--port", "0", "--unixsocket"])
             .arg(&self.socket)
-            .args(["--unixsocketperm", "700", "--save", "", "--appendonly", "no", "--dir"])
+            .args(["--unixsocketperm", "700", "--save", ""])
+            .args(aof)
+            .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
