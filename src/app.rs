@@ -56,6 +56,18 @@ impl App {
         }
     }
 
+    /// Asks the keystore, for at most `server.request_timeout_ms`.
+    pub async fn keystore<M, T>(&self, msg: M) -> crate::error::Result<T>
+    where
+        Keystore: actix::Handler<M>,
+        M: actix::Message<Result = crate::error::Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let deadline =
+            std::time::Duration::from_millis(self.config().server.request_timeout_ms.max(1));
+        crate::actors::within(deadline, self.keystore.send(msg)).await
+    }
+
     /// The config in force now (replaced whole on reload).
     pub fn config(&self) -> Arc<Config> {
         match self.config.read() {

@@ -18,6 +18,7 @@ pub mod access;
 pub mod actors;
 pub mod app;
 pub mod audit;
+pub mod bench;
 pub mod client;
 pub mod clock;
 pub mod config;
@@ -68,6 +69,11 @@ pub fn open_keystore(config: &Config) -> Result<Opened, StartError> {
     actors::keystore::open(config, KEYSTORE_THREADS + 1)
 }
 
+/// How long any store may take to answer one request (`server.request_timeout_ms`).
+fn deadline(config: &Config) -> std::time::Duration {
+    std::time::Duration::from_millis(config.server.request_timeout_ms.max(1))
+}
+
 /// Starts the store actor the config asks for: Redis when `redis.url` is set, else
 /// the embedded store on `db`. In Redis mode also starts the invalidation listener.
 fn start_store(
@@ -84,7 +90,10 @@ fn start_store(
                 key.clone(),
             )
         });
-        return Ok((Store::new(StoreMode::Embedded, None, addr), None));
+        return Ok((
+            Store::new(StoreMode::Embedded, None, deadline(config), addr),
+            None,
+        ));
     }
     let client = actors::redis::client(&config.redis).map_err(StartError)?;
     // "Not known to be down": the first command tries, and the first ping runs at once.
@@ -95,7 +104,12 @@ fn start_store(
         prefix: config.redis.prefix.clone(),
     };
     Ok((
-        Store::new(StoreMode::Redis, Some(connected), store.start()),
+        Store::new(
+            StoreMode::Redis,
+            Some(connected),
+            deadline(config),
+            store.start(),
+        ),
         Some((client, names)),
     ))
 }
@@ -144,7 +158,13 @@ pub async fn run(
         let db = pool.lock().ok().and_then(|mut p| p.pop());
         Keystore::new(db.expect("one connection per keystore thread"), key.clone())
     });
-    let cache = KeyCache::new(keystore.clone(), store.clone(), &config.cache).start();
+    let cache = KeyCache::new(
+        keystore.clone(),
+        store.clone(),
+        deadline(&config),
+        &config.cache,
+    )
+    .start();
     if let Some((client, names)) = redis {
         actix_rt::spawn(actors::redis::listen(client, names, cache.clone()));
     }

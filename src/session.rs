@@ -3,7 +3,7 @@
 //! written together.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -45,8 +45,21 @@ struct SequencerState {
     writes_started: u64,
     /// Writes finished so far.
     writes_done: u64,
-    /// Unfinished reads by epoch; a write of epoch e waits for the reads of epoch e.
-    reads_running: BTreeMap<u64, usize>,
+    /// Unfinished reads per epoch, from epoch `first_epoch` on; a write of epoch e
+    /// waits for the reads of epoch e.
+    reads_running: VecDeque<usize>,
+    first_epoch: u64,
+    /// Requests waiting in `admit`; nobody is notified when there are none.
+    waiting: usize,
+}
+
+impl SequencerState {
+    fn reads_of(&mut self, epoch: u64) -> &mut usize {
+        while self.first_epoch + (self.reads_running.len() as u64) <= epoch {
+            self.reads_running.push_back(0);
+        }
+        &mut self.reads_running[(epoch - self.first_epoch) as usize]
+    }
 }
 
 /// A request's place in its connection's order, taken when its line is read.
@@ -62,42 +75,52 @@ impl Sequencer {
         if write {
             s.writes_started += 1;
         } else {
-            *s.reads_running.entry(epoch).or_default() += 1;
+            *s.reads_of(epoch) += 1;
         }
         Ticket { epoch, write }
     }
 
     fn may_start(&self, t: &Ticket) -> bool {
-        let s = self.state.borrow();
+        let mut s = self.state.borrow_mut();
         // Everything of epoch e waits for the writes before it; a write also waits
         // for the reads of its epoch (those read before it on this connection).
-        s.writes_done >= t.epoch && (!t.write || !s.reads_running.contains_key(&t.epoch))
+        s.writes_done >= t.epoch && (!t.write || *s.reads_of(t.epoch) == 0)
     }
 
     async fn admit(&self, t: &Ticket) {
+        if self.may_start(t) {
+            return;
+        }
+        self.state.borrow_mut().waiting += 1;
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if self.may_start(t) {
-                return;
+                break;
             }
             notified.await;
         }
+        self.state.borrow_mut().waiting -= 1;
     }
 
     fn finish(&self, t: Ticket) {
         let mut s = self.state.borrow_mut();
         if t.write {
             s.writes_done += 1;
-        } else if let Some(n) = s.reads_running.get_mut(&t.epoch) {
-            *n -= 1;
-            if *n == 0 {
-                s.reads_running.remove(&t.epoch);
-            }
+        } else {
+            *s.reads_of(t.epoch) -= 1;
         }
+        // Drop the counts of finished epochs that no one can wait for any more.
+        while s.first_epoch < s.writes_done && s.reads_running.front() == Some(&0) {
+            s.reads_running.pop_front();
+            s.first_epoch += 1;
+        }
+        let notify = s.waiting > 0;
         drop(s);
-        self.changed.notify_waiters();
+        if notify {
+            self.changed.notify_waiters();
+        }
     }
 }
 
@@ -136,35 +159,26 @@ fn start(
     });
     let order = order.clone();
     let ticket = order.ticket(ops::is_write(&req.op));
-    let deadline = Duration::from_millis(app.config().server.request_timeout_ms.max(1));
     Some(
         async move {
-            let began = Instant::now();
-            let work = async {
-                order.admit(&ticket).await;
-                AssertUnwindSafe(ops::dispatch(&app, &peer, req))
-                    .catch_unwind()
-                    .await
-                    .unwrap_or_else(|_| {
-                        tracing::error!("a request handler panicked; answering internal");
-                        Err(Error::Internal(
-                            "the request failed inside the daemon; see its log".into(),
-                        ))
-                    })
-            };
-            // A write cut off here may still complete: only success promises anything.
-            let outcome = tokio::time::timeout(deadline, work).await.unwrap_or_else(|_| {
-                tracing::warn!(uid = peer.uid, "request deadline passed; answering unavailable");
-                Err(Error::Unavailable(format!(
-                    "the request did not finish within {} ms (server.request_timeout_ms); a write may or may not have been applied",
-                    deadline.as_millis()
-                )))
-            });
+            let began = op.as_ref().map(|_| Instant::now());
+            order.admit(&ticket).await;
+            // Every call into a store is bounded by server.request_timeout_ms
+            // (actors::within), so this never waits forever.
+            let outcome = AssertUnwindSafe(ops::dispatch(&app, &peer, req))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    tracing::error!("a request handler panicked; answering internal");
+                    Err(Error::Internal(
+                        "the request failed inside the daemon; see its log".into(),
+                    ))
+                });
             order.finish(ticket);
             if let Some(op) = op {
                 let code = outcome.as_ref().err().map(Error::code).unwrap_or("ok");
                 tracing::debug!(op = %op, id = %id, uid = peer.uid, code,
-                    micros = began.elapsed().as_micros() as u64, "request");
+                    micros = began.map_or(0, |b| b.elapsed().as_micros() as u64), "request");
             }
             encoded(&id, &outcome)
         }

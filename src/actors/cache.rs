@@ -31,6 +31,8 @@ pub struct KeyCache {
     pools: LruCache<PoolRef, Entry<Arc<Vec<Arc<Secret>>>>>,
     user_ttl: Duration,
     pool_ttl: Duration,
+    /// How long the keystore may take to answer (`server.request_timeout_ms`).
+    deadline: Duration,
     /// Bumped by every invalidation.
     generation: u64,
     hits: u64,
@@ -43,7 +45,12 @@ fn capacity(n: usize) -> NonZeroUsize {
 
 impl KeyCache {
     /// An empty cache in front of `keystore` and `store`.
-    pub fn new(keystore: Addr<Keystore>, store: Store, config: &CacheConfig) -> Self {
+    pub fn new(
+        keystore: Addr<Keystore>,
+        store: Store,
+        deadline: Duration,
+        config: &CacheConfig,
+    ) -> Self {
         KeyCache {
             keystore,
             store,
@@ -51,6 +58,7 @@ impl KeyCache {
             pools: LruCache::new(capacity(config.max_entries)),
             user_ttl: Duration::from_secs(config.user_key_ttl_s),
             pool_ttl: Duration::from_secs(config.pool_ttl_s),
+            deadline,
             generation: 0,
             hits: 0,
             misses: 0,
@@ -106,8 +114,9 @@ impl Handler<LookupUserKey> for KeyCache {
             user_id: slot.0.clone(),
             service: slot.1.clone(),
         });
+        let deadline = self.deadline;
         Box::pin(
-            async move { load.await? }
+            async move { super::within(deadline, load).await }
                 .into_actor(self)
                 .map(move |loaded, cache, _| {
                     let value = loaded?.map(Arc::new);

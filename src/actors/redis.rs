@@ -137,8 +137,9 @@ redis.call('EXPIREAT', KEYS[1], ARGV[2])
 return n
 ";
 
-/// Check-and-increment in one script: Redis runs it atomically.
-const CONSUME: &str = r"
+/// Check-and-increment in one script: Redis runs it atomically. Public so the
+/// benchmark can run the very same script against redis-server directly.
+pub const CONSUME_SCRIPT: &str = r"
 local n = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if n < tonumber(ARGV[3]) then
   n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
@@ -486,7 +487,7 @@ impl RedisStore {
                 connected,
                 warned: RefCell::new(HashSet::new()),
                 increment: redis::Script::new(INCREMENT),
-                consume: redis::Script::new(CONSUME),
+                consume: redis::Script::new(CONSUME_SCRIPT),
             }),
         })
     }

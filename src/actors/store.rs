@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::dev::ToEnvelope;
 use actix::prelude::*;
@@ -98,6 +99,8 @@ pub struct Store {
     pub mode: StoreMode,
     /// Redis mode: whether the connection is up right now.
     connected: Option<Arc<AtomicBool>>,
+    /// How long a store may take to answer (`server.request_timeout_ms`).
+    deadline: Duration,
     load_pool: Recipient<LoadPool>,
     add_pool_key: Recipient<AddPoolKey>,
     remove_pool_key: Recipient<RemovePoolKey>,
@@ -107,17 +110,22 @@ pub struct Store {
     consume_usage: Recipient<ConsumeUsage>,
 }
 
-async fn ask<M, T>(to: &Recipient<M>, msg: M) -> Result<T>
+async fn ask<M, T>(deadline: Duration, to: &Recipient<M>, msg: M) -> Result<T>
 where
     M: Message<Result = Result<T>> + Send + 'static,
     T: Send + 'static,
 {
-    to.send(msg).await?
+    super::within(deadline, to.send(msg)).await
 }
 
 impl Store {
     /// A handle to `addr`, which serves every store message.
-    pub fn new<A>(mode: StoreMode, connected: Option<Arc<AtomicBool>>, addr: Addr<A>) -> Self
+    pub fn new<A>(
+        mode: StoreMode,
+        connected: Option<Arc<AtomicBool>>,
+        deadline: Duration,
+        addr: Addr<A>,
+    ) -> Self
     where
         A: Actor
             + Handler<LoadPool>
@@ -138,6 +146,7 @@ impl Store {
         Store {
             mode,
             connected,
+            deadline,
             load_pool: addr.clone().recipient(),
             add_pool_key: addr.clone().recipient(),
             remove_pool_key: addr.clone().recipient(),
@@ -155,36 +164,36 @@ impl Store {
 
     /// See [`LoadPool`].
     pub async fn load_pool(&self, pool: PoolRef) -> Result<Vec<Secret>> {
-        ask(&self.load_pool, LoadPool { pool }).await
+        ask(self.deadline, &self.load_pool, LoadPool { pool }).await
     }
 
     /// See [`AddPoolKey`].
     pub async fn add_pool_key(&self, msg: AddPoolKey) -> Result<(String, bool)> {
-        ask(&self.add_pool_key, msg).await
+        ask(self.deadline, &self.add_pool_key, msg).await
     }
 
     /// See [`RemovePoolKey`].
     pub async fn remove_pool_key(&self, msg: RemovePoolKey) -> Result<bool> {
-        ask(&self.remove_pool_key, msg).await
+        ask(self.deadline, &self.remove_pool_key, msg).await
     }
 
     /// See [`ListPoolKeys`].
     pub async fn list_pool_keys(&self, pool: PoolRef) -> Result<Vec<PoolKeyInfo>> {
-        ask(&self.list_pool_keys, ListPoolKeys { pool }).await
+        ask(self.deadline, &self.list_pool_keys, ListPoolKeys { pool }).await
     }
 
     /// See [`ReadUsage`].
     pub async fn read_usage(&self, msg: ReadUsage) -> Result<u64> {
-        ask(&self.read_usage, msg).await
+        ask(self.deadline, &self.read_usage, msg).await
     }
 
     /// See [`IncrementUsage`].
     pub async fn increment_usage(&self, msg: IncrementUsage) -> Result<u64> {
-        ask(&self.increment_usage, msg).await
+        ask(self.deadline, &self.increment_usage, msg).await
     }
 
     /// See [`ConsumeUsage`].
     pub async fn consume_usage(&self, msg: ConsumeUsage) -> Result<(bool, u64)> {
-        ask(&self.consume_usage, msg).await
+        ask(self.deadline, &self.consume_usage, msg).await
     }
 }

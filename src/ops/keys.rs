@@ -131,13 +131,12 @@ pub async fn set_user_api_key(app: &App, req: &mut Request) -> Result<Body> {
     let user_id = req.user_id()?;
     let service = req.service()?;
     let key = req.key()?;
-    app.keystore
-        .send(StoreUserKey {
-            user_id: user_id.clone(),
-            service: service.clone(),
-            key,
-        })
-        .await??;
+    app.keystore(StoreUserKey {
+        user_id: user_id.clone(),
+        service: service.clone(),
+        key,
+    })
+    .await?;
     app.cache
         .send(ForgetUserKey {
             user_id: user_id.clone(),
@@ -153,12 +152,11 @@ pub async fn delete_user_api_key(app: &App, req: &mut Request) -> Result<Body> {
     let user_id = req.user_id()?;
     let service = req.service()?;
     let deleted = app
-        .keystore
-        .send(DeleteUserKey {
+        .keystore(DeleteUserKey {
             user_id: user_id.clone(),
             service: service.clone(),
         })
-        .await??;
+        .await?;
     app.cache
         .send(ForgetUserKey {
             user_id: user_id.clone(),
@@ -177,7 +175,7 @@ pub async fn list_user_api_keys(app: &App, req: &mut Request) -> Result<Body> {
         keys: Vec<UserKeyInfo>,
     }
     let user_id = req.user_id()?;
-    let keys = app.keystore.send(ListUserKeys { user_id }).await??;
+    let keys = app.keystore(ListUserKeys { user_id }).await?;
     body(&Answer { keys })
 }
 

@@ -1,0 +1,353 @@
+//! `apikeyd bench`: a load generator for the daemon, and for redis-server with the same
+//! load pattern, so both figures come from one tool in one run. Latency is recorded
+//! in an HDR histogram from each request's intended send time (so a stalled server
+//! cannot hide its queueing delay).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// What to run, from the command line.
+#[derive(Clone)]
+pub struct Load {
+    pub connections: usize,
+    pub pipeline: usize,
+    pub duration: Duration,
+    pub warmup: Duration,
+    /// Requests per second over all connections; `None` = as fast as possible.
+    pub rate: Option<f64>,
+    /// Spread `{n}` in templates over 0..keys.
+    pub keys: usize,
+}
+
+/// Where to send it.
+#[derive(Clone)]
+pub enum Target {
+    /// apikeyd at this socket, with request-line templates (`{n}` = key index).
+    Apikeyd {
+        socket: PathBuf,
+        templates: Vec<String>,
+    },
+    /// redis-server at this socket: `HGET bench:{n} openai`, or the consume script.
+    Redis {
+        socket: PathBuf,
+        command: RedisCommand,
+    },
+}
+
+/// The Redis side's command.
+#[derive(Clone, Copy)]
+pub enum RedisCommand {
+    Hget,
+    /// EVALSHA of the same consume script the daemon runs.
+    Consume,
+}
+
+/// One run's figures.
+#[derive(Serialize, Clone)]
+pub struct Report {
+    pub target: String,
+    pub connections: usize,
+    pub pipeline: usize,
+    pub offered_rps: Option<f64>,
+    pub requests: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+}
+
+impl Report {
+    /// One human line.
+    pub fn line(&self) -> String {
+        format!(
+            "{:<9} conns {:>3} pipeline {:>3} {:>10.0} req/s  p50 {:>7.1} µs  p90 {:>7.1}  p99 {:>7.1}  p99.9 {:>7.1}  max {:>8.1}  errors {}",
+            self.target, self.connections, self.pipeline, self.rps, self.p50_us, self.p90_us, self.p99_us, self.p999_us, self.max_us, self.errors
+        )
+    }
+}
+
+fn fill(template: &str, n: usize) -> String {
+    template.replace("{n}", &n.to_string())
+}
+
+/// One connection's loop; answers (requests done, errors, latencies).
+async fn drive(
+    target: Target,
+    load: Load,
+    index: usize,
+    start: Instant,
+) -> std::io::Result<(u64, u64, Histogram<u64>)> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    let measure_from = start + load.warmup;
+    let end = measure_from + load.duration;
+    // Each connection's share of the offered rate, in batches of `pipeline`.
+    let interval = load
+        .rate
+        .map(|r| Duration::from_secs_f64(load.pipeline as f64 * load.connections as f64 / r));
+    let mut next_send = start;
+    let (mut done, mut errors) = (0u64, 0u64);
+    let mut n = index.wrapping_mul(7919);
+    match target {
+        Target::Apikeyd { socket, templates } => {
+            let stream = UnixStream::connect(&socket).await?;
+            let (rd, mut wr) = stream.into_split();
+            let mut rd = BufReader::with_capacity(64 * 1024, rd);
+            let mut batch = Vec::new();
+            let mut line = String::new();
+            let mut t = index;
+            while Instant::now() < end {
+                if interval.is_some() {
+                    tokio::time::sleep_until(next_send.into()).await;
+                }
+                let intended = if interval.is_some() {
+                    next_send
+                } else {
+                    Instant::now()
+                };
+                batch.clear();
+                for _ in 0..load.pipeline {
+                    n = (n + 1) % load.keys.max(1);
+                    t = (t + 1) % templates.len();
+                    batch.extend_from_slice(fill(&templates[t], n).as_bytes());
+                    batch.push(b'\n');
+                }
+                wr.write_all(&batch).await?;
+                for _ in 0..load.pipeline {
+                    line.clear();
+                    if rd.read_line(&mut line).await? == 0 {
+                        return Err(std::io::Error::other("the daemon closed the connection"));
+                    }
+                    if !line.contains("\"ok\":true") {
+                        errors += 1;
+                    }
+                }
+                let now = Instant::now();
+                if intended >= measure_from {
+                    done += load.pipeline as u64;
+                    let us = now.duration_since(intended).as_micros().max(1) as u64;
+                    for _ in 0..load.pipeline {
+                        let _ = hist.record(us);
+                    }
+                }
+                if let Some(iv) = interval {
+                    next_send += iv;
+                }
+            }
+        }
+        Target::Redis { socket, command } => {
+            let client = redis::Client::open(format!("redis+unix://{}", socket.display()))
+                .map_err(std::io::Error::other)?;
+            let mut con = client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(std::io::Error::other)?;
+            let script = redis::Script::new(crate::actors::redis::CONSUME_SCRIPT);
+            let sha = script.get_hash().to_string();
+            let _: () = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(crate::actors::redis::CONSUME_SCRIPT)
+                .query_async(&mut con)
+                .await
+                .map_err(std::io::Error::other)?;
+            while Instant::now() < end {
+                if interval.is_some() {
+                    tokio::time::sleep_until(next_send.into()).await;
+                }
+                let intended = if interval.is_some() {
+                    next_send
+                } else {
+                    Instant::now()
+                };
+                let mut pipe = redis::pipe();
+                for _ in 0..load.pipeline {
+                    n = (n + 1) % load.keys.max(1);
+                    match command {
+                        RedisCommand::Hget => {
+                            pipe.cmd("HGET").arg(format!("bench:{n}")).arg("openai");
+                        }
+                        RedisCommand::Consume => {
+                            pipe.cmd("EVALSHA")
+                                .arg(&sha)
+                                .arg(1)
+                                .arg(format!("bench:usage:{n}"))
+                                .arg("t")
+                                .arg(i64::MAX / 2)
+                                .arg(1_000_000_000);
+                        }
+                    }
+                }
+                let replies: redis::RedisResult<Vec<redis::Value>> =
+                    pipe.query_async(&mut con).await;
+                if replies.is_err() {
+                    errors += load.pipeline as u64;
+                }
+                let now = Instant::now();
+                if intended >= measure_from {
+                    done += load.pipeline as u64;
+                    let us = now.duration_since(intended).as_micros().max(1) as u64;
+                    for _ in 0..load.pipeline {
+                        let _ = hist.record(us);
+                    }
+                }
+                if let Some(iv) = interval {
+                    next_send += iv;
+                }
+            }
+        }
+    }
+    Ok((done, errors, hist))
+}
+
+/// Runs `load` against `target` on a single-threaded runtime (one core for the load,
+/// the other for the server on a two-core machine).
+pub fn run(target: &Target, load: &Load) -> std::io::Result<Report> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async {
+        let start = Instant::now() + Duration::from_millis(50);
+        let tasks: Vec<_> = (0..load.connections)
+            .map(|i| tokio::task::spawn_local(drive(target.clone(), load.clone(), i, start)))
+            .collect();
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+        let (mut done, mut errors) = (0, 0);
+        for t in tasks {
+            let (d, e, h) = t.await.map_err(std::io::Error::other)??;
+            done += d;
+            errors += e;
+            hist.add(h).map_err(std::io::Error::other)?;
+        }
+        let seconds = load.duration.as_secs_f64();
+        let q = |p: f64| hist.value_at_quantile(p) as f64;
+        Ok(Report {
+            target: match target {
+                Target::Apikeyd { .. } => "apikeyd".into(),
+                Target::Redis { .. } => "redis".into(),
+            },
+            connections: load.connections,
+            pipeline: load.pipeline,
+            offered_rps: load.rate,
+            requests: done,
+            errors,
+            seconds,
+            rps: done as f64 / seconds,
+            p50_us: q(0.50),
+            p90_us: q(0.90),
+            p99_us: q(0.99),
+            p999_us: q(0.999),
+            max_us: hist.max() as f64,
+        })
+    })
+}
+
+/// Stores `keys` user keys (`bench-{n}` / openai) straight into the keystore in one
+/// transaction: setting up 500,000 keys through the socket would take one fsync each.
+pub fn populate_keystore(config: &crate::config::Config, keys: usize) -> Result<(), String> {
+    let opened = crate::actors::keystore::open(config, 1).map_err(|e| e.0)?;
+    let mut db = opened
+        .connections
+        .into_iter()
+        .next()
+        .ok_or("no connection")?;
+    let tx = db.transaction().map_err(|e| e.to_string())?;
+    for n in 0..keys {
+        let key = crate::crypto::Secret::new(format!("sk-bench-{n:08}-0123456789abcdef"));
+        crate::actors::keystore::store_user_key(
+            &tx,
+            &opened.key,
+            &format!("bench-{n}"),
+            "openai",
+            &key,
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    tx.commit().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Fills `bench:{n}` hashes on the redis-server at `socket` for the HGET comparison.
+pub fn populate_redis(socket: &std::path::Path, keys: usize) -> Result<(), String> {
+    let client = redis::Client::open(format!("redis+unix://{}", socket.display()))
+        .map_err(|e| e.to_string())?;
+    let mut con = client.get_connection().map_err(|e| e.to_string())?;
+    for chunk in (0..keys).collect::<Vec<_>>().chunks(1000) {
+        let mut pipe = redis::pipe();
+        for n in chunk {
+            pipe.cmd("HSET")
+                .arg(format!("bench:{n}"))
+                .arg("openai")
+                .arg(format!("sk-bench-{n:08}-0123456789abcdef"))
+                .ignore();
+        }
+        pipe.query::<()>(&mut con).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Writes a latency-versus-throughput chart (p50 and p99 against achieved req/s) of a
+/// sweep as a small SVG.
+pub fn plot(path: &std::path::Path, series: &[(&str, Vec<Report>)]) -> std::io::Result<()> {
+    let (w, h, m) = (720.0, 440.0, 60.0);
+    let max_x = series
+        .iter()
+        .flat_map(|(_, r)| r.iter().map(|r| r.rps))
+        .fold(1.0, f64::max)
+        * 1.05;
+    let max_y = series
+        .iter()
+        .flat_map(|(_, r)| r.iter().map(|r| r.p99_us))
+        .fold(1.0, f64::max)
+        * 1.1;
+    let x = |v: f64| m + v / max_x * (w - 2.0 * m);
+    let y = |v: f64| h - m - v / max_y * (h - 2.0 * m);
+    let mut svg = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n\
+         <rect width='100%' height='100%' fill='white'/>\n\
+         <line x1='{m}' y1='{}' x2='{}' y2='{}' stroke='black'/><line x1='{m}' y1='{m}' x2='{m}' y2='{}' stroke='black'/>\n\
+         <text x='{}' y='{}' text-anchor='middle'>throughput (requests/s)</text>\n\
+         <text x='15' y='{}' transform='rotate(-90 15 {})' text-anchor='middle'>latency (µs)</text>\n\
+         <text x='{m}' y='{}'>0</text><text x='{}' y='{}' text-anchor='end'>{:.0}</text><text x='{}' y='{}' text-anchor='end'>{:.0}</text>\n",
+        h - m, w - m, h - m, h - m,
+        w / 2.0, h - 15.0,
+        h / 2.0, h / 2.0,
+        h - m + 15.0, w - m, h - m + 15.0, max_x,
+        m - 5.0, m + 4.0, max_y,
+    );
+    let colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+    for (i, (name, runs)) in series.iter().enumerate() {
+        let color = colors[i % colors.len()];
+        for (dash, pick) in [("", 0usize), ("6,4", 1)] {
+            let points: Vec<String> = runs
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{:.1},{:.1}",
+                        x(r.rps),
+                        y(if pick == 0 { r.p50_us } else { r.p99_us })
+                    )
+                })
+                .collect();
+            svg.push_str(&format!(
+                "<polyline fill='none' stroke='{color}' stroke-width='2' stroke-dasharray='{dash}' points='{}'/>\n",
+                points.join(" ")
+            ));
+        }
+        svg.push_str(&format!(
+            "<text x='{}' y='{}' fill='{color}'>{name}: p50 solid, p99 dashed</text>\n",
+            m + 10.0,
+            m + 15.0 + 16.0 * i as f64
+        ));
+    }
+    svg.push_str("</svg>\n");
+    std::fs::write(path, svg)
+}
