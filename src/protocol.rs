@@ -1,8 +1,9 @@
 //! The wire: one JSON object per line in, one per line out. Parsing a line into a
 //! `Request`, the parameter rules of SPEC §2, and encoding responses.
 
-use serde::Serialize;
-use serde_json::{Map, Value};
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use zeroize::Zeroizing;
 
 use crate::crypto::Secret;
@@ -14,11 +15,90 @@ pub const MAX_COUNT: u64 = 1_000_000_000;
 /// An encoded result or response. Zeroed on drop, because it may hold a key.
 pub type Body = Zeroizing<Vec<u8>>;
 
+/// The request's `id` exactly as it was sent (raw JSON), echoed byte for byte.
+pub type Id = Option<Box<RawValue>>;
+
+/// A member's value as sent, kept only as far as the parameter rules need.
+enum Param {
+    Str(String),
+    Bool(bool),
+    U64(u64),
+    /// Negative integers, fractions and numbers out of range: never a valid count.
+    OtherNumber,
+    /// Arrays and objects.
+    Container,
+}
+
+impl<'de> Deserialize<'de> for Param {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> Visitor<'de> for Visit {
+            type Value = Param;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E>(self, v: &str) -> std::result::Result<Param, E> {
+                Ok(Param::Str(v.to_owned()))
+            }
+            fn visit_string<E>(self, v: String) -> std::result::Result<Param, E> {
+                Ok(Param::Str(v))
+            }
+            fn visit_bool<E>(self, v: bool) -> std::result::Result<Param, E> {
+                Ok(Param::Bool(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> std::result::Result<Param, E> {
+                Ok(Param::U64(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> std::result::Result<Param, E> {
+                Ok(u64::try_from(v).map_or(Param::OtherNumber, Param::U64))
+            }
+            fn visit_f64<E>(self, _: f64) -> std::result::Result<Param, E> {
+                Ok(Param::OtherNumber)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Param, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Param::Container)
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Param, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Param::Container)
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+/// The members a request may have; unknown members are skipped unread. A member that
+/// is `null` counts as absent.
+#[derive(Deserialize, Default)]
+struct Members {
+    op: Option<Param>,
+    id: Id,
+    user_id: Option<Param>,
+    service: Option<Param>,
+    channel_id: Option<Param>,
+    key: Option<Param>,
+    key_id: Option<Param>,
+    label: Option<Param>,
+    tool_name: Option<Param>,
+    fallback_to_pool: Option<Param>,
+    fallback_to_config: Option<Param>,
+    daily_limit: Option<Param>,
+    current: Option<Param>,
+    limit: Option<Param>,
+}
+
 /// One parsed request line: its `id`, its `op`, and the remaining members.
 pub struct Request {
-    pub id: Value,
+    pub id: Id,
     pub op: String,
-    params: Map<String, Value>,
+    params: Members,
     /// The validated identifiers read so far, for the audit line.
     pub subject: Subject,
 }
@@ -45,7 +125,7 @@ pub enum Line {
     /// A request to dispatch.
     Request(Request),
     /// Not a request; answer with this error and the id, if one could be read.
-    Invalid { id: Value, error: Error },
+    Invalid { id: Id, error: Error },
 }
 
 /// Parses one line (without its `\n`).
@@ -54,27 +134,32 @@ pub fn parse_line(line: &[u8]) -> Line {
         return Line::Blank;
     }
     let invalid = |m: &str| Line::Invalid {
-        id: Value::Null,
+        id: None,
         error: Error::BadRequest(m.into()),
     };
     let Ok(text) = std::str::from_utf8(line) else {
         return invalid("request is not valid UTF-8");
     };
-    let mut obj = match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(obj)) => obj,
+    let mut members = match serde_json::from_str::<Members>(text) {
+        Ok(m) => m,
         // serde_json's messages give a position, never the offending text.
-        Err(e) => return invalid(&format!("request is not JSON: {e}")),
-        Ok(_) => return invalid("request must be a JSON object"),
+        Err(e) => match serde_json::from_str::<IgnoredAny>(text) {
+            Ok(_) if !text.trim_start().starts_with('{') => {
+                return invalid("request must be a JSON object")
+            }
+            Ok(_) => return invalid(&format!("request is not a valid request object: {e}")),
+            Err(e) => return invalid(&format!("request is not JSON: {e}")),
+        },
     };
-    let id = obj.remove("id").unwrap_or(Value::Null);
-    match obj.remove("op") {
-        Some(Value::String(op)) => Line::Request(Request {
+    let id = members.id.take();
+    match members.op.take() {
+        Some(Param::Str(op)) => Line::Request(Request {
             id,
             op,
-            params: obj,
+            params: members,
             subject: Subject::default(),
         }),
-        None | Some(Value::Null) => Line::Invalid {
+        None => Line::Invalid {
             id,
             error: Error::param("op", "is missing"),
         },
@@ -130,11 +215,31 @@ pub fn check_key(raw: Secret) -> Result<Secret> {
 }
 
 impl Request {
+    /// Takes a member out (each is read once).
+    fn take(&mut self, name: &str) -> Option<Param> {
+        let p = &mut self.params;
+        match name {
+            "user_id" => p.user_id.take(),
+            "service" => p.service.take(),
+            "channel_id" => p.channel_id.take(),
+            "key" => p.key.take(),
+            "key_id" => p.key_id.take(),
+            "label" => p.label.take(),
+            "tool_name" => p.tool_name.take(),
+            "fallback_to_pool" => p.fallback_to_pool.take(),
+            "fallback_to_config" => p.fallback_to_config.take(),
+            "daily_limit" => p.daily_limit.take(),
+            "current" => p.current.take(),
+            "limit" => p.limit.take(),
+            _ => None,
+        }
+    }
+
     /// A string member; `None` when absent or null.
     fn opt_string(&mut self, name: &str) -> Result<Option<String>> {
-        match self.params.remove(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
+        match self.take(name) {
+            None => Ok(None),
+            Some(Param::Str(s)) => Ok(Some(s)),
             Some(_) => Err(Error::param(name, "must be a string")),
         }
     }
@@ -218,24 +323,18 @@ impl Request {
 
     /// A boolean member with a default for absent or null.
     pub fn flag(&mut self, name: &str, default: bool) -> Result<bool> {
-        match self.params.remove(name) {
-            None | Some(Value::Null) => Ok(default),
-            Some(Value::Bool(b)) => Ok(b),
+        match self.take(name) {
+            None => Ok(default),
+            Some(Param::Bool(b)) => Ok(b),
             Some(_) => Err(Error::param(name, "must be true or false")),
         }
     }
 
     /// An optional integer from 0 to 1,000,000,000.
     pub fn opt_count(&mut self, name: &str) -> Result<Option<u64>> {
-        match self.params.remove(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(v) if v <= MAX_COUNT => Ok(Some(v)),
-                _ => Err(Error::param(
-                    name,
-                    "must be an integer from 0 to 1000000000",
-                )),
-            },
+        match self.take(name) {
+            None => Ok(None),
+            Some(Param::U64(v)) if v <= MAX_COUNT => Ok(Some(v)),
             Some(_) => Err(Error::param(
                 name,
                 "must be an integer from 0 to 1000000000",
@@ -267,11 +366,9 @@ struct WireError<'a> {
 }
 
 /// Appends the response line for `id` and `outcome`, with its `\n`, to `out`.
-pub fn write_response(out: &mut Vec<u8>, id: &Value, outcome: &Result<Body>) {
+pub fn write_response(out: &mut Vec<u8>, id: &Id, outcome: &Result<Body>) {
     out.extend_from_slice(b"{\"id\":");
-    if serde_json::to_writer(&mut *out, id).is_err() {
-        out.extend_from_slice(b"null");
-    }
+    out.extend_from_slice(id.as_deref().map_or("null", RawValue::get).as_bytes());
     match outcome {
         Ok(result) => {
             out.extend_from_slice(b",\"ok\":true,\"result\":");
@@ -294,6 +391,7 @@ pub fn write_response(out: &mut Vec<u8>, id: &Value, outcome: &Result<Body>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     fn req(line: &str) -> Request {
         match parse_line(line.as_bytes()) {
@@ -302,9 +400,13 @@ mod tests {
         }
     }
 
-    fn error_of(line: &[u8]) -> (Value, String) {
+    /// (the raw id, the error code) of an invalid line.
+    fn error_of(line: &[u8]) -> (String, String) {
         match parse_line(line) {
-            Line::Invalid { id, error } => (id, error.code().to_string()),
+            Line::Invalid { id, error } => (
+                id.as_deref().map_or("null", RawValue::get).to_string(),
+                error.code().to_string(),
+            ),
             _ => panic!("expected invalid"),
         }
     }
@@ -315,11 +417,10 @@ mod tests {
         assert_eq!(error_of(b"{nope").1, "bad_request");
         assert_eq!(error_of(b"[1,2]").1, "bad_request");
         assert_eq!(error_of(b"\xff\xfe").1, "bad_request");
-        assert_eq!(
-            error_of(br#"{"id":7}"#),
-            (Value::from(7), "bad_request".into())
-        );
-        assert_eq!(error_of(br#"{"id":"x","op":5}"#).0, Value::from("x"));
+        assert_eq!(error_of(br#"{"id":7}"#), ("7".into(), "bad_request".into()));
+        assert_eq!(error_of(br#"{"id":"x","op":5}"#).0, r#""x""#);
+        // Ids are kept byte for byte.
+        assert_eq!(error_of(br#"{"id": 1.50e+3 ,"op":[]}"#).0, "1.50e+3");
     }
 
     #[test]
@@ -358,23 +459,41 @@ mod tests {
 
     #[test]
     fn counts() {
-        let mut r = req(r#"{"op":"x","a":0,"b":1000000000,"c":1000000001,"d":-1,"e":1.5,"f":"3"}"#);
-        assert_eq!(r.opt_count("a").unwrap(), Some(0));
-        assert_eq!(r.opt_count("b").unwrap(), Some(MAX_COUNT));
-        for n in ["c", "d", "e", "f"] {
-            assert!(r.opt_count(n).is_err(), "{n}");
+        let count =
+            |v: &str| req(&format!(r#"{{"op":"x","daily_limit":{v}}}"#)).opt_count("daily_limit");
+        assert_eq!(count("0").unwrap(), Some(0));
+        assert_eq!(count("1000000000").unwrap(), Some(MAX_COUNT));
+        assert_eq!(count("null").unwrap(), None);
+        for bad in [
+            "1000000001",
+            "-1",
+            "1.5",
+            "\"3\"",
+            "[1]",
+            "1e3",
+            "18446744073709551616",
+        ] {
+            let e = count(bad).err().unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(e.to_string().contains("daily_limit"));
         }
-        assert_eq!(r.opt_count("g").unwrap(), None);
+        assert_eq!(req(r#"{"op":"x"}"#).opt_count("limit").unwrap(), None);
+    }
+
+    #[test]
+    fn unknown_and_duplicate_members() {
+        let mut r = req(r#"{"op":"x","whatever":{"a":[1,2,{"b":null}]},"user_id":"u"}"#);
+        assert_eq!(r.user_id().unwrap(), "u");
+        assert!(matches!(
+            parse_line(br#"{"op":"x","op":"y"}"#),
+            Line::Invalid { .. }
+        ));
     }
 
     #[test]
     fn response_shape() {
         let mut out = Vec::new();
-        write_response(
-            &mut out,
-            &Value::from("a"),
-            &Err(Error::UnknownOp(Some("zz".into()))),
-        );
+        let id = Some(RawValue::from_string(r#""a""#.into()).unwrap());
+        write_response(&mut out, &id, &Err(Error::UnknownOp(Some("zz".into()))));
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["id"], "a");
         assert_eq!(v["ok"], false);
@@ -385,6 +504,7 @@ mod tests {
     mod properties {
         use super::super::*;
         use proptest::prelude::*;
+        use serde_json::Value;
 
         /// Runs every parameter reader on `req`, as the ops do; none may panic.
         fn read_all(mut req: Request) {
@@ -474,7 +594,8 @@ mod tests {
                         let is_request = matches!(&v, Value::Object(m) if matches!(m.get("op"), Some(Value::String(_))));
                         prop_assert!(!is_request);
                         if let Value::Object(m) = &v {
-                            prop_assert_eq!(&id, m.get("id").unwrap_or(&Value::Null));
+                            let sent = m.get("id").map_or("null".into(), |i| serde_json::to_string(i).unwrap());
+                            prop_assert_eq!(id.as_deref().map_or("null", RawValue::get), sent.as_str());
                         }
                         let mut out = Vec::new();
                         write_response(&mut out, &id, &Err(error));

@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
@@ -69,7 +68,7 @@ pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
 /// Writes one error line to a connection that will not be served, then closes it.
 async fn refuse(mut stream: UnixStream, error: Error) {
     let mut line = Vec::new();
-    write_response(&mut line, &Value::Null, &Err(error));
+    write_response(&mut line, &None, &Err(error));
     let _ = stream.write_all(&line).await;
     let _ = stream.shutdown().await;
 }

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::{self, FutureExt, LocalBoxFuture};
 use futures_util::stream::{FuturesOrdered, StreamExt};
-use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::sync::Notify;
@@ -24,7 +23,7 @@ use crate::access::Peer;
 use crate::app::App;
 use crate::error::{Error, Result};
 use crate::ops;
-use crate::protocol::{parse_line, write_response, Body, Line};
+use crate::protocol::{parse_line, write_response, Body, Id, Line};
 
 /// Requests of one connection in flight at once. Past it the daemon stops reading
 /// that connection until responses drain: backpressure instead of buffering.
@@ -124,7 +123,7 @@ impl Sequencer {
     }
 }
 
-fn encoded(id: &Value, outcome: &Result<Body>) -> Body {
+fn encoded(id: &Id, outcome: &Result<Body>) -> Body {
     let mut out = Zeroizing::new(Vec::with_capacity(96));
     write_response(&mut out, id, outcome);
     out
@@ -177,7 +176,7 @@ fn start(
             order.finish(ticket);
             if let Some(op) = op {
                 let code = outcome.as_ref().err().map(Error::code).unwrap_or("ok");
-                tracing::debug!(op = %op, id = %id, uid = peer.uid, code,
+                tracing::debug!(op = %op, id = id.as_deref().map_or("null", |r| r.get()), uid = peer.uid, code,
                     micros = began.map_or(0, |b| b.elapsed().as_micros() as u64), "request");
             }
             encoded(&id, &outcome)
@@ -237,7 +236,7 @@ pub async fn run(app: Arc<App>, stream: UnixStream, peer: Peer, stop: Cancellati
                     Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded)) => {
                         tracing::info!(uid = peer.uid, max_line, "request line too long; closing the connection");
                         app.requests_total.fetch_add(1, Ordering::Relaxed);
-                        let line = encoded(&Value::Null, &Err(Error::TooLarge(max_line)));
+                        let line = encoded(&None, &Err(Error::TooLarge(max_line)));
                         pending.push_back(future::ready(line).boxed_local());
                         reading = false;
                     }

@@ -1,0 +1,181 @@
+//! Criterion benchmarks of the pieces on the hot path: parsing and validating a
+//! request line, encoding a response, a cache hit through the actor, the resolver,
+//! and sealing/opening a key. `cargo bench --bench hot_path`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use criterion::{criterion_group, criterion_main, Criterion};
+use serde_json::Value;
+
+use apikeyd::actors::cache::{KeyCache, LookupUserKey};
+use apikeyd::actors::embedded::SqliteStore;
+use apikeyd::actors::keystore::{self, Keystore, StoreUserKey};
+use apikeyd::actors::store::{Store, StoreMode};
+use apikeyd::app::App;
+use apikeyd::audit::Audit;
+use apikeyd::config::Config;
+use apikeyd::crypto::{MasterKey, Place, Secret};
+use apikeyd::protocol::{self, Line};
+use apikeyd::resolver::{resolve, Query};
+
+const LINE: &[u8] = br#"{"op":"get_user_api_key","id":17,"user_id":"user-123","service":"OpenAI","channel_id":"chan-9"}"#;
+
+fn parse(c: &mut Criterion) {
+    c.bench_function("parse + validate a get_user_api_key line", |b| {
+        b.iter(|| {
+            let Line::Request(mut req) = protocol::parse_line(black_box(LINE)) else {
+                panic!()
+            };
+            black_box(req.user_id().unwrap());
+            black_box(req.service().unwrap());
+            black_box(req.channel_id().unwrap());
+            black_box(req.flag("fallback_to_pool", true).unwrap());
+        })
+    });
+}
+
+fn encode(c: &mut Criterion) {
+    let result = protocol::body(
+        &serde_json::json!({"key": "sk-0123456789abcdef0123456789abcdef", "source": "user"}),
+    )
+    .unwrap();
+    let id = Value::from(17);
+    let mut out = Vec::with_capacity(256);
+    c.bench_function("encode a response line", |b| {
+        b.iter(|| {
+            out.clear();
+            protocol::write_response(&mut out, black_box(&id), black_box(&Ok(result.clone())));
+            black_box(&out);
+        })
+    });
+}
+
+fn crypto(c: &mut Criterion) {
+    let key = MasterKey::from_base64(&MasterKey::generate_base64()).unwrap();
+    let place = Place::User {
+        user_id: "user-123",
+        service: "openai",
+    };
+    let sealed = key.seal(b"sk-0123456789abcdef0123456789abcdef", place);
+    c.bench_function("seal a key", |b| {
+        b.iter(|| black_box(key.seal(black_box(b"sk-0123456789abcdef0123456789abcdef"), place)))
+    });
+    c.bench_function("open a key", |b| {
+        b.iter(|| black_box(key.open(black_box(&sealed), place).is_ok()))
+    });
+    let secret = Secret::new("sk-0123456789abcdef0123456789abcdef".into());
+    c.bench_function("key_id", |b| {
+        b.iter(|| black_box(key.key_id(black_box(&secret))))
+    });
+}
+
+/// A keystore in a temp dir with the actors running, one user key stored and cached.
+fn actors(system: &actix_rt::SystemRunner, dir: &std::path::Path) -> Arc<App> {
+    let mut config = Config::parse("").unwrap();
+    config.keystore.path = dir.join("keystore.sqlite3");
+    config.keystore.master_key_file = dir.join("master.key");
+    system.block_on(async move {
+        let opened = keystore::open(&config, 2).unwrap();
+        let key = opened.key.clone();
+        let mut conns = opened.connections;
+        let store_db = std::sync::Mutex::new(conns.pop());
+        let k = key.clone();
+        let store_addr = SyncArbiter::start(1, move || {
+            SqliteStore::new(store_db.lock().unwrap().take().unwrap(), k.clone())
+        });
+        let store = Store::new(
+            StoreMode::Embedded,
+            None,
+            Duration::from_secs(10),
+            store_addr,
+        );
+        let ks_db = std::sync::Mutex::new(conns.pop());
+        let k = key.clone();
+        let keystore = SyncArbiter::start(1, move || {
+            Keystore::new(ks_db.lock().unwrap().take().unwrap(), k.clone())
+        });
+        let cache = KeyCache::new(
+            keystore.clone(),
+            store.clone(),
+            Duration::from_secs(10),
+            &config.cache,
+        )
+        .start();
+        keystore
+            .send(StoreUserKey {
+                user_id: "user-123".into(),
+                service: "openai".into(),
+                key: Secret::new("sk-bench".into()),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let app = Arc::new(App::new(
+            config,
+            keystore,
+            cache,
+            store,
+            Audit::open(None).unwrap(),
+            key,
+        ));
+        app.cache
+            .send(LookupUserKey {
+                user_id: "user-123".into(),
+                service: "openai".into(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        app
+    })
+}
+
+fn cache_and_resolver(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let system = actix_rt::System::new();
+    let app = actors(&system, dir.path());
+    c.bench_function("cache hit through the KeyCache actor", |b| {
+        b.iter_custom(|iters| {
+            let app = app.clone();
+            system.block_on(async move {
+                let began = Instant::now();
+                for _ in 0..iters {
+                    let hit = app
+                        .cache
+                        .send(LookupUserKey {
+                            user_id: "user-123".into(),
+                            service: "openai".into(),
+                        })
+                        .await;
+                    black_box(hit.unwrap().unwrap());
+                }
+                began.elapsed()
+            })
+        })
+    });
+    c.bench_function("resolver, user key cached", |b| {
+        b.iter_custom(|iters| {
+            let app = app.clone();
+            system.block_on(async move {
+                let began = Instant::now();
+                for _ in 0..iters {
+                    let q = Query {
+                        user_id: "user-123".into(),
+                        service: "openai".into(),
+                        channel_id: Some("chan-9".into()),
+                        fallback_to_pool: true,
+                        fallback_to_config: true,
+                    };
+                    black_box(resolve(&app, q).await.unwrap().key.is_some());
+                }
+                began.elapsed()
+            })
+        })
+    });
+}
+
+criterion_group!(benches, parse, encode, crypto, cache_and_resolver);
+criterion_main!(benches);
