@@ -3,7 +3,7 @@
 //! and sealing/opening a key. `cargo bench --bench hot_path`.
 
 use std::hint::black_box;
-use std::sync::Arc;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -72,7 +72,7 @@ fn crypto(c: &mut Criterion) {
 }
 
 /// A keystore in a temp dir with the actors running, one user key stored and cached.
-fn actors(system: &actix_rt::SystemRunner, dir: &std::path::Path) -> Arc<App> {
+fn actors(system: &actix_rt::SystemRunner, dir: &std::path::Path) -> Rc<App> {
     let mut config = Config::parse("").unwrap();
     config.keystore.path = dir.join("keystore.sqlite3");
     config.keystore.master_key_file = dir.join("master.key");
@@ -101,8 +101,9 @@ fn actors(system: &actix_rt::SystemRunner, dir: &std::path::Path) -> Arc<App> {
             store.clone(),
             Duration::from_secs(10),
             &config.cache,
-        )
-        .start();
+        );
+        let reader = cache.reader();
+        let cache = cache.start();
         keystore
             .send(StoreUserKey {
                 user_id: "user-123".into(),
@@ -112,10 +113,11 @@ fn actors(system: &actix_rt::SystemRunner, dir: &std::path::Path) -> Arc<App> {
             .await
             .unwrap()
             .unwrap();
-        let app = Arc::new(App::new(
+        let app = Rc::new(App::new(
             config,
             keystore,
             cache,
+            reader,
             store,
             Audit::open(None).unwrap(),
             key,
@@ -150,6 +152,19 @@ fn cache_and_resolver(c: &mut Criterion) {
                         })
                         .await;
                     black_box(hit.unwrap().unwrap());
+                }
+                began.elapsed()
+            })
+        })
+    });
+    c.bench_function("cache hit through the same-thread reader", |b| {
+        b.iter_custom(|iters| {
+            let app = app.clone();
+            system.block_on(async move {
+                let (mut user, mut service) = ("user-123".to_string(), "openai".to_string());
+                let began = Instant::now();
+                for _ in 0..iters {
+                    black_box(app.user_key(&mut user, &mut service).await.unwrap());
                 }
                 began.elapsed()
             })

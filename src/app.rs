@@ -6,20 +6,24 @@ use std::time::Instant;
 
 use actix::Addr;
 
-use crate::actors::cache::{Configure, KeyCache};
+use crate::actors::cache::{CacheReader, Configure, KeyCache, LookupUserKey, PickPoolKey};
 use crate::actors::keystore::{read_master_key, CheckKeyring, Keystore};
+use crate::actors::store::PoolRef;
 use crate::actors::store::Store;
 use crate::audit::Audit;
 use crate::config::Config;
 use crate::crypto::MasterKey;
+use crate::crypto::Secret;
 
 /// Shared by every connection of one daemon.
 pub struct App {
     config: RwLock<Arc<Config>>,
     /// Per-user keys (SQLite, on a `SyncArbiter`).
     pub keystore: Addr<Keystore>,
-    /// Decrypted keys in memory.
+    /// Decrypted keys in memory: the actor, for misses and changes…
     pub cache: Addr<KeyCache>,
+    /// …and its same-thread read handle, for hits without a message.
+    pub cache_reader: CacheReader,
     /// Pools and quota counters.
     pub store: Store,
     /// Where audit lines go.
@@ -39,11 +43,13 @@ impl App {
         config: Config,
         keystore: Addr<Keystore>,
         cache: Addr<KeyCache>,
+        cache_reader: CacheReader,
         store: Store,
         audit: Audit,
         key: Arc<MasterKey>,
     ) -> Self {
         App {
+            cache_reader,
             audit,
             key,
             config: RwLock::new(Arc::new(config)),
@@ -53,6 +59,39 @@ impl App {
             connections: AtomicU64::new(0),
             requests_total: AtomicU64::new(0),
             started: Instant::now(),
+        }
+    }
+
+    /// A user's own key: from this thread's cache shard on a hit, else through the
+    /// cache actor (which loads it from the keystore).
+    pub async fn user_key(
+        &self,
+        user_id: &mut String,
+        service: &mut String,
+    ) -> crate::error::Result<Option<Arc<Secret>>> {
+        // The strings move into the lookup and back, so a hit allocates nothing.
+        let (hit, u, s) = self
+            .cache_reader
+            .user_key(std::mem::take(user_id), std::mem::take(service));
+        (*user_id, *service) = (u, s);
+        match hit {
+            Some(key) => Ok(key),
+            None => {
+                let msg = LookupUserKey {
+                    user_id: user_id.clone(),
+                    service: service.clone(),
+                };
+                self.cache.send(msg).await?
+            }
+        }
+    }
+
+    /// A uniformly picked key of `pool`: from this thread's cache shard on a hit,
+    /// else through the cache actor (which loads the pool from the store).
+    pub async fn pool_key(&self, pool: PoolRef) -> crate::error::Result<Option<Arc<Secret>>> {
+        match self.cache_reader.pool_key(&pool) {
+            Some(key) => Ok(key),
+            None => self.cache.send(PickPoolKey { pool }).await?,
         }
     }
 

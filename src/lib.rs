@@ -35,6 +35,7 @@ pub mod services;
 pub mod session;
 pub mod systemd;
 
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
@@ -117,7 +118,7 @@ fn start_store(
 /// Sends WATCHDOG=1 every `every` for as long as the cache actor (on the thread that
 /// serves connections) and a keystore thread both answer within that time; a wedged
 /// daemon stops the heartbeat and systemd restarts it.
-async fn watchdog(app: Arc<App>, every: std::time::Duration) {
+async fn watchdog(app: Rc<App>, every: std::time::Duration) {
     loop {
         let alive = async {
             app.cache
@@ -163,14 +164,23 @@ pub async fn run(
         store.clone(),
         deadline(&config),
         &config.cache,
-    )
-    .start();
+    );
+    let cache_reader = cache.reader();
+    let cache = cache.start();
     if let Some((client, names)) = redis {
         actix_rt::spawn(actors::redis::listen(client, names, cache.clone()));
     }
     let audit = audit::Audit::open(config.log.audit_file.as_deref())
         .map_err(|e| StartError(format!("cannot open log.audit_file for appending: {e}")))?;
-    let app = Arc::new(App::new(config, keystore, cache, store, audit, key_for_app));
+    let app = Rc::new(App::new(
+        config,
+        keystore,
+        cache,
+        cache_reader,
+        store,
+        audit,
+        key_for_app,
+    ));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let reload_app = app.clone();

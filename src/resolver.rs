@@ -3,11 +3,10 @@
 
 use std::sync::Arc;
 
-use crate::actors::cache::{LookupUserKey, PickPoolKey};
 use crate::actors::store::PoolRef;
 use crate::app::App;
 use crate::crypto::Secret;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::services;
 
 /// What to resolve.
@@ -66,15 +65,8 @@ pub async fn resolve(app: &App, q: Query) -> Result<Resolved> {
         degraded,
     };
 
-    let user = app
-        .cache
-        .send(LookupUserKey {
-            user_id: q.user_id.clone(),
-            service: q.service.clone(),
-        })
-        .await
-        .map_err(Error::from)
-        .and_then(|r| r);
+    let mut q = q;
+    let user = app.user_key(&mut q.user_id, &mut q.service).await;
     if let Some(k) = skip_failed("user", &q, user, &mut degraded) {
         return Ok(found(k, Source::User, degraded));
     }
@@ -92,12 +84,7 @@ pub async fn resolve(app: &App, q: Query) -> Result<Resolved> {
                 channel,
                 service: q.service.clone(),
             };
-            let picked = app
-                .cache
-                .send(PickPoolKey { pool })
-                .await
-                .map_err(Error::from)
-                .and_then(|r| r);
+            let picked = app.pool_key(pool).await;
             if let Some(k) = skip_failed("pool", &q, picked, &mut degraded) {
                 return Ok(found(k, source, degraded));
             }

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,7 +76,7 @@ async fn refuse(mut stream: UnixStream, error: Error) {
 
 /// Accepts connections until `shutdown` resolves, then stops accepting and waits
 /// (up to a limit) for open connections to answer what they have in flight.
-pub async fn serve(app: Arc<App>, listener: UnixListener, shutdown: impl Future<Output = ()>) {
+pub async fn serve(app: Rc<App>, listener: UnixListener, shutdown: impl Future<Output = ()>) {
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
     let max = app.config().server.max_connections;

@@ -7,7 +7,6 @@ use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::{self, FutureExt, LocalBoxFuture};
@@ -131,7 +130,7 @@ fn encoded(id: &Id, outcome: &Result<Body>) -> Body {
 
 /// Turns one line into the future of its response line, or `None` for a blank line.
 fn start(
-    app: &Arc<App>,
+    app: &Rc<App>,
     peer: &Peer,
     order: &Rc<Sequencer>,
     line: &[u8],
@@ -186,7 +185,7 @@ fn start(
 }
 
 /// Serves one accepted connection until EOF, error, idle timeout or shutdown.
-pub async fn run(app: Arc<App>, stream: UnixStream, peer: Peer, stop: CancellationToken) {
+pub async fn run(app: Rc<App>, stream: UnixStream, peer: Peer, stop: CancellationToken) {
     let config = app.config();
     let max_line = config.server.max_line_bytes;
     let idle = Duration::from_secs(config.server.idle_timeout_s.max(1));
@@ -226,23 +225,35 @@ pub async fn run(app: Arc<App>, stream: UnixStream, peer: Peer, stop: Cancellati
             }
             frame = lines.next(), if reading && pending.len() < MAX_IN_FLIGHT => {
                 idle_deadline.as_mut().reset(tokio::time::Instant::now() + idle);
-                match frame {
-                    None => reading = false,
-                    Some(Ok(line)) => {
-                        if let Some(fut) = start(&app, &peer, &order, &line) {
-                            pending.push_back(fut);
+                let mut frame = frame;
+                // Take every line that is already here before answering, so a
+                // pipelined batch is answered with one write rather than one each.
+                loop {
+                    match frame {
+                        None => reading = false,
+                        Some(Ok(line)) => {
+                            if let Some(fut) = start(&app, &peer, &order, &line) {
+                                pending.push_back(fut);
+                            }
+                        }
+                        Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded)) => {
+                            tracing::info!(uid = peer.uid, max_line, "request line too long; closing the connection");
+                            app.requests_total.fetch_add(1, Ordering::Relaxed);
+                            let line = encoded(&None, &Err(Error::TooLarge(max_line)));
+                            pending.push_back(future::ready(line).boxed_local());
+                            reading = false;
+                        }
+                        Some(Err(AnyDelimiterCodecError::Io(e))) => {
+                            tracing::debug!(error = %e, "connection read failed");
+                            reading = false;
                         }
                     }
-                    Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded)) => {
-                        tracing::info!(uid = peer.uid, max_line, "request line too long; closing the connection");
-                        app.requests_total.fetch_add(1, Ordering::Relaxed);
-                        let line = encoded(&None, &Err(Error::TooLarge(max_line)));
-                        pending.push_back(future::ready(line).boxed_local());
-                        reading = false;
+                    if !reading || pending.len() >= MAX_IN_FLIGHT {
+                        break;
                     }
-                    Some(Err(AnyDelimiterCodecError::Io(e))) => {
-                        tracing::debug!(error = %e, "connection read failed");
-                        reading = false;
+                    match lines.next().now_or_never() {
+                        Some(next) => frame = next,
+                        None => break,
                     }
                 }
             }

@@ -53,11 +53,12 @@ fn kill9_after_acknowledged_writes_loses_nothing(mode: Mode) {
         batch.push_str(&req.to_string());
         batch.push('\n');
     }
-    c.send_raw(batch.as_bytes());
+    let writer = c.send_in_background(batch);
     for i in 0..300 {
         let r = c.recv();
         assert_eq!(r["ok"], true, "write {i}: {r}");
     }
+    writer.join().unwrap().unwrap();
     d.kill9();
     d.spawn();
     d.wait_ready();

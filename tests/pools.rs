@@ -109,13 +109,14 @@ fn picks_are_uniform(mode: Mode) {
             );
             batch.push('\n');
         }
-        c.send_raw(batch.as_bytes());
+        let writer = c.send_in_background(batch);
         for _ in 0..n {
             let r = c.recv();
             *counts
                 .entry(r["result"]["key"].as_str().unwrap().to_string())
                 .or_default() += 1;
         }
+        writer.join().unwrap().unwrap();
         assert_eq!(counts.len(), 4, "{op}: every key is picked: {counts:?}");
         // Chi-square with 3 degrees of freedom; 16.27 is the 0.1% critical value.
         let expected = n as f64 / 4.0;

@@ -174,7 +174,7 @@ fn pipelined_writes_are_read_back_in_order(mode: Mode) {
         );
         batch.push('\n');
     }
-    c.send_raw(batch.as_bytes());
+    let writer = c.send_in_background(batch);
     for i in 0..50 {
         assert_eq!(c.recv()["result"]["stored"], true);
         let r = c.recv();
@@ -185,6 +185,7 @@ fn pipelined_writes_are_read_back_in_order(mode: Mode) {
             "read did not see the write before it"
         );
     }
+    writer.join().unwrap().unwrap();
 }
 
 fn fifty_concurrent_connections(mode: Mode) {

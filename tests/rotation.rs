@@ -27,10 +27,11 @@ fn seed(d: &TestDaemon, users: usize) {
         batch.push_str(&req.to_string());
         batch.push('\n');
     }
-    c.send_raw(batch.as_bytes());
+    let writer = c.send_in_background(batch);
     for _ in 0..users {
         assert_eq!(c.recv()["ok"], true);
     }
+    writer.join().unwrap().unwrap();
     c.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-rotate-global-pool"}));
     c.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-rotate-chan-pool-1", "channel_id": "c"}));
 }

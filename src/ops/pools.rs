@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::actors::cache::{ForgetPool, PickPoolKey};
+use crate::actors::cache::ForgetPool;
 use crate::actors::store::{AddPoolKey, PoolKeyInfo, PoolRef, RemovePoolKey};
 use crate::app::App;
 use crate::crypto::Secret;
@@ -15,7 +15,7 @@ struct Picked<'a> {
 }
 
 async fn pick(app: &App, pool: PoolRef) -> Result<Body> {
-    let key = app.cache.send(PickPoolKey { pool }).await??;
+    let key = app.pool_key(pool).await?;
     body(&Picked {
         key: key.as_deref().map(Secret::expose),
     })

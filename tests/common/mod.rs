@@ -392,6 +392,18 @@ impl Client {
         &mut self.reader
     }
 
+    /// Writes `batch` from another thread, so reading the answers meanwhile cannot
+    /// deadlock against the daemon's backpressure (it stops reading a connection
+    /// whose answers are not read). Join the handle after reading.
+    pub fn send_in_background(
+        &self,
+        batch: impl Into<Vec<u8>>,
+    ) -> std::thread::JoinHandle<std::io::Result<()>> {
+        let mut w = self.try_clone_writer();
+        let batch = batch.into();
+        std::thread::spawn(move || w.write_all(&batch))
+    }
+
     /// A second handle on the socket for writing from another thread.
     pub fn try_clone_writer(&self) -> UnixStream {
         self.writer.try_clone().expect("clone socket")
