@@ -207,9 +207,12 @@ pub async fn run(
     }
     tracing::info!(mode = ?mode, "apikeyd ready");
     systemd::ready();
-    server::serve(app, listener, async {
+    server::serve(app.clone(), listener, async {
         let _ = stop_rx.await;
     })
     .await;
+    if let Err(e) = app.keystore(actors::keystore::MarkClean).await {
+        tracing::warn!(error = %e, "keystore not marked clean; the next start runs the full check");
+    }
     Ok(())
 }

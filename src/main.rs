@@ -322,7 +322,8 @@ struct BenchArgs {
     /// Spread `{n}` over this many keys (user_ids bench-0 … bench-N-1).
     #[arg(long, default_value_t = 1000)]
     keys: usize,
-    /// First store --keys user keys straight into the keystore (and Redis hashes with --redis).
+    /// First store --keys user keys straight into the keystore (and Redis hashes with
+    /// --redis); with --duration 0, only that (the daemon need not run).
     #[arg(long)]
     populate: bool,
     /// Also run the same pattern against redis-server at this Unix socket.
@@ -371,6 +372,7 @@ fn bench(a: BenchArgs) -> ExitCode {
         ExitCode::from(1)
     };
     let config = match (&a.socket, &a.config, a.populate) {
+        _ if a.populate && a.config.is_none() => return fail("--populate needs --config".into()),
         (Some(_), None, false) => None,
         _ => match load_config(a.config.clone()) {
             Ok(c) => Some(c),
@@ -403,6 +405,9 @@ fn bench(a: BenchArgs) -> ExitCode {
             }
         }
         eprintln!("stored {} bench keys", a.keys);
+        if a.duration <= 0.0 {
+            return ExitCode::SUCCESS;
+        }
     }
     if templates.iter().any(|t| t.contains("benchpool")) {
         let add = |i: u32| {
@@ -492,6 +497,10 @@ fn bench(a: BenchArgs) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // Everything this process creates (keystore, WAL, key files, audit file) is
+    // private to its user; the socket gets server.socket_mode explicitly.
+    // SAFETY: umask has no preconditions.
+    unsafe { libc::umask(0o077) };
     match Cli::parse().command {
         Command::Serve { config } => serve(config),
         Command::Call {

@@ -34,6 +34,8 @@ pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
                 .recursive(true)
                 .mode(0o750)
                 .create(dir)?;
+            // The process umask (0077) would narrow it; the group must traverse it.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))?;
         }
         // In a folder others may write to, someone else could swap the socket file.
         let mode = std::fs::metadata(dir)?.permissions().mode();

@@ -98,6 +98,12 @@ fn first_start_creates_a_private_master_key(mode: Mode) {
         0,
         "data folder is private"
     );
+    let db = std::fs::metadata(d.path("data/keystore.sqlite3")).unwrap();
+    assert_eq!(
+        db.permissions().mode() & 0o077,
+        0,
+        "keystore file is private"
+    );
 }
 
 fn refuses_missing_key_when_keys_exist(mode: Mode) {
@@ -244,7 +250,39 @@ fn utc_day() -> String {
     humantime::format_rfc3339_seconds(t).to_string()[..10].to_string()
 }
 
+fn full_check_only_when_the_last_stop_was_not_clean(mode: Mode) {
+    let mut d = TestDaemon::start_with(mode, "", &[]);
+    d.client().ok(json!({"op": "set_user_api_key", "user_id": "u", "service": "openai", "key": "sk-clean-stop-0001"}));
+    let skipped = |d: &TestDaemon| d.logs().matches("skipping the full check").count();
+    assert_eq!(skipped(&d), 0, "a keystore never closed cleanly is checked");
+    d.restart();
+    assert_eq!(
+        skipped(&d),
+        1,
+        "after a clean stop the full check is skipped"
+    );
+    d.kill9();
+    d.spawn();
+    d.wait_ready();
+    assert_eq!(skipped(&d), 1, "after kill -9 the full check runs");
+    assert_eq!(
+        d.client()
+            .ok(json!({"op": "get_user_api_key", "user_id": "u", "service": "openai"}))["key"],
+        "sk-clean-stop-0001"
+    );
+    // Any change to the file while stopped means a full check too.
+    assert!(d.stop().success());
+    let db = rusqlite::Connection::open(d.path("data/keystore.sqlite3")).unwrap();
+    db.execute("UPDATE user_keys SET updated_at = updated_at + 1", [])
+        .unwrap();
+    drop(db);
+    d.spawn();
+    d.wait_ready();
+    assert_eq!(skipped(&d), 1);
+}
+
 in_every_mode!(
+    full_check_only_when_the_last_stop_was_not_clean,
     restart_keeps_everything,
     kill9_after_acknowledged_writes_loses_nothing,
     first_start_creates_a_private_master_key,

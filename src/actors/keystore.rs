@@ -59,6 +59,63 @@ pub fn connect(path: &Path) -> rusqlite::Result<Connection> {
     Ok(db)
 }
 
+/// `<keystore>.clean`: written at a clean shutdown with the file's size and mtime.
+fn clean_marker(path: &Path) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".clean");
+    p.into()
+}
+
+/// Size and modification time (ns) of a file, as the clean marker records them.
+fn fingerprint(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(format!("{} {} {}", m.len(), m.mtime(), m.mtime_nsec()))
+}
+
+/// Whether the keystore is exactly as a clean shutdown left it (marker matches, WAL
+/// empty), so the O(size) `quick_check` can be skipped. Always removes the marker:
+/// whatever happens during this run, the next start decides afresh.
+fn closed_cleanly(path: &Path) -> bool {
+    let marker = clean_marker(path);
+    let recorded = std::fs::read_to_string(&marker).ok();
+    let _ = std::fs::remove_file(&marker);
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let wal_empty = std::fs::metadata(std::path::PathBuf::from(wal)).map_or(true, |m| m.len() == 0);
+    wal_empty && recorded.is_some() && recorded == fingerprint(path)
+}
+
+/// At a clean shutdown: checkpoints the WAL into the keystore and records its
+/// fingerprint, so the next start can skip the full integrity check.
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub struct MarkClean;
+
+impl Handler<MarkClean> for Keystore {
+    type Result = Result<()>;
+
+    fn handle(&mut self, _: MarkClean, _: &mut Self::Context) -> Self::Result {
+        let busy: i64 = self
+            .db
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+        let Some(path) = self
+            .db
+            .path()
+            .filter(|_| busy == 0)
+            .map(std::path::PathBuf::from)
+        else {
+            return Ok(());
+        };
+        if let Some(print) = fingerprint(&path) {
+            if let Err(e) = std::fs::write(clean_marker(&path), print) {
+                tracing::warn!(error = %e, "cannot write the clean-shutdown marker");
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The keystore opened and checked at start: the master key and `n` connections.
 pub struct Opened {
     pub key: Arc<MasterKey>,
@@ -79,25 +136,35 @@ pub fn open(config: &Config, connections: usize) -> Result<Opened, StartError> {
             .create(dir)
             .map_err(|e| fail("cannot create its folder", &e))?;
     }
+    let unchanged = closed_cleanly(path);
     let db = connect(path).map_err(|e| fail("cannot open", &e))?;
-    let check: String = db
-        .query_row("PRAGMA quick_check", [], |r| r.get(0))
-        .map_err(|e| fail("cannot read (is it an SQLite file?)", &e))?;
-    if check != "ok" {
-        return Err(fail(
-            "integrity check failed; restore it from a backup",
-            &check,
-        ));
+    if unchanged {
+        tracing::info!(
+            "keystore was closed cleanly and is unchanged since; skipping the full check"
+        );
+        db.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))
+            .map_err(|e| fail("cannot read (is it an SQLite file?)", &e))?;
+    } else {
+        let check: String = db
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(|e| fail("cannot read (is it an SQLite file?)", &e))?;
+        if check != "ok" {
+            return Err(fail(
+                "integrity check failed; restore it from a backup",
+                &check,
+            ));
+        }
     }
     db.execute_batch(SCHEMA)
         .map_err(|e| fail("cannot create the schema", &e))?;
-    let held: i64 = db
+    // Whether any key is stored; counting them all would cost a scan at start.
+    let held: bool = db
         .query_row(
-            "SELECT (SELECT count(*) FROM user_keys) + (SELECT count(*) FROM pool_keys)",
+            "SELECT EXISTS (SELECT 1 FROM user_keys) OR EXISTS (SELECT 1 FROM pool_keys)",
             [],
             |r| r.get(0),
         )
-        .map_err(|e| fail("cannot count keys", &e))?;
+        .map_err(|e| fail("cannot read the keystore", &e))?;
 
     let key = load_master_key(config, held)?;
     verify_master_key(&db, &key, held).map_err(|e| StartError(format!("{e}")))?;
@@ -129,16 +196,16 @@ pub fn read_master_key(config: &Config) -> Result<MasterKey, StartError> {
     MasterKey::read_file(&master_key_path(config)).map_err(|e| StartError(e.0))
 }
 
-fn load_master_key(config: &Config, held: i64) -> Result<MasterKey, StartError> {
+fn load_master_key(config: &Config, held: bool) -> Result<MasterKey, StartError> {
     let path = master_key_path(config);
     if path.exists() {
         tracing::info!(path = %path.display(), "master key");
         return MasterKey::read_file(&path).map_err(|e| StartError(e.0));
     }
     let file = &config.keystore.master_key_file;
-    if held > 0 {
+    if held {
         return Err(StartError(format!(
-            "master key {} is missing but the keystore {} holds {held} keys; \
+            "master key {} is missing but the keystore {} holds keys; \
              restore the key file from your backup (without it those keys cannot be decrypted)",
             file.display(),
             config.keystore.path.display()
@@ -151,7 +218,7 @@ fn load_master_key(config: &Config, held: i64) -> Result<MasterKey, StartError> 
 
 /// The `meta.keycheck` row holds a value sealed with the master key: if it does not
 /// open, the key is not the one the keystore was written with.
-fn verify_master_key(db: &Connection, key: &MasterKey, held: i64) -> Result<(), StartError> {
+fn verify_master_key(db: &Connection, key: &MasterKey, held: bool) -> Result<(), StartError> {
     let place = Place::Meta("keycheck");
     let sealed: Option<Vec<u8>> = db
         .query_row("SELECT value FROM meta WHERE name = 'keycheck'", [], |r| {
@@ -161,7 +228,7 @@ fn verify_master_key(db: &Connection, key: &MasterKey, held: i64) -> Result<(), 
         .map_err(|e| StartError(format!("cannot read the keystore: {e}")))?;
     match sealed {
         Some(s) if key.open(&s, place).is_ok() => return Ok(()),
-        Some(_) if held > 0 => {
+        Some(_) if held => {
             return Err(StartError(
                 "the master key does not decrypt this keystore; start with the key file it was written with"
                     .into(),
