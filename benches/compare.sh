@@ -35,9 +35,10 @@ populate emb 1000 "" --redis "$RS"
 start emb ""
 bench --config "$W/emb/config.toml" --keys 1000 --connections 8 --pipeline 1 --redis "$RS"
 bench --config "$W/emb/config.toml" --keys 1000 --connections 8 --pipeline 32 --redis "$RS"
-echo "== latency at half of the maximum (8 connections, no pipelining)"
-MAX=$(bench --config "$W/emb/config.toml" --keys 1000 --connections 8 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["rps"])')
-bench --config "$W/emb/config.toml" --keys 1000 --connections 8 --rate "$(python3 -c "print($MAX/2)")"
+echo "== latency at a fixed offered load (8 paced connections; from ~60k req/s the paced client saturates 2 cores)"
+for rate in 20000 40000 100000; do
+  bench --config "$W/emb/config.toml" --keys 1000 --connections 8 --rate "$rate" --redis "$RS"
+done
 echo "== latency vs throughput sweep -> docs/latency.svg"
 bench --config "$W/emb/config.toml" --keys 1000 --connections 8 --redis "$RS" --plot docs/latency.svg
 stop emb

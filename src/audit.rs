@@ -58,6 +58,10 @@ impl Audit {
 
     /// Records one audited request and its outcome (`ok` or the error code).
     pub fn record(&self, peer: &Peer, op: &str, subject: &Subject, outcome: &Result<Body>) {
+        let to_log = tracing::enabled!(target: "apikeyd::audit", tracing::Level::INFO);
+        if !to_log && self.file.is_none() {
+            return;
+        }
         let now = std::time::SystemTime::now();
         let line = Line {
             ts: humantime::format_rfc3339_millis(now).to_string(),
@@ -71,7 +75,9 @@ impl Audit {
         let Ok(mut text) = serde_json::to_string(&line) else {
             return;
         };
-        tracing::info!(target: "apikeyd::audit", audit = %text);
+        if to_log {
+            tracing::info!(target: "apikeyd::audit", audit = %text);
+        }
         if let Some(file) = &self.file {
             text.push('\n');
             let written = match file.lock() {

@@ -75,26 +75,11 @@ impl Report {
     }
 }
 
-/// Waits until `at`, precisely: tokio's timer has millisecond resolution, and a late
-/// wake-up would count as server latency (latency runs from the intended send time).
-/// Sleeps until shortly before, then yields until the instant.
-async fn pace(at: Instant) {
-    let margin = Duration::from_millis(2);
-    if let Some(left) = at.checked_duration_since(Instant::now()) {
-        if left > margin {
-            tokio::time::sleep(left - margin).await;
-        }
-    }
-    while Instant::now() < at {
-        tokio::task::yield_now().await;
-    }
-}
-
 fn fill(template: &str, n: usize) -> String {
     template.replace("{n}", &n.to_string())
 }
 
-/// One connection's loop; answers (requests done, errors, latencies).
+/// One connection as fast as it goes; answers (requests done, errors, latencies).
 async fn drive(
     target: Target,
     load: Load,
@@ -104,11 +89,6 @@ async fn drive(
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
     let measure_from = start + load.warmup;
     let end = measure_from + load.duration;
-    // Each connection's share of the offered rate, in batches of `pipeline`.
-    let interval = load
-        .rate
-        .map(|r| Duration::from_secs_f64(load.pipeline as f64 * load.connections as f64 / r));
-    let mut next_send = start;
     let (mut done, mut errors) = (0u64, 0u64);
     let mut n = index.wrapping_mul(7919);
     match target {
@@ -120,14 +100,7 @@ async fn drive(
             let mut line = String::new();
             let mut t = index;
             while Instant::now() < end {
-                if interval.is_some() {
-                    pace(next_send).await;
-                }
-                let intended = if interval.is_some() {
-                    next_send
-                } else {
-                    Instant::now()
-                };
+                let intended = Instant::now();
                 batch.clear();
                 for _ in 0..load.pipeline {
                     n = (n + 1) % load.keys.max(1);
@@ -153,9 +126,6 @@ async fn drive(
                         let _ = hist.record(us);
                     }
                 }
-                if let Some(iv) = interval {
-                    next_send += iv;
-                }
             }
         }
         Target::Redis { socket, command } => {
@@ -174,14 +144,7 @@ async fn drive(
                 .await
                 .map_err(std::io::Error::other)?;
             while Instant::now() < end {
-                if interval.is_some() {
-                    pace(next_send).await;
-                }
-                let intended = if interval.is_some() {
-                    next_send
-                } else {
-                    Instant::now()
-                };
+                let intended = Instant::now();
                 let mut pipe = redis::pipe();
                 for _ in 0..load.pipeline {
                     n = (n + 1) % load.keys.max(1);
@@ -213,18 +176,143 @@ async fn drive(
                         let _ = hist.record(us);
                     }
                 }
-                if let Some(iv) = interval {
-                    next_send += iv;
-                }
             }
         }
     }
     Ok((done, errors, hist))
 }
 
-/// Runs `load` against `target` on a single-threaded runtime (one core for the load,
-/// the other for the server on a two-core machine).
+/// One connection paced by its own OS thread with blocking I/O: `sleep` wakes within
+/// tens of microseconds, where tokio's timer has millisecond resolution and a
+/// spinning task would starve the runtime's I/O polling. Latency counts from each
+/// batch's intended send time, so any lateness of the pacer is charged, not hidden.
+fn paced(
+    target: &Target,
+    load: &Load,
+    index: usize,
+    start: Instant,
+) -> std::io::Result<(u64, u64, Histogram<u64>)> {
+    use std::io::{BufRead, Write};
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    let rate = load.rate.unwrap_or(1.0).max(1.0);
+    let interval = Duration::from_secs_f64(load.pipeline as f64 * load.connections as f64 / rate);
+    // Spread the connections' send times over one interval.
+    let mut next = start + interval.mul_f64(index as f64 / load.connections as f64);
+    let (measure_from, end) = (start + load.warmup, start + load.warmup + load.duration);
+    let (mut done, mut errors) = (0u64, 0u64);
+    let mut n = index.wrapping_mul(7919);
+    enum Conn {
+        Apikeyd(
+            std::os::unix::net::UnixStream,
+            std::io::BufReader<std::os::unix::net::UnixStream>,
+            Vec<String>,
+        ),
+        Redis(redis::Connection, RedisCommand, String),
+    }
+    let mut conn = match target {
+        Target::Apikeyd { socket, templates } => {
+            let s = std::os::unix::net::UnixStream::connect(socket)?;
+            let r = std::io::BufReader::new(s.try_clone()?);
+            Conn::Apikeyd(s, r, templates.clone())
+        }
+        Target::Redis { socket, command } => {
+            let client = redis::Client::open(format!("redis+unix://{}", socket.display()))
+                .map_err(std::io::Error::other)?;
+            let mut con = client.get_connection().map_err(std::io::Error::other)?;
+            let sha: String = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(crate::actors::redis::CONSUME_SCRIPT)
+                .query(&mut con)
+                .map_err(std::io::Error::other)?;
+            Conn::Redis(con, *command, sha)
+        }
+    };
+    let mut line = String::new();
+    let mut t = index;
+    while next < end {
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let mut ok = true;
+        match &mut conn {
+            Conn::Apikeyd(w, r, templates) => {
+                let mut batch = String::new();
+                for _ in 0..load.pipeline {
+                    n = (n + 1) % load.keys.max(1);
+                    t = (t + 1) % templates.len();
+                    batch.push_str(&fill(&templates[t], n));
+                    batch.push('\n');
+                }
+                w.write_all(batch.as_bytes())?;
+                for _ in 0..load.pipeline {
+                    line.clear();
+                    if r.read_line(&mut line)? == 0 {
+                        return Err(std::io::Error::other("the daemon closed the connection"));
+                    }
+                    ok &= line.contains("\"ok\":true");
+                }
+            }
+            Conn::Redis(con, command, sha) => {
+                let mut pipe = redis::pipe();
+                for _ in 0..load.pipeline {
+                    n = (n + 1) % load.keys.max(1);
+                    match command {
+                        RedisCommand::Hget => {
+                            pipe.cmd("HGET").arg(format!("bench:{n}")).arg("openai");
+                        }
+                        RedisCommand::Consume => {
+                            pipe.cmd("EVALSHA")
+                                .arg(&*sha)
+                                .arg(1)
+                                .arg(format!("bench:usage:{n}"))
+                                .arg("t")
+                                .arg(crate::clock::now_s() + 86_400)
+                                .arg(1_000_000_000);
+                        }
+                    }
+                }
+                ok = pipe.query::<Vec<redis::Value>>(con).is_ok();
+            }
+        }
+        if !ok {
+            errors += load.pipeline as u64;
+        }
+        if next >= measure_from {
+            let us = Instant::now().duration_since(next).as_micros().max(1) as u64;
+            done += load.pipeline as u64;
+            for _ in 0..load.pipeline {
+                let _ = hist.record(us);
+            }
+        }
+        next += interval;
+    }
+    Ok((done, errors, hist))
+}
+
+/// Runs `load` against `target`: as fast as it goes on a single-threaded runtime (one
+/// core for the load, the other for the server on a two-core machine), or, with a
+/// rate, paced by one thread per connection.
 pub fn run(target: &Target, load: &Load) -> std::io::Result<Report> {
+    if load.rate.is_some() {
+        let start = Instant::now() + Duration::from_millis(50);
+        let threads: Vec<_> = (0..load.connections)
+            .map(|i| {
+                let (target, load) = (target.clone(), load.clone());
+                std::thread::spawn(move || paced(&target, &load, i, start))
+            })
+            .collect();
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+        let (mut done, mut errors) = (0, 0);
+        for t in threads {
+            let (d, e, h) = t
+                .join()
+                .map_err(|_| std::io::Error::other("a load thread panicked"))??;
+            done += d;
+            errors += e;
+            hist.add(h).map_err(std::io::Error::other)?;
+        }
+        return Ok(report(target, load, done, errors, &hist));
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -242,27 +330,31 @@ pub fn run(target: &Target, load: &Load) -> std::io::Result<Report> {
             errors += e;
             hist.add(h).map_err(std::io::Error::other)?;
         }
-        let seconds = load.duration.as_secs_f64();
-        let q = |p: f64| hist.value_at_quantile(p) as f64;
-        Ok(Report {
-            target: match target {
-                Target::Apikeyd { .. } => "apikeyd".into(),
-                Target::Redis { .. } => "redis".into(),
-            },
-            connections: load.connections,
-            pipeline: load.pipeline,
-            offered_rps: load.rate,
-            requests: done,
-            errors,
-            seconds,
-            rps: done as f64 / seconds,
-            p50_us: q(0.50),
-            p90_us: q(0.90),
-            p99_us: q(0.99),
-            p999_us: q(0.999),
-            max_us: hist.max() as f64,
-        })
+        Ok(report(target, load, done, errors, &hist))
     })
+}
+
+fn report(target: &Target, load: &Load, done: u64, errors: u64, hist: &Histogram<u64>) -> Report {
+    let seconds = load.duration.as_secs_f64();
+    let q = |p: f64| hist.value_at_quantile(p) as f64;
+    Report {
+        target: match target {
+            Target::Apikeyd { .. } => "apikeyd".into(),
+            Target::Redis { .. } => "redis".into(),
+        },
+        connections: load.connections,
+        pipeline: load.pipeline,
+        offered_rps: load.rate,
+        requests: done,
+        errors,
+        seconds,
+        rps: done as f64 / seconds,
+        p50_us: q(0.50),
+        p90_us: q(0.90),
+        p99_us: q(0.99),
+        p999_us: q(0.999),
+        max_us: hist.max() as f64,
+    }
 }
 
 /// Stores `keys` user keys (`bench-{n}` / openai) straight into the keystore in one
