@@ -79,6 +79,46 @@ fn fill(template: &str, n: usize) -> String {
     template.replace("{n}", &n.to_string())
 }
 
+/// Appends the next `load.pipeline` request lines for apikeyd to `out`, advancing the
+/// key index `n` and the template index `t`.
+fn apikeyd_batch(
+    templates: &[String],
+    load: &Load,
+    n: &mut usize,
+    t: &mut usize,
+    out: &mut Vec<u8>,
+) {
+    for _ in 0..load.pipeline {
+        *n = (*n + 1) % load.keys.max(1);
+        *t = (*t + 1) % templates.len();
+        out.extend_from_slice(fill(&templates[*t], *n).as_bytes());
+        out.push(b'\n');
+    }
+}
+
+/// The next `load.pipeline` commands of the Redis side, advancing the key index `n`.
+fn redis_batch(command: RedisCommand, sha: &str, load: &Load, n: &mut usize) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    for _ in 0..load.pipeline {
+        *n = (*n + 1) % load.keys.max(1);
+        match command {
+            RedisCommand::Hget => {
+                pipe.cmd("HGET").arg(format!("bench:{n}")).arg("openai");
+            }
+            RedisCommand::Consume => {
+                pipe.cmd("EVALSHA")
+                    .arg(sha)
+                    .arg(1)
+                    .arg(format!("bench:usage:{n}"))
+                    .arg("t")
+                    .arg(crate::clock::now_s() + 86_400)
+                    .arg(1_000_000_000);
+            }
+        }
+    }
+    pipe
+}
+
 /// One connection as fast as it goes; answers (requests done, errors, latencies).
 async fn drive(
     target: Target,
@@ -102,12 +142,7 @@ async fn drive(
             while Instant::now() < end {
                 let intended = Instant::now();
                 batch.clear();
-                for _ in 0..load.pipeline {
-                    n = (n + 1) % load.keys.max(1);
-                    t = (t + 1) % templates.len();
-                    batch.extend_from_slice(fill(&templates[t], n).as_bytes());
-                    batch.push(b'\n');
-                }
+                apikeyd_batch(&templates, &load, &mut n, &mut t, &mut batch);
                 wr.write_all(&batch).await?;
                 for _ in 0..load.pipeline {
                     line.clear();
@@ -145,24 +180,7 @@ async fn drive(
                 .map_err(std::io::Error::other)?;
             while Instant::now() < end {
                 let intended = Instant::now();
-                let mut pipe = redis::pipe();
-                for _ in 0..load.pipeline {
-                    n = (n + 1) % load.keys.max(1);
-                    match command {
-                        RedisCommand::Hget => {
-                            pipe.cmd("HGET").arg(format!("bench:{n}")).arg("openai");
-                        }
-                        RedisCommand::Consume => {
-                            pipe.cmd("EVALSHA")
-                                .arg(&sha)
-                                .arg(1)
-                                .arg(format!("bench:usage:{n}"))
-                                .arg("t")
-                                .arg(crate::clock::now_s() + 86_400)
-                                .arg(1_000_000_000);
-                        }
-                    }
-                }
+                let pipe = redis_batch(command, &sha, &load, &mut n);
                 let replies: redis::RedisResult<Vec<redis::Value>> =
                     pipe.query_async(&mut con).await;
                 if replies.is_err() {
@@ -236,14 +254,9 @@ fn paced(
         let mut ok = true;
         match &mut conn {
             Conn::Apikeyd(w, r, templates) => {
-                let mut batch = String::new();
-                for _ in 0..load.pipeline {
-                    n = (n + 1) % load.keys.max(1);
-                    t = (t + 1) % templates.len();
-                    batch.push_str(&fill(&templates[t], n));
-                    batch.push('\n');
-                }
-                w.write_all(batch.as_bytes())?;
+                let mut batch = Vec::new();
+                apikeyd_batch(templates, load, &mut n, &mut t, &mut batch);
+                w.write_all(&batch)?;
                 for _ in 0..load.pipeline {
                     line.clear();
                     if r.read_line(&mut line)? == 0 {
@@ -253,24 +266,7 @@ fn paced(
                 }
             }
             Conn::Redis(con, command, sha) => {
-                let mut pipe = redis::pipe();
-                for _ in 0..load.pipeline {
-                    n = (n + 1) % load.keys.max(1);
-                    match command {
-                        RedisCommand::Hget => {
-                            pipe.cmd("HGET").arg(format!("bench:{n}")).arg("openai");
-                        }
-                        RedisCommand::Consume => {
-                            pipe.cmd("EVALSHA")
-                                .arg(&*sha)
-                                .arg(1)
-                                .arg(format!("bench:usage:{n}"))
-                                .arg("t")
-                                .arg(crate::clock::now_s() + 86_400)
-                                .arg(1_000_000_000);
-                        }
-                    }
-                }
+                let pipe = redis_batch(*command, sha, load, &mut n);
                 ok = pipe.query::<Vec<redis::Value>>(con).is_ok();
             }
         }
