@@ -179,7 +179,6 @@ fn serve(explicit: Option<PathBuf>) -> ExitCode {
         tracing::info!("stopped");
         ExitCode::SUCCESS
     });
-    System::current_stop();
     code
 }
 
@@ -200,16 +199,6 @@ fn watch_signals(tx: mpsc::UnboundedSender<Control>) -> std::io::Result<()> {
         }
     });
     Ok(())
-}
-
-struct System;
-
-impl System {
-    fn current_stop() {
-        if let Some(s) = actix::System::try_current() {
-            s.stop();
-        }
-    }
 }
 
 fn call(socket: Option<PathBuf>, config: Option<PathBuf>, requests: Vec<String>) -> ExitCode {
