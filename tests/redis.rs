@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{contains, Client, Mode, TestDaemon, CANARY};
+use common::{contains, Client, Mode, RedisServer, TestDaemon, CANARY};
 use redis::Commands;
 use serde_json::{json, Value};
 
@@ -152,6 +152,25 @@ fn a_value_copied_to_another_hash_is_not_served() {
     assert!(
         log.contains("integrity") && log.contains("stargazer:channel_api_pool:c2:openai"),
         "{log}"
+    );
+}
+
+#[test]
+fn tcp_urls_work_too() {
+    let redis = RedisServer::start_tcp();
+    assert!(redis.url().starts_with("redis://127.0.0.1:"));
+    let d = TestDaemon::start_full(Mode::Redis, Some(redis), None, "", &[]);
+    let mut c = d.client();
+    c.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-over-tcp-000001"}));
+    assert_eq!(
+        c.ok(json!({"op": "get_pool_api_key", "service": "openai"}))["key"],
+        "sk-over-tcp-000001"
+    );
+    let r = c.ok(json!({"op": "consume_default_key_usage", "user_id": "u", "tool_name": "t"}));
+    assert_eq!(r["current_count"], 1);
+    assert_eq!(
+        c.ok(json!({"op": "stats"}))["store"]["redis_connected"],
+        true
     );
 }
 

@@ -43,19 +43,30 @@ pub struct RedisServer {
     /// Append-only file with fsync on every write, for tests that restart Redis and
     /// expect acknowledged writes to survive.
     persistent: bool,
+    /// Also listen on this loopback TCP port (for redis:// URLs).
+    tcp_port: Option<u16>,
 }
 
 impl RedisServer {
     pub fn start() -> Arc<RedisServer> {
-        Self::start_inner(false)
+        Self::start_inner(false, None)
     }
 
     /// A server that persists every write (`appendfsync always`).
     pub fn start_persistent() -> Arc<RedisServer> {
-        Self::start_inner(true)
+        Self::start_inner(true, None)
     }
 
-    fn start_inner(persistent: bool) -> Arc<RedisServer> {
+    /// A server that also listens on a free loopback TCP port; `url()` is then redis://.
+    pub fn start_tcp() -> Arc<RedisServer> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        Self::start_inner(false, Some(port))
+    }
+
+    fn start_inner(persistent: bool, tcp_port: Option<u16>) -> Arc<RedisServer> {
         let dir = tempfile::Builder::new()
             .prefix("apikeyd-redis")
             .tempdir()
@@ -65,6 +76,7 @@ impl RedisServer {
             dir,
             child: Mutex::new(None),
             persistent,
+            tcp_port,
         };
         r.spawn();
         Arc::new(r)
@@ -76,8 +88,9 @@ impl RedisServer {
         } else {
             &["--appendonly", "no"]
         };
+        let port = self.tcp_port.unwrap_or(0).to_string();
         let child = Command::new("redis-server")
-            .args(["--port", "0", "--unixsocket"])
+            .args(["--bind", "127.0.0.1", "--port", &port, "--unixsocket"])
             .arg(&self.socket)
             .args(["--unixsocketperm", "700", "--save", ""])
             .args(aof)
@@ -98,7 +111,10 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis+unix://{}", self.socket.display())
+        match self.tcp_port {
+            Some(port) => format!("redis://127.0.0.1:{port}/0"),
+            None => format!("redis+unix://{}", self.socket.display()),
+        }
     }
 
     /// A plain client connection for inspecting and editing what is stored.
