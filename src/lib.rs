@@ -8,8 +8,11 @@
 //!   turns a request into actor messages and encodes the result.
 //! - `actors::keystore::Keystore` owns per-user keys in SQLite (on a `SyncArbiter`);
 //!   `actors::store::Store` is the handle to pools and quota counters (the embedded
-//!   `SqliteStore` here, Redis behind the same messages); `actors::cache::KeyCache`
-//!   keeps decrypted keys in memory so a hit touches no store.
+//!   `SqliteStore`, or `RedisStore` behind the same messages); `actors::cache::KeyCache`
+//!   keeps decrypted keys in memory, and connections on its thread read hits straight
+//!   from its shard, so a hit touches no store and sends no message.
+//! - Every call into a store is bounded by `server.request_timeout_ms`
+//!   (`actors::within`); `systemd` reports readiness and the watchdog.
 //! - `resolver` runs user key → channel pool → global pool → config default.
 //! - `crypto` seals every key with AES-256-GCM bound to its place; `error` maps every
 //!   failure to a wire code.
@@ -36,6 +39,7 @@ pub mod session;
 pub mod systemd;
 
 use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
@@ -51,7 +55,6 @@ use app::App;
 use config::Config;
 use crypto::MasterKey;
 use rusqlite::Connection;
-use std::sync::atomic::AtomicBool;
 
 /// Threads (each with its own SQLite connection) serving per-user keys.
 const KEYSTORE_THREADS: usize = 2;
