@@ -155,8 +155,18 @@ fn soak_mixed_load_with_reloads_and_a_redis_restart() {
             redis_down.store(true, Ordering::Relaxed);
             redis.restart();
             restarted = true;
-            // Allow the reconnect (health check every second) before strictness returns.
-            std::thread::sleep(Duration::from_secs(3));
+            // Strictness returns once the daemon says it is connected again (the
+            // health check runs every second), plus a second for stragglers.
+            let mut c = d.client();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while c.ok(json!({"op": "stats"}))["store"]["redis_connected"] != true {
+                assert!(
+                    Instant::now() < deadline,
+                    "the daemon did not reconnect to Redis within 30 s"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            std::thread::sleep(Duration::from_secs(1));
             redis_down.store(false, Ordering::Relaxed);
         }
         std::thread::sleep(Duration::from_secs(1));
