@@ -33,8 +33,24 @@ fn all_keys(con: &mut redis::Connection, pattern: &str) -> redis::RedisResult<Ve
     Ok(keys)
 }
 
+/// Every pool hash under the prefix (global and channel), with the pool it stands for.
+pub fn pool_hashes(
+    con: &mut redis::Connection,
+    names: &Names,
+) -> redis::RedisResult<Vec<(String, PoolRef)>> {
+    let mut hashes = all_keys(con, &format!("{}:global_api_pool:*", names.prefix))?;
+    hashes.extend(all_keys(
+        con,
+        &format!("{}:channel_api_pool:*", names.prefix),
+    )?);
+    Ok(hashes
+        .into_iter()
+        .filter_map(|h| pool_of(names, &h).map(|p| (h, p)))
+        .collect())
+}
+
 /// The pool a hash name stands for, or `None` for a name of another shape.
-pub fn pool_of(names: &Names, hash: &str) -> Option<PoolRef> {
+fn pool_of(names: &Names, hash: &str) -> Option<PoolRef> {
     let rest = hash.strip_prefix(&names.prefix)?.strip_prefix(':')?;
     if let Some(service) = rest.strip_prefix("global_api_pool:") {
         return Some(PoolRef {
@@ -125,14 +141,7 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
         }
     }
 
-    let mut pools =
-        all_keys(&mut con, &format!("{}:global_api_pool:*", names.prefix)).map_err(fail)?;
-    pools
-        .extend(all_keys(&mut con, &format!("{}:channel_api_pool:*", names.prefix)).map_err(fail)?);
-    for hash in pools {
-        let Some(pool) = pool_of(&names, &hash) else {
-            continue;
-        };
+    for (hash, pool) in pool_hashes(&mut con, &names).map_err(fail)? {
         let fields: Vec<(String, Vec<u8>)> = con.hgetall(&hash).map_err(fail)?;
         for (field, value) in fields {
             let PoolValue::Legacy(key) = open_value(&master, &names.prefix, &pool, &value) else {

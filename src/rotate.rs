@@ -217,22 +217,8 @@ fn reseal_redis(config: &Config, key: &MasterKey) -> Result<(usize, usize), Stri
     let swap = redis::Script::new(
         "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) return 1 end return 0",
     );
-    let mut hashes: Vec<String> = Vec::new();
-    for pattern in ["global_api_pool:*", "channel_api_pool:*"] {
-        let found = con
-            .scan_match::<_, String>(format!("{}:{pattern}", names.prefix))
-            .map_err(fail)?
-            .collect::<redis::RedisResult<Vec<String>>>()
-            .map_err(fail)?;
-        hashes.extend(found);
-    }
-    hashes.sort();
-    hashes.dedup();
     let (mut done, mut broken) = (0, 0);
-    for hash in hashes {
-        let Some(pool) = crate::legacy::pool_of(&names, &hash) else {
-            continue;
-        };
+    for (hash, pool) in crate::legacy::pool_hashes(&mut con, &names).map_err(fail)? {
         let fields: Vec<(String, String)> = con.hgetall(&hash).map_err(fail)?;
         for (field, value) in fields {
             let Some(b64) = value.strip_prefix(ENVELOPE) else {
