@@ -30,6 +30,8 @@ pub struct App {
     pub audit: Audit,
     /// The master keyring every actor seals and opens with; swapped on reload.
     pub key: Arc<MasterKey>,
+    /// `server.request_timeout_ms` as read at start, like the store's and the cache's.
+    deadline: std::time::Duration,
     /// Open connections right now.
     pub connections: AtomicU64,
     /// Non-blank request lines since start.
@@ -49,6 +51,7 @@ impl App {
         key: Arc<MasterKey>,
     ) -> Self {
         App {
+            deadline: config.request_timeout(),
             cache_reader,
             audit,
             key,
@@ -102,9 +105,7 @@ impl App {
         M: actix::Message<Result = crate::error::Result<T>> + Send + 'static,
         T: Send + 'static,
     {
-        let deadline =
-            std::time::Duration::from_millis(self.config().server.request_timeout_ms.max(1));
-        crate::actors::within(deadline, self.keystore.send(msg)).await
+        crate::actors::within(self.deadline, self.keystore.send(msg)).await
     }
 
     /// The config in force now (replaced whole on reload).

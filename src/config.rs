@@ -256,6 +256,11 @@ impl Config {
         }
     }
 
+    /// How long a request may wait on any one store (`server.request_timeout_ms`).
+    pub fn request_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.server.request_timeout_ms.max(1))
+    }
+
     /// The socket mode as a number.
     pub fn socket_mode(&self) -> u32 {
         parse_mode(&self.server.socket_mode).unwrap_or(0o660)

@@ -73,11 +73,6 @@ pub fn open_keystore(config: &Config) -> Result<Opened, StartError> {
     actors::keystore::open(config, KEYSTORE_THREADS + 1)
 }
 
-/// How long any store may take to answer one request (`server.request_timeout_ms`).
-fn deadline(config: &Config) -> std::time::Duration {
-    std::time::Duration::from_millis(config.server.request_timeout_ms.max(1))
-}
-
 /// Starts the store actor the config asks for: Redis when `redis.url` is set, else
 /// the embedded store on `db`. In Redis mode also starts the invalidation listener.
 fn start_store(
@@ -95,7 +90,7 @@ fn start_store(
             )
         });
         return Ok((
-            Store::new(StoreMode::Embedded, None, deadline(config), addr),
+            Store::new(StoreMode::Embedded, None, config.request_timeout(), addr),
             None,
         ));
     }
@@ -111,7 +106,7 @@ fn start_store(
         Store::new(
             StoreMode::Redis,
             Some(connected),
-            deadline(config),
+            config.request_timeout(),
             store.start(),
         ),
         Some((client, names)),
@@ -165,7 +160,7 @@ pub async fn run(
     let cache = KeyCache::new(
         keystore.clone(),
         store.clone(),
-        deadline(&config),
+        config.request_timeout(),
         &config.cache,
     );
     let cache_reader = cache.reader();
