@@ -75,6 +75,40 @@ impl Report {
     }
 }
 
+/// What connections measured: requests answered after the warm-up, errors, and
+/// their latencies.
+struct Tally {
+    done: u64,
+    errors: u64,
+    hist: Histogram<u64>,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Tally {
+            done: 0,
+            errors: 0,
+            hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+        }
+    }
+
+    /// A batch of `pipeline` requests meant to go out at `intended` and answered just
+    /// now; counted only once the warm-up is over.
+    fn batch(&mut self, pipeline: usize, intended: Instant, measure_from: Instant) {
+        if intended >= measure_from {
+            self.done += pipeline as u64;
+            let us = intended.elapsed().as_micros().max(1) as u64;
+            let _ = self.hist.record_n(us, pipeline as u64);
+        }
+    }
+
+    fn merge(&mut self, other: Tally) -> std::io::Result<()> {
+        self.done += other.done;
+        self.errors += other.errors;
+        self.hist.add(other.hist).map_err(std::io::Error::other)
+    }
+}
+
 fn fill(template: &str, n: usize) -> String {
     template.replace("{n}", &n.to_string())
 }
@@ -120,16 +154,10 @@ fn redis_batch(command: RedisCommand, sha: &str, load: &Load, n: &mut usize) -> 
 }
 
 /// One connection as fast as it goes; answers (requests done, errors, latencies).
-async fn drive(
-    target: Target,
-    load: Load,
-    index: usize,
-    start: Instant,
-) -> std::io::Result<(u64, u64, Histogram<u64>)> {
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+async fn drive(target: Target, load: Load, index: usize, start: Instant) -> std::io::Result<Tally> {
+    let mut tally = Tally::new();
     let measure_from = start + load.warmup;
     let end = measure_from + load.duration;
-    let (mut done, mut errors) = (0u64, 0u64);
     let mut n = index.wrapping_mul(7919);
     match target {
         Target::Apikeyd { socket, templates } => {
@@ -150,17 +178,10 @@ async fn drive(
                         return Err(std::io::Error::other("the daemon closed the connection"));
                     }
                     if !line.contains("\"ok\":true") {
-                        errors += 1;
+                        tally.errors += 1;
                     }
                 }
-                let now = Instant::now();
-                if intended >= measure_from {
-                    done += load.pipeline as u64;
-                    let us = now.duration_since(intended).as_micros().max(1) as u64;
-                    for _ in 0..load.pipeline {
-                        let _ = hist.record(us);
-                    }
-                }
+                tally.batch(load.pipeline, intended, measure_from);
             }
         }
         Target::Redis { socket, command } => {
@@ -170,9 +191,7 @@ async fn drive(
                 .get_multiplexed_async_connection()
                 .await
                 .map_err(std::io::Error::other)?;
-            let script = redis::Script::new(crate::actors::redis::CONSUME_SCRIPT);
-            let sha = script.get_hash().to_string();
-            let _: () = redis::cmd("SCRIPT")
+            let sha: String = redis::cmd("SCRIPT")
                 .arg("LOAD")
                 .arg(crate::actors::redis::CONSUME_SCRIPT)
                 .query_async(&mut con)
@@ -184,40 +203,27 @@ async fn drive(
                 let replies: redis::RedisResult<Vec<redis::Value>> =
                     pipe.query_async(&mut con).await;
                 if replies.is_err() {
-                    errors += load.pipeline as u64;
+                    tally.errors += load.pipeline as u64;
                 }
-                let now = Instant::now();
-                if intended >= measure_from {
-                    done += load.pipeline as u64;
-                    let us = now.duration_since(intended).as_micros().max(1) as u64;
-                    for _ in 0..load.pipeline {
-                        let _ = hist.record(us);
-                    }
-                }
+                tally.batch(load.pipeline, intended, measure_from);
             }
         }
     }
-    Ok((done, errors, hist))
+    Ok(tally)
 }
 
 /// One connection paced by its own OS thread with blocking I/O: `sleep` wakes within
 /// tens of microseconds, where tokio's timer has millisecond resolution and a
 /// spinning task would starve the runtime's I/O polling. Latency counts from each
 /// batch's intended send time, so any lateness of the pacer is charged, not hidden.
-fn paced(
-    target: &Target,
-    load: &Load,
-    index: usize,
-    start: Instant,
-) -> std::io::Result<(u64, u64, Histogram<u64>)> {
+fn paced(target: &Target, load: &Load, index: usize, start: Instant) -> std::io::Result<Tally> {
     use std::io::{BufRead, Write};
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    let mut tally = Tally::new();
     let rate = load.rate.unwrap_or(1.0).max(1.0);
     let interval = Duration::from_secs_f64(load.pipeline as f64 * load.connections as f64 / rate);
     // Spread the connections' send times over one interval.
     let mut next = start + interval.mul_f64(index as f64 / load.connections as f64);
     let (measure_from, end) = (start + load.warmup, start + load.warmup + load.duration);
-    let (mut done, mut errors) = (0u64, 0u64);
     let mut n = index.wrapping_mul(7919);
     enum Conn {
         Apikeyd(
@@ -271,18 +277,12 @@ fn paced(
             }
         }
         if !ok {
-            errors += load.pipeline as u64;
+            tally.errors += load.pipeline as u64;
         }
-        if next >= measure_from {
-            let us = Instant::now().duration_since(next).as_micros().max(1) as u64;
-            done += load.pipeline as u64;
-            for _ in 0..load.pipeline {
-                let _ = hist.record(us);
-            }
-        }
+        tally.batch(load.pipeline, next, measure_from);
         next += interval;
     }
-    Ok((done, errors, hist))
+    Ok(tally)
 }
 
 /// Runs `load` against `target`: as fast as it goes on a single-threaded runtime (one
@@ -297,17 +297,14 @@ pub fn run(target: &Target, load: &Load) -> std::io::Result<Report> {
                 std::thread::spawn(move || paced(&target, &load, i, start))
             })
             .collect();
-        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
-        let (mut done, mut errors) = (0, 0);
+        let mut all = Tally::new();
         for t in threads {
-            let (d, e, h) = t
-                .join()
-                .map_err(|_| std::io::Error::other("a load thread panicked"))??;
-            done += d;
-            errors += e;
-            hist.add(h).map_err(std::io::Error::other)?;
+            all.merge(
+                t.join()
+                    .map_err(|_| std::io::Error::other("a load thread panicked"))??,
+            )?;
         }
-        return Ok(report(target, load, done, errors, &hist));
+        return Ok(report(target, load, &all));
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -318,19 +315,16 @@ pub fn run(target: &Target, load: &Load) -> std::io::Result<Report> {
         let tasks: Vec<_> = (0..load.connections)
             .map(|i| tokio::task::spawn_local(drive(target.clone(), load.clone(), i, start)))
             .collect();
-        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
-        let (mut done, mut errors) = (0, 0);
+        let mut all = Tally::new();
         for t in tasks {
-            let (d, e, h) = t.await.map_err(std::io::Error::other)??;
-            done += d;
-            errors += e;
-            hist.add(h).map_err(std::io::Error::other)?;
+            all.merge(t.await.map_err(std::io::Error::other)??)?;
         }
-        Ok(report(target, load, done, errors, &hist))
+        Ok(report(target, load, &all))
     })
 }
 
-fn report(target: &Target, load: &Load, done: u64, errors: u64, hist: &Histogram<u64>) -> Report {
+fn report(target: &Target, load: &Load, tally: &Tally) -> Report {
+    let (done, errors, hist) = (tally.done, tally.errors, &tally.hist);
     let seconds = load.duration.as_secs_f64();
     let q = |p: f64| hist.value_at_quantile(p) as f64;
     Report {
