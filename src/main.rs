@@ -128,6 +128,10 @@ fn serve(explicit: Option<PathBuf>) -> ExitCode {
     }
     let system = actix_rt::System::new();
     let code = system.block_on(async move {
+        if let Err(e) = apikeyd::server::check_socket_path(&config) {
+            tracing::error!("refusing to start: {e}");
+            return ExitCode::from(1);
+        }
         let opened = match apikeyd::open_keystore(&config) {
             Ok(o) => o,
             Err(e) => {

@@ -50,7 +50,18 @@ pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
             ));
         }
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        // Only ever replace a stale socket: a mistyped path must not delete a file.
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket; refusing to replace it (check server.socket)",
+                    path.display()
+                ),
+            ));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
@@ -66,6 +77,46 @@ pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
     let listener = bound?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
+}
+
+/// Refuses a `server.socket` that names one of the daemon's own files (keystore, its
+/// journal and lock, master key, audit file): binding there would first delete it.
+pub fn check_socket_path(config: &crate::config::Config) -> Result<(), String> {
+    let same = |a: &Path, b: &Path| {
+        let norm = |p: &Path| {
+            std::fs::canonicalize(p)
+                .or_else(|_| std::path::absolute(p))
+                .unwrap_or_else(|_| p.to_path_buf())
+        };
+        norm(a) == norm(b)
+    };
+    let keystore = &config.keystore.path;
+    let with = |suffix: &str| {
+        let mut p = keystore.as_os_str().to_owned();
+        p.push(suffix);
+        std::path::PathBuf::from(p)
+    };
+    let mut own = vec![
+        ("keystore.path", keystore.clone()),
+        ("the keystore's journal", with("-wal")),
+        ("the keystore's journal", with("-shm")),
+        ("the keystore's lock", crate::lock::lock_path(keystore)),
+        (
+            "keystore.master_key_file",
+            config.keystore.master_key_file.clone(),
+        ),
+    ];
+    if let Some(audit) = &config.log.audit_file {
+        own.push(("log.audit_file", audit.clone()));
+    }
+    let socket = &config.server.socket;
+    match own.iter().find(|(_, p)| same(socket, p)) {
+        Some((what, _)) => Err(format!(
+            "server.socket {} is the same file as {what}; binding there would delete it",
+            socket.display()
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Writes one error line to a connection that will not be served, then closes it.
