@@ -4,7 +4,7 @@
 use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::crypto::Secret;
 use crate::error::{Error, Result};
@@ -74,6 +74,24 @@ impl<'de> Deserialize<'de> for Param {
     }
 }
 
+/// The `key` member: its text is zeroed on drop, so a key in a request that fails
+/// before the key is read (a bad `user_id`, a refused op) is wiped like a used one.
+struct KeyParam(Param);
+
+impl Drop for KeyParam {
+    fn drop(&mut self) {
+        if let Param::Str(s) = &mut self.0 {
+            s.zeroize();
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyParam {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        Param::deserialize(d).map(KeyParam)
+    }
+}
+
 /// The members a request may have; unknown members are skipped unread. A member that
 /// is `null` counts as absent.
 #[derive(Deserialize, Default)]
@@ -83,7 +101,7 @@ struct Members {
     user_id: Option<Param>,
     service: Option<Param>,
     channel_id: Option<Param>,
-    key: Option<Param>,
+    key: Option<KeyParam>,
     key_id: Option<Param>,
     label: Option<Param>,
     tool_name: Option<Param>,
@@ -129,6 +147,72 @@ pub enum Line {
     Request(Request),
     /// Not a request; answer with this error and the id, if one could be read.
     Invalid { id: Id, error: Error },
+}
+
+/// Splits the byte stream of a connection into lines of at most `max` bytes. Lines
+/// come out as their own writable buffers, so the session can zero each one once it
+/// is parsed (tokio-util's line codecs hand out shared, read-only `Bytes`).
+pub struct LineCodec {
+    max: usize,
+    /// Where the search for `\n` resumes: bytes before it were already searched.
+    searched: usize,
+}
+
+/// Reading a line failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LineError {
+    #[error("line longer than the limit")]
+    TooLong,
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl LineCodec {
+    /// A codec for lines of at most `max` bytes (the `\n` not counted).
+    pub fn new(max: usize) -> Self {
+        LineCodec { max, searched: 0 }
+    }
+}
+
+impl tokio_util::codec::Decoder for LineCodec {
+    type Item = bytes::BytesMut;
+    type Error = LineError;
+
+    fn decode(
+        &mut self,
+        buf: &mut bytes::BytesMut,
+    ) -> std::result::Result<Option<bytes::BytesMut>, LineError> {
+        let end = buf.len().min(self.max + 1);
+        match memchr::memchr(b'\n', &buf[self.searched.min(end)..end]) {
+            Some(i) => {
+                let at = self.searched + i;
+                self.searched = 0;
+                let mut line = buf.split_to(at + 1);
+                line.truncate(at);
+                Ok(Some(line))
+            }
+            None if buf.len() > self.max => Err(LineError::TooLong),
+            None => {
+                self.searched = end;
+                Ok(None)
+            }
+        }
+    }
+
+    fn decode_eof(
+        &mut self,
+        buf: &mut bytes::BytesMut,
+    ) -> std::result::Result<Option<bytes::BytesMut>, LineError> {
+        match self.decode(buf)? {
+            Some(line) => Ok(Some(line)),
+            None if buf.is_empty() => Ok(None),
+            // A last line without `\n`, answered at half-close.
+            None => {
+                self.searched = 0;
+                Ok(Some(buf.split()))
+            }
+        }
+    }
 }
 
 /// Parses one line (without its `\n`).
@@ -225,7 +309,10 @@ impl Request {
             "user_id" => p.user_id.take(),
             "service" => p.service.take(),
             "channel_id" => p.channel_id.take(),
-            "key" => p.key.take(),
+            "key" => p
+                .key
+                .take()
+                .map(|mut k| std::mem::replace(&mut k.0, Param::Container)),
             "key_id" => p.key_id.take(),
             "label" => p.label.take(),
             "tool_name" => p.tool_name.take(),

@@ -14,7 +14,7 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::sync::Notify;
-use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -22,7 +22,7 @@ use crate::access::Peer;
 use crate::app::App;
 use crate::error::{Error, Result};
 use crate::ops;
-use crate::protocol::{parse_line, write_response, Body, Id, Line};
+use crate::protocol::{parse_line, write_response, Body, Id, Line, LineCodec, LineError};
 
 /// Requests of one connection in flight at once. Past it the daemon stops reading
 /// that connection until responses drain: backpressure instead of buffering.
@@ -192,8 +192,7 @@ pub async fn run(app: Rc<App>, stream: UnixStream, peer: Peer, stop: Cancellatio
     drop(config);
 
     let (rd, mut wr) = stream.into_split();
-    let codec = AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), max_line);
-    let mut lines = FramedRead::new(rd, codec);
+    let mut lines = FramedRead::new(rd, LineCodec::new(max_line));
     let mut pending: FuturesOrdered<LocalBoxFuture<'static, Body>> = FuturesOrdered::new();
     let mut out: Zeroizing<Vec<u8>> = Zeroizing::new(Vec::with_capacity(4096));
     let order = Rc::new(Sequencer::default());
@@ -231,19 +230,22 @@ pub async fn run(app: Rc<App>, stream: UnixStream, peer: Peer, stop: Cancellatio
                 loop {
                     match frame {
                         None => reading = false,
-                        Some(Ok(line)) => {
+                        Some(Ok(mut line)) => {
                             if let Some(fut) = start(&app, &peer, &order, &line) {
                                 pending.push_back(fut);
                             }
+                            // The request is parsed into its own values; a key in it
+                            // must not linger in the connection's buffer.
+                            line[..].zeroize();
                         }
-                        Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded)) => {
+                        Some(Err(LineError::TooLong)) => {
                             tracing::info!(uid = peer.uid, max_line, "request line too long; closing the connection");
                             app.requests_total.fetch_add(1, Ordering::Relaxed);
                             let line = encoded(&None, &Err(Error::TooLarge(max_line)));
                             pending.push_back(future::ready(line).boxed_local());
                             reading = false;
                         }
-                        Some(Err(AnyDelimiterCodecError::Io(e))) => {
+                        Some(Err(LineError::Io(e))) => {
                             tracing::debug!(error = %e, "connection read failed");
                             reading = false;
                         }
@@ -264,5 +266,10 @@ pub async fn run(app: Rc<App>, stream: UnixStream, peer: Peer, stop: Cancellatio
             () = stop.cancelled(), if reading => reading = false,
         }
     }
+    // Whatever the client sent and was not answered (a cut-off line) is wiped too.
+    let buffer = lines.read_buffer_mut();
+    buffer.clear();
+    buffer.resize(buffer.capacity(), 0);
+    buffer[..].zeroize();
     let _ = wr.shutdown().await;
 }
