@@ -3,6 +3,25 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::time::Duration;
+
+/// Sends one request line and reads its response, for the tools that talk to a
+/// running daemon (rotate-master-key, import-legacy). Waits at most `60 s`.
+pub fn request(socket: &Path, line: &str) -> std::io::Result<serde_json::Value> {
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(line.as_bytes())?;
+    stream.write_all(b"\n")?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer)?;
+    serde_json::from_str(&answer).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the daemon's answer is not JSON",
+        )
+    })
+}
 
 /// Sends `requests` (or, when empty, every line of stdin) to the daemon at `socket`
 /// and prints each response line. Returns the process exit code: 0 when every

@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
@@ -233,12 +234,17 @@ impl Ring {
 /// whole on reload. No `Debug`; key bytes and cipher round keys are zeroed on drop.
 pub struct MasterKey {
     ring: RwLock<Arc<Ring>>,
+    /// In Redis mode, the highest version every live daemon of the fleet holds
+    /// (0: no cap). New values are sealed with it while it is below `current`, so a
+    /// version added on one host is not used before every host can open it.
+    seal_cap: AtomicU32,
 }
 
 impl MasterKey {
     fn from_ring(ring: Ring) -> Self {
         MasterKey {
             ring: RwLock::new(Arc::new(ring)),
+            seal_cap: AtomicU32::new(0),
         }
     }
 
@@ -308,9 +314,47 @@ impl MasterKey {
         self.ring().keys.keys().copied().collect()
     }
 
-    /// The version new values are sealed with.
+    /// The newest version of this keyring.
     pub fn current_version(&self) -> u32 {
         self.ring().current
+    }
+
+    /// Caps the version `seal` uses (see `seal_cap`); 0 lifts the cap.
+    pub fn set_seal_cap(&self, version: u32) {
+        self.seal_cap.store(version, Ordering::Relaxed);
+    }
+
+    /// The version `seal` uses now: the current one, or the fleet's cap when it is
+    /// lower and held here.
+    pub fn sealing_version(&self) -> u32 {
+        Self::sealing_in(&self.ring(), self.seal_cap.load(Ordering::Relaxed))
+    }
+
+    fn sealing_in(ring: &Ring, cap: u32) -> u32 {
+        if cap != 0 && cap < ring.current && ring.ciphers.contains_key(&cap) {
+            cap
+        } else {
+            ring.current
+        }
+    }
+
+    /// Per version, a value that proves which key it is without revealing it: 32 hex
+    /// digits of an HMAC of a fixed label. Daemons sharing a Redis compare these.
+    pub fn check_values(&self) -> Vec<(u32, String)> {
+        self.ring()
+            .keys
+            .iter()
+            .map(|(v, k)| {
+                let mut mac =
+                    <Hmac<Sha256> as Mac>::new_from_slice(&**k).expect("HMAC takes any key");
+                mac.update(b"apikeyd fleet key check v1");
+                let digest = mac.finalize().into_bytes();
+                (
+                    *v,
+                    digest[..16].iter().map(|b| format!("{b:02x}")).collect(),
+                )
+            })
+            .collect()
     }
 
     /// This keyring plus a new random version, which becomes current.
@@ -337,17 +381,42 @@ impl MasterKey {
     }
 
     /// Writes this keyring to `path` atomically (temp file 0600, fsync, rename, fsync
-    /// of the folder), always in the multi-version format with its `id:` line.
+    /// of the folder), always in the multi-version format with its `id:` line. A file
+    /// already there keeps its owner, group and (private) mode, so a rotation run as
+    /// root leaves the key readable by the service user it belonged to.
     pub fn write_keyring(&self, path: &Path) -> std::io::Result<()> {
         let ring = self.ring();
         let tmp = path.with_extension("key.tmp");
         let _ = std::fs::remove_file(&tmp);
         write_private(&tmp, &ring.to_text(), true)?;
+        if let Ok(was) = std::fs::metadata(path) {
+            keep_owner_and_mode(&tmp, &was)?;
+        }
         std::fs::rename(&tmp, path)?;
         if let Some(dir) = path.parent() {
             std::fs::File::open(dir)?.sync_all()?;
         }
         Ok(())
+    }
+
+    /// Before versions are retired: writes this whole keyring to a new file beside
+    /// `path`, named after the `retired` versions (mode 0600, `path`'s owner), so
+    /// keystore backups sealed with them stay openable. Answers the file's path.
+    pub fn write_backup(&self, path: &Path, retired: &[u32]) -> std::io::Result<PathBuf> {
+        let names: Vec<String> = retired.iter().map(|v| format!("v{v}")).collect();
+        let mut name = path.as_os_str().to_owned();
+        name.push(format!(".retired-{}", names.join("-")));
+        let mut backup = PathBuf::from(&name);
+        let mut n = 1;
+        while backup.exists() {
+            n += 1;
+            backup = PathBuf::from(format!("{}.{n}", name.to_string_lossy()));
+        }
+        write_private(&backup, &self.ring().to_text(), true)?;
+        if let Ok(was) = std::fs::metadata(path) {
+            keep_owner_and_mode(&backup, &was)?;
+        }
+        Ok(backup)
     }
 
     /// Replaces this keyring with `other`'s, for every holder of this `MasterKey`.
@@ -359,14 +428,15 @@ impl MasterKey {
         }
     }
 
-    /// Encrypts `plain` for `place` under the current version and a fresh random nonce.
+    /// Encrypts `plain` for `place` under the sealing version and a fresh random nonce.
     ///
     /// Layout: format byte, key version (u32 BE), 12-byte nonce, ciphertext and tag.
     pub fn seal(&self, plain: &[u8], place: Place<'_>) -> Vec<u8> {
         let ring = self.ring();
+        let version = Self::sealing_in(&ring, self.seal_cap.load(Ordering::Relaxed));
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
         let aad = place.associated_data();
-        let ct = ring.ciphers[&ring.current]
+        let ct = ring.ciphers[&version]
             .encrypt(
                 &nonce,
                 Payload {
@@ -377,7 +447,7 @@ impl MasterKey {
             .expect("AES-GCM encryption of a short message cannot fail");
         let mut out = Vec::with_capacity(HEADER_LEN + ct.len());
         out.push(FORMAT);
-        out.extend_from_slice(&ring.current.to_be_bytes());
+        out.extend_from_slice(&version.to_be_bytes());
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&ct);
         out
@@ -417,6 +487,16 @@ impl MasterKey {
         let digest = mac.finalize().into_bytes();
         digest[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
+}
+
+/// Gives `file` the owner and group of `was`, and its mode without group or other bits.
+fn keep_owner_and_mode(file: &Path, was: &std::fs::Metadata) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    std::os::unix::fs::chown(file, Some(was.uid()), Some(was.gid()))?;
+    std::fs::set_permissions(
+        file,
+        std::fs::Permissions::from_mode(was.mode() & 0o700 | 0o400),
+    )
 }
 
 /// Creates `path` with mode 0600 holding `text`, synced to disk.

@@ -24,13 +24,39 @@ pub struct Report {
     pub skipped: usize,
 }
 
-fn all_keys(con: &mut redis::Connection, pattern: &str) -> redis::RedisResult<Vec<String>> {
-    let mut keys = con
-        .scan_match::<_, String>(pattern)?
-        .collect::<redis::RedisResult<Vec<String>>>()?;
+/// Every hash whose name matches `pattern`. A key of another type under the
+/// pattern (a stray `SET`) is skipped with a warning naming it, so it never stops
+/// a tool half-way.
+fn all_hashes(con: &mut redis::Connection, pattern: &str) -> redis::RedisResult<Vec<String>> {
+    let raw = con
+        .scan_match::<_, Vec<u8>>(pattern)?
+        .collect::<redis::RedisResult<Vec<Vec<u8>>>>()?;
+    let mut keys = Vec::with_capacity(raw.len());
+    for k in raw {
+        match String::from_utf8(k) {
+            Ok(k) => keys.push(k),
+            Err(e) => eprintln!(
+                "warning: skipping {} (its name is not UTF-8): it is not an apikeyd value",
+                String::from_utf8_lossy(e.as_bytes()).escape_debug()
+            ),
+        }
+    }
     keys.sort();
     keys.dedup();
-    Ok(keys)
+    let mut hashes = Vec::with_capacity(keys.len());
+    for k in keys {
+        let kind: String = redis::cmd("TYPE").arg(&k).query(con)?;
+        match kind.as_str() {
+            "hash" => hashes.push(k),
+            // Gone since the scan: nothing to do.
+            "none" => {}
+            other => eprintln!(
+                "warning: skipping {} (a {other}, not a hash): it is not an apikeyd value; remove it if nothing else uses it",
+                k.escape_debug()
+            ),
+        }
+    }
+    Ok(hashes)
 }
 
 /// Every pool hash under the prefix (global and channel), with the pool it stands for.
@@ -38,8 +64,8 @@ pub fn pool_hashes(
     con: &mut redis::Connection,
     names: &Names,
 ) -> redis::RedisResult<Vec<(String, PoolRef)>> {
-    let mut hashes = all_keys(con, &format!("{}:global_api_pool:*", names.prefix))?;
-    hashes.extend(all_keys(
+    let mut hashes = all_hashes(con, &format!("{}:global_api_pool:*", names.prefix))?;
+    hashes.extend(all_hashes(
         con,
         &format!("{}:channel_api_pool:*", names.prefix),
     )?);
@@ -71,6 +97,14 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
     if config.redis.url.is_empty() {
         return Err("import-legacy needs redis.url in the config".into());
     }
+    // A daemon on this keystore must answer on this config's socket, or none may run
+    // (then this import holds the lock until it ends).
+    keystore::create_folder(&config.keystore.path).map_err(|e| e.0)?;
+    let _access = crate::lock::for_tool(
+        &config.keystore.path,
+        "import-legacy",
+        &config.server.socket,
+    )?;
     let opened = keystore::open(config, 1).map_err(|e| e.0)?;
     let db = opened
         .connections
@@ -90,16 +124,32 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
     let verb = if dry_run { "would move" } else { "moved" };
     let mut report = Report::default();
 
-    for hash in all_keys(&mut con, &format!("{}:user_api_keys:*", names.prefix)).map_err(fail)? {
+    for hash in all_hashes(&mut con, &format!("{}:user_api_keys:*", names.prefix)).map_err(fail)? {
         let user_id = &hash[names.legacy_user("").len()..];
-        let fields: Vec<(String, Vec<u8>)> = con.hgetall(&hash).map_err(fail)?;
-        for (field, value) in fields {
+        // Bytes, not text: a binary field or value is skipped, never a stop.
+        let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash).map_err(fail)?;
+        for (raw_field, value) in fields {
+            let field = String::from_utf8_lossy(&raw_field).into_owned();
             let service = field.to_ascii_lowercase();
-            let key = String::from_utf8(value).ok().map(Secret::new);
-            let valid =
-                check_ident("user_id", user_id, 128).is_ok() && check_service(&service).is_ok();
-            let Some(key) = key.filter(|_| valid).and_then(|k| check_key(k).ok()) else {
-                println!("skipped {hash} field {field}: user id, service or key does not meet the parameter rules");
+            let rule = if check_ident("user_id", user_id, 128).is_err() {
+                Some("the user id (1-128 bytes, no whitespace or control characters)")
+            } else if check_service(&service).is_err() || raw_field != field.as_bytes() {
+                Some("the service name (1-64 characters of A-Z a-z 0-9 _ . -)")
+            } else {
+                None
+            };
+            let key = String::from_utf8(value)
+                .ok()
+                .map(Secret::new)
+                .and_then(|k| check_key(k).ok());
+            let (None, Some(key)) = (rule, key) else {
+                let rule =
+                    rule.unwrap_or("the key (1-4096 bytes of UTF-8 without control characters)");
+                println!(
+                    "skipped {} field {}: {rule} does not meet the parameter rules",
+                    hash.escape_debug(),
+                    field.escape_debug()
+                );
                 report.skipped += 1;
                 continue;
             };
@@ -131,7 +181,7 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
                 service: service.clone(),
             };
             redis::pipe()
-                .hdel(&hash, &field)
+                .hdel(&hash, &raw_field)
                 .publish(
                     names.invalidate(),
                     serde_json::to_string(&changed).unwrap_or_default(),
@@ -142,24 +192,41 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
     }
 
     for (hash, pool) in pool_hashes(&mut con, &names).map_err(fail)? {
-        let fields: Vec<(String, Vec<u8>)> = con.hgetall(&hash).map_err(fail)?;
-        for (field, value) in fields {
+        let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash).map_err(fail)?;
+        for (raw_field, value) in fields {
+            let field = String::from_utf8_lossy(&raw_field).into_owned();
             let PoolValue::Legacy(key) = open_value(&master, &names.prefix, &pool, &value) else {
                 continue;
             };
             let Ok(key) = check_key(key) else {
-                println!("skipped {hash} field {field}: the value does not meet the key rules");
+                println!(
+                    "skipped {} field {}: the key (1-4096 bytes without control characters) does not meet the parameter rules",
+                    hash.escape_debug(),
+                    field.escape_debug()
+                );
                 report.skipped += 1;
                 continue;
             };
             report.pool_values_encrypted += 1;
             if dry_run {
-                println!("would encrypt {hash} field {field}");
+                println!(
+                    "would encrypt {} field {}",
+                    hash.escape_debug(),
+                    field.escape_debug()
+                );
                 continue;
             }
             let key_id = master.key_id(&key);
-            let info =
-                serde_json::json!({"label": "imported", "added_at": clock::now_s()}).to_string();
+            // The original module named its fields; that name becomes the label.
+            let label = if raw_field == field.as_bytes()
+                && field.len() <= 256
+                && !field.chars().any(char::is_control)
+            {
+                field.clone()
+            } else {
+                "imported".to_string()
+            };
+            let info = serde_json::json!({"label": label, "added_at": clock::now_s()}).to_string();
             let mut pipe = redis::pipe();
             pipe.atomic()
                 .hset(
@@ -168,15 +235,19 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
                     envelope(&master, &names.prefix, &pool, &key),
                 )
                 .hset_nx(names.pool_info(&pool), &key_id, info);
-            if field != key_id {
-                pipe.hdel(&hash, &field);
+            if raw_field != key_id.as_bytes() {
+                pipe.hdel(&hash, &raw_field);
             }
             pipe.publish(
                 names.invalidate(),
                 serde_json::to_string(&Changed::Pool(pool.clone())).unwrap_or_default(),
             );
             pipe.query::<()>(&mut con).map_err(fail)?;
-            println!("encrypted {hash} field {field} as key_id {key_id}");
+            println!(
+                "encrypted {} field {} as key_id {key_id}",
+                hash.escape_debug(),
+                field.escape_debug()
+            );
         }
     }
     Ok(report)

@@ -27,8 +27,10 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod fleet;
 pub mod hardening;
 pub mod legacy;
+pub mod lock;
 pub mod ops;
 pub mod protocol;
 pub mod resolver;
@@ -69,8 +71,22 @@ pub enum Control {
 
 /// Opens and checks the keystore and master key: everything that can refuse a start,
 /// done before the socket is bound.
+/// Takes the keystore's lock first: a second daemon on the same keystore is refused
+/// before it touches anything.
 pub fn open_keystore(config: &Config) -> Result<Opened, StartError> {
-    actors::keystore::open(config, KEYSTORE_THREADS + 1)
+    actors::keystore::create_folder(&config.keystore.path)?;
+    let lock = lock::acquire(
+        &config.keystore.path,
+        "serve",
+        Some(config.server.socket.as_path()),
+    )
+    .map_err(|e| StartError(e.to_string()))?;
+    let mut opened = actors::keystore::open(config, KEYSTORE_THREADS + 1)?;
+    opened.lock = Some(lock);
+    if !config.redis.url.is_empty() {
+        opened.fleet_verified = fleet::verify_at_start(config, &opened.key).map_err(StartError)?;
+    }
+    Ok(opened)
 }
 
 /// Starts the store actor the config asks for: Redis when `redis.url` is set, else
@@ -79,6 +95,7 @@ fn start_store(
     config: &Config,
     key: Arc<MasterKey>,
     db: Connection,
+    fleet_verified: bool,
 ) -> Result<(Store, Option<(redis::Client, actors::redis::Names)>), StartError> {
     if config.redis.url.is_empty() {
         let db = Mutex::new(Some(db));
@@ -97,8 +114,20 @@ fn start_store(
     let client = actors::redis::client(&config.redis).map_err(StartError)?;
     // "Not known to be down": the first command tries, and the first ping runs at once.
     let connected = Arc::new(AtomicBool::new(true));
-    let store = RedisStore::new(client.clone(), &config.redis, key, connected.clone())
-        .map_err(StartError)?;
+    let store = RedisStore::new(
+        client.clone(),
+        &config.redis,
+        key.clone(),
+        connected.clone(),
+    )
+    .map_err(StartError)?;
+    actix_rt::spawn(fleet::heartbeat(
+        store.connection(),
+        config.redis.clone(),
+        key,
+        fleet::Identity::new(config.server.socket.clone()),
+        fleet_verified,
+    ));
     let names = actors::redis::Names {
         prefix: config.redis.prefix.clone(),
     };
@@ -144,11 +173,13 @@ pub async fn run(
     let Opened {
         key,
         mut connections,
+        lock: _lock,
+        fleet_verified,
     } = opened;
     let store_db = connections
         .pop()
         .ok_or_else(|| StartError("no keystore connection for the store".into()))?;
-    let (store, redis) = start_store(&config, key.clone(), store_db)?;
+    let (store, redis) = start_store(&config, key.clone(), store_db, fleet_verified)?;
     let key_for_app = key.clone();
     let mode = store.mode;
     let threads = connections.len();

@@ -2,8 +2,6 @@
 //! re-seals every stored key under it (SQLite, and Redis in Redis mode), then retires
 //! the old versions. Every step is safe to interrupt; rerunning carries on.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
@@ -16,6 +14,11 @@ use crate::actors::keystore;
 use crate::actors::redis::{envelope, Names, PoolValue, ENVELOPE};
 use crate::config::Config;
 use crate::crypto::{sealed_version, MasterKey, Place};
+use crate::lock::{self, ToolAccess};
+
+/// How long rotation waits for every daemon of the fleet to seal with the new
+/// version (their heartbeats renew every second).
+const FLEET_WAIT: Duration = Duration::from_secs(10);
 
 /// Rows re-sealed per SQLite transaction.
 const BATCH: usize = 256;
@@ -30,40 +33,19 @@ pub struct Rotation<'a> {
 }
 
 /// Asks the daemon on `config`'s socket to reload; answers the key versions it now
-/// uses, or `None` when no daemon is listening.
-fn reload_daemon(config: &Config) -> Result<Option<Vec<u32>>, String> {
+/// uses. Only called once `lock::for_tool` has proven that daemon answers there.
+fn reload_daemon(config: &Config) -> Result<Vec<u32>, String> {
     let socket = &config.server.socket;
-    let mut stream = match UnixStream::connect(socket) {
-        Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None)
-        }
-        Err(e) => {
-            return Err(format!(
-                "cannot reach the daemon at {}: {e}",
-                socket.display()
-            ))
-        }
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
-    stream
-        .write_all(b"{\"op\":\"reload\"}\n")
-        .map_err(|e| format!("cannot ask the daemon to reload: {e}"))?;
-    let mut line = String::new();
-    BufReader::new(stream)
-        .read_line(&mut line)
-        .map_err(|e| format!("no answer to reload: {e}"))?;
-    let answer: serde_json::Value =
-        serde_json::from_str(&line).map_err(|_| "the daemon's answer is not JSON".to_string())?;
+    let answer = crate::client::request(socket, r#"{"op":"reload"}"#).map_err(|e| {
+        format!(
+            "cannot ask the daemon at {} to reload: {e}",
+            socket.display()
+        )
+    })?;
     if answer["ok"] != true {
         return Err(format!("the daemon refused to reload: {}", answer["error"]));
     }
-    let versions = answer["result"]["key_versions"]
+    Ok(answer["result"]["key_versions"]
         .as_array()
         .map(|a| {
             a.iter()
@@ -71,17 +53,19 @@ fn reload_daemon(config: &Config) -> Result<Option<Vec<u32>>, String> {
                 .map(|v| v as u32)
                 .collect()
         })
-        .unwrap_or_default();
-    Ok(Some(versions))
+        .unwrap_or_default())
 }
 
-/// Makes the running daemon (if any) load the keyring on disk, and checks that it
-/// now seals with `current`.
-fn hand_over(config: &Config, current: u32) -> Result<(), String> {
+/// Makes the daemon on this keystore (if one runs) load the keyring on disk, and
+/// checks that it now holds `current`.
+fn hand_over(config: &Config, access: &ToolAccess, current: u32) -> Result<(), String> {
+    if let ToolAccess::Alone(_) = access {
+        println!("no daemon runs on this keystore (its lock is free, and held by this rotation until it ends)");
+        return Ok(());
+    }
     match reload_daemon(config)? {
-        None => println!("no daemon is listening on {}; nothing to reload", config.server.socket.display()),
-        Some(v) if v.last() == Some(&current) => println!("the daemon now uses key versions {v:?}"),
-        Some(v) => {
+        v if v.last() == Some(&current) => println!("the daemon now uses key versions {v:?}"),
+        v => {
             return Err(format!(
                 "the daemon reloaded but uses key versions {v:?}, not {current}: is it reading the key \
                  from $CREDENTIALS_DIRECTORY? Install the new key file as its credential, restart it, and rerun"
@@ -89,6 +73,34 @@ fn hand_over(config: &Config, current: u32) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// In Redis mode: waits until every live daemon of the fleet seals with `current`;
+/// otherwise stops, naming the daemons that are behind and what to do.
+fn fleet_ready(config: &Config, key_file: &Path, current: u32, step: &str) -> Result<(), String> {
+    if config.redis.url.is_empty() {
+        return Ok(());
+    }
+    match crate::fleet::wait_until_sealing(config, current, FLEET_WAIT) {
+        Ok(()) => {
+            println!("every live daemon on this Redis seals with key version {current}");
+            Ok(())
+        }
+        Err(behind) => {
+            let list: Vec<String> = behind
+                .iter()
+                .map(|m| format!("  {}", m.describe()))
+                .collect();
+            Err(format!(
+                "not {step}: {} daemon(s) on this Redis do not seal with key version {current} yet:\n{}\n\
+                 copy {} to each of their hosts (same owner and mode 0600), run `apikeyd rotate-master-key --add-only` \
+                 there (it reloads that daemon with the copied file), then rerun this command",
+                behind.len(),
+                list.join("\n"),
+                key_file.display()
+            ))
+        }
+    }
 }
 
 /// One keystore table whose `sealed` column is re-sealed, keyed by its primary key.
@@ -219,9 +231,10 @@ fn reseal_redis(config: &Config, key: &MasterKey) -> Result<(usize, usize), Stri
     );
     let (mut done, mut broken) = (0, 0);
     for (hash, pool) in crate::legacy::pool_hashes(&mut con, &names).map_err(fail)? {
-        let fields: Vec<(String, String)> = con.hgetall(&hash).map_err(fail)?;
+        // Bytes, not text: a stray binary field must not stop the rotation.
+        let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash).map_err(fail)?;
         for (field, value) in fields {
-            let Some(b64) = value.strip_prefix(ENVELOPE) else {
+            let Some(b64) = value.strip_prefix(ENVELOPE.as_bytes()) else {
                 continue;
             };
             let version = B64.decode(b64).ok().as_deref().and_then(sealed_version);
@@ -229,9 +242,13 @@ fn reseal_redis(config: &Config, key: &MasterKey) -> Result<(usize, usize), Stri
                 continue;
             }
             let PoolValue::Sealed(plain) =
-                crate::actors::redis::open_value(key, &names.prefix, &pool, value.as_bytes())
+                crate::actors::redis::open_value(key, &names.prefix, &pool, &value)
             else {
-                eprintln!("integrity: {hash} field {field} does not open with any key version; left as it is");
+                eprintln!(
+                    "integrity: {} field {} does not open with any key version; left as it is",
+                    hash.escape_debug(),
+                    String::from_utf8_lossy(&field).escape_debug()
+                );
                 broken += 1;
                 continue;
             };
@@ -280,6 +297,13 @@ fn reseal_everything(
 /// Runs (or resumes) a rotation.
 pub fn rotate(r: Rotation<'_>) -> Result<(), String> {
     let config = r.config;
+    // Before anything changes: a daemon on this keystore must answer on this config's
+    // socket, or none may run (then this rotation holds the lock until it ends).
+    let access = lock::for_tool(
+        &config.keystore.path,
+        "rotate-master-key",
+        &config.server.socket,
+    )?;
     let mut key = MasterKey::read_file(r.key_file).map_err(|e| e.0)?;
     let mut db = keystore::connect(&config.keystore.path).map_err(|e| format!("keystore: {e}"))?;
     if !keystore::opens_keycheck(&db, &key).map_err(|e| format!("keystore: {e}"))? {
@@ -289,8 +313,17 @@ pub fn rotate(r: Rotation<'_>) -> Result<(), String> {
             config.keystore.path.display()
         ));
     }
+    let fleet = !config.redis.url.is_empty();
+    if fleet {
+        // The key to rotate must be the fleet's, and a new version is announced to
+        // the fleet before any daemon can seal with it.
+        crate::fleet::verify_config(config, &key)?;
+    }
     if key.versions().len() == 1 {
         key = key.with_new_version();
+        if fleet {
+            crate::fleet::verify_config(config, &key)?;
+        }
         key.write_keyring(r.key_file)
             .map_err(|e| format!("cannot write {}: {e}", r.key_file.display()))?;
         println!(
@@ -305,7 +338,7 @@ pub fn rotate(r: Rotation<'_>) -> Result<(), String> {
             key.versions()
         );
     }
-    hand_over(config, key.current_version())?;
+    hand_over(config, &access, key.current_version())?;
     if r.add_only {
         println!(
             "stopped after adding the version (--add-only): copy {} to every daemon that shares this Redis, \
@@ -314,12 +347,24 @@ pub fn rotate(r: Rotation<'_>) -> Result<(), String> {
         );
         return Ok(());
     }
+    fleet_ready(config, r.key_file, key.current_version(), "re-sealing")?;
     let broken = reseal_everything(config, &mut db, &key)?;
+    fleet_ready(config, r.key_file, key.current_version(), "retiring")?;
     let retired: Vec<u32> = key
         .versions()
         .into_iter()
         .filter(|v| *v != key.current_version())
         .collect();
+    let backup = key.write_backup(r.key_file, &retired).map_err(|e| {
+        format!(
+            "cannot keep the retired versions beside {}: {e}",
+            r.key_file.display()
+        )
+    })?;
+    println!(
+        "kept the whole keyring, retired versions included, in {} (mode 0600): keep it with the keystore backups made before now",
+        backup.display()
+    );
     let key = key.current_only();
     key.write_keyring(r.key_file)
         .map_err(|e| format!("cannot write {}: {e}", r.key_file.display()))?;
@@ -328,11 +373,14 @@ pub fn rotate(r: Rotation<'_>) -> Result<(), String> {
         r.key_file.display(),
         key.current_version()
     );
+    if fleet {
+        crate::fleet::mark_retired(config, &retired)?;
+    }
     if broken > 0 {
         println!(
             "{broken} stored values opened with no key version (see above); they stay unreadable"
         );
     }
-    hand_over(config, key.current_version())?;
+    hand_over(config, &access, key.current_version())?;
     Ok(())
 }

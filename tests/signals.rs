@@ -106,7 +106,10 @@ fn second_daemon_on_a_live_socket_refuses(mode: Mode) {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("another daemon"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    // The keystore lock refuses it first, naming the daemon that runs.
+    assert!(err.contains("in use by apikeyd serve"), "{err}");
+    assert!(err.contains(&format!("pid {first_pid}")), "{err}");
     assert_eq!(d.pid(), first_pid);
     d.client().ok(json!({"op": "ping"}));
     // A stale socket file left by kill -9 is replaced.

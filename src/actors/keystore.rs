@@ -120,6 +120,27 @@ impl Handler<MarkClean> for Keystore {
 pub struct Opened {
     pub key: Arc<MasterKey>,
     pub connections: Vec<Connection>,
+    /// The daemon's exclusive lock on the keystore, held for as long as this lives.
+    pub lock: Option<crate::lock::KeystoreLock>,
+    /// Redis mode: whether the key was checked against the fleet's at start.
+    pub fleet_verified: bool,
+}
+
+/// Creates the keystore's folder (0700) when it is missing.
+pub fn create_folder(path: &Path) -> Result<(), StartError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| {
+                StartError(format!(
+                    "keystore {}: cannot create its folder: {e}",
+                    path.display()
+                ))
+            })?;
+    }
+    Ok(())
 }
 
 /// Opens the keystore, creates the schema, and loads (or on a first start creates)
@@ -129,13 +150,7 @@ pub fn open(config: &Config, connections: usize) -> Result<Opened, StartError> {
     let fail = |what: &str, e: &dyn std::fmt::Display| {
         StartError(format!("keystore {}: {what}: {e}", path.display()))
     };
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| fail("cannot create its folder", &e))?;
-    }
+    create_folder(path)?;
     let unchanged = closed_cleanly(path);
     let db = connect(path).map_err(|e| fail("cannot open", &e))?;
     if unchanged {
@@ -176,6 +191,8 @@ pub fn open(config: &Config, connections: usize) -> Result<Opened, StartError> {
     Ok(Opened {
         key: Arc::new(key),
         connections: conns,
+        lock: None,
+        fleet_verified: false,
     })
 }
 
@@ -210,6 +227,9 @@ fn load_master_key(config: &Config, held: bool) -> Result<MasterKey, StartError>
             file.display(),
             config.keystore.path.display()
         )));
+    }
+    if !config.redis.url.is_empty() {
+        crate::fleet::refuse_new_key(config).map_err(StartError)?;
     }
     let key = MasterKey::create_file(file).map_err(|e| StartError(e.0))?;
     tracing::warn!(path = %file.display(), "created a new master key; back it up together with the keystore");

@@ -67,6 +67,17 @@ impl Names {
         format!("{}:user_api_keys:{user_id}", self.prefix)
     }
 
+    /// The fleet's master-key check values, field `v{N}` per version, and `retired`:
+    /// `{prefix}:apikeyd:keycheck`.
+    pub fn keycheck(&self) -> String {
+        format!("{}:apikeyd:keycheck", self.prefix)
+    }
+
+    /// One live daemon's heartbeat (expires): `{prefix}:apikeyd:fleet:{member}`.
+    pub fn fleet_member(&self, member: &str) -> String {
+        format!("{}:apikeyd:fleet:{member}", self.prefix)
+    }
+
     /// The pub/sub channel announcing changes: `{prefix}:apikeyd:invalidate`.
     pub fn invalidate(&self) -> String {
         format!("{}:apikeyd:invalidate", self.prefix)
@@ -460,6 +471,11 @@ pub fn client(config: &RedisConfig) -> std::result::Result<redis::Client, String
 }
 
 impl RedisStore {
+    /// A clone of the store's connection, for the fleet heartbeat.
+    pub fn connection(&self) -> ConnectionManager {
+        self.inner.conn.clone()
+    }
+
     /// A store on `client` (nothing is connected until the first command).
     pub fn new(
         client: redis::Client,

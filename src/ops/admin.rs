@@ -43,7 +43,10 @@ pub async fn reload(app: &App) -> Result<Body> {
 
 /// `{"op":"stats"}` → `{"uptime_s":12,"connections":1,"requests_total":40,
 /// "cache":{"hits":30,"misses":2,"entries":2},"store":{"mode":"embedded","redis_connected":null},
-/// "process":{"dumpable":false,"locked_kb":0},"version":"0.1.0"}`
+/// "process":{"dumpable":false,"locked_kb":0},"version":"0.1.0","pid":4242}`
+///
+/// `pid` lets `rotate-master-key` prove that the daemon on a socket is the one
+/// holding the keystore lock.
 pub async fn stats(app: &App) -> Result<Body> {
     #[derive(Serialize)]
     struct StoreFigures {
@@ -64,6 +67,7 @@ pub async fn stats(app: &App) -> Result<Body> {
         store: StoreFigures,
         process: Process,
         version: &'static str,
+        pid: u32,
     }
     let cache = app.cache.send(ReadCacheFigures).await?;
     body(&Stats {
@@ -80,5 +84,6 @@ pub async fn stats(app: &App) -> Result<Body> {
             locked_kb: crate::hardening::locked_kb(),
         },
         version: env!("CARGO_PKG_VERSION"),
+        pid: std::process::id(),
     })
 }

@@ -196,13 +196,27 @@ impl TestDaemon {
         extra: &str,
         env: &[(&str, &str)],
     ) -> Self {
+        let mut d = Self::prepare(mode, redis, master_key, extra, env);
+        d.spawn();
+        d.wait_ready();
+        d
+    }
+
+    /// Like `start_full`, but nothing is started: for tests that expect a refusal.
+    pub fn prepare(
+        mode: Mode,
+        redis: Option<Arc<RedisServer>>,
+        master_key: Option<Vec<u8>>,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("apikeyd-test")
             .tempdir()
             .expect("temp dir");
         let config_path = dir.path().join("config.toml");
         let log_path = dir.path().join("daemon.log");
-        let mut d = TestDaemon {
+        let d = TestDaemon {
             socket: dir.path().join("run/apikeyd.sock"),
             dir,
             config_path,
@@ -224,8 +238,6 @@ impl TestDaemon {
             std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
         d.write_config(extra);
-        d.spawn();
-        d.wait_ready();
         d
     }
 
@@ -525,6 +537,19 @@ pub fn files_below(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 }
 
 /// Whether `needle` occurs in `hay`.
+/// Polls `f` until it is true, for at most `limit`; returns how long it took.
+pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let began = Instant::now();
+    while !f() {
+        assert!(
+            began.elapsed() < limit,
+            "condition not reached within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    began.elapsed()
+}
+
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }

@@ -1,0 +1,393 @@
+//! A fleet of daemons sharing one Redis: the master-key check values every daemon
+//! must match before it serves, and the heartbeats through which each daemon says
+//! which key versions it holds. `rotate-master-key` reads them to re-seal only when
+//! every live daemon can open the new version, and daemons seal with the highest
+//! version every live daemon holds (docs/security.md, "Rotation in a fleet").
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Commands};
+
+use crate::actors::redis::{Names, PoolValue, ENVELOPE};
+use crate::clock;
+use crate::config::{Config, RedisConfig};
+use crate::crypto::MasterKey;
+
+/// How often a daemon renews its heartbeat; it expires after `BEAT_TTL_S`.
+pub const BEAT_EVERY: Duration = Duration::from_secs(1);
+const BEAT_TTL_S: u64 = 5;
+
+/// How `connect`'s error starts, so callers can tell "Redis is down" from a refusal.
+const UNREACHABLE: &str = "cannot reach redis";
+
+/// One live daemon, as its heartbeat describes it.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug)]
+pub struct Member {
+    pub id: String,
+    pub host: String,
+    pub pid: u32,
+    pub socket: String,
+    /// The key versions it can open.
+    pub versions: Vec<u32>,
+    /// The version it seals new values with.
+    pub sealing: u32,
+    pub at: i64,
+}
+
+impl Member {
+    /// "host h1, pid 12, socket /run/apikeyd/apikeyd.sock: holds [1, 2], seals with 2".
+    pub fn describe(&self) -> String {
+        format!(
+            "host {}, pid {}, socket {}: holds key versions {:?}, seals with {}",
+            self.host, self.pid, self.socket, self.versions, self.sealing
+        )
+    }
+
+    fn newest(&self) -> u32 {
+        self.versions.iter().copied().max().unwrap_or(0)
+    }
+}
+
+/// This machine's host name, for heartbeats and messages.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+/// A blocking connection, for start-up checks and the command-line tools. The
+/// message never repeats the URL (it may hold a password).
+pub fn connect(redis: &RedisConfig) -> Result<redis::Connection, String> {
+    let client = crate::actors::redis::client(redis)?;
+    let timeout = Duration::from_millis(redis.timeout_ms.max(1000));
+    let con = client
+        .get_connection_with_timeout(timeout)
+        .map_err(|e| format!("{UNREACHABLE} (redis.url): {e}"))?;
+    let _ = con.set_read_timeout(Some(Duration::from_secs(30)));
+    Ok(con)
+}
+
+fn names(config: &Config) -> Names {
+    Names {
+        prefix: config.redis.prefix.clone(),
+    }
+}
+
+/// The first value in a pool hash that an apikeyd daemon sealed, with the hash and
+/// the pool it belongs to: proof that a fleet's master key is already in use.
+fn first_sealed_value(
+    con: &mut redis::Connection,
+    names: &Names,
+) -> redis::RedisResult<Option<(crate::actors::store::PoolRef, Vec<u8>)>> {
+    for (hash, pool) in crate::legacy::pool_hashes(con, names)? {
+        let values: Vec<Vec<u8>> = con.hvals(&hash)?;
+        if let Some(v) = values
+            .into_iter()
+            .find(|v| v.starts_with(ENVELOPE.as_bytes()))
+        {
+            return Ok(Some((pool, v)));
+        }
+    }
+    Ok(None)
+}
+
+/// Before a daemon in Redis mode creates a new master key: refuses when Redis
+/// already holds a fleet's check values or sealed values (a new key would open none
+/// of them), or when Redis cannot be asked.
+pub fn refuse_new_key(config: &Config) -> Result<(), String> {
+    let file = config.keystore.master_key_file.display();
+    let mut con = connect(&config.redis).map_err(|e| {
+        format!(
+            "the master key {file} is missing and Redis cannot be checked for values sealed by a fleet's key ({e}); \
+             copy the master key from a host of the fleet, or start again once Redis answers"
+        )
+    })?;
+    let names = names(config);
+    let fail = |e: redis::RedisError| format!("redis: {e}");
+    let checked: bool = con.exists(names.keycheck()).map_err(fail)?;
+    if checked
+        || first_sealed_value(&mut con, &names)
+            .map_err(fail)?
+            .is_some()
+    {
+        return Err(format!(
+            "the master key {file} is missing, but Redis (prefix {}) already holds values sealed with a fleet's master key; \
+             copy the key file from a host of the fleet to {file} (mode 0600, owned by the service user) and start again",
+            names.prefix
+        ));
+    }
+    Ok(())
+}
+
+/// The versions `rotate-master-key` retired for the whole fleet.
+fn retired(stored: &HashMap<String, String>) -> Vec<u32> {
+    stored
+        .get("retired")
+        .map(|r| r.split(',').filter_map(|v| v.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Compares `key` with the fleet's check values and records the versions new to it.
+/// Refuses a key that differs from the fleet's in any version both hold, shares no
+/// version with it, or holds only retired versions. With no check values yet (a
+/// fleet from before them), a sealed pool value must open.
+pub fn verify(con: &mut redis::Connection, names: &Names, key: &MasterKey) -> Result<(), String> {
+    let fail = |e: redis::RedisError| format!("redis: {e}");
+    let copy = "copy the master key file from a host of the fleet and start again";
+    let stored: HashMap<String, String> = con.hgetall(names.keycheck()).map_err(fail)?;
+    let mine = key.check_values();
+    let known = stored.keys().filter(|f| f.starts_with('v')).count();
+    if known == 0 {
+        if let Some((pool, value)) = first_sealed_value(con, names).map_err(fail)? {
+            if !matches!(
+                crate::actors::redis::open_value(key, &names.prefix, &pool, &value),
+                PoolValue::Sealed(_)
+            ) {
+                return Err(format!(
+                    "this master key does not open the values sealed in Redis (prefix {}); {copy}",
+                    names.prefix
+                ));
+            }
+        }
+    } else {
+        for (v, check) in &mine {
+            if stored.get(&format!("v{v}")).is_some_and(|s| s != check) {
+                return Err(format!(
+                    "version {v} of this master key differs from the fleet's (Redis prefix {}); {copy}",
+                    names.prefix
+                ));
+            }
+        }
+        if !mine
+            .iter()
+            .any(|(v, _)| stored.contains_key(&format!("v{v}")))
+        {
+            return Err(format!(
+                "none of this master key's versions {:?} is known to the fleet (Redis prefix {}); {copy}",
+                key.versions(),
+                names.prefix
+            ));
+        }
+    }
+    let gone = retired(&stored);
+    if key.versions().iter().all(|v| gone.contains(v)) {
+        return Err(format!(
+            "this master key holds only versions {gone:?}, which a rotation retired; {copy}"
+        ));
+    }
+    for (v, check) in mine {
+        let _: bool = con
+            .hset_nx(names.keycheck(), format!("v{v}"), check)
+            .map_err(fail)?;
+    }
+    Ok(())
+}
+
+/// For the tools: connects and runs [`verify`].
+pub fn verify_config(config: &Config, key: &MasterKey) -> Result<(), String> {
+    let mut con = connect(&config.redis)?;
+    verify(&mut con, &names(config), key)
+}
+
+/// At start in Redis mode: verifies the key when Redis answers. Answers whether it
+/// was verified; `false` when Redis is unreachable (the heartbeat verifies later).
+pub fn verify_at_start(config: &Config, key: &MasterKey) -> Result<bool, String> {
+    match verify_config(config, key) {
+        Ok(()) => Ok(true),
+        Err(e) if e.starts_with(UNREACHABLE) => {
+            tracing::warn!("cannot check the master key against the fleet's now ({e}); checking once Redis answers");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Records versions as retired for the whole fleet: a daemon holding only those
+/// is refused from then on.
+pub fn mark_retired(config: &Config, versions: &[u32]) -> Result<(), String> {
+    let mut con = connect(&config.redis)?;
+    let names = names(config);
+    let fail = |e: redis::RedisError| format!("redis: {e}");
+    let stored: HashMap<String, String> = con.hgetall(names.keycheck()).map_err(fail)?;
+    let mut all = retired(&stored);
+    all.extend_from_slice(versions);
+    all.sort_unstable();
+    all.dedup();
+    let text: Vec<String> = all.iter().map(u32::to_string).collect();
+    let _: () = con
+        .hset(names.keycheck(), "retired", text.join(","))
+        .map_err(fail)?;
+    Ok(())
+}
+
+/// Every live daemon's heartbeat.
+pub fn members(config: &Config) -> Result<Vec<Member>, String> {
+    let mut con = connect(&config.redis)?;
+    let pattern = names(config).fleet_member("*");
+    let fail = |e: redis::RedisError| format!("redis: {e}");
+    let keys: Vec<String> = con
+        .scan_match::<_, String>(&pattern)
+        .map_err(fail)?
+        .collect::<redis::RedisResult<_>>()
+        .map_err(fail)?;
+    let mut out = Vec::new();
+    for k in keys {
+        let v: Option<String> = con.get(&k).map_err(fail)?;
+        if let Some(m) = v.and_then(|v| serde_json::from_str::<Member>(&v).ok()) {
+            out.push(m);
+        }
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+/// Waits until every live daemon holds `version` and seals with it; otherwise
+/// answers the daemons that are behind. Daemons that hold the version switch to it
+/// within a beat or two, so they get up to `within`; a daemon that lacks the version
+/// will not get it by waiting, so once its heartbeat has had time to renew
+/// (`LACKING_WAIT`) the answer comes at once.
+pub fn wait_until_sealing(
+    config: &Config,
+    version: u32,
+    within: Duration,
+) -> Result<(), Vec<Member>> {
+    const LACKING_WAIT: Duration = Duration::from_secs(3);
+    let began = std::time::Instant::now();
+    let deadline = began + within;
+    loop {
+        let behind: Vec<Member> = match members(config) {
+            Ok(all) => all.into_iter().filter(|m| m.sealing != version).collect(),
+            Err(e) => {
+                eprintln!("cannot read the fleet's heartbeats: {e}");
+                Vec::new()
+            }
+        };
+        if behind.is_empty() {
+            return Ok(());
+        }
+        let lacking = behind.iter().all(|m| !m.versions.contains(&version));
+        if std::time::Instant::now() >= deadline || (lacking && began.elapsed() >= LACKING_WAIT) {
+            return Err(behind);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// What a daemon says of itself in its heartbeat.
+pub struct Identity {
+    pub id: String,
+    pub host: String,
+    pub socket: PathBuf,
+}
+
+impl Identity {
+    /// This process on this host, with a random part so a reused pid is a new member.
+    pub fn new(socket: PathBuf) -> Identity {
+        let host = hostname();
+        let id = format!(
+            "{host}:{}:{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        Identity { id, host, socket }
+    }
+}
+
+/// Runs forever in a daemon in Redis mode: renews this daemon's heartbeat every
+/// `BEAT_EVERY`, and caps the sealing version at the newest version every live
+/// daemon holds. Checks the key against the fleet's whenever its versions change
+/// (and, when Redis was down at start, on the first beat that reaches it); a key
+/// that does not match stops the process rather than seal with it.
+pub async fn heartbeat(
+    mut conn: ConnectionManager,
+    redis: RedisConfig,
+    key: Arc<MasterKey>,
+    me: Identity,
+    verified: bool,
+) {
+    let names = Names {
+        prefix: redis.prefix.clone(),
+    };
+    let mut checked = verified.then(|| key.versions());
+    loop {
+        let mut verified = checked.as_ref() == Some(&key.versions());
+        if !verified {
+            let (config, ring) = (redis.clone(), key.clone());
+            let names = names.clone();
+            let outcome = tokio::task::spawn_blocking(move || {
+                let mut con = connect(&config)?;
+                verify(&mut con, &names, &ring)
+            })
+            .await
+            .unwrap_or_else(|_| Err("the check panicked".into()));
+            match outcome {
+                Ok(()) => {
+                    tracing::info!(versions = ?key.versions(), "the master key matches the fleet's");
+                    checked = Some(key.versions());
+                    verified = true;
+                }
+                Err(e) if e.starts_with(UNREACHABLE) => {}
+                Err(e) => {
+                    tracing::error!("stopping: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        if verified {
+            if let Err(e) = beat(&mut conn, &names, &key, &me).await {
+                tracing::debug!(error = %e, "fleet heartbeat not written");
+            }
+        }
+        tokio::time::sleep(BEAT_EVERY).await;
+    }
+}
+
+async fn beat(
+    conn: &mut ConnectionManager,
+    names: &Names,
+    key: &MasterKey,
+    me: &Identity,
+) -> redis::RedisResult<()> {
+    let mut keys: Vec<String> = Vec::new();
+    {
+        let mut iter = conn
+            .scan_match::<_, String>(names.fleet_member("*"))
+            .await?;
+        while let Some(k) = futures_util::StreamExt::next(&mut iter).await {
+            keys.push(k?);
+        }
+    }
+    let others: Vec<Member> = if keys.is_empty() {
+        Vec::new()
+    } else {
+        let values: Vec<Option<String>> = conn.mget(&keys).await?;
+        values
+            .into_iter()
+            .flatten()
+            .filter_map(|v| serde_json::from_str::<Member>(&v).ok())
+            .filter(|m| m.id != me.id)
+            .collect()
+    };
+    let versions = key.versions();
+    let mine = versions.iter().copied().max().unwrap_or(0);
+    let cap = others.iter().map(Member::newest).fold(mine, u32::min);
+    key.set_seal_cap(cap);
+    let record = Member {
+        id: me.id.clone(),
+        host: me.host.clone(),
+        pid: std::process::id(),
+        socket: me.socket.display().to_string(),
+        versions,
+        sealing: key.sealing_version(),
+        at: clock::now_s(),
+    };
+    let text = serde_json::to_string(&record).unwrap_or_default();
+    conn.set_ex::<_, _, ()>(names.fleet_member(&me.id), text, BEAT_TTL_S)
+        .await
+}

@@ -1,0 +1,187 @@
+//! The keystore lock: one process at a time owns a keystore. The daemon holds an
+//! exclusive `flock` on `<keystore>.lock` for its whole life and writes its pid and
+//! socket into it, so a second daemon, or a tool run against the wrong socket, can
+//! tell a live owner from a dead one and refuse with a name to look for.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// The lock file of a keystore: `<keystore>.lock`, beside it.
+pub fn lock_path(keystore: &Path) -> PathBuf {
+    let mut p = keystore.as_os_str().to_owned();
+    p.push(".lock");
+    p.into()
+}
+
+/// Who holds a keystore's lock, as it wrote itself into the lock file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: Option<u32>,
+    /// The socket a daemon serves on; `None` for a tool.
+    pub socket: Option<PathBuf>,
+    /// `serve`, or the tool's subcommand.
+    pub what: Option<String>,
+}
+
+impl Holder {
+    fn parse(text: &str) -> Holder {
+        let mut h = Holder::default();
+        for line in text.lines() {
+            match line.split_once('=') {
+                Some(("pid", v)) => h.pid = v.trim().parse().ok(),
+                Some(("socket", v)) => h.socket = Some(PathBuf::from(v)),
+                Some(("what", v)) => h.what = Some(v.to_string()),
+                _ => {}
+            }
+        }
+        h
+    }
+
+    /// "apikeyd serve (pid 123, socket /run/apikeyd/apikeyd.sock)".
+    pub fn describe(&self) -> String {
+        let pid = self
+            .pid
+            .map_or_else(|| "unknown pid".to_string(), |p| format!("pid {p}"));
+        let what = self.what.as_deref().unwrap_or("another process");
+        match &self.socket {
+            Some(s) => format!("apikeyd {what} ({pid}, socket {})", s.display()),
+            None => format!("apikeyd {what} ({pid})"),
+        }
+    }
+}
+
+/// Taking the lock failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another process holds it.
+    #[error("the keystore {keystore} is in use by {}; stop it first, or give this one its own keystore.path", holder.describe())]
+    Held { keystore: PathBuf, holder: Holder },
+    #[error("cannot lock {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// An exclusive lock on a keystore, released when dropped (or when the process ends,
+/// however it ends: the kernel drops `flock`s with the last descriptor).
+pub struct KeystoreLock {
+    _file: File,
+    pub path: PathBuf,
+}
+
+/// Takes the lock of `keystore` without waiting and records `what` (and the socket
+/// of a daemon) in it. The keystore's folder must exist.
+pub fn acquire(
+    keystore: &Path,
+    what: &str,
+    socket: Option<&Path>,
+) -> Result<KeystoreLock, LockError> {
+    let path = lock_path(keystore);
+    let io = |source| LockError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            return Err(LockError::Held {
+                keystore: keystore.to_path_buf(),
+                holder: Holder::parse(&text),
+            });
+        }
+        Err(TryLockError::Error(e)) => return Err(io(e)),
+    }
+    let mut text = format!("pid={}\nwhat={what}\n", std::process::id());
+    if let Some(s) = socket {
+        let s = std::path::absolute(s).unwrap_or_else(|_| s.to_path_buf());
+        text.push_str(&format!("socket={}\n", s.display()));
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    file.write_all(text.as_bytes()).map_err(io)?;
+    Ok(KeystoreLock { _file: file, path })
+}
+
+/// What a tool found when it tried to lock a keystore.
+pub enum ToolAccess {
+    /// No daemon runs on the keystore; the tool holds the lock until it ends, so
+    /// none can start meanwhile.
+    Alone(KeystoreLock),
+    /// A daemon holds the lock and answers on the configured socket.
+    Daemon(Holder),
+}
+
+/// For `rotate-master-key` and `import-legacy`: takes the lock when no daemon runs;
+/// when one does, proves it answers on `socket` (its `stats` pid is the holder's).
+/// A holder that does not answer there is an error naming both, so a tool pointed
+/// at the wrong socket changes nothing.
+pub fn for_tool(keystore: &Path, what: &str, socket: &Path) -> Result<ToolAccess, String> {
+    if let Some(dir) = keystore.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            return Err(format!(
+                "the keystore's folder {} does not exist: is keystore.path in this config the daemon's?",
+                dir.display()
+            ));
+        }
+    }
+    let holder = match acquire(keystore, what, None) {
+        Ok(lock) => return Ok(ToolAccess::Alone(lock)),
+        Err(LockError::Held { holder, .. }) => holder,
+        Err(e) => return Err(e.to_string()),
+    };
+    let answered = crate::client::request(socket, r#"{"op":"stats"}"#)
+        .ok()
+        .and_then(|v| v["result"]["pid"].as_u64());
+    match (answered, holder.pid) {
+        (Some(pid), Some(held)) if pid == u64::from(held) => Ok(ToolAccess::Daemon(holder)),
+        (Some(pid), _) => Err(format!(
+            "the keystore {} is in use by {}, but the daemon answering on {} is pid {pid}: \
+             this config's server.socket belongs to another daemon; nothing changed",
+            keystore.display(),
+            holder.describe(),
+            socket.display()
+        )),
+        (None, _) => Err(format!(
+            "the keystore {} is in use by {}, but no daemon answers on {}: \
+             use the config that daemon runs with (its server.socket), or stop it first; nothing changed",
+            keystore.display(),
+            holder.describe(),
+            socket.display()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_lock_names_the_first_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = dir.path().join("keystore.sqlite3");
+        let first = acquire(&ks, "serve", Some(Path::new("/run/x.sock"))).unwrap();
+        match acquire(&ks, "serve", None) {
+            Err(LockError::Held { holder, .. }) => {
+                assert_eq!(holder.pid, Some(std::process::id()));
+                assert_eq!(holder.socket.as_deref(), Some(Path::new("/run/x.sock")));
+                assert!(holder.describe().contains("serve"));
+            }
+            _ => panic!("a second lock was granted"),
+        }
+        drop(first);
+        assert!(acquire(&ks, "serve", None).is_ok(), "released on drop");
+    }
+}

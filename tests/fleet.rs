@@ -1,0 +1,183 @@
+//! A fleet on one Redis (issue 9): no daemon starts with a key other than the
+//! fleet's, and rotating the master key through one daemon never strands another.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use base64::Engine;
+use common::{eventually, Mode, TestDaemon};
+use redis::Commands;
+use serde_json::{json, Value};
+
+/// No caching, so every read opens what is stored right now.
+const NO_CACHE: &str = "[cache]\nuser_key_ttl_s = 0\npool_ttl_s = 0\n";
+
+fn rotate(config: &Path, extra: &[&str]) -> (bool, String) {
+    let out = Command::new(common::bin())
+        .arg("rotate-master-key")
+        .args(extra)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run rotate-master-key");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn pool_key(c: &mut common::Client, service: &str) -> Value {
+    c.ok(json!({"op": "get_pool_api_key", "service": service}))["key"].clone()
+}
+
+/// The key version of every sealed pool value in Redis.
+fn pool_versions(con: &mut redis::Connection) -> Vec<u32> {
+    let hashes: Vec<String> = con
+        .scan_match::<_, String>("stargazer:global_api_pool:*")
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let mut versions = Vec::new();
+    for h in hashes {
+        let values: Vec<String> = con.hvals(&h).unwrap();
+        for v in values {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(v.strip_prefix("akd1:").unwrap())
+                .unwrap();
+            versions.push(u32::from_be_bytes(raw[1..5].try_into().unwrap()));
+        }
+    }
+    versions.sort_unstable();
+    versions.dedup();
+    versions
+}
+
+fn live_daemons(con: &mut redis::Connection) -> usize {
+    con.scan_match::<_, String>("stargazer:apikeyd:fleet:*")
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn a_daemon_without_the_fleets_key_is_refused() {
+    let a = TestDaemon::start_with(Mode::Redis, "", &[]);
+    a.client()
+        .ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-sealed-by-fleet-01"}));
+
+    // The key file is missing: no new key is made, the operator is told to copy it.
+    let mut fresh = TestDaemon::prepare(Mode::Redis, a.redis.clone(), None, "", &[]);
+    let (status, log) = fresh.expect_refusal();
+    assert!(!status.success());
+    assert!(
+        log.contains("copy the key file from a host of the fleet"),
+        "{log}"
+    );
+    assert!(
+        !fresh.path("data/master.key").exists(),
+        "no key was created"
+    );
+
+    // Another key altogether.
+    let other_key = apikeyd::crypto::MasterKey::generate_base64();
+    let mut other = TestDaemon::prepare(
+        Mode::Redis,
+        a.redis.clone(),
+        Some(other_key.as_bytes().to_vec()),
+        "",
+        &[],
+    );
+    let (status, log) = other.expect_refusal();
+    assert!(!status.success());
+    assert!(log.contains("differs from the fleet's"), "{log}");
+    assert!(!log.contains("listening"), "{log}");
+
+    // A fleet from before check values: the sealed values themselves decide.
+    let mut con = a.redis.as_ref().unwrap().conn();
+    let _: () = con.del("stargazer:apikeyd:keycheck").unwrap();
+    let (status, log) = other.expect_refusal();
+    assert!(!status.success());
+    assert!(
+        log.contains("does not open the values sealed in Redis"),
+        "{log}"
+    );
+    // The fleet's own daemons still start and serve.
+    let mut b = TestDaemon::start_sharing(&a, "");
+    assert_eq!(
+        pool_key(&mut b.client(), "openai"),
+        json!("sk-sealed-by-fleet-01")
+    );
+    b.restart();
+}
+
+#[test]
+fn rotation_through_one_daemon_never_strands_another() {
+    let a = TestDaemon::start_with(Mode::Redis, NO_CACHE, &[]);
+    let b = TestDaemon::start_sharing(&a, NO_CACHE);
+    let (mut ca, mut cb) = (a.client(), b.client());
+    ca.ok(json!({"op": "add_pool_key", "service": "p1", "key": "sk-pool-one-0000001"}));
+    let mut con = a.redis.as_ref().unwrap().conn();
+    eventually(Duration::from_secs(10), || live_daemons(&mut con) == 2);
+
+    // B never got the new version: rotate through A adds it, then stops before
+    // re-sealing, naming B and what to do.
+    let (ok, text) = rotate(&a.config_path, &[]);
+    assert!(!ok, "{text}");
+    assert!(text.contains(&format!("pid {}", b.pid())), "{text}");
+    assert!(text.contains("--add-only"), "{text}");
+    assert_eq!(pool_versions(&mut con), vec![1], "nothing re-sealed");
+    // Meanwhile both serve every key, whoever added it.
+    ca.ok(json!({"op": "add_pool_key", "service": "p2", "key": "sk-pool-two-by-a-02"}));
+    cb.ok(json!({"op": "add_pool_key", "service": "p3", "key": "sk-pool-three-by-b3"}));
+    for c in [&mut ca, &mut cb] {
+        assert_eq!(pool_key(c, "p1"), json!("sk-pool-one-0000001"));
+        assert_eq!(pool_key(c, "p2"), json!("sk-pool-two-by-a-02"));
+        assert_eq!(pool_key(c, "p3"), json!("sk-pool-three-by-b3"));
+    }
+    assert_eq!(
+        pool_versions(&mut con),
+        vec![1],
+        "A seals with the version B holds"
+    );
+
+    // The operator follows the advice: copy A's key file to B, reload B there.
+    std::fs::copy(a.path("data/master.key"), b.path("data/master.key")).unwrap();
+    let (ok, text) = rotate(&b.config_path, &["--add-only"]);
+    assert!(ok, "{text}");
+    let (ok, text) = rotate(&a.config_path, &[]);
+    assert!(ok, "{text}");
+    assert!(text.contains("retired key versions [1]"), "{text}");
+    assert_eq!(pool_versions(&mut con), vec![2]);
+    ca.ok(json!({"op": "add_pool_key", "service": "p4", "key": "sk-pool-four-by-a-4"}));
+    cb.ok(json!({"op": "add_pool_key", "service": "p5", "key": "sk-pool-five-by-b-5"}));
+    for c in [&mut ca, &mut cb] {
+        for (service, key) in [
+            ("p1", "sk-pool-one-0000001"),
+            ("p2", "sk-pool-two-by-a-02"),
+            ("p3", "sk-pool-three-by-b3"),
+            ("p4", "sk-pool-four-by-a-4"),
+            ("p5", "sk-pool-five-by-b-5"),
+        ] {
+            assert_eq!(pool_key(c, service), json!(key), "{service}");
+        }
+    }
+    // A daemon started with the retired key alone is refused.
+    let retired = std::fs::read(a.path("data/master.key.retired-v1")).unwrap();
+    let only_v1: String = String::from_utf8(retired)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("v2:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let mut stale = TestDaemon::prepare(
+        Mode::Redis,
+        a.redis.clone(),
+        Some(only_v1.into_bytes()),
+        "",
+        &[],
+    );
+    let (status, log) = stale.expect_refusal();
+    assert!(!status.success());
+    assert!(log.contains("retired"), "{log}");
+}
