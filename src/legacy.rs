@@ -144,7 +144,8 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
     for (hash, pool) in pool_hashes(&mut con, &names).map_err(fail)? {
         let fields: Vec<(String, Vec<u8>)> = con.hgetall(&hash).map_err(fail)?;
         for (field, value) in fields {
-            let PoolValue::Legacy(key) = open_value(&master, &names.prefix, &pool, &value) else {
+            let PoolValue::Legacy(key) = open_value(&master, &names.prefix, &pool, &field, &value)
+            else {
                 continue;
             };
             let Ok(key) = check_key(key) else {

@@ -122,6 +122,7 @@ fn place_of<'a>(table: &str, pk: &'a [String]) -> Place<'a> {
             namespace: "sqlite",
             channel: Some(pk[0].as_str()).filter(|c| !c.is_empty()),
             service: &pk[1],
+            key_id: &pk[2],
         },
         _ => Place::Meta(&pk[0]),
     }
@@ -228,9 +229,13 @@ fn reseal_redis(config: &Config, key: &MasterKey) -> Result<(usize, usize), Stri
             if version == Some(key.current_version()) {
                 continue;
             }
-            let PoolValue::Sealed(plain) =
-                crate::actors::redis::open_value(key, &names.prefix, &pool, value.as_bytes())
-            else {
+            let PoolValue::Sealed(plain) = crate::actors::redis::open_value(
+                key,
+                &names.prefix,
+                &pool,
+                &field,
+                value.as_bytes(),
+            ) else {
                 eprintln!("integrity: {hash} field {field} does not open with any key version; left as it is");
                 broken += 1;
                 continue;

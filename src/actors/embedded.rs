@@ -56,11 +56,12 @@ impl Actor for SqliteStore {
     type Context = SyncContext<Self>;
 }
 
-fn place(pool: &PoolRef) -> Place<'_> {
+fn place<'a>(pool: &'a PoolRef, key_id: &'a str) -> Place<'a> {
     Place::Pool {
         namespace: "sqlite",
         channel: pool.channel.as_deref(),
         service: &pool.service,
+        key_id,
     }
 }
 
@@ -81,7 +82,7 @@ impl Handler<LoadPool> for SqliteStore {
         let mut keys = Vec::new();
         for row in rows {
             let (key_id, sealed) = row?;
-            match self.key.open(&sealed, place(&msg.pool)) {
+            match self.key.open(&sealed, place(&msg.pool, &key_id)) {
                 Ok(k) => keys.push(k),
                 Err(_) => {
                     tracing::error!(channel_id = ?msg.pool.channel, service = %msg.pool.service,
@@ -98,7 +99,9 @@ impl Handler<AddPoolKey> for SqliteStore {
 
     fn handle(&mut self, msg: AddPoolKey, _: &mut Self::Context) -> Self::Result {
         let key_id = self.key.key_id(&msg.key);
-        let sealed = self.key.seal(msg.key.expose().as_bytes(), place(&msg.pool));
+        let sealed = self
+            .key
+            .seal(msg.key.expose().as_bytes(), place(&msg.pool, &key_id));
         let n = self
             .db
             .prepare_cached(
@@ -154,7 +157,7 @@ impl Handler<ListPoolKeys> for SqliteStore {
         let mut out = Vec::new();
         for row in rows {
             let (key_id, sealed, label, added_at) = row?;
-            let masked = match self.key.open(&sealed, place(&msg.pool)) {
+            let masked = match self.key.open(&sealed, place(&msg.pool, &key_id)) {
                 Ok(k) => k.masked(),
                 Err(_) => {
                     tracing::error!(channel_id = ?msg.pool.channel, service = %msg.pool.service,

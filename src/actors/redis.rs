@@ -81,18 +81,21 @@ pub enum Changed {
     UserKey { user_id: String, service: String },
 }
 
-/// The place a pool value is sealed for in Redis: bound to prefix, scope, channel, service.
-pub fn pool_place<'a>(prefix: &'a str, pool: &'a PoolRef) -> Place<'a> {
+/// The place a pool value is sealed for in Redis: bound to prefix, scope, channel,
+/// service and the field (key_id) it is stored under.
+pub fn pool_place<'a>(prefix: &'a str, pool: &'a PoolRef, key_id: &'a str) -> Place<'a> {
     Place::Pool {
         namespace: prefix,
         channel: pool.channel.as_deref(),
         service: &pool.service,
+        key_id,
     }
 }
 
-/// Seals a pool key into the text stored in its hash.
+/// Seals a pool key into the text stored in its hash, under the field of its key_id.
 pub fn envelope(master: &MasterKey, prefix: &str, pool: &PoolRef, key: &Secret) -> String {
-    let sealed = master.seal(key.expose().as_bytes(), pool_place(prefix, pool));
+    let key_id = master.key_id(key);
+    let sealed = master.seal(key.expose().as_bytes(), pool_place(prefix, pool, &key_id));
     format!("{ENVELOPE}{}", B64.encode(sealed))
 }
 
@@ -105,13 +108,19 @@ pub enum PoolValue {
     Broken,
 }
 
-/// Reads one pool hash value.
-pub fn open_value(master: &MasterKey, prefix: &str, pool: &PoolRef, value: &[u8]) -> PoolValue {
+/// Reads one pool hash value, stored under `field`.
+pub fn open_value(
+    master: &MasterKey,
+    prefix: &str,
+    pool: &PoolRef,
+    field: &str,
+    value: &[u8],
+) -> PoolValue {
     match value.strip_prefix(ENVELOPE.as_bytes()) {
         Some(b64) => B64
             .decode(b64)
             .ok()
-            .and_then(|sealed| master.open(&sealed, pool_place(prefix, pool)).ok())
+            .and_then(|sealed| master.open(&sealed, pool_place(prefix, pool, field)).ok())
             .map_or(PoolValue::Broken, PoolValue::Sealed),
         None => match std::str::from_utf8(value) {
             Ok(s) if !s.trim().is_empty() => PoolValue::Legacy(Secret::new(s.trim().to_owned())),
@@ -277,7 +286,7 @@ impl Inner {
             .await?;
         let mut keys = Vec::with_capacity(fields.len());
         for (field, value) in fields {
-            match open_value(&self.master, &self.names.prefix, &pool, &value) {
+            match open_value(&self.master, &self.names.prefix, &pool, &field, &value) {
                 PoolValue::Sealed(k) => keys.push(k),
                 PoolValue::Legacy(k) if self.accept_legacy => {
                     self.warn_once(&hash, "serving pool values stored in clear (redis.accept_legacy_plaintext); run apikeyd import-legacy to encrypt them");
@@ -362,7 +371,7 @@ impl Inner {
         let mut out: Vec<PoolKeyInfo> = fields
             .into_iter()
             .map(|(key_id, value)| {
-                let masked = match open_value(&self.master, &self.names.prefix, &pool, &value) {
+                let masked = match open_value(&self.master, &self.names.prefix, &pool, &key_id, &value) {
                     PoolValue::Sealed(k) => k.masked(),
                     PoolValue::Legacy(k) => format!("{} (stored in clear)", k.masked()),
                     PoolValue::Broken => {
