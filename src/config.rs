@@ -14,6 +14,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub cache: CacheConfig,
     pub quota: QuotaConfig,
+    pub pools: PoolsConfig,
     pub access: AccessConfig,
     pub log: LogConfig,
     /// Per-service overrides and additions to the built-in table, keyed by lower-cased name.
@@ -133,6 +134,26 @@ impl Default for QuotaConfig {
         QuotaConfig {
             daily_limit: 20,
             on_store_error: OnStoreError::Deny,
+        }
+    }
+}
+
+/// `[pools]`: pool key health (`report_key_result`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolsConfig {
+    /// Cooldown of a rate-limited key reported without `retry_after_s`, and of a key
+    /// that reached `error_threshold`.
+    pub cooldown_s: u64,
+    /// `error` reports within a minute that cool a key down.
+    pub error_threshold: u32,
+}
+
+impl Default for PoolsConfig {
+    fn default() -> Self {
+        PoolsConfig {
+            cooldown_s: 60,
+            error_threshold: 3,
         }
     }
 }
@@ -285,6 +306,9 @@ impl Config {
         }
         if self.cache.max_entries == 0 {
             return bad("cache.max_entries must be at least 1".into());
+        }
+        if self.pools.error_threshold == 0 {
+            return bad("pools.error_threshold must be at least 1".into());
         }
         if self.quota.daily_limit > crate::protocol::MAX_COUNT {
             return bad("quota.daily_limit must be at most 1000000000".into());
