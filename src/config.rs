@@ -342,6 +342,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn pools_section() {
+        let c = Config::parse("").unwrap();
+        assert_eq!((c.pools.cooldown_s, c.pools.error_threshold), (60, 3));
+        let shipped = Config::parse(include_str!("../config.toml")).unwrap();
+        assert_eq!(shipped.pools.cooldown_s, 60);
+        assert!(Config::parse("[pools]\nerror_threshold = 0").is_err());
+        assert!(Config::parse("[pools]\ncooldown = 5").is_err());
+    }
+
+    #[test]
     fn defaults_match_the_spec() {
         let c = Config::parse("").unwrap();
         assert_eq!(c.server.socket, PathBuf::from("run/apikeyd.sock"));
