@@ -92,10 +92,14 @@ impl App {
 
     /// A uniformly picked usable key of `pool`: from this thread's cache shard on a
     /// hit, else through the cache actor (which loads the pool from the store).
-    pub async fn pool_key(&self, pool: PoolRef) -> crate::error::Result<Pick> {
-        match self.cache_reader.pool_key(&pool) {
+    /// Borrows `pool`, so a hit copies nothing.
+    pub async fn pool_key(&self, pool: &PoolRef) -> crate::error::Result<Pick> {
+        match self.cache_reader.pool_key(pool) {
             Some(key) => Ok(key),
-            None => self.cache.send(PickPoolKey { pool }).await?,
+            None => {
+                let pool = pool.clone();
+                self.cache.send(PickPoolKey { pool }).await?
+            }
         }
     }
 

@@ -548,6 +548,9 @@ mod tests {
             let _ = req.flag("fallback_to_pool", true);
             let _ = req.opt_count("daily_limit");
             let _ = req.count("limit");
+            let _ = req.has("user_id");
+            let _ = req.outcome();
+            let _ = req.opt_count("retry_after_s");
         }
 
         fn json_value() -> impl Strategy<Value = Value> {
@@ -581,6 +584,8 @@ mod tests {
                             Just("channel_id".to_string()),
                             Just("daily_limit".to_string()),
                             Just("limit".to_string()),
+                            Just("outcome".to_string()),
+                            Just("retry_after_s".to_string()),
                             ".{0,8}".prop_map(|s| s),
                         ],
                         inner,

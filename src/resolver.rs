@@ -94,7 +94,7 @@ pub async fn resolve(app: &App, q: Query) -> Result<Resolved> {
                 channel,
                 service: q.service.clone(),
             };
-            let picked = app.pool_key(pool).await;
+            let picked = app.pool_key(&pool).await;
             // A pool whose keys are all cooling or disabled counts as empty; the
             // earliest return is kept in case nothing else is found.
             match skip_failed("pool", &q, picked, &mut out.degraded) {
