@@ -100,3 +100,61 @@ fn sqlite_row_under_another_key_id_is_not_served() {
     assert_eq!(listed["keys"][0]["masked"], "(undecryptable)");
     assert_refused_quietly(&d);
 }
+
+/// Values sealed before the binding (an upgrade) still open, under their own key_id
+/// only.
+#[test]
+fn values_sealed_before_the_binding_stay_readable() {
+    for mode in [Mode::Redis, Mode::Embedded] {
+        let d = TestDaemon::start_with(mode, NO_POOL_CACHE, &[]);
+        let mut c = d.client();
+        let id_b = add(&mut c, KEY_B);
+        let master =
+            apikeyd::crypto::MasterKey::read_file(&d.path("data/master.key")).expect("master key");
+        let id_a = master.key_id(&apikeyd::crypto::Secret::new(KEY_A.into()));
+        let namespace = if mode == Mode::Redis {
+            "stargazer"
+        } else {
+            "sqlite"
+        };
+        let old = master.seal_unbound_pool_value(
+            KEY_A.as_bytes(),
+            apikeyd::crypto::Place::Pool {
+                namespace,
+                channel: None,
+                service: "openai",
+                key_id: "",
+            },
+        );
+        let put = |field: &str| match mode {
+            Mode::Redis => {
+                use base64::Engine;
+                let value = format!(
+                    "akd1:{}",
+                    base64::engine::general_purpose::STANDARD.encode(&old)
+                );
+                let mut r = d.redis.as_ref().unwrap().conn();
+                let _: () = r.del("stargazer:global_api_pool:openai").unwrap();
+                let _: () = r
+                    .hset("stargazer:global_api_pool:openai", field, value)
+                    .unwrap();
+            }
+            Mode::Embedded => {
+                let db = rusqlite::Connection::open(d.path("data/keystore.sqlite3")).unwrap();
+                db.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+                db.execute("DELETE FROM pool_keys", []).unwrap();
+                db.execute(
+                    "INSERT INTO pool_keys (channel_id, service, key_id, sealed, label, added_at)
+                     VALUES ('', 'openai', ?1, ?2, NULL, 0)",
+                    rusqlite::params![field, old],
+                )
+                .unwrap();
+            }
+        };
+        put(&id_a);
+        assert_eq!(pick(&mut c), KEY_A, "{mode:?}");
+        put(&id_b);
+        assert_eq!(pick(&mut c), json!(null), "{mode:?}");
+        assert_refused_quietly(&d);
+    }
+}
