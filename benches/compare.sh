@@ -47,6 +47,9 @@ echo "== cached pool keys (redis mode), vs HGET"
 start pool "redis.url = \"redis+unix://$RS\""
 bench --config "$W/pool/config.toml" --preset pool --connections 8 --pipeline 1 --redis "$RS"
 bench --config "$W/pool/config.toml" --preset pool --connections 8 --pipeline 32 --redis "$RS"
+echo "== cached pool keys, half of the pool cooling down (redis mode), vs HGET"
+bench --config "$W/pool/config.toml" --preset pool-cooling --connections 8 --pipeline 1 --redis "$RS"
+bench --config "$W/pool/config.toml" --preset pool-cooling --connections 8 --pipeline 32 --redis "$RS"
 echo "== quotas (redis mode): check and consume vs EVALSHA of the same script"
 bench --config "$W/pool/config.toml" --preset check --connections 8 --redis "$RS" --redis-cmd consume
 bench --config "$W/pool/config.toml" --preset consume --connections 8 --redis "$RS" --redis-cmd consume

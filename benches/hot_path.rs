@@ -1,6 +1,7 @@
 //! Criterion benchmarks of the pieces on the hot path: parsing and validating a
 //! request line, encoding a response, a cache hit through the actor, the resolver,
-//! and sealing/opening a key. `cargo bench --bench hot_path`.
+//! cached pool picks (healthy, and with half the pool cooling down), and
+//! sealing/opening a key. `cargo bench --bench hot_path`.
 
 use std::hint::black_box;
 use std::rc::Rc;
@@ -12,7 +13,9 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use apikeyd::actors::cache::{KeyCache, LookupUserKey};
 use apikeyd::actors::embedded::SqliteStore;
 use apikeyd::actors::keystore::{self, Keystore, StoreUserKey};
-use apikeyd::actors::store::{Store, StoreMode};
+use apikeyd::actors::store::{
+    AddPoolKey, HealthRules, Outcome, PoolRef, ReportPoolKey, Store, StoreMode,
+};
 use apikeyd::app::App;
 use apikeyd::audit::Audit;
 use apikeyd::config::Config;
@@ -76,6 +79,8 @@ fn actors(system: &actix_rt::SystemRunner, dir: &std::path::Path) -> Rc<App> {
     let mut config = Config::parse("").unwrap();
     config.keystore.path = dir.join("keystore.sqlite3");
     config.keystore.master_key_file = dir.join("master.key");
+    // Pools stay cached for the whole measurement.
+    config.cache.pool_ttl_s = 3600;
     system.block_on(async move {
         let opened = keystore::open(&config, 2).unwrap();
         let key = opened.key.clone();
@@ -132,6 +137,66 @@ fn actors(system: &actix_rt::SystemRunner, dir: &std::path::Path) -> Rc<App> {
             .unwrap();
         app
     })
+}
+
+/// A global pool of four keys of `service`; the first `cooling` of them reported
+/// rate-limited for an hour.
+async fn pool(app: &App, service: &str, cooling: usize) -> PoolRef {
+    let pool = PoolRef {
+        channel: None,
+        service: service.into(),
+    };
+    for i in 0..4 {
+        let (key_id, _) = app
+            .store
+            .add_pool_key(AddPoolKey {
+                pool: pool.clone(),
+                key: Secret::new(format!("sk-bench-pool-{i}-0123456789")),
+                label: None,
+            })
+            .await
+            .unwrap();
+        if i < cooling {
+            app.store
+                .report_pool_key(ReportPoolKey {
+                    pool: pool.clone(),
+                    key_id,
+                    outcome: Outcome::RateLimited,
+                    retry_after_s: Some(3600),
+                    rules: HealthRules {
+                        cooldown_s: 60,
+                        error_threshold: 3,
+                    },
+                })
+                .await
+                .unwrap();
+        }
+    }
+    pool
+}
+
+fn pool_picks(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let system = actix_rt::System::new();
+    let app = actors(&system, dir.path());
+    for (name, service, cooling) in [
+        ("pool pick, cached, healthy pool", "healthy", 0),
+        ("pool pick, cached, half the pool cooling", "cooling", 2),
+    ] {
+        let pool = system.block_on(pool(&app, service, cooling));
+        c.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let (app, pool) = (app.clone(), pool.clone());
+                system.block_on(async move {
+                    let began = Instant::now();
+                    for _ in 0..iters {
+                        black_box(app.pool_key(&pool).await.unwrap());
+                    }
+                    began.elapsed()
+                })
+            })
+        });
+    }
 }
 
 fn cache_and_resolver(c: &mut Criterion) {
@@ -191,5 +256,12 @@ fn cache_and_resolver(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, parse, encode, crypto, cache_and_resolver);
+criterion_group!(
+    benches,
+    parse,
+    encode,
+    crypto,
+    cache_and_resolver,
+    pool_picks
+);
 criterion_main!(benches);

@@ -6,14 +6,15 @@ use std::time::Instant;
 
 use actix::Addr;
 
-use crate::actors::cache::{CacheReader, Configure, KeyCache, LookupUserKey, PickPoolKey};
+use crate::actors::cache::{
+    CacheReader, Configure, KeyCache, LookupUserKey, Pick, PickPoolKey, UserKey,
+};
 use crate::actors::keystore::{read_master_key, CheckKeyring, Keystore};
 use crate::actors::store::PoolRef;
 use crate::actors::store::Store;
 use crate::audit::Audit;
 use crate::config::Config;
 use crate::crypto::MasterKey;
-use crate::crypto::Secret;
 
 /// Shared by every connection of one daemon.
 pub struct App {
@@ -71,7 +72,7 @@ impl App {
         &self,
         user_id: &mut String,
         service: &mut String,
-    ) -> crate::error::Result<Option<Arc<Secret>>> {
+    ) -> crate::error::Result<UserKey> {
         // The strings move into the lookup and back, so a hit allocates nothing.
         let (hit, u, s) = self
             .cache_reader
@@ -89,12 +90,16 @@ impl App {
         }
     }
 
-    /// A uniformly picked key of `pool`: from this thread's cache shard on a hit,
-    /// else through the cache actor (which loads the pool from the store).
-    pub async fn pool_key(&self, pool: PoolRef) -> crate::error::Result<Option<Arc<Secret>>> {
-        match self.cache_reader.pool_key(&pool) {
+    /// A uniformly picked usable key of `pool`: from this thread's cache shard on a
+    /// hit, else through the cache actor (which loads the pool from the store).
+    /// Borrows `pool`, so a hit copies nothing.
+    pub async fn pool_key(&self, pool: &PoolRef) -> crate::error::Result<Pick> {
+        match self.cache_reader.pool_key(pool) {
             Some(key) => Ok(key),
-            None => self.cache.send(PickPoolKey { pool }).await?,
+            None => {
+                let pool = pool.clone();
+                self.cache.send(PickPoolKey { pool }).await?
+            }
         }
     }
 

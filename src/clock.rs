@@ -18,7 +18,12 @@ pub fn rfc3339(unix_s: i64) -> String {
 
 /// The UTC calendar day, `2026-11-28`, that quota counters are kept under.
 pub fn utc_day() -> String {
-    let mut s = rfc3339(now_s());
+    utc_day_at(now_s())
+}
+
+/// The UTC calendar day of a unix time.
+pub fn utc_day_at(unix_s: i64) -> String {
+    let mut s = rfc3339(unix_s);
     s.truncate(10);
     s
 }

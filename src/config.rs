@@ -14,6 +14,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub cache: CacheConfig,
     pub quota: QuotaConfig,
+    pub pools: PoolsConfig,
     pub access: AccessConfig,
     pub log: LogConfig,
     /// Per-service overrides and additions to the built-in table, keyed by lower-cased name.
@@ -133,6 +134,26 @@ impl Default for QuotaConfig {
         QuotaConfig {
             daily_limit: 20,
             on_store_error: OnStoreError::Deny,
+        }
+    }
+}
+
+/// `[pools]`: pool key health (`report_key_result`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolsConfig {
+    /// Cooldown of a rate-limited key reported without `retry_after_s`, and of a key
+    /// that reached `error_threshold`.
+    pub cooldown_s: u64,
+    /// `error` reports within a minute that cool a key down.
+    pub error_threshold: u32,
+}
+
+impl Default for PoolsConfig {
+    fn default() -> Self {
+        PoolsConfig {
+            cooldown_s: 60,
+            error_threshold: 3,
         }
     }
 }
@@ -286,6 +307,9 @@ impl Config {
         if self.cache.max_entries == 0 {
             return bad("cache.max_entries must be at least 1".into());
         }
+        if self.pools.error_threshold == 0 {
+            return bad("pools.error_threshold must be at least 1".into());
+        }
         if self.quota.daily_limit > crate::protocol::MAX_COUNT {
             return bad("quota.daily_limit must be at most 1000000000".into());
         }
@@ -316,6 +340,16 @@ fn parse_mode(s: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pools_section() {
+        let c = Config::parse("").unwrap();
+        assert_eq!((c.pools.cooldown_s, c.pools.error_threshold), (60, 3));
+        let shipped = Config::parse(include_str!("../config.toml")).unwrap();
+        assert_eq!(shipped.pools.cooldown_s, 60);
+        assert!(Config::parse("[pools]\nerror_threshold = 0").is_err());
+        assert!(Config::parse("[pools]\ncooldown = 5").is_err());
+    }
 
     #[test]
     fn defaults_match_the_spec() {

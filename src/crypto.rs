@@ -49,11 +49,14 @@ pub enum Place<'a> {
     /// A per-user key in the keystore.
     User { user_id: &'a str, service: &'a str },
     /// A pool key: `channel` is `None` for the global pool. `namespace` is `"sqlite"`
-    /// for the embedded store, or the Redis prefix in Redis mode.
+    /// for the embedded store, or the Redis prefix in Redis mode. `key_id` is the
+    /// field or row the value is stored under, so a value written back under another
+    /// key's id does not open.
     Pool {
         namespace: &'a str,
         channel: Option<&'a str>,
         service: &'a str,
+        key_id: &'a str,
     },
     /// A row of the keystore's own bookkeeping.
     Meta(&'a str),
@@ -61,28 +64,63 @@ pub enum Place<'a> {
 
 impl Place<'_> {
     fn associated_data(&self) -> Vec<u8> {
-        let parts: [&str; 4] = match *self {
-            Place::User { user_id, service } => ["user", "", user_id, service],
+        match *self {
+            Place::User { user_id, service } => aad(b"apikeyd/1", &["user", "", user_id, service]),
+            // Pools bind the key_id too; the label is bumped so that no pool value of
+            // either form opens as the other.
             Place::Pool {
                 namespace,
-                channel: None,
+                channel,
                 service,
-            } => ["pool", namespace, "", service],
-            Place::Pool {
-                namespace,
-                channel: Some(c),
-                service,
-            } => ["channel_pool", namespace, c, service],
-            Place::Meta(name) => ["meta", "", name, ""],
-        };
-        // Length-prefixed, so no two places share an encoding.
-        let mut out = b"apikeyd/1".to_vec();
-        for p in parts {
-            out.extend_from_slice(&(p.len() as u32).to_be_bytes());
-            out.extend_from_slice(p.as_bytes());
+                key_id,
+            } => {
+                let kind = if channel.is_some() {
+                    "channel_pool"
+                } else {
+                    "pool"
+                };
+                aad(
+                    b"apikeyd/2",
+                    &[kind, namespace, channel.unwrap_or(""), service, key_id],
+                )
+            }
+            Place::Meta(name) => aad(b"apikeyd/1", &["meta", "", name, ""]),
         }
-        out
     }
+
+    /// The associated data pool values were sealed with before they were bound to
+    /// their key_id (label `apikeyd/1`, no key_id); `None` for other places.
+    fn unbound_pool_data(&self) -> Option<Vec<u8>> {
+        match *self {
+            Place::Pool {
+                namespace,
+                channel,
+                service,
+                ..
+            } => {
+                let kind = if channel.is_some() {
+                    "channel_pool"
+                } else {
+                    "pool"
+                };
+                Some(aad(
+                    b"apikeyd/1",
+                    &[kind, namespace, channel.unwrap_or(""), service],
+                ))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// `label` then each part length-prefixed, so no two places share an encoding.
+fn aad(label: &[u8], parts: &[&str]) -> Vec<u8> {
+    let mut out = label.to_vec();
+    for p in parts {
+        out.extend_from_slice(&(p.len() as u32).to_be_bytes());
+        out.extend_from_slice(p.as_bytes());
+    }
+    out
 }
 
 /// Opening failed. Deliberately says nothing about why.
@@ -432,18 +470,25 @@ impl MasterKey {
     ///
     /// Layout: format byte, key version (u32 BE), 12-byte nonce, ciphertext and tag.
     pub fn seal(&self, plain: &[u8], place: Place<'_>) -> Vec<u8> {
+        self.seal_with(plain, &place.associated_data())
+    }
+
+    /// Seals a pool value the way daemons did before pool values were bound to
+    /// their key_id, for tests of the upgrade path.
+    #[doc(hidden)]
+    pub fn seal_unbound_pool_value(&self, plain: &[u8], place: Place<'_>) -> Vec<u8> {
+        let aad = place
+            .unbound_pool_data()
+            .unwrap_or_else(|| place.associated_data());
+        self.seal_with(plain, &aad)
+    }
+
+    fn seal_with(&self, plain: &[u8], aad: &[u8]) -> Vec<u8> {
         let ring = self.ring();
         let version = Self::sealing_in(&ring, self.seal_cap.load(Ordering::Relaxed));
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
-        let aad = place.associated_data();
         let ct = ring.ciphers[&version]
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: plain,
-                    aad: &aad,
-                },
-            )
+            .encrypt(&nonce, Payload { msg: plain, aad })
             .expect("AES-GCM encryption of a short message cannot fail");
         let mut out = Vec::with_capacity(HEADER_LEN + ct.len());
         out.push(FORMAT);
@@ -456,19 +501,40 @@ impl MasterKey {
     /// Decrypts what `seal` produced for the same place, under whichever version
     /// sealed it. Shape is checked before any decryption; every failure (tampered,
     /// moved, unknown version) is the same opaque `OpenError`.
+    ///
+    /// A pool value sealed before pool values were bound to their key_id still opens,
+    /// but only where the key inside has that very key_id: the id is an HMAC of the
+    /// key, so such a value moved under another key's field or row is refused too.
     pub fn open(&self, sealed: &[u8], place: Place<'_>) -> Result<Secret, OpenError> {
+        match self.open_with(sealed, &place.associated_data()) {
+            Ok(secret) => Ok(secret),
+            Err(e) => {
+                let (Some(old), Place::Pool { key_id, .. }) = (place.unbound_pool_data(), place)
+                else {
+                    return Err(e);
+                };
+                let secret = self.open_with(sealed, &old)?;
+                if self.key_id(&secret) == key_id {
+                    Ok(secret)
+                } else {
+                    Err(OpenError)
+                }
+            }
+        }
+    }
+
+    fn open_with(&self, sealed: &[u8], aad: &[u8]) -> Result<Secret, OpenError> {
         let version = sealed_version(sealed).ok_or(OpenError)?;
         let ring = self.ring();
         let cipher = ring.ciphers.get(&version).ok_or(OpenError)?;
         let nonce = Nonce::from_slice(&sealed[5..HEADER_LEN]);
-        let aad = place.associated_data();
         let plain = Zeroizing::new(
             cipher
                 .decrypt(
                     nonce,
                     Payload {
                         msg: &sealed[HEADER_LEN..],
-                        aad: &aad,
+                        aad,
                     },
                 )
                 .map_err(|_| OpenError)?,
@@ -573,11 +639,13 @@ mod tests {
                 namespace: "sqlite",
                 channel: None,
                 service: "openai",
+                key_id: "alice",
             },
             Place::Pool {
                 namespace: "sqlite",
                 channel: Some("alice"),
                 service: "openai",
+                key_id: "openai",
             },
         ];
         for p in others {
@@ -646,6 +714,29 @@ mod tests {
         );
         assert_eq!(k.key_id(&s).len(), 16);
         assert_ne!(k.key_id(&s), key().key_id(&s));
+    }
+
+    #[test]
+    fn pool_values_are_bound_to_their_key_id() {
+        let k = key();
+        let plain = Secret::new("sk-canary-123456".into());
+        let id = k.key_id(&plain);
+        let at = |key_id| Place::Pool {
+            namespace: "stargazer",
+            channel: Some("c1"),
+            service: "openai",
+            key_id,
+        };
+        let sealed = k.seal(plain.expose().as_bytes(), at(&id));
+        assert_eq!(k.open(&sealed, at(&id)).unwrap().expose(), plain.expose());
+        assert!(k.open(&sealed, at("0000000000000000")).is_err());
+        // Sealed before the binding: opens only under the key's own id.
+        let old = k.seal_unbound_pool_value(plain.expose().as_bytes(), at(&id));
+        assert_eq!(k.open(&old, at(&id)).unwrap().expose(), plain.expose());
+        assert!(k.open(&old, at("0000000000000000")).is_err());
+        // The two forms never open as each other's place of another kind.
+        assert!(k.open(&sealed, ALICE).is_err());
+        assert!(k.open(&old, ALICE).is_err());
     }
 
     #[test]

@@ -79,19 +79,22 @@ fn names(config: &Config) -> Names {
     }
 }
 
-/// The first value in a pool hash that an apikeyd daemon sealed, with the hash and
-/// the pool it belongs to: proof that a fleet's master key is already in use.
+/// A value sealed by an apikeyd daemon: its pool, field (key_id) and value.
+type SealedValue = (crate::actors::store::PoolRef, String, Vec<u8>);
+
+/// The first value in a pool hash that an apikeyd daemon sealed: proof that a
+/// fleet's master key is already in use.
 fn first_sealed_value(
     con: &mut redis::Connection,
     names: &Names,
-) -> redis::RedisResult<Option<(crate::actors::store::PoolRef, Vec<u8>)>> {
+) -> redis::RedisResult<Option<SealedValue>> {
     for (hash, pool) in crate::legacy::pool_hashes(con, names)? {
-        let values: Vec<Vec<u8>> = con.hvals(&hash)?;
-        if let Some(v) = values
+        let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash)?;
+        if let Some((f, v)) = fields
             .into_iter()
-            .find(|v| v.starts_with(ENVELOPE.as_bytes()))
+            .find(|(_, v)| v.starts_with(ENVELOPE.as_bytes()))
         {
-            return Ok(Some((pool, v)));
+            return Ok(Some((pool, String::from_utf8_lossy(&f).into_owned(), v)));
         }
     }
     Ok(None)
@@ -144,9 +147,9 @@ pub fn verify(con: &mut redis::Connection, names: &Names, key: &MasterKey) -> Re
     let mine = key.check_values();
     let known = stored.keys().filter(|f| f.starts_with('v')).count();
     if known == 0 {
-        if let Some((pool, value)) = first_sealed_value(con, names).map_err(fail)? {
+        if let Some((pool, field, value)) = first_sealed_value(con, names).map_err(fail)? {
             if !matches!(
-                crate::actors::redis::open_value(key, &names.prefix, &pool, &value),
+                crate::actors::redis::open_value(key, &names.prefix, &pool, &field, &value),
                 PoolValue::Sealed(_)
             ) {
                 return Err(format!(

@@ -195,7 +195,8 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
         let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash).map_err(fail)?;
         for (raw_field, value) in fields {
             let field = String::from_utf8_lossy(&raw_field).into_owned();
-            let PoolValue::Legacy(key) = open_value(&master, &names.prefix, &pool, &value) else {
+            let PoolValue::Legacy(key) = open_value(&master, &names.prefix, &pool, &field, &value)
+            else {
                 continue;
             };
             let Ok(key) = check_key(key) else {

@@ -10,7 +10,9 @@
 //!   `actors::store::Store` is the handle to pools and quota counters (the embedded
 //!   `SqliteStore`, or `RedisStore` behind the same messages); `actors::cache::KeyCache`
 //!   keeps decrypted keys in memory, and connections on its thread read hits straight
-//!   from its shard, so a hit touches no store and sends no message.
+//!   from its shard, so a hit touches no store and sends no message. A cached pool
+//!   carries each key's id and health, so picks skip cooling or disabled keys there
+//!   too; picks are counted in the shard and flushed to the store once a second.
 //! - Every call into a store is bounded by `server.request_timeout_ms`
 //!   (`actors::within`); `systemd` reports readiness and the watchdog.
 //! - `resolver` runs user key → channel pool → global pool → config default.

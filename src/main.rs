@@ -306,7 +306,8 @@ struct BenchArgs {
     /// Offered load in requests/s over all connections (default: as fast as it goes).
     #[arg(long)]
     rate: Option<f64>,
-    /// Preset load: get (cached user keys), pool (a pool key), check, consume, mix.
+    /// Preset load: get (cached user keys), pool (a pool key), pool-cooling (a pool key
+    /// from a pool where half the keys cool down), check, consume, mix.
     #[arg(long, default_value = "get")]
     preset: String,
     /// Request line templates instead of a preset; `{n}` becomes a key index.
@@ -336,11 +337,13 @@ struct BenchArgs {
 fn bench_templates(preset: &str) -> Result<Vec<String>, String> {
     let get = r#"{"op":"get_user_api_key","user_id":"bench-{n}","service":"openai"}"#;
     let pool = r#"{"op":"get_user_api_key","user_id":"nokey-{n}","service":"benchpool","fallback_to_config":false}"#;
+    let cooling = r#"{"op":"get_user_api_key","user_id":"nokey-{n}","service":"benchcool","fallback_to_config":false}"#;
     let check = r#"{"op":"check_default_key_limit","user_id":"bench-{n}","tool_name":"t"}"#;
     let consume = r#"{"op":"consume_default_key_usage","user_id":"bench-{n}","tool_name":"t","daily_limit":1000000000}"#;
     Ok(match preset {
         "get" => vec![get.into()],
         "pool" => vec![pool.into()],
+        "pool-cooling" => vec![cooling.into()],
         "check" => vec![check.into()],
         "consume" => vec![consume.into()],
         "mix" => vec![
@@ -352,10 +355,58 @@ fn bench_templates(preset: &str) -> Result<Vec<String>, String> {
         ],
         other => {
             return Err(format!(
-                "unknown preset {other:?}: get, pool, check, consume or mix"
+                "unknown preset {other:?}: get, pool, pool-cooling, check, consume or mix"
             ))
         }
     })
+}
+
+/// Sends request lines on one connection and answers the parsed responses.
+fn exchange(socket: &Path, lines: &[String]) -> Result<Vec<serde_json::Value>, String> {
+    use std::io::{BufRead, BufReader, Write};
+    let fail = |e: std::io::Error| format!("cannot talk to the daemon: {e}");
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(fail)?;
+    for l in lines {
+        stream
+            .write_all(format!("{l}\n").as_bytes())
+            .map_err(fail)?;
+    }
+    let mut reader = BufReader::new(stream);
+    let mut out = Vec::new();
+    for _ in lines {
+        let mut line = String::new();
+        reader.read_line(&mut line).map_err(fail)?;
+        out.push(serde_json::from_str(&line).map_err(|_| "an answer is not JSON".to_string())?);
+    }
+    Ok(out)
+}
+
+/// Sets up the `pool-cooling` preset: four keys in pool `benchcool`, two of them
+/// reported rate-limited for a day, so every pick skips cooling keys.
+fn cooling_pool(socket: &Path) -> Result<(), String> {
+    let adds: Vec<String> = (0..4)
+        .map(|i| {
+            format!(
+                r#"{{"op":"add_pool_key","service":"benchcool","key":"sk-bench-cool-{i:04}-abcdef"}}"#
+            )
+        })
+        .collect();
+    let reports: Vec<String> = exchange(socket, &adds)?
+        .iter()
+        .take(2)
+        .map(|r| {
+            format!(
+                r#"{{"op":"report_key_result","service":"benchcool","key_id":{},"outcome":"rate_limited","retry_after_s":86400}}"#,
+                r["result"]["key_id"]
+            )
+        })
+        .collect();
+    let answers = exchange(socket, &reports)?;
+    if answers.iter().all(|r| r["result"]["state"] == "cooling") {
+        Ok(())
+    } else {
+        Err("cannot cool down the bench pool keys".into())
+    }
 }
 
 fn bench(a: BenchArgs) -> ExitCode {
@@ -410,6 +461,11 @@ fn bench(a: BenchArgs) -> ExitCode {
         };
         if apikeyd::client::call(&socket, (0..4).map(add).collect()) != 0 {
             return fail("cannot add the bench pool keys".into());
+        }
+    }
+    if templates.iter().any(|t| t.contains("benchcool")) {
+        if let Err(e) = cooling_pool(&socket) {
+            return fail(e);
         }
     }
     let load = Load {

@@ -110,6 +110,8 @@ struct Members {
     daily_limit: Option<Param>,
     current: Option<Param>,
     limit: Option<Param>,
+    outcome: Option<Param>,
+    retry_after_s: Option<Param>,
 }
 
 /// One parsed request line: its `id`, its `op`, and the remaining members.
@@ -321,6 +323,8 @@ impl Request {
             "daily_limit" => p.daily_limit.take(),
             "current" => p.current.take(),
             "limit" => p.limit.take(),
+            "outcome" => p.outcome.take(),
+            "retry_after_s" => p.retry_after_s.take(),
             _ => None,
         }
     }
@@ -390,6 +394,28 @@ impl Request {
         let k = self.ident("key_id", 64)?;
         self.subject.key_id = Some(k.clone());
         Ok(k)
+    }
+
+    /// Whether the member `name` was sent with a value other than null (it stays
+    /// unread).
+    pub fn has(&self, name: &str) -> bool {
+        let p = &self.params;
+        match name {
+            "user_id" => p.user_id.is_some(),
+            "key_id" => p.key_id.is_some(),
+            _ => false,
+        }
+    }
+
+    /// `outcome` of `report_key_result`: `ok`, `rate_limited`, `unauthorized` or `error`.
+    pub fn outcome(&mut self) -> Result<crate::actors::store::Outcome> {
+        let o = self.string("outcome")?;
+        crate::actors::store::Outcome::parse(&o).ok_or_else(|| {
+            Error::param(
+                "outcome",
+                "must be one of \"ok\", \"rate_limited\", \"unauthorized\", \"error\"",
+            )
+        })
     }
 
     /// `label`: optional, at most 256 bytes, no control characters.
@@ -609,6 +635,9 @@ mod tests {
             let _ = req.flag("fallback_to_pool", true);
             let _ = req.opt_count("daily_limit");
             let _ = req.count("limit");
+            let _ = req.has("user_id");
+            let _ = req.outcome();
+            let _ = req.opt_count("retry_after_s");
         }
 
         fn json_value() -> impl Strategy<Value = Value> {
@@ -642,6 +671,8 @@ mod tests {
                             Just("channel_id".to_string()),
                             Just("daily_limit".to_string()),
                             Just("limit".to_string()),
+                            Just("outcome".to_string()),
+                            Just("retry_after_s".to_string()),
                             ".{0,8}".prop_map(|s| s),
                         ],
                         inner,

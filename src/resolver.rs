@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::actors::cache::{Pick, UserKey};
 use crate::actors::store::PoolRef;
 use crate::app::App;
 use crate::crypto::Secret;
@@ -29,22 +30,24 @@ pub enum Source {
 }
 
 /// The outcome of a resolution.
+#[derive(Default)]
 pub struct Resolved {
     pub key: Option<Arc<Secret>>,
     pub source: Option<Source>,
+    /// The key's id when it came from a pool (for `report_key_result`).
+    pub key_id: Option<Arc<str>>,
     /// A store was skipped because it failed.
     pub degraded: bool,
+    /// No key, but a pool key is only cooling down: whole seconds until the first is back.
+    pub retry_after_s: Option<u64>,
+    /// The user's own key was skipped: it was reported unauthorized.
+    pub user_key_rejected: bool,
 }
 
 /// Folds a store failure into "not found here, degraded".
-fn skip_failed(
-    step: &str,
-    q: &Query,
-    r: Result<Option<Arc<Secret>>>,
-    degraded: &mut bool,
-) -> Option<Arc<Secret>> {
+fn skip_failed<T>(step: &str, q: &Query, r: Result<T>, degraded: &mut bool) -> Option<T> {
     match r {
-        Ok(k) => k,
+        Ok(k) => Some(k),
         Err(e) => {
             let code = e.code();
             tracing::warn!(step, code, user_id = %q.user_id, service = %q.service,
@@ -58,17 +61,24 @@ fn skip_failed(
 /// Runs the resolution order for `q`.
 pub async fn resolve(app: &App, q: Query) -> Result<Resolved> {
     // A store known to be down marks every answer, even one it took no part in.
-    let mut degraded = app.store.redis_connected() == Some(false);
-    let found = |key: Arc<Secret>, source, degraded| Resolved {
-        key: Some(key),
-        source: Some(source),
-        degraded,
+    let mut out = Resolved {
+        degraded: app.store.redis_connected() == Some(false),
+        ..Resolved::default()
+    };
+    let found = |mut out: Resolved, key: Arc<Secret>, source, key_id| {
+        out.key = Some(key);
+        out.source = Some(source);
+        out.key_id = key_id;
+        out.retry_after_s = None;
+        Ok(out)
     };
 
     let mut q = q;
     let user = app.user_key(&mut q.user_id, &mut q.service).await;
-    if let Some(k) = skip_failed("user", &q, user, &mut degraded) {
-        return Ok(found(k, Source::User, degraded));
+    match skip_failed("user", &q, user, &mut out.degraded) {
+        Some(UserKey { key: Some(k), .. }) => return found(out, k, Source::User, None),
+        Some(UserKey { rejected, .. }) => out.user_key_rejected = rejected,
+        None => {}
     }
 
     if q.fallback_to_pool {
@@ -84,22 +94,27 @@ pub async fn resolve(app: &App, q: Query) -> Result<Resolved> {
                 channel,
                 service: q.service.clone(),
             };
-            let picked = app.pool_key(pool).await;
-            if let Some(k) = skip_failed("pool", &q, picked, &mut degraded) {
-                return Ok(found(k, source, degraded));
+            let picked = app.pool_key(&pool).await;
+            // A pool whose keys are all cooling or disabled counts as empty; the
+            // earliest return is kept in case nothing else is found.
+            match skip_failed("pool", &q, picked, &mut out.degraded) {
+                Some(Pick::Key { key, key_id }) => return found(out, key, source, Some(key_id)),
+                Some(Pick::Cooling { retry_after_s }) => {
+                    out.retry_after_s = Some(
+                        out.retry_after_s
+                            .map_or(retry_after_s, |r| r.min(retry_after_s)),
+                    );
+                }
+                Some(Pick::Empty) | None => {}
             }
         }
     }
 
     if q.fallback_to_config {
         if let Some(k) = services::env_default(&app.config(), &q.service) {
-            return Ok(found(Arc::new(k), Source::Config, degraded));
+            return found(out, Arc::new(k), Source::Config, None);
         }
     }
 
-    Ok(Resolved {
-        key: None,
-        source: None,
-        degraded,
-    })
+    Ok(out)
 }

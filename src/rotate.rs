@@ -134,6 +134,7 @@ fn place_of<'a>(table: &str, pk: &'a [String]) -> Place<'a> {
             namespace: "sqlite",
             channel: Some(pk[0].as_str()).filter(|c| !c.is_empty()),
             service: &pk[1],
+            key_id: &pk[2],
         },
         _ => Place::Meta(&pk[0]),
     }
@@ -241,13 +242,14 @@ fn reseal_redis(config: &Config, key: &MasterKey) -> Result<(usize, usize), Stri
             if version == Some(key.current_version()) {
                 continue;
             }
+            let field_name = String::from_utf8_lossy(&field);
             let PoolValue::Sealed(plain) =
-                crate::actors::redis::open_value(key, &names.prefix, &pool, &value)
+                crate::actors::redis::open_value(key, &names.prefix, &pool, &field_name, &value)
             else {
                 eprintln!(
                     "integrity: {} field {} does not open with any key version; left as it is",
                     hash.escape_debug(),
-                    String::from_utf8_lossy(&field).escape_debug()
+                    field_name.escape_debug()
                 );
                 broken += 1;
                 continue;

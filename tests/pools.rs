@@ -33,13 +33,13 @@ fn add_remove_list(mode: Mode) {
     assert!(!list.to_string().contains("sk-pool-aaaa-111111"));
     assert_eq!(
         c.ok(json!({"op": "get_pool_api_key", "service": "openai"})),
-        json!({"key": "sk-pool-aaaa-111111"})
+        json!({"key": "sk-pool-aaaa-111111", "key_id": id})
     );
     // Channel pools are separate from the global one and from each other.
-    c.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-chan-bbbb-222222", "channel_id": "c1"}));
+    let chan = c.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-chan-bbbb-222222", "channel_id": "c1"}));
     assert_eq!(
         c.ok(json!({"op": "get_channel_pool_api_key", "service": "openai", "channel_id": "c1"})),
-        json!({"key": "sk-chan-bbbb-222222"})
+        json!({"key": "sk-chan-bbbb-222222", "key_id": chan["key_id"]})
     );
     assert_eq!(
         c.ok(json!({"op": "get_channel_pool_api_key", "service": "openai", "channel_id": "c2"})),

@@ -7,7 +7,8 @@
 //! the data is used). Everything that fills or empties the shard — loads on a miss,
 //! invalidations, reconfiguration — goes through the actor's messages.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -16,23 +17,123 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use lru::LruCache;
 use rand::seq::SliceRandom;
+use rand::Rng;
 
 use super::keystore::{Keystore, LoadUserKey};
-use super::store::{PoolRef, Store};
+use super::store::{CountPicks, PoolEntry, PoolRef, Store};
+use crate::clock;
 use crate::config::CacheConfig;
 use crate::crypto::Secret;
 use crate::error::Result;
+
+/// How often picks counted in memory are added to the store's daily counters.
+const FLUSH_PICKS_EVERY: Duration = Duration::from_secs(1);
 
 struct Entry<T> {
     value: T,
     expires: Instant,
 }
 
+/// A user's own key as the resolver sees it.
+#[derive(Clone, Default)]
+pub struct UserKey {
+    /// `None`: the user has none, or it was reported unauthorized.
+    pub key: Option<Arc<Secret>>,
+    /// The user's key was reported unauthorized and is skipped until they store a new one.
+    pub rejected: bool,
+}
+
+/// One key of a cached pool, with what a pick needs to skip it without a store call.
+struct Pooled {
+    key: Arc<Secret>,
+    key_id: Arc<str>,
+    cooling_until: i64,
+    disabled: bool,
+    /// Picks not yet added to the store's counters (shared with `Shard::counters`).
+    picks: Rc<Cell<u64>>,
+}
+
+impl Pooled {
+    fn usable(&self, now: i64) -> bool {
+        !self.disabled && self.cooling_until <= now
+    }
+
+    fn hand_out(&self) -> Pick {
+        self.picks.set(self.picks.get() + 1);
+        Pick::Key {
+            key: self.key.clone(),
+            key_id: self.key_id.clone(),
+        }
+    }
+}
+
+/// A pool's keys as cached.
+struct CachedPool {
+    keys: Vec<Pooled>,
+    /// The latest end of any cooldown (0: no key ever cooled) and whether any key is
+    /// disabled: a pool of healthy keys picks without reading the clock.
+    latest_cooling: i64,
+    any_disabled: bool,
+}
+
+/// The outcome of a pick.
+pub enum Pick {
+    /// A key, with its id for `report_key_result`.
+    Key { key: Arc<Secret>, key_id: Arc<str> },
+    /// No usable key, and none comes back by itself.
+    Empty,
+    /// Every key that is not disabled is cooling down; the first is back in this many
+    /// whole seconds.
+    Cooling { retry_after_s: u64 },
+}
+
+impl CachedPool {
+    /// Uniform over the usable keys. Allocates nothing: a pool with cooling keys is
+    /// walked twice instead of filtered into a new list.
+    fn pick(&self) -> Pick {
+        let mut rng = rand::thread_rng();
+        let healthy = |keys: &[Pooled], rng: &mut rand::rngs::ThreadRng| {
+            keys.choose(rng).map_or(Pick::Empty, Pooled::hand_out)
+        };
+        if !self.any_disabled && self.latest_cooling == 0 {
+            return healthy(&self.keys, &mut rng);
+        }
+        let now = clock::now_s();
+        if !self.any_disabled && self.latest_cooling <= now {
+            return healthy(&self.keys, &mut rng);
+        }
+        let usable = self.keys.iter().filter(|k| k.usable(now)).count();
+        if usable == 0 {
+            return match self
+                .keys
+                .iter()
+                .filter(|k| !k.disabled)
+                .map(|k| k.cooling_until)
+                .min()
+            {
+                Some(back) if back > now => Pick::Cooling {
+                    retry_after_s: (back - now) as u64,
+                },
+                _ => Pick::Empty,
+            };
+        }
+        let n = rng.gen_range(0..usable);
+        self.keys
+            .iter()
+            .filter(|k| k.usable(now))
+            .nth(n)
+            .map_or(Pick::Empty, Pooled::hand_out)
+    }
+}
+
 /// The cached keys of one arbiter thread.
 struct Shard {
     /// (user_id, service) → the key, or `None` for "this user has none".
-    users: LruCache<(String, String), Entry<Option<Arc<Secret>>>>,
-    pools: LruCache<PoolRef, Entry<Arc<Vec<Arc<Secret>>>>>,
+    users: LruCache<(String, String), Entry<UserKey>>,
+    pools: LruCache<PoolRef, Entry<CachedPool>>,
+    /// Picks per pool key since the last flush; outlives the cached pools, so a pool
+    /// dropped by an invalidation loses no counts.
+    counters: HashMap<(PoolRef, Arc<str>), Rc<Cell<u64>>>,
     user_ttl: Duration,
     pool_ttl: Duration,
     /// Bumped by every invalidation.
@@ -45,11 +146,51 @@ fn capacity(n: usize) -> NonZeroUsize {
     NonZeroUsize::new(n.max(1)).unwrap_or(NonZeroUsize::MIN)
 }
 
-fn pick(keys: &[Arc<Secret>]) -> Option<Arc<Secret>> {
-    keys.choose(&mut rand::thread_rng()).cloned()
-}
-
 impl Shard {
+    /// Builds the cached form of a loaded pool, each key tied to its pick counter.
+    fn cached(&mut self, pool: &PoolRef, loaded: Vec<PoolEntry>) -> CachedPool {
+        let mut latest_cooling = 0;
+        let mut any_disabled = false;
+        let keys = loaded
+            .into_iter()
+            .map(|e| {
+                let key_id: Arc<str> = Arc::from(e.key_id);
+                latest_cooling = latest_cooling.max(e.health.cooling_until);
+                any_disabled |= e.health.disabled;
+                Pooled {
+                    picks: self
+                        .counters
+                        .entry((pool.clone(), key_id.clone()))
+                        .or_default()
+                        .clone(),
+                    key: Arc::new(e.key),
+                    key_id,
+                    cooling_until: e.health.cooling_until,
+                    disabled: e.health.disabled,
+                }
+            })
+            .collect();
+        CachedPool {
+            keys,
+            latest_cooling,
+            any_disabled,
+        }
+    }
+
+    /// Takes the picks counted since the last call, and forgets counters that no
+    /// cached pool uses any more.
+    fn take_picks(&mut self) -> Vec<(PoolRef, String, u64)> {
+        let mut out = Vec::new();
+        self.counters.retain(|(pool, key_id), n| {
+            let picks = n.take();
+            if picks > 0 {
+                out.push((pool.clone(), key_id.to_string(), picks));
+            }
+            picks > 0 || Rc::strong_count(n) > 1
+        });
+        out
+    }
+
     /// Makes room so that users and pools together stay within `max_entries`.
     fn fits(&mut self) {
         while self.users.len() + self.pools.len() >= self.users.cap().get() {
@@ -65,7 +206,7 @@ impl Shard {
     }
 
     /// `Some(answer)` on a live hit; an expired entry is dropped (and zeroed).
-    fn user(&mut self, slot: &(String, String)) -> Option<Option<Arc<Secret>>> {
+    fn user(&mut self, slot: &(String, String)) -> Option<UserKey> {
         let now = Instant::now();
         match self.users.get(slot) {
             Some(e) if e.expires > now => {
@@ -81,12 +222,12 @@ impl Shard {
     }
 
     /// `Some(pick)` on a live hit.
-    fn pool(&mut self, pool: &PoolRef) -> Option<Option<Arc<Secret>>> {
+    fn pool(&mut self, pool: &PoolRef) -> Option<Pick> {
         let now = Instant::now();
         match self.pools.get(pool) {
             Some(e) if e.expires > now => {
                 self.hits += 1;
-                Some(pick(&e.value))
+                Some(e.value.pick())
             }
             Some(_) => {
                 self.pools.pop(pool);
@@ -105,19 +246,15 @@ pub struct CacheReader {
 }
 
 impl CacheReader {
-    /// A user's key on a hit (`Some(None)` = cached "has none"); `None` on a miss.
-    pub fn user_key(
-        &self,
-        user_id: String,
-        service: String,
-    ) -> (Option<Option<Arc<Secret>>>, String, String) {
+    /// A user's key on a hit (with `key: None` = cached "has none"); `None` on a miss.
+    pub fn user_key(&self, user_id: String, service: String) -> (Option<UserKey>, String, String) {
         let slot = (user_id, service);
         let hit = self.shard.borrow_mut().user(&slot);
         (hit, slot.0, slot.1)
     }
 
     /// A pick from a cached pool on a hit; `None` on a miss.
-    pub fn pool_key(&self, pool: &PoolRef) -> Option<Option<Arc<Secret>>> {
+    pub fn pool_key(&self, pool: &PoolRef) -> Option<Pick> {
         self.shard.borrow_mut().pool(pool)
     }
 }
@@ -149,6 +286,7 @@ impl KeyCache {
                 pools: LruCache::new(capacity(config.max_entries)),
                 user_ttl: Duration::from_secs(config.user_key_ttl_s),
                 pool_ttl: Duration::from_secs(config.pool_ttl_s),
+                counters: HashMap::new(),
                 generation: 0,
                 hits: 0,
                 misses: 0,
@@ -167,18 +305,39 @@ impl KeyCache {
 
 impl Actor for KeyCache {
     type Context = Context<Self>;
+
+    /// Counts picks in memory and adds them to the store once a second, in one batch:
+    /// never a store write per pick. A failed flush drops its counts (they are
+    /// statistics; docs/operations.md gives their precision).
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(FLUSH_PICKS_EVERY, |cache, ctx| {
+            let picks = cache.shard.borrow_mut().take_picks();
+            if picks.is_empty() {
+                return;
+            }
+            let store = cache.store.clone();
+            ctx.spawn(
+                async move {
+                    if let Err(e) = store.count_picks(CountPicks { picks }).await {
+                        tracing::debug!(error = %e, "pool pick counts not recorded");
+                    }
+                }
+                .into_actor(cache),
+            );
+        });
+    }
 }
 
 /// A user's own key for a service, from the cache or the keystore.
 #[derive(Message)]
-#[rtype(result = "Result<Option<Arc<Secret>>>")]
+#[rtype(result = "Result<UserKey>")]
 pub struct LookupUserKey {
     pub user_id: String,
     pub service: String,
 }
 
 impl Handler<LookupUserKey> for KeyCache {
-    type Result = ResponseActFuture<Self, Result<Option<Arc<Secret>>>>;
+    type Result = ResponseActFuture<Self, Result<UserKey>>;
 
     fn handle(&mut self, msg: LookupUserKey, _: &mut Self::Context) -> Self::Result {
         let slot = (msg.user_id, msg.service);
@@ -199,7 +358,11 @@ impl Handler<LookupUserKey> for KeyCache {
             async move { super::within(deadline, load).await }
                 .into_actor(self)
                 .map(move |loaded, cache, _| {
-                    let value = loaded?.map(Arc::new);
+                    let loaded = loaded?;
+                    let value = UserKey {
+                        key: loaded.key.map(Arc::new),
+                        rejected: loaded.rejected,
+                    };
                     let mut shard = cache.shard.borrow_mut();
                     if shard.generation == generation && !shard.user_ttl.is_zero() {
                         shard.fits();
@@ -218,15 +381,15 @@ impl Handler<LookupUserKey> for KeyCache {
     }
 }
 
-/// One key of a pool picked uniformly at random, from the cache or the store.
+/// One usable key of a pool picked uniformly at random, from the cache or the store.
 #[derive(Message)]
-#[rtype(result = "Result<Option<Arc<Secret>>>")]
+#[rtype(result = "Result<Pick>")]
 pub struct PickPoolKey {
     pub pool: PoolRef,
 }
 
 impl Handler<PickPoolKey> for KeyCache {
-    type Result = ResponseActFuture<Self, Result<Option<Arc<Secret>>>>;
+    type Result = ResponseActFuture<Self, Result<Pick>>;
 
     fn handle(&mut self, msg: PickPoolKey, _: &mut Self::Context) -> Self::Result {
         let generation = {
@@ -244,10 +407,10 @@ impl Handler<PickPoolKey> for KeyCache {
             async move { store.load_pool(wanted).await }
                 .into_actor(self)
                 .map(move |loaded, cache, _| {
-                    let keys: Arc<Vec<Arc<Secret>>> =
-                        Arc::new(loaded?.into_iter().map(Arc::new).collect());
-                    let picked = pick(&keys);
+                    let loaded = loaded?;
                     let mut shard = cache.shard.borrow_mut();
+                    let keys = shard.cached(&pool, loaded);
+                    let picked = keys.pick();
                     if shard.generation == generation && !shard.pool_ttl.is_zero() {
                         shard.fits();
                         let expires = Instant::now() + shard.pool_ttl;

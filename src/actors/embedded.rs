@@ -8,7 +8,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::store::*;
 use crate::clock;
-use crate::crypto::{MasterKey, Place, Secret};
+use crate::crypto::{MasterKey, Place};
 use crate::error::Result;
 
 /// Owns pools and quota counters in SQLite.
@@ -17,6 +17,8 @@ pub struct SqliteStore {
     key: Arc<MasterKey>,
     /// The last UTC day old counters were purged on.
     purged_day: String,
+    /// The last UTC day old pool counters were purged on.
+    pool_counts_day: String,
 }
 
 impl SqliteStore {
@@ -26,9 +28,82 @@ impl SqliteStore {
             db,
             key,
             purged_day: String::new(),
+            pool_counts_day: String::new(),
         }
     }
 
+    /// Today's day for pool counters, dropping those older than `COUNTER_DAYS` the
+    /// first time a day is seen (Redis lets them expire instead).
+    fn pool_counts_today(&mut self) -> Result<String> {
+        let day = clock::utc_day();
+        if day != self.pool_counts_day {
+            let oldest = clock::utc_day_at(clock::now_s() - COUNTER_DAYS * 86_400);
+            self.db
+                .execute("DELETE FROM pool_counts WHERE day < ?1", params![oldest])?;
+            self.pool_counts_day.clone_from(&day);
+        }
+        Ok(day)
+    }
+
+    fn health(&self, pool: &PoolRef, key_id: &str) -> Result<Health> {
+        Ok(self
+            .db
+            .prepare_cached(
+                "SELECT cooling_until, disabled, errors_since, errors FROM pool_health
+                 WHERE channel_id = ?1 AND service = ?2 AND key_id = ?3",
+            )?
+            .query_row(params![channel_col(pool), pool.service, key_id], health_row)
+            .optional()?
+            .unwrap_or_default())
+    }
+
+    fn has_key(&self, pool: &PoolRef, key_id: &str) -> Result<bool> {
+        Ok(self
+            .db
+            .prepare_cached(
+                "SELECT 1 FROM pool_keys WHERE channel_id = ?1 AND service = ?2 AND key_id = ?3",
+            )?
+            .query_row(params![channel_col(pool), pool.service, key_id], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    fn add_count(
+        &self,
+        day: &str,
+        pool: &PoolRef,
+        key_id: &str,
+        counter: &str,
+        n: u64,
+    ) -> Result<()> {
+        self.db
+            .prepare_cached(
+                "INSERT INTO pool_counts (day, channel_id, service, key_id, counter, count)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT DO UPDATE SET count = count + ?6",
+            )?
+            .execute(params![
+                day,
+                channel_col(pool),
+                pool.service,
+                key_id,
+                counter,
+                n as i64
+            ])?;
+        Ok(())
+    }
+}
+
+fn health_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Health> {
+    Ok(Health {
+        cooling_until: r.get(0)?,
+        disabled: r.get(1)?,
+        errors_since: r.get(2)?,
+        errors: r.get::<_, i64>(3)?.clamp(0, u32::MAX as i64) as u32,
+    })
+}
+
+impl SqliteStore {
     /// Today's day, dropping counters of earlier days the first time a day is seen.
     fn today(&mut self) -> Result<String> {
         let day = clock::utc_day();
@@ -56,11 +131,12 @@ impl Actor for SqliteStore {
     type Context = SyncContext<Self>;
 }
 
-fn place(pool: &PoolRef) -> Place<'_> {
+fn place<'a>(pool: &'a PoolRef, key_id: &'a str) -> Place<'a> {
     Place::Pool {
         namespace: "sqlite",
         channel: pool.channel.as_deref(),
         service: &pool.service,
+        key_id,
     }
 }
 
@@ -69,20 +145,36 @@ fn channel_col(pool: &PoolRef) -> &str {
 }
 
 impl Handler<LoadPool> for SqliteStore {
-    type Result = Result<Vec<Secret>>;
+    type Result = Result<Vec<PoolEntry>>;
 
     fn handle(&mut self, msg: LoadPool, _: &mut Self::Context) -> Self::Result {
         let mut stmt = self.db.prepare_cached(
-            "SELECT key_id, sealed FROM pool_keys WHERE channel_id = ?1 AND service = ?2",
+            "SELECT k.key_id, k.sealed, h.cooling_until, h.disabled, h.errors_since, h.errors
+             FROM pool_keys k LEFT JOIN pool_health h
+               ON h.channel_id = k.channel_id AND h.service = k.service AND h.key_id = k.key_id
+             WHERE k.channel_id = ?1 AND k.service = ?2",
         )?;
         let rows = stmt.query_map(params![channel_col(&msg.pool), msg.pool.service], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            let health = match r.get::<_, Option<i64>>(2)? {
+                Some(cooling_until) => Health {
+                    cooling_until,
+                    disabled: r.get(3)?,
+                    errors_since: r.get(4)?,
+                    errors: r.get::<_, i64>(5)?.clamp(0, u32::MAX as i64) as u32,
+                },
+                None => Health::default(),
+            };
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?, health))
         })?;
         let mut keys = Vec::new();
         for row in rows {
-            let (key_id, sealed) = row?;
-            match self.key.open(&sealed, place(&msg.pool)) {
-                Ok(k) => keys.push(k),
+            let (key_id, sealed, health) = row?;
+            match self.key.open(&sealed, place(&msg.pool, &key_id)) {
+                Ok(key) => keys.push(PoolEntry {
+                    key_id,
+                    key,
+                    health,
+                }),
                 Err(_) => {
                     tracing::error!(channel_id = ?msg.pool.channel, service = %msg.pool.service,
                     key_id = %key_id, "integrity: a pool key does not decrypt; skipping it")
@@ -98,7 +190,9 @@ impl Handler<AddPoolKey> for SqliteStore {
 
     fn handle(&mut self, msg: AddPoolKey, _: &mut Self::Context) -> Self::Result {
         let key_id = self.key.key_id(&msg.key);
-        let sealed = self.key.seal(msg.key.expose().as_bytes(), place(&msg.pool));
+        let sealed = self
+            .key
+            .seal(msg.key.expose().as_bytes(), place(&msg.pool, &key_id));
         let n = self
             .db
             .prepare_cached(
@@ -131,7 +225,86 @@ impl Handler<RemovePoolKey> for SqliteStore {
                 msg.pool.service,
                 msg.key_id
             ])?;
+        // A key added again later starts healthy.
+        self.db
+            .prepare_cached(
+                "DELETE FROM pool_health WHERE channel_id = ?1 AND service = ?2 AND key_id = ?3",
+            )?
+            .execute(params![
+                channel_col(&msg.pool),
+                msg.pool.service,
+                msg.key_id
+            ])?;
         Ok(n > 0)
+    }
+}
+
+impl Handler<ReportPoolKey> for SqliteStore {
+    type Result = Result<Option<Health>>;
+
+    /// One transaction: read, apply the rules, write back, count.
+    fn handle(&mut self, msg: ReportPoolKey, _: &mut Self::Context) -> Self::Result {
+        let day = self.pool_counts_today()?;
+        let tx = self.db.unchecked_transaction()?;
+        if !self.has_key(&msg.pool, &msg.key_id)? {
+            return Ok(None);
+        }
+        let mut health = self.health(&msg.pool, &msg.key_id)?;
+        health.apply(msg.outcome, clock::now_s(), msg.retry_after_s, msg.rules);
+        self.db
+            .prepare_cached(
+                "INSERT INTO pool_health
+                   (channel_id, service, key_id, cooling_until, disabled, errors_since, errors)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT DO UPDATE SET cooling_until = ?4, disabled = ?5,
+                   errors_since = ?6, errors = ?7",
+            )?
+            .execute(params![
+                channel_col(&msg.pool),
+                msg.pool.service,
+                msg.key_id,
+                health.cooling_until,
+                health.disabled,
+                health.errors_since,
+                health.errors
+            ])?;
+        self.add_count(&day, &msg.pool, &msg.key_id, msg.outcome.counter(), 1)?;
+        tx.commit()?;
+        Ok(Some(health))
+    }
+}
+
+impl Handler<EnablePoolKey> for SqliteStore {
+    type Result = Result<bool>;
+
+    fn handle(&mut self, msg: EnablePoolKey, _: &mut Self::Context) -> Self::Result {
+        if !self.has_key(&msg.pool, &msg.key_id)? {
+            return Ok(false);
+        }
+        self.db
+            .prepare_cached(
+                "DELETE FROM pool_health WHERE channel_id = ?1 AND service = ?2 AND key_id = ?3",
+            )?
+            .execute(params![
+                channel_col(&msg.pool),
+                msg.pool.service,
+                msg.key_id
+            ])?;
+        Ok(true)
+    }
+}
+
+impl Handler<CountPicks> for SqliteStore {
+    type Result = Result<()>;
+
+    fn handle(&mut self, msg: CountPicks, _: &mut Self::Context) -> Self::Result {
+        let day = self.pool_counts_today()?;
+        let tx = self.db.unchecked_transaction()?;
+        for (pool, key_id, n) in &msg.picks {
+            self.add_count(&day, pool, key_id, "picks", *n)?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 }
 
@@ -139,6 +312,31 @@ impl Handler<ListPoolKeys> for SqliteStore {
     type Result = Result<Vec<PoolKeyInfo>>;
 
     fn handle(&mut self, msg: ListPoolKeys, _: &mut Self::Context) -> Self::Result {
+        let day = self.pool_counts_today()?;
+        let mut today: std::collections::HashMap<String, Counters> = Default::default();
+        let mut counts = self.db.prepare_cached(
+            "SELECT key_id, counter, count FROM pool_counts
+             WHERE day = ?1 AND channel_id = ?2 AND service = ?3",
+        )?;
+        let rows = counts.query_map(
+            params![day, channel_col(&msg.pool), msg.pool.service],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            },
+        )?;
+        for row in rows {
+            let (key_id, counter, n) = row?;
+            today
+                .entry(key_id)
+                .or_default()
+                .set(&counter, n.max(0) as u64);
+        }
+        drop(counts);
+        let now = clock::now_s();
         let mut stmt = self.db.prepare_cached(
             "SELECT key_id, sealed, label, added_at FROM pool_keys
              WHERE channel_id = ?1 AND service = ?2 ORDER BY added_at, key_id",
@@ -154,7 +352,7 @@ impl Handler<ListPoolKeys> for SqliteStore {
         let mut out = Vec::new();
         for row in rows {
             let (key_id, sealed, label, added_at) = row?;
-            let masked = match self.key.open(&sealed, place(&msg.pool)) {
+            let masked = match self.key.open(&sealed, place(&msg.pool, &key_id)) {
                 Ok(k) => k.masked(),
                 Err(_) => {
                     tracing::error!(channel_id = ?msg.pool.channel, service = %msg.pool.service,
@@ -162,7 +360,11 @@ impl Handler<ListPoolKeys> for SqliteStore {
                     "(undecryptable)".into()
                 }
             };
+            let health = self.health(&msg.pool, &key_id)?;
             out.push(PoolKeyInfo {
+                today: today.get(&key_id).copied().unwrap_or_default(),
+                state: health.state(now),
+                cooling_until: health.cooling_until(now),
                 key_id,
                 masked,
                 label,

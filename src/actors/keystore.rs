@@ -41,6 +41,31 @@ CREATE TABLE IF NOT EXISTS quota (
     count INTEGER NOT NULL,
     PRIMARY KEY (day, user_id, tool_name)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pool_health (
+    channel_id TEXT NOT NULL,          -- '' for the global pool
+    service TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    cooling_until INTEGER NOT NULL,
+    disabled INTEGER NOT NULL,
+    errors_since INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    PRIMARY KEY (channel_id, service, key_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pool_counts (
+    day TEXT NOT NULL,
+    channel_id TEXT NOT NULL,
+    service TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    counter TEXT NOT NULL,             -- picks, ok, rate_limited, unauthorized, errors
+    count INTEGER NOT NULL,
+    PRIMARY KEY (day, channel_id, service, key_id, counter)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS user_key_rejected (
+    user_id TEXT NOT NULL,
+    service TEXT NOT NULL,
+    reported_at INTEGER NOT NULL,
+    PRIMARY KEY (user_id, service)
+) WITHOUT ROWID;
 PRAGMA user_version = 1;
 ";
 
@@ -280,6 +305,9 @@ pub fn store_user_key(
          ON CONFLICT (user_id, service) DO UPDATE SET sealed = ?3, updated_at = ?4",
     )?
     .execute(params![user_id, service, sealed, clock::now_s()])?;
+    // A new key is not the one the provider rejected.
+    db.prepare_cached("DELETE FROM user_key_rejected WHERE user_id = ?1 AND service = ?2")?
+        .execute(params![user_id, service])?;
     Ok(())
 }
 
@@ -303,35 +331,99 @@ impl Actor for Keystore {
 /// Reads and decrypts one user's key for one service. A row that does not open is
 /// treated as absent and logged as an integrity error.
 #[derive(Message)]
-#[rtype(result = "Result<Option<Secret>>")]
+#[rtype(result = "Result<LoadedUserKey>")]
 pub struct LoadUserKey {
     pub user_id: String,
     pub service: String,
 }
 
+/// A user's key as loaded.
+pub struct LoadedUserKey {
+    /// `None` when absent, undecryptable or rejected.
+    pub key: Option<Secret>,
+    /// The key was reported unauthorized (`report_key_result`) and is not used until
+    /// the user stores a new one.
+    pub rejected: bool,
+}
+
 impl Handler<LoadUserKey> for Keystore {
-    type Result = Result<Option<Secret>>;
+    type Result = Result<LoadedUserKey>;
 
     fn handle(&mut self, msg: LoadUserKey, _: &mut Self::Context) -> Self::Result {
-        let sealed: Option<Vec<u8>> = self
+        let row: Option<(Vec<u8>, bool)> = self
             .db
-            .prepare_cached("SELECT sealed FROM user_keys WHERE user_id = ?1 AND service = ?2")?
-            .query_row(params![msg.user_id, msg.service], |r| r.get(0))
+            .prepare_cached(
+                "SELECT k.sealed, EXISTS (SELECT 1 FROM user_key_rejected r
+                   WHERE r.user_id = k.user_id AND r.service = k.service)
+                 FROM user_keys k WHERE k.user_id = ?1 AND k.service = ?2",
+            )?
+            .query_row(params![msg.user_id, msg.service], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .optional()?;
-        let Some(sealed) = sealed else {
-            return Ok(None);
+        let absent = |rejected| LoadedUserKey {
+            key: None,
+            rejected,
         };
+        let Some((sealed, rejected)) = row else {
+            return Ok(absent(false));
+        };
+        if rejected {
+            return Ok(absent(true));
+        }
         let place = Place::User {
             user_id: &msg.user_id,
             service: &msg.service,
         };
         match self.key.open(&sealed, place) {
-            Ok(secret) => Ok(Some(secret)),
+            Ok(secret) => Ok(LoadedUserKey {
+                key: Some(secret),
+                rejected: false,
+            }),
             Err(_) => {
                 tracing::error!(user_id = %msg.user_id, service = %msg.service,
                     "integrity: a stored user key does not decrypt; treating it as absent");
-                Ok(None)
+                Ok(absent(false))
             }
+        }
+    }
+}
+
+/// Records a report on a user's own key: `unauthorized` marks it rejected until the
+/// user stores a new one. Answers `None` when the user has no key for the service,
+/// else whether it is rejected now.
+#[derive(Message)]
+#[rtype(result = "Result<Option<bool>>")]
+pub struct ReportUserKey {
+    pub user_id: String,
+    pub service: String,
+    pub unauthorized: bool,
+}
+
+impl Handler<ReportUserKey> for Keystore {
+    type Result = Result<Option<bool>>;
+
+    fn handle(&mut self, msg: ReportUserKey, _: &mut Self::Context) -> Self::Result {
+        let rejected: Option<bool> = self
+            .db
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM user_key_rejected r
+                   WHERE r.user_id = k.user_id AND r.service = k.service)
+                 FROM user_keys k WHERE k.user_id = ?1 AND k.service = ?2",
+            )?
+            .query_row(params![msg.user_id, msg.service], |r| r.get(0))
+            .optional()?;
+        match rejected {
+            Some(false) if msg.unauthorized => {
+                self.db
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO user_key_rejected (user_id, service, reported_at)
+                         VALUES (?1, ?2, ?3)",
+                    )?
+                    .execute(params![msg.user_id, msg.service, clock::now_s()])?;
+                Ok(Some(true))
+            }
+            other => Ok(other),
         }
     }
 }

@@ -57,6 +57,29 @@ impl Names {
         )
     }
 
+    /// Health of pool keys, field = key_id, value = JSON of `Health`:
+    /// `{prefix}:apikeyd:pool_health:{pool hash without prefix}`.
+    pub fn pool_health(&self, pool: &PoolRef) -> String {
+        let hash = self.pool(pool);
+        format!(
+            "{}:apikeyd:pool_health:{}",
+            self.prefix,
+            &hash[self.prefix.len() + 1..]
+        )
+    }
+
+    /// A day's counters of a pool's keys, field = `{key_id}:{counter}`:
+    /// `{prefix}:apikeyd:pool_counts:{day}:{pool hash without prefix}`; expires after
+    /// `COUNTER_DAYS`.
+    pub fn pool_counts(&self, day: &str, pool: &PoolRef) -> String {
+        let hash = self.pool(pool);
+        format!(
+            "{}:apikeyd:pool_counts:{day}:{}",
+            self.prefix,
+            &hash[self.prefix.len() + 1..]
+        )
+    }
+
     /// Today's counters of one user, field = tool: `{prefix}:apikeyd:usage:{day}:{user_id}`.
     pub fn usage(&self, day: &str, user_id: &str) -> String {
         format!("{}:apikeyd:usage:{day}:{user_id}", self.prefix)
@@ -92,18 +115,21 @@ pub enum Changed {
     UserKey { user_id: String, service: String },
 }
 
-/// The place a pool value is sealed for in Redis: bound to prefix, scope, channel, service.
-pub fn pool_place<'a>(prefix: &'a str, pool: &'a PoolRef) -> Place<'a> {
+/// The place a pool value is sealed for in Redis: bound to prefix, scope, channel,
+/// service and the field (key_id) it is stored under.
+pub fn pool_place<'a>(prefix: &'a str, pool: &'a PoolRef, key_id: &'a str) -> Place<'a> {
     Place::Pool {
         namespace: prefix,
         channel: pool.channel.as_deref(),
         service: &pool.service,
+        key_id,
     }
 }
 
-/// Seals a pool key into the text stored in its hash.
+/// Seals a pool key into the text stored in its hash, under the field of its key_id.
 pub fn envelope(master: &MasterKey, prefix: &str, pool: &PoolRef, key: &Secret) -> String {
-    let sealed = master.seal(key.expose().as_bytes(), pool_place(prefix, pool));
+    let key_id = master.key_id(key);
+    let sealed = master.seal(key.expose().as_bytes(), pool_place(prefix, pool, &key_id));
     format!("{ENVELOPE}{}", B64.encode(sealed))
 }
 
@@ -116,13 +142,19 @@ pub enum PoolValue {
     Broken,
 }
 
-/// Reads one pool hash value.
-pub fn open_value(master: &MasterKey, prefix: &str, pool: &PoolRef, value: &[u8]) -> PoolValue {
+/// Reads one pool hash value, stored under `field`.
+pub fn open_value(
+    master: &MasterKey,
+    prefix: &str,
+    pool: &PoolRef,
+    field: &str,
+    value: &[u8],
+) -> PoolValue {
     match value.strip_prefix(ENVELOPE.as_bytes()) {
         Some(b64) => B64
             .decode(b64)
             .ok()
-            .and_then(|sealed| master.open(&sealed, pool_place(prefix, pool)).ok())
+            .and_then(|sealed| master.open(&sealed, pool_place(prefix, pool, field)).ok())
             .map_or(PoolValue::Broken, PoolValue::Sealed),
         None => match std::str::from_utf8(value) {
             Ok(s) if !s.trim().is_empty() => PoolValue::Legacy(Secret::new(s.trim().to_owned())),
@@ -165,6 +197,43 @@ fn usage_expiry() -> i64 {
     clock::now_s() + clock::seconds_to_midnight() + 3600
 }
 
+/// Seconds since the epoch when today's pool counters may go.
+fn pool_counts_expiry() -> i64 {
+    clock::now_s() + clock::seconds_to_midnight() + (COUNTER_DAYS - 1) * 86_400
+}
+
+/// Writes a pool key's new health only if it still holds what the report was judged
+/// on (compare and set; the caller retries on 0), counts the report, and announces
+/// a change that picks must see. Answers -1 when the pool has no such key.
+const REPORT_SCRIPT: &str = r"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return -1 end
+local cur = redis.call('HGET', KEYS[2], ARGV[1]) or ''
+if cur ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+redis.call('EXPIREAT', KEYS[3], ARGV[5])
+if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
+return 1
+";
+
+/// Clears a pool key's health if the pool has it, and announces it.
+const ENABLE_SCRIPT: &str = r"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+";
+
+/// Reports that lose a compare-and-set race this often in a row give up.
+const REPORT_TRIES: usize = 8;
+
+/// A stored health value; anything unreadable counts as healthy (and is overwritten
+/// by the next report).
+fn parse_health(raw: Option<&str>) -> Health {
+    raw.and_then(|r| serde_json::from_str(r).ok())
+        .unwrap_or_default()
+}
+
 struct Inner {
     conn: ConnectionManager,
     master: Arc<MasterKey>,
@@ -176,6 +245,8 @@ struct Inner {
     warned: RefCell<HashSet<String>>,
     increment: redis::Script,
     consume: redis::Script,
+    report: redis::Script,
+    enable: redis::Script,
 }
 
 fn is_connection_error(e: &redis::RedisError) -> bool {
@@ -278,21 +349,26 @@ impl Inner {
         }
     }
 
-    async fn load_pool(&self, pool: PoolRef) -> Result<Vec<Secret>> {
+    async fn load_pool(&self, pool: PoolRef) -> Result<Vec<PoolEntry>> {
         let hash = self.names.pool(&pool);
-        let fields: HashFields = self
-            .bounded("HGETALL", Kind::Read, |mut c| {
-                let hash = hash.clone();
-                async move { c.hgetall(hash).await }
-            })
-            .await?;
+        let pipe = redis::pipe()
+            .hgetall(&hash)
+            .hgetall(self.names.pool_health(&pool))
+            .to_owned();
+        let (fields, health): (HashFields, std::collections::HashMap<String, String>) =
+            self.pipeline("load pool", Kind::Read, &pipe).await?;
         let mut keys = Vec::with_capacity(fields.len());
         for (field, value) in fields {
-            match open_value(&self.master, &self.names.prefix, &pool, &value) {
-                PoolValue::Sealed(k) => keys.push(k),
+            let entry = |key| PoolEntry {
+                health: parse_health(health.get(&field).map(String::as_str)),
+                key_id: field.clone(),
+                key,
+            };
+            match open_value(&self.master, &self.names.prefix, &pool, &field, &value) {
+                PoolValue::Sealed(k) => keys.push(entry(k)),
                 PoolValue::Legacy(k) if self.accept_legacy => {
                     self.warn_once(&hash, "serving pool values stored in clear (redis.accept_legacy_plaintext); run apikeyd import-legacy to encrypt them");
-                    keys.push(k);
+                    keys.push(entry(k));
                 }
                 PoolValue::Legacy(_) => self.warn_once(&hash, "skipping pool values stored in clear; run apikeyd import-legacy or set redis.accept_legacy_plaintext"),
                 PoolValue::Broken => tracing::error!(hash = %hash, field = %field,
@@ -348,12 +424,13 @@ impl Inner {
             .atomic()
             .hdel(self.names.pool(&msg.pool), &msg.key_id)
             .hdel(self.names.pool_info(&msg.pool), &msg.key_id)
+            .hdel(self.names.pool_health(&msg.pool), &msg.key_id)
             .publish(
                 self.names.invalidate(),
                 self.announce(&Changed::Pool(msg.pool)),
             )
             .to_owned();
-        let (removed, _, _): (i64, i64, i64) =
+        let (removed, _, _, _): (i64, i64, i64, i64) =
             self.pipeline("remove pool key", Kind::Write, &pipe).await?;
         Ok(removed > 0)
     }
@@ -363,9 +440,24 @@ impl Inner {
         let pipe = redis::pipe()
             .hgetall(&hash)
             .hgetall(self.names.pool_info(&pool))
+            .hgetall(self.names.pool_health(&pool))
+            .hgetall(self.names.pool_counts(&clock::utc_day(), &pool))
             .to_owned();
-        let (fields, infos): (HashFields, Vec<(String, String)>) =
+        type Listed = (
+            HashFields,
+            Vec<(String, String)>,
+            std::collections::HashMap<String, String>,
+            Vec<(String, u64)>,
+        );
+        let (fields, infos, health, counts): Listed =
             self.pipeline("list pool keys", Kind::Read, &pipe).await?;
+        let mut today: std::collections::HashMap<String, Counters> = Default::default();
+        for (field, n) in counts {
+            if let Some((key_id, counter)) = field.rsplit_once(':') {
+                today.entry(key_id.to_string()).or_default().set(counter, n);
+            }
+        }
+        let now = clock::now_s();
         let infos: std::collections::HashMap<String, Info> = infos
             .into_iter()
             .map(|(k, v)| (k, serde_json::from_str(&v).unwrap_or_default()))
@@ -373,7 +465,7 @@ impl Inner {
         let mut out: Vec<PoolKeyInfo> = fields
             .into_iter()
             .map(|(key_id, value)| {
-                let masked = match open_value(&self.master, &self.names.prefix, &pool, &value) {
+                let masked = match open_value(&self.master, &self.names.prefix, &pool, &key_id, &value) {
                     PoolValue::Sealed(k) => k.masked(),
                     PoolValue::Legacy(k) => format!("{} (stored in clear)", k.masked()),
                     PoolValue::Broken => {
@@ -382,7 +474,11 @@ impl Inner {
                     }
                 };
                 let info = infos.get(&key_id);
+                let h = parse_health(health.get(&key_id).map(String::as_str));
                 PoolKeyInfo {
+                    state: h.state(now),
+                    cooling_until: h.cooling_until(now),
+                    today: today.get(&key_id).copied().unwrap_or_default(),
                     masked,
                     label: info.and_then(|i| i.label.clone()),
                     added_at: info.and_then(|i| i.added_at).map(clock::rfc3339),
@@ -392,6 +488,96 @@ impl Inner {
             .collect();
         out.sort_by(|a, b| a.added_at.cmp(&b.added_at).then(a.key_id.cmp(&b.key_id)));
         Ok(out)
+    }
+
+    async fn report_pool_key(&self, msg: ReportPoolKey) -> Result<Option<Health>> {
+        let health_hash = self.names.pool_health(&msg.pool);
+        let keys = [
+            self.names.pool(&msg.pool),
+            health_hash.clone(),
+            self.names.pool_counts(&clock::utc_day(), &msg.pool),
+        ];
+        let counter = format!("{}:{}", msg.key_id, msg.outcome.counter());
+        let expiry = pool_counts_expiry();
+        let channel = self.names.invalidate();
+        let changed = self.announce(&Changed::Pool(msg.pool.clone()));
+        for _ in 0..REPORT_TRIES {
+            let stored: Option<String> = self
+                .bounded("HGET", Kind::Read, |mut c| {
+                    let (hash, field) = (health_hash.clone(), msg.key_id.clone());
+                    async move { c.hget(hash, field).await }
+                })
+                .await?;
+            let before = parse_health(stored.as_deref());
+            let mut after = before;
+            after.apply(msg.outcome, clock::now_s(), msg.retry_after_s, msg.rules);
+            let value = serde_json::to_string(&after).unwrap_or_default();
+            let announce = if before.same_for_picks(&after) {
+                ""
+            } else {
+                changed.as_str()
+            };
+            let written: i64 = self
+                .bounded("report key result", Kind::Write, |mut c| {
+                    let mut call = self.report.prepare_invoke();
+                    call.key(&keys[0]).key(&keys[1]).key(&keys[2]);
+                    call.arg(&msg.key_id)
+                        .arg(stored.as_deref().unwrap_or(""))
+                        .arg(&value)
+                        .arg(&counter)
+                        .arg(expiry)
+                        .arg(&channel)
+                        .arg(announce);
+                    async move { call.invoke_async(&mut c).await }
+                })
+                .await?;
+            match written {
+                -1 => return Ok(None),
+                1 => return Ok(Some(after)),
+                _ => continue,
+            }
+        }
+        Err(Error::Unavailable(
+            "this key's health is changing too fast to record the report; retry shortly".into(),
+        ))
+    }
+
+    async fn enable_pool_key(&self, msg: EnablePoolKey) -> Result<bool> {
+        let (pool_hash, health_hash) = (
+            self.names.pool(&msg.pool),
+            self.names.pool_health(&msg.pool),
+        );
+        let (channel, changed) = (
+            self.names.invalidate(),
+            self.announce(&Changed::Pool(msg.pool.clone())),
+        );
+        let enabled: i64 = self
+            .bounded("enable pool key", Kind::Write, |mut c| {
+                let mut call = self.enable.prepare_invoke();
+                call.key(&pool_hash)
+                    .key(&health_hash)
+                    .arg(&msg.key_id)
+                    .arg(&channel)
+                    .arg(&changed);
+                async move { call.invoke_async(&mut c).await }
+            })
+            .await?;
+        Ok(enabled == 1)
+    }
+
+    /// Adds the picks counted since the last flush, in one pipeline.
+    async fn count_picks(&self, msg: CountPicks) -> Result<()> {
+        let day = clock::utc_day();
+        let expiry = pool_counts_expiry();
+        let mut pipe = redis::pipe();
+        for (pool, key_id, n) in &msg.picks {
+            let hash = self.names.pool_counts(&day, pool);
+            pipe.hincr(&hash, format!("{key_id}:picks"), *n)
+                .ignore()
+                .expire_at(&hash, expiry)
+                .ignore();
+        }
+        self.pipeline::<()>("count picks", Kind::Write, &pipe).await
     }
 
     async fn read_usage(&self, msg: ReadUsage) -> Result<u64> {
@@ -504,6 +690,8 @@ impl RedisStore {
                 warned: RefCell::new(HashSet::new()),
                 increment: redis::Script::new(INCREMENT),
                 consume: redis::Script::new(CONSUME_SCRIPT),
+                report: redis::Script::new(REPORT_SCRIPT),
+                enable: redis::Script::new(ENABLE_SCRIPT),
             }),
         })
     }
@@ -536,13 +724,16 @@ macro_rules! forward {
 }
 
 forward!(AddPoolKey, (String, bool), add_pool_key);
+forward!(ReportPoolKey, Option<Health>, report_pool_key);
+forward!(EnablePoolKey, bool, enable_pool_key);
+forward!(CountPicks, (), count_picks);
 forward!(RemovePoolKey, bool, remove_pool_key);
 forward!(ReadUsage, u64, read_usage);
 forward!(IncrementUsage, u64, increment_usage);
 forward!(ConsumeUsage, (bool, u64), consume_usage);
 
 impl Handler<LoadPool> for RedisStore {
-    type Result = ResponseFuture<Result<Vec<Secret>>>;
+    type Result = ResponseFuture<Result<Vec<PoolEntry>>>;
 
     fn handle(&mut self, msg: LoadPool, _: &mut Self::Context) -> Self::Result {
         let inner = self.inner.clone();

@@ -2,7 +2,8 @@
 
 use serde::Serialize;
 
-use super::{is_false, messages::missing_key_message};
+use super::is_false;
+use super::messages::{cooling_message, missing_key_message, rejected_key_warning};
 use crate::actors::cache::ForgetUserKey;
 use crate::actors::keystore::{DeleteUserKey, ListUserKeys, StoreUserKey, UserKeyInfo};
 use crate::app::App;
@@ -22,16 +23,36 @@ fn query(req: &mut Request, user_id: String, service: String) -> Result<Query> {
     })
 }
 
+/// The message of an answer without a key: when to retry if a pool key is only
+/// cooling down, else how to get a key.
+fn no_key_message(app: &App, service: &str, r: &Resolved) -> Option<String> {
+    let config = app.config();
+    match (&r.key, r.retry_after_s) {
+        (Some(_), _) => None,
+        (None, Some(retry)) => Some(cooling_message(&config, service, retry)),
+        (None, None) => Some(missing_key_message(&config, service)),
+    }
+}
+
 /// `{"op":"get_user_api_key","user_id":"u1","service":"openai","channel_id":"c1"}` →
-/// `{"key":"sk-…","source":"user"}`, or `{"key":null,"source":null,"message":"No API key for OpenAI …"}`.
-/// `"degraded":true` is added when a store was skipped because it failed.
+/// `{"key":"sk-…","source":"user"}`, `{"key":"sk-…","source":"global_pool","key_id":"3f2a9c0e12ab45cd"}`,
+/// or `{"key":null,"source":null,"message":"No API key for OpenAI …"}`.
+/// `"retry_after_s":N` is added when no key is left but a pool key is only cooling
+/// down; `"warning"` when the user's own key was skipped because it was reported
+/// unauthorized; `"degraded":true` when a store was skipped because it failed.
 pub async fn get_user_api_key(app: &App, req: &mut Request) -> Result<Body> {
     #[derive(Serialize)]
     struct Answer<'a> {
         key: Option<&'a str>,
         source: Option<Source>,
         #[serde(skip_serializing_if = "Option::is_none")]
+        key_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_s: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         message: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        warning: Option<String>,
         #[serde(skip_serializing_if = "is_false")]
         degraded: bool,
     }
@@ -39,18 +60,17 @@ pub async fn get_user_api_key(app: &App, req: &mut Request) -> Result<Body> {
     let service = req.service()?;
     let q = query(req, user_id, service)?;
     let service = q.service.clone();
-    let Resolved {
-        key,
-        source,
-        degraded,
-    } = resolve(app, q).await?;
+    let r = resolve(app, q).await?;
     body(&Answer {
-        key: key.as_deref().map(Secret::expose),
-        source,
-        message: key
-            .is_none()
-            .then(|| missing_key_message(&app.config(), &service)),
-        degraded,
+        key: r.key.as_deref().map(Secret::expose),
+        source: r.source,
+        key_id: r.key_id.as_deref(),
+        retry_after_s: r.retry_after_s,
+        message: no_key_message(app, &service, &r),
+        warning: r
+            .user_key_rejected
+            .then(|| rejected_key_warning(&app.config(), &service)),
+        degraded: r.degraded,
     })
 }
 
@@ -75,7 +95,9 @@ fn gitea_parts(value: &Secret) -> (Option<Secret>, Option<String>) {
 }
 
 /// `{"op":"get_gitea_credentials","user_id":"u1"}` →
-/// `{"token":"…","base_url":"https://gitea.example.com","source":"user"}`
+/// `{"token":"…","base_url":"https://gitea.example.com","source":"user"}`; a token from a
+/// pool adds its `"key_id"`, and `retry_after_s`, `warning` and `degraded` are added as
+/// for `get_user_api_key`.
 pub async fn get_gitea_credentials(app: &App, req: &mut Request) -> Result<Body> {
     #[derive(Serialize)]
     struct Answer<'a> {
@@ -83,29 +105,48 @@ pub async fn get_gitea_credentials(app: &App, req: &mut Request) -> Result<Body>
         base_url: Option<String>,
         source: Option<Source>,
         #[serde(skip_serializing_if = "Option::is_none")]
+        key_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_s: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         message: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        warning: Option<String>,
         #[serde(skip_serializing_if = "is_false")]
         degraded: bool,
     }
     let user_id = req.user_id()?;
     let q = query(req, user_id, "gitea".into())?;
-    let Resolved {
-        key,
-        source,
-        degraded,
-    } = resolve(app, q).await?;
+    let resolved = resolve(app, q).await?;
     let config = app.config();
+    let warning = resolved
+        .user_key_rejected
+        .then(|| rejected_key_warning(&config, "gitea"));
+    let Resolved {
+        ref key,
+        source,
+        ref key_id,
+        degraded,
+        retry_after_s,
+        ..
+    } = resolved;
     let nothing = |message: String| Answer {
         token: None,
         base_url: None,
         source: None,
+        key_id: None,
+        retry_after_s: None,
         message: Some(message),
+        warning: warning.clone(),
         degraded,
     };
     let Some(value) = key else {
-        return body(&nothing(missing_key_message(&config, "gitea")));
+        return body(&Answer {
+            retry_after_s,
+            ..nothing(no_key_message(app, "gitea", &resolved).unwrap_or_default())
+        });
     };
-    let (token, base_url) = gitea_parts(&value);
+    let (token, base_url) = gitea_parts(value);
     let Some(token) = token else {
         return body(&nothing(missing_key_message(&config, "gitea")));
     };
@@ -121,7 +162,10 @@ pub async fn get_gitea_credentials(app: &App, req: &mut Request) -> Result<Body>
         token: Some(token.expose()),
         base_url: Some(base_url),
         source,
+        key_id: key_id.as_deref(),
+        retry_after_s: None,
         message: None,
+        warning: warning.clone(),
         degraded,
     })
 }

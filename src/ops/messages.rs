@@ -29,6 +29,26 @@ pub fn missing_key_message(config: &Config, service: &str) -> String {
     }
 }
 
+/// The text for a user when every pool key for `service` is cooling down: when to
+/// retry, not how to get a key.
+pub fn cooling_message(config: &Config, service: &str, retry_after_s: u64) -> String {
+    let info = services::info(config, service);
+    format!(
+        "Every shared {} key is cooling down after rate limits or errors; retry in {retry_after_s} s.",
+        info.display_name
+    )
+}
+
+/// The warning for a user whose own key for `service` was reported unauthorized.
+pub fn rejected_key_warning(config: &Config, service: &str) -> String {
+    let info = services::info(config, service);
+    format!(
+        "Your own {} key was rejected by the provider (unauthorized), so it is not used. \
+         Store a working one with: set_user_api_key {service} <your-key>",
+        info.display_name
+    )
+}
+
 /// `{"op":"missing_api_key_error","service":"openai"}` →
 /// `{"message":"No API key for OpenAI is available to you. Get one at https://platform.openai.com/api-keys, then run: set_user_api_key openai <your-key>"}`
 pub fn missing_api_key_error(app: &App, req: &mut Request) -> Result<Body> {

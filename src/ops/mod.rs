@@ -2,6 +2,7 @@
 //! its parameters, asks the actors, and encodes its result.
 
 mod admin;
+mod health;
 mod keys;
 mod messages;
 mod pools;
@@ -35,6 +36,7 @@ async fn run(app: &App, peer: &Peer, op: &str, req: &mut Request) -> Result<Body
         "list_user_api_keys" => keys::list_user_api_keys(app, req).await,
         "get_pool_api_key" => pools::get_pool_api_key(app, req).await,
         "get_channel_pool_api_key" => pools::get_channel_pool_api_key(app, req).await,
+        "report_key_result" => health::report_key_result(app, req).await,
         _ if admin_only(op) && peer.role != Role::Admin => Err(Error::Forbidden(format!(
             "op `{op}` needs an admin (access.admin_uids or access.admin_gids); uid {} gid {} is not one",
             peer.uid, peer.gid
@@ -43,6 +45,7 @@ async fn run(app: &App, peer: &Peer, op: &str, req: &mut Request) -> Result<Body
         "add_pool_key" => pools::add_pool_key(app, req).await,
         "remove_pool_key" => pools::remove_pool_key(app, req).await,
         "list_pool_keys" => pools::list_pool_keys(app, req).await,
+        "enable_pool_key" => health::enable_pool_key(app, req).await,
         "check_default_key_limit" => quota::check_default_key_limit(app, req).await,
         "increment_default_key_usage" => quota::increment_default_key_usage(app, req).await,
         "consume_default_key_usage" => quota::consume_default_key_usage(app, req).await,
@@ -56,11 +59,12 @@ async fn run(app: &App, peer: &Peer, op: &str, req: &mut Request) -> Result<Body
     }
 }
 
-/// Whether `op` is for admins only (SPEC §5: pool management; apikeyd adds `reload`).
+/// Whether `op` is for admins only (SPEC §5: pool management; apikeyd adds `reload`
+/// and `enable_pool_key`).
 pub fn admin_only(op: &str) -> bool {
     matches!(
         op,
-        "add_pool_key" | "remove_pool_key" | "list_pool_keys" | "reload"
+        "add_pool_key" | "remove_pool_key" | "list_pool_keys" | "enable_pool_key" | "reload"
     )
 }
 
@@ -79,6 +83,8 @@ pub fn is_write(op: &str) -> bool {
             | "delete_user_api_key"
             | "add_pool_key"
             | "remove_pool_key"
+            | "report_key_result"
+            | "enable_pool_key"
             | "increment_default_key_usage"
             | "consume_default_key_usage"
     )

@@ -2,26 +2,49 @@
 
 use serde::Serialize;
 
-use crate::actors::cache::ForgetPool;
+use super::messages::cooling_message;
+use crate::actors::cache::{ForgetPool, Pick};
 use crate::actors::store::{AddPoolKey, PoolKeyInfo, PoolRef, RemovePoolKey};
 use crate::app::App;
-use crate::crypto::Secret;
 use crate::error::Result;
 use crate::protocol::{body, Body, Request};
 
 #[derive(Serialize)]
 struct Picked<'a> {
     key: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
 }
 
 async fn pick(app: &App, pool: PoolRef) -> Result<Body> {
-    let key = app.pool_key(pool).await?;
-    body(&Picked {
-        key: key.as_deref().map(Secret::expose),
-    })
+    let none = Picked {
+        key: None,
+        key_id: None,
+        retry_after_s: None,
+        message: None,
+    };
+    match app.pool_key(&pool).await? {
+        Pick::Key { key, key_id } => body(&Picked {
+            key: Some(key.expose()),
+            key_id: Some(&key_id),
+            ..none
+        }),
+        Pick::Empty => body(&none),
+        Pick::Cooling { retry_after_s } => body(&Picked {
+            retry_after_s: Some(retry_after_s),
+            message: Some(cooling_message(&app.config(), &pool.service, retry_after_s)),
+            ..none
+        }),
+    }
 }
 
-/// `{"op":"get_pool_api_key","service":"openai"}` → `{"key":"sk-…"}` (or null)
+/// `{"op":"get_pool_api_key","service":"openai"}` → `{"key":"sk-…","key_id":"3f2a9c0e12ab45cd"}`,
+/// `{"key":null}`, or while every key is cooling down
+/// `{"key":null,"retry_after_s":42,"message":"Every pool key for OpenAI …"}`
 pub async fn get_pool_api_key(app: &App, req: &mut Request) -> Result<Body> {
     let service = req.service()?;
     pick(
@@ -34,7 +57,8 @@ pub async fn get_pool_api_key(app: &App, req: &mut Request) -> Result<Body> {
     .await
 }
 
-/// `{"op":"get_channel_pool_api_key","channel_id":"c1","service":"openai"}` → `{"key":"sk-…"}` (or null)
+/// `{"op":"get_channel_pool_api_key","channel_id":"c1","service":"openai"}` →
+/// `{"key":"sk-…","key_id":"3f2a9c0e12ab45cd"}` (or null; as `get_pool_api_key`)
 pub async fn get_channel_pool_api_key(app: &App, req: &mut Request) -> Result<Body> {
     let channel = req.required_channel_id()?;
     let service = req.service()?;
@@ -91,7 +115,8 @@ pub async fn remove_pool_key(app: &App, req: &mut Request) -> Result<Body> {
 }
 
 /// `{"op":"list_pool_keys","service":"openai"}` →
-/// `{"keys":[{"key_id":"3f2a9c0e12ab45cd","masked":"sk-a…1234","label":null,"added_at":"2026-11-28T12:00:00Z"}]}`
+/// `{"keys":[{"key_id":"3f2a9c0e12ab45cd","masked":"sk-a…1234","label":null,"added_at":"2026-11-28T12:00:00Z",
+/// "state":"active","cooling_until":null,"picks":12,"ok":10,"rate_limited":1,"unauthorized":0,"errors":0}]}`
 pub async fn list_pool_keys(app: &App, req: &mut Request) -> Result<Body> {
     #[derive(Serialize)]
     struct Answer {

@@ -1,0 +1,155 @@
+//! Pool key health: clients report how a key they were handed fared
+//! (`report_key_result`); admins put a disabled key back (`enable_pool_key`).
+
+use serde::Serialize;
+
+use crate::actors::cache::{ForgetPool, ForgetUserKey};
+use crate::actors::keystore::ReportUserKey;
+use crate::actors::store::{EnablePoolKey, HealthRules, KeyState, Outcome, PoolRef, ReportPoolKey};
+use crate::app::App;
+use crate::clock;
+use crate::error::{Error, Result};
+use crate::protocol::{body, Body, Request};
+
+#[derive(Serialize)]
+struct Recorded {
+    recorded: bool,
+    state: Option<KeyState>,
+    cooling_until: Option<i64>,
+}
+
+const UNKNOWN: Recorded = Recorded {
+    recorded: false,
+    state: None,
+    cooling_until: None,
+};
+
+/// `{"op":"report_key_result","service":"openai","key_id":"3f2a9c0e12ab45cd","outcome":"rate_limited","retry_after_s":30}` →
+/// `{"recorded":true,"state":"cooling","cooling_until":1764331230}`
+///
+/// `{"op":"report_key_result","service":"openai","user_id":"u1","outcome":"unauthorized"}` →
+/// `{"recorded":true,"state":"disabled","cooling_until":null}`
+///
+/// With `channel_id`, the key is looked up in that channel's pool, then in the global
+/// pool (a channel lookup may have fallen through to it). An unknown key (or a user
+/// without a key for the service) answers `{"recorded":false,"state":null,…}`.
+pub async fn report_key_result(app: &App, req: &mut Request) -> Result<Body> {
+    let service = req.service()?;
+    let by_user = req.has("user_id");
+    if by_user && req.has("key_id") {
+        return Err(Error::BadRequest(
+            "give either `key_id` (a pool key) or `user_id` (that user's own key), not both".into(),
+        ));
+    }
+    if !by_user && !req.has("key_id") {
+        return Err(Error::param(
+            "key_id",
+            "is missing (or give `user_id` to report on that user's own key)",
+        ));
+    }
+    let outcome = req.outcome()?;
+    let retry_after_s = req.opt_count("retry_after_s")?;
+    if by_user {
+        let user_id = req.user_id()?;
+        return report_user_key(app, user_id, service, outcome).await;
+    }
+    let key_id = req.key_id()?;
+    let channel = req.channel_id()?;
+    let config = app.config();
+    let rules = HealthRules {
+        cooldown_s: config.pools.cooldown_s,
+        error_threshold: config.pools.error_threshold,
+    };
+    drop(config);
+    for channel in channel.map(Some).into_iter().chain([None]) {
+        let pool = PoolRef {
+            channel,
+            service: service.clone(),
+        };
+        let reported = app
+            .store
+            .report_pool_key(ReportPoolKey {
+                pool: pool.clone(),
+                key_id: key_id.clone(),
+                outcome,
+                retry_after_s,
+                rules,
+            })
+            .await?;
+        let Some(health) = reported else {
+            continue;
+        };
+        let now = clock::now_s();
+        let state = health.state(now);
+        if outcome != Outcome::Ok {
+            tracing::info!(op = "report_key_result", channel_id = ?pool.channel, service = %pool.service,
+                key_id = %key_id, outcome = outcome.counter(), state = ?state, "pool key reported");
+        }
+        if state != KeyState::Active {
+            // Other daemons hear of it through Redis; this one drops its copy now.
+            app.cache.send(ForgetPool { pool }).await?;
+        }
+        return body(&Recorded {
+            recorded: true,
+            state: Some(state),
+            cooling_until: health.cooling_until(now),
+        });
+    }
+    body(&UNKNOWN)
+}
+
+/// A report on a user's own key: only `unauthorized` changes anything (the key is
+/// skipped until the user stores a new one).
+async fn report_user_key(
+    app: &App,
+    user_id: String,
+    service: String,
+    outcome: Outcome,
+) -> Result<Body> {
+    let unauthorized = outcome == Outcome::Unauthorized;
+    let rejected = app
+        .keystore(ReportUserKey {
+            user_id: user_id.clone(),
+            service: service.clone(),
+            unauthorized,
+        })
+        .await?;
+    let Some(rejected) = rejected else {
+        return body(&UNKNOWN);
+    };
+    if unauthorized {
+        tracing::info!(op = "report_key_result", user_id = %user_id, service = %service,
+            "user key reported unauthorized; skipped until the user stores a new one");
+        app.cache.send(ForgetUserKey { user_id, service }).await?;
+    }
+    body(&Recorded {
+        recorded: true,
+        state: Some(if rejected {
+            KeyState::Disabled
+        } else {
+            KeyState::Active
+        }),
+        cooling_until: None,
+    })
+}
+
+/// `{"op":"enable_pool_key","service":"openai","key_id":"3f2a9c0e12ab45cd","channel_id":"c1"}` →
+/// `{"enabled":true}`: the key is active again (no longer disabled or cooling). `false`
+/// when that pool has no such key. Admins only.
+pub async fn enable_pool_key(app: &App, req: &mut Request) -> Result<Body> {
+    let service = req.service()?;
+    let key_id = req.key_id()?;
+    let channel = req.channel_id()?;
+    let pool = PoolRef { channel, service };
+    let enabled = app
+        .store
+        .enable_pool_key(EnablePoolKey {
+            pool: pool.clone(),
+            key_id: key_id.clone(),
+        })
+        .await?;
+    tracing::info!(op = "enable_pool_key", channel_id = ?pool.channel, service = %pool.service,
+        key_id = %key_id, enabled, "pool key enabled");
+    app.cache.send(ForgetPool { pool }).await?;
+    body(&serde_json::json!({ "enabled": enabled }))
+}
