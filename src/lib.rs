@@ -37,6 +37,7 @@ pub mod ops;
 pub mod protocol;
 pub mod resolver;
 pub mod rotate;
+pub mod sequencer;
 pub mod server;
 pub mod services;
 pub mod session;

@@ -2,8 +2,6 @@
 //! connection run concurrently up to a bound; responses that are ready together are
 //! written together.
 
-use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -13,7 +11,6 @@ use futures_util::future::{self, FutureExt, LocalBoxFuture};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
-use tokio::sync::Notify;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use zeroize::{Zeroize, Zeroizing};
@@ -23,104 +20,11 @@ use crate::app::App;
 use crate::error::{Error, Result};
 use crate::ops;
 use crate::protocol::{parse_line, write_response, Body, Id, Line, LineCodec, LineError};
+use crate::sequencer::Sequencer;
 
 /// Requests of one connection in flight at once. Past it the daemon stops reading
 /// that connection until responses drain: backpressure instead of buffering.
 pub const MAX_IN_FLIGHT: usize = 256;
-
-/// Orders a connection's requests around its writes: reads run concurrently with each
-/// other; a write starts once every earlier request has finished, and requests after
-/// a write start once it has finished. With no writes in flight nothing waits.
-#[derive(Default)]
-struct Sequencer {
-    state: RefCell<SequencerState>,
-    changed: Notify,
-}
-
-#[derive(Default)]
-struct SequencerState {
-    /// Writes started so far (the epoch of the next request).
-    writes_started: u64,
-    /// Writes finished so far.
-    writes_done: u64,
-    /// Unfinished reads per epoch, from epoch `first_epoch` on; a write of epoch e
-    /// waits for the reads of epoch e.
-    reads_running: VecDeque<usize>,
-    first_epoch: u64,
-    /// Requests waiting in `admit`; nobody is notified when there are none.
-    waiting: usize,
-}
-
-impl SequencerState {
-    fn reads_of(&mut self, epoch: u64) -> &mut usize {
-        while self.first_epoch + (self.reads_running.len() as u64) <= epoch {
-            self.reads_running.push_back(0);
-        }
-        &mut self.reads_running[(epoch - self.first_epoch) as usize]
-    }
-}
-
-/// A request's place in its connection's order, taken when its line is read.
-struct Ticket {
-    epoch: u64,
-    write: bool,
-}
-
-impl Sequencer {
-    fn ticket(&self, write: bool) -> Ticket {
-        let mut s = self.state.borrow_mut();
-        let epoch = s.writes_started;
-        if write {
-            s.writes_started += 1;
-        } else {
-            *s.reads_of(epoch) += 1;
-        }
-        Ticket { epoch, write }
-    }
-
-    fn may_start(&self, t: &Ticket) -> bool {
-        let mut s = self.state.borrow_mut();
-        // Everything of epoch e waits for the writes before it; a write also waits
-        // for the reads of its epoch (those read before it on this connection).
-        s.writes_done >= t.epoch && (!t.write || *s.reads_of(t.epoch) == 0)
-    }
-
-    async fn admit(&self, t: &Ticket) {
-        if self.may_start(t) {
-            return;
-        }
-        self.state.borrow_mut().waiting += 1;
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.may_start(t) {
-                break;
-            }
-            notified.await;
-        }
-        self.state.borrow_mut().waiting -= 1;
-    }
-
-    fn finish(&self, t: Ticket) {
-        let mut s = self.state.borrow_mut();
-        if t.write {
-            s.writes_done += 1;
-        } else {
-            *s.reads_of(t.epoch) -= 1;
-        }
-        // Drop the counts of finished epochs that no one can wait for any more.
-        while s.first_epoch < s.writes_done && s.reads_running.front() == Some(&0) {
-            s.reads_running.pop_front();
-            s.first_epoch += 1;
-        }
-        let notify = s.waiting > 0;
-        drop(s);
-        if notify {
-            self.changed.notify_waiters();
-        }
-    }
-}
 
 fn encoded(id: &Id, outcome: &Result<Body>) -> Body {
     let mut out = Zeroizing::new(Vec::with_capacity(96));
