@@ -132,6 +132,18 @@ class _Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.closed = True
+        if self.pending and isinstance(exc, OSError) and self.transport is not None:
+            # A write failed before the loop read what the daemon had sent (a refused
+            # peer gets one `forbidden` line, then the close): read it now, the socket
+            # is still open during this callback.
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    leftover = os.read(sock.fileno(), 65536)
+                except OSError:
+                    leftover = b""
+                if leftover:
+                    self.data_received(leftover)
         pending, self.pending = self.pending, deque()
         if not pending:
             return

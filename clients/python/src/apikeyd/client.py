@@ -116,9 +116,11 @@ class _Conn:
         self.used = True
         try:
             sent = sock.send(data)
-        except (BrokenPipeError, ConnectionResetError, BlockingIOError):
-            raise _NotDelivered from None
         except OSError:
+            # Nothing was sent. A refused peer's `forbidden` line may be waiting.
+            left = self._leftover(rid)
+            if left is not None:
+                return left
             raise _NotDelivered from None
         if sent < len(data):
             try:
@@ -150,6 +152,21 @@ class _Conn:
             if not chunk:
                 raise _Lost
             buf += chunk
+
+    def _leftover(self, rid: int) -> "Optional[tuple[bool, Any, bool]]":
+        """An answer line already waiting on a connection the daemon closed (it
+        refused this peer): decoded, or None."""
+        try:
+            data = self.buf + self.sock.recv(65536, socket.MSG_DONTWAIT)
+        except OSError:
+            data = self.buf
+        line = data.split(b"\n", 1)[0]
+        if not line.strip() or b"\n" not in data:
+            return None
+        try:
+            return decode_response(line, rid)
+        except ProtocolDesync:
+            return None
 
     def close(self) -> None:
         try:
