@@ -55,6 +55,7 @@ class _Protocol(asyncio.Protocol):
         self.transport: Optional[asyncio.Transport] = None
         self.closed = False
         self.poller: Optional["select.poll"] = None
+        self.refusal: Optional[Error] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -77,6 +78,15 @@ class _Protocol(asyncio.Protocol):
     def send(self, entry: _Entry) -> None:
         if entry.fut.done():
             return  # timed out or cancelled while waiting for a connection: never sent
+        if self.closed:
+            # Closed between the connect and this write: nothing was sent.
+            if self.refusal is not None:
+                if entry.timer is not None:
+                    entry.timer.cancel()
+                entry.fut.set_exception(self.refusal)
+            else:
+                self.client._resend(entry)
+            return
         self.pending.append(entry)
         self.transport.write(entry.data)  # type: ignore[union-attr]
 
@@ -90,6 +100,16 @@ class _Protocol(asyncio.Protocol):
             if not line or line.isspace():
                 continue
             if not pending:
+                # Before any request: the daemon refusing this peer (`forbidden`, id
+                # null, then it closes). Later writes on this connection get it.
+                try:
+                    ok, value, closing = decode_response(line, -1)
+                except ProtocolDesync:
+                    ok, closing = True, False
+                if not ok and closing:
+                    self.refusal = value
+                    self.closed = True
+                    continue
                 self._fail_all(desync_error())
                 return
             entry = pending.popleft()
