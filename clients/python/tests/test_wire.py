@@ -12,7 +12,14 @@ from fake_daemon import FakeDaemon
 def test_encoding_drops_none_and_stringifies_non_negative_int_ids():
     line = encode_request("get_user_api_key", 7, {"user_id": 123456789012345678, "service": "openai",
                                                   "channel_id": None, "fallback_to_pool": False})
-    assert line == b'{"op":"get_user_api_key","id":7,"user_id":"123456789012345678","service":"openai","fallback_to_pool":false}\n'
+    assert line == b'{"op":"get_user_api_key","user_id":"123456789012345678","service":"openai","fallback_to_pool":false,"id":7}\n'
+    # the cached head of a read gets each call's own id
+    again = encode_request("get_user_api_key", 8, {"user_id": 123456789012345678, "service": "openai",
+                                                   "channel_id": None, "fallback_to_pool": False})
+    assert again == line.replace(b'"id":7', b'"id":8')
+    assert encode_request("set_user_api_key", 9, {"user_id": 1, "service": "s", "key": "k"}) == \
+        b'{"op":"set_user_api_key","user_id":"1","service":"s","key":"k","id":9}\n'
+    assert encode_request("ping", 3, {}) == b'{"op":"ping","id":3}\n'
     # bools and negative ints are not ids to convert; the daemon judges them
     assert b'"user_id":true' in encode_request("x", 1, {"user_id": True})
     assert b'"user_id":-5' in encode_request("x", 1, {"user_id": -5})

@@ -6,7 +6,7 @@ package (which names ops, socket paths and errno texts, never parameters).
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Type
+from typing import Any, Dict, Optional, Type
 
 __all__ = [
     "Error",
@@ -42,7 +42,7 @@ class Error(Exception):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(code={self.code!r}, message={self.message!r})"
 
-    def __reduce__(self):  # pickle keeps code and message
+    def __reduce__(self) -> "tuple[Any, ...]":  # pickle keeps code and message
         return (_rebuild, (type(self), self.message, self.code))
 
 

@@ -50,7 +50,13 @@ CLOSING_CODES = frozenset({"too_large", "forbidden"})
 _ID_PARAMS = ("user_id", "channel_id")
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
-_decode = json.loads
+_raw_decode = json.JSONDecoder().raw_decode
+
+# Encoded read requests without their id, by (op, parameters): a bot asks for the
+# same few (user, service) pairs again and again. Only reads are kept (their lines
+# hold no key material); the cache is dropped whole when it grows past its bound.
+_line_cache: Dict[Any, bytes] = {}
+_LINE_CACHE_MAX = 4096
 
 
 def resolve_socket(path: "Optional[os.PathLike[str] | str]") -> str:
@@ -63,7 +69,25 @@ def resolve_socket(path: "Optional[os.PathLike[str] | str]") -> str:
 def encode_request(op: str, rid: int, params: Dict[str, Any]) -> bytes:
     """One request line. ``None`` parameters are left out; non-negative integer
     user/channel ids (Discord snowflakes) become their decimal strings."""
-    body: Dict[str, Any] = {"op": op, "id": rid}
+    if op in READ_OPS:
+        try:
+            ck = (op, *params.items())
+            head = _line_cache.get(ck)
+        except TypeError:  # an unhashable parameter value
+            ck, head = None, None
+        if head is None:
+            head = _encode_body(op, params)[:-1]  # without the closing brace
+            if ck is not None:
+                if len(_line_cache) >= _LINE_CACHE_MAX:
+                    _line_cache.clear()
+                _line_cache[ck] = head
+        return head + b',"id":%d}\n' % rid
+    body = _encode_body(op, params)
+    return body[:-1] + b',"id":%d}\n' % rid
+
+
+def _encode_body(op: str, params: Dict[str, Any]) -> bytes:
+    body: Dict[str, Any] = {"op": op}
     for name, value in params.items():
         if value is None:
             continue
@@ -74,7 +98,7 @@ def encode_request(op: str, rid: int, params: Dict[str, Any]) -> bytes:
         ):
             value = str(value)
         body[name] = value
-    return (_encode(body) + "\n").encode("utf-8")
+    return _encode(body).encode("utf-8")
 
 
 class ProtocolDesync(Exception):
@@ -91,9 +115,12 @@ def decode_response(line: bytes, rid: int) -> Tuple[bool, Any, bool]:
     read, or to a refused peer).
     """
     try:
-        resp = _decode(line)
+        text = line.decode("utf-8")
+        resp, end = _raw_decode(text)
     except ValueError:
         raise ProtocolDesync("the daemon sent a line that is not JSON") from None
+    if end != len(text) and not text[end:].isspace():
+        raise ProtocolDesync("the daemon sent a line that is not one JSON value")
     if type(resp) is not dict:
         raise ProtocolDesync("the daemon sent a line that is not an object")
     back = resp.get("id")

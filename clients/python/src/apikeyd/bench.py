@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import statistics
 import socket
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from . import AsyncClient, Client
 
@@ -48,7 +49,7 @@ def _find_bin(explicit: Optional[str]) -> str:
     sys.exit("bench: no apikeyd binary; pass --apikeyd-bin, set APIKEYD_BIN, or give --socket")
 
 
-def _wait(pred: Callable[[], bool], what: str, proc: subprocess.Popen) -> None:
+def _wait(pred: Callable[[], bool], what: str, proc: "subprocess.Popen[bytes]") -> None:
     deadline = time.monotonic() + 20
     while not pred():
         if proc.poll() is not None:
@@ -75,7 +76,7 @@ class Services:
     """The daemon and redis-server under test (started here unless given)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.procs: List[subprocess.Popen] = []
+        self.procs: "List[subprocess.Popen[bytes]]" = []
         self.tmp = tempfile.mkdtemp(prefix="apikeyd-pybench")
         if args.redis:
             self.redis = args.redis
@@ -173,36 +174,40 @@ def run(args: argparse.Namespace) -> List[Tuple[str, float, float]]:
         r.hset("bench:user_api_keys:bench-user", "openai", USER_KEY)
 
         secs, tasks = args.seconds, args.tasks
-        rows: List[Tuple[str, float, float]] = []
-
-        sync_redis = _sync_rate(lambda: r.hget("bench:user_api_keys:bench-user", "openai"), secs)
         c = Client(svc.socket)
-        rows.append(("redis-py sync HGET, 1 thread", sync_redis, 1.0))
-        user = _sync_rate(lambda: c.get_user_api_key(user_id="bench-user", service="openai"), secs)
-        rows.append(("Client, cached user key, 1 thread", user, user / sync_redis))
-        pool = _sync_rate(lambda: c.get_pool_api_key(service="benchpool"), secs)
-        rows.append(("Client, cached pool key, 1 thread", pool, pool / sync_redis))
-        c.close()
 
-        def make_redis():
+        def make_redis() -> Callable[[], Any]:
             ar = aredis.Redis(unix_socket_path=svc.redis, max_connections=tasks)  # one per task
             return lambda: ar.hget("bench:user_api_keys:bench-user", "openai")
 
-        async_redis = _async_rate(make_redis, tasks, secs)
-        rows.append((f"redis-py asyncio HGET, {tasks} tasks", async_redis, 1.0))
-
-        def make_user():
+        def make_user() -> Callable[[], Any]:
             a = AsyncClient(svc.socket, connections=args.connections)
             return lambda: a.get_user_api_key(user_id="bench-user", service="openai")
 
-        def make_pool():
+        def make_pool() -> Callable[[], Any]:
             a = AsyncClient(svc.socket, connections=args.connections)
             return lambda: a.get_pool_api_key(service="benchpool")
 
-        au = _async_rate(make_user, tasks, secs)
-        rows.append((f"AsyncClient, cached user key, {tasks} tasks", au, au / async_redis))
-        ap = _async_rate(make_pool, tasks, secs)
-        rows.append((f"AsyncClient, cached pool key, {tasks} tasks", ap, ap / async_redis))
+        # (name, measure, index of the baseline row). Every round measures every case,
+        # so a change in the machine's load hits all of them alike; medians are shown.
+        cases: List[Tuple[str, Callable[[], float], int]] = [
+            ("redis-py sync HGET, 1 thread",
+             lambda: _sync_rate(lambda: r.hget("bench:user_api_keys:bench-user", "openai"), secs), 0),
+            ("Client, cached user key, 1 thread",
+             lambda: _sync_rate(lambda: c.get_user_api_key(user_id="bench-user", service="openai"), secs), 0),
+            ("Client, cached pool key, 1 thread",
+             lambda: _sync_rate(lambda: c.get_pool_api_key(service="benchpool"), secs), 0),
+            (f"redis-py asyncio HGET, {tasks} tasks", lambda: _async_rate(make_redis, tasks, secs), 3),
+            (f"AsyncClient, cached user key, {tasks} tasks", lambda: _async_rate(make_user, tasks, secs), 3),
+            (f"AsyncClient, cached pool key, {tasks} tasks", lambda: _async_rate(make_pool, tasks, secs), 3),
+        ]
+        samples: List[List[float]] = [[] for _ in cases]
+        for _ in range(args.rounds):
+            for i, (_name, measure, _base) in enumerate(cases):
+                samples[i].append(measure())
+        c.close()
+        medians = [statistics.median(s) for s in samples]
+        rows = [(name, medians[i], medians[i] / medians[base]) for i, (name, _m, base) in enumerate(cases)]
         return rows
     finally:
         svc.close()
@@ -213,21 +218,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--socket", help="a running daemon's socket (default: start one)")
     ap.add_argument("--redis", help="a running redis-server's Unix socket (default: start one)")
     ap.add_argument("--apikeyd-bin", help="daemon binary to start (default: $APIKEYD_BIN, PATH, target/)")
-    ap.add_argument("--seconds", type=float, default=3.0, help="measuring time per case (default 3)")
+    ap.add_argument("--seconds", type=float, default=1.0, help="measuring time per case and round (default 1)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds over all cases; medians are shown (default 5)")
     ap.add_argument("--tasks", type=int, default=64, help="asyncio tasks (default 64)")
     ap.add_argument("--connections", type=int, default=2, help="AsyncClient connections (default 2)")
     args = ap.parse_args(argv)
     rows = run(args)
-    try:
-        import hiredis  # noqa: F401
+    import importlib.util
 
-        parser = "hiredis"
-    except ImportError:
-        parser = "pure-Python parser"
+    parser = "hiredis" if importlib.util.find_spec("hiredis") else "pure-Python parser"
     import redis
 
     print(f"python {sys.version.split()[0]}, redis-py {redis.__version__} ({parser}), "
-          f"{args.seconds:g} s per case, AsyncClient connections={args.connections}")
+          f"median of {args.rounds} rounds of {args.seconds:g} s per case, AsyncClient connections={args.connections}")
     print(f"{'case':<44} {'calls/s':>10} {'vs redis-py':>12}")
     for name, rate, ratio in rows:
         print(f"{name:<44} {rate:>10,.0f} {ratio:>11.2f}x")

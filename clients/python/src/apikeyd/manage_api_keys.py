@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ._errors import DaemonUnreachable
 from .aio import AsyncClient
-from .client import Client
+from .client import Client, Id
 
 __all__ = [
     "configure",
@@ -92,13 +92,13 @@ def _aclient() -> AsyncClient:
 
 
 async def get_user_api_key(
-    user_id,
-    service,
+    user_id: Id,
+    service: str,
     *,
-    redis_client=None,
-    channel_id=None,
-    fallback_to_pool=True,
-    config=None,
+    redis_client: Any = None,
+    channel_id: Optional[Id] = None,
+    fallback_to_pool: bool = True,
+    config: Any = None,
 ) -> str | None:
     """The key to use for ``user_id`` and ``service``: the user's own, else the
     channel's pool, else the global pool (when ``fallback_to_pool``), else the
@@ -110,12 +110,12 @@ async def get_user_api_key(
 
 
 async def get_gitea_credentials(
-    user_id,
+    user_id: Id,
     *,
-    redis_client=None,
-    channel_id=None,
-    fallback_to_pool=True,
-    config=None,
+    redis_client: Any = None,
+    channel_id: Optional[Id] = None,
+    fallback_to_pool: bool = True,
+    config: Any = None,
 ) -> tuple[str, str] | None:
     """``(token, base_url)`` for Gitea, or None when either is missing."""
     r = await _aclient().get_gitea_credentials(
@@ -127,30 +127,30 @@ async def get_gitea_credentials(
     return token, base_url
 
 
-async def get_pool_api_key(service, *, redis_client=None) -> str | None:
+async def get_pool_api_key(service: str, *, redis_client: Any = None) -> str | None:
     """A key of the global pool for ``service``, or None."""
     r = await _aclient().get_pool_api_key(service=service)
     return r.get("key")
 
 
-async def get_channel_pool_api_key(channel_id, service, *, redis_client=None) -> str | None:
+async def get_channel_pool_api_key(channel_id: Id, service: str, *, redis_client: Any = None) -> str | None:
     """A key of ``channel_id``'s pool for ``service``, or None."""
     r = await _aclient().get_channel_pool_api_key(channel_id=channel_id, service=service)
     return r.get("key")
 
 
-async def check_default_key_limit(user_id, tool_name, redis_client, daily_limit=20) -> tuple[bool, int, int]:
+async def check_default_key_limit(user_id: Id, tool_name: str, redis_client: Any, daily_limit: int = 20) -> tuple[bool, int, int]:
     """``(allowed, current_count, daily_limit)`` for today's uses of the operator's key."""
     r = await _aclient().check_default_key_limit(user_id=user_id, tool_name=tool_name, daily_limit=daily_limit)
     return bool(r["allowed"]), int(r["current_count"]), int(r["daily_limit"])
 
 
-async def increment_default_key_usage(user_id, tool_name, redis_client) -> None:
+async def increment_default_key_usage(user_id: Id, tool_name: str, redis_client: Any) -> None:
     """Counts one use of the operator's key (raises Unavailable when the quota store is down)."""
     await _aclient().increment_default_key_usage(user_id=user_id, tool_name=tool_name)
 
 
-async def consume_default_key_usage(user_id, tool_name, redis_client=None, daily_limit=20) -> tuple[bool, int, int]:
+async def consume_default_key_usage(user_id: Id, tool_name: str, redis_client: Any = None, daily_limit: int = 20) -> tuple[bool, int, int]:
     """(apikeyd addition) Atomic check-and-increment: ``(allowed, count_after, daily_limit)``.
     Prefer it to check + increment, which can let two concurrent calls both pass."""
     r = await _aclient().consume_default_key_usage(user_id=user_id, tool_name=tool_name, daily_limit=daily_limit)
@@ -164,7 +164,7 @@ def _generic_missing(service: str) -> str:
     )
 
 
-def missing_api_key_error(service) -> str:
+def missing_api_key_error(service: str) -> str:
     """The message telling a user that no key for ``service`` is available and how to
     set one. Asks the daemon (display names, signup URLs); a local text when it is
     unreachable."""
@@ -174,7 +174,7 @@ def missing_api_key_error(service) -> str:
         return _generic_missing(str(service))
 
 
-def default_key_limit_error(tool_name, current, limit) -> str:
+def default_key_limit_error(tool_name: str, current: int, limit: int) -> str:
     """The message telling a user they reached today's limit on the operator's key.
     Asks the daemon; a local text when it is unreachable."""
     try:
@@ -189,33 +189,33 @@ def default_key_limit_error(tool_name, current, limit) -> str:
         )
 
 
-async def set_user_api_key(user_id, service, api_key, *, redis_client=None) -> bool:
+async def set_user_api_key(user_id: Id, service: str, api_key: str, *, redis_client: Any = None) -> bool:
     """Stores ``api_key`` as the user's own key for ``service`` (durable on return)."""
     r = await _aclient().set_user_api_key(user_id=user_id, service=service, key=api_key)
     return bool(r.get("stored"))
 
 
-async def delete_user_api_key(user_id, service, *, redis_client=None) -> bool:
+async def delete_user_api_key(user_id: Id, service: str, *, redis_client: Any = None) -> bool:
     """Deletes the user's own key for ``service``; False when there was none."""
     r = await _aclient().delete_user_api_key(user_id=user_id, service=service)
     return bool(r.get("deleted"))
 
 
-async def list_user_api_keys(user_id, *, redis_client=None) -> List[Dict[str, Any]]:
+async def list_user_api_keys(user_id: Id, *, redis_client: Any = None) -> List[Dict[str, Any]]:
     """The user's keys, masked: ``[{"service", "masked", "updated_at"}, ...]``."""
     r = await _aclient().list_user_api_keys(user_id=user_id)
     return list(r.get("keys") or [])
 
 
 async def report_key_result(
-    service,
-    outcome,
+    service: str,
+    outcome: str,
     *,
-    key_id=None,
-    user_id=None,
-    channel_id=None,
-    retry_after_s=None,
-    redis_client=None,
+    key_id: Optional[str] = None,
+    user_id: Optional[Id] = None,
+    channel_id: Optional[Id] = None,
+    retry_after_s: Optional[int] = None,
+    redis_client: Any = None,
 ) -> Dict[str, Any]:
     """Tells the daemon how a key fared with the provider (``"ok"``,
     ``"rate_limited"``, ``"unauthorized"``, ``"error"``), for a pool key
