@@ -121,3 +121,24 @@ def test_unreachable_socket(tmp_path):
     run(main())
     with pytest.raises(apikeyd.DaemonUnreachable, match="none.sock"):
         apikeyd.Client(str(tmp_path / "none.sock"), connect_timeout=0.2).ping()
+
+
+def test_close_fails_waiting_calls(tmp_path):
+    import socket as s
+
+    path = str(tmp_path / "hung.sock")
+    srv = s.socket(s.AF_UNIX, s.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen()
+
+    async def main():
+        c = apikeyd.AsyncClient(path, timeout=30)
+        waiting = asyncio.ensure_future(c.ping())
+        while not any(p is not None and p.pending for p in c._slots):
+            await asyncio.sleep(0.005)
+        await c.close()
+        with pytest.raises(apikeyd.DaemonUnreachable, match="closed"):
+            await waiting
+
+    run(main())
+    srv.close()

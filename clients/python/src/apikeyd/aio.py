@@ -154,7 +154,7 @@ class _Protocol(asyncio.Protocol):
             if entry.timer is not None:
                 entry.timer.cancel()
             if not entry.fut.done():
-                entry.fut.set_exception(err)
+                entry.fut.set_exception(type(err)(err.message, err.code))  # one instance per task
         if self.transport is not None:
             self.transport.abort()
 
@@ -239,11 +239,12 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        """Closes the connections; calls still waiting get DaemonUnreachable."""
+        """Closes the connections; calls still waiting get DaemonUnreachable (a later
+        call opens new connections)."""
         for i, proto in enumerate(self._slots):
             self._slots[i] = None
-            if proto is not None and proto.transport is not None:
-                proto.transport.close()
+            if proto is not None:
+                proto._fail_all(DaemonUnreachable("the client was closed before the daemon answered"))
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
