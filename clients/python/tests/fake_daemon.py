@@ -22,6 +22,7 @@ class FakeDaemon:
     - ``"read_then_close"``: reads one whole line (it counts as seen), closes unanswered.
     - ``"close_unread"``: waits until request bytes arrive, closes without reading them
       (the client sees ECONNRESET).
+    - ``"full"``: sends the daemon's past-max_connections line and closes.
     - a callable ``f(line: dict) -> bytes``: answers every line with what it returns.
     """
 
@@ -65,6 +66,10 @@ class FakeDaemon:
 
     def _handle(self, conn: socket.socket, how) -> None:
         try:
+            if how == "full":
+                conn.sendall(b'{"id":null,"ok":false,"error":{"code":"unavailable","message":"too many connections"}}\n')
+                conn.close()
+                return
             if how == "close_unread":
                 select.select([conn], [], [], 10)
                 conn.close()

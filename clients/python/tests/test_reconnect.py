@@ -104,6 +104,34 @@ def test_write_lost_after_it_was_read_is_not_resent():
         fake.close()
 
 
+def test_lost_write_error_never_shows_the_key():
+    fake = FakeDaemon(["read_then_close"])
+    try:
+        with pytest.raises(apikeyd.DaemonUnreachable) as e:
+            apikeyd.Client(fake.path).set_user_api_key(user_id="u", service="openai", key=KEY)
+        assert KEY not in str(e.value) and KEY not in repr(e.value)
+        assert e.value.__cause__ is None and KEY not in repr(e.value.__context__)
+    finally:
+        fake.close()
+
+
+def test_daemon_full_answer_is_unavailable():
+    # Past server.max_connections the daemon sends one `unavailable` line (id null)
+    # and closes, before reading anything.
+    fake = FakeDaemon(["full"])
+    try:
+        with pytest.raises(apikeyd.Unavailable, match="too many"):
+            apikeyd.Client(fake.path).ping()
+
+        async def main():
+            with pytest.raises(apikeyd.Unavailable, match="too many"):
+                await apikeyd.AsyncClient(fake.path).ping()
+
+        asyncio.run(main())
+    finally:
+        fake.close()
+
+
 def test_read_lost_after_it_was_read_is_resent():
     fake = FakeDaemon(["read_then_close", "answer"])
     try:

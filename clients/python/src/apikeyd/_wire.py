@@ -44,8 +44,9 @@ READ_OPS = frozenset(
     }
 )
 
-#: Ops whose connection the daemon closes after answering with this code and id null.
-CLOSING_CODES = frozenset({"too_large", "forbidden"})
+#: Error codes that, with ``id`` null, come just before the daemon closes the
+#: connection: a line too long, a refused peer, or a client past max_connections.
+CLOSING_CODES = frozenset({"too_large", "forbidden", "unavailable"})
 
 _ID_PARAMS = ("user_id", "channel_id")
 
