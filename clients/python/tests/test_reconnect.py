@@ -80,6 +80,21 @@ def test_clients_survive_a_daemon_restart(daemon):
     loop.close()
 
 
+def test_a_pool_of_dead_connections_after_a_restart(daemon):
+    c = daemon.client()
+    conns = [c._acquire() for _ in range(8)]  # as if 8 threads had used it at once
+    for conn in conns:
+        conn.used = True
+        c._release(conn)
+    assert c.increment_default_key_usage(user_id="u", tool_name="t") == {"count": 1}
+    daemon.restart()
+    assert c.ping()["pong"] is True  # every pooled connection is dead: more than 3 tries
+    for conn in list(c._idle):
+        conn.used = True
+    daemon.restart()
+    assert c.increment_default_key_usage(user_id="u", tool_name="t") == {"count": 2}
+
+
 def test_calls_made_while_the_daemon_is_down_wait_for_it(daemon):
     c = daemon.client(connect_timeout=20)
     assert c.increment_default_key_usage(user_id="u", tool_name="t") == {"count": 1}

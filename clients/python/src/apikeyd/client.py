@@ -258,11 +258,14 @@ class Client:
             if not is_read and conn.used and conn.peer_closed():
                 conn.close()  # closed while idle: nothing was sent on it
                 continue
+            # Only failures on fresh connections count towards giving up: after a
+            # restart every pooled connection is dead, and each costs one attempt.
+            fresh = not conn.used
             try:
                 ok, value, closing = conn.roundtrip(data, rid, deadline)
             except _NotDelivered:
                 conn.close()
-                tries += 1
+                tries += fresh
                 if tries > _RETRIES:
                     raise DaemonUnreachable(f"`{op}`: the daemon keeps closing the connection") from None
                 continue
@@ -273,7 +276,7 @@ class Client:
                         f"`{op}`: the connection to apikeyd broke after the request was sent; "
                         "it may or may not have been applied, so it was not sent again"
                     ) from None
-                tries += 1
+                tries += fresh
                 if tries > _RETRIES:
                     raise DaemonUnreachable(f"`{op}`: the daemon keeps closing the connection") from None
                 continue
