@@ -1,0 +1,543 @@
+"""The asyncio client: calls from many tasks are pipelined on a small pool of
+connections; responses are matched to requests in FIFO order by the protocol
+callback (no reader task), so a cancelled or timed-out call leaves its slot in the
+queue and its answer is simply dropped when it arrives.
+
+Reconnect rules are the blocking client's (see apikeyd.client): a read lost with its
+connection is sent again on a new one; a write is sent again only when it provably
+never reached the daemon (the connection was already seen closed before the write,
+or the connection was reset with that write as the last line written, which on a
+Unix socket means the daemon never read its final newline); otherwise the caller
+gets DaemonUnreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import select
+import socket as _socket
+import time
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional, Union
+
+from ._errors import DaemonUnreachable, Error
+from ._wire import READ_OPS, ProtocolDesync, decode_response, desync_error, encode_request, resolve_socket
+from .client import Id, _reason
+
+__all__ = ["AsyncClient"]
+
+_RETRIES = 3
+_HUP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+
+
+class _Entry:
+    __slots__ = ("op", "data", "rid", "fut", "is_read", "timer", "tries")
+
+    def __init__(self, op: str, data: bytes, rid: int, fut: "asyncio.Future[Any]", is_read: bool) -> None:
+        self.op = op
+        self.data = data
+        self.rid = rid
+        self.fut = fut
+        self.is_read = is_read
+        self.timer: Optional[asyncio.TimerHandle] = None
+        self.tries = 0
+
+
+class _Protocol(asyncio.Protocol):
+    """One connection: writes lines, matches answer lines to the FIFO of requests."""
+
+    def __init__(self, client: "AsyncClient") -> None:
+        self.client = client
+        self.pending: Deque[_Entry] = deque()
+        self.buf = b""
+        self.transport: Optional[asyncio.Transport] = None
+        self.closed = False
+        self.poller: Optional["select.poll"] = None
+        self.refusal: Optional[Error] = None
+        self.outbuf: List[bytes] = []
+        self.loop = asyncio.get_running_loop()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.poller = select.poll()
+            self.poller.register(sock.fileno(), _HUP)
+
+    def peer_closed(self) -> bool:
+        """The daemon closed this connection but the loop has not seen it yet."""
+        if self.closed:
+            return True
+        if self.poller is None:
+            return False
+        for _fd, mask in self.poller.poll(0):
+            if mask & _HUP:
+                return True
+        return False
+
+    def send(self, entry: _Entry) -> None:
+        if entry.fut.done():
+            return  # timed out or cancelled while waiting for a connection: never sent
+        if self.closed:
+            # Closed between the connect and this write: nothing was sent.
+            if self.refusal is not None:
+                if entry.timer is not None:
+                    entry.timer.cancel()
+                entry.fut.set_exception(self.refusal)
+            else:
+                self.client._resend(entry)
+            return
+        self.pending.append(entry)
+        # Lines written in one loop iteration go out in one send (the daemon then
+        # answers them in one write too): far fewer syscalls under load.
+        self.outbuf.append(entry.data)
+        if len(self.outbuf) == 1:
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        out, self.outbuf = self.outbuf, []
+        if out and not self.closed and self.transport is not None:
+            self.transport.write(b"".join(out))
+
+    def data_received(self, data: bytes) -> None:
+        if self.buf:
+            data = self.buf + data
+        lines = data.split(b"\n")
+        self.buf = lines.pop()
+        pending = self.pending
+        for line in lines:
+            if not line or line.isspace():
+                continue
+            if not pending:
+                # Before any request: the daemon refusing this peer (`forbidden`, id
+                # null, then it closes). Later writes on this connection get it.
+                try:
+                    ok, value, closing = decode_response(line, -1)
+                except ProtocolDesync:
+                    ok, closing = True, False
+                if not ok and closing:
+                    self.refusal = value
+                    self.closed = True
+                    continue
+                self._fail_all(desync_error())
+                return
+            entry = pending.popleft()
+            if entry.timer is not None:
+                entry.timer.cancel()
+            fut = entry.fut
+            try:
+                ok, value, closing = decode_response(line, entry.rid)
+            except ProtocolDesync:
+                if not fut.done():
+                    fut.set_exception(desync_error())
+                self._fail_all(desync_error())
+                return
+            if not fut.done():
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+            if closing:
+                if value.code == "forbidden":
+                    # The peer itself is refused: every request on it gets the answer.
+                    self._fail_all(value)
+                    return
+                self.closed = True
+
+    def _fail_all(self, err: Error) -> None:
+        self.closed = True
+        self.outbuf = []
+        pending, self.pending = self.pending, deque()
+        for entry in pending:
+            if entry.timer is not None:
+                entry.timer.cancel()
+            if not entry.fut.done():
+                entry.fut.set_exception(type(err)(err.message, err.code))  # one instance per task
+        if self.transport is not None:
+            self.transport.abort()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        return False  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.closed = True
+        if self.pending and isinstance(exc, OSError) and self.transport is not None:
+            # A write failed before the loop read what the daemon had sent (a refused
+            # peer gets one `forbidden` line, then the close): read it now, the socket
+            # is still open during this callback.
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    leftover = os.read(sock.fileno(), 65536)
+                except OSError:
+                    leftover = b""
+                if leftover:
+                    self.data_received(leftover)
+        pending, self.pending = self.pending, deque()
+        if not pending:
+            return
+        # Entries still in outbuf were never handed to the socket.
+        unsent = len(self.outbuf)
+        self.outbuf = []
+        sent = len(pending) - unsent
+        reset = isinstance(exc, (ConnectionResetError, BrokenPipeError))
+        for i, entry in enumerate(pending):
+            if entry.fut.done():
+                continue
+            # `reset`: the daemon closed with unread bytes; they are a suffix of what
+            # we wrote, so the last line written was never read whole.
+            if entry.is_read or i >= sent or (reset and i == sent - 1):
+                self.client._resend(entry)
+            else:
+                if entry.timer is not None:
+                    entry.timer.cancel()
+                entry.fut.set_exception(
+                    DaemonUnreachable(
+                        f"`{entry.op}`: the connection to apikeyd broke after the request was sent; "
+                        "it may or may not have been applied, so it was not sent again"
+                    )
+                )
+
+
+class AsyncClient:
+    """asyncio apikeyd client. Many tasks may call it at once: requests are
+    pipelined over ``connections`` connections (opened on first use).
+
+    ``socket``, ``timeout`` and ``connect_timeout`` are as for ``apikeyd.Client``.
+    Bound to the event loop that first uses it.
+    """
+
+    def __init__(
+        self,
+        socket: "Optional[Union[str, os.PathLike[str]]]" = None,
+        *,
+        timeout: float = 5.0,
+        connect_timeout: float = 5.0,
+        connections: int = 2,
+    ) -> None:
+        if connections < 1:
+            raise ValueError("connections must be at least 1")
+        self.socket_path = resolve_socket(socket)
+        self.timeout = float(timeout)
+        self.connect_timeout = float(connect_timeout)
+        self._slots: List[Optional[_Protocol]] = [None] * connections
+        self._connecting: List[Optional["asyncio.Task[_Protocol]"]] = [None] * connections
+        self._rr = itertools.cycle(range(connections))
+        self._ids = itertools.count(1)
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+
+    def __repr__(self) -> str:
+        return f"AsyncClient(socket={self.socket_path!r}, timeout={self.timeout}, connections={len(self._slots)})"
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Closes the connections; calls still waiting get DaemonUnreachable (a later
+        call opens new connections)."""
+        for i, proto in enumerate(self._slots):
+            self._slots[i] = None
+            if proto is not None:
+                proto._fail_all(DaemonUnreachable("the client was closed before the daemon answered"))
+
+    async def _open(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.connect_timeout
+        delay = 0.005
+        while True:
+            try:
+                left = max(deadline - time.monotonic(), 0.001)
+                _t, proto = await asyncio.wait_for(
+                    loop.create_unix_connection(lambda: _Protocol(self), self.socket_path), left
+                )
+                return proto
+            except (FileNotFoundError, ConnectionRefusedError, asyncio.TimeoutError) as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DaemonUnreachable(
+                        f"no apikeyd answers on {self.socket_path} ({_reason(exc)}); is `apikeyd serve` running?"
+                    ) from None
+                await asyncio.sleep(min(delay, left))
+                delay = min(delay * 2, 0.1)
+            except OSError as exc:
+                raise DaemonUnreachable(f"cannot connect to apikeyd on {self.socket_path}: {_reason(exc)}") from None
+
+    async def _open_slot(self, slot: int) -> _Protocol:
+        try:
+            proto = await self._open()
+            self._slots[slot] = proto
+            return proto
+        finally:
+            self._connecting[slot] = None
+
+    async def _connection(self, slot: int) -> _Protocol:
+        """The live connection of ``slot``, opened once for every waiter. The opening
+        runs in its own task, so a cancelled caller does not fail the others."""
+        task = self._connecting[slot]
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._open_slot(slot))
+            self._connecting[slot] = task
+        return await asyncio.shield(task)
+
+    async def _submit(self, entry: _Entry) -> None:
+        """Writes ``entry`` on a live connection (connecting if needed)."""
+        slot = next(self._rr)
+        proto = self._slots[slot]
+        if proto is None or proto.closed or (not entry.is_read and proto.peer_closed()):
+            if proto is not None:
+                proto.closed = True
+                self._slots[slot] = None
+            proto = await self._connection(slot)
+        proto.send(entry)
+
+    def _resend(self, entry: _Entry) -> None:
+        entry.tries += 1
+        if entry.tries > _RETRIES:
+            if entry.timer is not None:
+                entry.timer.cancel()
+            entry.fut.set_exception(DaemonUnreachable(f"`{entry.op}`: the daemon keeps closing the connection"))
+            return
+
+        async def again() -> None:
+            try:
+                await self._submit(entry)
+            except Error as exc:
+                if not entry.fut.done():
+                    entry.fut.set_exception(exc)
+
+        asyncio.get_running_loop().create_task(again())
+
+    def _expire(self, entry: _Entry) -> None:
+        if not entry.fut.done():
+            entry.fut.set_exception(
+                DaemonUnreachable(f"`{entry.op}`: no answer from apikeyd within {self.timeout:g} s")
+            )
+
+    async def call(self, op: str, **params: Any) -> Dict[str, Any]:
+        """Sends one request and returns its ``result``; raises an ``apikeyd.Error``
+        subclass for an error answer. ``None`` parameters are left out."""
+        loop = asyncio.get_running_loop()
+        rid = next(self._ids)
+        entry = _Entry(op, encode_request(op, rid, params), rid, loop.create_future(), op in READ_OPS)
+        entry.timer = loop.call_at(loop.time() + self.timeout, self._expire, entry)
+        try:
+            await self._submit(entry)
+        except BaseException:
+            entry.timer.cancel()
+            raise
+        return await entry.fut  # type: ignore[no-any-return]
+
+    async def ping(self) -> Dict[str, Any]:
+        """Checks the daemon answers: ``{"pong": true, "version": ...}``."""
+        return await self.call("ping")
+
+    async def get_user_api_key(
+        self,
+        *,
+        user_id: Id,
+        service: str,
+        channel_id: Optional[Id] = None,
+        fallback_to_pool: Optional[bool] = None,
+        fallback_to_config: Optional[bool] = None,
+    ) -> Dict[str, Any]:
+        """The key for a user and service: user key, channel pool, global pool, then the operator's default. ``{"key", "source", ...}``."""
+        return await self.call(
+            "get_user_api_key",
+            user_id=user_id,
+            service=service,
+            channel_id=channel_id,
+            fallback_to_pool=fallback_to_pool,
+            fallback_to_config=fallback_to_config,
+        )
+
+    async def get_gitea_credentials(
+        self,
+        *,
+        user_id: Id,
+        channel_id: Optional[Id] = None,
+        fallback_to_pool: Optional[bool] = None,
+        fallback_to_config: Optional[bool] = None,
+    ) -> Dict[str, Any]:
+        """Gitea token and base URL: ``{"token", "base_url", "source", ...}``."""
+        return await self.call(
+            "get_gitea_credentials",
+            user_id=user_id,
+            channel_id=channel_id,
+            fallback_to_pool=fallback_to_pool,
+            fallback_to_config=fallback_to_config,
+        )
+
+    async def get_pool_api_key(self, *, service: str) -> Dict[str, Any]:
+        """A key of the global pool: ``{"key": str | None}``."""
+        return await self.call("get_pool_api_key", service=service)
+
+    async def get_channel_pool_api_key(self, *, channel_id: Id, service: str) -> Dict[str, Any]:
+        """A key of one channel's pool: ``{"key": str | None}``."""
+        return await self.call(
+            "get_channel_pool_api_key",
+            channel_id=channel_id,
+            service=service,
+        )
+
+    async def set_user_api_key(self, *, user_id: Id, service: str, key: str) -> Dict[str, Any]:
+        """Stores (durably) a user's own key: ``{"stored": true}``. A write."""
+        return await self.call(
+            "set_user_api_key",
+            user_id=user_id,
+            service=service,
+            key=key,
+        )
+
+    async def delete_user_api_key(self, *, user_id: Id, service: str) -> Dict[str, Any]:
+        """Deletes a user's own key: ``{"deleted": bool}``. A write."""
+        return await self.call("delete_user_api_key", user_id=user_id, service=service)
+
+    async def list_user_api_keys(self, *, user_id: Id) -> Dict[str, Any]:
+        """A user's keys, masked: ``{"keys": [{"service", "masked", "updated_at"}]}``."""
+        return await self.call("list_user_api_keys", user_id=user_id)
+
+    async def add_pool_key(
+        self,
+        *,
+        service: str,
+        key: str,
+        channel_id: Optional[Id] = None,
+        label: Optional[str] = None,
+    ) -> Dict[str, Any]:
+        """Adds a key to the global pool or a channel's (admins only): ``{"key_id", "added"}``. A write."""
+        return await self.call(
+            "add_pool_key",
+            service=service,
+            key=key,
+            channel_id=channel_id,
+            label=label,
+        )
+
+    async def remove_pool_key(
+        self,
+        *,
+        service: str,
+        key_id: str,
+        channel_id: Optional[Id] = None,
+    ) -> Dict[str, Any]:
+        """Removes a pool key (admins only): ``{"removed": bool}``. A write."""
+        return await self.call(
+            "remove_pool_key",
+            service=service,
+            key_id=key_id,
+            channel_id=channel_id,
+        )
+
+    async def list_pool_keys(self, *, service: str, channel_id: Optional[Id] = None) -> Dict[str, Any]:
+        """A pool's keys, masked (admins only): ``{"keys": [...]}``."""
+        return await self.call("list_pool_keys", service=service, channel_id=channel_id)
+
+    async def check_default_key_limit(
+        self,
+        *,
+        user_id: Id,
+        tool_name: str,
+        daily_limit: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        """Today's default-key count: ``{"allowed", "current_count", "daily_limit"}``."""
+        return await self.call(
+            "check_default_key_limit",
+            user_id=user_id,
+            tool_name=tool_name,
+            daily_limit=daily_limit,
+        )
+
+    async def increment_default_key_usage(self, *, user_id: Id, tool_name: str) -> Dict[str, Any]:
+        """Counts one default-key use: ``{"count": int}``. A write."""
+        return await self.call(
+            "increment_default_key_usage",
+            user_id=user_id,
+            tool_name=tool_name,
+        )
+
+    async def consume_default_key_usage(
+        self,
+        *,
+        user_id: Id,
+        tool_name: str,
+        daily_limit: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        """Atomic check-and-increment: ``{"allowed", "current_count", "daily_limit"}``. A write."""
+        return await self.call(
+            "consume_default_key_usage",
+            user_id=user_id,
+            tool_name=tool_name,
+            daily_limit=daily_limit,
+        )
+
+    async def missing_api_key_error(self, *, service: str) -> Dict[str, Any]:
+        """The message telling a user how to get and set a key: ``{"message": str}``."""
+        return await self.call("missing_api_key_error", service=service)
+
+    async def default_key_limit_error(
+        self,
+        *,
+        tool_name: str,
+        current: int,
+        limit: int,
+        service: Optional[str] = None,
+    ) -> Dict[str, Any]:
+        """The daily-limit message: ``{"message": str}``. ``service`` needs a daemon with issue 14."""
+        return await self.call(
+            "default_key_limit_error",
+            tool_name=tool_name,
+            current=current,
+            limit=limit,
+            service=service,
+        )
+
+    async def report_key_result(
+        self,
+        *,
+        service: str,
+        outcome: str,
+        key_id: Optional[str] = None,
+        user_id: Optional[Id] = None,
+        channel_id: Optional[Id] = None,
+        retry_after_s: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        """Reports how a key fared (``ok``, ``rate_limited``, ``unauthorized``, ``error``): ``{"recorded", "state", "cooling_until"}``. A write; needs a daemon with issue 12."""
+        return await self.call(
+            "report_key_result",
+            service=service,
+            outcome=outcome,
+            key_id=key_id,
+            user_id=user_id,
+            channel_id=channel_id,
+            retry_after_s=retry_after_s,
+        )
+
+    async def enable_pool_key(
+        self,
+        *,
+        service: str,
+        key_id: str,
+        channel_id: Optional[Id] = None,
+    ) -> Dict[str, Any]:
+        """Re-enables a disabled pool key (admins only): ``{"enabled": bool}``. A write; needs a daemon with issue 12."""
+        return await self.call(
+            "enable_pool_key",
+            service=service,
+            key_id=key_id,
+            channel_id=channel_id,
+        )
+
+    async def reload(self) -> Dict[str, Any]:
+        """Re-reads the config and master keyring (admins only): ``{"reloaded": true, ...}``."""
+        return await self.call("reload")
+
+    async def stats(self) -> Dict[str, Any]:
+        """Counters: ``{"uptime_s", "connections", "requests_total", "cache", "store", ...}``."""
+        return await self.call("stats")
+

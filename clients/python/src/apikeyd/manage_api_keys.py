@@ -1,0 +1,231 @@
+"""Drop-in replacement for the original ``tools.manage_api_keys`` module.
+
+Change ``from tools import manage_api_keys`` to ``from apikeyd import manage_api_keys``
+(or ``import apikeyd.manage_api_keys as manage_api_keys``): the functions keep their
+names, parameters, defaults, sync/async kinds and return types, but ask apikeyd
+instead of reading Redis.
+
+- ``redis_client`` is accepted everywhere and ignored: the daemon owns the stores.
+- ``config`` is accepted and ignored: the operator's default key (the last fallback)
+  comes from the daemon's configuration (``services.<name>.env``), not from the bot.
+- The socket is ``$APIKEYD_SOCKET``, else /run/apikeyd/apikeyd.sock; call
+  ``configure(socket=..., timeout=...)`` once at start-up to choose another.
+- User and channel ids may be ints (Discord snowflakes) or strings.
+- Errors raise ``apikeyd.Error`` subclasses (``DaemonUnreachable`` when no daemon
+  answers), except the two message functions, which fall back to a local text when
+  the daemon cannot be reached so that telling a user never fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import weakref
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from ._errors import DaemonUnreachable
+from .aio import AsyncClient
+from .client import Client, Id
+
+__all__ = [
+    "configure",
+    "get_user_api_key",
+    "get_gitea_credentials",
+    "get_pool_api_key",
+    "get_channel_pool_api_key",
+    "check_default_key_limit",
+    "increment_default_key_usage",
+    "consume_default_key_usage",
+    "missing_api_key_error",
+    "default_key_limit_error",
+    "set_user_api_key",
+    "delete_user_api_key",
+    "list_user_api_keys",
+    "report_key_result",
+]
+
+_settings: Dict[str, Any] = {"socket": None, "timeout": 5.0, "connect_timeout": 5.0}
+_lock = threading.Lock()
+_sync_client: Optional[Client] = None
+# One AsyncClient per event loop: asyncio transports belong to the loop that made them.
+_async_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def configure(
+    socket: "Optional[Union[str, os.PathLike[str]]]" = None,
+    *,
+    timeout: float = 5.0,
+    connect_timeout: float = 5.0,
+) -> None:
+    """Chooses the socket and timeouts for the module's shared clients (call it
+    before the first request; later calls replace the clients)."""
+    global _sync_client
+    with _lock:
+        _settings.update(socket=socket, timeout=timeout, connect_timeout=connect_timeout)
+        old, _sync_client = _sync_client, None
+        _async_clients.clear()
+    if old is not None:
+        old.close()
+
+
+def _client() -> Client:
+    global _sync_client
+    c = _sync_client
+    if c is None:
+        with _lock:
+            if _sync_client is None:
+                _sync_client = Client(**_settings)
+            c = _sync_client
+    return c
+
+
+def _aclient() -> AsyncClient:
+    loop = asyncio.get_running_loop()
+    c = _async_clients.get(loop)
+    if c is None:
+        c = AsyncClient(**_settings)
+        _async_clients[loop] = c
+    return c
+
+
+async def get_user_api_key(
+    user_id: Id,
+    service: str,
+    *,
+    redis_client: Any = None,
+    channel_id: Optional[Id] = None,
+    fallback_to_pool: bool = True,
+    config: Any = None,
+) -> str | None:
+    """The key to use for ``user_id`` and ``service``: the user's own, else the
+    channel's pool, else the global pool (when ``fallback_to_pool``), else the
+    operator's default. None when there is none."""
+    r = await _aclient().get_user_api_key(
+        user_id=user_id, service=service, channel_id=channel_id, fallback_to_pool=fallback_to_pool
+    )
+    return r.get("key")
+
+
+async def get_gitea_credentials(
+    user_id: Id,
+    *,
+    redis_client: Any = None,
+    channel_id: Optional[Id] = None,
+    fallback_to_pool: bool = True,
+    config: Any = None,
+) -> tuple[str, str] | None:
+    """``(token, base_url)`` for Gitea, or None when either is missing."""
+    r = await _aclient().get_gitea_credentials(
+        user_id=user_id, channel_id=channel_id, fallback_to_pool=fallback_to_pool
+    )
+    token, base_url = r.get("token"), r.get("base_url")
+    if token is None or base_url is None:
+        return None
+    return token, base_url
+
+
+async def get_pool_api_key(service: str, *, redis_client: Any = None) -> str | None:
+    """A key of the global pool for ``service``, or None."""
+    r = await _aclient().get_pool_api_key(service=service)
+    return r.get("key")
+
+
+async def get_channel_pool_api_key(channel_id: Id, service: str, *, redis_client: Any = None) -> str | None:
+    """A key of ``channel_id``'s pool for ``service``, or None."""
+    r = await _aclient().get_channel_pool_api_key(channel_id=channel_id, service=service)
+    return r.get("key")
+
+
+async def check_default_key_limit(user_id: Id, tool_name: str, redis_client: Any, daily_limit: int = 20) -> tuple[bool, int, int]:
+    """``(allowed, current_count, daily_limit)`` for today's uses of the operator's key."""
+    r = await _aclient().check_default_key_limit(user_id=user_id, tool_name=tool_name, daily_limit=daily_limit)
+    return bool(r["allowed"]), int(r["current_count"]), int(r["daily_limit"])
+
+
+async def increment_default_key_usage(user_id: Id, tool_name: str, redis_client: Any) -> None:
+    """Counts one use of the operator's key (raises Unavailable when the quota store is down)."""
+    await _aclient().increment_default_key_usage(user_id=user_id, tool_name=tool_name)
+
+
+async def consume_default_key_usage(user_id: Id, tool_name: str, redis_client: Any = None, daily_limit: int = 20) -> tuple[bool, int, int]:
+    """(apikeyd addition) Atomic check-and-increment: ``(allowed, count_after, daily_limit)``.
+    Prefer it to check + increment, which can let two concurrent calls both pass."""
+    r = await _aclient().consume_default_key_usage(user_id=user_id, tool_name=tool_name, daily_limit=daily_limit)
+    return bool(r["allowed"]), int(r["current_count"]), int(r["daily_limit"])
+
+
+def _generic_missing(service: str) -> str:
+    return (
+        f"No API key for {service} is available to you. "
+        f"Get one from the provider, then run: set_user_api_key {service} <your-key>"
+    )
+
+
+def missing_api_key_error(service: str) -> str:
+    """The message telling a user that no key for ``service`` is available and how to
+    set one. Asks the daemon (display names, signup URLs); a local text when it is
+    unreachable."""
+    try:
+        return str(_client().missing_api_key_error(service=service)["message"])
+    except DaemonUnreachable:
+        return _generic_missing(str(service))
+
+
+def default_key_limit_error(tool_name: str, current: int, limit: int) -> str:
+    """The message telling a user they reached today's limit on the operator's key.
+    Asks the daemon; a local text when it is unreachable."""
+    try:
+        return str(
+            _client().default_key_limit_error(tool_name=tool_name, current=current, limit=limit)["message"]
+        )
+    except DaemonUnreachable:
+        return (
+            f"You have used {tool_name} {current} times today on the operator's key; "
+            f"the daily limit is {limit}. The limit resets at 00:00 UTC. To lift it, set "
+            "your own key with set_user_api_key."
+        )
+
+
+async def set_user_api_key(user_id: Id, service: str, api_key: str, *, redis_client: Any = None) -> bool:
+    """Stores ``api_key`` as the user's own key for ``service`` (durable on return)."""
+    r = await _aclient().set_user_api_key(user_id=user_id, service=service, key=api_key)
+    return bool(r.get("stored"))
+
+
+async def delete_user_api_key(user_id: Id, service: str, *, redis_client: Any = None) -> bool:
+    """Deletes the user's own key for ``service``; False when there was none."""
+    r = await _aclient().delete_user_api_key(user_id=user_id, service=service)
+    return bool(r.get("deleted"))
+
+
+async def list_user_api_keys(user_id: Id, *, redis_client: Any = None) -> List[Dict[str, Any]]:
+    """The user's keys, masked: ``[{"service", "masked", "updated_at"}, ...]``."""
+    r = await _aclient().list_user_api_keys(user_id=user_id)
+    return list(r.get("keys") or [])
+
+
+async def report_key_result(
+    service: str,
+    outcome: str,
+    *,
+    key_id: Optional[str] = None,
+    user_id: Optional[Id] = None,
+    channel_id: Optional[Id] = None,
+    retry_after_s: Optional[int] = None,
+    redis_client: Any = None,
+) -> Dict[str, Any]:
+    """Tells the daemon how a key fared with the provider (``"ok"``,
+    ``"rate_limited"``, ``"unauthorized"``, ``"error"``), for a pool key
+    (``key_id``, from the answer that handed it out) or a user's own key
+    (``user_id``). Returns ``{"recorded", "state", "cooling_until"}``."""
+    return await _aclient().report_key_result(
+        service=service,
+        outcome=outcome,
+        key_id=key_id,
+        user_id=user_id,
+        channel_id=channel_id,
+        retry_after_s=retry_after_s,
+    )
