@@ -84,11 +84,11 @@ fn a_request_never_waits_past_its_deadline(mode: Mode) {
     let mut c = d.client();
     c.ok(json!({"op": "set_user_api_key", "user_id": "u", "service": "openai", "key": "sk-before-the-lock-1"}));
     let lock = lock_keystore(&d);
-    let began = std::time::Instant::now();
+    // The lock is held until after the answer: the answer can only come from the
+    // request deadline (SQLite's own busy wait would say "busy", not this).
     let (code, message) = c.err(json!({"op": "set_user_api_key", "user_id": "v", "service": "openai", "key": "sk-during-the-lock"}));
     assert_eq!(code, "unavailable");
     assert!(message.contains("request_timeout_ms"), "{message}");
-    eprintln!("answered after {:?}", began.elapsed());
     // Other connections and cached reads go on.
     let mut other = d.client();
     assert_eq!(other.ok(json!({"op": "ping"}))["pong"], true);
