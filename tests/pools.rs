@@ -120,8 +120,8 @@ fn picks_are_uniform(mode: Mode) {
         assert_eq!(counts.len(), 4, "{op}: every key is picked: {counts:?}");
         // The daemon's RNG cannot be seeded from here, so the bound is one a uniform
         // picker cannot fail in practice: chi-square with 3 degrees of freedom above
-        // 46 has a probability below 1e-9. A picker that favours one key by even 10%
-        // over 4000 picks scores about 30; always the same key scores 12000.
+        // 46 has a probability below 1e-9. A picker that favours one key by 25% over
+        // 4000 picks scores about 95; always the same key scores 12000.
         let expected = n as f64 / 4.0;
         let chi2: f64 = counts
             .values()
