@@ -56,7 +56,7 @@ fn encode(c: &mut Criterion) {
 }
 
 fn crypto(c: &mut Criterion) {
-    let key = MasterKey::from_base64(&MasterKey::generate_base64()).unwrap();
+    let key = MasterKey::from_text(&MasterKey::generate_base64()).unwrap();
     let place = Place::User {
         user_id: "user-123",
         service: "openai",

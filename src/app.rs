@@ -149,13 +149,12 @@ impl App {
             .ok_or("the running config was not read from a file")?;
         let new = Config::load(&path, false).map_err(|e| e.0)?;
         let candidate = Arc::new(read_master_key(&new).map_err(|e| e.0)?);
+        // Bounded like every other store call: a wedged keystore fails the reload.
         let opens = self
-            .keystore
-            .send(CheckKeyring {
+            .keystore(CheckKeyring {
                 candidate: candidate.clone(),
             })
             .await
-            .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         if !opens {
             return Err(

@@ -293,13 +293,6 @@ impl MasterKey {
         }
     }
 
-    /// Builds a single-version key from 32 raw bytes.
-    pub fn from_bytes(bytes: &[u8; 32]) -> Self {
-        let mut keys = BTreeMap::new();
-        keys.insert(1, Zeroizing::new(*bytes));
-        MasterKey::from_ring(Ring::new(keys, None).expect("version 1 is present"))
-    }
-
     /// A fresh random key as base64 text, for a new key file.
     pub fn generate_base64() -> Zeroizing<String> {
         let mut key = Aes256Gcm::generate_key(OsRng);
@@ -311,11 +304,6 @@ impl MasterKey {
     /// Parses the text of a key file (see the file format in docs/security.md).
     pub fn from_text(text: &str) -> Result<Self, MasterKeyError> {
         Ring::parse(text).map(MasterKey::from_ring)
-    }
-
-    /// Parses the base64 text of a single-key file.
-    pub fn from_base64(text: &str) -> Result<Self, MasterKeyError> {
-        MasterKey::from_text(text)
     }
 
     /// Reads a key file, refusing one that group or others may read.
@@ -591,7 +579,7 @@ mod tests {
     use super::*;
 
     fn key() -> MasterKey {
-        MasterKey::from_base64(&MasterKey::generate_base64()).unwrap()
+        MasterKey::from_text(&MasterKey::generate_base64()).unwrap()
     }
 
     const ALICE: Place<'static> = Place::User {

@@ -126,7 +126,8 @@ impl CachedPool {
     }
 }
 
-/// The cached keys of one arbiter thread.
+/// The cached keys. There is one: the actor and every connection run on the same
+/// thread, which is what lets connections read it without a message.
 struct Shard {
     /// (user_id, service) → the key, or `None` for "this user has none".
     users: LruCache<(String, String), Entry<UserKey>>,

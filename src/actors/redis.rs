@@ -253,17 +253,16 @@ fn is_connection_error(e: &redis::RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
 }
 
-/// Whether a command may be sent again after `e`. Reads always may. A write may only
-/// when the error proves it never reached Redis: the connection was refused, or the
-/// write itself hit a broken pipe (a dead connection found on first use after Redis
-/// restarted). redis-rs exposes the io error kind only through its message.
+/// Whether a command may be sent again after `e`, decided by the error's kind.
+/// Reads always may (a connection error other than a timeout). A write may only
+/// when the error proves it never reached Redis: the connection was refused (or its
+/// socket file is missing). A dropped connection does not prove that (the reset may
+/// come after Redis ran the write), so such a write is answered `unavailable` and
+/// the client decides.
 fn may_retry(e: &redis::RedisError, kind: Kind) -> bool {
     match kind {
         Kind::Read => is_connection_error(e) && !e.is_timeout(),
-        Kind::Write => {
-            e.is_connection_refusal()
-                || (e.is_io_error() && e.to_string().to_ascii_lowercase().contains("broken pipe"))
-        }
+        Kind::Write => e.is_connection_refusal(),
     }
 }
 
