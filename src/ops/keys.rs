@@ -2,7 +2,8 @@
 
 use serde::Serialize;
 
-use super::{is_false, messages::missing_key_message};
+use super::is_false;
+use super::messages::{missing_key_message, unavailable_key_message};
 use crate::actors::cache::ForgetUserKey;
 use crate::actors::keystore::{DeleteUserKey, ListUserKeys, StoreUserKey, UserKeyInfo};
 use crate::app::App;
@@ -47,9 +48,10 @@ pub async fn get_user_api_key(app: &App, req: &mut Request) -> Result<Body> {
     body(&Answer {
         key: key.as_deref().map(Secret::expose),
         source,
-        message: key
-            .is_none()
-            .then(|| missing_key_message(&app.config(), &service)),
+        message: key.is_none().then(|| match degraded {
+            true => unavailable_key_message(&app.config(), &service),
+            false => missing_key_message(&app.config(), &service),
+        }),
         degraded,
     })
 }
@@ -103,6 +105,9 @@ pub async fn get_gitea_credentials(app: &App, req: &mut Request) -> Result<Body>
         degraded,
     };
     let Some(value) = key else {
+        if degraded {
+            return body(&nothing(unavailable_key_message(&config, "gitea")));
+        }
         return body(&nothing(missing_key_message(&config, "gitea")));
     };
     let (token, base_url) = gitea_parts(&value);
