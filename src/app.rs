@@ -1,6 +1,6 @@
 //! `App`: what every connection shares — the actor addresses, the live config, counters.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -14,6 +14,14 @@ use crate::audit::Audit;
 use crate::config::Config;
 use crate::crypto::MasterKey;
 use crate::crypto::Secret;
+
+/// Redis mode: the store's state that the rest of the daemon reads or switches.
+pub struct RedisSwitches {
+    /// `redis.accept_legacy_plaintext`, applied by reloads.
+    pub accept_legacy: Arc<AtomicBool>,
+    /// Whether Redis has answered once since start.
+    pub answered: Arc<AtomicBool>,
+}
 
 /// Shared by every connection of one daemon.
 pub struct App {
@@ -37,6 +45,8 @@ pub struct App {
     /// Non-blank request lines since start.
     pub requests_total: AtomicU64,
     pub started: Instant,
+    /// Redis mode only (set by `run` after `new`).
+    pub redis: Option<RedisSwitches>,
 }
 
 impl App {
@@ -62,6 +72,7 @@ impl App {
             connections: AtomicU64::new(0),
             requests_total: AtomicU64::new(0),
             started: Instant::now(),
+            redis: None,
         }
     }
 
@@ -126,7 +137,9 @@ impl App {
     }
 
     /// Re-reads the config file and the master keyring and applies them: services,
-    /// access (new connections), quota, cache, and the keyring. The keyring is only
+    /// access (new connections, names resolved again), quota, cache, the keyring,
+    /// `redis.accept_legacy_plaintext` and `log.audit_quota`; reopens the audit file.
+    /// Each changed setting that needs a restart is logged as a warning. The keyring is only
     /// put in service when it opens the keystore's check value; on any failure
     /// nothing changes. Answers the key versions now in service.
     pub async fn reload(&self) -> Result<Vec<u32>, String> {
@@ -162,6 +175,20 @@ impl App {
         self.cache.do_send(Configure {
             cache: new.cache.clone(),
         });
+        let old = self.config();
+        for setting in crate::config::needs_restart(&old, &new) {
+            tracing::warn!(
+                setting,
+                "{setting} changed in the config file but needs a restart; the running value stays"
+            );
+        }
+        if let Some(r) = &self.redis {
+            r.accept_legacy
+                .store(new.redis.accept_legacy_plaintext, Ordering::Relaxed);
+        }
+        if let Err(e) = self.audit.reopen() {
+            tracing::error!(error = %e, "cannot reopen log.audit_file; still appending to the old one");
+        }
         self.set_config(new);
         let versions = self.key.versions();
         tracing::info!(key_versions = ?versions, "config and keyring reloaded");

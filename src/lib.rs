@@ -22,6 +22,7 @@ pub mod actors;
 pub mod app;
 pub mod audit;
 pub mod bench;
+pub mod check;
 pub mod client;
 pub mod clock;
 pub mod config;
@@ -29,6 +30,7 @@ pub mod crypto;
 pub mod error;
 pub mod hardening;
 pub mod legacy;
+pub mod logfmt;
 pub mod ops;
 pub mod protocol;
 pub mod resolver;
@@ -73,13 +75,32 @@ pub fn open_keystore(config: &Config) -> Result<Opened, StartError> {
     actors::keystore::open(config, KEYSTORE_THREADS + 1)
 }
 
+/// Checks what `open_keystore` and `run` would otherwise only find out after the
+/// socket is bound: the audit file can be opened for appending. (The config's values,
+/// the Redis URL and the access names were checked when it was read.)
+pub fn preflight(config: &Config) -> Result<(), StartError> {
+    if let Some(path) = &config.log.audit_file {
+        audit::Audit::open(Some(path)).map_err(|e| {
+            StartError(format!(
+                "cannot open log.audit_file {} for appending: {e}",
+                path.display()
+            ))
+        })?;
+    }
+    Ok(())
+}
+
 /// Starts the store actor the config asks for: Redis when `redis.url` is set, else
 /// the embedded store on `db`. In Redis mode also starts the invalidation listener.
+/// What `start_store` hands back besides the store: in Redis mode the client and key
+/// names for the invalidation listener, and the store's switches for the `App`.
+type RedisParts = Option<(redis::Client, actors::redis::Names, app::RedisSwitches)>;
+
 fn start_store(
     config: &Config,
     key: Arc<MasterKey>,
     db: Connection,
-) -> Result<(Store, Option<(redis::Client, actors::redis::Names)>), StartError> {
+) -> Result<(Store, RedisParts), StartError> {
     if config.redis.url.is_empty() {
         let db = Mutex::new(Some(db));
         let addr = SyncArbiter::start(1, move || {
@@ -102,6 +123,10 @@ fn start_store(
     let names = actors::redis::Names {
         prefix: config.redis.prefix.clone(),
     };
+    let switches = app::RedisSwitches {
+        accept_legacy: store.accept_legacy_switch(),
+        answered: store.answered_flag(),
+    };
     Ok((
         Store::new(
             StoreMode::Redis,
@@ -109,7 +134,7 @@ fn start_store(
             config.request_timeout(),
             store.start(),
         ),
-        Some((client, names)),
+        Some((client, names, switches)),
     ))
 }
 
@@ -165,12 +190,14 @@ pub async fn run(
     );
     let cache_reader = cache.reader();
     let cache = cache.start();
-    if let Some((client, names)) = redis {
+    let mut switches = None;
+    if let Some((client, names, s)) = redis {
         actix_rt::spawn(actors::redis::listen(client, names, cache.clone()));
+        switches = Some(s);
     }
     let audit = audit::Audit::open(config.log.audit_file.as_deref())
         .map_err(|e| StartError(format!("cannot open log.audit_file for appending: {e}")))?;
-    let app = Rc::new(App::new(
+    let mut app = App::new(
         config,
         keystore,
         cache,
@@ -178,7 +205,9 @@ pub async fn run(
         store,
         audit,
         key_for_app,
-    ));
+    );
+    app.redis = switches;
+    let app = Rc::new(app);
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let reload_app = app.clone();

@@ -102,7 +102,11 @@ pub async fn serve(app: Rc<App>, listener: UnixListener, shutdown: impl Future<O
             continue;
         };
         let (uid, gid) = (cred.uid(), cred.gid());
-        let role = access::role(&app.config().access, uid, gid);
+        let groups = access::peer_groups(&stream).unwrap_or_else(|e| {
+            tracing::warn!(uid, error = %e, "cannot read the peer's supplementary groups; checking its uid and gid only");
+            Vec::new()
+        });
+        let role = access::role(&app.config().access.ids, uid, gid, &groups);
         let peer = Peer {
             uid,
             gid,
@@ -111,6 +115,7 @@ pub async fn serve(app: Rc<App>, listener: UnixListener, shutdown: impl Future<O
         };
         if role == Role::Denied {
             tracing::warn!(uid, gid, pid = ?peer.pid, "connection refused: peer not allowed");
+            app.audit.refused(&peer, "forbidden", "peer not allowed");
             let e = Error::Forbidden(format!(
                 "uid {uid} gid {gid} may not use apikeyd; an operator can add it to access.allow_uids or access.allow_gids"
             ));
@@ -123,6 +128,8 @@ pub async fn serve(app: Rc<App>, listener: UnixListener, shutdown: impl Future<O
                 max,
                 "connection refused: server.max_connections reached"
             );
+            app.audit
+                .refused(&peer, "unavailable", "server.max_connections reached");
             let e = Error::Unavailable(format!(
                 "too many connections (server.max_connections = {max}); retry later"
             ));

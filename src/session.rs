@@ -128,6 +128,23 @@ fn encoded(id: &Id, outcome: &Result<Body>) -> Body {
     out
 }
 
+/// Longest request id written to the per-request debug line, in bytes.
+const LOGGED_ID_BYTES: usize = 64;
+
+/// The request id for the debug line: at most [`LOGGED_ID_BYTES`], cut on a
+/// character boundary and marked, so a huge id cannot flood the log.
+fn short_id(id: &Id) -> String {
+    let raw = id.as_deref().map_or("null", |r| r.get());
+    if raw.len() <= LOGGED_ID_BYTES {
+        return raw.to_string();
+    }
+    let mut end = LOGGED_ID_BYTES;
+    while !raw.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…({} bytes)", &raw[..end], raw.len())
+}
+
 /// Turns one line into the future of its response line, or `None` for a blank line.
 fn start(
     app: &Rc<App>,
@@ -175,7 +192,7 @@ fn start(
             order.finish(ticket);
             if let Some(op) = op {
                 let code = outcome.as_ref().err().map(Error::code).unwrap_or("ok");
-                tracing::debug!(op = %op, id = id.as_deref().map_or("null", |r| r.get()), uid = peer.uid, code,
+                tracing::debug!(op = %op, id = short_id(&id), uid = peer.uid, code,
                     micros = began.map_or(0, |b| b.elapsed().as_micros() as u64), "request");
             }
             encoded(&id, &outcome)

@@ -47,6 +47,8 @@ fn units_verify() {
         "CapabilityBoundingSet=\n",
         "UMask=0077",
         "SystemCallFilter=@system-service",
+        "EnvironmentFile=-/etc/apikeyd/env",
+        "Documentation=file:/usr/local/share/doc/apikeyd/operations.md",
     ] {
         assert!(
             service.contains(directive),

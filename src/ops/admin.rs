@@ -73,7 +73,13 @@ pub async fn stats(app: &App) -> Result<Body> {
         cache,
         store: StoreFigures {
             mode: app.store.mode,
-            redis_connected: app.store.redis_connected(),
+            // Not connected until Redis has answered once, though commands are tried.
+            redis_connected: app.store.redis_connected().map(|up| {
+                up && app
+                    .redis
+                    .as_ref()
+                    .is_some_and(|r| r.answered.load(Ordering::Relaxed))
+            }),
         },
         process: Process {
             dumpable: crate::hardening::dumpable() != 0,
