@@ -47,6 +47,8 @@ pub struct App {
     pub started: Instant,
     /// Redis mode only (set by `run` after `new`).
     pub redis: Option<RedisSwitches>,
+    /// Request counters and the Prometheus registry.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl App {
@@ -60,6 +62,8 @@ impl App {
         audit: Audit,
         key: Arc<MasterKey>,
     ) -> Self {
+        let metrics =
+            crate::metrics::Metrics::new(store.mode == crate::actors::store::StoreMode::Redis);
         App {
             deadline: config.request_timeout(),
             cache_reader,
@@ -73,6 +77,7 @@ impl App {
             requests_total: AtomicU64::new(0),
             started: Instant::now(),
             redis: None,
+            metrics,
         }
     }
 
@@ -107,6 +112,17 @@ impl App {
             Some(key) => Ok(key),
             None => self.cache.send(PickPoolKey { pool }).await?,
         }
+    }
+
+    /// `None` in embedded mode; in Redis mode whether Redis has answered since start
+    /// and is not known to be down now.
+    pub fn redis_up(&self) -> Option<bool> {
+        self.store.redis_connected().map(|up| {
+            up && self
+                .redis
+                .as_ref()
+                .is_some_and(|r| r.answered.load(Ordering::Relaxed))
+        })
     }
 
     /// Asks the keystore, for at most `server.request_timeout_ms`.

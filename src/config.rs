@@ -16,6 +16,7 @@ pub struct Config {
     pub quota: QuotaConfig,
     pub access: AccessConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
     /// Per-service overrides and additions to the built-in table, keyed by lower-cased name.
     pub services: BTreeMap<String, ServiceConfig>,
     /// The file this config was read from, for reloads.
@@ -238,6 +239,14 @@ impl Default for LogConfig {
     }
 }
 
+/// `[metrics]`
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Loopback address for `GET /metrics` (`"127.0.0.1:9464"`); empty: off.
+    pub listen: String,
+}
+
 /// `[services.<name>]`: all members optional; absent ones fall back to the built-in table.
 #[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -354,6 +363,23 @@ impl Config {
         if self.redis.prefix.is_empty() || self.redis.prefix.contains(char::is_whitespace) {
             return bad("redis.prefix must be non-empty and without whitespace".into());
         }
+        if !self.metrics.listen.is_empty() {
+            match self.metrics.listen.parse::<std::net::SocketAddr>() {
+                Ok(a) if a.ip().is_loopback() => {}
+                Ok(_) => {
+                    return bad(format!(
+                        "metrics.listen {:?} is not a loopback address; the metrics are not authenticated, so use 127.0.0.1:PORT or [::1]:PORT",
+                        self.metrics.listen
+                    ))
+                }
+                Err(_) => {
+                    return bad(format!(
+                        "metrics.listen {:?} is not an address such as \"127.0.0.1:9464\"",
+                        self.metrics.listen
+                    ))
+                }
+            }
+        }
         if let Some(problem) = redis_url_problem(&self.redis.url) {
             return bad(problem);
         }
@@ -404,6 +430,7 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         log.level,
         log.format,
         log.audit_file,
+        metrics.listen,
     );
     changed
 }

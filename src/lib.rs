@@ -31,6 +31,7 @@ pub mod error;
 pub mod hardening;
 pub mod legacy;
 pub mod logfmt;
+pub mod metrics;
 pub mod ops;
 pub mod protocol;
 pub mod resolver;
@@ -160,11 +161,14 @@ async fn watchdog(app: Rc<App>, every: std::time::Duration) {
 
 /// Runs the daemon on `listener` until `Control::Shutdown` (or the sender is dropped).
 /// Must be called inside an actix `System`.
+///
+/// `metrics`: the `metrics.listen` port bound by [`metrics::bind`], served from here on.
 pub async fn run(
     config: Config,
     opened: Opened,
     listener: UnixListener,
     mut control: mpsc::UnboundedReceiver<Control>,
+    metrics: Option<metrics::Listener>,
 ) -> Result<(), StartError> {
     let Opened {
         key,
@@ -209,6 +213,20 @@ pub async fn run(
     app.redis = switches;
     let app = Rc::new(app);
 
+    if let Some(listener) = metrics {
+        let (ask, mut asked) = mpsc::unbounded_channel::<metrics::RenderRequest>();
+        let addr = listener.addr();
+        listener
+            .spawn(ask)
+            .map_err(|e| StartError(format!("cannot start the metrics thread: {e}")))?;
+        let app = app.clone();
+        actix_rt::spawn(async move {
+            while let Some(reply) = asked.recv().await {
+                let _ = reply.send(metrics::render(&app).await);
+            }
+        });
+        tracing::info!(%addr, "serving GET /metrics");
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let reload_app = app.clone();
     actix_rt::spawn(async move {

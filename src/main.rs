@@ -195,6 +195,10 @@ fn serve(explicit: Option<PathBuf>) -> ExitCode {
             Ok(p) => p,
             Err(e) => return refuse(format!("bad socket from systemd: {e}")),
         };
+        let metrics = match apikeyd::metrics::bind(Some(&config.metrics.listen)) {
+            Ok(m) => m,
+            Err(e) => return refuse(e),
+        };
         let activated = passed.is_some();
         let bound = match passed {
             Some(l) => tokio::net::UnixListener::from_std(l),
@@ -213,7 +217,7 @@ fn serve(explicit: Option<PathBuf>) -> ExitCode {
         } else {
             tracing::info!(socket = %socket.display(), "listening");
         }
-        let outcome = apikeyd::run(config, opened, listener, rx).await;
+        let outcome = apikeyd::run(config, opened, listener, rx, metrics).await;
         if !activated {
             if let Err(e) = std::fs::remove_file(&socket) {
                 tracing::warn!(error = %e, "cannot remove the socket file");

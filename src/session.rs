@@ -21,6 +21,7 @@ use zeroize::{Zeroize, Zeroizing};
 use crate::access::Peer;
 use crate::app::App;
 use crate::error::{Error, Result};
+use crate::metrics;
 use crate::ops;
 use crate::protocol::{parse_line, write_response, Body, Id, Line};
 
@@ -156,6 +157,7 @@ fn start(
         Line::Blank => return None,
         Line::Invalid { id, error } => {
             app.requests_total.fetch_add(1, Ordering::Relaxed);
+            app.metrics.record(metrics::OPS.len(), error.code(), None);
             tracing::debug!(code = error.code(), "malformed request");
             return Some(future::ready(encoded(&id, &Err(error))).boxed_local());
         }
@@ -172,11 +174,12 @@ fn start(
             "?".into()
         }
     });
+    let op_index = metrics::op_index(&req.op);
     let order = order.clone();
     let ticket = order.ticket(ops::is_write(&req.op));
     Some(
         async move {
-            let began = op.as_ref().map(|_| Instant::now());
+            let began = Instant::now();
             order.admit(&ticket).await;
             // Every call into a store is bounded by server.request_timeout_ms
             // (actors::within), so this never waits forever.
@@ -190,10 +193,12 @@ fn start(
                     ))
                 });
             order.finish(ticket);
+            let code = outcome.as_ref().err().map(Error::code).unwrap_or("ok");
+            let took = began.elapsed();
+            app.metrics.record(op_index, code, Some(took));
             if let Some(op) = op {
-                let code = outcome.as_ref().err().map(Error::code).unwrap_or("ok");
                 tracing::debug!(op = %op, id = short_id(&id), uid = peer.uid, code,
-                    micros = began.map_or(0, |b| b.elapsed().as_micros() as u64), "request");
+                    micros = took.as_micros() as u64, "request");
             }
             encoded(&id, &outcome)
         }
@@ -256,6 +261,7 @@ pub async fn run(app: Rc<App>, stream: UnixStream, peer: Peer, stop: Cancellatio
                         Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded)) => {
                             tracing::info!(uid = peer.uid, max_line, "request line too long; closing the connection");
                             app.requests_total.fetch_add(1, Ordering::Relaxed);
+                            app.metrics.record(metrics::OPS.len(), "too_large", None);
                             let line = encoded(&None, &Err(Error::TooLarge(max_line)));
                             pending.push_back(future::ready(line).boxed_local());
                             reading = false;

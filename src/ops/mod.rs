@@ -28,6 +28,7 @@ async fn run(app: &App, peer: &Peer, op: &str, req: &mut Request) -> Result<Body
     match op {
         "ping" => admin::ping(),
         "stats" => admin::stats(app).await,
+        "metrics" => admin::metrics(app).await,
         "get_user_api_key" => keys::get_user_api_key(app, req).await,
         "get_gitea_credentials" => keys::get_gitea_credentials(app, req).await,
         "set_user_api_key" => keys::set_user_api_key(app, req).await,
