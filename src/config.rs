@@ -33,6 +33,10 @@ pub struct ServerConfig {
     pub socket_mode: String,
     pub max_line_bytes: usize,
     pub max_connections: usize,
+    /// Connections one uid may hold at once (root and the daemon's own uid excepted).
+    pub max_connections_per_uid: usize,
+    /// Slots of `max_connections` that only admins may take.
+    pub admin_reserved_connections: usize,
     pub idle_timeout_s: u64,
     /// Deadline of one request, waiting included; past it the answer is `unavailable`.
     pub request_timeout_ms: u64,
@@ -45,6 +49,8 @@ impl Default for ServerConfig {
             socket_mode: "0660".into(),
             max_line_bytes: 65536,
             max_connections: 1024,
+            max_connections_per_uid: 256,
+            admin_reserved_connections: 8,
             idle_timeout_s: 300,
             request_timeout_ms: 10_000,
         }
@@ -327,6 +333,19 @@ impl Config {
         }
     }
 
+    /// Fits `server.max_connections` under an open-file limit of `open_files` (with
+    /// room for the daemon's own files); answers the old value when it had to lower it.
+    pub fn fit_connections(&mut self, open_files: u64) -> Option<usize> {
+        const OWN_FILES: u64 = 64;
+        let room = usize::try_from(open_files.saturating_sub(OWN_FILES)).unwrap_or(usize::MAX);
+        let wanted = self.server.max_connections;
+        if wanted <= room {
+            return None;
+        }
+        self.server.max_connections = room.max(1);
+        Some(wanted)
+    }
+
     /// How long a request may wait on any one store (`server.request_timeout_ms`).
     pub fn request_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.server.request_timeout_ms.max(1))
@@ -353,6 +372,9 @@ impl Config {
         }
         if self.server.max_connections == 0 {
             return bad("server.max_connections must be at least 1".into());
+        }
+        if self.server.max_connections_per_uid == 0 {
+            return bad("server.max_connections_per_uid must be at least 1".into());
         }
         if self.cache.max_entries == 0 {
             return bad("cache.max_entries must be at least 1".into());
@@ -547,6 +569,17 @@ mod tests {
                 "{p}"
             );
         }
+    }
+
+    #[test]
+    fn connections_fit_the_open_file_limit() {
+        let mut c = Config::parse("").unwrap();
+        assert_eq!(c.fit_connections(1 << 20), None);
+        assert_eq!(c.server.max_connections, 1024);
+        assert_eq!(c.fit_connections(256), Some(1024));
+        assert_eq!(c.server.max_connections, 192);
+        assert_eq!(c.fit_connections(10), Some(192));
+        assert_eq!(c.server.max_connections, 1);
     }
 
     #[test]

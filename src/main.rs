@@ -160,7 +160,7 @@ fn refuse(why: impl std::fmt::Display) -> ExitCode {
 }
 
 fn serve(explicit: Option<PathBuf>) -> ExitCode {
-    let config = match load_config(explicit) {
+    let mut config = match load_config(explicit) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("apikeyd: {e}");
@@ -168,6 +168,18 @@ fn serve(explicit: Option<PathBuf>) -> ExitCode {
         }
     };
     init_logging(&config);
+    match apikeyd::hardening::raise_open_files() {
+        Ok(limit) => {
+            if let Some(wanted) = config.fit_connections(limit) {
+                tracing::warn!(
+                    "server.max_connections = {wanted} does not fit under the open-file limit ({limit}); \
+                     using {}. Raise LimitNOFILE= (systemd) or ulimit -n",
+                    config.server.max_connections
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
     if let Err(e) = apikeyd::hardening::forbid_dumps() {
         return refuse(format!("cannot disable core dumps: {e}"));
     }

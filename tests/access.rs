@@ -170,3 +170,164 @@ fn an_unknown_name_refuses_the_start() {
     );
     assert!(!log.contains("listening"), "{log}");
 }
+
+/// A client process running as nobody that keeps its connection open: `apikeyd call`
+/// reading requests from a pipe we hold.
+struct HeldClient {
+    child: std::process::Child,
+}
+
+impl HeldClient {
+    /// Connects as nobody and waits until the daemon has answered a ping, so the
+    /// connection is known to be counted.
+    fn open(bin: &Path, socket: &Path) -> HeldClient {
+        use std::io::{BufRead, Write};
+        need_root();
+        let mut child = Command::new("setpriv")
+            .args([
+                format!("--reuid={NOBODY}"),
+                format!("--regid={NOBODY}"),
+                "--clear-groups".into(),
+            ])
+            .arg(bin)
+            .arg("call")
+            .arg("--socket")
+            .arg(socket)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("setpriv (util-linux) is needed: apt-get install util-linux");
+        let stdin = child.stdin.as_mut().unwrap();
+        stdin.write_all(b"{\"op\":\"ping\"}\n").unwrap();
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.contains("\"ok\":true"),
+            "held client not served: {line}"
+        );
+        HeldClient { child }
+    }
+}
+
+impl Drop for HeldClient {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn one_uid_cannot_take_every_slot() {
+    let d = TestDaemon::start_with(
+        Mode::Embedded,
+        &format!("[access]\nallow_uids = [{NOBODY}]\n[server]\nmax_connections_per_uid = 2\n"),
+        &[],
+    );
+    let bin = open_up(&d);
+    let held = [
+        HeldClient::open(&bin, &d.socket),
+        HeldClient::open(&bin, &d.socket),
+    ];
+    let out = call_as(&bin, &d.socket, &[], &[json!({"op": "ping"})]);
+    assert_eq!(out[0]["error"]["code"], "unavailable", "{out:?}");
+    assert!(
+        out[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_connections_per_uid"),
+        "{out:?}"
+    );
+    // Root is not counted per uid and still gets in.
+    d.client().ok(json!({"op": "ping"}));
+    // A slot freed is a slot back.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while call_as(&bin, &d.socket, &[], &[json!({"op": "ping"})])[0]["ok"] != true {
+        assert!(Instant::now() < deadline, "slots never released");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_last_slots_are_kept_for_admins() {
+    // max 8, a quarter (2) kept for admins: users get 6.
+    let d = TestDaemon::start_with(
+        Mode::Embedded,
+        &format!("[access]\nallow_uids = [{NOBODY}]\n[server]\nmax_connections = 8\nadmin_reserved_connections = 2\n"),
+        &[],
+    );
+    let bin = open_up(&d);
+    let _held: Vec<HeldClient> = (0..6).map(|_| HeldClient::open(&bin, &d.socket)).collect();
+    let out = call_as(&bin, &d.socket, &[], &[json!({"op": "ping"})]);
+    assert_eq!(out[0]["error"]["code"], "unavailable", "{out:?}");
+    assert!(
+        out[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("kept for admins"),
+        "{out:?}"
+    );
+    // An admin (root here) still gets in.
+    let mut admin = d.client();
+    admin.ok(json!({"op": "stats"}));
+}
+
+#[test]
+fn max_connections_is_clamped_to_the_open_file_limit() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[server]\nmax_connections = 100000\n",
+    )
+    .unwrap();
+    let log = dir.path().join("daemon.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut cmd = Command::new(common::bin());
+    cmd.args(["serve", "--config", "config.toml"])
+        .current_dir(dir.path())
+        .env_remove("APIKEYD_CONFIG")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 128,
+                rlim_max: 512,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let socket = dir.path().join("run/apikeyd.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let answered = loop {
+        if let Ok(mut c) = common::Client::try_connect(&socket) {
+            break c.call(json!({"op": "ping"}));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // SAFETY: kill with a pid we own.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    assert_eq!(answered["ok"], true);
+    let text = std::fs::read_to_string(&log).unwrap();
+    // The soft limit was raised to the hard one (512), and 100000 clamped under it.
+    assert!(
+        text.contains("server.max_connections = 100000 does not fit under the open-file limit (512); using 448"),
+        "{text}"
+    );
+}

@@ -48,6 +48,7 @@ fn units_verify() {
         "UMask=0077",
         "SystemCallFilter=@system-service",
         "EnvironmentFile=-/etc/apikeyd/env",
+        "LimitNOFILE=",
         "Documentation=file:/usr/local/share/doc/apikeyd/operations.md",
     ] {
         assert!(
