@@ -16,6 +16,10 @@
 //! - `resolver` runs user key → channel pool → global pool → config default.
 //! - `crypto` seals every key with AES-256-GCM bound to its place; `error` maps every
 //!   failure to a wire code.
+//! - `access` turns peer credentials (uid, gid, supplementary groups) into a role;
+//!   `audit` records writes, admin ops and refused connections; `metrics` counts
+//!   answers and renders the Prometheus text; `logfmt` escapes text-log values;
+//!   `check` is `apikeyd check-config`.
 
 pub mod access;
 pub mod actors;

@@ -307,6 +307,9 @@ fn check_config(explicit: Option<PathBuf>) -> ExitCode {
             path.display()
         );
         print!("{text}");
+        if !text.ends_with('\n') {
+            println!();
+        }
     }
     for note in &report.notes {
         eprintln!("note: {note}");

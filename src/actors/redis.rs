@@ -184,6 +184,14 @@ pub fn describe_error(e: &redis::RedisError) -> String {
     }
 }
 
+/// Redis answered but cannot serve right now (loading its data after a restart, or
+/// failing over): the client should retry, so `unavailable` rather than `internal`.
+/// Inside a transaction the kind is ExecAbort; its message names the cause.
+fn is_transient(e: &redis::RedisError) -> bool {
+    matches!(e.retry_method(), redis::RetryMethod::WaitAndRetry)
+        || e.to_string().contains("BusyLoading")
+}
+
 fn is_connection_error(e: &redis::RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
 }
@@ -254,6 +262,12 @@ impl Inner {
                 self.mark_down(what, &describe_error(&e));
                 Err(Error::Unavailable(
                     "redis is unreachable; retry shortly".into(),
+                ))
+            }
+            Ok(Err(e)) if is_transient(&e) => {
+                tracing::warn!(what, error = %e, "redis cannot serve right now (loading or failing over)");
+                Err(Error::Unavailable(
+                    "redis is loading its data or failing over; retry shortly".into(),
                 ))
             }
             Ok(Err(e)) => {
