@@ -161,7 +161,9 @@ pub struct AccessConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum Principal {
+    /// A uid or gid.
     Id(u32),
+    /// A user or group name on this host (a string of digits counts as a number).
     Name(String),
 }
 

@@ -208,14 +208,24 @@ fn text_logs_escape_values_from_redis_and_clients() {
 
 #[test]
 fn stats_says_not_connected_until_redis_has_answered() {
-    let dir = tempfile::tempdir().unwrap();
-    let missing = dir.path().join("no-redis.sock");
+    // A "Redis" that accepts connections (the kernel's backlog) and never answers: the
+    // daemon's first commands are in flight, not failed, so only "has it answered"
+    // can tell.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
     let d = TestDaemon::start_with(
         Mode::Embedded,
-        &format!("[redis]\nurl = \"redis+unix://{}\"\n", missing.display()),
+        &format!("[redis]\nurl = \"redis://127.0.0.1:{port}/0\"\ntimeout_ms = 60000\n"),
         &[],
     );
     let r = d.client().ok(json!({"op": "stats"}));
     assert_eq!(r["store"]["mode"], "redis");
     assert_eq!(r["store"]["redis_connected"], false, "{r}");
+    drop(silent);
+
+    // With a real Redis it turns true once Redis has answered.
+    let d = TestDaemon::start_with(Mode::Redis, "", &[]);
+    wait_until("redis_connected", || {
+        d.client().ok(json!({"op": "stats"}))["store"]["redis_connected"] == true
+    });
 }
