@@ -158,13 +158,42 @@ pub struct AccessConfig {
 }
 
 /// A user or group in `[access]`: its number, or its name on this host.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum Principal {
     /// A uid or gid.
     Id(u32),
     /// A user or group name on this host (a string of digits counts as a number).
     Name(String),
+}
+
+impl<'de> Deserialize<'de> for Principal {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = Principal;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a uid or gid (0-4294967295) or a user or group name")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Principal, E> {
+                u32::try_from(v)
+                    .map(Principal::Id)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Principal, E> {
+                u32::try_from(v)
+                    .map(Principal::Id)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Principal, E> {
+                if v.is_empty() {
+                    return Err(E::invalid_value(serde::de::Unexpected::Str(v), &self));
+                }
+                Ok(Principal::Name(v.to_owned()))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 /// `[access]` with every name resolved to its uid or gid.
@@ -606,6 +635,10 @@ mod tests {
                 .unwrap();
         assert_eq!(c.access.ids.allow_uids, vec![0, 7]);
         assert_eq!(c.access.ids.admin_gids, vec![0, 12]);
+        for bad in ["-1", "true", "\"\"", "4294967296"] {
+            let e = Config::parse(&format!("[access]\nallow_uids = [{bad}]")).unwrap_err();
+            assert!(e.0.contains("a uid or gid"), "{bad}: {e}");
+        }
         let e = Config::parse("[access]\nallow_gids = [\"no-such-group-apikeyd\"]").unwrap_err();
         assert!(
             e.0.contains("access.allow_gids") && e.0.contains("no-such-group-apikeyd"),
