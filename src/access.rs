@@ -1,6 +1,10 @@
-//! Who may talk to the daemon (SPEC §5): roles from the peer's credentials.
+//! Who may talk to the daemon (SPEC §5): roles from the peer's credentials, the
+//! peer's supplementary groups, and user and group names in `[access]`.
 
-use crate::config::AccessConfig;
+use std::ffi::CString;
+use std::os::fd::AsRawFd;
+
+use crate::config::AccessIds;
 
 /// What a peer may do.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -22,22 +26,110 @@ pub struct Peer {
     pub role: Role,
 }
 
-/// The role of (uid, gid) under `access`. Root and the daemon's own uid are admins.
-/// The gid is the peer's effective group as the kernel reports it; supplementary
-/// groups are not seen.
-pub fn role(access: &AccessConfig, uid: u32, gid: u32) -> Role {
+/// The role of a peer with `uid`, effective `gid` and supplementary `groups` under
+/// `access`. Root and the daemon's own uid are admins; a group list matches when any
+/// of the peer's groups (effective or supplementary) is listed.
+pub fn role(access: &AccessIds, uid: u32, gid: u32, groups: &[u32]) -> Role {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let own = unsafe { libc::geteuid() };
-    if uid == 0
-        || uid == own
-        || access.admin_uids.contains(&uid)
-        || access.admin_gids.contains(&gid)
-    {
+    let in_any =
+        |listed: &[u32]| listed.contains(&gid) || groups.iter().any(|g| listed.contains(g));
+    if uid == 0 || uid == own || access.admin_uids.contains(&uid) || in_any(&access.admin_gids) {
         Role::Admin
-    } else if access.allow_uids.contains(&uid) || access.allow_gids.contains(&gid) {
+    } else if access.allow_uids.contains(&uid) || in_any(&access.allow_gids) {
         Role::User
     } else {
         Role::Denied
+    }
+}
+
+/// `SO_PEERGROUPS` (Linux 4.13+), which the libc crate does not export for every
+/// target: 59 everywhere except sparc.
+#[cfg(not(target_arch = "sparc64"))]
+const SO_PEERGROUPS: libc::c_int = 59;
+#[cfg(target_arch = "sparc64")]
+const SO_PEERGROUPS: libc::c_int = 0x003d;
+
+/// The supplementary groups of the process at the other end of `socket`, as the
+/// kernel recorded them when it connected (SO_PEERGROUPS).
+pub fn peer_groups(socket: &impl AsRawFd) -> std::io::Result<Vec<u32>> {
+    let fd = socket.as_raw_fd();
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: `groups` has `len` writable bytes; the kernel writes at most that
+        // many and reports the size it needs (ERANGE) when they do not fit.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if rc == 0 {
+            groups.truncate(len as usize / std::mem::size_of::<libc::gid_t>());
+            return Ok(groups);
+        }
+        let e = std::io::Error::last_os_error();
+        let needed = len as usize / std::mem::size_of::<libc::gid_t>();
+        if e.raw_os_error() == Some(libc::ERANGE) && needed > groups.len() && needed <= 65536 {
+            groups.resize(needed, 0);
+            continue;
+        }
+        return Err(e);
+    }
+}
+
+/// The uid of the user called `name` on this host (from the passwd database).
+pub fn uid_of(name: &str) -> Option<u32> {
+    let cname = CString::new(name).ok()?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // SAFETY: a zeroed passwd is a valid out-parameter; `buf` outlives the call
+        // and the pointers it fills are not used after it.
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        let rc = unsafe {
+            libc::getpwnam_r(
+                cname.as_ptr(),
+                &mut pwd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 4, 0);
+            continue;
+        }
+        return (rc == 0 && !found.is_null()).then_some(pwd.pw_uid);
+    }
+}
+
+/// The gid of the group called `name` on this host (from the group database).
+pub fn gid_of(name: &str) -> Option<u32> {
+    let cname = CString::new(name).ok()?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // SAFETY: as in `uid_of`, with the group database.
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        let rc = unsafe {
+            libc::getgrnam_r(
+                cname.as_ptr(),
+                &mut grp,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 4, 0);
+            continue;
+        }
+        return (rc == 0 && !found.is_null()).then_some(grp.gr_gid);
     }
 }
 
@@ -47,19 +139,30 @@ mod tests {
 
     #[test]
     fn roles() {
-        let a = AccessConfig {
+        let a = AccessIds {
             allow_uids: vec![1001],
             allow_gids: vec![2000],
             admin_uids: vec![1002],
             admin_gids: vec![3000],
         };
-        assert_eq!(role(&a, 0, 0), Role::Admin);
-        assert_eq!(role(&a, 1002, 5), Role::Admin);
-        assert_eq!(role(&a, 4242, 3000), Role::Admin);
-        assert_eq!(role(&a, 1001, 5), Role::User);
-        assert_eq!(role(&a, 4242, 2000), Role::User);
+        assert_eq!(role(&a, 0, 0, &[]), Role::Admin);
+        assert_eq!(role(&a, 1002, 5, &[]), Role::Admin);
+        assert_eq!(role(&a, 4242, 3000, &[]), Role::Admin);
+        assert_eq!(role(&a, 4242, 5, &[7, 3000]), Role::Admin);
+        assert_eq!(role(&a, 1001, 5, &[]), Role::User);
+        assert_eq!(role(&a, 4242, 2000, &[]), Role::User);
+        assert_eq!(role(&a, 4242, 5, &[2000]), Role::User);
         if unsafe { libc::geteuid() } != 4242 {
-            assert_eq!(role(&a, 4242, 4242), Role::Denied);
+            assert_eq!(role(&a, 4242, 4242, &[4243]), Role::Denied);
         }
+    }
+
+    #[test]
+    fn names_resolve() {
+        assert_eq!(uid_of("root"), Some(0));
+        assert_eq!(gid_of("root"), Some(0));
+        assert_eq!(uid_of("no-such-user-apikeyd"), None);
+        assert_eq!(gid_of("no-such-group-apikeyd"), None);
+        assert_eq!(uid_of("bad\0name"), None);
     }
 }

@@ -1,6 +1,6 @@
 //! `App`: what every connection shares — the actor addresses, the live config, counters.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -15,6 +15,14 @@ use crate::actors::store::Store;
 use crate::audit::Audit;
 use crate::config::Config;
 use crate::crypto::MasterKey;
+
+/// Redis mode: the store's state that the rest of the daemon reads or switches.
+pub struct RedisSwitches {
+    /// `redis.accept_legacy_plaintext`, applied by reloads.
+    pub accept_legacy: Arc<AtomicBool>,
+    /// Whether Redis has answered once since start.
+    pub answered: Arc<AtomicBool>,
+}
 
 /// Shared by every connection of one daemon.
 pub struct App {
@@ -38,6 +46,10 @@ pub struct App {
     /// Non-blank request lines since start.
     pub requests_total: AtomicU64,
     pub started: Instant,
+    /// Redis mode only (set by `run` after `new`).
+    pub redis: Option<RedisSwitches>,
+    /// Request counters and the Prometheus registry.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl App {
@@ -51,6 +63,8 @@ impl App {
         audit: Audit,
         key: Arc<MasterKey>,
     ) -> Self {
+        let metrics =
+            crate::metrics::Metrics::new(store.mode == crate::actors::store::StoreMode::Redis);
         App {
             deadline: config.request_timeout(),
             cache_reader,
@@ -63,6 +77,8 @@ impl App {
             connections: AtomicU64::new(0),
             requests_total: AtomicU64::new(0),
             started: Instant::now(),
+            redis: None,
+            metrics,
         }
     }
 
@@ -103,6 +119,17 @@ impl App {
         }
     }
 
+    /// `None` in embedded mode; in Redis mode whether Redis has answered since start
+    /// and is not known to be down now.
+    pub fn redis_up(&self) -> Option<bool> {
+        self.store.redis_connected().map(|up| {
+            up && self
+                .redis
+                .as_ref()
+                .is_some_and(|r| r.answered.load(Ordering::Relaxed))
+        })
+    }
+
     /// Asks the keystore, for at most `server.request_timeout_ms`.
     pub async fn keystore<M, T>(&self, msg: M) -> crate::error::Result<T>
     where
@@ -131,7 +158,9 @@ impl App {
     }
 
     /// Re-reads the config file and the master keyring and applies them: services,
-    /// access (new connections), quota, cache, and the keyring. The keyring is only
+    /// access (new connections, names resolved again), quota, cache, the keyring,
+    /// `redis.accept_legacy_plaintext` and `log.audit_quota`; reopens the audit file.
+    /// Each changed setting that needs a restart is logged as a warning. The keyring is only
     /// put in service when it opens the keystore's check value; on any failure
     /// nothing changes. Answers the key versions now in service.
     pub async fn reload(&self) -> Result<Vec<u32>, String> {
@@ -166,6 +195,20 @@ impl App {
         self.cache.do_send(Configure {
             cache: new.cache.clone(),
         });
+        let old = self.config();
+        for setting in crate::config::needs_restart(&old, &new) {
+            tracing::warn!(
+                setting,
+                "{setting} changed in the config file but needs a restart; the running value stays"
+            );
+        }
+        if let Some(r) = &self.redis {
+            r.accept_legacy
+                .store(new.redis.accept_legacy_plaintext, Ordering::Relaxed);
+        }
+        if let Err(e) = self.audit.reopen() {
+            tracing::error!(error = %e, "cannot reopen log.audit_file; still appending to the old one");
+        }
         self.set_config(new);
         let versions = self.key.versions();
         tracing::info!(key_versions = ?versions, "config and keyring reloaded");

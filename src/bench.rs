@@ -110,7 +110,10 @@ impl Tally {
 }
 
 fn fill(template: &str, n: usize) -> String {
-    template.replace("{n}", &n.to_string())
+    // `{N}` too: clap turns a literal `{n}` in help text into a line break, so the
+    // help documents `{N}`.
+    let n = n.to_string();
+    template.replace("{n}", &n).replace("{N}", &n)
 }
 
 /// Appends the next `load.pipeline` request lines for apikeyd to `out`, advancing the

@@ -23,19 +23,38 @@ pub fn request(socket: &Path, line: &str) -> std::io::Result<serde_json::Value> 
     })
 }
 
-/// Sends `requests` (or, when empty, every line of stdin) to the daemon at `socket`
-/// and prints each response line. Returns the process exit code: 0 when every
-/// response was `ok`, 1 when one was not, 2 when the daemon could not be reached.
-pub fn call(socket: &Path, requests: Vec<String>) -> i32 {
-    let stream = match UnixStream::connect(socket) {
-        Ok(s) => s,
+/// Connects to the daemon, or says why not in words a caller can act on.
+fn connect(socket: &Path, who: &str) -> Option<UnixStream> {
+    match UnixStream::connect(socket) {
+        Ok(s) => Some(s),
         Err(e) => {
+            let hint = match e.kind() {
+                std::io::ErrorKind::PermissionDenied => {
+                    "this user lacks access to the socket: it must be in the socket's group \
+                     (see docs/operations.md, \"Access\")"
+                }
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                    "is `apikeyd serve` running with this socket?"
+                }
+                _ => "check the path and the daemon",
+            };
             eprintln!(
-                "apikeyd call: cannot connect to {}: {e} (is `apikeyd serve` running with this socket?)",
+                "{who}: cannot connect to {}: {e} ({hint})",
                 socket.display()
             );
-            return 2;
+            None
         }
+    }
+}
+
+/// Sends `requests` (or, when empty, every line of stdin) to the daemon at `socket`
+/// and prints each response line. Returns the process exit code: 0 when every
+/// response was `ok`, 1 when one was not (`too_large`, `forbidden` and every other
+/// error answer), 2 when the daemon could not be reached or closed the connection
+/// before answering.
+pub fn call(socket: &Path, requests: Vec<String>) -> i32 {
+    let Some(stream) = connect(socket, "apikeyd call") else {
+        return 2;
     };
     let Ok(mut writer) = stream.try_clone() else {
         eprintln!("apikeyd call: cannot use the socket");
@@ -72,11 +91,45 @@ pub fn call(socket: &Path, requests: Vec<String>) -> i32 {
     }
     match sender.join() {
         Ok(Ok(())) => code,
+        // The daemon closes the connection after `too_large` or a refused peer, so the
+        // rest could not be sent: that is the error answer already counted.
+        _ if code == 1 => 1,
         _ => {
             eprintln!(
                 "apikeyd call: the daemon closed the connection before all requests were sent"
             );
             2
+        }
+    }
+}
+
+/// `apikeyd metrics`: prints the daemon's Prometheus text (op `metrics`). Exit code
+/// as for [`call`].
+pub fn metrics(socket: &Path) -> i32 {
+    let Some(mut stream) = connect(socket, "apikeyd metrics") else {
+        return 2;
+    };
+    if stream.write_all(b"{\"op\":\"metrics\"}\n").is_err() {
+        eprintln!("apikeyd metrics: the daemon closed the connection");
+        return 2;
+    }
+    let mut line = String::new();
+    match BufReader::new(stream).read_line(&mut line) {
+        Ok(n) if n > 0 => {}
+        _ => {
+            eprintln!("apikeyd metrics: the daemon closed the connection without answering");
+            return 2;
+        }
+    }
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+    match v["result"]["text"].as_str() {
+        Some(text) if v["ok"] == true => {
+            print!("{text}");
+            0
+        }
+        _ => {
+            eprintln!("apikeyd metrics: {}", line.trim_end());
+            1
         }
     }
 }

@@ -3,10 +3,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The whole configuration file (SPEC §6). Every key is optional.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
@@ -17,6 +17,7 @@ pub struct Config {
     pub pools: PoolsConfig,
     pub access: AccessConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
     /// Per-service overrides and additions to the built-in table, keyed by lower-cased name.
     pub services: BTreeMap<String, ServiceConfig>,
     /// The file this config was read from, for reloads.
@@ -25,7 +26,7 @@ pub struct Config {
 }
 
 /// `[server]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     pub socket: PathBuf,
@@ -33,6 +34,10 @@ pub struct ServerConfig {
     pub socket_mode: String,
     pub max_line_bytes: usize,
     pub max_connections: usize,
+    /// Connections one uid may hold at once (root and the daemon's own uid excepted).
+    pub max_connections_per_uid: usize,
+    /// Slots of `max_connections` that only admins may take.
+    pub admin_reserved_connections: usize,
     pub idle_timeout_s: u64,
     /// Deadline of one request, waiting included; past it the answer is `unavailable`.
     pub request_timeout_ms: u64,
@@ -45,6 +50,8 @@ impl Default for ServerConfig {
             socket_mode: "0660".into(),
             max_line_bytes: 65536,
             max_connections: 1024,
+            max_connections_per_uid: 256,
+            admin_reserved_connections: 8,
             idle_timeout_s: 300,
             request_timeout_ms: 10_000,
         }
@@ -52,7 +59,7 @@ impl Default for ServerConfig {
 }
 
 /// `[keystore]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KeystoreConfig {
     pub path: PathBuf,
@@ -69,7 +76,7 @@ impl Default for KeystoreConfig {
 }
 
 /// `[redis]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     /// Empty: embedded mode.
@@ -91,7 +98,7 @@ impl Default for RedisConfig {
 }
 
 /// `[cache]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CacheConfig {
     pub user_key_ttl_s: u64,
@@ -113,7 +120,7 @@ impl Default for CacheConfig {
 }
 
 /// What check/consume answer when the quota store cannot be reached.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum OnStoreError {
     #[default]
@@ -122,7 +129,7 @@ pub enum OnStoreError {
 }
 
 /// `[quota]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QuotaConfig {
     pub daily_limit: u64,
@@ -139,7 +146,7 @@ impl Default for QuotaConfig {
 }
 
 /// `[pools]`: pool key health (`report_key_result`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PoolsConfig {
     /// Cooldown of a rate-limited key reported without `retry_after_s`, and of a key
@@ -158,18 +165,107 @@ impl Default for PoolsConfig {
     }
 }
 
-/// `[access]`
-#[derive(Debug, Clone, Deserialize, Default)]
+/// `[access]`: each list takes numbers and names (`allow_gids = ["apikeyd", 1001]`).
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct AccessConfig {
+    pub allow_uids: Vec<Principal>,
+    pub allow_gids: Vec<Principal>,
+    pub admin_uids: Vec<Principal>,
+    pub admin_gids: Vec<Principal>,
+    /// The lists above as numbers, resolved when the config is read (start, reload).
+    #[serde(skip)]
+    pub ids: AccessIds,
+}
+
+/// A user or group in `[access]`: its number, or its name on this host.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Principal {
+    /// A uid or gid.
+    Id(u32),
+    /// A user or group name on this host (a string of digits counts as a number).
+    Name(String),
+}
+
+impl<'de> Deserialize<'de> for Principal {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = Principal;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a uid or gid (0-4294967295) or a user or group name")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Principal, E> {
+                u32::try_from(v)
+                    .map(Principal::Id)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Principal, E> {
+                u32::try_from(v)
+                    .map(Principal::Id)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Principal, E> {
+                if v.is_empty() {
+                    return Err(E::invalid_value(serde::de::Unexpected::Str(v), &self));
+                }
+                Ok(Principal::Name(v.to_owned()))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+/// `[access]` with every name resolved to its uid or gid.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessIds {
     pub allow_uids: Vec<u32>,
     pub allow_gids: Vec<u32>,
     pub admin_uids: Vec<u32>,
     pub admin_gids: Vec<u32>,
 }
 
+impl AccessConfig {
+    /// Resolves every name; an unknown one is an error naming it and its list.
+    fn resolve(&mut self) -> Result<(), ConfigError> {
+        let users =
+            |key: &str, list: &[Principal]| resolve_list(key, list, "user", crate::access::uid_of);
+        let groups =
+            |key: &str, list: &[Principal]| resolve_list(key, list, "group", crate::access::gid_of);
+        self.ids = AccessIds {
+            allow_uids: users("access.allow_uids", &self.allow_uids)?,
+            allow_gids: groups("access.allow_gids", &self.allow_gids)?,
+            admin_uids: users("access.admin_uids", &self.admin_uids)?,
+            admin_gids: groups("access.admin_gids", &self.admin_gids)?,
+        };
+        Ok(())
+    }
+}
+
+fn resolve_list(
+    key: &str,
+    list: &[Principal],
+    kind: &str,
+    lookup: fn(&str) -> Option<u32>,
+) -> Result<Vec<u32>, ConfigError> {
+    list.iter()
+        .map(|p| match p {
+            Principal::Id(n) => Ok(*n),
+            Principal::Name(name) => match name.parse::<u32>() {
+                Ok(n) => Ok(n),
+                Err(_) => lookup(name).ok_or_else(|| {
+                    ConfigError(format!(
+                        "{key}: there is no {kind} named {name:?} on this host"
+                    ))
+                }),
+            },
+        })
+        .collect()
+}
+
 /// Log line format.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -178,7 +274,7 @@ pub enum LogFormat {
 }
 
 /// `[log]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// A tracing filter: `info`, `debug`, or `apikeyd=debug,warn`.
@@ -186,6 +282,8 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// Audit lines are also appended here (JSON lines, mode 0600) when set.
     pub audit_file: Option<PathBuf>,
+    /// Audit every quota count (`increment_…`, `consume_…`) too; off by default.
+    pub audit_quota: bool,
 }
 
 impl Default for LogConfig {
@@ -194,12 +292,21 @@ impl Default for LogConfig {
             level: "info".into(),
             format: LogFormat::Text,
             audit_file: None,
+            audit_quota: false,
         }
     }
 }
 
+/// `[metrics]`
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Loopback address for `GET /metrics` (`"127.0.0.1:9464"`); empty: off.
+    pub listen: String,
+}
+
 /// `[services.<name>]`: all members optional; absent ones fall back to the built-in table.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServiceConfig {
     pub display_name: Option<String>,
@@ -259,6 +366,7 @@ impl Config {
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
             .collect();
         config.validate()?;
+        config.access.resolve()?;
         Ok(config)
     }
 
@@ -275,6 +383,19 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
+    }
+
+    /// Fits `server.max_connections` under an open-file limit of `open_files` (with
+    /// room for the daemon's own files); answers the old value when it had to lower it.
+    pub fn fit_connections(&mut self, open_files: u64) -> Option<usize> {
+        const OWN_FILES: u64 = 64;
+        let room = usize::try_from(open_files.saturating_sub(OWN_FILES)).unwrap_or(usize::MAX);
+        let wanted = self.server.max_connections;
+        if wanted <= room {
+            return None;
+        }
+        self.server.max_connections = room.max(1);
+        Some(wanted)
     }
 
     /// How long a request may wait on any one store (`server.request_timeout_ms`).
@@ -304,6 +425,9 @@ impl Config {
         if self.server.max_connections == 0 {
             return bad("server.max_connections must be at least 1".into());
         }
+        if self.server.max_connections_per_uid == 0 {
+            return bad("server.max_connections_per_uid must be at least 1".into());
+        }
         if self.cache.max_entries == 0 {
             return bad("cache.max_entries must be at least 1".into());
         }
@@ -316,11 +440,34 @@ impl Config {
         if self.redis.prefix.is_empty() || self.redis.prefix.contains(char::is_whitespace) {
             return bad("redis.prefix must be non-empty and without whitespace".into());
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+        if !self.metrics.listen.is_empty() {
+            match self.metrics.listen.parse::<std::net::SocketAddr>() {
+                Ok(a) if a.ip().is_loopback() => {}
+                Ok(_) => {
+                    return bad(format!(
+                        "metrics.listen {:?} is not a loopback address; the metrics are not authenticated, so use 127.0.0.1:PORT or [::1]:PORT",
+                        self.metrics.listen
+                    ))
+                }
+                Err(_) => {
+                    return bad(format!(
+                        "metrics.listen {:?} is not an address such as \"127.0.0.1:9464\"",
+                        self.metrics.listen
+                    ))
+                }
+            }
+        }
+        if let Some(problem) = redis_url_problem(&self.redis.url) {
+            return bad(problem);
+        }
+        if !valid_level(&self.log.level) {
             return bad(format!(
-                "log.level {:?} is not a valid level or filter",
+                "log.level {:?} is not a level (trace, debug, info, warn, error, off) or a filter such as \"apikeyd=debug,warn\"",
                 self.log.level
             ));
+        }
+        if self.server.idle_timeout_s == 0 {
+            return bad("server.idle_timeout_s must be at least 1 (seconds)".into());
         }
         for name in self.services.keys() {
             if crate::protocol::check_service(name).is_err() {
@@ -331,6 +478,90 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The settings that differ between `old` and `new` but are only read at start, so
+/// a reload cannot apply them. Everything else (`[services]`, `[access]`, `[quota]`,
+/// `[cache]` but `lock_memory`, `server.max_line_bytes` and `server.idle_timeout_s`
+/// for new connections, `redis.accept_legacy_plaintext`, `log.audit_quota`, the
+/// master key) is applied by a reload.
+pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    macro_rules! compare {
+        ($($section:ident . $key:ident),* $(,)?) => {
+            $(if old.$section.$key != new.$section.$key {
+                changed.push(concat!(stringify!($section), ".", stringify!($key)));
+            })*
+        };
+    }
+    compare!(
+        server.socket,
+        server.socket_mode,
+        server.max_connections,
+        server.request_timeout_ms,
+        keystore.path,
+        redis.url,
+        redis.prefix,
+        redis.timeout_ms,
+        cache.lock_memory,
+        log.level,
+        log.format,
+        log.audit_file,
+        metrics.listen,
+    );
+    changed
+}
+
+/// What is wrong with `redis.url`, phrased for the person who wrote it; `None` when
+/// it is usable (or empty: embedded mode). Never repeats the URL, which may hold a
+/// password.
+pub fn redis_url_problem(url: &str) -> Option<String> {
+    use redis::IntoConnectionInfo;
+    const FORMS: &str =
+        "redis://host:6379/0, redis://:password@host:6379/0 or redis+unix:///run/redis/redis.sock";
+    if url.is_empty() {
+        return None;
+    }
+    let Some(scheme) = url.split_once("://").map(|(s, _)| s) else {
+        return Some(format!("redis.url is not a URL; write it as {FORMS}"));
+    };
+    if ![
+        "redis",
+        "rediss",
+        "redis+unix",
+        "unix",
+        "valkey",
+        "valkeys",
+        "valkey+unix",
+    ]
+    .contains(&scheme)
+    {
+        return Some(format!(
+            "redis.url starts with {scheme:?}://, which is not a Redis scheme; write it as {FORMS}"
+        ));
+    }
+    match url.into_connection_info() {
+        Ok(_) => None,
+        Err(e) => Some(format!(
+            "redis.url cannot be used: {}; write it as {FORMS}",
+            e.detail()
+                .unwrap_or("the host, port, database number or path is malformed")
+        )),
+    }
+}
+
+/// Whether `level` is a level or a tracing filter whose every directive names a
+/// level. tracing itself takes a bare word such as `verbose` as a target name, which
+/// would silence every line, start-up errors included.
+fn valid_level(level: &str) -> bool {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let is_level = |l: &str| LEVELS.contains(&l.trim().to_ascii_lowercase().as_str());
+    !level.trim().is_empty()
+        && tracing_subscriber::EnvFilter::try_new(level).is_ok()
+        && level.split(',').all(|d| match d.rsplit_once('=') {
+            Some((_, l)) => is_level(l),
+            None => is_level(d),
+        })
 }
 
 fn parse_mode(s: &str) -> Option<u32> {
@@ -368,6 +599,85 @@ mod tests {
         assert!(Config::parse("[server]\nsocket_mode = \"rw\"").is_err());
         assert!(Config::parse("[quota]\non_store_error = \"maybe\"").is_err());
         assert!(Config::parse("[services.\"bad name\"]").is_err());
+        assert!(Config::parse("[server]\nidle_timeout_s = 0").is_err());
+        for bad in ["verbose", "", "apikeyd", "apikeyd=loud"] {
+            let e = Config::parse(&format!("[log]\nlevel = {bad:?}")).unwrap_err();
+            assert!(e.0.contains("log.level"), "{e}");
+        }
+        for good in ["debug", "WARN", "apikeyd=debug,warn", "off"] {
+            assert!(
+                Config::parse(&format!("[log]\nlevel = {good:?}")).is_ok(),
+                "{good}"
+            );
+        }
+    }
+
+    #[test]
+    fn redis_urls_are_explained_without_echoing_them() {
+        for good in [
+            "",
+            "redis://127.0.0.1:6379/0",
+            "redis+unix:///run/redis.sock",
+        ] {
+            assert!(redis_url_problem(good).is_none(), "{good}");
+        }
+        for bad in [
+            "localhost:6379",
+            "http://h:1/0",
+            "redis://:s3cret@h:notaport/0",
+            "redis://h:6379/x",
+        ] {
+            let p = redis_url_problem(bad).unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(p.starts_with("redis.url"), "{p}");
+            assert!(
+                !p.contains("s3cret") && !p.contains("InvalidClientConfig"),
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn connections_fit_the_open_file_limit() {
+        let mut c = Config::parse("").unwrap();
+        assert_eq!(c.fit_connections(1 << 20), None);
+        assert_eq!(c.server.max_connections, 1024);
+        assert_eq!(c.fit_connections(256), Some(1024));
+        assert_eq!(c.server.max_connections, 192);
+        assert_eq!(c.fit_connections(10), Some(192));
+        assert_eq!(c.server.max_connections, 1);
+    }
+
+    #[test]
+    fn restart_settings_are_named() {
+        let old =
+            Config::parse("[server]\nmax_connections = 10\n[quota]\ndaily_limit = 3").unwrap();
+        let new = Config::parse(
+            "[server]\nmax_connections = 11\n[quota]\ndaily_limit = 4\n[log]\nformat = \"json\"\n[redis]\naccept_legacy_plaintext = true",
+        )
+        .unwrap();
+        assert_eq!(
+            needs_restart(&old, &new),
+            ["server.max_connections", "log.format"]
+        );
+        assert!(needs_restart(&old, &old).is_empty());
+    }
+
+    #[test]
+    fn access_names_resolve_or_refuse() {
+        let c =
+            Config::parse("[access]\nallow_uids = [\"root\", 7]\nadmin_gids = [\"root\", \"12\"]")
+                .unwrap();
+        assert_eq!(c.access.ids.allow_uids, vec![0, 7]);
+        assert_eq!(c.access.ids.admin_gids, vec![0, 12]);
+        for bad in ["-1", "true", "\"\"", "4294967296"] {
+            let e = Config::parse(&format!("[access]\nallow_uids = [{bad}]")).unwrap_err();
+            assert!(e.0.contains("a uid or gid"), "{bad}: {e}");
+        }
+        let e = Config::parse("[access]\nallow_gids = [\"no-such-group-apikeyd\"]").unwrap_err();
+        assert!(
+            e.0.contains("access.allow_gids") && e.0.contains("no-such-group-apikeyd"),
+            "{e}"
+        );
     }
 
     #[test]

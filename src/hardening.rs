@@ -48,6 +48,32 @@ pub fn locked_kb() -> u64 {
         .unwrap_or(0)
 }
 
+/// Raises the soft open-file limit to the hard one and answers the soft limit now in
+/// force (or the error, leaving the limit as it was).
+pub fn raise_open_files() -> std::io::Result<u64> {
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            lim = raised;
+        }
+        Ok(lim.rlim_cur)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

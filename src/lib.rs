@@ -18,12 +18,17 @@
 //! - `resolver` runs user key → channel pool → global pool → config default.
 //! - `crypto` seals every key with AES-256-GCM bound to its place; `error` maps every
 //!   failure to a wire code.
+//! - `access` turns peer credentials (uid, gid, supplementary groups) into a role;
+//!   `audit` records writes, admin ops and refused connections; `metrics` counts
+//!   answers and renders the Prometheus text; `logfmt` escapes text-log values;
+//!   `check` is `apikeyd check-config`.
 
 pub mod access;
 pub mod actors;
 pub mod app;
 pub mod audit;
 pub mod bench;
+pub mod check;
 pub mod client;
 pub mod clock;
 pub mod config;
@@ -33,6 +38,8 @@ pub mod fleet;
 pub mod hardening;
 pub mod legacy;
 pub mod lock;
+pub mod logfmt;
+pub mod metrics;
 pub mod ops;
 pub mod protocol;
 pub mod resolver;
@@ -92,14 +99,33 @@ pub fn open_keystore(config: &Config) -> Result<Opened, StartError> {
     Ok(opened)
 }
 
+/// Checks what `open_keystore` and `run` would otherwise only find out after the
+/// socket is bound: the audit file can be opened for appending. (The config's values,
+/// the Redis URL and the access names were checked when it was read.)
+pub fn preflight(config: &Config) -> Result<(), StartError> {
+    if let Some(path) = &config.log.audit_file {
+        audit::Audit::open(Some(path)).map_err(|e| {
+            StartError(format!(
+                "cannot open log.audit_file {} for appending: {e}",
+                path.display()
+            ))
+        })?;
+    }
+    Ok(())
+}
+
 /// Starts the store actor the config asks for: Redis when `redis.url` is set, else
 /// the embedded store on `db`. In Redis mode also starts the invalidation listener.
+/// What `start_store` hands back besides the store: in Redis mode the client and key
+/// names for the invalidation listener, and the store's switches for the `App`.
+type RedisParts = Option<(redis::Client, actors::redis::Names, app::RedisSwitches)>;
+
 fn start_store(
     config: &Config,
     key: Arc<MasterKey>,
     db: Connection,
     fleet_verified: bool,
-) -> Result<(Store, Option<(redis::Client, actors::redis::Names)>), StartError> {
+) -> Result<(Store, RedisParts), StartError> {
     if config.redis.url.is_empty() {
         let db = Mutex::new(Some(db));
         let addr = SyncArbiter::start(1, move || {
@@ -134,6 +160,10 @@ fn start_store(
     let names = actors::redis::Names {
         prefix: config.redis.prefix.clone(),
     };
+    let switches = app::RedisSwitches {
+        accept_legacy: store.accept_legacy_switch(),
+        answered: store.answered_flag(),
+    };
     Ok((
         Store::new(
             StoreMode::Redis,
@@ -141,7 +171,7 @@ fn start_store(
             config.request_timeout(),
             store.start(),
         ),
-        Some((client, names)),
+        Some((client, names, switches)),
     ))
 }
 
@@ -167,11 +197,14 @@ async fn watchdog(app: Rc<App>, every: std::time::Duration) {
 
 /// Runs the daemon on `listener` until `Control::Shutdown` (or the sender is dropped).
 /// Must be called inside an actix `System`.
+///
+/// `metrics`: the `metrics.listen` port bound by [`metrics::bind`], served from here on.
 pub async fn run(
     config: Config,
     opened: Opened,
     listener: UnixListener,
     mut control: mpsc::UnboundedReceiver<Control>,
+    metrics: Option<metrics::Listener>,
 ) -> Result<(), StartError> {
     let Opened {
         key,
@@ -199,12 +232,14 @@ pub async fn run(
     );
     let cache_reader = cache.reader();
     let cache = cache.start();
-    if let Some((client, names)) = redis {
+    let mut switches = None;
+    if let Some((client, names, s)) = redis {
         actix_rt::spawn(actors::redis::listen(client, names, cache.clone()));
+        switches = Some(s);
     }
     let audit = audit::Audit::open(config.log.audit_file.as_deref())
         .map_err(|e| StartError(format!("cannot open log.audit_file for appending: {e}")))?;
-    let app = Rc::new(App::new(
+    let mut app = App::new(
         config,
         keystore,
         cache,
@@ -212,8 +247,24 @@ pub async fn run(
         store,
         audit,
         key_for_app,
-    ));
+    );
+    app.redis = switches;
+    let app = Rc::new(app);
 
+    if let Some(listener) = metrics {
+        let (ask, mut asked) = mpsc::unbounded_channel::<metrics::RenderRequest>();
+        let addr = listener.addr();
+        listener
+            .spawn(ask)
+            .map_err(|e| StartError(format!("cannot start the metrics thread: {e}")))?;
+        let app = app.clone();
+        actix_rt::spawn(async move {
+            while let Some(reply) = asked.recv().await {
+                let _ = reply.send(metrics::render(&app).await);
+            }
+        });
+        tracing::info!(%addr, "serving GET /metrics");
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let reload_app = app.clone();
     actix_rt::spawn(async move {

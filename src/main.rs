@@ -1,4 +1,5 @@
-//! The `apikeyd` command line: serve, call, keygen. Nothing else lives here.
+//! The `apikeyd` command line: serve, check-config, call, metrics, keygen, rotation,
+//! import, bench, completions and the man page. Nothing else lives here.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -22,12 +23,19 @@ use apikeyd::Control;
 #[command(
     name = "apikeyd",
     version,
-    about = "Hands API keys to local processes over a Unix socket"
+    about = "Hands API keys to local processes over a Unix socket",
+    long_about = "Hands API keys to local processes over a Unix socket speaking JSON lines.\n\
+                  Operators' guide: docs/operations.md; wire protocol: docs/protocol.md."
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+/// Exit codes of `apikeyd call` (also in docs/operations.md).
+const CALL_EXIT_CODES: &str = "Exit codes: 0 every response was ok; 1 any error answer \
+(including too_large and forbidden); 2 the daemon could not be reached (no socket, \
+no permission, connection closed early).";
 
 #[derive(Subcommand)]
 enum Command {
@@ -37,20 +45,41 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Send JSON request lines (arguments, or stdin when none) and print the responses.
-    Call {
-        /// The daemon's socket (default: server.socket of the config).
+    /// Check a config as `serve` would (TOML, values, paths and permissions, master
+    /// key, Redis, access names) without binding the socket; print the effective
+    /// configuration without secrets. Exit 0 when `serve` would start, 1 otherwise.
+    CheckConfig {
+        /// Config file (default: $APIKEYD_CONFIG, else ./config.toml).
         #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Send JSON request lines (arguments, or stdin when none) and print the responses.
+    #[command(after_help = CALL_EXIT_CODES)]
+    Call {
+        /// The daemon's socket (default: $APIKEYD_SOCKET, else server.socket of the
+        /// config). With it the config is not read at all.
+        #[arg(long, env = "APIKEYD_SOCKET")]
         socket: Option<PathBuf>,
-        /// Config file to find the socket in.
+        /// Config file to find the socket in (default: $APIKEYD_CONFIG, else ./config.toml).
         #[arg(long)]
         config: Option<PathBuf>,
         /// Requests, one JSON object each.
         requests: Vec<String>,
     },
+    /// Print the daemon's metrics in the Prometheus text format (for node_exporter's
+    /// textfile collector), read over the socket.
+    Metrics {
+        /// The daemon's socket (default: $APIKEYD_SOCKET, else server.socket of the config).
+        #[arg(long, env = "APIKEYD_SOCKET")]
+        socket: Option<PathBuf>,
+        /// Config file to find the socket in (default: $APIKEYD_CONFIG, else ./config.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Move the original module's per-user keys from Redis into the keystore and
     /// encrypt pool values left in clear. Idempotent; safe to interrupt and rerun.
     ImportLegacy {
+        /// Config file (default: $APIKEYD_CONFIG, else ./config.toml).
         #[arg(long)]
         config: Option<PathBuf>,
         /// Only print what would be done.
@@ -61,6 +90,7 @@ enum Command {
     /// Redis in Redis mode) and retire the old versions, while the daemon serves.
     /// Safe to interrupt; rerun to carry on.
     RotateMasterKey {
+        /// Config file (default: $APIKEYD_CONFIG, else ./config.toml).
         #[arg(long)]
         config: Option<PathBuf>,
         /// The key file to rotate (default: keystore.master_key_file).
@@ -76,9 +106,18 @@ enum Command {
     Bench(BenchArgs),
     /// Write a new random master key file (mode 0600); refuses to overwrite.
     Keygen {
+        /// Where to write the key file.
         #[arg(long)]
         out: PathBuf,
     },
+    /// Print a shell completion script to stdout (e.g. `apikeyd completions bash >
+    /// /usr/share/bash-completion/completions/apikeyd`).
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to stdout (e.g. `apikeyd man > /usr/local/share/man/man1/apikeyd.1`).
+    Man,
 }
 
 /// The config named on the command line (must exist), else the default (may be absent).
@@ -101,12 +140,27 @@ fn init_logging(config: &Config) {
         .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        // Every value is escaped: ids, field names and hash names come from clients
+        // and from Redis, and a raw newline in one would forge a log line.
+        LogFormat::Text => builder
+            .fmt_fields(apikeyd::logfmt::escaping_fields())
+            .init(),
     }
 }
 
+/// Logs why the start is refused and returns exit code 1. Goes to stderr directly
+/// when the log filter would drop it, so a refusal is never silent.
+fn refuse(why: impl std::fmt::Display) -> ExitCode {
+    if tracing::enabled!(tracing::Level::ERROR) {
+        tracing::error!("refusing to start: {why}");
+    } else {
+        eprintln!("apikeyd: refusing to start: {why}");
+    }
+    ExitCode::from(1)
+}
+
 fn serve(explicit: Option<PathBuf>) -> ExitCode {
-    let config = match load_config(explicit) {
+    let mut config = match load_config(explicit) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("apikeyd: {e}");
@@ -114,9 +168,24 @@ fn serve(explicit: Option<PathBuf>) -> ExitCode {
         }
     };
     init_logging(&config);
+    match apikeyd::hardening::raise_open_files() {
+        Ok(limit) => {
+            if let Some(wanted) = config.fit_connections(limit) {
+                tracing::warn!(
+                    "server.max_connections = {wanted} does not fit under the open-file limit ({limit}); \
+                     using {}. Raise LimitNOFILE= (systemd) or ulimit -n",
+                    config.server.max_connections
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
     if let Err(e) = apikeyd::hardening::forbid_dumps() {
-        tracing::error!("refusing to start: cannot disable core dumps: {e}");
-        return ExitCode::from(1);
+        return refuse(format!("cannot disable core dumps: {e}"));
+    }
+    // Everything else that can refuse a start, before the socket is bound.
+    if let Err(e) = apikeyd::preflight(&config) {
+        return refuse(e);
     }
     if config.cache.lock_memory {
         match apikeyd::hardening::lock_memory() {
@@ -134,19 +203,17 @@ fn serve(explicit: Option<PathBuf>) -> ExitCode {
         }
         let opened = match apikeyd::open_keystore(&config) {
             Ok(o) => o,
-            Err(e) => {
-                tracing::error!("refusing to start: {e}");
-                return ExitCode::from(1);
-            }
+            Err(e) => return refuse(e),
         };
         let socket = config.server.socket.clone();
         // Under socket activation systemd owns the socket file; otherwise we bind it.
         let passed = match apikeyd::systemd::passed_listener() {
             Ok(p) => p,
-            Err(e) => {
-                tracing::error!("refusing to start: bad socket from systemd: {e}");
-                return ExitCode::from(1);
-            }
+            Err(e) => return refuse(format!("bad socket from systemd: {e}")),
+        };
+        let metrics = match apikeyd::metrics::bind(Some(&config.metrics.listen)) {
+            Ok(m) => m,
+            Err(e) => return refuse(e),
         };
         let activated = passed.is_some();
         let bound = match passed {
@@ -155,30 +222,25 @@ fn serve(explicit: Option<PathBuf>) -> ExitCode {
         };
         let listener = match bound {
             Ok(l) => l,
-            Err(e) => {
-                tracing::error!("refusing to start: cannot bind {}: {e}", socket.display());
-                return ExitCode::from(1);
-            }
+            Err(e) => return refuse(format!("cannot bind {}: {e}", socket.display())),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         if let Err(e) = watch_signals(tx) {
-            tracing::error!("refusing to start: cannot install signal handlers: {e}");
-            return ExitCode::from(1);
+            return refuse(format!("cannot install signal handlers: {e}"));
         }
         if activated {
             tracing::info!("listening on the socket passed by systemd");
         } else {
             tracing::info!(socket = %socket.display(), "listening");
         }
-        let outcome = apikeyd::run(config, opened, listener, rx).await;
+        let outcome = apikeyd::run(config, opened, listener, rx, metrics).await;
         if !activated {
             if let Err(e) = std::fs::remove_file(&socket) {
                 tracing::warn!(error = %e, "cannot remove the socket file");
             }
         }
         if let Err(e) = outcome {
-            tracing::error!("refusing to start: {e}");
-            return ExitCode::from(1);
+            return refuse(e);
         }
         tracing::info!("stopped");
         ExitCode::SUCCESS
@@ -205,18 +267,70 @@ fn watch_signals(tx: mpsc::UnboundedSender<Control>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The socket of `call` and `metrics`: `--socket`/`$APIKEYD_SOCKET` without reading
+/// any config (so a broken config does not stop a client), else the config's.
+fn client_socket(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf, String> {
+    match socket {
+        Some(s) => Ok(s),
+        None => load_config(config).map(|c| c.server.socket),
+    }
+}
+
 fn call(socket: Option<PathBuf>, config: Option<PathBuf>, requests: Vec<String>) -> ExitCode {
-    let socket = match socket {
-        Some(s) => s,
-        None => match load_config(config) {
-            Ok(c) => c.server.socket,
-            Err(e) => {
-                eprintln!("apikeyd call: {e}");
-                return ExitCode::from(2);
-            }
-        },
+    match client_socket(socket, config) {
+        Ok(socket) => ExitCode::from(apikeyd::client::call(&socket, requests) as u8),
+        Err(e) => {
+            eprintln!("apikeyd call: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn metrics(socket: Option<PathBuf>, config: Option<PathBuf>) -> ExitCode {
+    match client_socket(socket, config) {
+        Ok(socket) => ExitCode::from(apikeyd::client::metrics(&socket) as u8),
+        Err(e) => {
+            eprintln!("apikeyd metrics: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn check_config(explicit: Option<PathBuf>) -> ExitCode {
+    let (path, must_exist) = match explicit {
+        Some(p) => (p, true),
+        None => (
+            Config::default_path(),
+            std::env::var_os("APIKEYD_CONFIG").is_some(),
+        ),
     };
-    ExitCode::from(apikeyd::client::call(&socket, requests) as u8)
+    let report = apikeyd::check::check(&path, must_exist);
+    if let Some(text) = &report.effective {
+        println!(
+            "# effective configuration of {} (secrets left out)",
+            path.display()
+        );
+        print!("{text}");
+        if !text.ends_with('\n') {
+            println!();
+        }
+    }
+    for note in &report.notes {
+        eprintln!("note: {note}");
+    }
+    for problem in &report.problems {
+        eprintln!("problem: {problem}");
+    }
+    if report.problems.is_empty() {
+        eprintln!("config OK: `apikeyd serve` would start");
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "{} problem(s): `apikeyd serve` would refuse to start",
+            report.problems.len()
+        );
+        ExitCode::from(1)
+    }
 }
 
 fn import_legacy(config: Option<PathBuf>, dry_run: bool) -> ExitCode {
@@ -293,6 +407,7 @@ struct BenchArgs {
     /// Config file (to find the socket, and the keystore for --populate).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Connections to the daemon, each driven by its own thread.
     #[arg(long, default_value_t = 8)]
     connections: usize,
     /// Requests written per round trip on each connection.
@@ -301,6 +416,7 @@ struct BenchArgs {
     /// Seconds measured (after --warmup).
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
+    /// Seconds run before measuring.
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
     /// Offered load in requests/s over all connections (default: as fast as it goes).
@@ -310,10 +426,10 @@ struct BenchArgs {
     /// from a pool where half the keys cool down), check, consume, mix.
     #[arg(long, default_value = "get")]
     preset: String,
-    /// Request line templates instead of a preset; `{n}` becomes a key index.
+    /// Request line templates instead of a preset; `{N}` becomes a key index.
     #[arg(long)]
     op: Vec<String>,
-    /// Spread `{n}` over this many keys (user_ids bench-0 … bench-N-1).
+    /// Spread `{N}` over this many keys (user_ids bench-0 … bench-<keys - 1>).
     #[arg(long, default_value_t = 1000)]
     keys: usize,
     /// First store --keys user keys straight into the keystore (and Redis hashes with
@@ -567,5 +683,53 @@ fn main() -> ExitCode {
         } => rotate(config, key_file, add_only),
         Command::Bench(args) => bench(args),
         Command::Keygen { out } => keygen(&out),
+        Command::CheckConfig { config } => check_config(config),
+        Command::Metrics { socket, config } => metrics(socket, config),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "apikeyd", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("apikeyd man: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every subcommand and every option has a description in `--help`.
+    #[test]
+    fn everything_has_help() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        for sub in cli.get_subcommands() {
+            assert!(
+                sub.get_about().is_some(),
+                "{} has no description",
+                sub.get_name()
+            );
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                assert!(
+                    arg.get_help().is_some(),
+                    "{} --{id} has no description",
+                    sub.get_name()
+                );
+            }
+        }
     }
 }

@@ -329,6 +329,19 @@ impl Request {
         }
     }
 
+    /// Whether member `name` was sent (and not null) and is still unread.
+    pub fn has(&self, name: &str) -> bool {
+        let p = &self.params;
+        match name {
+            "user_id" => p.user_id.is_some(),
+            "service" => p.service.is_some(),
+            "channel_id" => p.channel_id.is_some(),
+            "key_id" => p.key_id.is_some(),
+            "label" => p.label.is_some(),
+            _ => false,
+        }
+    }
+
     /// A string member; `None` when absent or null.
     fn opt_string(&mut self, name: &str) -> Result<Option<String>> {
         match self.take(name) {
@@ -349,6 +362,30 @@ impl Request {
         Ok(s)
     }
 
+    /// `user_id` or `channel_id`: a string, or a non-negative JSON integer (a Discord
+    /// snowflake, as the original module's callers pass) taken as its decimal string.
+    /// `None` when absent or null.
+    fn opt_id(&mut self, name: &str) -> Result<Option<String>> {
+        let id = match self.take(name) {
+            None => return Ok(None),
+            Some(Param::Str(s)) => s,
+            Some(Param::U64(n)) => n.to_string(),
+            Some(_) => {
+                return Err(Error::param(
+                    name,
+                    "must be a string or a non-negative integer",
+                ))
+            }
+        };
+        check_ident(name, &id, 128)?;
+        Ok(Some(id))
+    }
+
+    fn id(&mut self, name: &str) -> Result<String> {
+        self.opt_id(name)?
+            .ok_or_else(|| Error::param(name, "is missing"))
+    }
+
     /// `service`, validated and lower-cased.
     pub fn service(&mut self) -> Result<String> {
         let mut s = self.string("service")?;
@@ -358,26 +395,23 @@ impl Request {
         Ok(s)
     }
 
-    /// `user_id` (required).
+    /// `user_id` (required): a string, or a non-negative integer as its decimal string.
     pub fn user_id(&mut self) -> Result<String> {
-        let u = self.ident("user_id", 128)?;
+        let u = self.id("user_id")?;
         self.subject.user_id = Some(u.clone());
         Ok(u)
     }
 
-    /// `channel_id` (optional; absent or null is `None`).
+    /// `channel_id` (optional; absent or null is `None`); integers as for `user_id`.
     pub fn channel_id(&mut self) -> Result<Option<String>> {
-        let c = self.opt_string("channel_id")?;
-        if let Some(c) = &c {
-            check_ident("channel_id", c, 128)?;
-        }
+        let c = self.opt_id("channel_id")?;
         self.subject.channel_id.clone_from(&c);
         Ok(c)
     }
 
     /// `channel_id` where an op requires it.
     pub fn required_channel_id(&mut self) -> Result<String> {
-        let c = self.ident("channel_id", 128)?;
+        let c = self.id("channel_id")?;
         self.subject.channel_id = Some(c.clone());
         Ok(c)
     }
@@ -394,17 +428,6 @@ impl Request {
         let k = self.ident("key_id", 64)?;
         self.subject.key_id = Some(k.clone());
         Ok(k)
-    }
-
-    /// Whether the member `name` was sent with a value other than null (it stays
-    /// unread).
-    pub fn has(&self, name: &str) -> bool {
-        let p = &self.params;
-        match name {
-            "user_id" => p.user_id.is_some(),
-            "key_id" => p.key_id.is_some(),
-            _ => false,
-        }
     }
 
     /// `outcome` of `report_key_result`: `ok`, `rate_limited`, `unauthorized` or `error`.
@@ -593,6 +616,21 @@ mod tests {
             assert!(e.to_string().contains("daily_limit"));
         }
         assert_eq!(req(r#"{"op":"x"}"#).opt_count("limit").unwrap(), None);
+    }
+
+    #[test]
+    fn integer_ids_are_their_decimal_strings() {
+        let mut r = req(r#"{"op":"x","user_id":123456789012345678,"channel_id":0}"#);
+        assert_eq!(r.user_id().unwrap(), "123456789012345678");
+        assert_eq!(r.channel_id().unwrap().as_deref(), Some("0"));
+        for bad in ["-1", "1.5", "18446744073709551616", "true", "[1]"] {
+            let mut r = req(&format!(r#"{{"op":"x","user_id":{bad}}}"#));
+            let e = r
+                .user_id()
+                .err()
+                .unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(e.to_string().contains("user_id"), "{e}");
+        }
     }
 
     #[test]

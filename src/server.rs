@@ -1,6 +1,8 @@
 //! The socket: binding it safely, the accept loop with peer credentials and the
-//! connection cap, and draining open connections on shutdown.
+//! connection caps (total, per uid, slots kept for admins), and draining open connections on shutdown.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::future::Future;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
@@ -119,6 +121,48 @@ pub fn check_socket_path(config: &crate::config::Config) -> Result<(), String> {
     }
 }
 
+/// One connection counted against its uid's `server.max_connections_per_uid`;
+/// released when dropped. Root and the daemon's own uid are not counted.
+struct UidSlot {
+    counts: Rc<RefCell<HashMap<u32, usize>>>,
+    uid: u32,
+}
+
+impl UidSlot {
+    fn take(
+        counts: &Rc<RefCell<HashMap<u32, usize>>>,
+        uid: u32,
+        max: usize,
+    ) -> Option<Option<UidSlot>> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if uid == 0 || uid == unsafe { libc::geteuid() } {
+            return Some(None);
+        }
+        let mut c = counts.borrow_mut();
+        let n = c.entry(uid).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Some(UidSlot {
+            counts: counts.clone(),
+            uid,
+        }))
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.borrow_mut();
+        if let Some(n) = c.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.uid);
+            }
+        }
+    }
+}
+
 /// Writes one error line to a connection that will not be served, then closes it.
 async fn refuse(mut stream: UnixStream, error: Error) {
     let mut line = Vec::new();
@@ -134,6 +178,7 @@ pub async fn serve(app: Rc<App>, listener: UnixListener, shutdown: impl Future<O
     let stop = CancellationToken::new();
     let max = app.config().server.max_connections;
     let slots = Arc::new(Semaphore::new(max));
+    let by_uid: Rc<RefCell<HashMap<u32, usize>>> = Rc::default();
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -153,7 +198,11 @@ pub async fn serve(app: Rc<App>, listener: UnixListener, shutdown: impl Future<O
             continue;
         };
         let (uid, gid) = (cred.uid(), cred.gid());
-        let role = access::role(&app.config().access, uid, gid);
+        let groups = access::peer_groups(&stream).unwrap_or_else(|e| {
+            tracing::warn!(uid, error = %e, "cannot read the peer's supplementary groups; checking its uid and gid only");
+            Vec::new()
+        });
+        let role = access::role(&app.config().access.ids, uid, gid, &groups);
         let peer = Peer {
             uid,
             gid,
@@ -162,18 +211,62 @@ pub async fn serve(app: Rc<App>, listener: UnixListener, shutdown: impl Future<O
         };
         if role == Role::Denied {
             tracing::warn!(uid, gid, pid = ?peer.pid, "connection refused: peer not allowed");
+            app.audit.refused(&peer, "forbidden", "peer not allowed");
             let e = Error::Forbidden(format!(
                 "uid {uid} gid {gid} may not use apikeyd; an operator can add it to access.allow_uids or access.allow_gids"
             ));
             tracker.spawn_local(refuse(stream, e));
             continue;
         }
+        let config = app.config();
+        // A few slots stay free for admins, so an operator can always get in; never
+        // more than a quarter of them, so a small max_connections still serves users.
+        let reserve = config.server.admin_reserved_connections.min(max / 4);
+        if role != Role::Admin && slots.available_permits() <= reserve {
+            tracing::warn!(
+                uid,
+                max,
+                reserve,
+                "connection refused: only slots reserved for admins are left"
+            );
+            app.audit.refused(
+                &peer,
+                "unavailable",
+                "server.admin_reserved_connections left",
+            );
+            let e = Error::Unavailable(format!(
+                "too many connections (server.max_connections = {max}, {reserve} kept for admins); retry later"
+            ));
+            tracker.spawn_local(refuse(stream, e));
+            continue;
+        }
+        let per_uid = config.server.max_connections_per_uid;
+        drop(config);
+        let Some(uid_slot) = UidSlot::take(&by_uid, uid, per_uid) else {
+            tracing::warn!(
+                uid,
+                per_uid,
+                "connection refused: server.max_connections_per_uid reached"
+            );
+            app.audit.refused(
+                &peer,
+                "unavailable",
+                "server.max_connections_per_uid reached",
+            );
+            let e = Error::Unavailable(format!(
+                "too many connections from uid {uid} (server.max_connections_per_uid = {per_uid}); close some or retry later"
+            ));
+            tracker.spawn_local(refuse(stream, e));
+            continue;
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(
                 uid,
                 max,
                 "connection refused: server.max_connections reached"
             );
+            app.audit
+                .refused(&peer, "unavailable", "server.max_connections reached");
             let e = Error::Unavailable(format!(
                 "too many connections (server.max_connections = {max}); retry later"
             ));
@@ -188,6 +281,7 @@ pub async fn serve(app: Rc<App>, listener: UnixListener, shutdown: impl Future<O
             session::run(app.clone(), stream, peer, stop).await;
             app.connections.fetch_sub(1, Ordering::Relaxed);
             drop(slot);
+            drop(uid_slot);
         });
     }
     drop(listener);

@@ -123,14 +123,30 @@ pub fn default_env(service: &str) -> String {
     s
 }
 
-/// The operator's default key from the environment; an empty variable counts as unset.
+/// The operator's default key from the environment (an empty variable counts as
+/// unset), else from the systemd credential of the same name.
 pub fn env_default(config: &Config, service: &str) -> Option<crate::crypto::Secret> {
     let var = info(config, service).env;
-    std::env::var(var)
+    let from_env = std::env::var(&var)
         .ok()
         .map(|v| v.trim().to_string())
-        .filter(|v| !v.is_empty())
+        .filter(|v| !v.is_empty());
+    from_env
+        .or_else(|| credential(&var))
         .map(crate::crypto::Secret::new)
+}
+
+/// A systemd credential named like the variable (`LoadCredential=OPENAI_API_KEY:…`),
+/// read from `$CREDENTIALS_DIRECTORY` when the variable itself is unset or empty.
+fn credential(var: &str) -> Option<String> {
+    if var.is_empty() || !var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return None;
+    }
+    let dir = std::env::var_os("CREDENTIALS_DIRECTORY")?;
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(std::path::Path::new(&dir).join(var)).ok()?,
+    );
+    Some(text.trim().to_string()).filter(|v| !v.is_empty())
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use zeroize::{Zeroize, Zeroizing};
 use crate::access::Peer;
 use crate::app::App;
 use crate::error::{Error, Result};
+use crate::metrics;
 use crate::ops;
 use crate::protocol::{parse_line, write_response, Body, Id, Line, LineCodec, LineError};
 use crate::sequencer::Sequencer;
@@ -32,6 +33,23 @@ fn encoded(id: &Id, outcome: &Result<Body>) -> Body {
     out
 }
 
+/// Longest request id written to the per-request debug line, in bytes.
+const LOGGED_ID_BYTES: usize = 64;
+
+/// The request id for the debug line: at most [`LOGGED_ID_BYTES`], cut on a
+/// character boundary and marked, so a huge id cannot flood the log.
+fn short_id(id: &Id) -> String {
+    let raw = id.as_deref().map_or("null", |r| r.get());
+    if raw.len() <= LOGGED_ID_BYTES {
+        return raw.to_string();
+    }
+    let mut end = LOGGED_ID_BYTES;
+    while !raw.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…({} bytes)", &raw[..end], raw.len())
+}
+
 /// Turns one line into the future of its response line, or `None` for a blank line.
 fn start(
     app: &Rc<App>,
@@ -43,6 +61,7 @@ fn start(
         Line::Blank => return None,
         Line::Invalid { id, error } => {
             app.requests_total.fetch_add(1, Ordering::Relaxed);
+            app.metrics.record(metrics::OPS.len(), error.code(), None);
             tracing::debug!(code = error.code(), "malformed request");
             return Some(future::ready(encoded(&id, &Err(error))).boxed_local());
         }
@@ -59,11 +78,12 @@ fn start(
             "?".into()
         }
     });
+    let op_index = metrics::op_index(&req.op);
     let order = order.clone();
     let ticket = order.ticket(ops::is_write(&req.op));
     Some(
         async move {
-            let began = op.as_ref().map(|_| Instant::now());
+            let began = Instant::now();
             order.admit(&ticket).await;
             // Every call into a store is bounded by server.request_timeout_ms
             // (actors::within), so this never waits forever.
@@ -77,10 +97,12 @@ fn start(
                     ))
                 });
             order.finish(ticket);
+            let code = outcome.as_ref().err().map(Error::code).unwrap_or("ok");
+            let took = began.elapsed();
+            app.metrics.record(op_index, code, Some(took));
             if let Some(op) = op {
-                let code = outcome.as_ref().err().map(Error::code).unwrap_or("ok");
-                tracing::debug!(op = %op, id = id.as_deref().map_or("null", |r| r.get()), uid = peer.uid, code,
-                    micros = began.map_or(0, |b| b.elapsed().as_micros() as u64), "request");
+                tracing::debug!(op = %op, id = short_id(&id), uid = peer.uid, code,
+                    micros = took.as_micros() as u64, "request");
             }
             encoded(&id, &outcome)
         }
@@ -145,6 +167,7 @@ pub async fn run(app: Rc<App>, stream: UnixStream, peer: Peer, stop: Cancellatio
                         Some(Err(LineError::TooLong)) => {
                             tracing::info!(uid = peer.uid, max_line, "request line too long; closing the connection");
                             app.requests_total.fetch_add(1, Ordering::Relaxed);
+                            app.metrics.record(metrics::OPS.len(), "too_large", None);
                             let line = encoded(&None, &Err(Error::TooLarge(max_line)));
                             pending.push_back(future::ready(line).boxed_local());
                             reading = false;

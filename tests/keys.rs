@@ -103,7 +103,7 @@ fn bad_params() -> Vec<(Value, &'static str)> {
             "user_id",
         ),
         (
-            json!({"op": "get_user_api_key", "user_id": 12, "service": "openai"}),
+            json!({"op": "get_user_api_key", "user_id": -12, "service": "openai"}),
             "user_id",
         ),
         (
@@ -111,7 +111,7 @@ fn bad_params() -> Vec<(Value, &'static str)> {
             "channel_id",
         ),
         (
-            json!({"op": "get_user_api_key", "user_id": "u", "service": "openai", "channel_id": 3}),
+            json!({"op": "get_user_api_key", "user_id": "u", "service": "openai", "channel_id": 3.5}),
             "channel_id",
         ),
         (

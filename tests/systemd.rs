@@ -47,6 +47,9 @@ fn units_verify() {
         "CapabilityBoundingSet=\n",
         "UMask=0077",
         "SystemCallFilter=@system-service",
+        "EnvironmentFile=-/etc/apikeyd/env",
+        "LimitNOFILE=",
+        "Documentation=file:/usr/local/share/doc/apikeyd/operations.md",
     ] {
         assert!(
             service.contains(directive),

@@ -239,14 +239,39 @@ struct Inner {
     master: Arc<MasterKey>,
     names: Names,
     timeout: Duration,
-    accept_legacy: bool,
+    /// `redis.accept_legacy_plaintext`, switched by reloads.
+    accept_legacy: Arc<AtomicBool>,
     connected: Arc<AtomicBool>,
+    /// Whether Redis has answered once since start (`stats` says "not connected" before).
+    answered: Arc<AtomicBool>,
     /// Pool hashes already warned about (legacy values), so the log is not flooded.
     warned: RefCell<HashSet<String>>,
     increment: redis::Script,
     consume: redis::Script,
     report: redis::Script,
     enable: redis::Script,
+}
+
+/// A Redis error in words for the log and `check-config`: a refused connection is
+/// said to be refused, not timed out, and no error kind names leak through.
+pub fn describe_error(e: &redis::RedisError) -> String {
+    if e.is_connection_refusal() {
+        "connection refused (is redis-server running at redis.url?)".into()
+    } else if e.is_timeout() {
+        "timed out".into()
+    } else if e.kind() == redis::ErrorKind::AuthenticationFailed {
+        "authentication failed (check the password in redis.url)".into()
+    } else {
+        e.to_string()
+    }
+}
+
+/// Redis answered but cannot serve right now (loading its data after a restart, or
+/// failing over): the client should retry, so `unavailable` rather than `internal`.
+/// Inside a transaction the kind is ExecAbort; its message names the cause.
+fn is_transient(e: &redis::RedisError) -> bool {
+    matches!(e.retry_method(), redis::RetryMethod::WaitAndRetry)
+        || e.to_string().contains("BusyLoading")
 }
 
 fn is_connection_error(e: &redis::RedisError) -> bool {
@@ -308,15 +333,22 @@ impl Inner {
         };
         match outcome {
             Ok(Ok(v)) => {
+                self.answered.store(true, Ordering::Relaxed);
                 if !self.connected.swap(true, Ordering::Relaxed) {
                     tracing::info!("redis connection is up");
                 }
                 Ok(v)
             }
             Ok(Err(e)) if is_connection_error(&e) => {
-                self.mark_down(what, &e.to_string());
+                self.mark_down(what, &describe_error(&e));
                 Err(Error::Unavailable(
                     "redis is unreachable; retry shortly".into(),
+                ))
+            }
+            Ok(Err(e)) if is_transient(&e) => {
+                tracing::warn!(what, error = %e, "redis cannot serve right now (loading or failing over)");
+                Err(Error::Unavailable(
+                    "redis is loading its data or failing over; retry shortly".into(),
                 ))
             }
             Ok(Err(e)) => {
@@ -365,7 +397,7 @@ impl Inner {
             };
             match open_value(&self.master, &self.names.prefix, &pool, &field, &value) {
                 PoolValue::Sealed(k) => keys.push(entry(k)),
-                PoolValue::Legacy(k) if self.accept_legacy => {
+                PoolValue::Legacy(k) if self.accept_legacy.load(Ordering::Relaxed) => {
                     self.warn_once(&hash, "serving pool values stored in clear (redis.accept_legacy_plaintext); run apikeyd import-legacy to encrypt them");
                     keys.push(entry(k));
                 }
@@ -672,7 +704,11 @@ impl RedisStore {
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
+            // One attempt per reconnect: a refused connection fails at once and is
+            // reported as refused, instead of sleeping a backoff into the timeout.
+            // `bounded` tries once more where that is safe; the health check every
+            // second keeps reconnecting.
+            .set_number_of_retries(0)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
             .map_err(|e| format!("cannot set up the redis connection: {e}"))?;
@@ -684,8 +720,9 @@ impl RedisStore {
                     prefix: config.prefix.clone(),
                 },
                 timeout,
-                accept_legacy: config.accept_legacy_plaintext,
+                accept_legacy: Arc::new(AtomicBool::new(config.accept_legacy_plaintext)),
                 connected,
+                answered: Arc::new(AtomicBool::new(false)),
                 warned: RefCell::new(HashSet::new()),
                 increment: redis::Script::new(INCREMENT),
                 consume: redis::Script::new(CONSUME_SCRIPT),
@@ -693,6 +730,18 @@ impl RedisStore {
                 enable: redis::Script::new(ENABLE_SCRIPT),
             }),
         })
+    }
+}
+
+impl RedisStore {
+    /// The switch for `redis.accept_legacy_plaintext`, for reloads to flip.
+    pub fn accept_legacy_switch(&self) -> Arc<AtomicBool> {
+        self.inner.accept_legacy.clone()
+    }
+
+    /// Set once Redis has answered a command since start.
+    pub fn answered_flag(&self) -> Arc<AtomicBool> {
+        self.inner.answered.clone()
     }
 }
 

@@ -41,7 +41,20 @@ pub async fn reload(app: &App) -> Result<Body> {
     })
 }
 
+/// `{"op":"metrics"}` → `{"text":"# HELP apikeyd_requests Answers by op …\n# EOF\n"}`: the
+/// Prometheus text that `GET /metrics` serves.
+pub async fn metrics(app: &App) -> Result<Body> {
+    #[derive(Serialize)]
+    struct Text {
+        text: String,
+    }
+    body(&Text {
+        text: crate::metrics::render(app).await?,
+    })
+}
+
 /// `{"op":"stats"}` → `{"uptime_s":12,"connections":1,"requests_total":40,
+/// "requests":{"by_op":{"ping":38,"stats":2},"by_code":{"ok":40}},"quota_denials":0,
 /// "cache":{"hits":30,"misses":2,"entries":2},"store":{"mode":"embedded","redis_connected":null},
 /// "process":{"dumpable":false,"locked_kb":0},"version":"0.1.0","pid":4242}`
 ///
@@ -59,10 +72,17 @@ pub async fn stats(app: &App) -> Result<Body> {
         locked_kb: u64,
     }
     #[derive(Serialize)]
+    struct Requests {
+        by_op: std::collections::BTreeMap<&'static str, u64>,
+        by_code: std::collections::BTreeMap<&'static str, u64>,
+    }
+    #[derive(Serialize)]
     struct Stats {
         uptime_s: u64,
         connections: u64,
         requests_total: u64,
+        requests: Requests,
+        quota_denials: u64,
         cache: CacheFigures,
         store: StoreFigures,
         process: Process,
@@ -74,10 +94,16 @@ pub async fn stats(app: &App) -> Result<Body> {
         uptime_s: app.started.elapsed().as_secs(),
         connections: app.connections.load(Ordering::Relaxed),
         requests_total: app.requests_total.load(Ordering::Relaxed),
+        requests: {
+            let (by_op, by_code) = app.metrics.by_op_and_code();
+            Requests { by_op, by_code }
+        },
+        quota_denials: app.metrics.quota_denials(),
         cache,
         store: StoreFigures {
             mode: app.store.mode,
-            redis_connected: app.store.redis_connected(),
+            // Not connected until Redis has answered once, though commands are tried.
+            redis_connected: app.redis_up(),
         },
         process: Process {
             dumpable: crate::hardening::dumpable() != 0,

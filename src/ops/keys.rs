@@ -3,7 +3,9 @@
 use serde::Serialize;
 
 use super::is_false;
-use super::messages::{cooling_message, missing_key_message, rejected_key_warning};
+use super::messages::{
+    cooling_message, missing_key_message, rejected_key_warning, unavailable_key_message,
+};
 use crate::actors::cache::ForgetUserKey;
 use crate::actors::keystore::{DeleteUserKey, ListUserKeys, StoreUserKey, UserKeyInfo};
 use crate::app::App;
@@ -27,10 +29,12 @@ fn query(req: &mut Request, user_id: String, service: String) -> Result<Query> {
 /// cooling down, else how to get a key.
 fn no_key_message(app: &App, service: &str, r: &Resolved) -> Option<String> {
     let config = app.config();
-    match (&r.key, r.retry_after_s) {
-        (Some(_), _) => None,
-        (None, Some(retry)) => Some(cooling_message(&config, service, retry)),
-        (None, None) => Some(missing_key_message(&config, service)),
+    // Nobody is told to go and get a key while a store is only unreachable.
+    match (&r.key, r.retry_after_s, r.degraded) {
+        (Some(_), _, _) => None,
+        (None, Some(retry), _) => Some(cooling_message(&config, service, retry)),
+        (None, None, true) => Some(unavailable_key_message(&config, service)),
+        (None, None, false) => Some(missing_key_message(&config, service)),
     }
 }
 

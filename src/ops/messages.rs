@@ -49,6 +49,16 @@ pub fn rejected_key_warning(config: &Config, service: &str) -> String {
     )
 }
 
+/// The text of an answer without a key while a store was skipped (Redis down): the
+/// user should retry, not go and get a key they may not need.
+pub fn unavailable_key_message(config: &Config, service: &str) -> String {
+    let info = services::info(config, service);
+    format!(
+        "Keys for {} are temporarily unavailable (a key store cannot be reached right now); retry in a moment.",
+        info.display_name
+    )
+}
+
 /// `{"op":"missing_api_key_error","service":"openai"}` →
 /// `{"message":"No API key for OpenAI is available to you. Get one at https://platform.openai.com/api-keys, then run: set_user_api_key openai <your-key>"}`
 pub fn missing_api_key_error(app: &App, req: &mut Request) -> Result<Body> {
@@ -58,16 +68,27 @@ pub fn missing_api_key_error(app: &App, req: &mut Request) -> Result<Body> {
     })
 }
 
-/// `{"op":"default_key_limit_error","tool_name":"web_search","current":20,"limit":20}` →
-/// `{"message":"You have used web_search 20 times today on the operator's key; the daily limit is 20. ..."}`
+/// `{"op":"default_key_limit_error","tool_name":"web_search","current":20,"limit":20,"service":"serpapi"}` →
+/// `{"message":"You have used web_search 20 times today on the operator's key; the daily limit is 20. ..."}`;
+/// `service` is optional and, when given, is filled into the command.
 pub fn default_key_limit_error(req: &mut Request) -> Result<Body> {
     let tool = req.tool_name()?;
     let current = req.count("current")?;
     let limit = req.count("limit")?;
+    let service = match req.has("service") {
+        true => Some(req.service()?),
+        false => None,
+    };
+    let lift = match service {
+        Some(service) => {
+            format!("To lift it, set your own key with: set_user_api_key {service} <your-key>.")
+        }
+        None => "To lift it, set your own key for that service with set_user_api_key.".into(),
+    };
     body(&Message {
         message: format!(
             "You have used {tool} {current} times today on the operator's key; the daily limit is {limit}. \
-             The limit resets at 00:00 UTC. To lift it, set your own key with set_user_api_key <service> <your-key>."
+             The limit resets at 00:00 UTC. {lift}"
         ),
     })
 }

@@ -19,7 +19,7 @@ pub use messages::missing_key_message;
 pub async fn dispatch(app: &App, peer: &Peer, mut req: Request) -> Result<Body> {
     let op = std::mem::take(&mut req.op);
     let outcome = run(app, peer, &op, &mut req).await;
-    if crate::audit::audited(&op) {
+    if crate::audit::audited(&op, || app.config().log.audit_quota) {
         app.audit.record(peer, &op, &req.subject, &outcome);
     }
     outcome
@@ -29,6 +29,7 @@ async fn run(app: &App, peer: &Peer, op: &str, req: &mut Request) -> Result<Body
     match op {
         "ping" => admin::ping(),
         "stats" => admin::stats(app).await,
+        "metrics" => admin::metrics(app).await,
         "get_user_api_key" => keys::get_user_api_key(app, req).await,
         "get_gitea_credentials" => keys::get_gitea_credentials(app, req).await,
         "set_user_api_key" => keys::set_user_api_key(app, req).await,

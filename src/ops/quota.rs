@@ -32,8 +32,12 @@ fn params(app: &App, req: &mut Request) -> Result<(String, String, u64)> {
 /// The answer when the quota store failed: `quota.on_store_error` decides.
 fn degraded(app: &App, e: Error, daily_limit: u64) -> Result<Body> {
     tracing::warn!(code = e.code(), error = %e, "quota store failed; answering per quota.on_store_error");
+    let allowed = app.config().quota.on_store_error == OnStoreError::Allow;
+    if !allowed {
+        app.metrics.quota_denied();
+    }
     body(&Verdict {
-        allowed: app.config().quota.on_store_error == OnStoreError::Allow,
+        allowed,
         current_count: 0,
         daily_limit,
         degraded: true,
@@ -45,12 +49,18 @@ fn degraded(app: &App, e: Error, daily_limit: u64) -> Result<Body> {
 pub async fn check_default_key_limit(app: &App, req: &mut Request) -> Result<Body> {
     let (user_id, tool_name, daily_limit) = params(app, req)?;
     match app.store.read_usage(ReadUsage { user_id, tool_name }).await {
-        Ok(current_count) => body(&Verdict {
-            allowed: current_count < daily_limit,
-            current_count,
-            daily_limit,
-            degraded: false,
-        }),
+        Ok(current_count) => {
+            let allowed = current_count < daily_limit;
+            if !allowed {
+                app.metrics.quota_denied();
+            }
+            body(&Verdict {
+                allowed,
+                current_count,
+                daily_limit,
+                degraded: false,
+            })
+        }
         Err(e) => degraded(app, e, daily_limit),
     }
 }
@@ -79,12 +89,17 @@ pub async fn consume_default_key_usage(app: &App, req: &mut Request) -> Result<B
         })
         .await
     {
-        Ok((allowed, current_count)) => body(&Verdict {
-            allowed,
-            current_count,
-            daily_limit: limit,
-            degraded: false,
-        }),
+        Ok((allowed, current_count)) => {
+            if !allowed {
+                app.metrics.quota_denied();
+            }
+            body(&Verdict {
+                allowed,
+                current_count,
+                daily_limit: limit,
+                degraded: false,
+            })
+        }
         Err(e) => degraded(app, e, limit),
     }
 }

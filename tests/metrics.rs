@@ -1,0 +1,137 @@
+//! Metrics (issue 14 item 16): counters in `stats`, the Prometheus text over a real
+//! HTTP GET of /metrics on loopback, and `apikeyd metrics` over the socket.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Mode, TestDaemon};
+use serde_json::json;
+
+/// The address the daemon logged for `metrics.listen` (port 0 picks a free one).
+fn metrics_addr(d: &TestDaemon) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(line) = d
+            .logs()
+            .lines()
+            .find(|l| l.contains("serving GET /metrics"))
+        {
+            let at = line.find("addr=").expect("addr in the line") + 5;
+            return line[at..].split_whitespace().next().unwrap().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no metrics listener:\n{}",
+            d.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A plain HTTP/1.0 GET; (status line, body).
+fn get(addr: &str, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to metrics.listen");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP response");
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// Sends a known mix of requests; returns the connection, still open.
+fn exercise(d: &TestDaemon) -> common::Client {
+    let mut c = d.client();
+    c.ok(json!({"op": "ping"}));
+    c.ok(json!({"op": "set_user_api_key", "user_id": "u", "service": "openai", "key": "sk-metrics-000001"}));
+    c.ok(json!({"op": "get_user_api_key", "user_id": "u", "service": "openai"}));
+    c.ok(json!({"op": "get_user_api_key", "user_id": "u", "service": "openai"}));
+    c.err(json!({"op": "no_such_op"}));
+    c.err(json!({"op": "get_user_api_key", "service": "openai"}));
+    c.ok(json!({"op": "consume_default_key_usage", "user_id": "u", "tool_name": "t", "daily_limit": 0}));
+    c
+}
+
+fn prometheus_over_http(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "[metrics]\nlisten = \"127.0.0.1:0\"\n", &[]);
+    let addr = metrics_addr(&d);
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    let _open = exercise(&d);
+    // Earlier connections (the readiness ping) may still be closing: poll for one.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (status, text) = loop {
+        let (status, text) = get(&addr, "/metrics");
+        if text.contains("apikeyd_connections 1\n") || Instant::now() > deadline {
+            break (status, text);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.contains("200"), "{status}");
+    for want in [
+        r#"apikeyd_requests_total{op="ping",code="ok"} "#,
+        r#"apikeyd_requests_total{op="get_user_api_key",code="ok"} 2"#,
+        r#"apikeyd_requests_total{op="get_user_api_key",code="bad_request"} 1"#,
+        r#"apikeyd_requests_total{op="other",code="unknown_op"} 1"#,
+        "apikeyd_request_duration_seconds_bucket{le=",
+        "apikeyd_request_duration_seconds_count",
+        "apikeyd_quota_denials_total 1",
+        "apikeyd_cache_hits_total",
+        "apikeyd_cache_misses_total",
+        "apikeyd_connections 1",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    assert_eq!(
+        text.contains("apikeyd_redis_up 1"),
+        mode == Mode::Redis,
+        "{text}"
+    );
+    assert!(!text.contains("sk-metrics"), "no key in metrics");
+    let (status, _) = get(&addr, "/other");
+    assert!(status.contains("404"), "{status}");
+
+    // The same text over the socket, for node_exporter's textfile collector.
+    let out = Command::new(common::bin())
+        .args(["metrics", "--socket"])
+        .arg(&d.socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains(r#"apikeyd_requests_total{op="get_user_api_key",code="ok"} 2"#),
+        "{text}"
+    );
+    assert!(text.ends_with("# EOF\n"), "{text}");
+}
+
+fn stats_counts_per_op_and_code(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    drop(exercise(&d));
+    let s = d.client().ok(json!({"op": "stats"}));
+    assert_eq!(s["requests"]["by_op"]["get_user_api_key"], 3, "{s}");
+    assert_eq!(s["requests"]["by_op"]["other"], 1, "{s}");
+    assert_eq!(s["requests"]["by_code"]["unknown_op"], 1, "{s}");
+    assert_eq!(s["requests"]["by_code"]["bad_request"], 1, "{s}");
+    assert_eq!(s["quota_denials"], 1, "{s}");
+}
+
+in_every_mode!(prometheus_over_http, stats_counts_per_op_and_code);
+
+#[test]
+fn metrics_listen_is_loopback_only() {
+    let mut d = TestDaemon::start();
+    assert!(d.stop().success());
+    d.write_config("[metrics]\nlisten = \"0.0.0.0:9464\"\n");
+    let before = d.logs().len();
+    let (status, log) = d.expect_refusal();
+    assert_eq!(status.code(), Some(2));
+    assert!(
+        log[before..].contains("metrics.listen") && log[before..].contains("loopback"),
+        "{log}"
+    );
+}

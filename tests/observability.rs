@@ -1,0 +1,231 @@
+//! What the operator sees: reload warnings and what reload applies, the audit file
+//! (reopened on SIGHUP, quota counting optional, refused connections), text logs that
+//! cannot be forged, and `stats` before Redis has answered.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Mode, TestDaemon};
+use serde_json::{json, Value};
+
+/// Polls `cond` every 20 ms until it holds; panics with `what` after 10 s.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends SIGHUP and waits until the daemon logged one more finished reload.
+fn reload(d: &TestDaemon) {
+    let done = |log: &str| {
+        log.matches("config and keyring reloaded").count() + log.matches("reload failed").count()
+    };
+    let before = done(&d.logs());
+    d.signal(libc::SIGHUP);
+    wait_until("the reload", || done(&d.logs()) > before);
+}
+
+#[test]
+fn reload_names_settings_that_need_a_restart_and_applies_legacy_plaintext() {
+    let mut d = TestDaemon::start_with(Mode::Redis, "cache.pool_ttl_s = 0\n", &[]);
+    let redis = d.redis.clone().unwrap();
+    let mut conn = redis.conn();
+    let _: () = redis::cmd("HSET")
+        .arg("stargazer:global_api_pool:openai")
+        .arg("legacy-field")
+        .arg("sk-legacy-in-clear-01")
+        .query(&mut conn)
+        .unwrap();
+    let mut c = d.client();
+    let pick = json!({"op": "get_pool_api_key", "service": "openai"});
+    assert_eq!(
+        c.ok(pick.clone())["key"],
+        Value::Null,
+        "clear values refused by default"
+    );
+
+    d.write_config(
+        "cache.pool_ttl_s = 0\nredis.accept_legacy_plaintext = true\nlog.format = \"json\"\n[server]\nmax_connections = 7\n",
+    );
+    reload(&d);
+    assert!(!d.logs().contains("reload failed"), "{}", d.logs());
+    assert_eq!(
+        c.ok(pick.clone())["key"],
+        "sk-legacy-in-clear-01",
+        "applied by the reload"
+    );
+    let log = d.logs();
+    for setting in ["server.max_connections", "log.format"] {
+        assert!(
+            log.lines().any(|l| l.contains("WARN")
+                && l.contains(setting)
+                && l.contains("needs a restart")),
+            "no warning naming {setting}:\n{log}"
+        );
+    }
+    assert!(
+        !log.contains("redis.accept_legacy_plaintext changed"),
+        "{log}"
+    );
+
+    d.write_config("cache.pool_ttl_s = 0\nlog.format = \"json\"\n[server]\nmax_connections = 7\n");
+    reload(&d);
+    assert_eq!(c.ok(pick)["key"], Value::Null, "switched off again");
+    assert!(d.stop().success());
+}
+
+fn audit_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn the_audit_file_is_reopened_on_sighup() {
+    let d = TestDaemon::start_with(Mode::Embedded, "log.audit_file = \"audit.jsonl\"\n", &[]);
+    let path = d.path("audit.jsonl");
+    let mut c = d.client();
+    let set = |c: &mut common::Client, user: &str| {
+        c.ok(json!({"op": "set_user_api_key", "user_id": user, "service": "openai", "key": "sk-audit-rotate-01"}))
+    };
+    set(&mut c, "before");
+    // What logrotate does: move the file away, then signal.
+    let rotated = d.path("audit.jsonl.1");
+    std::fs::rename(&path, &rotated).unwrap();
+    reload(&d);
+    set(&mut c, "after");
+    let old = audit_lines(&rotated);
+    let new = audit_lines(&path);
+    assert_eq!(old.len(), 1, "{old:?}");
+    assert_eq!(old[0]["user_id"], "before");
+    assert_eq!(new.len(), 1, "{new:?}");
+    assert_eq!(new[0]["user_id"], "after");
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}
+
+#[test]
+fn quota_counting_is_audited_only_when_asked() {
+    let d = TestDaemon::start_with(Mode::Embedded, "log.audit_file = \"audit.jsonl\"\n", &[]);
+    let path = d.path("audit.jsonl");
+    let mut c = d.client();
+    let consume = json!({"op": "consume_default_key_usage", "user_id": "u", "tool_name": "web"});
+    c.ok(consume.clone());
+    c.ok(json!({"op": "increment_default_key_usage", "user_id": "u", "tool_name": "web"}));
+    c.ok(json!({"op": "set_user_api_key", "user_id": "u", "service": "openai", "key": "sk-audit-quota-001"}));
+    let ops: Vec<Value> = audit_lines(&path).iter().map(|l| l["op"].clone()).collect();
+    assert_eq!(ops, [json!("set_user_api_key")]);
+
+    d.write_config("log.audit_file = \"audit.jsonl\"\nlog.audit_quota = true\n");
+    reload(&d);
+    c.ok(consume);
+    let lines = audit_lines(&path);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[1]["op"], "consume_default_key_usage");
+    assert_eq!(lines[1]["tool_name"], "web");
+}
+
+#[test]
+fn refused_connections_are_in_the_audit_file() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test needs root (setpriv to nobody)"
+    );
+    let d = TestDaemon::start_with(Mode::Embedded, "log.audit_file = \"audit.jsonl\"\n", &[]);
+    for p in [d.dir.path().to_path_buf(), d.path("run")] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let bin = d.path("apikeyd-client");
+    std::fs::copy(common::bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .args(["call", "--socket"])
+        .arg(&d.socket)
+        .arg(r#"{"op":"ping"}"#)
+        .output()
+        .expect("setpriv (util-linux) is needed: apt-get install util-linux");
+    assert_eq!(out.status.code(), Some(1));
+    let path = d.path("audit.jsonl");
+    wait_until("the refusal's audit line", || {
+        !audit_lines(&path).is_empty()
+    });
+    let lines = audit_lines(&path);
+    assert_eq!(lines[0]["op"], "connect");
+    assert_eq!(lines[0]["outcome"], "forbidden");
+    assert_eq!(lines[0]["uid"], 65534);
+    assert!(d.logs().contains("connection refused"));
+}
+
+#[test]
+fn text_logs_escape_values_from_redis_and_clients() {
+    let d = TestDaemon::start_with(Mode::Redis, "", &[]);
+    let redis = d.redis.clone().unwrap();
+    let forged = "2026-01-01T00:00:00.000000Z ERROR apikeyd: forged line";
+    let _: () = redis::cmd("HSET")
+        .arg("stargazer:global_api_pool:openai")
+        .arg(format!("evil\n{forged}"))
+        .arg("akd1:not-an-envelope")
+        .query(&mut redis.conn())
+        .unwrap();
+    let mut c = d.client();
+    c.ok(json!({"op": "get_pool_api_key", "service": "openai"}));
+    // A huge id is cut in the per-request debug line.
+    let long_id = "x".repeat(1000);
+    c.ok(json!({"op": "ping", "id": long_id}));
+    let log = d.logs();
+    assert!(
+        log.contains("evil\\n2026-01-01"),
+        "the field is logged, escaped:\n{log}"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with(forged)),
+        "a forged line made it into the log:\n{log}"
+    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("op=ping") && l.contains("bytes)"))
+        .unwrap_or_else(|| panic!("no debug line for the long id:\n{log}"));
+    assert!(
+        line.contains(&format!("\"{}…(1002 bytes)", "x".repeat(63))),
+        "{line}"
+    );
+    assert!(!line.contains(&"x".repeat(64)), "{line}");
+}
+
+#[test]
+fn stats_says_not_connected_until_redis_has_answered() {
+    // A "Redis" that accepts connections (the kernel's backlog) and never answers: the
+    // daemon's first commands are in flight, not failed, so only "has it answered"
+    // can tell.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let d = TestDaemon::start_with(
+        Mode::Embedded,
+        &format!("[redis]\nurl = \"redis://127.0.0.1:{port}/0\"\ntimeout_ms = 60000\n"),
+        &[],
+    );
+    let r = d.client().ok(json!({"op": "stats"}));
+    assert_eq!(r["store"]["mode"], "redis");
+    assert_eq!(r["store"]["redis_connected"], false, "{r}");
+    drop(silent);
+
+    // With a real Redis it turns true once Redis has answered.
+    let d = TestDaemon::start_with(Mode::Redis, "", &[]);
+    wait_until("redis_connected", || {
+        d.client().ok(json!({"op": "stats"}))["store"]["redis_connected"] == true
+    });
+}

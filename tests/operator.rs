@@ -1,0 +1,365 @@
+//! The operator's path (issue 14): start-up errors that are never silent, refusals
+//! before the socket is bound, `check-config`, `call` exit codes and socket choice,
+//! default keys from systemd credentials, help, completions and the man page.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use common::{Mode, RedisServer, TestDaemon};
+use serde_json::json;
+
+/// Runs the built binary with `args` in `dir`, without the caller's apikeyd variables.
+fn run(dir: &Path, args: &[&str]) -> Output {
+    Command::new(common::bin())
+        .args(args)
+        .current_dir(dir)
+        .env_remove("APIKEYD_CONFIG")
+        .env_remove("APIKEYD_SOCKET")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run apikeyd")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A free loopback TCP port nobody listens on.
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+#[test]
+fn a_bad_log_level_is_an_error_on_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[log]\nlevel = \"verbose\"\n",
+    )
+    .unwrap();
+    let out = run(dir.path(), &["serve", "--config", "config.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("log.level") && err.contains("verbose"),
+        "{err}"
+    );
+    assert!(!dir.path().join("run").exists(), "nothing bound");
+}
+
+#[test]
+fn a_refusal_reaches_stderr_even_with_logging_off() {
+    let dir = tempfile::tempdir().unwrap();
+    // The keystore path is a folder: the start is refused after logging is set up.
+    std::fs::create_dir_all(dir.path().join("data/keystore.sqlite3")).unwrap();
+    std::fs::write(dir.path().join("config.toml"), "[log]\nlevel = \"off\"\n").unwrap();
+    let out = run(dir.path(), &["serve", "--config", "config.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("refusing to start") && err.contains("keystore"),
+        "{err}"
+    );
+}
+
+#[test]
+fn refusals_come_before_the_socket_is_bound() {
+    // A Redis URL that is no URL: phrased for people, no error kind, exit 2.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[redis]\nurl = \"localhost:6379\"\n",
+    )
+    .unwrap();
+    let out = run(dir.path(), &["serve", "--config", "config.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("redis.url") && err.contains("redis://"),
+        "{err}"
+    );
+    assert!(!err.contains("InvalidClientConfig"), "{err}");
+    assert!(!dir.path().join("run/apikeyd.sock").exists());
+
+    // An audit file that cannot be opened: refused, never "listening", no socket.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("not-a-folder"), "").unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[log]\naudit_file = \"not-a-folder/audit.jsonl\"\n",
+    )
+    .unwrap();
+    let out = run(dir.path(), &["serve", "--config", "config.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("log.audit_file"), "{err}");
+    assert!(!err.contains("listening"), "{err}");
+    assert!(!dir.path().join("run/apikeyd.sock").exists());
+}
+
+#[test]
+fn a_refused_redis_connection_is_not_called_a_timeout() {
+    let port = closed_port();
+    let d = TestDaemon::start_with(
+        Mode::Embedded,
+        &format!("[redis]\nurl = \"redis://127.0.0.1:{port}/0\"\n"),
+        &[],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !d.logs().contains("redis connection is down") {
+        assert!(std::time::Instant::now() < deadline, "{}", d.logs());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let log = d.logs();
+    let line = log
+        .lines()
+        .find(|l| l.contains("redis connection is down"))
+        .unwrap();
+    assert!(line.contains("refused"), "{line}");
+    assert!(!line.contains("timed out"), "{line}");
+}
+
+fn write_config(dir: &Path, text: &str) {
+    std::fs::write(dir.join("config.toml"), text).unwrap();
+}
+
+#[test]
+fn check_config_passes_a_good_config_without_creating_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), "[access]\nallow_gids = [\"nogroup\", 5]\n");
+    let out = run(dir.path(), &["check-config", "--config", "config.toml"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("[server]") && stdout.contains("allow_gids"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("would start"), "{stderr}");
+    for p in ["run", "data"] {
+        assert!(!dir.path().join(p).exists(), "check-config created {p}");
+    }
+
+    // Against a keystore and key that serve created: still fine.
+    let d = TestDaemon::start();
+    d.client()
+        .ok(json!({"op": "set_user_api_key", "user_id": "u", "service": "openai", "key": "sk-check-0000001"}));
+    let out = run(d.dir.path(), &["check-config", "--config", "config.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("listening"),
+        "notes the running daemon"
+    );
+}
+
+#[test]
+fn check_config_lists_every_problem() {
+    let redis = RedisServer::start();
+    let mut d = TestDaemon::start_with(Mode::Embedded, "", &[]);
+    d.client()
+        .ok(json!({"op": "set_user_api_key", "user_id": "u", "service": "openai", "key": "sk-check-0000002"}));
+    assert!(d.stop().success());
+    // A key file others may read, Redis down, and the redis password must not show.
+    let key = d.path("data/master.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let port = closed_port();
+    write_config(
+        d.dir.path(),
+        &format!("[redis]\nurl = \"redis://:hunter2pw@127.0.0.1:{port}/0\"\n"),
+    );
+    let out = run(d.dir.path(), &["check-config", "--config", "config.toml"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("readable by group or others"), "{stderr}");
+    assert!(
+        stderr.contains("Redis at") && stderr.contains("refused"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("2 problem(s)"), "{stderr}");
+    assert!(
+        !stdout.contains("hunter2pw") && !stderr.contains("hunter2pw"),
+        "{stdout}{stderr}"
+    );
+    assert!(!d.socket.exists(), "nothing bound");
+
+    // A key that does not open the keystore.
+    std::fs::remove_file(&key).unwrap();
+    assert!(run(d.dir.path(), &["keygen", "--out", "data/master.key"])
+        .status
+        .success());
+    write_config(
+        d.dir.path(),
+        &format!("[redis]\nurl = \"{}\"\n", redis.url()),
+    );
+    let out = run(d.dir.path(), &["check-config", "--config", "config.toml"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("does not decrypt this keystore"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("1 problem(s)"),
+        "Redis is reachable: {stderr}"
+    );
+
+    // TOML that does not parse.
+    write_config(d.dir.path(), "[server\n");
+    let out = run(d.dir.path(), &["check-config", "--config", "config.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("problem:"));
+}
+
+#[test]
+fn call_exit_codes_and_socket_choice() {
+    let d = TestDaemon::start_with(Mode::Embedded, "[server]\nmax_line_bytes = 100\n", &[]);
+    let sock = d.socket.to_str().unwrap().to_string();
+    // A broken config does not matter when the socket is given.
+    write_config(d.dir.path(), "this is not toml");
+    let out = run(
+        d.dir.path(),
+        &["call", "--socket", &sock, r#"{"op":"ping"}"#],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = Command::new(common::bin())
+        .args(["call", r#"{"op":"ping"}"#])
+        .current_dir(d.dir.path())
+        .env("APIKEYD_SOCKET", &sock)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "$APIKEYD_SOCKET: {}",
+        text(&out.stderr)
+    );
+    // Any error answer: 1, including too_large (the daemon then closes).
+    let out = run(
+        d.dir.path(),
+        &["call", "--socket", &sock, r#"{"op":"nope"}"#],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let big = format!(r#"{{"op":"ping","pad":"{}"}}"#, "x".repeat(200));
+    let out = run(
+        d.dir.path(),
+        &["call", "--socket", &sock, &big, r#"{"op":"ping"}"#],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("too_large"));
+    // Unreachable: 2.
+    let out = run(
+        d.dir.path(),
+        &[
+            "call",
+            "--socket",
+            "/nonexistent/apikeyd.sock",
+            r#"{"op":"ping"}"#,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("is `apikeyd serve` running"));
+    // The help says so.
+    let help = text(&run(d.dir.path(), &["call", "--help"]).stdout);
+    assert!(
+        help.contains("Exit codes") && help.contains("APIKEYD_SOCKET"),
+        "{help}"
+    );
+}
+
+#[test]
+fn call_without_access_to_the_socket_says_so() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test needs root (setpriv to nobody)"
+    );
+    let d = TestDaemon::start();
+    // The folder lets nobody in, the socket (0660 root) does not.
+    for p in [d.dir.path().to_path_buf(), d.path("run")] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let bin = d.path("apikeyd-client");
+    std::fs::copy(common::bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .args(["call", "--socket"])
+        .arg(&d.socket)
+        .arg(r#"{"op":"ping"}"#)
+        .output()
+        .expect("setpriv (util-linux) is needed: apt-get install util-linux");
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("lacks access"), "{err}");
+    assert!(!err.contains("is `apikeyd serve` running"), "{err}");
+}
+
+#[test]
+fn a_default_key_can_come_from_a_systemd_credential() {
+    let creds = tempfile::tempdir().unwrap();
+    std::fs::write(
+        creds.path().join("OPENAI_API_KEY"),
+        "sk-from-credential-01\n",
+    )
+    .unwrap();
+    let d = TestDaemon::start_with(
+        Mode::Embedded,
+        "",
+        &[("CREDENTIALS_DIRECTORY", creds.path().to_str().unwrap())],
+    );
+    let r = d
+        .client()
+        .ok(json!({"op": "get_user_api_key", "user_id": "u", "service": "openai"}));
+    assert_eq!(r["key"], "sk-from-credential-01");
+    assert_eq!(r["source"], "config");
+    // The environment variable wins when set.
+    let d = TestDaemon::start_with(
+        Mode::Embedded,
+        "",
+        &[
+            ("CREDENTIALS_DIRECTORY", creds.path().to_str().unwrap()),
+            ("OPENAI_API_KEY", "sk-from-environment-1"),
+        ],
+    );
+    let r = d
+        .client()
+        .ok(json!({"op": "get_user_api_key", "user_id": "u", "service": "openai"}));
+    assert_eq!(r["key"], "sk-from-environment-1");
+}
+
+#[test]
+fn help_completions_and_man_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let bench = text(&run(dir.path(), &["bench", "--help"]).stdout);
+    assert!(bench.contains("`{N}` becomes a key index"), "{bench}");
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(dir.path(), &["completions", shell]);
+        assert!(out.status.success(), "{shell}");
+        let script = text(&out.stdout);
+        assert!(
+            script.contains("check-config") && script.contains("rotate-master-key"),
+            "{shell}: {script}"
+        );
+    }
+    let out = run(dir.path(), &["man"]);
+    assert!(out.status.success());
+    let man = text(&out.stdout);
+    assert!(
+        man.contains(".TH apikeyd 1") && man.contains("check\\-config"),
+        "{man}"
+    );
+    let out = run(dir.path(), &["completions", "tcsh"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}
