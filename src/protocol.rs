@@ -217,6 +217,18 @@ impl tokio_util::codec::Decoder for LineCodec {
     }
 }
 
+/// Overwrites the stack below the caller's frame with zeros. Parsing a line leaves
+/// pieces of it there (serde_json and memchr spill input chunks into stack slots,
+/// and an error path returns before later calls overwrite them); the session calls
+/// this after a line that held a key or could not be parsed. 64 KiB covers the
+/// parser's deepest frames in a debug build with room to spare.
+#[inline(never)]
+pub fn scrub_stack() {
+    let mut area = [0u8; 64 * 1024];
+    area.zeroize();
+    std::hint::black_box(&area);
+}
+
 /// Parses one line (without its `\n`).
 pub fn parse_line(line: &[u8]) -> Line {
     if line.iter().all(u8::is_ascii_whitespace) {
@@ -327,6 +339,11 @@ impl Request {
             "retry_after_s" => p.retry_after_s.take(),
             _ => None,
         }
+    }
+
+    /// Whether the request carries a `key` member (ask before it is read).
+    pub fn carries_key(&self) -> bool {
+        self.params.key.is_some()
     }
 
     /// Whether member `name` was sent (and not null) and is still unread.

@@ -51,15 +51,20 @@ fn short_id(id: &Id) -> String {
 }
 
 /// Turns one line into the future of its response line, or `None` for a blank line.
+/// Turns one line into the future of its response line (`None` for a blank line).
+/// Sets `sensitive` when the line may have held a key: it carried a `key` member, or
+/// it was not a valid request (nothing can be said of what it held).
 fn start(
     app: &Rc<App>,
     peer: &Peer,
     order: &Rc<Sequencer>,
     line: &[u8],
+    sensitive: &mut bool,
 ) -> Option<LocalBoxFuture<'static, Body>> {
     let mut req = match parse_line(line) {
         Line::Blank => return None,
         Line::Invalid { id, error } => {
+            *sensitive = true;
             app.requests_total.fetch_add(1, Ordering::Relaxed);
             app.metrics.record(metrics::OPS.len(), error.code(), None);
             tracing::debug!(code = error.code(), "malformed request");
@@ -67,6 +72,7 @@ fn start(
         }
         Line::Request(req) => req,
     };
+    *sensitive = req.carries_key();
     app.requests_total.fetch_add(1, Ordering::Relaxed);
     let app = app.clone();
     let peer = *peer;
@@ -157,12 +163,17 @@ pub async fn run(app: Rc<App>, stream: UnixStream, peer: Peer, stop: Cancellatio
                     match frame {
                         None => reading = false,
                         Some(Ok(mut line)) => {
-                            if let Some(fut) = start(&app, &peer, &order, &line) {
+                            let mut sensitive = false;
+                            if let Some(fut) = start(&app, &peer, &order, &line, &mut sensitive) {
                                 pending.push_back(fut);
                             }
                             // The request is parsed into its own values; a key in it
-                            // must not linger in the connection's buffer.
+                            // must not linger in the connection's buffer, nor in the
+                            // stack the parser (and its SIMD searches) ran on.
                             line[..].zeroize();
+                            if sensitive {
+                                crate::protocol::scrub_stack();
+                            }
                         }
                         Some(Err(LineError::TooLong)) => {
                             tracing::info!(uid = peer.uid, max_line, "request line too long; closing the connection");

@@ -391,12 +391,37 @@ fn secrets_of_rejected_requests_are_wiped() {
         "sk-WIPED-bad-service-1a2b3c4d",
         "sk-WIPED-cut-off-line-5e6f7a8b",
     ];
+    let malformed = [
+        "sk-WIPED-unterminated-00000001",
+        "sk-WIPED-trailing-data-0000002",
+        "sk-WIPED-trailing-comma-000003",
+        "sk-WIPED-missing-colon-0000004",
+    ];
     let mut c = d.client();
     let (code, _) = c.err(json!({"op": "set_user_api_key", "user_id": "has space", "service": "openai", "key": canaries[0]}));
     assert_eq!(code, "bad_request");
     let (code, _) =
         c.err(json!({"op": "add_pool_key", "service": "bad service", "key": canaries[1]}));
     assert_eq!(code, "bad_request");
+    // Lines that are not JSON objects at all, each holding a key.
+    for (i, tail) in ["", "} x", ",}", " \"x\"}"].iter().enumerate() {
+        let line = format!(
+            "{{\"op\":\"set_user_api_key\",\"user_id\":\"u2\",\"service\":\"openai\",\"key\":\"{}\"{tail}\n",
+            malformed[i]
+        );
+        let mut one = d.client();
+        one.send_raw(line.as_bytes());
+        one.writer_shutdown();
+        let answers = one.recv_until_closed();
+        assert_eq!(answers[0]["error"]["code"], "bad_request");
+        // Scanned at once, before any other request could overwrite what the
+        // parser left on the stack.
+        assert!(
+            !in_memory(d.pid(), malformed[i].as_bytes()),
+            "{} is still in the daemon's memory",
+            malformed[i]
+        );
+    }
     // A line the client never finished.
     c.send_raw(format!("{{\"op\":\"set_user_api_key\",\"key\":\"{}\"", canaries[2]).as_bytes());
     c.writer_shutdown();
@@ -407,7 +432,7 @@ fn secrets_of_rejected_requests_are_wiped() {
     common::eventually(std::time::Duration::from_secs(10), || {
         probe.ok(json!({"op": "stats"}))["connections"] == 1
     });
-    for canary in canaries {
+    for canary in canaries.iter().chain(&malformed) {
         assert!(
             !in_memory(d.pid(), canary.as_bytes()),
             "{canary} is still in the daemon's memory"
