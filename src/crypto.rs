@@ -412,8 +412,31 @@ impl MasterKey {
     /// root leaves the key readable by the service user it belonged to.
     pub fn write_keyring(&self, path: &Path) -> std::io::Result<()> {
         let ring = self.ring();
-        let tmp = path.with_extension("key.tmp");
-        let _ = std::fs::remove_file(&tmp);
+        // A key file that is a symlink is rewritten where it points: replacing the
+        // link would leave the real file behind with the old versions.
+        let real;
+        let path = match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                real = std::fs::canonicalize(path)?;
+                real.as_path()
+            }
+            _ => path,
+        };
+        let tmp = keyring_temp(path);
+        // Only a stale temp file of our own is removed, never a socket or a folder.
+        match std::fs::symlink_metadata(&tmp) {
+            Ok(m) if m.file_type().is_file() => std::fs::remove_file(&tmp)?,
+            Ok(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!(
+                        "{} exists and is not a regular file; refusing to replace it",
+                        tmp.display()
+                    ),
+                ))
+            }
+            Err(_) => {}
+        }
         write_private(&tmp, &ring.to_text(), true)?;
         if let Ok(was) = std::fs::metadata(path) {
             keep_owner_and_mode(&tmp, &was)?;
@@ -541,6 +564,11 @@ impl MasterKey {
         let digest = mac.finalize().into_bytes();
         digest[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
+}
+
+/// The temporary file `write_keyring` writes before renaming it over `path`.
+pub fn keyring_temp(path: &Path) -> PathBuf {
+    path.with_extension("key.tmp")
 }
 
 /// Gives `file` the owner and group of `was`, and its mode without group or other bits.

@@ -41,9 +41,14 @@ pub struct Member {
 impl Member {
     /// "host h1, pid 12, socket /run/apikeyd/apikeyd.sock: holds [1, 2], seals with 2".
     pub fn describe(&self) -> String {
+        // Escaped: anyone who can write Redis writes these fields.
         format!(
             "host {}, pid {}, socket {}: holds key versions {:?}, seals with {}",
-            self.host, self.pid, self.socket, self.versions, self.sealing
+            self.host.escape_debug(),
+            self.pid,
+            self.socket.escape_debug(),
+            self.versions,
+            self.sealing
         )
     }
 
@@ -61,16 +66,32 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "unknown-host".into())
 }
 
-/// A blocking connection, for start-up checks and the command-line tools. The
-/// message never repeats the URL (it may hold a password).
-pub fn connect(redis: &RedisConfig) -> Result<redis::Connection, String> {
+/// A blocking connection that waits at most `wait` for Redis, for start-up checks
+/// (which must not hold a start for long) and the command-line tools. The message
+/// never repeats the URL (it may hold a password).
+pub fn connect(redis: &RedisConfig, wait: Duration) -> Result<redis::Connection, String> {
     let client = crate::actors::redis::client(redis)?;
-    let timeout = Duration::from_millis(redis.timeout_ms.max(1000));
     let con = client
-        .get_connection_with_timeout(timeout)
+        .get_connection_with_timeout(wait)
         .map_err(|e| format!("{UNREACHABLE} (redis.url): {e}"))?;
-    let _ = con.set_read_timeout(Some(Duration::from_secs(30)));
+    let _ = con.set_read_timeout(Some(wait));
+    let _ = con.set_write_timeout(Some(wait));
     Ok(con)
+}
+
+/// How long the daemon's own checks wait for Redis.
+const DAEMON_WAIT: Duration = Duration::from_secs(2);
+/// How long the tools wait for Redis.
+const TOOL_WAIT: Duration = Duration::from_secs(30);
+
+/// A Redis error in a message: connection trouble starts with [`UNREACHABLE`], so a
+/// caller can tell "Redis is down" from an answer that refuses.
+fn redis_failed(e: redis::RedisError) -> String {
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
+        format!("{UNREACHABLE}: {e}")
+    } else {
+        format!("redis: {e}")
+    }
 }
 
 fn names(config: &Config) -> Names {
@@ -105,7 +126,7 @@ fn first_sealed_value(
 /// of them), or when Redis cannot be asked.
 pub fn refuse_new_key(config: &Config) -> Result<(), String> {
     let file = config.keystore.master_key_file.display();
-    let mut con = connect(&config.redis).map_err(|e| {
+    let mut con = connect(&config.redis, DAEMON_WAIT).map_err(|e| {
         format!(
             "the master key {file} is missing and Redis cannot be checked for values sealed by a fleet's key ({e}); \
              copy the master key from a host of the fleet, or start again once Redis answers"
@@ -136,72 +157,92 @@ fn retired(stored: &HashMap<String, String>) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-/// Compares `key` with the fleet's check values and records the versions new to it.
-/// Refuses a key that differs from the fleet's in any version both hold, shares no
-/// version with it, or holds only retired versions. With no check values yet (a
-/// fleet from before them), a sealed pool value must open.
-pub fn verify(con: &mut redis::Connection, names: &Names, key: &MasterKey) -> Result<(), String> {
-    let fail = |e: redis::RedisError| format!("redis: {e}");
+/// Compares `key` with the fleet's check values as read: refuses a key that differs
+/// from the fleet's in any version both hold, that shares no version with it, that
+/// lacks a newer version the fleet uses, or that holds only retired versions.
+fn compare(stored: &HashMap<String, String>, key: &MasterKey, prefix: &str) -> Result<(), String> {
     let copy = "copy the master key file from a host of the fleet and start again";
-    let stored: HashMap<String, String> = con.hgetall(names.keycheck()).map_err(fail)?;
     let mine = key.check_values();
-    let known = stored.keys().filter(|f| f.starts_with('v')).count();
-    if known == 0 {
-        if let Some((pool, field, value)) = first_sealed_value(con, names).map_err(fail)? {
-            if !matches!(
-                crate::actors::redis::open_value(key, &names.prefix, &pool, &field, &value),
-                PoolValue::Sealed(_)
-            ) {
-                return Err(format!(
-                    "this master key does not open the values sealed in Redis (prefix {}); {copy}",
-                    names.prefix
-                ));
-            }
-        }
-    } else {
-        for (v, check) in &mine {
-            if stored.get(&format!("v{v}")).is_some_and(|s| s != check) {
-                return Err(format!(
-                    "version {v} of this master key differs from the fleet's (Redis prefix {}); {copy}",
-                    names.prefix
-                ));
-            }
-        }
-        if !mine
-            .iter()
-            .any(|(v, _)| stored.contains_key(&format!("v{v}")))
-        {
+    let gone = retired(stored);
+    for (v, check) in &mine {
+        if stored.get(&format!("v{v}")).is_some_and(|s| s != check) {
             return Err(format!(
-                "none of this master key's versions {:?} is known to the fleet (Redis prefix {}); {copy}",
-                key.versions(),
-                names.prefix
+                "version {v} of this master key differs from the fleet's (Redis prefix {prefix}); {copy}"
             ));
         }
     }
-    let gone = retired(&stored);
+    let fleet: Vec<u32> = stored
+        .keys()
+        .filter_map(|f| f.strip_prefix('v')?.parse().ok())
+        .collect();
+    if !fleet.is_empty() && !mine.iter().any(|(v, _)| fleet.contains(v)) {
+        return Err(format!(
+            "none of this master key's versions {:?} is known to the fleet (Redis prefix {prefix}); {copy}",
+            key.versions()
+        ));
+    }
     if key.versions().iter().all(|v| gone.contains(v)) {
         return Err(format!(
             "this master key holds only versions {gone:?}, which a rotation retired; {copy}"
         ));
     }
-    for (v, check) in mine {
-        let _: bool = con
-            .hset_nx(names.keycheck(), format!("v{v}"), check)
-            .map_err(fail)?;
+    let newest = key.versions().into_iter().max().unwrap_or(0);
+    if let Some(newer) = fleet
+        .iter()
+        .filter(|v| **v > newest && !gone.contains(v))
+        .max()
+    {
+        return Err(format!(
+            "the fleet uses key version {newer}, which this master key lacks (it holds {:?}); {copy}",
+            key.versions()
+        ));
     }
     Ok(())
 }
 
+/// Checks `key` against the fleet's check values (see [`compare`]) and records the
+/// versions new to the fleet. The check runs again on what Redis holds after
+/// recording, so of two daemons that create a fleet's first key at the same moment,
+/// the one whose value did not land is refused. With no check values yet (a fleet
+/// from before them), a sealed pool value must open.
+pub fn verify(con: &mut redis::Connection, names: &Names, key: &MasterKey) -> Result<(), String> {
+    let stored: HashMap<String, String> = con.hgetall(names.keycheck()).map_err(redis_failed)?;
+    if !stored.keys().any(|f| f.starts_with('v')) {
+        if let Some((pool, field, value)) = first_sealed_value(con, names).map_err(redis_failed)? {
+            if !matches!(
+                crate::actors::redis::open_value(key, &names.prefix, &pool, &field, &value),
+                PoolValue::Sealed(_)
+            ) {
+                return Err(format!(
+                    "this master key does not open the values sealed in Redis (prefix {}); \
+                     copy the master key file from a host of the fleet and start again",
+                    names.prefix
+                ));
+            }
+        }
+    }
+    compare(&stored, key, &names.prefix)?;
+    for (v, check) in key.check_values() {
+        let _: bool = con
+            .hset_nx(names.keycheck(), format!("v{v}"), check)
+            .map_err(redis_failed)?;
+    }
+    let stored: HashMap<String, String> = con.hgetall(names.keycheck()).map_err(redis_failed)?;
+    compare(&stored, key, &names.prefix)
+}
+
 /// For the tools: connects and runs [`verify`].
 pub fn verify_config(config: &Config, key: &MasterKey) -> Result<(), String> {
-    let mut con = connect(&config.redis)?;
+    let mut con = connect(&config.redis, TOOL_WAIT)?;
     verify(&mut con, &names(config), key)
 }
 
 /// At start in Redis mode: verifies the key when Redis answers. Answers whether it
 /// was verified; `false` when Redis is unreachable (the heartbeat verifies later).
 pub fn verify_at_start(config: &Config, key: &MasterKey) -> Result<bool, String> {
-    match verify_config(config, key) {
+    let checked = connect(&config.redis, DAEMON_WAIT)
+        .and_then(|mut con| verify(&mut con, &names(config), key));
+    match checked {
         Ok(()) => Ok(true),
         Err(e) if e.starts_with(UNREACHABLE) => {
             tracing::warn!("cannot check the master key against the fleet's now ({e}); checking once Redis answers");
@@ -212,12 +253,11 @@ pub fn verify_at_start(config: &Config, key: &MasterKey) -> Result<bool, String>
 }
 
 /// Records versions as retired for the whole fleet: a daemon holding only those
-/// is refused from then on.
+/// is refused from then on (and a running one stops at its next heartbeat).
 pub fn mark_retired(config: &Config, versions: &[u32]) -> Result<(), String> {
-    let mut con = connect(&config.redis)?;
+    let mut con = connect(&config.redis, TOOL_WAIT)?;
     let names = names(config);
-    let fail = |e: redis::RedisError| format!("redis: {e}");
-    let stored: HashMap<String, String> = con.hgetall(names.keycheck()).map_err(fail)?;
+    let stored: HashMap<String, String> = con.hgetall(names.keycheck()).map_err(redis_failed)?;
     let mut all = retired(&stored);
     all.extend_from_slice(versions);
     all.sort_unstable();
@@ -225,29 +265,60 @@ pub fn mark_retired(config: &Config, versions: &[u32]) -> Result<(), String> {
     let text: Vec<String> = all.iter().map(u32::to_string).collect();
     let _: () = con
         .hset(names.keycheck(), "retired", text.join(","))
-        .map_err(fail)?;
+        .map_err(redis_failed)?;
     Ok(())
 }
 
-/// Every live daemon's heartbeat.
+/// The heartbeats under the fleet pattern, by key name (bytes: a stray key with a
+/// name that is not UTF-8 must not hide the others). Keys that are not a heartbeat
+/// (another type, not JSON, no versions) come back as `Err(name)`.
+fn parse_members(
+    keys: &[Vec<u8>],
+    values: Vec<Option<Vec<u8>>>,
+) -> Vec<std::result::Result<Member, String>> {
+    keys.iter()
+        .zip(values)
+        .map(|(k, v)| {
+            v.and_then(|v| serde_json::from_slice::<Member>(&v).ok())
+                .filter(|m| !m.versions.is_empty())
+                .ok_or_else(|| String::from_utf8_lossy(k).escape_debug().to_string())
+        })
+        .collect()
+}
+
+/// Every live daemon's heartbeat. Stray keys under the pattern are skipped with a
+/// warning naming them; a Redis error is an error (the caller must not take "no
+/// heartbeat read" for "no daemon behind").
 pub fn members(config: &Config) -> Result<Vec<Member>, String> {
-    let mut con = connect(&config.redis)?;
+    let mut con = connect(&config.redis, TOOL_WAIT)?;
     let pattern = names(config).fleet_member("*");
-    let fail = |e: redis::RedisError| format!("redis: {e}");
-    let keys: Vec<String> = con
-        .scan_match::<_, String>(&pattern)
-        .map_err(fail)?
+    let keys: Vec<Vec<u8>> = con
+        .scan_match::<_, Vec<u8>>(&pattern)
+        .map_err(redis_failed)?
         .collect::<redis::RedisResult<_>>()
-        .map_err(fail)?;
+        .map_err(redis_failed)?;
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    // MGET answers nil for a key of another type instead of failing.
+    let values: Vec<Option<Vec<u8>>> = con.mget(&keys).map_err(redis_failed)?;
     let mut out = Vec::new();
-    for k in keys {
-        let v: Option<String> = con.get(&k).map_err(fail)?;
-        if let Some(m) = v.and_then(|v| serde_json::from_str::<Member>(&v).ok()) {
-            out.push(m);
+    for m in parse_members(&keys, values) {
+        match m {
+            Ok(m) => out.push(m),
+            Err(name) => eprintln!("warning: skipping {name}: not a daemon's heartbeat"),
         }
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)
+}
+
+/// Why the fleet is not ready for a rotation step.
+pub enum NotReady {
+    /// These daemons do not seal with the version yet.
+    Behind(Vec<Member>),
+    /// The heartbeats could not be read: nothing can be said, so nothing may change.
+    Unreadable(String),
 }
 
 /// Waits until every live daemon holds `version` and seals with it; otherwise
@@ -255,31 +326,37 @@ pub fn members(config: &Config) -> Result<Vec<Member>, String> {
 /// within a beat or two, so they get up to `within`; a daemon that lacks the version
 /// will not get it by waiting, so once its heartbeat has had time to renew
 /// (`LACKING_WAIT`) the answer comes at once.
-pub fn wait_until_sealing(
-    config: &Config,
-    version: u32,
-    within: Duration,
-) -> Result<(), Vec<Member>> {
+pub fn wait_until_sealing(config: &Config, version: u32, within: Duration) -> Result<(), NotReady> {
     const LACKING_WAIT: Duration = Duration::from_secs(3);
     let began = std::time::Instant::now();
     let deadline = began + within;
     loop {
-        let behind: Vec<Member> = match members(config) {
-            Ok(all) => all.into_iter().filter(|m| m.sealing != version).collect(),
-            Err(e) => {
-                eprintln!("cannot read the fleet's heartbeats: {e}");
-                Vec::new()
-            }
-        };
+        let behind: Vec<Member> = members(config)
+            .map_err(NotReady::Unreadable)?
+            .into_iter()
+            .filter(|m| m.sealing != version)
+            .collect();
         if behind.is_empty() {
             return Ok(());
         }
         let lacking = behind.iter().all(|m| !m.versions.contains(&version));
         if std::time::Instant::now() >= deadline || (lacking && began.elapsed() >= LACKING_WAIT) {
-            return Err(behind);
+            return Err(NotReady::Behind(behind));
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// For a tool that seals values into Redis (import-legacy): caps `key` at the
+/// newest version every live daemon holds, as the daemons themselves do.
+pub fn cap_to_fleet(config: &Config, key: &MasterKey) -> Result<(), String> {
+    let newest = key.versions().into_iter().max().unwrap_or(0);
+    let cap = members(config)?
+        .iter()
+        .map(Member::newest)
+        .fold(newest, u32::min);
+    key.set_seal_cap(cap);
+    Ok(())
 }
 
 /// What a daemon says of itself in its heartbeat.
@@ -305,8 +382,9 @@ impl Identity {
 /// Runs forever in a daemon in Redis mode: renews this daemon's heartbeat every
 /// `BEAT_EVERY`, and caps the sealing version at the newest version every live
 /// daemon holds. Checks the key against the fleet's whenever its versions change
-/// (and, when Redis was down at start, on the first beat that reaches it); a key
-/// that does not match stops the process rather than seal with it.
+/// (and, when Redis was down at start, on the first beat that reaches it), and at
+/// every beat that the daemon holds a version not retired; a key that fails stops
+/// the process rather than seal with it.
 pub async fn heartbeat(
     mut conn: ConnectionManager,
     redis: RedisConfig,
@@ -324,7 +402,7 @@ pub async fn heartbeat(
             let (config, ring) = (redis.clone(), key.clone());
             let names = names.clone();
             let outcome = tokio::task::spawn_blocking(move || {
-                let mut con = connect(&config)?;
+                let mut con = connect(&config, DAEMON_WAIT)?;
                 verify(&mut con, &names, &ring)
             })
             .await
@@ -336,31 +414,51 @@ pub async fn heartbeat(
                     verified = true;
                 }
                 Err(e) if e.starts_with(UNREACHABLE) => {}
-                Err(e) => {
-                    tracing::error!("stopping: {e}");
-                    std::process::exit(1);
-                }
+                Err(e) => stop(&e),
             }
         }
         if verified {
-            if let Err(e) = beat(&mut conn, &names, &key, &me).await {
-                tracing::debug!(error = %e, "fleet heartbeat not written");
+            match beat(&mut conn, &names, &key, &me).await {
+                Ok(None) => {}
+                Ok(Some(why)) => stop(&why),
+                Err(e) => tracing::warn!(error = %e, "fleet heartbeat not written"),
             }
         }
         tokio::time::sleep(BEAT_EVERY).await;
     }
 }
 
+/// Ends the process: it holds a key that must not seal anything more.
+fn stop(why: &str) -> ! {
+    tracing::error!("stopping: {why}");
+    std::process::exit(1);
+}
+
+/// One heartbeat; answers why the daemon must stop, if it must.
 async fn beat(
     conn: &mut ConnectionManager,
     names: &Names,
     key: &MasterKey,
     me: &Identity,
-) -> redis::RedisResult<()> {
-    let mut keys: Vec<String> = Vec::new();
+) -> redis::RedisResult<Option<String>> {
+    let retired_now: Option<String> = conn.hget(names.keycheck(), "retired").await?;
+    let gone: Vec<u32> = retired_now
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    if key.versions().iter().all(|v| gone.contains(v)) {
+        return Ok(Some(format!(
+            "a rotation retired every version this master key holds ({:?}); \
+             copy the master key file from a host of the fleet and start again",
+            key.versions()
+        )));
+    }
+    let mut keys: Vec<Vec<u8>> = Vec::new();
     {
         let mut iter = conn
-            .scan_match::<_, String>(names.fleet_member("*"))
+            .scan_match::<_, Vec<u8>>(names.fleet_member("*"))
             .await?;
         while let Some(k) = futures_util::StreamExt::next(&mut iter).await {
             keys.push(k?);
@@ -369,11 +467,10 @@ async fn beat(
     let others: Vec<Member> = if keys.is_empty() {
         Vec::new()
     } else {
-        let values: Vec<Option<String>> = conn.mget(&keys).await?;
-        values
+        let values: Vec<Option<Vec<u8>>> = conn.mget(&keys).await?;
+        parse_members(&keys, values)
             .into_iter()
             .flatten()
-            .filter_map(|v| serde_json::from_str::<Member>(&v).ok())
             .filter(|m| m.id != me.id)
             .collect()
     };
@@ -392,5 +489,6 @@ async fn beat(
     };
     let text = serde_json::to_string(&record).unwrap_or_default();
     conn.set_ex::<_, _, ()>(names.fleet_member(&me.id), text, BEAT_TTL_S)
-        .await
+        .await?;
+    Ok(None)
 }

@@ -104,6 +104,7 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
         &config.keystore.path,
         "import-legacy",
         &config.server.socket,
+        true,
     )?;
     let opened = keystore::open(config, 1).map_err(|e| e.0)?;
     let db = opened
@@ -112,6 +113,8 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
         .next()
         .ok_or("no keystore connection")?;
     let master = opened.key;
+    // Seal what goes into Redis with a version every live daemon can open.
+    crate::fleet::cap_to_fleet(config, &master)?;
     let client = crate::actors::redis::client(&config.redis)?;
     let mut con = client
         .get_connection_with_timeout(Duration::from_secs(5))

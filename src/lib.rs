@@ -89,6 +89,7 @@ pub fn open_keystore(config: &Config) -> Result<Opened, StartError> {
         &config.keystore.path,
         "serve",
         Some(config.server.socket.as_path()),
+        true,
     )
     .map_err(|e| StartError(e.to_string()))?;
     let mut opened = actors::keystore::open(config, KEYSTORE_THREADS + 1)?;

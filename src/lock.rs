@@ -68,51 +68,90 @@ pub enum LockError {
 /// An exclusive lock on a keystore, released when dropped (or when the process ends,
 /// however it ends: the kernel drops `flock`s with the last descriptor).
 pub struct KeystoreLock {
-    _file: File,
+    _keystore: File,
+    _info: File,
+    /// Where the holder's pid and socket are written.
     pub path: PathBuf,
 }
 
+/// Reads the holder's note, waiting a moment for a holder that has just taken the
+/// lock and not written its pid yet.
+fn read_holder(info: &Path) -> Holder {
+    let mut holder = Holder::default();
+    for _ in 0..20 {
+        let mut text = String::new();
+        if let Ok(mut f) = File::open(info) {
+            let _ = f.read_to_string(&mut text);
+        }
+        holder = Holder::parse(&text);
+        if holder.pid.is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    holder
+}
+
 /// Takes the lock of `keystore` without waiting and records `what` (and the socket
-/// of a daemon) in it. The keystore's folder must exist.
+/// of a daemon) beside it. The lock is an `flock` on the keystore file itself
+/// (SQLite's own locks are `fcntl` locks, which do not interact with it), so every
+/// path to the file — another spelling, a symlink, a hard link — collides, and
+/// removing the note changes nothing. `create`: make an empty keystore file when
+/// there is none (SQLite takes an empty file as an empty database).
 pub fn acquire(
     keystore: &Path,
     what: &str,
     socket: Option<&Path>,
+    create: bool,
 ) -> Result<KeystoreLock, LockError> {
-    let path = lock_path(keystore);
-    let io = |source| LockError::Io {
-        path: path.clone(),
-        source,
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LockError::Io { path, source }
     };
-    let mut file = OpenOptions::new()
+    let db = OpenOptions::new()
         .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .mode(0o600)
+        .open(keystore)
+        .map_err(io(keystore))?;
+    // The note lives beside the file's real path, whatever spelling led here.
+    let real = std::fs::canonicalize(keystore).map_err(io(keystore))?;
+    let path = lock_path(&real);
+    match db.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            return Err(LockError::Held {
+                keystore: keystore.to_path_buf(),
+                holder: read_holder(&path),
+            })
+        }
+        Err(TryLockError::Error(e)) => return Err(io(keystore)(e)),
+    }
+    // Never through a symlink: a tool run as root must not write where a link in
+    // the service user's folder points.
+    let mut info = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
-        .map_err(io)?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(TryLockError::WouldBlock) => {
-            let mut text = String::new();
-            let _ = file.read_to_string(&mut text);
-            return Err(LockError::Held {
-                keystore: keystore.to_path_buf(),
-                holder: Holder::parse(&text),
-            });
-        }
-        Err(TryLockError::Error(e)) => return Err(io(e)),
-    }
+        .map_err(io(&path))?;
     let mut text = format!("pid={}\nwhat={what}\n", std::process::id());
     if let Some(s) = socket {
         let s = std::path::absolute(s).unwrap_or_else(|_| s.to_path_buf());
         text.push_str(&format!("socket={}\n", s.display()));
     }
-    file.set_len(0).map_err(io)?;
-    file.rewind().map_err(io)?;
-    file.write_all(text.as_bytes()).map_err(io)?;
-    Ok(KeystoreLock { _file: file, path })
+    info.set_len(0).map_err(io(&path))?;
+    info.rewind().map_err(io(&path))?;
+    info.write_all(text.as_bytes()).map_err(io(&path))?;
+    Ok(KeystoreLock {
+        _keystore: db,
+        _info: info,
+        path,
+    })
 }
 
 /// What a tool found when it tried to lock a keystore.
@@ -124,27 +163,42 @@ pub enum ToolAccess {
     Daemon(Holder),
 }
 
-/// For `rotate-master-key` and `import-legacy`: takes the lock when no daemon runs;
-/// when one does, proves it answers on `socket` (its `stats` pid is the holder's).
-/// A holder that does not answer there is an error naming both, so a tool pointed
-/// at the wrong socket changes nothing.
-pub fn for_tool(keystore: &Path, what: &str, socket: &Path) -> Result<ToolAccess, String> {
-    if let Some(dir) = keystore.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.exists() {
-            return Err(format!(
-                "the keystore's folder {} does not exist: is keystore.path in this config the daemon's?",
-                dir.display()
-            ));
-        }
+/// For `rotate-master-key`, `import-legacy` and `migrate-user-keys`: takes the lock
+/// when no daemon runs on the keystore; when one does, proves it answers on
+/// `socket` (its `stats` pid is the holder's). Refuses, changing nothing, when the
+/// holder does not answer there, or when a daemon answers there that does not hold
+/// this keystore (the config names another daemon's socket or another keystore).
+/// `create`: the keystore may be created (import); otherwise it must exist.
+pub fn for_tool(
+    keystore: &Path,
+    what: &str,
+    socket: &Path,
+    create: bool,
+) -> Result<ToolAccess, String> {
+    if !create && !keystore.exists() {
+        return Err(format!(
+            "the keystore {} does not exist: is keystore.path in this config the daemon's?",
+            keystore.display()
+        ));
     }
-    let holder = match acquire(keystore, what, None) {
-        Ok(lock) => return Ok(ToolAccess::Alone(lock)),
-        Err(LockError::Held { holder, .. }) => holder,
-        Err(e) => return Err(e.to_string()),
-    };
     let answered = crate::client::request(socket, r#"{"op":"stats"}"#)
         .ok()
         .and_then(|v| v["result"]["pid"].as_u64());
+    let holder = match acquire(keystore, what, None, create) {
+        Ok(lock) => {
+            return match answered {
+                None => Ok(ToolAccess::Alone(lock)),
+                Some(pid) => Err(format!(
+                    "a daemon (pid {pid}) answers on {}, but it does not hold the keystore {} (no daemon does): \
+                     this config's keystore.path is not that daemon's; use the config it runs with; nothing changed",
+                    socket.display(),
+                    keystore.display()
+                )),
+            }
+        }
+        Err(LockError::Held { holder, .. }) => holder,
+        Err(e) => return Err(e.to_string()),
+    };
     match (answered, holder.pid) {
         (Some(pid), Some(held)) if pid == u64::from(held) => Ok(ToolAccess::Daemon(holder)),
         (Some(pid), _) => Err(format!(
@@ -172,8 +226,10 @@ mod tests {
     fn second_lock_names_the_first_holder() {
         let dir = tempfile::tempdir().unwrap();
         let ks = dir.path().join("keystore.sqlite3");
-        let first = acquire(&ks, "serve", Some(Path::new("/run/x.sock"))).unwrap();
-        match acquire(&ks, "serve", None) {
+        let first = acquire(&ks, "serve", Some(Path::new("/run/x.sock")), true).unwrap();
+        // Another spelling of the same file collides too.
+        let other = dir.path().join(".").join("keystore.sqlite3");
+        match acquire(&other, "serve", None, true) {
             Err(LockError::Held { holder, .. }) => {
                 assert_eq!(holder.pid, Some(std::process::id()));
                 assert_eq!(holder.socket.as_deref(), Some(Path::new("/run/x.sock")));
@@ -182,6 +238,9 @@ mod tests {
             _ => panic!("a second lock was granted"),
         }
         drop(first);
-        assert!(acquire(&ks, "serve", None).is_ok(), "released on drop");
+        assert!(
+            acquire(&ks, "serve", None, true).is_ok(),
+            "released on drop"
+        );
     }
 }

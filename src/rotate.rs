@@ -14,6 +14,7 @@ use crate::actors::keystore;
 use crate::actors::redis::{envelope, Names, PoolValue, ENVELOPE};
 use crate::config::Config;
 use crate::crypto::{sealed_version, MasterKey, Place};
+use crate::fleet::NotReady;
 use crate::lock::{self, ToolAccess};
 
 /// How long rotation waits for every daemon of the fleet to seal with the new
@@ -77,7 +78,13 @@ fn hand_over(config: &Config, access: &ToolAccess, current: u32) -> Result<(), S
 
 /// In Redis mode: waits until every live daemon of the fleet seals with `current`;
 /// otherwise stops, naming the daemons that are behind and what to do.
-fn fleet_ready(config: &Config, key_file: &Path, current: u32, step: &str) -> Result<(), String> {
+fn fleet_ready(
+    config: &Config,
+    key_file: &Path,
+    current: u32,
+    step: &str,
+    step_done: &str,
+) -> Result<(), String> {
     if config.redis.url.is_empty() {
         return Ok(());
     }
@@ -86,7 +93,10 @@ fn fleet_ready(config: &Config, key_file: &Path, current: u32, step: &str) -> Re
             println!("every live daemon on this Redis seals with key version {current}");
             Ok(())
         }
-        Err(behind) => {
+        Err(NotReady::Unreadable(e)) => Err(format!(
+            "not {step}: the fleet's heartbeats cannot be read ({e}); nothing was {step_done}"
+        )),
+        Err(NotReady::Behind(behind)) => {
             let list: Vec<String> = behind
                 .iter()
                 .map(|m| format!("  {}", m.describe()))
@@ -305,6 +315,7 @@ pub fn rotate(r: Rotation<'_>) -> Result<(), String> {
         &config.keystore.path,
         "rotate-master-key",
         &config.server.socket,
+        false,
     )?;
     let mut key = MasterKey::read_file(r.key_file).map_err(|e| e.0)?;
     let mut db = keystore::connect(&config.keystore.path).map_err(|e| format!("keystore: {e}"))?;
@@ -349,9 +360,21 @@ pub fn rotate(r: Rotation<'_>) -> Result<(), String> {
         );
         return Ok(());
     }
-    fleet_ready(config, r.key_file, key.current_version(), "re-sealing")?;
+    fleet_ready(
+        config,
+        r.key_file,
+        key.current_version(),
+        "re-sealing",
+        "re-sealed",
+    )?;
     let broken = reseal_everything(config, &mut db, &key)?;
-    fleet_ready(config, r.key_file, key.current_version(), "retiring")?;
+    fleet_ready(
+        config,
+        r.key_file,
+        key.current_version(),
+        "retiring",
+        "retired",
+    )?;
     let retired: Vec<u32> = key
         .versions()
         .into_iter()

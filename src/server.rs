@@ -107,6 +107,10 @@ pub fn check_socket_path(config: &crate::config::Config) -> Result<(), String> {
             "keystore.master_key_file",
             config.keystore.master_key_file.clone(),
         ),
+        (
+            "the master key's temporary file",
+            crate::crypto::keyring_temp(&config.keystore.master_key_file),
+        ),
     ];
     if let Some(audit) = &config.log.audit_file {
         own.push(("log.audit_file", audit.clone()));

@@ -102,6 +102,14 @@ fn a_daemon_without_the_fleets_key_is_refused() {
         log.contains("does not open the values sealed in Redis"),
         "{log}"
     );
+    // Redis cannot be asked: no key is made either.
+    let down = common::RedisServer::start();
+    down.kill();
+    let mut blind = TestDaemon::prepare(Mode::Redis, Some(down), None, "", &[]);
+    let (status, log) = blind.expect_refusal();
+    assert!(!status.success());
+    assert!(log.contains("Redis cannot be checked"), "{log}");
+    assert!(!blind.path("data/master.key").exists());
     // The fleet's own daemons still start and serve.
     let mut b = TestDaemon::start_sharing(&a, "");
     assert_eq!(
@@ -120,13 +128,57 @@ fn rotation_through_one_daemon_never_strands_another() {
     let mut con = a.redis.as_ref().unwrap().conn();
     eventually(Duration::from_secs(10), || live_daemons(&mut con) == 2);
 
+    // Stray keys under the heartbeat pattern hide nobody.
+    let _: () = redis::cmd("HSET")
+        .arg("stargazer:apikeyd:fleet:stray")
+        .arg("a")
+        .arg("b")
+        .query(&mut con)
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(b"stargazer:apikeyd:fleet:\xff\xfe".as_slice())
+        .arg("x")
+        .query(&mut con)
+        .unwrap();
+    let v1_only = std::fs::read(a.path("data/master.key")).unwrap();
+
     // B never got the new version: rotate through A adds it, then stops before
     // re-sealing, naming B and what to do.
     let (ok, text) = rotate(&a.config_path, &[]);
     assert!(!ok, "{text}");
     assert!(text.contains(&format!("pid {}", b.pid())), "{text}");
     assert!(text.contains("--add-only"), "{text}");
+    assert!(
+        text.contains("skipping stargazer:apikeyd:fleet:stray"),
+        "{text}"
+    );
     assert_eq!(pool_versions(&mut con), vec![1], "nothing re-sealed");
+    // A daemon started now with the old key alone is refused: the fleet uses v2.
+    let mut late = TestDaemon::prepare(Mode::Redis, a.redis.clone(), Some(v1_only), "", &[]);
+    let (status, log) = late.expect_refusal();
+    assert!(!status.success());
+    assert!(log.contains("which this master key lacks"), "{log}");
+    // import-legacy through A seals with the version B holds too.
+    let _: () = redis::cmd("HSET")
+        .arg("stargazer:global_api_pool:legacy")
+        .arg("plain")
+        .arg("sk-legacy-in-clear-0001")
+        .query(&mut con)
+        .unwrap();
+    let out = Command::new(common::bin())
+        .args(["import-legacy", "--config"])
+        .arg(&a.config_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        pool_key(&mut cb, "legacy"),
+        json!("sk-legacy-in-clear-0001")
+    );
     // Meanwhile both serve every key, whoever added it.
     ca.ok(json!({"op": "add_pool_key", "service": "p2", "key": "sk-pool-two-by-a-02"}));
     cb.ok(json!({"op": "add_pool_key", "service": "p3", "key": "sk-pool-three-by-b3"}));
@@ -180,4 +232,22 @@ fn rotation_through_one_daemon_never_strands_another() {
     let (status, log) = stale.expect_refusal();
     assert!(!status.success());
     assert!(log.contains("retired"), "{log}");
+}
+
+#[test]
+fn a_daemon_that_slept_through_a_rotation_stops_instead_of_sealing_with_a_retired_key() {
+    let a = TestDaemon::start_with(Mode::Redis, NO_CACHE, &[]);
+    let mut b = TestDaemon::start_sharing(&a, NO_CACHE);
+    let mut con = a.redis.as_ref().unwrap().conn();
+    eventually(Duration::from_secs(10), || live_daemons(&mut con) == 2);
+    // B is paused past its heartbeat's expiry; the fleet takes it for gone.
+    b.signal(libc::SIGSTOP);
+    eventually(Duration::from_secs(20), || live_daemons(&mut con) == 1);
+    let (ok, text) = rotate(&a.config_path, &[]);
+    assert!(ok, "{text}");
+    b.signal(libc::SIGCONT);
+    // Its next beat finds every version it holds retired: it stops.
+    let status = b.wait_exit();
+    assert!(!status.success());
+    assert!(b.logs().contains("retired every version"), "{}", b.logs());
 }

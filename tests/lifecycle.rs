@@ -143,9 +143,120 @@ fn a_second_daemon_on_the_same_keystore_is_refused() {
     assert!(log.contains("in use by apikeyd serve"), "{log}");
     assert!(!log.contains("listening"), "refused before binding: {log}");
     assert!(!second.socket.exists());
+    // Another spelling of the same file (a symlink), even with the lock's note
+    // deleted: the lock is on the keystore file itself.
+    std::os::unix::fs::symlink(d.path("data/keystore.sqlite3"), d.path("ks-link.sqlite3")).unwrap();
+    std::fs::remove_file(d.path("data/keystore.sqlite3.lock")).unwrap();
+    let extra = format!(
+        "keystore.path = {:?}\nkeystore.master_key_file = {:?}\n",
+        d.path("ks-link.sqlite3"),
+        d.path("data/master.key")
+    );
+    let mut third = TestDaemon::prepare(Mode::Embedded, None, None, &extra, &[]);
+    let (status, log) = third.expect_refusal();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("in use by"), "{log}");
+    let (out, text) = run(
+        &["rotate-master-key"],
+        &config_beside(&d, "link.toml", "run/other.sock"),
+    );
+    assert!(!out.status.success(), "{text}");
     // The first goes on serving.
     let r = d.client().ok(json!({"op": "get_user_api_key", "user_id": "ana", "service": "openai", "fallback_to_pool": false}));
     assert_eq!(r["key"], "sk-ana-one-daemon");
+}
+
+#[test]
+fn a_tool_on_a_copy_of_the_keystore_next_to_a_live_daemon_changes_nothing() {
+    let d = TestDaemon::start();
+    d.client().ok(json!({"op": "set_user_api_key", "user_id": "ana", "service": "openai", "key": "sk-ana-not-a-copy"}));
+    let key_before = std::fs::read(d.path("data/master.key")).unwrap();
+    // The live socket and key file, but a backup copy as the keystore.
+    rusqlite::Connection::open(d.path("data/keystore.sqlite3"))
+        .unwrap()
+        .execute("VACUUM INTO ?1", [d.path("copy.sqlite3").to_str().unwrap()])
+        .unwrap();
+    let config = d.path("copy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "server.socket = {:?}\nkeystore.path = {:?}\nkeystore.master_key_file = {:?}\n",
+            d.socket,
+            d.path("copy.sqlite3"),
+            d.path("data/master.key")
+        ),
+    )
+    .unwrap();
+    let (out, text) = run(&["rotate-master-key"], &config);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("does not hold the keystore"), "{text}");
+    assert_eq!(
+        std::fs::read(d.path("data/master.key")).unwrap(),
+        key_before
+    );
+}
+
+#[test]
+fn a_deleted_keystore_check_value_does_not_let_another_key_in() {
+    let mut d = TestDaemon::start();
+    d.client().ok(json!({"op": "set_user_api_key", "user_id": "ana", "service": "openai", "key": "sk-ana-check-gone"}));
+    assert!(d.stop().success());
+    rusqlite::Connection::open(d.path("data/keystore.sqlite3"))
+        .unwrap()
+        .execute("DELETE FROM meta WHERE name = 'keycheck'", [])
+        .unwrap();
+    let real = std::fs::read(d.path("data/master.key")).unwrap();
+    std::fs::write(
+        d.path("data/master.key"),
+        apikeyd::crypto::MasterKey::generate_base64().as_bytes(),
+    )
+    .unwrap();
+    let (status, log) = d.expect_refusal();
+    assert!(!status.success());
+    assert!(log.contains("does not decrypt this keystore"), "{log}");
+    // The right key still opens it (nothing was rewritten by the refused start).
+    std::fs::write(d.path("data/master.key"), real).unwrap();
+    d.spawn();
+    d.wait_ready();
+    let r = d.client().ok(json!({"op": "get_user_api_key", "user_id": "ana", "service": "openai", "fallback_to_pool": false}));
+    assert_eq!(r["key"], "sk-ana-check-gone");
+}
+
+#[test]
+fn the_lock_note_is_never_written_through_a_symlink() {
+    let mut d = TestDaemon::start();
+    assert!(d.stop().success());
+    std::fs::write(d.path("victim.txt"), "important\n").unwrap();
+    std::fs::remove_file(d.path("data/keystore.sqlite3.lock")).unwrap();
+    std::os::unix::fs::symlink(d.path("victim.txt"), d.path("data/keystore.sqlite3.lock")).unwrap();
+    let (out, text) = run(&["rotate-master-key"], &d.config_path);
+    assert!(!out.status.success(), "{text}");
+    let (status, _) = d.expect_refusal();
+    assert!(!status.success());
+    assert_eq!(
+        std::fs::read_to_string(d.path("victim.txt")).unwrap(),
+        "important\n"
+    );
+}
+
+#[test]
+fn rotation_writes_through_a_symlinked_key_file() {
+    let mut d = TestDaemon::start();
+    d.client().ok(json!({"op": "set_user_api_key", "user_id": "ana", "service": "openai", "key": "sk-ana-linked-key"}));
+    assert!(d.stop().success());
+    std::fs::create_dir(d.path("secret")).unwrap();
+    std::fs::rename(d.path("data/master.key"), d.path("secret/real.key")).unwrap();
+    std::os::unix::fs::symlink(d.path("secret/real.key"), d.path("data/master.key")).unwrap();
+    let (out, text) = run(&["rotate-master-key"], &d.config_path);
+    assert!(out.status.success(), "{text}");
+    let link = std::fs::symlink_metadata(d.path("data/master.key")).unwrap();
+    assert!(link.file_type().is_symlink(), "the link stays a link");
+    let real = std::fs::read_to_string(d.path("secret/real.key")).unwrap();
+    assert!(real.contains("v2:") && !real.contains("v1:"), "{real}");
+    d.spawn();
+    d.wait_ready();
+    let r = d.client().ok(json!({"op": "get_user_api_key", "user_id": "ana", "service": "openai", "fallback_to_pool": false}));
+    assert_eq!(r["key"], "sk-ana-linked-key");
 }
 
 #[test]
@@ -159,6 +270,8 @@ fn the_socket_path_never_deletes_a_file() {
         ("data/master.key", "keystore.master_key_file"),
         ("data/keystore.sqlite3", "keystore.path"),
         ("data/keystore.sqlite3.lock", "lock"),
+        ("data/master.key.tmp", "temporary file"),
+        ("./data/../data/keystore.sqlite3", "keystore.path"),
         ("notes.txt", "is not a socket"),
         ("data", "is not a socket"),
     ] {

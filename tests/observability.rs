@@ -213,8 +213,16 @@ fn stats_says_not_connected_until_redis_has_answered() {
     // can tell.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = silent.local_addr().unwrap().port();
-    let d = TestDaemon::start_with(
+    // With a master key already there: a first start without one is refused while
+    // Redis cannot be asked whether a fleet's key exists (tests/fleet.rs).
+    let d = TestDaemon::start_full(
         Mode::Embedded,
+        None,
+        Some(
+            apikeyd::crypto::MasterKey::generate_base64()
+                .as_bytes()
+                .to_vec(),
+        ),
         &format!("[redis]\nurl = \"redis://127.0.0.1:{port}/0\"\ntimeout_ms = 60000\n"),
         &[],
     );

@@ -107,8 +107,16 @@ fn refusals_come_before_the_socket_is_bound() {
 #[test]
 fn a_refused_redis_connection_is_not_called_a_timeout() {
     let port = closed_port();
-    let d = TestDaemon::start_with(
+    // A key is there already: without one, a start is refused while Redis cannot be
+    // asked whether a fleet's key exists (tests/fleet.rs).
+    let d = TestDaemon::start_full(
         Mode::Embedded,
+        None,
+        Some(
+            apikeyd::crypto::MasterKey::generate_base64()
+                .as_bytes()
+                .to_vec(),
+        ),
         &format!("[redis]\nurl = \"redis://127.0.0.1:{port}/0\"\n"),
         &[],
     );

@@ -461,3 +461,22 @@ fn import_legacy_moves_keys_and_encrypts_pools() {
         "{again}"
     );
 }
+
+#[test]
+fn a_pool_field_that_is_not_utf8_hides_no_other_key() {
+    let d = redis_daemon("[cache]\npool_ttl_s = 0\n");
+    let mut c = d.client();
+    c.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-beside-a-bad-field"}));
+    let mut con = d.redis.as_ref().unwrap().conn();
+    let _: () = redis::cmd("HSET")
+        .arg("stargazer:global_api_pool:openai")
+        .arg(b"\xff\xfe".as_slice())
+        .arg("junk")
+        .query(&mut con)
+        .unwrap();
+    let r = c.ok(json!({"op": "get_pool_api_key", "service": "openai"}));
+    assert_eq!(r["key"], "sk-beside-a-bad-field");
+    let listed = c.ok(json!({"op": "list_pool_keys", "service": "openai"}));
+    assert_eq!(listed["keys"].as_array().unwrap().len(), 1, "{listed}");
+    assert!(d.logs().contains("not UTF-8"));
+}

@@ -271,14 +271,18 @@ fn verify_master_key(db: &Connection, key: &MasterKey, held: bool) -> Result<(),
         })
         .optional()
         .map_err(|e| StartError(format!("cannot read the keystore: {e}")))?;
+    let refused = || {
+        StartError(
+            "the master key does not decrypt this keystore; start with the key file it was written with"
+                .into(),
+        )
+    };
     match sealed {
         Some(s) if key.open(&s, place).is_ok() => return Ok(()),
-        Some(_) if held => {
-            return Err(StartError(
-                "the master key does not decrypt this keystore; start with the key file it was written with"
-                    .into(),
-            ))
-        }
+        Some(_) if held => return Err(refused()),
+        // Keys are held but the check value is gone (deleted by whoever can write
+        // the file): a stored key must open, or this is not the keystore's key.
+        None if held && !opens_a_stored_key(db, key)? => return Err(refused()),
         _ => {}
     }
     let sealed = key.seal(b"apikeyd", place);
@@ -288,6 +292,43 @@ fn verify_master_key(db: &Connection, key: &MasterKey, held: bool) -> Result<(),
     )
     .map_err(|e| StartError(format!("cannot write the keystore: {e}")))?;
     Ok(())
+}
+
+/// Whether `key` opens one stored key (a user key, else a pool key) of `db`.
+fn opens_a_stored_key(db: &Connection, key: &MasterKey) -> Result<bool, StartError> {
+    let fail = |e: rusqlite::Error| StartError(format!("cannot read the keystore: {e}"));
+    let user: Option<(String, String, Vec<u8>)> = db
+        .query_row(
+            "SELECT user_id, service, sealed FROM user_keys LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()
+        .map_err(fail)?;
+    if let Some((user_id, service, sealed)) = user {
+        let place = Place::User {
+            user_id: &user_id,
+            service: &service,
+        };
+        return Ok(key.open(&sealed, place).is_ok());
+    }
+    let pool: Option<(String, String, String, Vec<u8>)> = db
+        .query_row(
+            "SELECT channel_id, service, key_id, sealed FROM pool_keys LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()
+        .map_err(fail)?;
+    Ok(pool.is_some_and(|(channel, service, key_id, sealed)| {
+        let place = Place::Pool {
+            namespace: "sqlite",
+            channel: Some(channel.as_str()).filter(|c| !c.is_empty()),
+            service: &service,
+            key_id: &key_id,
+        };
+        key.open(&sealed, place).is_ok()
+    }))
 }
 
 /// Seals `key` for (user, service) and commits it, replacing any earlier key.

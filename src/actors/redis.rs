@@ -163,8 +163,25 @@ pub fn open_value(
     }
 }
 
-/// A hash read whole: (field, value) pairs; values may be any bytes.
-type HashFields = Vec<(String, Vec<u8>)>;
+/// A hash read whole: (field, value) pairs as bytes, so a field that is not UTF-8
+/// (written by someone else) cannot fail the whole read.
+type HashFields = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// The fields of pool hash `hash` whose names are text; any other is logged (its
+/// name escaped) and left out: no pool key of ours has such a name.
+fn text_fields(hash: &str, fields: HashFields) -> Vec<(String, Vec<u8>)> {
+    fields
+        .into_iter()
+        .filter_map(|(field, value)| match String::from_utf8(field) {
+            Ok(field) => Some((field, value)),
+            Err(e) => {
+                tracing::error!(hash = %hash, field = %String::from_utf8_lossy(e.as_bytes()),
+                    "integrity: a pool field name is not UTF-8; skipping it");
+                None
+            }
+        })
+        .collect()
+}
 
 /// Label and time of a pool key, as JSON in the pool-info hash.
 #[derive(serde::Serialize, serde::Deserialize, Default)]
@@ -389,7 +406,7 @@ impl Inner {
         let (fields, health): (HashFields, std::collections::HashMap<String, String>) =
             self.pipeline("load pool", Kind::Read, &pipe).await?;
         let mut keys = Vec::with_capacity(fields.len());
-        for (field, value) in fields {
+        for (field, value) in text_fields(&hash, fields) {
             let entry = |key| PoolEntry {
                 health: parse_health(health.get(&field).map(String::as_str)),
                 key_id: field.clone(),
@@ -493,7 +510,7 @@ impl Inner {
             .into_iter()
             .map(|(k, v)| (k, serde_json::from_str(&v).unwrap_or_default()))
             .collect();
-        let mut out: Vec<PoolKeyInfo> = fields
+        let mut out: Vec<PoolKeyInfo> = text_fields(&hash, fields)
             .into_iter()
             .map(|(key_id, value)| {
                 let masked = match open_value(&self.master, &self.names.prefix, &pool, &key_id, &value) {
