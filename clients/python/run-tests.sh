@@ -2,7 +2,6 @@
 # Runs the Python client's tests against the real daemon binary.
 #   VENV          virtualenv to create/reuse (default: <repo>/target/python-venv)
 #   APIKEYD_BIN   daemon binary (default: target/debug/apikeyd, else target/release/apikeyd)
-#   APIKEYD_PY_EXTENSIONS=1  also run tests/test_daemon_extensions.py (issue 12/14 daemon features)
 # Extra arguments go to pytest. Exits non-zero on any failure, and when no test ran.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -19,9 +18,6 @@ cd "$repo"
 "${pip[@]}" install --force-reinstall --no-deps ./clients/python
 
 args=(-p no:cacheprovider)
-if [ "${APIKEYD_PY_EXTENSIONS:-0}" != 1 ]; then
-    args+=(--ignore="$here/tests/test_daemon_extensions.py")
-fi
 export APIKEYD_BIN="${APIKEYD_BIN:-}"
 [ -n "$APIKEYD_BIN" ] || unset APIKEYD_BIN
 set +e

@@ -1,8 +1,5 @@
-"""Client tests that need daemon features landing in parallel (issue 12: pool key
-health; issue 14: integer ids on the wire, `service` in default_key_limit_error).
-Written against the issues' text; they fail against a daemon without them. The CI
-runner leaves this file out until the daemon side lands (run-tests.sh,
-APIKEYD_PY_EXTENSIONS=1 includes it)."""
+"""Client tests of the daemon's later additions: pool key health (report_key_result,
+enable_pool_key), integer ids on the wire, `service` in default_key_limit_error."""
 
 from __future__ import annotations
 
