@@ -40,6 +40,7 @@ pub mod legacy;
 pub mod lock;
 pub mod logfmt;
 pub mod metrics;
+pub mod op;
 pub mod ops;
 pub mod protocol;
 pub mod resolver;
