@@ -140,6 +140,19 @@ impl App {
         crate::actors::within(self.deadline, self.keystore.send(msg)).await
     }
 
+    /// The Prometheus text of the daemon's metrics now (`metrics` op, `/metrics`).
+    pub async fn metrics_text(&self) -> crate::error::Result<String> {
+        let cache = self
+            .cache
+            .send(crate::actors::cache::ReadCacheFigures)
+            .await?;
+        self.metrics.render(&crate::metrics::Gauges {
+            cache,
+            connections: self.connections.load(std::sync::atomic::Ordering::Relaxed),
+            redis_up: self.redis_up(),
+        })
+    }
+
     /// The config in force now (replaced whole on reload).
     pub fn config(&self) -> Arc<Config> {
         match self.config.read() {

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::access::{gid_of, uid_of, AccessIds};
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration file (SPEC §6). Every key is optional.
@@ -217,22 +218,11 @@ impl<'de> Deserialize<'de> for Principal {
     }
 }
 
-/// `[access]` with every name resolved to its uid or gid.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AccessIds {
-    pub allow_uids: Vec<u32>,
-    pub allow_gids: Vec<u32>,
-    pub admin_uids: Vec<u32>,
-    pub admin_gids: Vec<u32>,
-}
-
 impl AccessConfig {
     /// Resolves every name; an unknown one is an error naming it and its list.
     fn resolve(&mut self) -> Result<(), ConfigError> {
-        let users =
-            |key: &str, list: &[Principal]| resolve_list(key, list, "user", crate::access::uid_of);
-        let groups =
-            |key: &str, list: &[Principal]| resolve_list(key, list, "group", crate::access::gid_of);
+        let users = |key: &str, list: &[Principal]| resolve_list(key, list, "user", uid_of);
+        let groups = |key: &str, list: &[Principal]| resolve_list(key, list, "group", gid_of);
         self.ids = AccessIds {
             allow_uids: users("access.allow_uids", &self.allow_uids)?,
             allow_gids: groups("access.allow_gids", &self.allow_gids)?,

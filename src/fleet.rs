@@ -109,7 +109,7 @@ fn first_sealed_value(
     con: &mut redis::Connection,
     names: &Names,
 ) -> redis::RedisResult<Option<SealedValue>> {
-    for (hash, pool) in crate::legacy::pool_hashes(con, names)? {
+    for (hash, pool) in crate::keyspace::pool_hashes(con, names)? {
         let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash)?;
         if let Some((f, v)) = fields
             .into_iter()
@@ -121,10 +121,13 @@ fn first_sealed_value(
     Ok(None)
 }
 
-/// Before a daemon in Redis mode creates a new master key: refuses when Redis
-/// already holds a fleet's check values or sealed values (a new key would open none
-/// of them), or when Redis cannot be asked.
-pub fn refuse_new_key(config: &Config) -> Result<(), String> {
+/// Before a new master key is made: in Redis mode, refuses when Redis already holds
+/// a fleet's check values or sealed values (a new key would open none of them), or
+/// when Redis cannot be asked. Embedded mode has no fleet.
+pub fn may_create_key(config: &Config) -> Result<(), String> {
+    if config.redis.url.is_empty() {
+        return Ok(());
+    }
     let file = config.keystore.master_key_file.display();
     let mut con = connect(&config.redis, DAEMON_WAIT).map_err(|e| {
         format!(

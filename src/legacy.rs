@@ -9,10 +9,10 @@ use rusqlite::OptionalExtension;
 
 use crate::actors::keystore::{self, store_user_key};
 use crate::actors::redis::{envelope, open_value, Changed, Names, PoolValue};
-use crate::actors::store::PoolRef;
 use crate::clock;
 use crate::config::Config;
 use crate::crypto::Secret;
+use crate::keyspace;
 use crate::protocol::{check_ident, check_key, check_service};
 
 /// What an import did (or, with `--dry-run`, would do).
@@ -22,74 +22,6 @@ pub struct Report {
     pub user_keys_already_stored: usize,
     pub pool_values_encrypted: usize,
     pub skipped: usize,
-}
-
-/// Every hash whose name matches `pattern`. A key of another type under the
-/// pattern (a stray `SET`) is skipped with a warning naming it, so it never stops
-/// a tool half-way.
-fn all_hashes(con: &mut redis::Connection, pattern: &str) -> redis::RedisResult<Vec<String>> {
-    let raw = con
-        .scan_match::<_, Vec<u8>>(pattern)?
-        .collect::<redis::RedisResult<Vec<Vec<u8>>>>()?;
-    let mut keys = Vec::with_capacity(raw.len());
-    for k in raw {
-        match String::from_utf8(k) {
-            Ok(k) => keys.push(k),
-            Err(e) => eprintln!(
-                "warning: skipping {} (its name is not UTF-8): it is not an apikeyd value",
-                String::from_utf8_lossy(e.as_bytes()).escape_debug()
-            ),
-        }
-    }
-    keys.sort();
-    keys.dedup();
-    let mut hashes = Vec::with_capacity(keys.len());
-    for k in keys {
-        let kind: String = redis::cmd("TYPE").arg(&k).query(con)?;
-        match kind.as_str() {
-            "hash" => hashes.push(k),
-            // Gone since the scan: nothing to do.
-            "none" => {}
-            other => eprintln!(
-                "warning: skipping {} (a {other}, not a hash): it is not an apikeyd value; remove it if nothing else uses it",
-                k.escape_debug()
-            ),
-        }
-    }
-    Ok(hashes)
-}
-
-/// Every pool hash under the prefix (global and channel), with the pool it stands for.
-pub fn pool_hashes(
-    con: &mut redis::Connection,
-    names: &Names,
-) -> redis::RedisResult<Vec<(String, PoolRef)>> {
-    let mut hashes = all_hashes(con, &format!("{}:global_api_pool:*", names.prefix))?;
-    hashes.extend(all_hashes(
-        con,
-        &format!("{}:channel_api_pool:*", names.prefix),
-    )?);
-    Ok(hashes
-        .into_iter()
-        .filter_map(|h| pool_of(names, &h).map(|p| (h, p)))
-        .collect())
-}
-
-/// The pool a hash name stands for, or `None` for a name of another shape.
-fn pool_of(names: &Names, hash: &str) -> Option<PoolRef> {
-    let rest = hash.strip_prefix(&names.prefix)?.strip_prefix(':')?;
-    if let Some(service) = rest.strip_prefix("global_api_pool:") {
-        return Some(PoolRef {
-            channel: None,
-            service: service.to_string(),
-        });
-    }
-    // A service has no ':', so the last one separates it from the channel id.
-    let (channel, service) = rest.strip_prefix("channel_api_pool:")?.rsplit_once(':')?;
-    Some(PoolRef {
-        channel: Some(channel.to_string()),
-        service: service.to_string(),
-    })
 }
 
 /// Runs the import, printing one line per action (never a key).
@@ -106,7 +38,8 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
         &config.server.socket,
         true,
     )?;
-    let opened = keystore::open(config, 1).map_err(|e| e.0)?;
+    let opened = keystore::open_with(config, 1, &|| crate::fleet::may_create_key(config))
+        .map_err(|e| e.0)?;
     let db = opened
         .connections
         .into_iter()
@@ -127,7 +60,9 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
     let verb = if dry_run { "would move" } else { "moved" };
     let mut report = Report::default();
 
-    for hash in all_hashes(&mut con, &format!("{}:user_api_keys:*", names.prefix)).map_err(fail)? {
+    for hash in keyspace::all_hashes(&mut con, &format!("{}:user_api_keys:*", names.prefix))
+        .map_err(fail)?
+    {
         let user_id = &hash[names.legacy_user("").len()..];
         // Bytes, not text: a binary field or value is skipped, never a stop.
         let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash).map_err(fail)?;
@@ -194,7 +129,7 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
         }
     }
 
-    for (hash, pool) in pool_hashes(&mut con, &names).map_err(fail)? {
+    for (hash, pool) in keyspace::pool_hashes(&mut con, &names).map_err(fail)? {
         let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash).map_err(fail)?;
         for (raw_field, value) in fields {
             let field = String::from_utf8_lossy(&raw_field).into_owned();

@@ -36,6 +36,7 @@ pub mod crypto;
 pub mod error;
 pub mod fleet;
 pub mod hardening;
+pub mod keyspace;
 pub mod legacy;
 pub mod lock;
 pub mod logfmt;
@@ -93,7 +94,9 @@ pub fn open_keystore(config: &Config) -> Result<Opened, StartError> {
         true,
     )
     .map_err(|e| StartError(e.to_string()))?;
-    let mut opened = actors::keystore::open(config, KEYSTORE_THREADS + 1)?;
+    let mut opened = actors::keystore::open_with(config, KEYSTORE_THREADS + 1, &|| {
+        fleet::may_create_key(config)
+    })?;
     opened.lock = Some(lock);
     if !config.redis.url.is_empty() {
         opened.fleet_verified = fleet::verify_at_start(config, &opened.key).map_err(StartError)?;
@@ -262,7 +265,7 @@ pub async fn run(
         let app = app.clone();
         actix_rt::spawn(async move {
             while let Some(reply) = asked.recv().await {
-                let _ = reply.send(metrics::render(&app).await);
+                let _ = reply.send(app.metrics_text().await);
             }
         });
         tracing::info!(%addr, "serving GET /metrics");

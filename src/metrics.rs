@@ -19,8 +19,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 
-use crate::actors::cache::ReadCacheFigures;
-use crate::app::App;
+use crate::actors::cache::CacheFigures;
 use crate::error::{Error, Result};
 use crate::op::Op;
 
@@ -166,41 +165,52 @@ impl Metrics {
     }
 }
 
-/// The Prometheus text (OpenMetrics 1.0, which Prometheus and node_exporter's
-/// textfile collector read) of `app`'s metrics now.
-pub async fn render(app: &App) -> Result<String> {
-    let figures = app.cache.send(ReadCacheFigures).await?;
-    let m = &app.metrics;
-    for (i, row) in m.counts.iter().enumerate() {
-        for (j, n) in row.iter().enumerate() {
-            let n = n.load(Ordering::Relaxed);
-            if n > 0 {
-                let labels = [("op", op_name(i)), ("code", CODES[j])];
-                m.requests
-                    .get_or_create(&labels)
-                    .inner()
-                    .store(n, Ordering::Relaxed);
+/// What the exposition needs besides the counters kept here: figures the daemon's
+/// other parts own, read at the moment of the scrape.
+pub struct Gauges {
+    pub cache: CacheFigures,
+    pub connections: u64,
+    /// Redis mode: whether Redis is up.
+    pub redis_up: Option<bool>,
+}
+
+impl Metrics {
+    /// The Prometheus text (OpenMetrics 1.0, which Prometheus and node_exporter's
+    /// textfile collector read) of these counters and `now`.
+    pub fn render(&self, now: &Gauges) -> Result<String> {
+        for (i, row) in self.counts.iter().enumerate() {
+            for (j, n) in row.iter().enumerate() {
+                let n = n.load(Ordering::Relaxed);
+                if n > 0 {
+                    let labels = [("op", op_name(i)), ("code", CODES[j])];
+                    self.requests
+                        .get_or_create(&labels)
+                        .inner()
+                        .store(n, Ordering::Relaxed);
+                }
             }
         }
+        self.denials
+            .inner()
+            .store(self.quota_denials(), Ordering::Relaxed);
+        self.cache_hits
+            .inner()
+            .store(now.cache.hits, Ordering::Relaxed);
+        self.cache_misses
+            .inner()
+            .store(now.cache.misses, Ordering::Relaxed);
+        self.cache_entries
+            .set(i64::try_from(now.cache.entries).unwrap_or(i64::MAX));
+        self.connections
+            .set(i64::try_from(now.connections).unwrap_or(i64::MAX));
+        if let Some(g) = &self.redis_up {
+            g.set(i64::from(now.redis_up == Some(true)));
+        }
+        let mut text = String::with_capacity(4096);
+        encode(&mut text, &self.registry)
+            .map_err(|_| Error::Internal("cannot encode the metrics".into()))?;
+        Ok(text)
     }
-    m.denials
-        .inner()
-        .store(m.quota_denials(), Ordering::Relaxed);
-    m.cache_hits.inner().store(figures.hits, Ordering::Relaxed);
-    m.cache_misses
-        .inner()
-        .store(figures.misses, Ordering::Relaxed);
-    m.cache_entries
-        .set(i64::try_from(figures.entries).unwrap_or(i64::MAX));
-    m.connections
-        .set(i64::try_from(app.connections.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
-    if let Some(g) = &m.redis_up {
-        g.set(i64::from(app.redis_up() == Some(true)));
-    }
-    let mut text = String::with_capacity(4096);
-    encode(&mut text, &m.registry)
-        .map_err(|_| Error::Internal("cannot encode the metrics".into()))?;
-    Ok(text)
 }
 
 /// A bound `metrics.listen` port, waiting for `run` to serve it.

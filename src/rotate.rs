@@ -241,7 +241,7 @@ fn reseal_redis(config: &Config, key: &MasterKey) -> Result<(usize, usize), Stri
         "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) return 1 end return 0",
     );
     let (mut done, mut broken) = (0, 0);
-    for (hash, pool) in crate::legacy::pool_hashes(&mut con, &names).map_err(fail)? {
+    for (hash, pool) in crate::keyspace::pool_hashes(&mut con, &names).map_err(fail)? {
         // Bytes, not text: a stray binary field must not stop the rotation.
         let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash).map_err(fail)?;
         for (field, value) in fields {

@@ -49,7 +49,7 @@ pub async fn metrics(app: &App) -> Result<Body> {
         text: String,
     }
     body(&Text {
-        text: crate::metrics::render(app).await?,
+        text: app.metrics_text().await?,
     })
 }
 
