@@ -55,6 +55,7 @@ use actors::embedded::SqliteStore;
 use actors::keystore::{Keystore, Opened, StartError};
 use actors::redis::RedisStore;
 use actors::store::{Store, StoreMode};
+use actors::user_keys::UserKeys;
 use app::App;
 use config::Config;
 use crypto::MasterKey;
@@ -91,14 +92,22 @@ pub fn open_keystore(config: &Config) -> Result<Opened, StartError> {
     Ok(opened)
 }
 
+/// What `run` needs of the Redis store beyond the `Store` handle.
+struct RedisParts {
+    target: actors::redis::Target,
+    names: actors::redis::Names,
+    /// The store's address, which also serves user keys when they live in Redis.
+    addr: Addr<RedisStore>,
+}
+
 /// Starts the store actor the config asks for: Redis when `redis.url` is set, else
-/// the embedded store on `db`. In Redis mode also starts the invalidation listener.
+/// the embedded store on `db`. In Redis mode also starts the fleet heartbeat.
 fn start_store(
     config: &Config,
     key: Arc<MasterKey>,
     db: Connection,
     fleet_verified: bool,
-) -> Result<(Store, Option<(redis::Client, actors::redis::Names)>), StartError> {
+) -> Result<(Store, Option<RedisParts>), StartError> {
     if config.redis.url.is_empty() {
         let db = Mutex::new(Some(db));
         let addr = SyncArbiter::start(1, move || {
@@ -113,11 +122,11 @@ fn start_store(
             None,
         ));
     }
-    let client = actors::redis::client(&config.redis).map_err(StartError)?;
+    let target = actors::redis::Target::new(&config.redis).map_err(StartError)?;
     // "Not known to be down": the first command tries, and the first ping runs at once.
     let connected = Arc::new(AtomicBool::new(true));
     let store = RedisStore::new(
-        client.clone(),
+        target.clone(),
         &config.redis,
         key.clone(),
         connected.clone(),
@@ -133,14 +142,21 @@ fn start_store(
     let names = actors::redis::Names {
         prefix: config.redis.prefix.clone(),
     };
+    let status = store.status();
+    let addr = store.start();
     Ok((
         Store::new(
             StoreMode::Redis,
             Some(connected),
             config.request_timeout(),
-            store.start(),
-        ),
-        Some((client, names)),
+            addr.clone(),
+        )
+        .with_redis_status(status),
+        Some(RedisParts {
+            target,
+            names,
+            addr,
+        }),
     ))
 }
 
@@ -190,22 +206,32 @@ pub async fn run(
         let db = pool.lock().ok().and_then(|mut p| p.pop());
         Keystore::new(db.expect("one connection per keystore thread"), key.clone())
     });
-    let cache = KeyCache::new(
-        keystore.clone(),
-        store.clone(),
-        config.request_timeout(),
-        &config.cache,
+    let in_redis = config.user_keys_in_redis();
+    let user_keys = match &redis {
+        Some(r) if in_redis => UserKeys::new(true, config.request_timeout(), r.addr.clone()),
+        _ => UserKeys::new(false, config.request_timeout(), keystore.clone()),
+    };
+    tracing::info!(
+        user_keys = if in_redis { "redis" } else { "local" },
+        "per-user keys"
     );
+    let cache = KeyCache::new(user_keys.clone(), store.clone(), &config.cache);
     let cache_reader = cache.reader();
     let cache = cache.start();
-    if let Some((client, names)) = redis {
-        actix_rt::spawn(actors::redis::listen(client, names, cache.clone()));
+    if let Some(r) = redis {
+        actix_rt::spawn(actors::redis::listen(
+            r.target,
+            r.names,
+            cache.clone(),
+            in_redis,
+        ));
     }
     let audit = audit::Audit::open(config.log.audit_file.as_deref())
         .map_err(|e| StartError(format!("cannot open log.audit_file for appending: {e}")))?;
     let app = Rc::new(App::new(
         config,
         keystore,
+        user_keys,
         cache,
         cache_reader,
         store,
