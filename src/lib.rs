@@ -33,6 +33,7 @@ pub mod fleet;
 pub mod hardening;
 pub mod legacy;
 pub mod lock;
+pub mod migrate;
 pub mod ops;
 pub mod protocol;
 pub mod resolver;
