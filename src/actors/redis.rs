@@ -785,20 +785,19 @@ impl Inner {
         if self.replicas == 0 {
             return Ok(());
         }
-        let (replicas, wait_ms) = (self.replicas, self.timeout.as_millis() as u64);
+        // Redis answers WAIT when its own timeout runs out; that must come well
+        // before the connection's response timeout (`redis.timeout_ms`), or a missing
+        // replica would look like a dead master.
+        let wait_ms = (self.timeout.as_millis() as u64 / 2).max(1);
+        let replicas = self.replicas;
         let acked: u32 = self
-            .bounded_for(
-                self.timeout * 2 + Duration::from_millis(50),
-                what,
-                Kind::Read,
-                |mut c| async move {
-                    redis::cmd("WAIT")
-                        .arg(replicas)
-                        .arg(wait_ms)
-                        .query_async(&mut c)
-                        .await
-                },
-            )
+            .bounded_for(self.timeout, what, Kind::Read, |mut c| async move {
+                redis::cmd("WAIT")
+                    .arg(replicas)
+                    .arg(wait_ms)
+                    .query_async(&mut c)
+                    .await
+            })
             .await?;
         if acked < replicas {
             tracing::warn!(
@@ -1282,15 +1281,30 @@ impl RedisStore {
         connected: Arc<AtomicBool>,
     ) -> std::result::Result<Self, String> {
         let timeout = Duration::from_millis(config.timeout_ms.max(1));
-        // Until Sentinel names the master, the URL's own address stands in (commands
-        // fail as "unreachable" if nothing listens there).
-        let first = target.build(target.info.clone())?;
+        let status = Arc::new(RedisStatus::default());
+        // With Sentinel, the master named now; if no sentinel answers, the URL's own
+        // address stands in until the health check finds one.
+        let first = if target.uses_sentinels() {
+            match target.ask_sentinels_blocking() {
+                Ok((host, port)) => {
+                    status.set_master(&format!("{host}:{port}"));
+                    tracing::info!(master = %format!("{host}:{port}"), "redis master (from Sentinel)");
+                    target.client_at(&host, port)?
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot ask the sentinels for the master yet");
+                    target.build(target.info.clone())?
+                }
+            }
+        } else {
+            target.build(target.info.clone())?
+        };
         let conn = Rc::new(RefCell::new(manager(first, timeout)?));
         Ok(RedisStore {
             inner: Rc::new(Inner {
                 conn,
                 target,
-                status: Arc::new(RedisStatus::default()),
+                status,
                 replicas: config.replicas_to_wait_for(),
                 master,
                 names: Names {
