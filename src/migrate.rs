@@ -18,7 +18,9 @@ const BATCH: usize = 500;
 /// Where the keys go.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Destination {
+    /// Sealed in `{prefix}:user_api_keys:{user_id}`.
     Redis,
+    /// The SQLite keystore of this daemon.
     Local,
 }
 

@@ -337,3 +337,32 @@ fn migrate_user_keys_both_ways_killed_once_and_rerun() {
         "every key resolves from the keystore"
     );
 }
+
+#[test]
+fn a_new_master_key_is_refused_when_redis_holds_sealed_user_keys() {
+    let a = TestDaemon::start_with(Mode::Redis, "", &[]);
+    set(&mut a.client(), "fay", "openai", "sk-fleet-fay-000001");
+    // Only the sealed user value can prove a fleet's key is in use: no pools, and
+    // the check values removed.
+    let mut con = a.redis.as_ref().unwrap().conn();
+    let _: () = con.del("stargazer:apikeyd:keycheck").unwrap();
+    let mut fresh = TestDaemon::prepare(Mode::Redis, a.redis.clone(), None, "", &[]);
+    let (status, log) = fresh.expect_refusal();
+    assert!(!status.success());
+    assert!(log.contains("already holds values sealed"), "{log}");
+    // A daemon with another key is refused too (the value does not open with it).
+    let other = apikeyd::crypto::MasterKey::generate_base64();
+    let mut wrong = TestDaemon::prepare(
+        Mode::Redis,
+        a.redis.clone(),
+        Some(other.as_bytes().to_vec()),
+        "",
+        &[],
+    );
+    let (status, log) = wrong.expect_refusal();
+    assert!(!status.success());
+    assert!(
+        log.contains("does not open the values sealed in Redis"),
+        "{log}"
+    );
+}
