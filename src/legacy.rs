@@ -1,6 +1,8 @@
-//! `apikeyd import-legacy`: moves the original module's per-user keys from Redis into
-//! the encrypted keystore, and encrypts pool values it left in clear. Idempotent and
-//! safe to interrupt: a Redis field is deleted only after its row is committed.
+//! `apikeyd import-legacy`: seals the original module's per-user keys left in clear in
+//! Redis — in place with `keystore.user_keys = "redis"`, or moved into the encrypted
+//! keystore with `"local"` — and encrypts pool values it left in clear. Idempotent and
+//! safe to interrupt: a clear value goes only in the transaction that writes its
+//! sealed copy, or after its keystore row is committed.
 
 use std::time::Duration;
 

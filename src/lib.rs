@@ -6,9 +6,11 @@
 //!   `session` reads request lines, runs them concurrently, answers in order.
 //! - `protocol` parses lines and parameters; `ops` has one file per op family that
 //!   turns a request into actor messages and encodes the result.
-//! - `actors::keystore::Keystore` owns per-user keys in SQLite (on a `SyncArbiter`);
+//! - `actors::keystore::Keystore` owns the SQLite keystore (on a `SyncArbiter`);
 //!   `actors::store::Store` is the handle to pools and quota counters (the embedded
-//!   `SqliteStore`, or `RedisStore` behind the same messages); `actors::cache::KeyCache`
+//!   `SqliteStore`, or `RedisStore` behind the same messages); `actors::user_keys::UserKeys`
+//!   is the handle to per-user keys (the `Keystore`, or with `keystore.user_keys =
+//!   "redis"` the `RedisStore`, sealed and shared by the fleet); `actors::cache::KeyCache`
 //!   keeps decrypted keys in memory, and connections on its thread read hits straight
 //!   from its shard, so a hit touches no store and sends no message. A cached pool
 //!   carries each key's id and health, so picks skip cooling or disabled keys there

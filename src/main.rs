@@ -48,8 +48,9 @@ enum Command {
         /// Requests, one JSON object each.
         requests: Vec<String>,
     },
-    /// Move the original module's per-user keys from Redis into the keystore and
-    /// encrypt pool values left in clear. Idempotent; safe to interrupt and rerun.
+    /// Seal the original module's per-user keys left in clear in Redis (in place, or
+    /// into the keystore with keystore.user_keys = "local") and encrypt pool values
+    /// left in clear. Idempotent; safe to interrupt and rerun.
     ImportLegacy {
         #[arg(long)]
         config: Option<PathBuf>,
