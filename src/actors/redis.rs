@@ -507,6 +507,7 @@ impl Inner {
             .to_owned();
         let (added, _, _): (bool, bool, i64) =
             self.pipeline("add pool key", Kind::Write, &pipe).await?;
+        self.confirm("add pool key").await?;
         Ok((key_id, added))
     }
 
@@ -523,6 +524,7 @@ impl Inner {
             .to_owned();
         let (removed, _, _, _): (i64, i64, i64, i64) =
             self.pipeline("remove pool key", Kind::Write, &pipe).await?;
+        self.confirm("remove pool key").await?;
         Ok(removed > 0)
     }
 
@@ -624,7 +626,14 @@ impl Inner {
                 .await?;
             match written {
                 -1 => return Ok(None),
-                1 => return Ok(Some(after)),
+                1 => {
+                    // Only a change of health is a key write worth a replica's
+                    // confirmation; an `ok` report only counts.
+                    if !announce.is_empty() {
+                        self.confirm("report key result").await?;
+                    }
+                    return Ok(Some(after));
+                }
                 _ => continue,
             }
         }
@@ -653,6 +662,7 @@ impl Inner {
                 async move { call.invoke_async(&mut c).await }
             })
             .await?;
+        self.confirm("enable pool key").await?;
         Ok(enabled == 1)
     }
 
