@@ -305,6 +305,15 @@ fn migrate_user_keys_both_ways_killed_once_and_rerun() {
         redis_keys(&mut con) > 0
     };
     let (_, first) = migrate(&d, "redis", Some(&moved_some));
+    eprintln!(
+        "to redis, first run killed {}: {} keys left in the keystore",
+        if first.contains("done:") {
+            "too late (it had finished)"
+        } else {
+            "mid-way"
+        },
+        keystore_rows(&d)
+    );
     let (ok, text) = migrate(&d, "redis", None);
     assert!(ok, "{first}\n{text}");
     assert!(text.contains("0 unreadable"), "{text}");
@@ -324,6 +333,15 @@ fn migrate_user_keys_both_ways_killed_once_and_rerun() {
     // Back to the keystore, killed once, rerun.
     let moved_some = || keystore_rows(&d) > 0;
     let (_, first) = migrate(&d, "local", Some(&moved_some));
+    eprintln!(
+        "to local, first run killed {}: {} keys left in redis",
+        if first.contains("done:") {
+            "too late (it had finished)"
+        } else {
+            "mid-way"
+        },
+        redis_keys(&mut con)
+    );
     let (ok, text) = migrate(&d, "local", None);
     assert!(ok, "{first}\n{text}");
     assert_eq!(redis_keys(&mut con), 0, "{text}");
