@@ -55,6 +55,19 @@ bench --config "$W/pool/config.toml" --preset check --connections 8 --redis "$RS
 bench --config "$W/pool/config.toml" --preset consume --connections 8 --redis "$RS" --redis-cmd consume
 stop pool
 
+echo "== cached user keys in redis mode (keystore.user_keys = \"redis\"), vs HGET"
+# Own prefix: the pool daemon above wrote its fleet's check values under the default.
+UK="redis.url = \"redis+unix://$RS\"\nredis.prefix = \"benchusers\""
+populate ukeys 1000 "$UK\nkeystore.user_keys = \"local\"" --redis "$RS"
+"$BIN" migrate-user-keys --to redis --config "$W/ukeys/config.toml" | tail -1
+start ukeys "$UK"
+bench --config "$W/ukeys/config.toml" --keys 1000 --connections 8 --pipeline 1 --redis "$RS"
+stop ukeys
+echo "== cold user keys in redis mode (cache off: one HGET round trip and a decrypt each)"
+start ukeys "$UK\n[cache]\nuser_key_ttl_s = 0"
+bench --config "$W/ukeys/config.toml" --keys 1000 --connections 8 --pipeline 1 --redis "$RS"
+stop ukeys
+
 echo "== cold keys: 500,000 users, cache of 100,000"
 populate cold 500000 "[cache]\nmax_entries = 100000"
 start cold "[cache]\nmax_entries = 100000"

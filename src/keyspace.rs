@@ -42,6 +42,24 @@ pub fn all_hashes(con: &mut redis::Connection, pattern: &str) -> redis::RedisRes
     Ok(hashes)
 }
 
+/// Every per-user hash under the prefix (`{prefix}:user_api_keys:{user_id}`), with
+/// its user id.
+pub fn user_hashes(
+    con: &mut redis::Connection,
+    names: &Names,
+) -> redis::RedisResult<Vec<(String, String)>> {
+    let start = names.legacy_user("").len();
+    Ok(
+        all_hashes(con, &format!("{}:user_api_keys:*", names.prefix))?
+            .into_iter()
+            .map(|h| {
+                let user = h[start..].to_string();
+                (h, user)
+            })
+            .collect(),
+    )
+}
+
 /// Every pool hash under the prefix (global and channel), with the pool it stands for.
 pub fn pool_hashes(
     con: &mut redis::Connection,

@@ -1,6 +1,8 @@
-//! `apikeyd import-legacy`: moves the original module's per-user keys from Redis into
-//! the encrypted keystore, and encrypts pool values it left in clear. Idempotent and
-//! safe to interrupt: a Redis field is deleted only after its row is committed.
+//! `apikeyd import-legacy`: seals the original module's per-user keys left in clear in
+//! Redis — in place with `keystore.user_keys = "redis"`, or moved into the encrypted
+//! keystore with `"local"` — and encrypts pool values it left in clear. Idempotent and
+//! safe to interrupt: a clear value goes only in the transaction that writes its
+//! sealed copy, or after its keystore row is committed.
 
 use std::time::Duration;
 
@@ -18,6 +20,7 @@ use crate::protocol::{check_ident, check_key, check_service};
 /// What an import did (or, with `--dry-run`, would do).
 #[derive(Default, Debug)]
 pub struct Report {
+    /// Into the keystore (`keystore.user_keys = "local"`), or sealed in place in Redis.
     pub user_keys_moved: usize,
     pub user_keys_already_stored: usize,
     pub pool_values_encrypted: usize,
@@ -57,7 +60,14 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
         prefix: config.redis.prefix.clone(),
     };
     let fail = |e: redis::RedisError| format!("redis: {e}");
-    let verb = if dry_run { "would move" } else { "moved" };
+    let in_redis = config.user_keys_in_redis();
+    let verb = match (dry_run, in_redis) {
+        (true, false) => "would move",
+        (false, false) => "moved",
+        (true, true) => "would seal in place",
+        (false, true) => "sealed in place",
+    };
+    let target = if in_redis { "redis" } else { "the keystore" };
     let mut report = Report::default();
 
     for hash in keyspace::all_hashes(&mut con, &format!("{}:user_api_keys:*", names.prefix))
@@ -67,6 +77,11 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
         // Bytes, not text: a binary field or value is skipped, never a stop.
         let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash).map_err(fail)?;
         for (raw_field, value) in fields {
+            // Sealed by a daemon with user_keys = "redis": not legacy (migrate-user-keys
+            // moves those).
+            if value.starts_with(crate::actors::redis::ENVELOPE.as_bytes()) {
+                continue;
+            }
             let field = String::from_utf8_lossy(&raw_field).into_owned();
             let service = field.to_ascii_lowercase();
             let rule = if check_ident("user_id", user_id, 128).is_err() {
@@ -91,22 +106,65 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
                 report.skipped += 1;
                 continue;
             };
-            let present: Option<i64> = db
-                .query_row(
+            let present = if in_redis {
+                // A sealed key under the lower-cased field (when the module's field
+                // differs in case) is newer than the clear one.
+                let sealed: Option<Vec<u8>> = if raw_field == service.as_bytes() {
+                    None
+                } else {
+                    con.hget(&hash, &service).map_err(fail)?
+                };
+                sealed
+                    .filter(|v| v.starts_with(crate::actors::redis::ENVELOPE.as_bytes()))
+                    .map(|_| 1)
+            } else {
+                db.query_row(
                     "SELECT 1 FROM user_keys WHERE user_id = ?1 AND service = ?2",
                     [user_id, service.as_str()],
                     |r| r.get(0),
                 )
                 .optional()
-                .map_err(|e| format!("keystore: {e}"))?;
+                .map_err(|e| format!("keystore: {e}"))?
+            };
             if present.is_some() {
-                println!("user {user_id} service {service}: the keystore already has a key; it is kept and the legacy field dropped");
+                println!("user {user_id} service {service}: {target} already has a sealed key; it is kept and the legacy field dropped");
                 report.user_keys_already_stored += 1;
             } else {
-                println!("{verb} user {user_id} service {service} into the keystore");
+                println!("{verb} user {user_id} service {service} into {target}");
                 report.user_keys_moved += 1;
             }
             if dry_run {
+                continue;
+            }
+            let changed = Changed::UserKey {
+                user_id: user_id.to_string(),
+                service: service.clone(),
+            };
+            let announce = serde_json::to_string(&changed).unwrap_or_default();
+            if in_redis {
+                // One transaction: the sealed value replaces the clear one (or lands
+                // beside it under the lower-cased field, which then goes) atomically.
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                if present.is_none() {
+                    let sealed = crate::actors::redis::user_envelope(
+                        &master,
+                        &names.prefix,
+                        user_id,
+                        &service,
+                        &key,
+                    );
+                    pipe.hset(&hash, &service, sealed).hset(
+                        names.user_info(user_id),
+                        &service,
+                        clock::now_s(),
+                    );
+                }
+                if raw_field != service.as_bytes() {
+                    pipe.hdel(&hash, &raw_field);
+                }
+                pipe.publish(names.invalidate(), announce);
+                pipe.query::<()>(&mut con).map_err(fail)?;
                 continue;
             }
             if present.is_none() {
@@ -114,16 +172,9 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
                     .map_err(|e| format!("keystore: {e}"))?;
             }
             // Only now, with the row committed, may the clear copy go.
-            let changed = Changed::UserKey {
-                user_id: user_id.to_string(),
-                service: service.clone(),
-            };
             redis::pipe()
                 .hdel(&hash, &raw_field)
-                .publish(
-                    names.invalidate(),
-                    serde_json::to_string(&changed).unwrap_or_default(),
-                )
+                .publish(names.invalidate(), announce)
                 .query::<()>(&mut con)
                 .map_err(fail)?;
         }
