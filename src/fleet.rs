@@ -12,10 +12,11 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Commands};
 
-use crate::actors::redis::{Names, PoolValue, ENVELOPE};
 use crate::clock;
 use crate::config::{Config, RedisConfig};
 use crate::crypto::MasterKey;
+use crate::envelope::{PoolValue, ENVELOPE};
+use crate::keyspace::Names;
 
 /// How often a daemon renews its heartbeat; it expires after `BEAT_TTL_S`.
 pub const BEAT_EVERY: Duration = Duration::from_secs(1);
@@ -136,10 +137,10 @@ impl SealedValue {
     fn opens_with(&self, key: &MasterKey, prefix: &str) -> bool {
         let opened = match self {
             SealedValue::Pool(pool, field, value) => {
-                crate::actors::redis::open_value(key, prefix, pool, field, value)
+                crate::envelope::open_value(key, prefix, pool, field, value)
             }
             SealedValue::User(user, service, value) => {
-                crate::actors::redis::open_user_value(key, prefix, user, service, value)
+                crate::envelope::open_user_value(key, prefix, user, service, value)
             }
         };
         matches!(opened, PoolValue::Sealed(_))

@@ -1,11 +1,108 @@
-//! The Redis keyspace as the tools see it: scanning the hashes under the prefix,
-//! skipping stray keys of other types, and mapping a pool hash's name back to its
-//! pool. Used by import-legacy, rotate-master-key and the fleet's key check.
+//! The Redis key layout: every key name under `redis.prefix` (`Names`), the pub/sub
+//! message that announces changes, and the inverse for the tools — scanning the
+//! hashes under the prefix, skipping stray keys of other types, and mapping a pool
+//! hash's name back to its pool.
 
 use redis::Commands;
 
-use crate::actors::redis::Names;
 use crate::actors::store::PoolRef;
+
+/// Key names under `redis.prefix` (docs/operations.md lists them).
+#[derive(Clone)]
+pub struct Names {
+    pub prefix: String,
+}
+
+impl Names {
+    /// `{prefix}:global_api_pool:{service}` or `{prefix}:channel_api_pool:{channel}:{service}`.
+    pub fn pool(&self, pool: &PoolRef) -> String {
+        match &pool.channel {
+            None => format!("{}:global_api_pool:{}", self.prefix, pool.service),
+            Some(c) => format!("{}:channel_api_pool:{c}:{}", self.prefix, pool.service),
+        }
+    }
+
+    /// Labels and times of pool keys: `{prefix}:apikeyd:pool_info:{pool hash without prefix}`.
+    pub fn pool_info(&self, pool: &PoolRef) -> String {
+        let hash = self.pool(pool);
+        format!(
+            "{}:apikeyd:pool_info:{}",
+            self.prefix,
+            &hash[self.prefix.len() + 1..]
+        )
+    }
+
+    /// Health of pool keys, field = key_id, value = JSON of `Health`:
+    /// `{prefix}:apikeyd:pool_health:{pool hash without prefix}`.
+    pub fn pool_health(&self, pool: &PoolRef) -> String {
+        let hash = self.pool(pool);
+        format!(
+            "{}:apikeyd:pool_health:{}",
+            self.prefix,
+            &hash[self.prefix.len() + 1..]
+        )
+    }
+
+    /// A day's counters of a pool's keys, field = `{key_id}:{counter}`:
+    /// `{prefix}:apikeyd:pool_counts:{day}:{pool hash without prefix}`; expires after
+    /// `COUNTER_DAYS`.
+    pub fn pool_counts(&self, day: &str, pool: &PoolRef) -> String {
+        let hash = self.pool(pool);
+        format!(
+            "{}:apikeyd:pool_counts:{day}:{}",
+            self.prefix,
+            &hash[self.prefix.len() + 1..]
+        )
+    }
+
+    /// Today's counters of one user, field = tool: `{prefix}:apikeyd:usage:{day}:{user_id}`.
+    pub fn usage(&self, day: &str, user_id: &str) -> String {
+        format!("{}:apikeyd:usage:{day}:{user_id}", self.prefix)
+    }
+
+    /// The original module's per-user hash: `{prefix}:user_api_keys:{user_id}`, field =
+    /// service. With `keystore.user_keys = "redis"` the daemon's sealed user keys live
+    /// here too.
+    pub fn legacy_user(&self, user_id: &str) -> String {
+        format!("{}:user_api_keys:{user_id}", self.prefix)
+    }
+
+    /// When each of a user's keys was stored, field = service, value = unix seconds:
+    /// `{prefix}:apikeyd:user_info:{user_id}`.
+    pub fn user_info(&self, user_id: &str) -> String {
+        format!("{}:apikeyd:user_info:{user_id}", self.prefix)
+    }
+
+    /// A user's keys reported unauthorized, field = service, value = unix seconds:
+    /// `{prefix}:apikeyd:user_rejected:{user_id}`.
+    pub fn user_rejected(&self, user_id: &str) -> String {
+        format!("{}:apikeyd:user_rejected:{user_id}", self.prefix)
+    }
+
+    /// The fleet's master-key check values, field `v{N}` per version, and `retired`:
+    /// `{prefix}:apikeyd:keycheck`.
+    pub fn keycheck(&self) -> String {
+        format!("{}:apikeyd:keycheck", self.prefix)
+    }
+
+    /// One live daemon's heartbeat (expires): `{prefix}:apikeyd:fleet:{member}`.
+    pub fn fleet_member(&self, member: &str) -> String {
+        format!("{}:apikeyd:fleet:{member}", self.prefix)
+    }
+
+    /// The pub/sub channel announcing changes: `{prefix}:apikeyd:invalidate`.
+    pub fn invalidate(&self) -> String {
+        format!("{}:apikeyd:invalidate", self.prefix)
+    }
+}
+
+/// What a pub/sub message on the invalidation channel says changed.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Changed {
+    Pool(PoolRef),
+    UserKey { user_id: String, service: String },
+}
 
 /// Every hash whose name matches `pattern`. A key of another type under the
 /// pattern (a stray `SET`) is skipped with a warning naming it, so it never stops

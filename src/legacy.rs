@@ -10,11 +10,12 @@ use redis::Commands;
 use rusqlite::OptionalExtension;
 
 use crate::actors::keystore::{self, store_user_key};
-use crate::actors::redis::{envelope, open_value, Changed, Names, PoolValue};
 use crate::clock;
 use crate::config::Config;
 use crate::crypto::Secret;
+use crate::envelope::{envelope, open_value, PoolValue};
 use crate::keyspace;
+use crate::keyspace::{Changed, Names};
 use crate::protocol::{check_ident, check_key, check_service};
 
 /// What an import did (or, with `--dry-run`, would do).
@@ -79,7 +80,7 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
         for (raw_field, value) in fields {
             // Sealed by a daemon with user_keys = "redis": not legacy (migrate-user-keys
             // moves those).
-            if value.starts_with(crate::actors::redis::ENVELOPE.as_bytes()) {
+            if value.starts_with(crate::envelope::ENVELOPE.as_bytes()) {
                 continue;
             }
             let field = String::from_utf8_lossy(&raw_field).into_owned();
@@ -115,7 +116,7 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
                     con.hget(&hash, &service).map_err(fail)?
                 };
                 sealed
-                    .filter(|v| v.starts_with(crate::actors::redis::ENVELOPE.as_bytes()))
+                    .filter(|v| v.starts_with(crate::envelope::ENVELOPE.as_bytes()))
                     .map(|_| 1)
             } else {
                 db.query_row(
@@ -147,7 +148,7 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
                 let mut pipe = redis::pipe();
                 pipe.atomic();
                 if present.is_none() {
-                    let sealed = crate::actors::redis::user_envelope(
+                    let sealed = crate::envelope::user_envelope(
                         &master,
                         &names.prefix,
                         user_id,

@@ -35,6 +35,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod crypto;
+pub mod envelope;
 pub mod error;
 pub mod fleet;
 pub mod hardening;

@@ -8,9 +8,10 @@ use redis::Commands;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::actors::keystore::{self, store_user_key};
-use crate::actors::redis::{open_user_value, user_envelope, Changed, Names, PoolValue};
 use crate::config::Config;
 use crate::crypto::{MasterKey, Place, Secret};
+use crate::envelope::{open_user_value, user_envelope, PoolValue};
+use crate::keyspace::{Changed, Names};
 
 /// Rows moved per batch (one SQLite transaction, a few Redis pipelines).
 const BATCH: usize = 500;

@@ -449,15 +449,16 @@ impl Request {
         Ok(k)
     }
 
-    /// `outcome` of `report_key_result`: `ok`, `rate_limited`, `unauthorized` or `error`.
-    pub fn outcome(&mut self) -> Result<crate::actors::store::Outcome> {
-        let o = self.string("outcome")?;
-        crate::actors::store::Outcome::parse(&o).ok_or_else(|| {
-            Error::param(
-                "outcome",
-                "must be one of \"ok\", \"rate_limited\", \"unauthorized\", \"error\"",
-            )
-        })
+    /// A string member from a fixed vocabulary, parsed by `parse` (the op's own),
+    /// or `bad_request` listing `expected`.
+    pub fn one_of<T>(
+        &mut self,
+        name: &str,
+        parse: impl FnOnce(&str) -> Option<T>,
+        expected: &str,
+    ) -> Result<T> {
+        let v = self.string(name)?;
+        parse(&v).ok_or_else(|| Error::param(name, format!("must be one of {expected}")))
     }
 
     /// `label`: optional, at most 256 bytes, no control characters.
@@ -693,7 +694,7 @@ mod tests {
             let _ = req.opt_count("daily_limit");
             let _ = req.count("limit");
             let _ = req.has("user_id");
-            let _ = req.outcome();
+            let _ = req.one_of("outcome", |o| (o == "ok").then_some(()), "\"ok\"");
             let _ = req.opt_count("retry_after_s");
         }
 

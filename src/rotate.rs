@@ -11,10 +11,11 @@ use redis::Commands;
 use rusqlite::Connection;
 
 use crate::actors::keystore;
-use crate::actors::redis::{envelope, open_user_value, user_envelope, Names, PoolValue, ENVELOPE};
 use crate::config::Config;
 use crate::crypto::{sealed_version, MasterKey, Place};
+use crate::envelope::{envelope, open_user_value, user_envelope, PoolValue, ENVELOPE};
 use crate::fleet::NotReady;
+use crate::keyspace::Names;
 use crate::lock::{self, ToolAccess};
 
 /// How long rotation waits for every daemon of the fleet to seal with the new
@@ -255,7 +256,7 @@ fn reseal_redis(config: &Config, key: &MasterKey) -> Result<(usize, usize), Stri
             }
             let field_name = String::from_utf8_lossy(&field);
             let PoolValue::Sealed(plain) =
-                crate::actors::redis::open_value(key, &names.prefix, &pool, &field_name, &value)
+                crate::envelope::open_value(key, &names.prefix, &pool, &field_name, &value)
             else {
                 eprintln!(
                     "integrity: {} field {} does not open with any key version; left as it is",

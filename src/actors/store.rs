@@ -300,7 +300,7 @@ pub struct Store {
     /// Redis mode: whether the connection is up right now.
     connected: Option<Arc<AtomicBool>>,
     /// Redis mode: the master and the failovers followed (for `stats`).
-    redis_status: Option<Arc<super::redis::RedisStatus>>,
+    redis_status: Option<Arc<super::redis::connection::RedisStatus>>,
     /// How long a store may take to answer (`server.request_timeout_ms`).
     deadline: Duration,
     load_pool: Recipient<LoadPool>,
@@ -373,7 +373,7 @@ impl Store {
     }
 
     /// Adds what `stats` shows of a Redis connection.
-    pub fn with_redis_status(mut self, status: Arc<super::redis::RedisStatus>) -> Self {
+    pub fn with_redis_status(mut self, status: Arc<super::redis::connection::RedisStatus>) -> Self {
         self.redis_status = Some(status);
         self
     }

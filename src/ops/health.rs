@@ -47,7 +47,11 @@ pub async fn report_key_result(app: &App, req: &mut Request) -> Result<Body> {
             "is missing (or give `user_id` to report on that user's own key)",
         ));
     }
-    let outcome = req.outcome()?;
+    let outcome = req.one_of(
+        "outcome",
+        Outcome::parse,
+        "\"ok\", \"rate_limited\", \"unauthorized\", \"error\"",
+    )?;
     let retry_after_s = req.opt_count("retry_after_s")?;
     if by_user {
         let user_id = req.user_id()?;

@@ -1,0 +1,283 @@
+//! Reaching Redis: `Target` turns `[redis]` (URL, password file or credential, TLS
+//! files, sentinels) into clients, asks Sentinel for the master, and builds the one
+//! connection manager the store shares; `RedisStatus` is what `stats` shows of it.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::RedisResult;
+
+use crate::config::RedisConfig;
+
+/// The store's connection, shared with the fleet heartbeat; replaced whole when
+/// Sentinel names a new master.
+pub type SharedConn = Rc<RefCell<ConnectionManager>>;
+
+/// What `stats` shows of the Redis connection.
+#[derive(Default)]
+pub struct RedisStatus {
+    /// Master changes followed since start (Sentinel).
+    pub failovers: AtomicU64,
+    /// The master's `host:port` as Sentinel last named it.
+    master: Mutex<Option<String>>,
+}
+
+impl RedisStatus {
+    /// The master's `host:port` (Sentinel only).
+    pub fn master(&self) -> Option<String> {
+        match self.master.lock() {
+            Ok(m) => m.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub(super) fn set_master(&self, address: &str) {
+        match self.master.lock() {
+            Ok(mut m) => *m = Some(address.to_string()),
+            Err(p) => *p.into_inner() = Some(address.to_string()),
+        }
+    }
+}
+
+pub(super) fn manager(
+    client: redis::Client,
+    timeout: Duration,
+) -> std::result::Result<ConnectionManager, String> {
+    let manager_config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        // One attempt per reconnect: a refused connection fails at once and is
+        // reported as refused, instead of sleeping a backoff into the timeout.
+        // `bounded` tries once more where that is safe; the health check every
+        // second keeps reconnecting.
+        .set_number_of_retries(0)
+        .set_max_delay(Duration::from_millis(500));
+    ConnectionManager::new_lazy_with_config(client, manager_config)
+        .map_err(|e| format!("cannot set up the redis connection: {e}"))
+}
+
+/// How to reach Redis, built once from `[redis]`: the URL's settings with the ACL
+/// user and the password file applied, the TLS files, and the sentinels to ask for
+/// the master. Holds the password, so it has no `Debug`.
+#[derive(Clone)]
+pub struct Target {
+    pub(super) info: redis::ConnectionInfo,
+    tls: Option<redis::TlsCertificates>,
+    sentinels: Vec<String>,
+    master_name: String,
+    timeout: Duration,
+}
+
+/// The systemd credential a password is read from when present (`LoadCredential=`).
+pub const PASSWORD_CREDENTIAL: &str = "redis.password";
+
+/// The Redis password: the systemd credential `redis.password` when present, else
+/// `redis.password_file`, else none. Errors name the file, never its content.
+fn read_password(
+    config: &RedisConfig,
+) -> std::result::Result<Option<zeroize::Zeroizing<String>>, String> {
+    let credential = std::env::var_os("CREDENTIALS_DIRECTORY")
+        .map(|d| std::path::Path::new(&d).join(PASSWORD_CREDENTIAL))
+        .filter(|p| p.exists());
+    let Some(path) = credential.or_else(|| config.password_file.clone()) else {
+        return Ok(None);
+    };
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "cannot read the redis password from {}: {e}",
+            path.display()
+        )
+    })?);
+    let password = text.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        return Err(format!(
+            "the redis password file {} is empty",
+            path.display()
+        ));
+    }
+    Ok(Some(zeroize::Zeroizing::new(password.to_string())))
+}
+
+fn read_file(what: &str, path: &std::path::Path) -> std::result::Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+}
+
+impl Target {
+    /// Parses `redis.url` and reads the password and TLS files; any problem refuses
+    /// the start with a message naming the setting.
+    pub fn new(config: &RedisConfig) -> std::result::Result<Target, String> {
+        use redis::IntoConnectionInfo;
+        // rustls is built with `ring` only; installing it explicitly keeps a second
+        // provider pulled in by another crate from making rustls refuse to choose.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let info = config
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| format!("redis.url is not usable: {e}"))?;
+        let mut settings = info.redis_settings().clone();
+        if let Some(user) = config.username.as_deref().filter(|u| !u.is_empty()) {
+            settings = settings.set_username(user);
+        }
+        if let Some(password) = read_password(config)? {
+            settings = settings.set_password(password.as_str());
+        }
+        let info = info.set_redis_settings(settings);
+        let tls_wanted = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+        let tls = if tls_wanted {
+            let root_cert = match &config.tls_ca_file {
+                Some(p) => Some(read_file("redis.tls_ca_file", p)?),
+                None => None,
+            };
+            let client_tls = match (&config.tls_cert_file, &config.tls_key_file) {
+                (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+                    client_cert: read_file("redis.tls_cert_file", c)?,
+                    client_key: read_file("redis.tls_key_file", k)?,
+                }),
+                _ => None,
+            };
+            Some(redis::TlsCertificates {
+                client_tls,
+                root_cert,
+            })
+        } else {
+            if config.tls_ca_file.is_some() || config.tls_cert_file.is_some() {
+                return Err(
+                    "redis.tls_* files are set but redis.url is not a rediss:// URL".into(),
+                );
+            }
+            None
+        };
+        Ok(Target {
+            info,
+            tls,
+            sentinels: config.sentinels.clone(),
+            master_name: config.master_name.clone(),
+            timeout: Duration::from_millis(config.timeout_ms.max(1)),
+        })
+    }
+
+    /// Whether the master is found through Sentinel.
+    pub fn uses_sentinels(&self) -> bool {
+        !self.sentinels.is_empty()
+    }
+
+    /// A client for the server at `host:port`, with the URL's settings and TLS.
+    pub fn client_at(&self, host: &str, port: u16) -> std::result::Result<redis::Client, String> {
+        let addr = match self.info.addr() {
+            redis::ConnectionAddr::TcpTls { insecure, .. } => redis::ConnectionAddr::TcpTls {
+                host: host.to_string(),
+                port,
+                insecure: *insecure,
+                tls_params: None,
+            },
+            _ => redis::ConnectionAddr::Tcp(host.to_string(), port),
+        };
+        self.build(self.info.clone().set_addr(addr))
+    }
+
+    pub(super) fn build(
+        &self,
+        info: redis::ConnectionInfo,
+    ) -> std::result::Result<redis::Client, String> {
+        let built = match &self.tls {
+            Some(certs) => redis::Client::build_with_tls(info, certs.clone()),
+            None => redis::Client::open(info),
+        };
+        built.map_err(|e| format!("redis settings are not usable: {e}"))
+    }
+
+    /// A client for the server of `redis.url`, or for the master the sentinels name
+    /// (asked now, blocking: for start-up and the tools).
+    pub fn client(&self) -> std::result::Result<redis::Client, String> {
+        if !self.uses_sentinels() {
+            return self.build(self.info.clone());
+        }
+        let (host, port) = self.ask_sentinels_blocking()?;
+        self.client_at(&host, port)
+    }
+
+    /// Like [`Target::client`], without blocking the thread.
+    pub async fn client_async(&self) -> std::result::Result<redis::Client, String> {
+        if !self.uses_sentinels() {
+            return self.build(self.info.clone());
+        }
+        let (host, port) = self.ask_sentinels().await?;
+        self.client_at(&host, port)
+    }
+
+    fn sentinel_client(&self, address: &str) -> RedisResult<redis::Client> {
+        redis::Client::open(format!("redis://{address}/"))
+    }
+
+    fn master_address(
+        reply: Option<(String, String)>,
+        name: &str,
+    ) -> std::result::Result<(String, u16), String> {
+        let (host, port) = reply.ok_or_else(|| {
+            format!("the sentinels know no master named {name:?} (redis.master_name)")
+        })?;
+        let port = port
+            .parse()
+            .map_err(|_| "a sentinel answered a malformed port".to_string())?;
+        Ok((host, port))
+    }
+
+    fn ask_one_blocking(&self, address: &str) -> std::result::Result<(String, u16), String> {
+        let mut con = self
+            .sentinel_client(address)
+            .and_then(|c| {
+                c.get_connection_with_timeout(self.timeout.max(Duration::from_millis(500)))
+            })
+            .map_err(|e| format!("sentinel {address}: {e}"))?;
+        let _ = con.set_read_timeout(Some(self.timeout.max(Duration::from_millis(500))));
+        let reply: Option<(String, String)> = redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg(&self.master_name)
+            .query(&mut con)
+            .map_err(|e| format!("sentinel {address}: {e}"))?;
+        Self::master_address(reply, &self.master_name)
+    }
+
+    /// The master's address, from the first sentinel that answers.
+    pub(super) fn ask_sentinels_blocking(&self) -> std::result::Result<(String, u16), String> {
+        let mut errors = Vec::new();
+        for s in &self.sentinels {
+            match self.ask_one_blocking(s) {
+                Ok(a) => return Ok(a),
+                Err(e) => errors.push(e),
+            }
+        }
+        Err(format!("{UNREACHABLE_SENTINELS}: {}", errors.join("; ")))
+    }
+
+    /// The master's address, from the first sentinel that answers.
+    pub async fn ask_sentinels(&self) -> std::result::Result<(String, u16), String> {
+        let mut errors = Vec::new();
+        let limit = self.timeout.max(Duration::from_millis(500));
+        for s in &self.sentinels {
+            let asked = async {
+                let client = self.sentinel_client(s)?;
+                let mut con = client.get_multiplexed_async_connection().await?;
+                redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(&self.master_name)
+                    .query_async::<Option<(String, String)>>(&mut con)
+                    .await
+            };
+            match tokio::time::timeout(limit, asked).await {
+                Ok(Ok(reply)) => return Self::master_address(reply, &self.master_name),
+                Ok(Err(e)) => errors.push(format!("sentinel {s}: {e}")),
+                Err(_) => errors.push(format!("sentinel {s}: timed out")),
+            }
+        }
+        Err(format!("{UNREACHABLE_SENTINELS}: {}", errors.join("; ")))
+    }
+}
+
+/// How an error starts when no sentinel answered.
+pub const UNREACHABLE_SENTINELS: &str = "no sentinel answered";
