@@ -1,0 +1,278 @@
+//! The `Keystore` actor: owns per-user keys in the SQLite keystore (blocking, so on a
+//! `SyncArbiter`). The file itself — schema, integrity, clean marker, master key at
+//! start — is `file`.
+
+mod file;
+
+pub use file::*;
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::clock;
+use crate::crypto::{MasterKey, Place, Secret};
+use crate::error::Result;
+
+/// At a clean shutdown: checkpoints the WAL into the keystore and records its
+/// fingerprint, so the next start can skip the full integrity check.
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub struct MarkClean;
+
+impl Handler<MarkClean> for Keystore {
+    type Result = Result<()>;
+
+    fn handle(&mut self, _: MarkClean, _: &mut Self::Context) -> Self::Result {
+        let busy: i64 = self
+            .db
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+        let Some(path) = self
+            .db
+            .path()
+            .filter(|_| busy == 0)
+            .map(std::path::PathBuf::from)
+        else {
+            return Ok(());
+        };
+        if let Some(print) = fingerprint(&path) {
+            if let Err(e) = std::fs::write(clean_marker(&path), print) {
+                tracing::warn!(error = %e, "cannot write the clean-shutdown marker");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Owns one SQLite connection and the per-user keys in it.
+pub struct Keystore {
+    db: Connection,
+    key: Arc<MasterKey>,
+}
+
+impl Keystore {
+    /// One keystore worker on `db`.
+    pub fn new(db: Connection, key: Arc<MasterKey>) -> Self {
+        Keystore { db, key }
+    }
+}
+
+impl Actor for Keystore {
+    type Context = SyncContext<Self>;
+}
+
+/// Reads and decrypts one user's key for one service. A row that does not open is
+/// treated as absent and logged as an integrity error.
+#[derive(Message)]
+#[rtype(result = "Result<LoadedUserKey>")]
+pub struct LoadUserKey {
+    pub user_id: String,
+    pub service: String,
+}
+
+/// A user's key as loaded.
+pub struct LoadedUserKey {
+    /// `None` when absent, undecryptable or rejected.
+    pub key: Option<Secret>,
+    /// The key was reported unauthorized (`report_key_result`) and is not used until
+    /// the user stores a new one.
+    pub rejected: bool,
+}
+
+impl Handler<LoadUserKey> for Keystore {
+    type Result = Result<LoadedUserKey>;
+
+    fn handle(&mut self, msg: LoadUserKey, _: &mut Self::Context) -> Self::Result {
+        let row: Option<(Vec<u8>, bool)> = self
+            .db
+            .prepare_cached(
+                "SELECT k.sealed, EXISTS (SELECT 1 FROM user_key_rejected r
+                   WHERE r.user_id = k.user_id AND r.service = k.service)
+                 FROM user_keys k WHERE k.user_id = ?1 AND k.service = ?2",
+            )?
+            .query_row(params![msg.user_id, msg.service], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        let absent = |rejected| LoadedUserKey {
+            key: None,
+            rejected,
+        };
+        let Some((sealed, rejected)) = row else {
+            return Ok(absent(false));
+        };
+        if rejected {
+            return Ok(absent(true));
+        }
+        let place = Place::User {
+            user_id: &msg.user_id,
+            service: &msg.service,
+        };
+        match self.key.open(&sealed, place) {
+            Ok(secret) => Ok(LoadedUserKey {
+                key: Some(secret),
+                rejected: false,
+            }),
+            Err(_) => {
+                tracing::error!(user_id = %msg.user_id, service = %msg.service,
+                    "integrity: a stored user key does not decrypt; treating it as absent");
+                Ok(absent(false))
+            }
+        }
+    }
+}
+
+/// Records a report on a user's own key: `unauthorized` marks it rejected until the
+/// user stores a new one. Answers `None` when the user has no key for the service,
+/// else whether it is rejected now.
+#[derive(Message)]
+#[rtype(result = "Result<Option<bool>>")]
+pub struct ReportUserKey {
+    pub user_id: String,
+    pub service: String,
+    pub unauthorized: bool,
+}
+
+impl Handler<ReportUserKey> for Keystore {
+    type Result = Result<Option<bool>>;
+
+    fn handle(&mut self, msg: ReportUserKey, _: &mut Self::Context) -> Self::Result {
+        let rejected: Option<bool> = self
+            .db
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM user_key_rejected r
+                   WHERE r.user_id = k.user_id AND r.service = k.service)
+                 FROM user_keys k WHERE k.user_id = ?1 AND k.service = ?2",
+            )?
+            .query_row(params![msg.user_id, msg.service], |r| r.get(0))
+            .optional()?;
+        match rejected {
+            Some(false) if msg.unauthorized => {
+                self.db
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO user_key_rejected (user_id, service, reported_at)
+                         VALUES (?1, ?2, ?3)",
+                    )?
+                    .execute(params![msg.user_id, msg.service, clock::now_s()])?;
+                Ok(Some(true))
+            }
+            other => Ok(other),
+        }
+    }
+}
+
+/// Encrypts and stores (or replaces) a user's key; durable when it returns.
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub struct StoreUserKey {
+    pub user_id: String,
+    pub service: String,
+    pub key: Secret,
+}
+
+impl Handler<StoreUserKey> for Keystore {
+    type Result = Result<()>;
+
+    fn handle(&mut self, msg: StoreUserKey, _: &mut Self::Context) -> Self::Result {
+        store_user_key(&self.db, &self.key, &msg.user_id, &msg.service, &msg.key)
+    }
+}
+
+/// Deletes a user's key; answers whether one was there.
+#[derive(Message)]
+#[rtype(result = "Result<bool>")]
+pub struct DeleteUserKey {
+    pub user_id: String,
+    pub service: String,
+}
+
+impl Handler<DeleteUserKey> for Keystore {
+    type Result = Result<bool>;
+
+    fn handle(&mut self, msg: DeleteUserKey, _: &mut Self::Context) -> Self::Result {
+        let n = self
+            .db
+            .prepare_cached("DELETE FROM user_keys WHERE user_id = ?1 AND service = ?2")?
+            .execute(params![msg.user_id, msg.service])?;
+        Ok(n > 0)
+    }
+}
+
+/// Answers at once: proves a keystore thread is not wedged (for the watchdog).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Ping;
+
+impl Handler<Ping> for Keystore {
+    type Result = ();
+
+    fn handle(&mut self, _: Ping, _: &mut Self::Context) {}
+}
+
+/// Whether `candidate` opens this keystore's check value: a keyring is only put in
+/// service when it does.
+#[derive(Message)]
+#[rtype(result = "Result<bool>")]
+pub struct CheckKeyring {
+    pub candidate: Arc<MasterKey>,
+}
+
+impl Handler<CheckKeyring> for Keystore {
+    type Result = Result<bool>;
+
+    fn handle(&mut self, msg: CheckKeyring, _: &mut Self::Context) -> Self::Result {
+        Ok(opens_keycheck(&self.db, &msg.candidate)?)
+    }
+}
+
+/// One row of `list_user_api_keys`.
+#[derive(serde::Serialize)]
+pub struct UserKeyInfo {
+    pub service: String,
+    pub masked: String,
+    pub updated_at: String,
+}
+
+/// Lists a user's keys, masked, by service.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<UserKeyInfo>>")]
+pub struct ListUserKeys {
+    pub user_id: String,
+}
+
+impl Handler<ListUserKeys> for Keystore {
+    type Result = Result<Vec<UserKeyInfo>>;
+
+    fn handle(&mut self, msg: ListUserKeys, _: &mut Self::Context) -> Self::Result {
+        let mut stmt = self.db.prepare_cached(
+            "SELECT service, sealed, updated_at FROM user_keys WHERE user_id = ?1 ORDER BY service",
+        )?;
+        let rows = stmt.query_map(params![msg.user_id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (service, sealed, updated_at) = row?;
+            let place = Place::User {
+                user_id: &msg.user_id,
+                service: &service,
+            };
+            let Ok(secret) = self.key.open(&sealed, place) else {
+                tracing::error!(user_id = %msg.user_id, service = %service,
+                    "integrity: a stored user key does not decrypt; leaving it out of the list");
+                continue;
+            };
+            out.push(UserKeyInfo {
+                masked: secret.masked(),
+                service,
+                updated_at: clock::rfc3339(updated_at),
+            });
+        }
+        Ok(out)
+    }
+}
