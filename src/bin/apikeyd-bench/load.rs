@@ -72,7 +72,7 @@ pub struct Report {
     pub seconds: f64,
     /// Requests answered per second.
     pub rps: f64,
-    /// Latency percentiles and maximum in µs, from each request's intended send time.
+    /// Median latency (µs); every latency counts from the request's intended send time.
     pub p50_us: f64,
     /// 90th percentile (µs).
     pub p90_us: f64,
@@ -255,10 +255,11 @@ fn paced(target: &Target, load: &Load, index: usize, start: Instant) -> std::io:
     }
     let mut conn = match target {
         Target::Apikeyd { socket, templates } => {
-            // No read timeout: a stalled server must show up as latency, not as an
-            // aborted run.
+            // No read or write timeout: a stalled server must show up as latency,
+            // not as an aborted run.
             let timeouts = Timeouts {
                 read: None,
+                write: None,
                 ..Timeouts::TOOL
             };
             Conn::Apikeyd(Connection::connect(socket, timeouts)?, templates.clone())
