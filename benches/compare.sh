@@ -79,6 +79,19 @@ bench check --config "$W/pool/config.toml" --preset check --connections 8 --redi
 bench consume --config "$W/pool/config.toml" --preset consume --connections 8 --redis "$RS" --redis-cmd consume
 stop pool
 
+echo "== cached user keys in redis mode (keystore.user_keys = \"redis\"), vs HGET"
+# Own prefix: the pool daemon above wrote its fleet's check values under the default.
+UK="redis.url = \"redis+unix://$RS\"\nredis.prefix = \"benchusers\""
+populate ukeys 1000 "$UK\nkeystore.user_keys = \"local\"" --redis "$RS"
+"$BIN" migrate-user-keys --to redis --config "$W/ukeys/config.toml" | tail -1
+start ukeys "$UK"
+bench ukeys-redis --config "$W/ukeys/config.toml" --keys 1000 --connections 8 --pipeline 1 --redis "$RS"
+stop ukeys
+echo "== cold user keys in redis mode (cache off: one HGET round trip and a decrypt each)"
+start ukeys "$UK\n[cache]\nuser_key_ttl_s = 0"
+bench ukeys-cold --config "$W/ukeys/config.toml" --keys 1000 --connections 8 --pipeline 1 --redis "$RS"
+stop ukeys
+
 echo "== cold keys: 500,000 users, cache of 100,000"
 populate cold 500000 "[cache]\nmax_entries = 100000"
 start cold "[cache]\nmax_entries = 100000"
@@ -172,6 +185,7 @@ ratio("cached user key, 1 connection", "user-1x1", 1.0)
 ratio("cached pool key (Redis mode), 8 connections", "pool-8x1", 1.0)
 ratio("cached pool key (Redis mode), 8 × 32 pipelined", "pool-8x32", 0.6)
 ratio("pool key, half the pool cooling, 8 connections", "cool-8x1", 1.0)
+ratio("cached user key, user keys in Redis, 8 connections", "ukeys-redis", 1.0)
 ratio("check_default_key_limit (Redis mode)", "check", 0.8, "EVALSHA")
 ratio("consume_default_key_usage (Redis mode)", "consume", 0.8, "EVALSHA")
 for rate in (20000, 40000):

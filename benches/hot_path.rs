@@ -16,6 +16,7 @@ use apikeyd::actors::keystore::{self, Keystore, StoreUserKey};
 use apikeyd::actors::store::{
     AddPoolKey, HealthRules, Outcome, PoolRef, ReportPoolKey, Store, StoreMode,
 };
+use apikeyd::actors::user_keys::UserKeys;
 use apikeyd::app::App;
 use apikeyd::audit::Audit;
 use apikeyd::config::Config;
@@ -101,12 +102,8 @@ fn actors(system: &actix_rt::SystemRunner, dir: &std::path::Path) -> Rc<App> {
         let keystore = SyncArbiter::start(1, move || {
             Keystore::new(ks_db.lock().unwrap().take().unwrap(), k.clone())
         });
-        let cache = KeyCache::new(
-            keystore.clone(),
-            store.clone(),
-            Duration::from_secs(10),
-            &config.cache,
-        );
+        let user_keys = UserKeys::new(false, Duration::from_secs(10), keystore.clone());
+        let cache = KeyCache::new(user_keys.clone(), store.clone(), &config.cache);
         let reader = cache.reader();
         let cache = cache.start();
         keystore
@@ -121,6 +118,7 @@ fn actors(system: &actix_rt::SystemRunner, dir: &std::path::Path) -> Rc<App> {
         let app = Rc::new(App::new(
             config,
             keystore,
+            user_keys,
             cache,
             reader,
             store,

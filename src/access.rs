@@ -4,8 +4,6 @@
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
 
-use crate::config::AccessIds;
-
 /// What a peer may do.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Role {
@@ -24,6 +22,15 @@ pub struct Peer {
     pub gid: u32,
     pub pid: Option<i32>,
     pub role: Role,
+}
+
+/// `[access]` with every name resolved to its uid or gid (by `config`, at load).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessIds {
+    pub allow_uids: Vec<u32>,
+    pub allow_gids: Vec<u32>,
+    pub admin_uids: Vec<u32>,
+    pub admin_gids: Vec<u32>,
 }
 
 /// The role of a peer with `uid`, effective `gid` and supplementary `groups` under

@@ -12,6 +12,7 @@ use crate::actors::cache::{
 use crate::actors::keystore::{read_master_key, CheckKeyring, Keystore};
 use crate::actors::store::PoolRef;
 use crate::actors::store::Store;
+use crate::actors::user_keys::UserKeys;
 use crate::audit::Audit;
 use crate::config::Config;
 use crate::crypto::MasterKey;
@@ -27,8 +28,11 @@ pub struct RedisSwitches {
 /// Shared by every connection of one daemon.
 pub struct App {
     config: RwLock<Arc<Config>>,
-    /// Per-user keys (SQLite, on a `SyncArbiter`).
+    /// The SQLite keystore (on a `SyncArbiter`): per-user keys unless they live in
+    /// Redis, and the keyring's check value.
     pub keystore: Addr<Keystore>,
+    /// Per-user keys, wherever they live (`keystore.user_keys`).
+    pub user_keys: UserKeys,
     /// Decrypted keys in memory: the actor, for misses and changes…
     pub cache: Addr<KeyCache>,
     /// …and its same-thread read handle, for hits without a message.
@@ -54,9 +58,12 @@ pub struct App {
 
 impl App {
     /// The shared state around running actors.
+    // One argument per actor or shared part; a builder would only rename them.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Config,
         keystore: Addr<Keystore>,
+        user_keys: UserKeys,
         cache: Addr<KeyCache>,
         cache_reader: CacheReader,
         store: Store,
@@ -72,6 +79,7 @@ impl App {
             key,
             config: RwLock::new(Arc::new(config)),
             keystore,
+            user_keys,
             cache,
             store,
             connections: AtomicU64::new(0),
@@ -138,6 +146,19 @@ impl App {
         T: Send + 'static,
     {
         crate::actors::within(self.deadline, self.keystore.send(msg)).await
+    }
+
+    /// The Prometheus text of the daemon's metrics now (`metrics` op, `/metrics`).
+    pub async fn metrics_text(&self) -> crate::error::Result<String> {
+        let cache = self
+            .cache
+            .send(crate::actors::cache::ReadCacheFigures)
+            .await?;
+        self.metrics.render(&crate::metrics::Gauges {
+            cache,
+            connections: self.connections.load(std::sync::atomic::Ordering::Relaxed),
+            redis_up: self.redis_up(),
+        })
     }
 
     /// The config in force now (replaced whole on reload).

@@ -15,18 +15,6 @@ use crate::access::Peer;
 use crate::error::Result;
 use crate::protocol::{Body, Subject};
 
-/// Whether `op` leaves an audit line: every write and every admin op, except quota
-/// counting (`increment_…`, `consume_…`) unless `quota` (`log.audit_quota`) is set:
-/// a busy bot counts on every tool call, and that would flood the journal.
-/// `quota` is asked only for those two ops, so reads never touch the config.
-pub fn audited(op: &str, quota: impl FnOnce() -> bool) -> bool {
-    let counting = matches!(
-        op,
-        "increment_default_key_usage" | "consume_default_key_usage"
-    );
-    (crate::ops::is_write(op) && (!counting || quota())) || crate::ops::admin_only(op)
-}
-
 /// Where audit lines go besides the log.
 pub struct Audit {
     file: Option<Mutex<File>>,

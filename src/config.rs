@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::access::{gid_of, uid_of, AccessIds};
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration file (SPEC §6). Every key is optional.
@@ -64,6 +65,8 @@ impl Default for ServerConfig {
 pub struct KeystoreConfig {
     pub path: PathBuf,
     pub master_key_file: PathBuf,
+    /// Where per-user keys live in Redis mode; `None` means the default (`redis`).
+    pub user_keys: Option<UserKeysIn>,
 }
 
 impl Default for KeystoreConfig {
@@ -71,8 +74,19 @@ impl Default for KeystoreConfig {
         KeystoreConfig {
             path: "data/keystore.sqlite3".into(),
             master_key_file: "data/master.key".into(),
+            user_keys: None,
         }
     }
+}
+
+/// `keystore.user_keys`: where per-user keys live when `redis.url` is set.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UserKeysIn {
+    /// Sealed in `{prefix}:user_api_keys:{user_id}`, shared by every daemon on the Redis.
+    Redis,
+    /// In this daemon's SQLite keystore (the behaviour before issue 11).
+    Local,
 }
 
 /// `[redis]`
@@ -84,6 +98,25 @@ pub struct RedisConfig {
     pub prefix: String,
     pub timeout_ms: u64,
     pub accept_legacy_plaintext: bool,
+    /// ACL user name; the password is read from `password_file` (or the systemd
+    /// credential `redis.password`), never from this file.
+    pub username: Option<String>,
+    /// A file holding only the Redis password (mode 0600 or stricter is advised).
+    pub password_file: Option<PathBuf>,
+    /// PEM CA certificate(s) a `rediss://` server's certificate must chain to;
+    /// absent: the system's trust store.
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for servers that ask for one.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Redis Sentinel addresses (`host:port`); when set, the master is asked of them
+    /// and `url` only supplies the scheme, database and user (its host is ignored).
+    pub sentinels: Vec<String>,
+    /// The master's name as the sentinels know it.
+    pub master_name: String,
+    /// Replicas that must confirm a key write (`WAIT`) before it is acknowledged;
+    /// default 1 with sentinels, else 0.
+    pub min_replicas_acked: Option<u32>,
 }
 
 impl Default for RedisConfig {
@@ -93,7 +126,23 @@ impl Default for RedisConfig {
             prefix: "stargazer".into(),
             timeout_ms: 250,
             accept_legacy_plaintext: false,
+            username: None,
+            password_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            sentinels: Vec::new(),
+            master_name: "mymaster".into(),
+            min_replicas_acked: None,
         }
+    }
+}
+
+impl RedisConfig {
+    /// Replicas a key write waits for (`redis.min_replicas_acked` or its default).
+    pub fn replicas_to_wait_for(&self) -> u32 {
+        self.min_replicas_acked
+            .unwrap_or(if self.sentinels.is_empty() { 0 } else { 1 })
     }
 }
 
@@ -217,22 +266,11 @@ impl<'de> Deserialize<'de> for Principal {
     }
 }
 
-/// `[access]` with every name resolved to its uid or gid.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AccessIds {
-    pub allow_uids: Vec<u32>,
-    pub allow_gids: Vec<u32>,
-    pub admin_uids: Vec<u32>,
-    pub admin_gids: Vec<u32>,
-}
-
 impl AccessConfig {
     /// Resolves every name; an unknown one is an error naming it and its list.
     fn resolve(&mut self) -> Result<(), ConfigError> {
-        let users =
-            |key: &str, list: &[Principal]| resolve_list(key, list, "user", crate::access::uid_of);
-        let groups =
-            |key: &str, list: &[Principal]| resolve_list(key, list, "group", crate::access::gid_of);
+        let users = |key: &str, list: &[Principal]| resolve_list(key, list, "user", uid_of);
+        let groups = |key: &str, list: &[Principal]| resolve_list(key, list, "group", gid_of);
         self.ids = AccessIds {
             allow_uids: users("access.allow_uids", &self.allow_uids)?,
             allow_gids: groups("access.allow_gids", &self.allow_gids)?,
@@ -383,6 +421,26 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
+        let r = &mut self.redis;
+        for p in [
+            &mut r.password_file,
+            &mut r.tls_ca_file,
+            &mut r.tls_cert_file,
+            &mut r.tls_key_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    /// Whether per-user keys live in Redis (`redis.url` set and `keystore.user_keys`
+    /// not `"local"`).
+    pub fn user_keys_in_redis(&self) -> bool {
+        !self.redis.url.is_empty() && self.keystore.user_keys != Some(UserKeysIn::Local)
     }
 
     /// Fits `server.max_connections` under an open-file limit of `open_files` (with
@@ -439,6 +497,25 @@ impl Config {
         }
         if self.redis.prefix.is_empty() || self.redis.prefix.contains(char::is_whitespace) {
             return bad("redis.prefix must be non-empty and without whitespace".into());
+        }
+        if self.redis.url.is_empty() && self.keystore.user_keys == Some(UserKeysIn::Redis) {
+            return bad(
+                "keystore.user_keys = \"redis\" needs redis.url (embedded mode keeps user keys in the keystore)"
+                    .into(),
+            );
+        }
+        if redis_url_has_password(&self.redis.url) {
+            return bad(
+                "redis.url holds a password: put it in the file named by redis.password_file \
+                 (or the systemd credential redis.password) and remove it from the URL"
+                    .into(),
+            );
+        }
+        if self.redis.tls_cert_file.is_some() != self.redis.tls_key_file.is_some() {
+            return bad("redis.tls_cert_file and redis.tls_key_file go together".into());
+        }
+        if !self.redis.sentinels.is_empty() && self.redis.master_name.is_empty() {
+            return bad("redis.master_name must name the master the sentinels watch".into());
         }
         if !self.metrics.listen.is_empty() {
             match self.metrics.listen.parse::<std::net::SocketAddr>() {
@@ -500,9 +577,18 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         server.max_connections,
         server.request_timeout_ms,
         keystore.path,
+        keystore.user_keys,
         redis.url,
         redis.prefix,
         redis.timeout_ms,
+        redis.username,
+        redis.password_file,
+        redis.tls_ca_file,
+        redis.tls_cert_file,
+        redis.tls_key_file,
+        redis.sentinels,
+        redis.master_name,
+        redis.min_replicas_acked,
         cache.lock_memory,
         log.level,
         log.format,
@@ -518,7 +604,7 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
 pub fn redis_url_problem(url: &str) -> Option<String> {
     use redis::IntoConnectionInfo;
     const FORMS: &str =
-        "redis://host:6379/0, redis://:password@host:6379/0 or redis+unix:///run/redis/redis.sock";
+        "redis://host:6379/0, rediss://host:6380/0 (TLS) or redis+unix:///run/redis/redis.sock";
     if url.is_empty() {
         return None;
     }
@@ -562,6 +648,18 @@ fn valid_level(level: &str) -> bool {
             Some((_, l)) => is_level(l),
             None => is_level(d),
         })
+}
+
+/// Whether a URL carries a password (`redis://user:secret@host`): the contract keeps
+/// passwords out of config text.
+fn redis_url_has_password(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.split_once(':').is_some_and(|(_, p)| !p.is_empty()))
 }
 
 fn parse_mode(s: &str) -> Option<u32> {
@@ -678,6 +776,22 @@ mod tests {
             e.0.contains("access.allow_gids") && e.0.contains("no-such-group-apikeyd"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn redis_options() {
+        let c = Config::parse("redis.url = \"redis://127.0.0.1\"").unwrap();
+        assert!(c.user_keys_in_redis());
+        assert_eq!(c.redis.replicas_to_wait_for(), 0);
+        let c = Config::parse("[redis]\nurl = \"redis://h\"\nsentinels = [\"h:26379\"]").unwrap();
+        assert_eq!(c.redis.replicas_to_wait_for(), 1);
+        let c = Config::parse("redis.url = \"redis://h\"\nkeystore.user_keys = \"local\"").unwrap();
+        assert!(!c.user_keys_in_redis());
+        assert!(!Config::parse("").unwrap().user_keys_in_redis());
+        assert!(Config::parse("keystore.user_keys = \"redis\"").is_err());
+        assert!(Config::parse("redis.url = \"redis://u:secret@h/0\"").is_err());
+        assert!(Config::parse("redis.url = \"redis://u@h/0\"").is_ok());
+        assert!(Config::parse("redis.url = \"rediss://h\"\nredis.tls_cert_file = \"c\"").is_err());
     }
 
     #[test]

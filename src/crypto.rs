@@ -58,6 +58,14 @@ pub enum Place<'a> {
         service: &'a str,
         key_id: &'a str,
     },
+    /// A per-user key in Redis (`{namespace}:user_api_keys:{user_id}`, field = service):
+    /// bound to the prefix too, so a value copied to another fleet's prefix, user or
+    /// service does not open, nor does a keystore row copied into Redis.
+    RedisUser {
+        namespace: &'a str,
+        user_id: &'a str,
+        service: &'a str,
+    },
     /// A row of the keystore's own bookkeeping.
     Meta(&'a str),
 }
@@ -84,6 +92,11 @@ impl Place<'_> {
                     &[kind, namespace, channel.unwrap_or(""), service, key_id],
                 )
             }
+            Place::RedisUser {
+                namespace,
+                user_id,
+                service,
+            } => aad(b"apikeyd/2", &["redis_user", namespace, user_id, service]),
             Place::Meta(name) => aad(b"apikeyd/1", &["meta", "", name, ""]),
         }
     }
@@ -663,10 +676,24 @@ mod tests {
                 service: "openai",
                 key_id: "openai",
             },
+            Place::RedisUser {
+                namespace: "stargazer",
+                user_id: "alice",
+                service: "openai",
+            },
         ];
         for p in others {
             assert!(k.open(&sealed, p).is_err());
         }
+        let in_redis = |namespace| Place::RedisUser {
+            namespace,
+            user_id: "alice",
+            service: "openai",
+        };
+        let sealed = k.seal(b"sk-canary-123456", in_redis("stargazer"));
+        assert!(k.open(&sealed, in_redis("stargazer")).is_ok());
+        assert!(k.open(&sealed, in_redis("other")).is_err());
+        assert!(k.open(&sealed, ALICE).is_err());
     }
 
     #[test]

@@ -73,16 +73,39 @@ pub fn connect(redis: &RedisConfig, wait: Duration) -> Result<redis::Connection,
     let client = crate::actors::redis::client(redis)?;
     let con = client
         .get_connection_with_timeout(wait)
-        .map_err(|e| format!("{UNREACHABLE} (redis.url): {e}"))?;
+        .map_err(|e| refusal(&e).unwrap_or_else(|| format!("{UNREACHABLE} (redis.url): {e}")))?;
     let _ = con.set_read_timeout(Some(wait));
     let _ = con.set_write_timeout(Some(wait));
     Ok(con)
 }
 
+/// A connection error that waiting will not cure — wrong credentials, a certificate
+/// that does not verify — as a message for the operator (it names the settings,
+/// never the password); `None` for anything that may be an outage.
+pub fn refusal(e: &redis::RedisError) -> Option<String> {
+    let text = e.to_string();
+    if e.kind() == redis::ErrorKind::AuthenticationFailed
+        || text.contains("WRONGPASS")
+        || text.contains("NOAUTH")
+        || text.contains("NOPERM")
+    {
+        return Some(format!(
+            "redis refused the credentials (redis.username, and the password from redis.password_file \
+             or the systemd credential redis.password): {text}"
+        ));
+    }
+    if text.contains("certificate") || text.contains("InvalidCertificate") {
+        return Some(format!(
+            "the TLS connection to redis failed (redis.tls_ca_file, redis.tls_cert_file, redis.tls_key_file): {text}"
+        ));
+    }
+    None
+}
+
 /// How long the daemon's own checks wait for Redis.
 const DAEMON_WAIT: Duration = Duration::from_secs(2);
 /// How long the tools wait for Redis.
-const TOOL_WAIT: Duration = Duration::from_secs(30);
+pub const TOOL_WAIT: Duration = Duration::from_secs(30);
 
 /// A Redis error in a message: connection trouble starts with [`UNREACHABLE`], so a
 /// caller can tell "Redis is down" from an answer that refuses.
@@ -100,31 +123,61 @@ fn names(config: &Config) -> Names {
     }
 }
 
-/// A value sealed by an apikeyd daemon: its pool, field (key_id) and value.
-type SealedValue = (crate::actors::store::PoolRef, String, Vec<u8>);
+/// A value sealed by an apikeyd daemon, and where it lives.
+enum SealedValue {
+    /// In a pool hash: its pool, field (key_id) and value.
+    Pool(crate::actors::store::PoolRef, String, Vec<u8>),
+    /// In a user hash: user, field (service) and value.
+    User(String, String, Vec<u8>),
+}
 
-/// The first value in a pool hash that an apikeyd daemon sealed: proof that a
-/// fleet's master key is already in use.
+impl SealedValue {
+    /// Whether `key` opens it.
+    fn opens_with(&self, key: &MasterKey, prefix: &str) -> bool {
+        let opened = match self {
+            SealedValue::Pool(pool, field, value) => {
+                crate::actors::redis::open_value(key, prefix, pool, field, value)
+            }
+            SealedValue::User(user, service, value) => {
+                crate::actors::redis::open_user_value(key, prefix, user, service, value)
+            }
+        };
+        matches!(opened, PoolValue::Sealed(_))
+    }
+}
+
+/// The first value in a pool or user hash that an apikeyd daemon sealed: proof that
+/// a fleet's master key is already in use.
 fn first_sealed_value(
     con: &mut redis::Connection,
     names: &Names,
 ) -> redis::RedisResult<Option<SealedValue>> {
-    for (hash, pool) in crate::legacy::pool_hashes(con, names)? {
-        let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash)?;
-        if let Some((f, v)) = fields
+    let sealed = |fields: Vec<(Vec<u8>, Vec<u8>)>| {
+        fields
             .into_iter()
             .find(|(_, v)| v.starts_with(ENVELOPE.as_bytes()))
-        {
-            return Ok(Some((pool, String::from_utf8_lossy(&f).into_owned(), v)));
+            .map(|(f, v)| (String::from_utf8_lossy(&f).into_owned(), v))
+    };
+    for (hash, pool) in crate::keyspace::pool_hashes(con, names)? {
+        if let Some((f, v)) = sealed(con.hgetall(&hash)?) {
+            return Ok(Some(SealedValue::Pool(pool, f, v)));
+        }
+    }
+    for (hash, user) in crate::keyspace::user_hashes(con, names)? {
+        if let Some((f, v)) = sealed(con.hgetall(&hash)?) {
+            return Ok(Some(SealedValue::User(user, f, v)));
         }
     }
     Ok(None)
 }
 
-/// Before a daemon in Redis mode creates a new master key: refuses when Redis
-/// already holds a fleet's check values or sealed values (a new key would open none
-/// of them), or when Redis cannot be asked.
-pub fn refuse_new_key(config: &Config) -> Result<(), String> {
+/// Before a new master key is made: in Redis mode, refuses when Redis already holds
+/// a fleet's check values or sealed values (a new key would open none of them), or
+/// when Redis cannot be asked. Embedded mode has no fleet.
+pub fn may_create_key(config: &Config) -> Result<(), String> {
+    if config.redis.url.is_empty() {
+        return Ok(());
+    }
     let file = config.keystore.master_key_file.display();
     let mut con = connect(&config.redis, DAEMON_WAIT).map_err(|e| {
         format!(
@@ -208,11 +261,8 @@ fn compare(stored: &HashMap<String, String>, key: &MasterKey, prefix: &str) -> R
 pub fn verify(con: &mut redis::Connection, names: &Names, key: &MasterKey) -> Result<(), String> {
     let stored: HashMap<String, String> = con.hgetall(names.keycheck()).map_err(redis_failed)?;
     if !stored.keys().any(|f| f.starts_with('v')) {
-        if let Some((pool, field, value)) = first_sealed_value(con, names).map_err(redis_failed)? {
-            if !matches!(
-                crate::actors::redis::open_value(key, &names.prefix, &pool, &field, &value),
-                PoolValue::Sealed(_)
-            ) {
+        if let Some(value) = first_sealed_value(con, names).map_err(redis_failed)? {
+            if !value.opens_with(key, &names.prefix) {
                 return Err(format!(
                     "this master key does not open the values sealed in Redis (prefix {}); \
                      copy the master key file from a host of the fleet and start again",
@@ -386,7 +436,7 @@ impl Identity {
 /// every beat that the daemon holds a version not retired; a key that fails stops
 /// the process rather than seal with it.
 pub async fn heartbeat(
-    mut conn: ConnectionManager,
+    conn: crate::actors::redis::SharedConn,
     redis: RedisConfig,
     key: Arc<MasterKey>,
     me: Identity,
@@ -418,7 +468,9 @@ pub async fn heartbeat(
             }
         }
         if verified {
-            match beat(&mut conn, &names, &key, &me).await {
+            // A fresh clone each beat: the store replaces it after a failover.
+            let mut now = conn.borrow().clone();
+            match beat(&mut now, &names, &key, &me).await {
                 Ok(None) => {}
                 Ok(Some(why)) => stop(&why),
                 Err(e) => tracing::warn!(error = %e, "fleet heartbeat not written"),

@@ -1,6 +1,8 @@
-//! `apikeyd import-legacy`: moves the original module's per-user keys from Redis into
-//! the encrypted keystore, and encrypts pool values it left in clear. Idempotent and
-//! safe to interrupt: a Redis field is deleted only after its row is committed.
+//! `apikeyd import-legacy`: seals the original module's per-user keys left in clear in
+//! Redis — in place with `keystore.user_keys = "redis"`, or moved into the encrypted
+//! keystore with `"local"` — and encrypts pool values it left in clear. Idempotent and
+//! safe to interrupt: a clear value goes only in the transaction that writes its
+//! sealed copy, or after its keystore row is committed.
 
 use std::time::Duration;
 
@@ -9,87 +11,20 @@ use rusqlite::OptionalExtension;
 
 use crate::actors::keystore::{self, store_user_key};
 use crate::actors::redis::{envelope, open_value, Changed, Names, PoolValue};
-use crate::actors::store::PoolRef;
 use crate::clock;
 use crate::config::Config;
 use crate::crypto::Secret;
+use crate::keyspace;
 use crate::protocol::{check_ident, check_key, check_service};
 
 /// What an import did (or, with `--dry-run`, would do).
 #[derive(Default, Debug)]
 pub struct Report {
+    /// Into the keystore (`keystore.user_keys = "local"`), or sealed in place in Redis.
     pub user_keys_moved: usize,
     pub user_keys_already_stored: usize,
     pub pool_values_encrypted: usize,
     pub skipped: usize,
-}
-
-/// Every hash whose name matches `pattern`. A key of another type under the
-/// pattern (a stray `SET`) is skipped with a warning naming it, so it never stops
-/// a tool half-way.
-fn all_hashes(con: &mut redis::Connection, pattern: &str) -> redis::RedisResult<Vec<String>> {
-    let raw = con
-        .scan_match::<_, Vec<u8>>(pattern)?
-        .collect::<redis::RedisResult<Vec<Vec<u8>>>>()?;
-    let mut keys = Vec::with_capacity(raw.len());
-    for k in raw {
-        match String::from_utf8(k) {
-            Ok(k) => keys.push(k),
-            Err(e) => eprintln!(
-                "warning: skipping {} (its name is not UTF-8): it is not an apikeyd value",
-                String::from_utf8_lossy(e.as_bytes()).escape_debug()
-            ),
-        }
-    }
-    keys.sort();
-    keys.dedup();
-    let mut hashes = Vec::with_capacity(keys.len());
-    for k in keys {
-        let kind: String = redis::cmd("TYPE").arg(&k).query(con)?;
-        match kind.as_str() {
-            "hash" => hashes.push(k),
-            // Gone since the scan: nothing to do.
-            "none" => {}
-            other => eprintln!(
-                "warning: skipping {} (a {other}, not a hash): it is not an apikeyd value; remove it if nothing else uses it",
-                k.escape_debug()
-            ),
-        }
-    }
-    Ok(hashes)
-}
-
-/// Every pool hash under the prefix (global and channel), with the pool it stands for.
-pub fn pool_hashes(
-    con: &mut redis::Connection,
-    names: &Names,
-) -> redis::RedisResult<Vec<(String, PoolRef)>> {
-    let mut hashes = all_hashes(con, &format!("{}:global_api_pool:*", names.prefix))?;
-    hashes.extend(all_hashes(
-        con,
-        &format!("{}:channel_api_pool:*", names.prefix),
-    )?);
-    Ok(hashes
-        .into_iter()
-        .filter_map(|h| pool_of(names, &h).map(|p| (h, p)))
-        .collect())
-}
-
-/// The pool a hash name stands for, or `None` for a name of another shape.
-fn pool_of(names: &Names, hash: &str) -> Option<PoolRef> {
-    let rest = hash.strip_prefix(&names.prefix)?.strip_prefix(':')?;
-    if let Some(service) = rest.strip_prefix("global_api_pool:") {
-        return Some(PoolRef {
-            channel: None,
-            service: service.to_string(),
-        });
-    }
-    // A service has no ':', so the last one separates it from the channel id.
-    let (channel, service) = rest.strip_prefix("channel_api_pool:")?.rsplit_once(':')?;
-    Some(PoolRef {
-        channel: Some(channel.to_string()),
-        service: service.to_string(),
-    })
 }
 
 /// Runs the import, printing one line per action (never a key).
@@ -106,7 +41,8 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
         &config.server.socket,
         true,
     )?;
-    let opened = keystore::open(config, 1).map_err(|e| e.0)?;
+    let opened = keystore::open_with(config, 1, &|| crate::fleet::may_create_key(config))
+        .map_err(|e| e.0)?;
     let db = opened
         .connections
         .into_iter()
@@ -124,14 +60,28 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
         prefix: config.redis.prefix.clone(),
     };
     let fail = |e: redis::RedisError| format!("redis: {e}");
-    let verb = if dry_run { "would move" } else { "moved" };
+    let in_redis = config.user_keys_in_redis();
+    let verb = match (dry_run, in_redis) {
+        (true, false) => "would move",
+        (false, false) => "moved",
+        (true, true) => "would seal in place",
+        (false, true) => "sealed in place",
+    };
+    let target = if in_redis { "redis" } else { "the keystore" };
     let mut report = Report::default();
 
-    for hash in all_hashes(&mut con, &format!("{}:user_api_keys:*", names.prefix)).map_err(fail)? {
+    for hash in keyspace::all_hashes(&mut con, &format!("{}:user_api_keys:*", names.prefix))
+        .map_err(fail)?
+    {
         let user_id = &hash[names.legacy_user("").len()..];
         // Bytes, not text: a binary field or value is skipped, never a stop.
         let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash).map_err(fail)?;
         for (raw_field, value) in fields {
+            // Sealed by a daemon with user_keys = "redis": not legacy (migrate-user-keys
+            // moves those).
+            if value.starts_with(crate::actors::redis::ENVELOPE.as_bytes()) {
+                continue;
+            }
             let field = String::from_utf8_lossy(&raw_field).into_owned();
             let service = field.to_ascii_lowercase();
             let rule = if check_ident("user_id", user_id, 128).is_err() {
@@ -156,22 +106,65 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
                 report.skipped += 1;
                 continue;
             };
-            let present: Option<i64> = db
-                .query_row(
+            let present = if in_redis {
+                // A sealed key under the lower-cased field (when the module's field
+                // differs in case) is newer than the clear one.
+                let sealed: Option<Vec<u8>> = if raw_field == service.as_bytes() {
+                    None
+                } else {
+                    con.hget(&hash, &service).map_err(fail)?
+                };
+                sealed
+                    .filter(|v| v.starts_with(crate::actors::redis::ENVELOPE.as_bytes()))
+                    .map(|_| 1)
+            } else {
+                db.query_row(
                     "SELECT 1 FROM user_keys WHERE user_id = ?1 AND service = ?2",
                     [user_id, service.as_str()],
                     |r| r.get(0),
                 )
                 .optional()
-                .map_err(|e| format!("keystore: {e}"))?;
+                .map_err(|e| format!("keystore: {e}"))?
+            };
             if present.is_some() {
-                println!("user {user_id} service {service}: the keystore already has a key; it is kept and the legacy field dropped");
+                println!("user {user_id} service {service}: {target} already has a sealed key; it is kept and the legacy field dropped");
                 report.user_keys_already_stored += 1;
             } else {
-                println!("{verb} user {user_id} service {service} into the keystore");
+                println!("{verb} user {user_id} service {service} into {target}");
                 report.user_keys_moved += 1;
             }
             if dry_run {
+                continue;
+            }
+            let changed = Changed::UserKey {
+                user_id: user_id.to_string(),
+                service: service.clone(),
+            };
+            let announce = serde_json::to_string(&changed).unwrap_or_default();
+            if in_redis {
+                // One transaction: the sealed value replaces the clear one (or lands
+                // beside it under the lower-cased field, which then goes) atomically.
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                if present.is_none() {
+                    let sealed = crate::actors::redis::user_envelope(
+                        &master,
+                        &names.prefix,
+                        user_id,
+                        &service,
+                        &key,
+                    );
+                    pipe.hset(&hash, &service, sealed).hset(
+                        names.user_info(user_id),
+                        &service,
+                        clock::now_s(),
+                    );
+                }
+                if raw_field != service.as_bytes() {
+                    pipe.hdel(&hash, &raw_field);
+                }
+                pipe.publish(names.invalidate(), announce);
+                pipe.query::<()>(&mut con).map_err(fail)?;
                 continue;
             }
             if present.is_none() {
@@ -179,22 +172,15 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
                     .map_err(|e| format!("keystore: {e}"))?;
             }
             // Only now, with the row committed, may the clear copy go.
-            let changed = Changed::UserKey {
-                user_id: user_id.to_string(),
-                service: service.clone(),
-            };
             redis::pipe()
                 .hdel(&hash, &raw_field)
-                .publish(
-                    names.invalidate(),
-                    serde_json::to_string(&changed).unwrap_or_default(),
-                )
+                .publish(names.invalidate(), announce)
                 .query::<()>(&mut con)
                 .map_err(fail)?;
         }
     }
 
-    for (hash, pool) in pool_hashes(&mut con, &names).map_err(fail)? {
+    for (hash, pool) in keyspace::pool_hashes(&mut con, &names).map_err(fail)? {
         let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash).map_err(fail)?;
         for (raw_field, value) in fields {
             let field = String::from_utf8_lossy(&raw_field).into_owned();

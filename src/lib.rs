@@ -6,9 +6,11 @@
 //!   `session` reads request lines, runs them concurrently, answers in order.
 //! - `protocol` parses lines and parameters; `ops` has one file per op family that
 //!   turns a request into actor messages and encodes the result.
-//! - `actors::keystore::Keystore` owns per-user keys in SQLite (on a `SyncArbiter`);
+//! - `actors::keystore::Keystore` owns the SQLite keystore (on a `SyncArbiter`);
 //!   `actors::store::Store` is the handle to pools and quota counters (the embedded
-//!   `SqliteStore`, or `RedisStore` behind the same messages); `actors::cache::KeyCache`
+//!   `SqliteStore`, or `RedisStore` behind the same messages); `actors::user_keys::UserKeys`
+//!   is the handle to per-user keys (the `Keystore`, or with `keystore.user_keys =
+//!   "redis"` the `RedisStore`, sealed and shared by the fleet); `actors::cache::KeyCache`
 //!   keeps decrypted keys in memory, and connections on its thread read hits straight
 //!   from its shard, so a hit touches no store and sends no message. A cached pool
 //!   carries each key's id and health, so picks skip cooling or disabled keys there
@@ -35,10 +37,13 @@ pub mod crypto;
 pub mod error;
 pub mod fleet;
 pub mod hardening;
+pub mod keyspace;
 pub mod legacy;
 pub mod lock;
 pub mod logfmt;
 pub mod metrics;
+pub mod migrate;
+pub mod op;
 pub mod ops;
 pub mod protocol;
 pub mod resolver;
@@ -62,6 +67,7 @@ use actors::embedded::SqliteStore;
 use actors::keystore::{Keystore, Opened, StartError};
 use actors::redis::RedisStore;
 use actors::store::{Store, StoreMode};
+use actors::user_keys::UserKeys;
 use app::App;
 use config::Config;
 use crypto::MasterKey;
@@ -91,7 +97,9 @@ pub fn open_keystore(config: &Config) -> Result<Opened, StartError> {
         true,
     )
     .map_err(|e| StartError(e.to_string()))?;
-    let mut opened = actors::keystore::open(config, KEYSTORE_THREADS + 1)?;
+    let mut opened = actors::keystore::open_with(config, KEYSTORE_THREADS + 1, &|| {
+        fleet::may_create_key(config)
+    })?;
     opened.lock = Some(lock);
     if !config.redis.url.is_empty() {
         opened.fleet_verified = fleet::verify_at_start(config, &opened.key).map_err(StartError)?;
@@ -114,18 +122,24 @@ pub fn preflight(config: &Config) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Starts the store actor the config asks for: Redis when `redis.url` is set, else
-/// the embedded store on `db`. In Redis mode also starts the invalidation listener.
-/// What `start_store` hands back besides the store: in Redis mode the client and key
-/// names for the invalidation listener, and the store's switches for the `App`.
-type RedisParts = Option<(redis::Client, actors::redis::Names, app::RedisSwitches)>;
+/// What `run` needs of the Redis store beyond the `Store` handle.
+struct RedisParts {
+    target: actors::redis::Target,
+    names: actors::redis::Names,
+    /// The store's address, which also serves user keys when they live in Redis.
+    addr: Addr<RedisStore>,
+    /// The store's switches for the `App` (reloadable legacy setting, "has answered").
+    switches: app::RedisSwitches,
+}
 
+/// Starts the store actor the config asks for: Redis when `redis.url` is set, else
+/// the embedded store on `db`. In Redis mode also starts the fleet heartbeat.
 fn start_store(
     config: &Config,
     key: Arc<MasterKey>,
     db: Connection,
     fleet_verified: bool,
-) -> Result<(Store, RedisParts), StartError> {
+) -> Result<(Store, Option<RedisParts>), StartError> {
     if config.redis.url.is_empty() {
         let db = Mutex::new(Some(db));
         let addr = SyncArbiter::start(1, move || {
@@ -140,11 +154,11 @@ fn start_store(
             None,
         ));
     }
-    let client = actors::redis::client(&config.redis).map_err(StartError)?;
+    let target = actors::redis::Target::new(&config.redis).map_err(StartError)?;
     // "Not known to be down": the first command tries, and the first ping runs at once.
     let connected = Arc::new(AtomicBool::new(true));
     let store = RedisStore::new(
-        client.clone(),
+        target.clone(),
         &config.redis,
         key.clone(),
         connected.clone(),
@@ -164,14 +178,22 @@ fn start_store(
         accept_legacy: store.accept_legacy_switch(),
         answered: store.answered_flag(),
     };
+    let status = store.status();
+    let addr = store.start();
     Ok((
         Store::new(
             StoreMode::Redis,
             Some(connected),
             config.request_timeout(),
-            store.start(),
-        ),
-        Some((client, names, switches)),
+            addr.clone(),
+        )
+        .with_redis_status(status),
+        Some(RedisParts {
+            target,
+            names,
+            addr,
+            switches,
+        }),
     ))
 }
 
@@ -224,24 +246,34 @@ pub async fn run(
         let db = pool.lock().ok().and_then(|mut p| p.pop());
         Keystore::new(db.expect("one connection per keystore thread"), key.clone())
     });
-    let cache = KeyCache::new(
-        keystore.clone(),
-        store.clone(),
-        config.request_timeout(),
-        &config.cache,
+    let in_redis = config.user_keys_in_redis();
+    let user_keys = match &redis {
+        Some(r) if in_redis => UserKeys::new(true, config.request_timeout(), r.addr.clone()),
+        _ => UserKeys::new(false, config.request_timeout(), keystore.clone()),
+    };
+    tracing::info!(
+        user_keys = if in_redis { "redis" } else { "local" },
+        "per-user keys"
     );
+    let cache = KeyCache::new(user_keys.clone(), store.clone(), &config.cache);
     let cache_reader = cache.reader();
     let cache = cache.start();
     let mut switches = None;
-    if let Some((client, names, s)) = redis {
-        actix_rt::spawn(actors::redis::listen(client, names, cache.clone()));
-        switches = Some(s);
+    if let Some(r) = redis {
+        actix_rt::spawn(actors::redis::listen(
+            r.target,
+            r.names,
+            cache.clone(),
+            in_redis,
+        ));
+        switches = Some(r.switches);
     }
     let audit = audit::Audit::open(config.log.audit_file.as_deref())
         .map_err(|e| StartError(format!("cannot open log.audit_file for appending: {e}")))?;
     let mut app = App::new(
         config,
         keystore,
+        user_keys,
         cache,
         cache_reader,
         store,
@@ -260,7 +292,7 @@ pub async fn run(
         let app = app.clone();
         actix_rt::spawn(async move {
             while let Some(reply) = asked.recv().await {
-                let _ = reply.send(metrics::render(&app).await);
+                let _ = reply.send(app.metrics_text().await);
             }
         });
         tracing::info!(%addr, "serving GET /metrics");

@@ -75,8 +75,9 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Move the original module's per-user keys from Redis into the keystore and
-    /// encrypt pool values left in clear. Idempotent; safe to interrupt and rerun.
+    /// Seal the original module's per-user keys left in clear in Redis (in place, or
+    /// into the keystore with keystore.user_keys = "local") and encrypt pool values
+    /// left in clear. Idempotent; safe to interrupt and rerun.
     ImportLegacy {
         /// Config file (default: $APIKEYD_CONFIG, else ./config.toml).
         #[arg(long)]
@@ -100,6 +101,16 @@ enum Command {
         #[arg(long)]
         add_only: bool,
     },
+    /// Move every per-user key between this daemon's keystore and Redis (for
+    /// `keystore.user_keys`). Idempotent; safe to interrupt and rerun; prints counts.
+    MigrateUserKeys {
+        /// Config file (default: $APIKEYD_CONFIG, else ./config.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where the keys go.
+        #[arg(long, value_enum)]
+        to: MigrateTo,
+    },
     /// Write a new random master key file (mode 0600); refuses to overwrite.
     Keygen {
         /// Where to write the key file.
@@ -114,6 +125,42 @@ enum Command {
     },
     /// Print the manual page (roff) to stdout (e.g. `apikeyd man > /usr/local/share/man/man1/apikeyd.1`).
     Man,
+}
+
+/// `migrate-user-keys --to`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MigrateTo {
+    /// Sealed in `{prefix}:user_api_keys:{user_id}`, shared by the fleet.
+    Redis,
+    /// This daemon's SQLite keystore.
+    Local,
+}
+
+fn migrate_user_keys(config: Option<PathBuf>, to: MigrateTo) -> ExitCode {
+    let config = match load_config(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("apikeyd migrate-user-keys: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let to = match to {
+        MigrateTo::Redis => apikeyd::migrate::Destination::Redis,
+        MigrateTo::Local => apikeyd::migrate::Destination::Local,
+    };
+    match apikeyd::migrate::migrate(&config, to) {
+        Ok(r) => {
+            println!(
+                "done: {} user keys moved, {} already there, {} left in clear (run import-legacy), {} unreadable",
+                r.moved, r.already_in_target, r.left_in_clear, r.unreadable
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("apikeyd migrate-user-keys: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// The config named on the command line (must exist), else the default (may be absent).
@@ -408,6 +455,7 @@ fn main() -> ExitCode {
             requests,
         } => call(socket, config, requests),
         Command::ImportLegacy { config, dry_run } => import_legacy(config, dry_run),
+        Command::MigrateUserKeys { config, to } => migrate_user_keys(config, to),
         Command::RotateMasterKey {
             config,
             key_file,

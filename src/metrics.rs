@@ -19,35 +19,9 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 
-use crate::actors::cache::ReadCacheFigures;
-use crate::app::App;
+use crate::actors::cache::CacheFigures;
 use crate::error::{Error, Result};
-
-/// Every op this daemon knows, for the `op` label; anything else counts as `other`
-/// (an unbounded label would let any client grow the daemon's memory).
-pub const OPS: &[&str] = &[
-    "ping",
-    "stats",
-    "metrics",
-    "reload",
-    "get_user_api_key",
-    "get_gitea_credentials",
-    "get_pool_api_key",
-    "get_channel_pool_api_key",
-    "set_user_api_key",
-    "delete_user_api_key",
-    "list_user_api_keys",
-    "add_pool_key",
-    "remove_pool_key",
-    "list_pool_keys",
-    "report_key_result",
-    "enable_pool_key",
-    "check_default_key_limit",
-    "increment_default_key_usage",
-    "consume_default_key_usage",
-    "missing_api_key_error",
-    "default_key_limit_error",
-];
+use crate::op::Op;
 
 /// The `op` label of unknown ops and of lines that were not a request.
 pub const OTHER_OP: &str = "other";
@@ -63,13 +37,10 @@ pub const CODES: [&str; 7] = [
     "internal",
 ];
 
-/// The index of `op` in [`OPS`], or `OPS.len()` for anything else.
-pub fn op_index(op: &str) -> usize {
-    OPS.iter().position(|o| *o == op).unwrap_or(OPS.len())
-}
-
+/// The `op` label of row `i` of the counters: an op of [`Op::ALL`], else `other`
+/// (an unbounded label would let any client grow the daemon's memory).
 fn op_name(i: usize) -> &'static str {
-    OPS.get(i).copied().unwrap_or(OTHER_OP)
+    Op::ALL.get(i).map_or(OTHER_OP, |op| op.name())
 }
 
 type OpCode = [(&'static str, &'static str); 2];
@@ -138,7 +109,7 @@ impl Metrics {
             g
         });
         Metrics {
-            counts: (0..=OPS.len()).map(|_| Default::default()).collect(),
+            counts: (0..=Op::ALL.len()).map(|_| Default::default()).collect(),
             quota_denials: AtomicU64::new(0),
             duration,
             registry,
@@ -152,13 +123,15 @@ impl Metrics {
         }
     }
 
-    /// Counts one answer of op number `op` (see [`op_index`]) with `code`.
-    pub fn record(&self, op: usize, code: &str, took: Option<Duration>) {
+    /// Counts one answer of `op` (`None`: an unknown op or a line that was not a
+    /// request) with `code`.
+    pub fn record(&self, op: Option<Op>, code: &str, took: Option<Duration>) {
         let code = CODES
             .iter()
             .position(|c| *c == code)
             .unwrap_or(CODES.len() - 1);
-        if let Some(row) = self.counts.get(op.min(OPS.len())) {
+        let row = op.map_or(Op::ALL.len(), Op::index);
+        if let Some(row) = self.counts.get(row) {
             row[code].fetch_add(1, Ordering::Relaxed);
         }
         if let Some(t) = took {
@@ -192,41 +165,52 @@ impl Metrics {
     }
 }
 
-/// The Prometheus text (OpenMetrics 1.0, which Prometheus and node_exporter's
-/// textfile collector read) of `app`'s metrics now.
-pub async fn render(app: &App) -> Result<String> {
-    let figures = app.cache.send(ReadCacheFigures).await?;
-    let m = &app.metrics;
-    for (i, row) in m.counts.iter().enumerate() {
-        for (j, n) in row.iter().enumerate() {
-            let n = n.load(Ordering::Relaxed);
-            if n > 0 {
-                let labels = [("op", op_name(i)), ("code", CODES[j])];
-                m.requests
-                    .get_or_create(&labels)
-                    .inner()
-                    .store(n, Ordering::Relaxed);
+/// What the exposition needs besides the counters kept here: figures the daemon's
+/// other parts own, read at the moment of the scrape.
+pub struct Gauges {
+    pub cache: CacheFigures,
+    pub connections: u64,
+    /// Redis mode: whether Redis is up.
+    pub redis_up: Option<bool>,
+}
+
+impl Metrics {
+    /// The Prometheus text (OpenMetrics 1.0, which Prometheus and node_exporter's
+    /// textfile collector read) of these counters and `now`.
+    pub fn render(&self, now: &Gauges) -> Result<String> {
+        for (i, row) in self.counts.iter().enumerate() {
+            for (j, n) in row.iter().enumerate() {
+                let n = n.load(Ordering::Relaxed);
+                if n > 0 {
+                    let labels = [("op", op_name(i)), ("code", CODES[j])];
+                    self.requests
+                        .get_or_create(&labels)
+                        .inner()
+                        .store(n, Ordering::Relaxed);
+                }
             }
         }
+        self.denials
+            .inner()
+            .store(self.quota_denials(), Ordering::Relaxed);
+        self.cache_hits
+            .inner()
+            .store(now.cache.hits, Ordering::Relaxed);
+        self.cache_misses
+            .inner()
+            .store(now.cache.misses, Ordering::Relaxed);
+        self.cache_entries
+            .set(i64::try_from(now.cache.entries).unwrap_or(i64::MAX));
+        self.connections
+            .set(i64::try_from(now.connections).unwrap_or(i64::MAX));
+        if let Some(g) = &self.redis_up {
+            g.set(i64::from(now.redis_up == Some(true)));
+        }
+        let mut text = String::with_capacity(4096);
+        encode(&mut text, &self.registry)
+            .map_err(|_| Error::Internal("cannot encode the metrics".into()))?;
+        Ok(text)
     }
-    m.denials
-        .inner()
-        .store(m.quota_denials(), Ordering::Relaxed);
-    m.cache_hits.inner().store(figures.hits, Ordering::Relaxed);
-    m.cache_misses
-        .inner()
-        .store(figures.misses, Ordering::Relaxed);
-    m.cache_entries
-        .set(i64::try_from(figures.entries).unwrap_or(i64::MAX));
-    m.connections
-        .set(i64::try_from(app.connections.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
-    if let Some(g) = &m.redis_up {
-        g.set(i64::from(app.redis_up() == Some(true)));
-    }
-    let mut text = String::with_capacity(4096);
-    encode(&mut text, &m.registry)
-        .map_err(|_| Error::Internal("cannot encode the metrics".into()))?;
-    Ok(text)
 }
 
 /// A bound `metrics.listen` port, waiting for `run` to serve it.
@@ -312,16 +296,15 @@ mod tests {
     #[test]
     fn ops_and_codes_are_bounded() {
         let m = Metrics::new(false);
-        m.record(op_index("ping"), "ok", Some(Duration::from_micros(10)));
-        m.record(op_index("ping"), "ok", None);
-        m.record(op_index("no_such_op_at_all"), "unknown_op", None);
-        m.record(op_index("get_user_api_key"), "weird", None);
+        m.record(Some(Op::Ping), "ok", Some(Duration::from_micros(10)));
+        m.record(Some(Op::Ping), "ok", None);
+        m.record(None, "unknown_op", None);
+        m.record(Some(Op::GetUserApiKey), "weird", None);
         let (by_op, by_code) = m.by_op_and_code();
         assert_eq!(by_op["ping"], 2);
         assert_eq!(by_op[OTHER_OP], 1);
         assert_eq!(by_op["get_user_api_key"], 1);
         assert_eq!(by_code["ok"], 2);
         assert_eq!(by_code["internal"], 1);
-        assert!(OPS.iter().all(|op| crate::ops::looks_like_op(op)));
     }
 }

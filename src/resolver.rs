@@ -76,8 +76,20 @@ pub async fn resolve(app: &App, q: Query) -> Result<Resolved> {
     let mut q = q;
     let user = app.user_key(&mut q.user_id, &mut q.service).await;
     match skip_failed("user", &q, user, &mut out.degraded) {
-        Some(UserKey { key: Some(k), .. }) => return found(out, k, Source::User, None),
-        Some(UserKey { rejected, .. }) => out.user_key_rejected = rejected,
+        Some(UserKey {
+            key: Some(k),
+            stale,
+            ..
+        }) => {
+            out.degraded |= stale;
+            return found(out, k, Source::User, None);
+        }
+        Some(UserKey {
+            rejected, stale, ..
+        }) => {
+            out.user_key_rejected = rejected;
+            out.degraded |= stale;
+        }
         None => {}
     }
 

@@ -11,7 +11,7 @@ use redis::Commands;
 use rusqlite::Connection;
 
 use crate::actors::keystore;
-use crate::actors::redis::{envelope, Names, PoolValue, ENVELOPE};
+use crate::actors::redis::{envelope, open_user_value, user_envelope, Names, PoolValue, ENVELOPE};
 use crate::config::Config;
 use crate::crypto::{sealed_version, MasterKey, Place};
 use crate::fleet::NotReady;
@@ -226,8 +226,9 @@ fn reseal_sqlite(db: &mut Connection, key: &MasterKey) -> Result<(usize, usize),
     Ok((done, broken))
 }
 
-/// Re-seals every pool value in Redis not sealed with the current version; each field
-/// only if it still holds what was read. Answers (re-sealed, left as they are).
+/// Re-seals every pool value and sealed user key in Redis not sealed with the current
+/// version; each field only if it still holds what was read. Answers (re-sealed, left
+/// as they are).
 fn reseal_redis(config: &Config, key: &MasterKey) -> Result<(usize, usize), String> {
     let fail = |e: redis::RedisError| format!("redis: {e}");
     let client = crate::actors::redis::client(&config.redis)?;
@@ -241,7 +242,7 @@ fn reseal_redis(config: &Config, key: &MasterKey) -> Result<(usize, usize), Stri
         "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) return 1 end return 0",
     );
     let (mut done, mut broken) = (0, 0);
-    for (hash, pool) in crate::legacy::pool_hashes(&mut con, &names).map_err(fail)? {
+    for (hash, pool) in crate::keyspace::pool_hashes(&mut con, &names).map_err(fail)? {
         // Bytes, not text: a stray binary field must not stop the rotation.
         let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash).map_err(fail)?;
         for (field, value) in fields {
@@ -275,6 +276,40 @@ fn reseal_redis(config: &Config, key: &MasterKey) -> Result<(usize, usize), Stri
             done += swapped as usize;
         }
     }
+    // Per-user keys sealed in Redis (`keystore.user_keys = "redis"`), same rules.
+    for (hash, user_id) in crate::keyspace::user_hashes(&mut con, &names).map_err(fail)? {
+        let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash).map_err(fail)?;
+        for (field, value) in fields {
+            let Some(b64) = value.strip_prefix(ENVELOPE.as_bytes()) else {
+                continue;
+            };
+            let version = B64.decode(b64).ok().as_deref().and_then(sealed_version);
+            if version == Some(key.current_version()) {
+                continue;
+            }
+            let service = String::from_utf8_lossy(&field);
+            let PoolValue::Sealed(plain) =
+                open_user_value(key, &names.prefix, &user_id, &service, &value)
+            else {
+                eprintln!(
+                    "integrity: {} field {} does not open with any key version; left as it is",
+                    hash.escape_debug(),
+                    service.escape_debug()
+                );
+                broken += 1;
+                continue;
+            };
+            let resealed = user_envelope(key, &names.prefix, &user_id, &service, &plain);
+            let swapped: i64 = swap
+                .key(&hash)
+                .arg(&field)
+                .arg(&value)
+                .arg(resealed)
+                .invoke(&mut con)
+                .map_err(fail)?;
+            done += swapped as usize;
+        }
+    }
     Ok((done, broken))
 }
 
@@ -294,7 +329,7 @@ fn reseal_everything(
             reseal_redis(config, key)?
         };
         println!(
-            "pass {pass}: re-sealed {rows} keystore rows and {values} redis pool values under version {}",
+            "pass {pass}: re-sealed {rows} keystore rows and {values} redis pool and user values under version {}",
             key.current_version()
         );
         if pass > 1 && rows + values == 0 {

@@ -18,7 +18,7 @@ use zeroize::{Zeroize, Zeroizing};
 use crate::access::Peer;
 use crate::app::App;
 use crate::error::{Error, Result};
-use crate::metrics;
+use crate::op::{looks_like_op, Op};
 use crate::ops;
 use crate::protocol::{parse_line, write_response, Body, Id, Line, LineCodec, LineError};
 use crate::sequencer::Sequencer;
@@ -50,7 +50,6 @@ fn short_id(id: &Id) -> String {
     format!("{}…({} bytes)", &raw[..end], raw.len())
 }
 
-/// Turns one line into the future of its response line, or `None` for a blank line.
 /// Turns one line into the future of its response line (`None` for a blank line).
 /// Sets `sensitive` when the line may have held a key: it carried a `key` member, or
 /// it was not a valid request (nothing can be said of what it held).
@@ -66,7 +65,7 @@ fn start(
         Line::Invalid { id, error } => {
             *sensitive = true;
             app.requests_total.fetch_add(1, Ordering::Relaxed);
-            app.metrics.record(metrics::OPS.len(), error.code(), None);
+            app.metrics.record(None, error.code(), None);
             tracing::debug!(code = error.code(), "malformed request");
             return Some(future::ready(encoded(&id, &Err(error))).boxed_local());
         }
@@ -77,23 +76,24 @@ fn start(
     let app = app.clone();
     let peer = *peer;
     let id = std::mem::take(&mut req.id);
-    let op = tracing::enabled!(tracing::Level::DEBUG).then(|| {
-        if ops::looks_like_op(&req.op) {
-            req.op.clone()
-        } else {
-            "?".into()
+    let op = match Op::parse(&req.op) {
+        Ok(op) => op,
+        Err(_) => {
+            let error = Error::UnknownOp(looks_like_op(&req.op).then(|| req.op.clone()));
+            app.metrics.record(None, error.code(), None);
+            tracing::debug!(code = error.code(), id = short_id(&id), "unknown op");
+            return Some(future::ready(encoded(&id, &Err(error))).boxed_local());
         }
-    });
-    let op_index = metrics::op_index(&req.op);
+    };
     let order = order.clone();
-    let ticket = order.ticket(ops::is_write(&req.op));
+    let ticket = order.ticket(op.writes());
     Some(
         async move {
             let began = Instant::now();
             order.admit(&ticket).await;
             // Every call into a store is bounded by server.request_timeout_ms
             // (actors::within), so this never waits forever.
-            let outcome = AssertUnwindSafe(ops::dispatch(&app, &peer, req))
+            let outcome = AssertUnwindSafe(ops::dispatch(&app, &peer, op, req))
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|_| {
@@ -105,11 +105,15 @@ fn start(
             order.finish(ticket);
             let code = outcome.as_ref().err().map(Error::code).unwrap_or("ok");
             let took = began.elapsed();
-            app.metrics.record(op_index, code, Some(took));
-            if let Some(op) = op {
-                tracing::debug!(op = %op, id = short_id(&id), uid = peer.uid, code,
-                    micros = took.as_micros() as u64, "request");
-            }
+            app.metrics.record(Some(op), code, Some(took));
+            tracing::debug!(
+                op = %op.name(),
+                id = short_id(&id),
+                uid = peer.uid,
+                code,
+                micros = took.as_micros() as u64,
+                "request"
+            );
             encoded(&id, &outcome)
         }
         .boxed_local(),
@@ -178,7 +182,7 @@ pub async fn run(app: Rc<App>, stream: UnixStream, peer: Peer, stop: Cancellatio
                         Some(Err(LineError::TooLong)) => {
                             tracing::info!(uid = peer.uid, max_line, "request line too long; closing the connection");
                             app.requests_total.fetch_add(1, Ordering::Relaxed);
-                            app.metrics.record(metrics::OPS.len(), "too_large", None);
+                            app.metrics.record(None, "too_large", None);
                             let line = encoded(&None, &Err(Error::TooLarge(max_line)));
                             pending.push_back(future::ready(line).boxed_local());
                             reading = false;

@@ -148,7 +148,7 @@ fn refuses_a_key_file_others_can_read(mode: Mode) {
 }
 
 fn refuses_a_key_that_does_not_decrypt(mode: Mode) {
-    let mut d = TestDaemon::start_with(mode, "", &[]);
+    let mut d = TestDaemon::start_with(mode, common::LOCAL_USER_KEYS, &[]);
     d.client().ok(json!({"op": "set_user_api_key", "user_id": "u", "service": "openai", "key": "sk-sealed-with-old"}));
     assert!(d.stop().success());
     let key = d.path("data/master.key");
@@ -251,7 +251,7 @@ fn utc_day() -> String {
 }
 
 fn full_check_only_when_the_last_stop_was_not_clean(mode: Mode) {
-    let mut d = TestDaemon::start_with(mode, "", &[]);
+    let mut d = TestDaemon::start_with(mode, common::LOCAL_USER_KEYS, &[]);
     d.client().ok(json!({"op": "set_user_api_key", "user_id": "u", "service": "openai", "key": "sk-clean-stop-0001"}));
     let skipped = |d: &TestDaemon| d.logs().matches("skipping the full check").count();
     assert_eq!(skipped(&d), 0, "a keystore never closed cleanly is checked");

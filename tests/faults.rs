@@ -80,7 +80,14 @@ fn lock_keystore(d: &TestDaemon) -> rusqlite::Connection {
 }
 
 fn a_request_never_waits_past_its_deadline(mode: Mode) {
-    let d = TestDaemon::start_with(mode, "[server]\nrequest_timeout_ms = 300\n", &[]);
+    let d = TestDaemon::start_with(
+        mode,
+        &format!(
+            "{}[server]\nrequest_timeout_ms = 300\n",
+            common::LOCAL_USER_KEYS
+        ),
+        &[],
+    );
     let mut c = d.client();
     c.ok(json!({"op": "set_user_api_key", "user_id": "u", "service": "openai", "key": "sk-before-the-lock-1"}));
     let lock = lock_keystore(&d);
@@ -163,7 +170,8 @@ fn daemon_on_small_disk(mode: Mode) -> (TestDaemon, Tmpfs) {
     let mut d = TestDaemon::start_with(mode, "", &[]);
     assert!(d.stop().success());
     let fs = Tmpfs::mount(&d.path("small"), 4096);
-    d.write_config("[keystore]\npath = \"small/keystore.sqlite3\"\n");
+    // User keys in the keystore, whatever the mode: it is the keystore's disk that fills.
+    d.write_config("[keystore]\npath = \"small/keystore.sqlite3\"\nuser_keys = \"local\"\n");
     d.spawn();
     d.wait_ready();
     (d, fs)

@@ -173,13 +173,27 @@ fn check_config_lists_every_problem() {
     d.client()
         .ok(json!({"op": "set_user_api_key", "user_id": "u", "service": "openai", "key": "sk-check-0000002"}));
     assert!(d.stop().success());
-    // A key file others may read, Redis down, and the redis password must not show.
-    let key = d.path("data/master.key");
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // A password in the URL is refused (it belongs in redis.password_file), and
+    // never shown.
     let port = closed_port();
     write_config(
         d.dir.path(),
         &format!("[redis]\nurl = \"redis://:hunter2pw@127.0.0.1:{port}/0\"\n"),
+    );
+    let out = run(d.dir.path(), &["check-config", "--config", "config.toml"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("holds a password"), "{stderr}");
+    assert!(
+        !stdout.contains("hunter2pw") && !stderr.contains("hunter2pw"),
+        "{stdout}{stderr}"
+    );
+    // A key file others may read and Redis down: both listed.
+    let key = d.path("data/master.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    write_config(
+        d.dir.path(),
+        &format!("[redis]\nurl = \"redis://127.0.0.1:{port}/0\"\n"),
     );
     let out = run(d.dir.path(), &["check-config", "--config", "config.toml"]);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
@@ -190,10 +204,6 @@ fn check_config_lists_every_problem() {
         "{stderr}"
     );
     assert!(stderr.contains("2 problem(s)"), "{stderr}");
-    assert!(
-        !stdout.contains("hunter2pw") && !stderr.contains("hunter2pw"),
-        "{stdout}{stderr}"
-    );
     assert!(!d.socket.exists(), "nothing bound");
 
     // A key that does not open the keystore.

@@ -189,9 +189,12 @@ fn counters_expire_after_the_day() {
 
 #[test]
 fn two_daemons_on_one_redis_share_pools_and_quotas() {
-    let a = redis_daemon("");
+    let a = redis_daemon(common::LOCAL_USER_KEYS);
     // B caches pools for an hour: only the pub/sub announcement can refresh it.
-    let b = TestDaemon::start_sharing(&a, "[cache]\npool_ttl_s = 3600\n");
+    let b = TestDaemon::start_sharing(
+        &a,
+        &format!("{}[cache]\npool_ttl_s = 3600\n", common::LOCAL_USER_KEYS),
+    );
     let (mut ca, mut cb) = (a.client(), b.client());
     let pick = |c: &mut Client| {
         c.ok(json!({"op": "get_pool_api_key", "service": "openai"}))["key"].clone()
@@ -231,12 +234,16 @@ fn two_daemons_on_one_redis_share_pools_and_quotas() {
 
 #[test]
 fn survives_a_redis_outage_and_recovers_by_itself() {
+    // Per-user keys in the keystore: they resolve however long Redis is down.
     let a = TestDaemon::start_with(
         Mode::Redis,
-        "",
+        common::LOCAL_USER_KEYS,
         &[("OUTAGE_API_KEY", "sk-env-default-0001")],
     );
-    let b = TestDaemon::start_sharing(&a, "[cache]\npool_ttl_s = 3600\n");
+    let b = TestDaemon::start_sharing(
+        &a,
+        &format!("{}[cache]\npool_ttl_s = 3600\n", common::LOCAL_USER_KEYS),
+    );
     let redis = a.redis.clone().unwrap();
     let mut c = a.client();
     c.ok(json!({"op": "set_user_api_key", "user_id": "u", "service": "openai", "key": "sk-user-own-key-01"}));
@@ -348,7 +355,7 @@ fn legacy_plaintext_pools_are_skipped_or_served_by_setting() {
 
 #[test]
 fn import_legacy_moves_keys_and_encrypts_pools() {
-    let d = redis_daemon("");
+    let d = redis_daemon(common::LOCAL_USER_KEYS);
     let redis = d.redis.clone().unwrap();
     let mut con = redis.conn();
     // Data as the original module wrote it.

@@ -79,6 +79,24 @@ fn check_everything(d: &TestDaemon, users: usize, version: u32) {
                 .unwrap();
             assert_eq!(raw[1..5], version.to_be_bytes());
         }
+        // User keys sealed in Redis (keystore.user_keys = "redis") are re-sealed too.
+        let hashes: Vec<String> = con
+            .scan_match::<_, String>("stargazer:user_api_keys:*")
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let mut seen = 0;
+        for h in hashes {
+            let fields: Vec<(String, String)> = con.hgetall(&h).unwrap();
+            for (_, v) in fields {
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(v.strip_prefix("akd1:").unwrap())
+                    .unwrap();
+                assert_eq!(raw[1..5], version.to_be_bytes(), "{h}");
+                seen += 1;
+            }
+        }
+        assert!(seen > 0, "the test stores user keys in redis");
     }
     let text = std::fs::read_to_string(d.path("data/master.key")).unwrap();
     assert_eq!(

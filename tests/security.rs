@@ -342,7 +342,7 @@ fn audit_lines_for_writes_and_admin_ops(mode: Mode) {
 }
 
 fn tampered_or_moved_rows_are_never_served(mode: Mode) {
-    let mut d = TestDaemon::start_with(mode, "", &[]);
+    let mut d = TestDaemon::start_with(mode, common::LOCAL_USER_KEYS, &[]);
     let mut c = d.client();
     for (user, key) in [
         ("alice", "sk-alice-0000000001"),

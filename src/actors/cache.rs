@@ -19,8 +19,9 @@ use lru::LruCache;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-use super::keystore::{Keystore, LoadUserKey};
+use super::keystore::LoadUserKey;
 use super::store::{CountPicks, PoolEntry, PoolRef, Store};
+use super::user_keys::UserKeys;
 use crate::clock;
 use crate::config::CacheConfig;
 use crate::crypto::Secret;
@@ -41,6 +42,9 @@ pub struct UserKey {
     pub key: Option<Arc<Secret>>,
     /// The user's key was reported unauthorized and is skipped until they store a new one.
     pub rejected: bool,
+    /// Served from an entry past its TTL because the store holding user keys (Redis)
+    /// could not be asked: the answer is marked degraded.
+    pub stale: bool,
 }
 
 /// One key of a cached pool, with what a pick needs to skip it without a store call.
@@ -139,6 +143,10 @@ struct Shard {
     pool_ttl: Duration,
     /// Bumped by every invalidation.
     generation: u64,
+    /// Keep user entries past their TTL (user keys in Redis), so that they can still
+    /// be served, flagged degraded, while Redis is down. They stay bounded by the LRU
+    /// and are dropped by invalidations like any other.
+    keep_stale_users: bool,
     hits: u64,
     misses: u64,
 }
@@ -214,12 +222,25 @@ impl Shard {
                 self.hits += 1;
                 Some(e.value.clone())
             }
+            Some(_) if self.keep_stale_users => None,
             Some(_) => {
                 self.users.pop(slot);
                 None
             }
             None => None,
         }
+    }
+
+    /// An entry past its TTL, for when the store cannot be asked (see
+    /// `keep_stale_users`).
+    fn stale_user(&mut self, slot: &(String, String)) -> Option<UserKey> {
+        if !self.keep_stale_users {
+            return None;
+        }
+        self.users.peek(slot).map(|e| UserKey {
+            stale: true,
+            ..e.value.clone()
+        })
     }
 
     /// `Some(pick)` on a live hit.
@@ -264,25 +285,17 @@ impl CacheReader {
 /// that raced with an invalidation is answered but not cached, so a write is never
 /// shadowed by an older read.
 pub struct KeyCache {
-    keystore: Addr<Keystore>,
+    user_keys: UserKeys,
     store: Store,
     shard: Rc<RefCell<Shard>>,
-    /// How long the keystore may take to answer (`server.request_timeout_ms`).
-    deadline: Duration,
 }
 
 impl KeyCache {
-    /// An empty cache in front of `keystore` and `store`.
-    pub fn new(
-        keystore: Addr<Keystore>,
-        store: Store,
-        deadline: Duration,
-        config: &CacheConfig,
-    ) -> Self {
+    /// An empty cache in front of `user_keys` and `store`.
+    pub fn new(user_keys: UserKeys, store: Store, config: &CacheConfig) -> Self {
         KeyCache {
-            keystore,
-            store,
             shard: Rc::new(RefCell::new(Shard {
+                keep_stale_users: user_keys.in_redis,
                 users: LruCache::new(capacity(config.max_entries)),
                 pools: LruCache::new(capacity(config.max_entries)),
                 user_ttl: Duration::from_secs(config.user_key_ttl_s),
@@ -292,7 +305,8 @@ impl KeyCache {
                 hits: 0,
                 misses: 0,
             })),
-            deadline,
+            user_keys,
+            store,
         }
     }
 
@@ -350,21 +364,28 @@ impl Handler<LookupUserKey> for KeyCache {
             shard.misses += 1;
             shard.generation
         };
-        let load = self.keystore.send(LoadUserKey {
+        let user_keys = self.user_keys.clone();
+        let load = LoadUserKey {
             user_id: slot.0.clone(),
             service: slot.1.clone(),
-        });
-        let deadline = self.deadline;
+        };
         Box::pin(
-            async move { super::within(deadline, load).await }
+            async move { user_keys.load(load).await }
                 .into_actor(self)
                 .map(move |loaded, cache, _| {
-                    let loaded = loaded?;
+                    let mut shard = cache.shard.borrow_mut();
+                    let loaded = match loaded {
+                        Ok(l) => l,
+                        Err(e @ crate::error::Error::Unavailable(_)) => {
+                            return shard.stale_user(&slot).ok_or(e);
+                        }
+                        Err(e) => return Err(e),
+                    };
                     let value = UserKey {
                         key: loaded.key.map(Arc::new),
                         rejected: loaded.rejected,
+                        stale: false,
                     };
-                    let mut shard = cache.shard.borrow_mut();
                     if shard.generation == generation && !shard.user_ttl.is_zero() {
                         shard.fits();
                         let expires = Instant::now() + shard.user_ttl;
@@ -461,6 +482,22 @@ impl Handler<ForgetPool> for KeyCache {
         let mut shard = self.shard.borrow_mut();
         shard.generation += 1;
         shard.pools.pop(&msg.pool);
+    }
+}
+
+/// Drops every cached user key (after a pub/sub reconnect with user keys in Redis,
+/// when announcements may have been missed).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ForgetAllUserKeys;
+
+impl Handler<ForgetAllUserKeys> for KeyCache {
+    type Result = ();
+
+    fn handle(&mut self, _: ForgetAllUserKeys, _: &mut Self::Context) {
+        let mut shard = self.shard.borrow_mut();
+        shard.generation += 1;
+        shard.users.clear();
     }
 }
 

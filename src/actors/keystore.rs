@@ -171,6 +171,16 @@ pub fn create_folder(path: &Path) -> Result<(), StartError> {
 /// Opens the keystore, creates the schema, and loads (or on a first start creates)
 /// the master key, applying the rules of SPEC §4. Returns `connections` connections.
 pub fn open(config: &Config, connections: usize) -> Result<Opened, StartError> {
+    open_with(config, connections, &|| Ok(()))
+}
+
+/// [`open`], asking `may_create_key` before a new master key is made (in Redis mode
+/// the fleet's check: a new key must not be made while Redis holds a fleet's).
+pub fn open_with(
+    config: &Config,
+    connections: usize,
+    may_create_key: &dyn Fn() -> Result<(), String>,
+) -> Result<Opened, StartError> {
     let path = &config.keystore.path;
     let fail = |what: &str, e: &dyn std::fmt::Display| {
         StartError(format!("keystore {}: {what}: {e}", path.display()))
@@ -206,7 +216,7 @@ pub fn open(config: &Config, connections: usize) -> Result<Opened, StartError> {
         )
         .map_err(|e| fail("cannot read the keystore", &e))?;
 
-    let key = load_master_key(config, held)?;
+    let key = load_master_key(config, held, may_create_key)?;
     verify_master_key(&db, &key, held).map_err(|e| StartError(format!("{e}")))?;
 
     let mut conns = vec![db];
@@ -238,7 +248,11 @@ pub fn read_master_key(config: &Config) -> Result<MasterKey, StartError> {
     MasterKey::read_file(&master_key_path(config)).map_err(|e| StartError(e.0))
 }
 
-fn load_master_key(config: &Config, held: bool) -> Result<MasterKey, StartError> {
+fn load_master_key(
+    config: &Config,
+    held: bool,
+    may_create_key: &dyn Fn() -> Result<(), String>,
+) -> Result<MasterKey, StartError> {
     let path = master_key_path(config);
     if path.exists() {
         tracing::info!(path = %path.display(), "master key");
@@ -253,9 +267,7 @@ fn load_master_key(config: &Config, held: bool) -> Result<MasterKey, StartError>
             config.keystore.path.display()
         )));
     }
-    if !config.redis.url.is_empty() {
-        crate::fleet::refuse_new_key(config).map_err(StartError)?;
-    }
+    may_create_key().map_err(StartError)?;
     let key = MasterKey::create_file(file).map_err(|e| StartError(e.0))?;
     tracing::warn!(path = %file.display(), "created a new master key; back it up together with the keystore");
     Ok(key)

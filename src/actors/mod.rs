@@ -31,3 +31,4 @@ pub mod embedded;
 pub mod keystore;
 pub mod redis;
 pub mod store;
+pub mod user_keys;

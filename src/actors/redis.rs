@@ -1,14 +1,17 @@
-//! The Redis store: pools and quota counters in Redis, shared by every daemon on it.
-//! `RedisStore` owns the one `ConnectionManager` (cloned into each command) and serves
-//! the same messages as the embedded store; `listen` keeps a pub/sub subscription
-//! that drops changed pools from this daemon's cache.
+//! The Redis store: pools, quota counters and (with `keystore.user_keys = "redis"`)
+//! sealed per-user keys in Redis, shared by every daemon on it. `RedisStore` owns the
+//! one `ConnectionManager` (cloned into each command; replaced when Sentinel names a
+//! new master) and serves the same messages as the embedded store and the keystore;
+//! `listen` keeps a pub/sub subscription that drops changed pools and user keys from
+//! this daemon's cache. `Target` turns `[redis]` (URL, password file, TLS files,
+//! sentinels) into clients.
 
 use std::cell::RefCell;
 use std::collections::HashSet;
 use std::future::Future;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -18,7 +21,11 @@ use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, RedisResult};
 
-use super::cache::{ForgetAllPools, ForgetPool, ForgetUserKey, KeyCache};
+use super::cache::{ForgetAllPools, ForgetAllUserKeys, ForgetPool, ForgetUserKey, KeyCache};
+use super::keystore::{
+    DeleteUserKey, ListUserKeys, LoadUserKey, LoadedUserKey, ReportUserKey, StoreUserKey,
+    UserKeyInfo,
+};
 use super::store::*;
 use crate::clock;
 use crate::config::RedisConfig;
@@ -85,9 +92,23 @@ impl Names {
         format!("{}:apikeyd:usage:{day}:{user_id}", self.prefix)
     }
 
-    /// The original module's per-user hash: `{prefix}:user_api_keys:{user_id}`.
+    /// The original module's per-user hash: `{prefix}:user_api_keys:{user_id}`, field =
+    /// service. With `keystore.user_keys = "redis"` the daemon's sealed user keys live
+    /// here too.
     pub fn legacy_user(&self, user_id: &str) -> String {
         format!("{}:user_api_keys:{user_id}", self.prefix)
+    }
+
+    /// When each of a user's keys was stored, field = service, value = unix seconds:
+    /// `{prefix}:apikeyd:user_info:{user_id}`.
+    pub fn user_info(&self, user_id: &str) -> String {
+        format!("{}:apikeyd:user_info:{user_id}", self.prefix)
+    }
+
+    /// A user's keys reported unauthorized, field = service, value = unix seconds:
+    /// `{prefix}:apikeyd:user_rejected:{user_id}`.
+    pub fn user_rejected(&self, user_id: &str) -> String {
+        format!("{}:apikeyd:user_rejected:{user_id}", self.prefix)
     }
 
     /// The fleet's master-key check values, field `v{N}` per version, and `retired`:
@@ -133,7 +154,57 @@ pub fn envelope(master: &MasterKey, prefix: &str, pool: &PoolRef, key: &Secret) 
     format!("{ENVELOPE}{}", B64.encode(sealed))
 }
 
-/// A value read from a pool hash.
+/// The place a user key is sealed for in Redis: bound to prefix, user and service.
+pub fn user_place<'a>(prefix: &'a str, user_id: &'a str, service: &'a str) -> Place<'a> {
+    Place::RedisUser {
+        namespace: prefix,
+        user_id,
+        service,
+    }
+}
+
+/// Seals a user key into the text stored in `{prefix}:user_api_keys:{user_id}`.
+pub fn user_envelope(
+    master: &MasterKey,
+    prefix: &str,
+    user_id: &str,
+    service: &str,
+    key: &Secret,
+) -> String {
+    let sealed = master.seal(
+        key.expose().as_bytes(),
+        user_place(prefix, user_id, service),
+    );
+    format!("{ENVELOPE}{}", B64.encode(sealed))
+}
+
+/// Reads one value of a user hash (same rules as pool values: an envelope, or a
+/// legacy value in clear).
+pub fn open_user_value(
+    master: &MasterKey,
+    prefix: &str,
+    user_id: &str,
+    service: &str,
+    value: &[u8],
+) -> PoolValue {
+    match value.strip_prefix(ENVELOPE.as_bytes()) {
+        Some(b64) => B64
+            .decode(b64)
+            .ok()
+            .and_then(|sealed| {
+                master
+                    .open(&sealed, user_place(prefix, user_id, service))
+                    .ok()
+            })
+            .map_or(PoolValue::Broken, PoolValue::Sealed),
+        None => match std::str::from_utf8(value) {
+            Ok(s) if !s.trim().is_empty() => PoolValue::Legacy(Secret::new(s.trim().to_owned())),
+            _ => PoolValue::Broken,
+        },
+    }
+}
+
+/// A value read from a pool or user hash.
 pub enum PoolValue {
     Sealed(Secret),
     /// Written in clear by the original module.
@@ -252,7 +323,12 @@ fn parse_health(raw: Option<&str>) -> Health {
 }
 
 struct Inner {
-    conn: ConnectionManager,
+    /// Replaced (never mutated) when Sentinel names a new master.
+    conn: SharedConn,
+    target: Target,
+    status: Arc<RedisStatus>,
+    /// Replicas a key write waits for (`WAIT`), 0 for none.
+    replicas: u32,
     master: Arc<MasterKey>,
     names: Names,
     timeout: Duration,
@@ -332,16 +408,31 @@ impl Inner {
         self.bounded_always(what, kind, attempt).await
     }
 
-    async fn bounded_always<T, F, Fut>(&self, what: &str, kind: Kind, mut attempt: F) -> Result<T>
+    async fn bounded_always<T, F, Fut>(&self, what: &str, kind: Kind, attempt: F) -> Result<T>
     where
         F: FnMut(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let deadline = tokio::time::Instant::now() + self.timeout;
+        self.bounded_for(self.timeout, what, kind, attempt).await
+    }
+
+    async fn bounded_for<T, F, Fut>(
+        &self,
+        limit: Duration,
+        what: &str,
+        kind: Kind,
+        mut attempt: F,
+    ) -> Result<T>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + limit;
         let mut tries = 0;
         let outcome = loop {
             tries += 1;
-            match tokio::time::timeout_at(deadline, attempt(self.conn.clone())).await {
+            let conn = self.conn.borrow().clone();
+            match tokio::time::timeout_at(deadline, attempt(conn)).await {
                 Ok(Err(e)) if tries == 1 && may_retry(&e, kind) => {
                     tracing::debug!(what, error = %e, "redis command failed on a stale connection; retrying once");
                 }
@@ -379,7 +470,7 @@ impl Inner {
                 self.mark_down(what, "timed out");
                 Err(Error::Unavailable(format!(
                     "redis did not answer within {} ms; retry shortly",
-                    self.timeout.as_millis()
+                    limit.as_millis()
                 )))
             }
         }
@@ -464,6 +555,7 @@ impl Inner {
             .to_owned();
         let (added, _, _): (bool, bool, i64) =
             self.pipeline("add pool key", Kind::Write, &pipe).await?;
+        self.confirm("add pool key").await?;
         Ok((key_id, added))
     }
 
@@ -480,6 +572,7 @@ impl Inner {
             .to_owned();
         let (removed, _, _, _): (i64, i64, i64, i64) =
             self.pipeline("remove pool key", Kind::Write, &pipe).await?;
+        self.confirm("remove pool key").await?;
         Ok(removed > 0)
     }
 
@@ -581,7 +674,14 @@ impl Inner {
                 .await?;
             match written {
                 -1 => return Ok(None),
-                1 => return Ok(Some(after)),
+                1 => {
+                    // Only a change of health is a key write worth a replica's
+                    // confirmation; an `ok` report only counts.
+                    if !announce.is_empty() {
+                        self.confirm("report key result").await?;
+                    }
+                    return Ok(Some(after));
+                }
                 _ => continue,
             }
         }
@@ -610,6 +710,7 @@ impl Inner {
                 async move { call.invoke_async(&mut c).await }
             })
             .await?;
+        self.confirm("enable pool key").await?;
         Ok(enabled == 1)
     }
 
@@ -686,52 +787,588 @@ impl Inner {
     }
 
     async fn ping(&self) {
+        if self.target.uses_sentinels() {
+            self.follow_master().await;
+        }
         let _ = self
             .bounded_always("PING", Kind::Read, |mut c| async move {
                 redis::cmd("PING").query_async::<String>(&mut c).await
             })
             .await;
     }
+
+    /// With Sentinel: asks the sentinels which server is the master and, when it is
+    /// not the one this store talks to, moves the connection there (logged, and
+    /// counted in `stats`). A failover thus heals within a health-check period of
+    /// the sentinels' promotion.
+    async fn follow_master(&self) {
+        let (host, port) = match self.target.ask_sentinels().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot ask the sentinels for the master now");
+                return;
+            }
+        };
+        let address = format!("{host}:{port}");
+        let current = self.status.master();
+        if current.as_deref() == Some(address.as_str()) {
+            return;
+        }
+        let manager = self
+            .target
+            .client_at(&host, port)
+            .and_then(|c| manager(c, self.timeout));
+        match manager {
+            Ok(m) => {
+                *self.conn.borrow_mut() = m;
+                self.status.set_master(&address);
+                if let Some(old) = current {
+                    let n = self.status.failovers.fetch_add(1, Ordering::Relaxed) + 1;
+                    tracing::warn!(from = %old, to = %address, failovers = n,
+                        "redis master changed (Sentinel failover); now talking to the new master");
+                } else {
+                    tracing::info!(master = %address, "redis master (from Sentinel)");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up a connection to the new redis master")
+            }
+        }
+    }
+
+    /// After a key write: when `redis.min_replicas_acked` asks for it, waits until that
+    /// many replicas confirm the writes of this connection (`WAIT`), so a failover
+    /// cannot lose an acknowledged key. Fewer confirmations answer `unavailable`.
+    async fn confirm(&self, what: &str) -> Result<()> {
+        if self.replicas == 0 {
+            return Ok(());
+        }
+        // Redis answers WAIT when its own timeout runs out; that must come well
+        // before the connection's response timeout (`redis.timeout_ms`), or a missing
+        // replica would look like a dead master.
+        let wait_ms = (self.timeout.as_millis() as u64 / 2).max(1);
+        let replicas = self.replicas;
+        let acked: u32 = self
+            .bounded_for(self.timeout, what, Kind::Read, |mut c| async move {
+                redis::cmd("WAIT")
+                    .arg(replicas)
+                    .arg(wait_ms)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        if acked < replicas {
+            tracing::warn!(
+                what,
+                acked,
+                wanted = replicas,
+                "a key write was not confirmed by enough replicas"
+            );
+            return Err(Error::Unavailable(format!(
+                "the write reached the redis master but only {acked} of {replicas} replicas confirmed it \
+                 (redis.min_replicas_acked); retry shortly"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn load_user_key(&self, msg: LoadUserKey) -> Result<LoadedUserKey> {
+        let hash = self.names.legacy_user(&msg.user_id);
+        let pipe = redis::pipe()
+            .hget(&hash, &msg.service)
+            .hexists(self.names.user_rejected(&msg.user_id), &msg.service)
+            .to_owned();
+        let (value, rejected): (Option<Vec<u8>>, bool) =
+            self.pipeline("load user key", Kind::Read, &pipe).await?;
+        let absent = |rejected| LoadedUserKey {
+            key: None,
+            rejected,
+        };
+        let Some(value) = value else {
+            return Ok(absent(false));
+        };
+        if rejected {
+            return Ok(absent(true));
+        }
+        let opened = open_user_value(
+            &self.master,
+            &self.names.prefix,
+            &msg.user_id,
+            &msg.service,
+            &value,
+        );
+        let key = match opened {
+            PoolValue::Sealed(k) => Some(k),
+            PoolValue::Legacy(k) if self.accept_legacy.load(Ordering::Relaxed) => {
+                self.warn_once(&hash, "serving a user key stored in clear (redis.accept_legacy_plaintext); run apikeyd import-legacy to encrypt it");
+                Some(k)
+            }
+            PoolValue::Legacy(_) => {
+                self.warn_once(&hash, "skipping a user key stored in clear; run apikeyd import-legacy or set redis.accept_legacy_plaintext");
+                None
+            }
+            PoolValue::Broken => {
+                tracing::error!(user_id = %msg.user_id, service = %msg.service,
+                    "integrity: a user key in redis does not decrypt with this master key; treating it as absent");
+                None
+            }
+        };
+        Ok(LoadedUserKey {
+            key,
+            rejected: false,
+        })
+    }
+
+    fn user_changed(&self, user_id: &str, service: &str) -> String {
+        self.announce(&Changed::UserKey {
+            user_id: user_id.to_string(),
+            service: service.to_string(),
+        })
+    }
+
+    async fn store_user_key(&self, msg: StoreUserKey) -> Result<()> {
+        let value = user_envelope(
+            &self.master,
+            &self.names.prefix,
+            &msg.user_id,
+            &msg.service,
+            &msg.key,
+        );
+        let pipe = redis::pipe()
+            .atomic()
+            .hset(self.names.legacy_user(&msg.user_id), &msg.service, value)
+            .ignore()
+            .hset(
+                self.names.user_info(&msg.user_id),
+                &msg.service,
+                clock::now_s(),
+            )
+            .ignore()
+            // A new key is not the one the provider rejected.
+            .hdel(self.names.user_rejected(&msg.user_id), &msg.service)
+            .ignore()
+            .publish(
+                self.names.invalidate(),
+                self.user_changed(&msg.user_id, &msg.service),
+            )
+            .ignore()
+            .to_owned();
+        self.pipeline::<()>("set user key", Kind::Write, &pipe)
+            .await?;
+        self.confirm("set user key").await
+    }
+
+    async fn delete_user_key(&self, msg: DeleteUserKey) -> Result<bool> {
+        let pipe = redis::pipe()
+            .atomic()
+            .hdel(self.names.legacy_user(&msg.user_id), &msg.service)
+            .hdel(self.names.user_info(&msg.user_id), &msg.service)
+            .ignore()
+            .hdel(self.names.user_rejected(&msg.user_id), &msg.service)
+            .ignore()
+            .publish(
+                self.names.invalidate(),
+                self.user_changed(&msg.user_id, &msg.service),
+            )
+            .ignore()
+            .to_owned();
+        let (removed,): (i64,) = self.pipeline("delete user key", Kind::Write, &pipe).await?;
+        self.confirm("delete user key").await?;
+        Ok(removed > 0)
+    }
+
+    async fn list_user_keys(&self, msg: ListUserKeys) -> Result<Vec<UserKeyInfo>> {
+        let pipe = redis::pipe()
+            .hgetall(self.names.legacy_user(&msg.user_id))
+            .hgetall(self.names.user_info(&msg.user_id))
+            .to_owned();
+        let (fields, times): (HashFields, std::collections::HashMap<String, i64>) =
+            self.pipeline("list user keys", Kind::Read, &pipe).await?;
+        let hash = self.names.legacy_user(&msg.user_id);
+        let mut out = Vec::with_capacity(fields.len());
+        for (service, value) in text_fields(&hash, fields) {
+            let masked = match open_user_value(
+                &self.master,
+                &self.names.prefix,
+                &msg.user_id,
+                &service,
+                &value,
+            ) {
+                PoolValue::Sealed(k) => k.masked(),
+                PoolValue::Legacy(k) => format!("{} (stored in clear)", k.masked()),
+                PoolValue::Broken => {
+                    tracing::error!(user_id = %msg.user_id, service = %service,
+                        "integrity: a user key in redis does not decrypt; leaving it out of the list");
+                    continue;
+                }
+            };
+            out.push(UserKeyInfo {
+                updated_at: clock::rfc3339(times.get(&service).copied().unwrap_or(0)),
+                masked,
+                service,
+            });
+        }
+        out.sort_by(|a, b| a.service.cmp(&b.service));
+        Ok(out)
+    }
+
+    async fn report_user_key(&self, msg: ReportUserKey) -> Result<Option<bool>> {
+        let pipe = redis::pipe()
+            .hexists(self.names.legacy_user(&msg.user_id), &msg.service)
+            .hexists(self.names.user_rejected(&msg.user_id), &msg.service)
+            .to_owned();
+        let (present, rejected): (bool, bool) = self
+            .pipeline("read user key mark", Kind::Read, &pipe)
+            .await?;
+        if !present {
+            return Ok(None);
+        }
+        if rejected || !msg.unauthorized {
+            return Ok(Some(rejected));
+        }
+        let pipe = redis::pipe()
+            .atomic()
+            .hset(
+                self.names.user_rejected(&msg.user_id),
+                &msg.service,
+                clock::now_s(),
+            )
+            .ignore()
+            .publish(
+                self.names.invalidate(),
+                self.user_changed(&msg.user_id, &msg.service),
+            )
+            .ignore()
+            .to_owned();
+        self.pipeline::<()>("mark user key rejected", Kind::Write, &pipe)
+            .await?;
+        self.confirm("mark user key rejected").await?;
+        Ok(Some(true))
+    }
 }
+
+/// The store's connection, shared with the fleet heartbeat; replaced whole when
+/// Sentinel names a new master.
+pub type SharedConn = Rc<RefCell<ConnectionManager>>;
+
+/// What `stats` shows of the Redis connection.
+#[derive(Default)]
+pub struct RedisStatus {
+    /// Master changes followed since start (Sentinel).
+    pub failovers: AtomicU64,
+    /// The master's `host:port` as Sentinel last named it.
+    master: Mutex<Option<String>>,
+}
+
+impl RedisStatus {
+    /// The master's `host:port` (Sentinel only).
+    pub fn master(&self) -> Option<String> {
+        match self.master.lock() {
+            Ok(m) => m.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn set_master(&self, address: &str) {
+        match self.master.lock() {
+            Ok(mut m) => *m = Some(address.to_string()),
+            Err(p) => *p.into_inner() = Some(address.to_string()),
+        }
+    }
+}
+
+fn manager(
+    client: redis::Client,
+    timeout: Duration,
+) -> std::result::Result<ConnectionManager, String> {
+    let manager_config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        // One attempt per reconnect: a refused connection fails at once and is
+        // reported as refused, instead of sleeping a backoff into the timeout.
+        // `bounded` tries once more where that is safe; the health check every
+        // second keeps reconnecting.
+        .set_number_of_retries(0)
+        .set_max_delay(Duration::from_millis(500));
+    ConnectionManager::new_lazy_with_config(client, manager_config)
+        .map_err(|e| format!("cannot set up the redis connection: {e}"))
+}
+
+/// How to reach Redis, built once from `[redis]`: the URL's settings with the ACL
+/// user and the password file applied, the TLS files, and the sentinels to ask for
+/// the master. Holds the password, so it has no `Debug`.
+#[derive(Clone)]
+pub struct Target {
+    info: redis::ConnectionInfo,
+    tls: Option<redis::TlsCertificates>,
+    sentinels: Vec<String>,
+    master_name: String,
+    timeout: Duration,
+}
+
+/// The systemd credential a password is read from when present (`LoadCredential=`).
+pub const PASSWORD_CREDENTIAL: &str = "redis.password";
+
+/// The Redis password: the systemd credential `redis.password` when present, else
+/// `redis.password_file`, else none. Errors name the file, never its content.
+fn read_password(
+    config: &RedisConfig,
+) -> std::result::Result<Option<zeroize::Zeroizing<String>>, String> {
+    let credential = std::env::var_os("CREDENTIALS_DIRECTORY")
+        .map(|d| std::path::Path::new(&d).join(PASSWORD_CREDENTIAL))
+        .filter(|p| p.exists());
+    let Some(path) = credential.or_else(|| config.password_file.clone()) else {
+        return Ok(None);
+    };
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "cannot read the redis password from {}: {e}",
+            path.display()
+        )
+    })?);
+    let password = text.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        return Err(format!(
+            "the redis password file {} is empty",
+            path.display()
+        ));
+    }
+    Ok(Some(zeroize::Zeroizing::new(password.to_string())))
+}
+
+fn read_file(what: &str, path: &std::path::Path) -> std::result::Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+}
+
+impl Target {
+    /// Parses `redis.url` and reads the password and TLS files; any problem refuses
+    /// the start with a message naming the setting.
+    pub fn new(config: &RedisConfig) -> std::result::Result<Target, String> {
+        use redis::IntoConnectionInfo;
+        // rustls is built with `ring` only; installing it explicitly keeps a second
+        // provider pulled in by another crate from making rustls refuse to choose.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let info = config
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| format!("redis.url is not usable: {e}"))?;
+        let mut settings = info.redis_settings().clone();
+        if let Some(user) = config.username.as_deref().filter(|u| !u.is_empty()) {
+            settings = settings.set_username(user);
+        }
+        if let Some(password) = read_password(config)? {
+            settings = settings.set_password(password.as_str());
+        }
+        let info = info.set_redis_settings(settings);
+        let tls_wanted = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+        let tls = if tls_wanted {
+            let root_cert = match &config.tls_ca_file {
+                Some(p) => Some(read_file("redis.tls_ca_file", p)?),
+                None => None,
+            };
+            let client_tls = match (&config.tls_cert_file, &config.tls_key_file) {
+                (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+                    client_cert: read_file("redis.tls_cert_file", c)?,
+                    client_key: read_file("redis.tls_key_file", k)?,
+                }),
+                _ => None,
+            };
+            Some(redis::TlsCertificates {
+                client_tls,
+                root_cert,
+            })
+        } else {
+            if config.tls_ca_file.is_some() || config.tls_cert_file.is_some() {
+                return Err(
+                    "redis.tls_* files are set but redis.url is not a rediss:// URL".into(),
+                );
+            }
+            None
+        };
+        Ok(Target {
+            info,
+            tls,
+            sentinels: config.sentinels.clone(),
+            master_name: config.master_name.clone(),
+            timeout: Duration::from_millis(config.timeout_ms.max(1)),
+        })
+    }
+
+    /// Whether the master is found through Sentinel.
+    pub fn uses_sentinels(&self) -> bool {
+        !self.sentinels.is_empty()
+    }
+
+    /// A client for the server at `host:port`, with the URL's settings and TLS.
+    pub fn client_at(&self, host: &str, port: u16) -> std::result::Result<redis::Client, String> {
+        let addr = match self.info.addr() {
+            redis::ConnectionAddr::TcpTls { insecure, .. } => redis::ConnectionAddr::TcpTls {
+                host: host.to_string(),
+                port,
+                insecure: *insecure,
+                tls_params: None,
+            },
+            _ => redis::ConnectionAddr::Tcp(host.to_string(), port),
+        };
+        self.build(self.info.clone().set_addr(addr))
+    }
+
+    fn build(&self, info: redis::ConnectionInfo) -> std::result::Result<redis::Client, String> {
+        let built = match &self.tls {
+            Some(certs) => redis::Client::build_with_tls(info, certs.clone()),
+            None => redis::Client::open(info),
+        };
+        built.map_err(|e| format!("redis settings are not usable: {e}"))
+    }
+
+    /// A client for the server of `redis.url`, or for the master the sentinels name
+    /// (asked now, blocking: for start-up and the tools).
+    pub fn client(&self) -> std::result::Result<redis::Client, String> {
+        if !self.uses_sentinels() {
+            return self.build(self.info.clone());
+        }
+        let (host, port) = self.ask_sentinels_blocking()?;
+        self.client_at(&host, port)
+    }
+
+    /// Like [`Target::client`], without blocking the thread.
+    pub async fn client_async(&self) -> std::result::Result<redis::Client, String> {
+        if !self.uses_sentinels() {
+            return self.build(self.info.clone());
+        }
+        let (host, port) = self.ask_sentinels().await?;
+        self.client_at(&host, port)
+    }
+
+    fn sentinel_client(&self, address: &str) -> RedisResult<redis::Client> {
+        redis::Client::open(format!("redis://{address}/"))
+    }
+
+    fn master_address(
+        reply: Option<(String, String)>,
+        name: &str,
+    ) -> std::result::Result<(String, u16), String> {
+        let (host, port) = reply.ok_or_else(|| {
+            format!("the sentinels know no master named {name:?} (redis.master_name)")
+        })?;
+        let port = port
+            .parse()
+            .map_err(|_| "a sentinel answered a malformed port".to_string())?;
+        Ok((host, port))
+    }
+
+    fn ask_one_blocking(&self, address: &str) -> std::result::Result<(String, u16), String> {
+        let mut con = self
+            .sentinel_client(address)
+            .and_then(|c| {
+                c.get_connection_with_timeout(self.timeout.max(Duration::from_millis(500)))
+            })
+            .map_err(|e| format!("sentinel {address}: {e}"))?;
+        let _ = con.set_read_timeout(Some(self.timeout.max(Duration::from_millis(500))));
+        let reply: Option<(String, String)> = redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg(&self.master_name)
+            .query(&mut con)
+            .map_err(|e| format!("sentinel {address}: {e}"))?;
+        Self::master_address(reply, &self.master_name)
+    }
+
+    /// The master's address, from the first sentinel that answers.
+    fn ask_sentinels_blocking(&self) -> std::result::Result<(String, u16), String> {
+        let mut errors = Vec::new();
+        for s in &self.sentinels {
+            match self.ask_one_blocking(s) {
+                Ok(a) => return Ok(a),
+                Err(e) => errors.push(e),
+            }
+        }
+        Err(format!("{UNREACHABLE_SENTINELS}: {}", errors.join("; ")))
+    }
+
+    /// The master's address, from the first sentinel that answers.
+    pub async fn ask_sentinels(&self) -> std::result::Result<(String, u16), String> {
+        let mut errors = Vec::new();
+        let limit = self.timeout.max(Duration::from_millis(500));
+        for s in &self.sentinels {
+            let asked = async {
+                let client = self.sentinel_client(s)?;
+                let mut con = client.get_multiplexed_async_connection().await?;
+                redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(&self.master_name)
+                    .query_async::<Option<(String, String)>>(&mut con)
+                    .await
+            };
+            match tokio::time::timeout(limit, asked).await {
+                Ok(Ok(reply)) => return Self::master_address(reply, &self.master_name),
+                Ok(Err(e)) => errors.push(format!("sentinel {s}: {e}")),
+                Err(_) => errors.push(format!("sentinel {s}: timed out")),
+            }
+        }
+        Err(format!("{UNREACHABLE_SENTINELS}: {}", errors.join("; ")))
+    }
+}
+
+/// How an error starts when no sentinel answered.
+pub const UNREACHABLE_SENTINELS: &str = "no sentinel answered";
 
 /// Owns the Redis connection for pools and quotas.
 pub struct RedisStore {
     inner: Rc<Inner>,
 }
 
-/// Builds the client for `config.url`; a malformed URL refuses the start.
+/// Builds the client for `[redis]` (URL, password, TLS; the master Sentinel names,
+/// asked now); a malformed URL or an unreadable file refuses the start.
 pub fn client(config: &RedisConfig) -> std::result::Result<redis::Client, String> {
-    redis::Client::open(config.url.as_str()).map_err(|e| format!("redis.url is not usable: {e}"))
+    Target::new(config)?.client()
 }
 
 impl RedisStore {
-    /// A clone of the store's connection, for the fleet heartbeat.
-    pub fn connection(&self) -> ConnectionManager {
+    /// The store's connection, for the fleet heartbeat (it follows a failover too).
+    pub fn connection(&self) -> SharedConn {
         self.inner.conn.clone()
     }
 
-    /// A store on `client` (nothing is connected until the first command).
+    /// What `stats` shows of the connection.
+    pub fn status(&self) -> Arc<RedisStatus> {
+        self.inner.status.clone()
+    }
+
+    /// A store on `target` (nothing is connected until the first command). With
+    /// Sentinel, the master is asked of the sentinels by the first health check.
     pub fn new(
-        client: redis::Client,
+        target: Target,
         config: &RedisConfig,
         master: Arc<MasterKey>,
         connected: Arc<AtomicBool>,
     ) -> std::result::Result<Self, String> {
         let timeout = Duration::from_millis(config.timeout_ms.max(1));
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            // One attempt per reconnect: a refused connection fails at once and is
-            // reported as refused, instead of sleeping a backoff into the timeout.
-            // `bounded` tries once more where that is safe; the health check every
-            // second keeps reconnecting.
-            .set_number_of_retries(0)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|e| format!("cannot set up the redis connection: {e}"))?;
+        let status = Arc::new(RedisStatus::default());
+        // With Sentinel, the master named now; if no sentinel answers, the URL's own
+        // address stands in until the health check finds one.
+        let first = if target.uses_sentinels() {
+            match target.ask_sentinels_blocking() {
+                Ok((host, port)) => {
+                    status.set_master(&format!("{host}:{port}"));
+                    tracing::info!(master = %format!("{host}:{port}"), "redis master (from Sentinel)");
+                    target.client_at(&host, port)?
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot ask the sentinels for the master yet");
+                    target.build(target.info.clone())?
+                }
+            }
+        } else {
+            target.build(target.info.clone())?
+        };
+        let conn = Rc::new(RefCell::new(manager(first, timeout)?));
         Ok(RedisStore {
             inner: Rc::new(Inner {
                 conn,
+                target,
+                status,
+                replicas: config.replicas_to_wait_for(),
                 master,
                 names: Names {
                     prefix: config.prefix.clone(),
@@ -796,6 +1433,11 @@ forward!(RemovePoolKey, bool, remove_pool_key);
 forward!(ReadUsage, u64, read_usage);
 forward!(IncrementUsage, u64, increment_usage);
 forward!(ConsumeUsage, (bool, u64), consume_usage);
+forward!(LoadUserKey, LoadedUserKey, load_user_key);
+forward!(StoreUserKey, (), store_user_key);
+forward!(DeleteUserKey, bool, delete_user_key);
+forward!(ListUserKeys, Vec<UserKeyInfo>, list_user_keys);
+forward!(ReportUserKey, Option<bool>, report_user_key);
 
 impl Handler<LoadPool> for RedisStore {
     type Result = ResponseFuture<Result<Vec<PoolEntry>>>;
@@ -817,12 +1459,18 @@ impl Handler<ListPoolKeys> for RedisStore {
 
 /// Keeps a subscription to the invalidation channel, forever: every announced
 /// change drops the matching cache entry. After each (re)subscription every cached
-/// pool is dropped, since announcements may have been missed meanwhile.
-pub async fn listen(client: redis::Client, names: Names, cache: Addr<KeyCache>) {
+/// pool (and, with `user_keys` in Redis, every cached user key) is dropped, since
+/// announcements may have been missed meanwhile. With Sentinel each subscription
+/// goes to the master the sentinels name at that moment.
+pub async fn listen(target: Target, names: Names, cache: Addr<KeyCache>, user_keys: bool) {
     let channel = names.invalidate();
     let mut backoff = Duration::from_millis(100);
     loop {
         let subscribed = async {
+            let client = target
+                .client_async()
+                .await
+                .map_err(|e| redis::RedisError::from((redis::ErrorKind::Io, "no client", e)))?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
             RedisResult::Ok(pubsub)
@@ -831,6 +1479,9 @@ pub async fn listen(client: redis::Client, names: Names, cache: Addr<KeyCache>) 
             Ok(Ok(mut pubsub)) => {
                 backoff = Duration::from_millis(100);
                 cache.do_send(ForgetAllPools);
+                if user_keys {
+                    cache.do_send(ForgetAllUserKeys);
+                }
                 tracing::info!(channel = %channel, "subscribed to pool invalidations");
                 let mut messages = pubsub.on_message();
                 while let Some(msg) = messages.next().await {

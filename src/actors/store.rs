@@ -299,6 +299,8 @@ pub struct Store {
     pub mode: StoreMode,
     /// Redis mode: whether the connection is up right now.
     connected: Option<Arc<AtomicBool>>,
+    /// Redis mode: the master and the failovers followed (for `stats`).
+    redis_status: Option<Arc<super::redis::RedisStatus>>,
     /// How long a store may take to answer (`server.request_timeout_ms`).
     deadline: Duration,
     load_pool: Recipient<LoadPool>,
@@ -355,6 +357,7 @@ impl Store {
         Store {
             mode,
             connected,
+            redis_status: None,
             deadline,
             load_pool: addr.clone().recipient(),
             report_pool_key: addr.clone().recipient(),
@@ -367,6 +370,20 @@ impl Store {
             increment_usage: addr.clone().recipient(),
             consume_usage: addr.recipient(),
         }
+    }
+
+    /// Adds what `stats` shows of a Redis connection.
+    pub fn with_redis_status(mut self, status: Arc<super::redis::RedisStatus>) -> Self {
+        self.redis_status = Some(status);
+        self
+    }
+
+    /// Redis mode: the master's address as Sentinel named it, and the failovers
+    /// followed since start.
+    pub fn redis_status(&self) -> Option<(Option<String>, u64)> {
+        self.redis_status
+            .as_ref()
+            .map(|s| (s.master(), s.failovers.load(Ordering::Relaxed)))
     }
 
     /// `None` in embedded mode; in Redis mode whether Redis answers.

@@ -49,7 +49,7 @@ pub async fn metrics(app: &App) -> Result<Body> {
         text: String,
     }
     body(&Text {
-        text: crate::metrics::render(app).await?,
+        text: app.metrics_text().await?,
     })
 }
 
@@ -65,6 +65,13 @@ pub async fn stats(app: &App) -> Result<Body> {
     struct StoreFigures {
         mode: StoreMode,
         redis_connected: Option<bool>,
+        /// Where per-user keys live: "local" (the keystore) or "redis".
+        user_keys: &'static str,
+        /// Sentinel: the master now, and the failovers followed since start.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        redis_master: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        redis_failovers: Option<u64>,
     }
     #[derive(Serialize)]
     struct Process {
@@ -100,10 +107,23 @@ pub async fn stats(app: &App) -> Result<Body> {
         },
         quota_denials: app.metrics.quota_denials(),
         cache,
-        store: StoreFigures {
-            mode: app.store.mode,
-            // Not connected until Redis has answered once, though commands are tried.
-            redis_connected: app.redis_up(),
+        store: {
+            let (redis_master, failovers) = match app.store.redis_status() {
+                Some((master, n)) => (master, Some(n)),
+                None => (None, None),
+            };
+            StoreFigures {
+                mode: app.store.mode,
+                // Not connected until Redis has answered once, though commands are tried.
+                redis_connected: app.redis_up(),
+                user_keys: if app.user_keys.in_redis {
+                    "redis"
+                } else {
+                    "local"
+                },
+                redis_failovers: failovers.filter(|_| redis_master.is_some()),
+                redis_master,
+            }
         },
         process: Process {
             dumpable: crate::hardening::dumpable() != 0,

@@ -108,7 +108,8 @@ async fn report_user_key(
 ) -> Result<Body> {
     let unauthorized = outcome == Outcome::Unauthorized;
     let rejected = app
-        .keystore(ReportUserKey {
+        .user_keys
+        .report(ReportUserKey {
             user_id: user_id.clone(),
             service: service.clone(),
             unauthorized,

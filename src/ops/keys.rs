@@ -179,12 +179,13 @@ pub async fn set_user_api_key(app: &App, req: &mut Request) -> Result<Body> {
     let user_id = req.user_id()?;
     let service = req.service()?;
     let key = req.key()?;
-    app.keystore(StoreUserKey {
-        user_id: user_id.clone(),
-        service: service.clone(),
-        key,
-    })
-    .await?;
+    app.user_keys
+        .store(StoreUserKey {
+            user_id: user_id.clone(),
+            service: service.clone(),
+            key,
+        })
+        .await?;
     app.cache
         .send(ForgetUserKey {
             user_id: user_id.clone(),
@@ -200,7 +201,8 @@ pub async fn delete_user_api_key(app: &App, req: &mut Request) -> Result<Body> {
     let user_id = req.user_id()?;
     let service = req.service()?;
     let deleted = app
-        .keystore(DeleteUserKey {
+        .user_keys
+        .delete(DeleteUserKey {
             user_id: user_id.clone(),
             service: service.clone(),
         })
@@ -223,7 +225,7 @@ pub async fn list_user_api_keys(app: &App, req: &mut Request) -> Result<Body> {
         keys: Vec<UserKeyInfo>,
     }
     let user_id = req.user_id()?;
-    let keys = app.keystore(ListUserKeys { user_id }).await?;
+    let keys = app.user_keys.list(ListUserKeys { user_id }).await?;
     body(&Answer { keys })
 }
 

@@ -11,84 +11,57 @@ mod quota;
 use crate::access::{Peer, Role};
 use crate::app::App;
 use crate::error::{Error, Result};
+use crate::op::Op;
 use crate::protocol::{Body, Request};
 
 pub use messages::missing_key_message;
 
 /// Runs one request for `peer`, leaving an audit line for writes and admin ops.
-pub async fn dispatch(app: &App, peer: &Peer, mut req: Request) -> Result<Body> {
-    let op = std::mem::take(&mut req.op);
-    let outcome = run(app, peer, &op, &mut req).await;
-    if crate::audit::audited(&op, || app.config().log.audit_quota) {
-        app.audit.record(peer, &op, &req.subject, &outcome);
+/// Authorisation is checked here, once, from the op itself: no arm order can let a
+/// non-admin reach an admin op.
+pub async fn dispatch(app: &App, peer: &Peer, op: Op, mut req: Request) -> Result<Body> {
+    let outcome = if op.admin_only() && peer.role != Role::Admin {
+        Err(Error::Forbidden(format!(
+            "op `{}` needs an admin (access.admin_uids or access.admin_gids); uid {} gid {} is not one",
+            op.name(),
+            peer.uid,
+            peer.gid
+        )))
+    } else {
+        run(app, op, &mut req).await
+    };
+    if op.audited(|| app.config().log.audit_quota) {
+        app.audit.record(peer, op.name(), &req.subject, &outcome);
     }
     outcome
 }
 
-async fn run(app: &App, peer: &Peer, op: &str, req: &mut Request) -> Result<Body> {
+async fn run(app: &App, op: Op, req: &mut Request) -> Result<Body> {
     match op {
-        "ping" => admin::ping(),
-        "stats" => admin::stats(app).await,
-        "metrics" => admin::metrics(app).await,
-        "get_user_api_key" => keys::get_user_api_key(app, req).await,
-        "get_gitea_credentials" => keys::get_gitea_credentials(app, req).await,
-        "set_user_api_key" => keys::set_user_api_key(app, req).await,
-        "delete_user_api_key" => keys::delete_user_api_key(app, req).await,
-        "list_user_api_keys" => keys::list_user_api_keys(app, req).await,
-        "get_pool_api_key" => pools::get_pool_api_key(app, req).await,
-        "get_channel_pool_api_key" => pools::get_channel_pool_api_key(app, req).await,
-        "report_key_result" => health::report_key_result(app, req).await,
-        _ if admin_only(op) && peer.role != Role::Admin => Err(Error::Forbidden(format!(
-            "op `{op}` needs an admin (access.admin_uids or access.admin_gids); uid {} gid {} is not one",
-            peer.uid, peer.gid
-        ))),
-        "reload" => admin::reload(app).await,
-        "add_pool_key" => pools::add_pool_key(app, req).await,
-        "remove_pool_key" => pools::remove_pool_key(app, req).await,
-        "list_pool_keys" => pools::list_pool_keys(app, req).await,
-        "enable_pool_key" => health::enable_pool_key(app, req).await,
-        "check_default_key_limit" => quota::check_default_key_limit(app, req).await,
-        "increment_default_key_usage" => quota::increment_default_key_usage(app, req).await,
-        "consume_default_key_usage" => quota::consume_default_key_usage(app, req).await,
-        "missing_api_key_error" => messages::missing_api_key_error(app, req),
-        "default_key_limit_error" => messages::default_key_limit_error(req),
-        #[cfg(debug_assertions)]
-        "debug_panic" if std::env::var_os("APIKEYD_TEST_HOOKS").is_some() => {
-            panic!("debug_panic requested (test hook)")
-        }
-        _ => Err(Error::UnknownOp(looks_like_op(op).then(|| op.to_string()))),
+        Op::Ping => admin::ping(),
+        Op::Stats => admin::stats(app).await,
+        Op::Metrics => admin::metrics(app).await,
+        Op::Reload => admin::reload(app).await,
+        Op::GetUserApiKey => keys::get_user_api_key(app, req).await,
+        Op::GetGiteaCredentials => keys::get_gitea_credentials(app, req).await,
+        Op::SetUserApiKey => keys::set_user_api_key(app, req).await,
+        Op::DeleteUserApiKey => keys::delete_user_api_key(app, req).await,
+        Op::ListUserApiKeys => keys::list_user_api_keys(app, req).await,
+        Op::GetPoolApiKey => pools::get_pool_api_key(app, req).await,
+        Op::GetChannelPoolApiKey => pools::get_channel_pool_api_key(app, req).await,
+        Op::AddPoolKey => pools::add_pool_key(app, req).await,
+        Op::RemovePoolKey => pools::remove_pool_key(app, req).await,
+        Op::ListPoolKeys => pools::list_pool_keys(app, req).await,
+        Op::ReportKeyResult => health::report_key_result(app, req).await,
+        Op::EnablePoolKey => health::enable_pool_key(app, req).await,
+        Op::CheckDefaultKeyLimit => quota::check_default_key_limit(app, req).await,
+        Op::IncrementDefaultKeyUsage => quota::increment_default_key_usage(app, req).await,
+        Op::ConsumeDefaultKeyUsage => quota::consume_default_key_usage(app, req).await,
+        Op::MissingApiKeyError => messages::missing_api_key_error(app, req),
+        Op::DefaultKeyLimitError => messages::default_key_limit_error(req),
+        // Only parsed in debug builds with APIKEYD_TEST_HOOKS set (`Op::parse`).
+        Op::DebugPanic => panic!("debug_panic requested (test hook)"),
     }
-}
-
-/// Whether `op` is for admins only (SPEC §5: pool management; apikeyd adds `reload`
-/// and `enable_pool_key`).
-pub fn admin_only(op: &str) -> bool {
-    matches!(
-        op,
-        "add_pool_key" | "remove_pool_key" | "list_pool_keys" | "enable_pool_key" | "reload"
-    )
-}
-
-/// Whether `op` has the shape of an op name (safe to echo and log).
-pub fn looks_like_op(op: &str) -> bool {
-    (1..=40).contains(&op.len()) && op.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-}
-
-/// Whether `op` changes stored state. A connection's requests after a write wait for
-/// it, and a write waits for the requests before it, so pipelined clients read their
-/// own writes.
-pub fn is_write(op: &str) -> bool {
-    matches!(
-        op,
-        "set_user_api_key"
-            | "delete_user_api_key"
-            | "add_pool_key"
-            | "remove_pool_key"
-            | "report_key_result"
-            | "enable_pool_key"
-            | "increment_default_key_usage"
-            | "consume_default_key_usage"
-    )
 }
 
 /// For `#[serde(skip_serializing_if)]` on `degraded`.

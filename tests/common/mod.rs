@@ -161,6 +161,11 @@ pub struct TestDaemon {
     pub redis: Option<Arc<RedisServer>>,
 }
 
+/// Config that keeps per-user keys in the daemon's SQLite keystore in Redis mode
+/// (`keystore.user_keys = "local"`), for tests about the keystore itself. Put it
+/// first in `extra` (a dotted key, before any table).
+pub const LOCAL_USER_KEYS: &str = "keystore.user_keys = \"local\"\n";
+
 /// The canary key that must never show up in logs or files.
 pub const CANARY: &str = "sk-CANARY-7f3a9c1e5b2d8f4a6c0e";
 

@@ -1,0 +1,415 @@
+//! `apikeyd migrate-user-keys --to redis|local`: moves every per-user key between
+//! this daemon's SQLite keystore and Redis (`{prefix}:user_api_keys:{user_id}`).
+//! Idempotent and safe to kill at any point: a source copy is removed only after
+//! its target copy was read back and opened, and only if it still holds what was
+//! read (a newer write wins). Where both sides hold a key, the target's is kept.
+
+use redis::Commands;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::actors::keystore::{self, store_user_key};
+use crate::actors::redis::{open_user_value, user_envelope, Changed, Names, PoolValue};
+use crate::config::Config;
+use crate::crypto::{MasterKey, Place, Secret};
+
+/// Rows moved per batch (one SQLite transaction, a few Redis pipelines).
+const BATCH: usize = 500;
+
+/// Where the keys go.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Destination {
+    /// Sealed in `{prefix}:user_api_keys:{user_id}`.
+    Redis,
+    /// The SQLite keystore of this daemon.
+    Local,
+}
+
+/// What a run did.
+#[derive(Default, Debug)]
+pub struct Report {
+    /// Copied to the target, verified, and removed from the source.
+    pub moved: usize,
+    /// The target already held a key (from an interrupted run, or newer): the
+    /// source copy was removed.
+    pub already_in_target: usize,
+    /// Values in clear in Redis (the original module's): left for `import-legacy`.
+    pub left_in_clear: usize,
+    /// Values that open with no key version: left as they are.
+    pub unreadable: usize,
+}
+
+/// Runs (or resumes) a migration, printing progress and counts (never a key).
+pub fn migrate(config: &Config, to: Destination) -> Result<Report, String> {
+    if config.redis.url.is_empty() {
+        return Err("migrate-user-keys needs redis.url in the config".into());
+    }
+    keystore::create_folder(&config.keystore.path).map_err(|e| e.0)?;
+    // A daemon on this keystore must answer on this config's socket, or none may run
+    // (then this run holds the lock until it ends).
+    let _access = crate::lock::for_tool(
+        &config.keystore.path,
+        "migrate-user-keys",
+        &config.server.socket,
+        false,
+    )?;
+    let opened = keystore::open(config, 1).map_err(|e| e.0)?;
+    let mut db = opened
+        .connections
+        .into_iter()
+        .next()
+        .ok_or("no keystore connection")?;
+    let master = opened.key;
+    let mut con = crate::fleet::connect(&config.redis, crate::fleet::TOOL_WAIT)?;
+    let names = Names {
+        prefix: config.redis.prefix.clone(),
+    };
+    // Values sealed here must open on every daemon of the fleet.
+    crate::fleet::verify(&mut con, &names, &master)?;
+    let replicas = config.redis.replicas_to_wait_for();
+    let ctx = Ctx {
+        master: &master,
+        names: &names,
+        replicas,
+        wait_ms: config.redis.timeout_ms.max(1000),
+    };
+    match to {
+        Destination::Redis => to_redis(&ctx, &mut db, &mut con),
+        Destination::Local => to_local(&ctx, &mut db, &mut con),
+    }
+}
+
+struct Ctx<'a> {
+    master: &'a MasterKey,
+    names: &'a Names,
+    replicas: u32,
+    wait_ms: u64,
+}
+
+fn redis_fail(e: redis::RedisError) -> String {
+    format!("redis: {e}")
+}
+
+fn db_fail(e: rusqlite::Error) -> String {
+    format!("keystore: {e}")
+}
+
+fn announce(user_id: &str, service: &str) -> String {
+    serde_json::to_string(&Changed::UserKey {
+        user_id: user_id.to_string(),
+        service: service.to_string(),
+    })
+    .unwrap_or_default()
+}
+
+impl Ctx<'_> {
+    /// Whether `value` (from the user hash) opens to exactly `plain`.
+    fn opens_to(&self, user_id: &str, service: &str, value: &[u8], plain: &Secret) -> bool {
+        matches!(
+            open_user_value(self.master, &self.names.prefix, user_id, service, value),
+            PoolValue::Sealed(k) if k.expose() == plain.expose()
+        )
+    }
+
+    /// With replicas asked for, waits until they hold what this connection wrote.
+    fn wait_for_replicas(&self, con: &mut redis::Connection) -> Result<(), String> {
+        if self.replicas == 0 {
+            return Ok(());
+        }
+        let acked: u32 = redis::cmd("WAIT")
+            .arg(self.replicas)
+            .arg(self.wait_ms)
+            .query(con)
+            .map_err(redis_fail)?;
+        if acked < self.replicas {
+            return Err(format!(
+                "only {acked} of {} replicas confirmed the batch (redis.min_replicas_acked); nothing was removed from the source; rerun",
+                self.replicas
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One keystore row on its way to Redis.
+struct Row {
+    user_id: String,
+    service: String,
+    sealed: Vec<u8>,
+    updated_at: i64,
+    rejected: bool,
+    plain: Secret,
+}
+
+fn to_redis(
+    ctx: &Ctx<'_>,
+    db: &mut Connection,
+    con: &mut redis::Connection,
+) -> Result<Report, String> {
+    let mut report = Report::default();
+    let mut after = (String::new(), String::new());
+    loop {
+        let raw: Vec<(String, String, Vec<u8>, i64, bool)> = {
+            let mut stmt = db
+                .prepare_cached(
+                    "SELECT k.user_id, k.service, k.sealed, k.updated_at,
+                       EXISTS (SELECT 1 FROM user_key_rejected r
+                               WHERE r.user_id = k.user_id AND r.service = k.service)
+                     FROM user_keys k WHERE (k.user_id, k.service) > (?1, ?2)
+                     ORDER BY k.user_id, k.service LIMIT ?3",
+                )
+                .map_err(db_fail)?;
+            let rows = stmt
+                .query_map(params![after.0, after.1, BATCH as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })
+                .map_err(db_fail)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(db_fail)?
+        };
+        let Some(last) = raw.last() else { break };
+        after = (last.0.clone(), last.1.clone());
+        let mut rows = Vec::with_capacity(raw.len());
+        for (user_id, service, sealed, updated_at, rejected) in raw {
+            let place = Place::User {
+                user_id: &user_id,
+                service: &service,
+            };
+            let Ok(plain) = ctx.master.open(&sealed, place) else {
+                eprintln!("integrity: the keystore row of user {user_id} service {service} does not open; left as it is");
+                report.unreadable += 1;
+                continue;
+            };
+            rows.push(Row {
+                user_id,
+                service,
+                sealed,
+                updated_at,
+                rejected,
+                plain,
+            });
+        }
+        // What Redis holds now for each row.
+        let mut read = redis::pipe();
+        for r in &rows {
+            read.hget(ctx.names.legacy_user(&r.user_id), &r.service);
+        }
+        let before: Vec<Option<Vec<u8>>> = read.query(con).map_err(redis_fail)?;
+        let mut write = redis::pipe();
+        let mut written = 0;
+        for (r, held) in rows.iter().zip(&before) {
+            let sealed_there = held.as_deref().is_some_and(|v| {
+                matches!(
+                    open_user_value(ctx.master, &ctx.names.prefix, &r.user_id, &r.service, v),
+                    PoolValue::Sealed(_)
+                )
+            });
+            if sealed_there {
+                continue;
+            }
+            let value = user_envelope(
+                ctx.master,
+                &ctx.names.prefix,
+                &r.user_id,
+                &r.service,
+                &r.plain,
+            );
+            write
+                .hset(ctx.names.legacy_user(&r.user_id), &r.service, value)
+                .ignore()
+                .hset(ctx.names.user_info(&r.user_id), &r.service, r.updated_at)
+                .ignore();
+            if r.rejected {
+                write
+                    .hset(
+                        ctx.names.user_rejected(&r.user_id),
+                        &r.service,
+                        r.updated_at,
+                    )
+                    .ignore();
+            }
+            write
+                .publish(ctx.names.invalidate(), announce(&r.user_id, &r.service))
+                .ignore();
+            written += 1;
+        }
+        if written > 0 {
+            write.query::<()>(con).map_err(redis_fail)?;
+            ctx.wait_for_replicas(con)?;
+        }
+        // Read back: a source row goes only once its target copy opens.
+        let mut check = redis::pipe();
+        for r in &rows {
+            check.hget(ctx.names.legacy_user(&r.user_id), &r.service);
+        }
+        let now: Vec<Option<Vec<u8>>> = check.query(con).map_err(redis_fail)?;
+        let tx = db.transaction().map_err(db_fail)?;
+        for ((r, held), target) in rows.iter().zip(&before).zip(&now) {
+            let Some(target) = target else {
+                eprintln!("user {} service {}: the key vanished from redis before it was verified (deleted meanwhile?); the keystore copy stays", r.user_id, r.service);
+                continue;
+            };
+            let verified = ctx.opens_to(&r.user_id, &r.service, target, &r.plain)
+                || matches!(
+                    open_user_value(
+                        ctx.master,
+                        &ctx.names.prefix,
+                        &r.user_id,
+                        &r.service,
+                        target
+                    ),
+                    PoolValue::Sealed(_)
+                );
+            if !verified {
+                eprintln!(
+                    "user {} service {}: the redis copy does not open; the keystore copy stays",
+                    r.user_id, r.service
+                );
+                continue;
+            }
+            // Only if the row still holds what was copied: a newer write wins.
+            tx.prepare_cached(
+                "DELETE FROM user_keys WHERE user_id = ?1 AND service = ?2 AND sealed = ?3",
+            )
+            .and_then(|mut s| s.execute(params![r.user_id, r.service, r.sealed]))
+            .map_err(db_fail)?;
+            tx.prepare_cached("DELETE FROM user_key_rejected WHERE user_id = ?1 AND service = ?2")
+                .and_then(|mut s| s.execute(params![r.user_id, r.service]))
+                .map_err(db_fail)?;
+            let was_sealed_there = held.as_deref().is_some_and(|v| {
+                matches!(
+                    open_user_value(ctx.master, &ctx.names.prefix, &r.user_id, &r.service, v),
+                    PoolValue::Sealed(_)
+                )
+            });
+            if was_sealed_there {
+                report.already_in_target += 1;
+            } else {
+                report.moved += 1;
+            }
+        }
+        tx.commit().map_err(db_fail)?;
+        println!(
+            "moved {} user keys to redis so far ({} were there already)",
+            report.moved, report.already_in_target
+        );
+    }
+    Ok(report)
+}
+
+/// Deletes `field` of `hash` only while it still holds `value`, with its info and
+/// mark, and announces it: a key stored meanwhile is never removed.
+const TAKE_SCRIPT: &str = r"
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+";
+
+fn to_local(
+    ctx: &Ctx<'_>,
+    db: &mut Connection,
+    con: &mut redis::Connection,
+) -> Result<Report, String> {
+    let mut report = Report::default();
+    let take = redis::Script::new(TAKE_SCRIPT);
+    for (hash, user_id) in crate::keyspace::user_hashes(con, ctx.names).map_err(redis_fail)? {
+        let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash).map_err(redis_fail)?;
+        let rejected: Vec<String> = con
+            .hkeys(ctx.names.user_rejected(&user_id))
+            .map_err(redis_fail)?;
+        let mut moving = Vec::new();
+        for (field, value) in fields {
+            let service = String::from_utf8_lossy(&field).into_owned();
+            match open_user_value(ctx.master, &ctx.names.prefix, &user_id, &service, &value) {
+                PoolValue::Sealed(plain) => moving.push((field, service, value, plain)),
+                PoolValue::Legacy(_) => report.left_in_clear += 1,
+                PoolValue::Broken => {
+                    eprintln!(
+                        "integrity: {} field {} does not open; left as it is",
+                        hash.escape_debug(),
+                        service.escape_debug()
+                    );
+                    report.unreadable += 1;
+                }
+            }
+        }
+        for chunk in moving.chunks(BATCH) {
+            let tx = db.transaction().map_err(db_fail)?;
+            let mut outcome = Vec::with_capacity(chunk.len());
+            for (_, service, _, plain) in chunk {
+                let held: Option<Vec<u8>> = tx
+                    .prepare_cached(
+                        "SELECT sealed FROM user_keys WHERE user_id = ?1 AND service = ?2",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row(params![user_id, service], |r| r.get(0))
+                            .optional()
+                    })
+                    .map_err(db_fail)?;
+                let place = Place::User {
+                    user_id: &user_id,
+                    service,
+                };
+                let there = held.is_some_and(|s| ctx.master.open(&s, place).is_ok());
+                if !there {
+                    store_user_key(&tx, ctx.master, &user_id, service, plain)
+                        .map_err(|e| format!("keystore: {e}"))?;
+                    if rejected.contains(service) {
+                        tx.prepare_cached(
+                            "INSERT OR IGNORE INTO user_key_rejected (user_id, service, reported_at)
+                             VALUES (?1, ?2, ?3)",
+                        )
+                        .and_then(|mut s| s.execute(params![user_id, service, crate::clock::now_s()]))
+                        .map_err(db_fail)?;
+                    }
+                }
+                outcome.push(there);
+            }
+            tx.commit().map_err(db_fail)?;
+            for ((field, service, value, plain), there) in chunk.iter().zip(outcome) {
+                // Read back from the committed keystore before the Redis copy goes.
+                let sealed: Option<Vec<u8>> = db
+                    .prepare_cached(
+                        "SELECT sealed FROM user_keys WHERE user_id = ?1 AND service = ?2",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row(params![user_id, service], |r| r.get(0))
+                            .optional()
+                    })
+                    .map_err(db_fail)?;
+                let place = Place::User {
+                    user_id: &user_id,
+                    service,
+                };
+                let verified = sealed
+                    .and_then(|s| ctx.master.open(&s, place).ok())
+                    .is_some_and(|k| there || k.expose() == plain.expose());
+                if !verified {
+                    eprintln!("user {user_id} service {service}: the keystore copy does not open; the redis copy stays");
+                    continue;
+                }
+                let _: i64 = take
+                    .key(&hash)
+                    .key(ctx.names.user_info(&user_id))
+                    .key(ctx.names.user_rejected(&user_id))
+                    .arg(field)
+                    .arg(value)
+                    .arg(ctx.names.invalidate())
+                    .arg(announce(&user_id, service))
+                    .invoke(con)
+                    .map_err(redis_fail)?;
+                if there {
+                    report.already_in_target += 1;
+                } else {
+                    report.moved += 1;
+                }
+            }
+        }
+    }
+    println!(
+        "moved {} user keys to the keystore ({} were there already)",
+        report.moved, report.already_in_target
+    );
+    Ok(report)
+}
