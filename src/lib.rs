@@ -29,7 +29,6 @@ pub mod access;
 pub mod actors;
 pub mod app;
 pub mod audit;
-pub mod bench;
 pub mod check;
 pub mod client;
 pub mod clock;

@@ -1,9 +1,8 @@
 //! The `apikeyd` command line: serve, check-config, call, metrics, keygen, rotation,
-//! import, bench, completions and the man page. Nothing else lives here.
+//! import, completions and the man page. Nothing else lives here.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
@@ -112,9 +111,6 @@ enum Command {
         #[arg(long, value_enum)]
         to: MigrateTo,
     },
-    /// Load generator: throughput and latency percentiles of the daemon, and of
-    /// redis-server under the same load pattern with --redis (docs/performance.md).
-    Bench(BenchArgs),
     /// Write a new random master key file (mode 0600); refuses to overwrite.
     Keygen {
         /// Where to write the key file.
@@ -446,270 +442,6 @@ fn keygen(out: &Path) -> ExitCode {
     }
 }
 
-#[derive(clap::Args)]
-struct BenchArgs {
-    /// The daemon's socket (default: server.socket of the config).
-    #[arg(long)]
-    socket: Option<PathBuf>,
-    /// Config file (to find the socket, and the keystore for --populate).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Connections to the daemon, each driven by its own thread.
-    #[arg(long, default_value_t = 8)]
-    connections: usize,
-    /// Requests written per round trip on each connection.
-    #[arg(long, default_value_t = 1)]
-    pipeline: usize,
-    /// Seconds measured (after --warmup).
-    #[arg(long, default_value_t = 10.0)]
-    duration: f64,
-    /// Seconds run before measuring.
-    #[arg(long, default_value_t = 1.0)]
-    warmup: f64,
-    /// Offered load in requests/s over all connections (default: as fast as it goes).
-    #[arg(long)]
-    rate: Option<f64>,
-    /// Preset load: get (cached user keys), pool (a pool key), pool-cooling (a pool key
-    /// from a pool where half the keys cool down), check, consume, mix.
-    #[arg(long, default_value = "get")]
-    preset: String,
-    /// Request line templates instead of a preset; `{N}` becomes a key index.
-    #[arg(long)]
-    op: Vec<String>,
-    /// Spread `{N}` over this many keys (user_ids bench-0 … bench-<keys - 1>).
-    #[arg(long, default_value_t = 1000)]
-    keys: usize,
-    /// First store --keys user keys straight into the keystore (and Redis hashes with
-    /// --redis); with --duration 0, only that (the daemon need not run).
-    #[arg(long)]
-    populate: bool,
-    /// Also run the same pattern against redis-server at this Unix socket.
-    #[arg(long)]
-    redis: Option<PathBuf>,
-    /// What redis-server runs: hget, or consume (EVALSHA of the daemon's consume script).
-    #[arg(long, default_value = "hget")]
-    redis_cmd: String,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    json: bool,
-    /// Sweep the offered load and write a latency-vs-throughput chart to this SVG file.
-    #[arg(long)]
-    plot: Option<PathBuf>,
-}
-
-fn bench_templates(preset: &str) -> Result<Vec<String>, String> {
-    let get = r#"{"op":"get_user_api_key","user_id":"bench-{n}","service":"openai"}"#;
-    let pool = r#"{"op":"get_user_api_key","user_id":"nokey-{n}","service":"benchpool","fallback_to_config":false}"#;
-    let cooling = r#"{"op":"get_user_api_key","user_id":"nokey-{n}","service":"benchcool","fallback_to_config":false}"#;
-    let check = r#"{"op":"check_default_key_limit","user_id":"bench-{n}","tool_name":"t"}"#;
-    let consume = r#"{"op":"consume_default_key_usage","user_id":"bench-{n}","tool_name":"t","daily_limit":1000000000}"#;
-    Ok(match preset {
-        "get" => vec![get.into()],
-        "pool" => vec![pool.into()],
-        "pool-cooling" => vec![cooling.into()],
-        "check" => vec![check.into()],
-        "consume" => vec![consume.into()],
-        "mix" => vec![
-            get.into(),
-            get.into(),
-            pool.into(),
-            check.into(),
-            consume.into(),
-        ],
-        other => {
-            return Err(format!(
-                "unknown preset {other:?}: get, pool, pool-cooling, check, consume or mix"
-            ))
-        }
-    })
-}
-
-/// Sends request lines on one connection and answers the parsed responses.
-fn exchange(socket: &Path, lines: &[String]) -> Result<Vec<serde_json::Value>, String> {
-    use std::io::{BufRead, BufReader, Write};
-    let fail = |e: std::io::Error| format!("cannot talk to the daemon: {e}");
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(fail)?;
-    for l in lines {
-        stream
-            .write_all(format!("{l}\n").as_bytes())
-            .map_err(fail)?;
-    }
-    let mut reader = BufReader::new(stream);
-    let mut out = Vec::new();
-    for _ in lines {
-        let mut line = String::new();
-        reader.read_line(&mut line).map_err(fail)?;
-        out.push(serde_json::from_str(&line).map_err(|_| "an answer is not JSON".to_string())?);
-    }
-    Ok(out)
-}
-
-/// Sets up the `pool-cooling` preset: four keys in pool `benchcool`, two of them
-/// reported rate-limited for a day, so every pick skips cooling keys.
-fn cooling_pool(socket: &Path) -> Result<(), String> {
-    let adds: Vec<String> = (0..4)
-        .map(|i| {
-            format!(
-                r#"{{"op":"add_pool_key","service":"benchcool","key":"sk-bench-cool-{i:04}-abcdef"}}"#
-            )
-        })
-        .collect();
-    let reports: Vec<String> = exchange(socket, &adds)?
-        .iter()
-        .take(2)
-        .map(|r| {
-            format!(
-                r#"{{"op":"report_key_result","service":"benchcool","key_id":{},"outcome":"rate_limited","retry_after_s":86400}}"#,
-                r["result"]["key_id"]
-            )
-        })
-        .collect();
-    let answers = exchange(socket, &reports)?;
-    if answers.iter().all(|r| r["result"]["state"] == "cooling") {
-        Ok(())
-    } else {
-        Err("cannot cool down the bench pool keys".into())
-    }
-}
-
-fn bench(a: BenchArgs) -> ExitCode {
-    use apikeyd::bench::{self, Load, RedisCommand, Target};
-    let fail = |e: String| {
-        eprintln!("apikeyd bench: {e}");
-        ExitCode::from(1)
-    };
-    let config = match (&a.socket, &a.config, a.populate) {
-        _ if a.populate && a.config.is_none() => return fail("--populate needs --config".into()),
-        (Some(_), None, false) => None,
-        _ => match load_config(a.config.clone()) {
-            Ok(c) => Some(c),
-            Err(e) => return fail(e),
-        },
-    };
-    let socket = match (&a.socket, &config) {
-        (Some(s), _) => s.clone(),
-        (None, Some(c)) => c.server.socket.clone(),
-        (None, None) => return fail("--socket or --config is needed".into()),
-    };
-    let templates = if a.op.is_empty() {
-        match bench_templates(&a.preset) {
-            Ok(t) => t,
-            Err(e) => return fail(e),
-        }
-    } else {
-        a.op.clone()
-    };
-    if a.populate {
-        let Some(c) = &config else {
-            return fail("--populate needs the config".into());
-        };
-        if let Err(e) = bench::populate_keystore(c, a.keys) {
-            return fail(e);
-        }
-        if let Some(r) = &a.redis {
-            if let Err(e) = bench::populate_redis(r, a.keys) {
-                return fail(e);
-            }
-        }
-        eprintln!("stored {} bench keys", a.keys);
-        if a.duration <= 0.0 {
-            return ExitCode::SUCCESS;
-        }
-    }
-    if templates.iter().any(|t| t.contains("benchpool")) {
-        let add = |i: u32| {
-            format!(
-                r#"{{"op":"add_pool_key","service":"benchpool","key":"sk-bench-pool-{i:04}-abcdef"}}"#
-            )
-        };
-        if apikeyd::client::call(&socket, (0..4).map(add).collect()) != 0 {
-            return fail("cannot add the bench pool keys".into());
-        }
-    }
-    if templates.iter().any(|t| t.contains("benchcool")) {
-        if let Err(e) = cooling_pool(&socket) {
-            return fail(e);
-        }
-    }
-    let load = Load {
-        connections: a.connections.max(1),
-        pipeline: a.pipeline.max(1),
-        duration: Duration::from_secs_f64(a.duration),
-        warmup: Duration::from_secs_f64(a.warmup),
-        rate: a.rate,
-        keys: a.keys.max(1),
-    };
-    let mut targets = vec![Target::Apikeyd { socket, templates }];
-    if let Some(r) = &a.redis {
-        let command = match a.redis_cmd.as_str() {
-            "hget" => RedisCommand::Hget,
-            "consume" => RedisCommand::Consume,
-            other => return fail(format!("unknown --redis-cmd {other:?}: hget or consume")),
-        };
-        targets.push(Target::Redis {
-            socket: r.clone(),
-            command,
-        });
-    }
-    let mut reports = Vec::new();
-    let mut series = Vec::new();
-    for target in &targets {
-        let first = match bench::run(target, &load) {
-            Ok(r) => r,
-            Err(e) => return fail(e.to_string()),
-        };
-        let name = first.target.clone();
-        if !a.json {
-            println!("{}", first.line());
-        }
-        let mut sweep = Vec::new();
-        if a.plot.is_some() {
-            // Paced runs stay accurate up to about 40k req/s on two cores (see
-            // docs/performance.md), so the sweep covers 5-25% of the maximum.
-            for share in [0.05, 0.1, 0.15, 0.2, 0.25] {
-                let paced = Load {
-                    rate: Some(first.rps * share),
-                    ..load.clone()
-                };
-                match bench::run(target, &paced) {
-                    Ok(r) => {
-                        if !a.json {
-                            println!("{}  (offered {:.0} req/s)", r.line(), first.rps * share);
-                        }
-                        sweep.push(r);
-                    }
-                    Err(e) => return fail(e.to_string()),
-                }
-            }
-            sweep.push(first.clone());
-            reports.extend(sweep.iter().cloned());
-            series.push((
-                if name == "redis" {
-                    "redis-server"
-                } else {
-                    "apikeyd"
-                },
-                sweep,
-            ));
-        } else {
-            reports.push(first);
-        }
-    }
-    if let Some(path) = &a.plot {
-        if let Err(e) = bench::plot(path, &series) {
-            return fail(format!("cannot write {}: {e}", path.display()));
-        }
-        eprintln!("wrote {}", path.display());
-    }
-    if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&reports).unwrap_or_default()
-        );
-    }
-    ExitCode::SUCCESS
-}
-
 fn main() -> ExitCode {
     // Everything this process creates (keystore, WAL, key files, audit file) is
     // private to its user; the socket gets server.socket_mode explicitly.
@@ -729,7 +461,6 @@ fn main() -> ExitCode {
             key_file,
             add_only,
         } => rotate(config, key_file, add_only),
-        Command::Bench(args) => bench(args),
         Command::Keygen { out } => keygen(&out),
         Command::CheckConfig { config } => check_config(config),
         Command::Metrics { socket, config } => metrics(socket, config),

@@ -356,8 +356,14 @@ fn a_default_key_can_come_from_a_systemd_credential() {
 #[test]
 fn help_completions_and_man_page() {
     let dir = tempfile::tempdir().unwrap();
-    let bench = text(&run(dir.path(), &["bench", "--help"]).stdout);
+    // The load generator is a binary of its own, not a subcommand of the daemon.
+    let out = Command::new(env!("CARGO_BIN_EXE_apikeyd-bench"))
+        .arg("--help")
+        .output()
+        .expect("run apikeyd-bench");
+    let bench = text(&out.stdout);
     assert!(bench.contains("`{N}` becomes a key index"), "{bench}");
+    assert_eq!(run(dir.path(), &["bench", "--help"]).status.code(), Some(2));
     for shell in ["bash", "zsh", "fish"] {
         let out = run(dir.path(), &["completions", shell]);
         assert!(out.status.success(), "{shell}");

@@ -2,7 +2,7 @@
 //! temp dir; `Client` speaks JSON lines to it.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -10,6 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use apikeyd::client::{Connection, Timeouts};
 use serde_json::{json, Value};
 
 /// Where pools and quotas live for a test.
@@ -400,19 +401,23 @@ impl Drop for TestDaemon {
     }
 }
 
-/// A JSON-lines connection.
+/// A JSON-lines connection: `apikeyd::client::Connection` (the daemon's own client,
+/// so framing is not written twice), with the assertions tests want.
 pub struct Client {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
+    conn: Connection,
 }
 
 impl Client {
     pub fn try_connect(socket: &Path) -> std::io::Result<Client> {
-        let s = UnixStream::connect(socket)?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        // A test that hangs should fail; a large write must wait for the daemon's
+        // backpressure as long as it takes.
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(30),
+            read: Some(Duration::from_secs(30)),
+            write: None,
+        };
         Ok(Client {
-            writer: s.try_clone()?,
-            reader: BufReader::new(s),
+            conn: Connection::connect(socket, timeouts)?,
         })
     }
 
@@ -422,7 +427,7 @@ impl Client {
 
     /// The buffered reader, for reading raw response lines.
     pub fn reader(&mut self) -> &mut BufReader<UnixStream> {
-        &mut self.reader
+        self.conn.reader()
     }
 
     /// Writes `batch` from another thread, so reading the answers meanwhile cannot
@@ -439,24 +444,20 @@ impl Client {
 
     /// A second handle on the socket for writing from another thread.
     pub fn try_clone_writer(&self) -> UnixStream {
-        self.writer.try_clone().expect("clone socket")
+        self.conn.try_clone_writer().expect("clone socket")
     }
 
     /// Half-closes: the daemon sees EOF after what was sent.
     pub fn writer_shutdown(&mut self) {
-        self.writer
-            .shutdown(std::net::Shutdown::Write)
-            .expect("shutdown");
+        self.conn.shutdown_write().expect("shutdown");
     }
 
     pub fn send_raw(&mut self, bytes: &[u8]) {
-        self.writer.write_all(bytes).expect("write");
+        self.conn.send_raw(bytes).expect("write");
     }
 
     pub fn send(&mut self, req: &Value) {
-        let mut line = serde_json::to_vec(req).expect("encode");
-        line.push(b'\n');
-        self.send_raw(&line);
+        self.conn.send(&req.to_string()).expect("write");
     }
 
     /// The next response line, parsed; panics on EOF.
@@ -467,7 +468,7 @@ impl Client {
     /// The next response line, or `None` on EOF.
     pub fn try_recv(&mut self) -> Option<Value> {
         let mut line = String::new();
-        let n = self.reader.read_line(&mut line).expect("read");
+        let n = self.conn.read_line_into(&mut line).expect("read");
         if n == 0 {
             return None;
         }
@@ -485,7 +486,7 @@ impl Client {
         let mut out = Vec::new();
         loop {
             let mut line = String::new();
-            match self.reader.read_line(&mut line) {
+            match self.conn.read_line_into(&mut line) {
                 Ok(0) => return out,
                 Ok(_) => out.push(serde_json::from_str(&line).expect("a JSON response")),
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return out,
@@ -497,7 +498,7 @@ impl Client {
     /// Whether the daemon closed the connection (EOF on read).
     pub fn is_closed(&mut self) -> bool {
         let mut buf = [0u8; 1];
-        matches!(self.reader.read(&mut buf), Ok(0) | Err(_))
+        matches!(self.conn.reader().read(&mut buf), Ok(0) | Err(_))
     }
 
     pub fn call(&mut self, req: Value) -> Value {

@@ -1,11 +1,12 @@
-//! `apikeyd bench`: a load generator for the daemon, and for redis-server with the same
-//! load pattern, so both figures come from one tool in one run. Latency is recorded
-//! in an HDR histogram from each request's intended send time (so a stalled server
-//! cannot hide its queueing delay).
+//! The load itself: closed-loop (as fast as it goes) or paced runs against the daemon,
+//! and against redis-server with the same load pattern, so both figures come from one
+//! tool in one run. Latency is recorded in an HDR histogram from each request's
+//! intended send time (so a stalled server cannot hide its queueing delay).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use apikeyd::client::{Connection, Timeouts};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -14,9 +15,13 @@ use tokio::net::UnixStream;
 /// What to run, from the command line.
 #[derive(Clone)]
 pub struct Load {
+    /// Connections to the server under test.
     pub connections: usize,
+    /// Requests written per round trip on each connection.
     pub pipeline: usize,
+    /// Time measured, after the warm-up.
     pub duration: Duration,
+    /// Time run before measuring.
     pub warmup: Duration,
     /// Requests per second over all connections; `None` = as fast as possible.
     pub rate: Option<f64>,
@@ -42,6 +47,7 @@ pub enum Target {
 /// The Redis side's command.
 #[derive(Clone, Copy)]
 pub enum RedisCommand {
+    /// `HGET bench:{n} openai`, the counterpart of a cached key.
     Hget,
     /// EVALSHA of the same consume script the daemon runs.
     Consume,
@@ -50,18 +56,31 @@ pub enum RedisCommand {
 /// One run's figures.
 #[derive(Serialize, Clone)]
 pub struct Report {
+    /// `apikeyd` or `redis`.
     pub target: String,
+    /// Connections used.
     pub connections: usize,
+    /// Requests per round trip.
     pub pipeline: usize,
+    /// The paced rate offered, `None` for a closed-loop run.
     pub offered_rps: Option<f64>,
+    /// Requests answered while measuring.
     pub requests: u64,
+    /// Answers that were errors.
     pub errors: u64,
+    /// Seconds measured.
     pub seconds: f64,
+    /// Requests answered per second.
     pub rps: f64,
+    /// Median latency (µs); every latency counts from the request's intended send time.
     pub p50_us: f64,
+    /// 90th percentile (µs).
     pub p90_us: f64,
+    /// 99th percentile (µs).
     pub p99_us: f64,
+    /// 99.9th percentile (µs).
     pub p999_us: f64,
+    /// Maximum (µs).
     pub max_us: f64,
 }
 
@@ -148,7 +167,7 @@ fn redis_batch(command: RedisCommand, sha: &str, load: &Load, n: &mut usize) -> 
                     .arg(1)
                     .arg(format!("bench:usage:{n}"))
                     .arg("t")
-                    .arg(crate::clock::now_s() + 86_400)
+                    .arg(apikeyd::clock::now_s() + 86_400)
                     .arg(1_000_000_000);
             }
         }
@@ -164,6 +183,9 @@ async fn drive(target: Target, load: Load, index: usize, start: Instant) -> std:
     let mut n = index.wrapping_mul(7919);
     match target {
         Target::Apikeyd { socket, templates } => {
+            // Tokio framing rather than `apikeyd::client`, which is blocking: every
+            // connection of a closed-loop run shares this one thread, so the load
+            // takes one core and leaves the other to the server under test.
             let stream = UnixStream::connect(&socket).await?;
             let (rd, mut wr) = stream.into_split();
             let mut rd = BufReader::with_capacity(64 * 1024, rd);
@@ -196,7 +218,7 @@ async fn drive(target: Target, load: Load, index: usize, start: Instant) -> std:
                 .map_err(std::io::Error::other)?;
             let sha: String = redis::cmd("SCRIPT")
                 .arg("LOAD")
-                .arg(crate::actors::redis::CONSUME_SCRIPT)
+                .arg(apikeyd::actors::redis::CONSUME_SCRIPT)
                 .query_async(&mut con)
                 .await
                 .map_err(std::io::Error::other)?;
@@ -220,7 +242,6 @@ async fn drive(target: Target, load: Load, index: usize, start: Instant) -> std:
 /// spinning task would starve the runtime's I/O polling. Latency counts from each
 /// batch's intended send time, so any lateness of the pacer is charged, not hidden.
 fn paced(target: &Target, load: &Load, index: usize, start: Instant) -> std::io::Result<Tally> {
-    use std::io::{BufRead, Write};
     let mut tally = Tally::new();
     let rate = load.rate.unwrap_or(1.0).max(1.0);
     let interval = Duration::from_secs_f64(load.pipeline as f64 * load.connections as f64 / rate);
@@ -229,18 +250,19 @@ fn paced(target: &Target, load: &Load, index: usize, start: Instant) -> std::io:
     let (measure_from, end) = (start + load.warmup, start + load.warmup + load.duration);
     let mut n = index.wrapping_mul(7919);
     enum Conn {
-        Apikeyd(
-            std::os::unix::net::UnixStream,
-            std::io::BufReader<std::os::unix::net::UnixStream>,
-            Vec<String>,
-        ),
+        Apikeyd(Connection, Vec<String>),
         Redis(redis::Connection, RedisCommand, String),
     }
     let mut conn = match target {
         Target::Apikeyd { socket, templates } => {
-            let s = std::os::unix::net::UnixStream::connect(socket)?;
-            let r = std::io::BufReader::new(s.try_clone()?);
-            Conn::Apikeyd(s, r, templates.clone())
+            // No read or write timeout: a stalled server must show up as latency,
+            // not as an aborted run.
+            let timeouts = Timeouts {
+                read: None,
+                write: None,
+                ..Timeouts::TOOL
+            };
+            Conn::Apikeyd(Connection::connect(socket, timeouts)?, templates.clone())
         }
         Target::Redis { socket, command } => {
             let client = redis::Client::open(format!("redis+unix://{}", socket.display()))
@@ -248,7 +270,7 @@ fn paced(target: &Target, load: &Load, index: usize, start: Instant) -> std::io:
             let mut con = client.get_connection().map_err(std::io::Error::other)?;
             let sha: String = redis::cmd("SCRIPT")
                 .arg("LOAD")
-                .arg(crate::actors::redis::CONSUME_SCRIPT)
+                .arg(apikeyd::actors::redis::CONSUME_SCRIPT)
                 .query(&mut con)
                 .map_err(std::io::Error::other)?;
             Conn::Redis(con, *command, sha)
@@ -262,13 +284,15 @@ fn paced(target: &Target, load: &Load, index: usize, start: Instant) -> std::io:
         }
         let mut ok = true;
         match &mut conn {
-            Conn::Apikeyd(w, r, templates) => {
+            Conn::Apikeyd(c, templates) => {
                 let mut batch = Vec::new();
                 apikeyd_batch(templates, load, &mut n, &mut t, &mut batch);
-                w.write_all(&batch)?;
+                c.send_raw(&batch)?;
                 for _ in 0..load.pipeline {
                     line.clear();
-                    if r.read_line(&mut line)? == 0 {
+                    // Raw lines and a substring test, not parsed answers: the client's
+                    // JSON parsing would be measured along with the server.
+                    if c.read_line_into(&mut line)? == 0 {
                         return Err(std::io::Error::other("the daemon closed the connection"));
                     }
                     ok &= line.contains("\"ok\":true");
@@ -348,106 +372,4 @@ fn report(target: &Target, load: &Load, tally: &Tally) -> Report {
         p999_us: q(0.999),
         max_us: hist.max() as f64,
     }
-}
-
-/// Stores `keys` user keys (`bench-{n}` / openai) straight into the keystore in one
-/// transaction: setting up 500,000 keys through the socket would take one fsync each.
-pub fn populate_keystore(config: &crate::config::Config, keys: usize) -> Result<(), String> {
-    let opened = crate::actors::keystore::open(config, 1).map_err(|e| e.0)?;
-    let mut db = opened
-        .connections
-        .into_iter()
-        .next()
-        .ok_or("no connection")?;
-    let tx = db.transaction().map_err(|e| e.to_string())?;
-    for n in 0..keys {
-        let key = crate::crypto::Secret::new(format!("sk-bench-{n:08}-0123456789abcdef"));
-        crate::actors::keystore::store_user_key(
-            &tx,
-            &opened.key,
-            &format!("bench-{n}"),
-            "openai",
-            &key,
-        )
-        .map_err(|e| e.to_string())?;
-    }
-    tx.commit().map_err(|e| e.to_string())?;
-    Ok(())
-}
-
-/// Fills `bench:{n}` hashes on the redis-server at `socket` for the HGET comparison.
-pub fn populate_redis(socket: &std::path::Path, keys: usize) -> Result<(), String> {
-    let client = redis::Client::open(format!("redis+unix://{}", socket.display()))
-        .map_err(|e| e.to_string())?;
-    let mut con = client.get_connection().map_err(|e| e.to_string())?;
-    for chunk in (0..keys).collect::<Vec<_>>().chunks(1000) {
-        let mut pipe = redis::pipe();
-        for n in chunk {
-            pipe.cmd("HSET")
-                .arg(format!("bench:{n}"))
-                .arg("openai")
-                .arg(format!("sk-bench-{n:08}-0123456789abcdef"))
-                .ignore();
-        }
-        pipe.query::<()>(&mut con).map_err(|e| e.to_string())?;
-    }
-    Ok(())
-}
-
-/// Writes a latency-versus-throughput chart (p50 and p99 against achieved req/s) of a
-/// sweep as a small SVG.
-pub fn plot(path: &std::path::Path, series: &[(&str, Vec<Report>)]) -> std::io::Result<()> {
-    let (w, h, m) = (720.0, 440.0, 60.0);
-    let max_x = series
-        .iter()
-        .flat_map(|(_, r)| r.iter().map(|r| r.rps))
-        .fold(1.0, f64::max)
-        * 1.05;
-    let max_y = series
-        .iter()
-        .flat_map(|(_, r)| r.iter().map(|r| r.p99_us))
-        .fold(1.0, f64::max)
-        * 1.1;
-    let x = |v: f64| m + v / max_x * (w - 2.0 * m);
-    let y = |v: f64| h - m - v / max_y * (h - 2.0 * m);
-    let mut svg = format!(
-        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n\
-         <rect width='100%' height='100%' fill='white'/>\n\
-         <line x1='{m}' y1='{}' x2='{}' y2='{}' stroke='black'/><line x1='{m}' y1='{m}' x2='{m}' y2='{}' stroke='black'/>\n\
-         <text x='{}' y='{}' text-anchor='middle'>throughput (requests/s)</text>\n\
-         <text x='15' y='{}' transform='rotate(-90 15 {})' text-anchor='middle'>latency (µs)</text>\n\
-         <text x='{m}' y='{}'>0</text><text x='{}' y='{}' text-anchor='end'>{:.0}</text><text x='{}' y='{}' text-anchor='end'>{:.0}</text>\n",
-        h - m, w - m, h - m, h - m,
-        w / 2.0, h - 15.0,
-        h / 2.0, h / 2.0,
-        h - m + 15.0, w - m, h - m + 15.0, max_x,
-        m - 5.0, m + 4.0, max_y,
-    );
-    let colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
-    for (i, (name, runs)) in series.iter().enumerate() {
-        let color = colors[i % colors.len()];
-        for (dash, pick) in [("", 0usize), ("6,4", 1)] {
-            let points: Vec<String> = runs
-                .iter()
-                .map(|r| {
-                    format!(
-                        "{:.1},{:.1}",
-                        x(r.rps),
-                        y(if pick == 0 { r.p50_us } else { r.p99_us })
-                    )
-                })
-                .collect();
-            svg.push_str(&format!(
-                "<polyline fill='none' stroke='{color}' stroke-width='2' stroke-dasharray='{dash}' points='{}'/>\n",
-                points.join(" ")
-            ));
-        }
-        svg.push_str(&format!(
-            "<text x='{}' y='{}' fill='{color}'>{name}: p50 solid, p99 dashed</text>\n",
-            m + 10.0,
-            m + 15.0 + 16.0 * i as f64
-        ));
-    }
-    svg.push_str("</svg>\n");
-    std::fs::write(path, svg)
 }
