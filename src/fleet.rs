@@ -254,7 +254,7 @@ fn compare(stored: &HashMap<String, String>, key: &MasterKey, prefix: &str) -> R
     Ok(())
 }
 
-/// Checks `key` against the fleet's check values (see [`compare`]) and records the
+/// Checks `key` against the fleet's check values (see `compare`) and records the
 /// versions new to the fleet. The check runs again on what Redis holds after
 /// recording, so of two daemons that create a fleet's first key at the same moment,
 /// the one whose value did not land is refused. With no check values yet (a fleet

@@ -2,7 +2,7 @@
 //! ptrace-able by same-uid processes, and optionally memory locked against swap.
 
 /// Makes the process non-dumpable (no core files, no same-uid ptrace or
-/// /proc/<pid>/mem reads) and sets the core size limit to 0.
+/// `/proc/<pid>/mem` reads) and sets the core size limit to 0.
 pub fn forbid_dumps() -> std::io::Result<()> {
     // SAFETY: plain syscalls with constant arguments.
     unsafe {

@@ -3,9 +3,12 @@
 //!
 //! Architecture: actors own the state; the socket front end forwards.
 //! - `server` accepts connections, checks peer credentials and the connection cap;
-//!   `session` reads request lines, runs them concurrently, answers in order.
-//! - `protocol` parses lines and parameters; `ops` has one file per op family that
-//!   turns a request into actor messages and encodes the result.
+//!   `session` reads request lines, runs them concurrently, answers in order
+//!   (`sequencer` keeps a connection's reads and writes in order).
+//! - `protocol` parses lines and parameters; `op::Op` is every op with its wire name
+//!   and rules (write, admin-only, audited), checked once before dispatch; `ops` has
+//!   one file per op family that turns a request into actor messages and encodes
+//!   the result.
 //! - `actors::keystore::Keystore` owns the SQLite keystore (on a `SyncArbiter`);
 //!   `actors::store::Store` is the handle to pools and quota counters (the embedded
 //!   `SqliteStore`, or `RedisStore` behind the same messages); `actors::user_keys::UserKeys`
@@ -24,6 +27,12 @@
 //!   `audit` records writes, admin ops and refused connections; `metrics` counts
 //!   answers and renders the Prometheus text; `logfmt` escapes text-log values;
 //!   `check` is `apikeyd check-config`.
+//! - Redis: `keyspace` is the key layout (names, their inverse, scans), `envelope` the
+//!   sealed-value format, `actors::redis` the store (with `connection`: Target,
+//!   Sentinel, TLS; `listen`: pub/sub invalidation). `fleet` checks the master key
+//!   against the fleet's and runs the heartbeat that gates rotation; `lock` holds the
+//!   keystore's flock. The tools `rotate`, `legacy` (import-legacy) and `migrate`
+//!   depend on these, never on actor internals.
 
 pub mod access;
 pub mod actors;
