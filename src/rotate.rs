@@ -227,6 +227,53 @@ fn reseal_sqlite(db: &mut Connection, key: &MasterKey) -> Result<(usize, usize),
     Ok((done, broken))
 }
 
+/// Compare-and-set of one hash field: the re-sealed value replaces the old one only
+/// if the field still holds it (a concurrent write wins).
+const SWAP: &str = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then \
+    redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) return 1 end return 0";
+
+/// Re-seals the envelopes of one hash that are not under the current version:
+/// `reseal` opens a value for its field and seals it again (`None`: it opens with no
+/// version). Answers (re-sealed, left as they are).
+fn reseal_hash(
+    con: &mut redis::Connection,
+    swap: &redis::Script,
+    hash: &str,
+    key: &MasterKey,
+    reseal: impl Fn(&str, &[u8]) -> Option<String>,
+) -> redis::RedisResult<(usize, usize)> {
+    let (mut done, mut broken) = (0, 0);
+    // Bytes, not text: a stray binary field must not stop the rotation.
+    let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(hash)?;
+    for (field, value) in fields {
+        let Some(b64) = value.strip_prefix(ENVELOPE.as_bytes()) else {
+            continue;
+        };
+        let version = B64.decode(b64).ok().as_deref().and_then(sealed_version);
+        if version == Some(key.current_version()) {
+            continue;
+        }
+        let name = String::from_utf8_lossy(&field);
+        let Some(resealed) = reseal(&name, &value) else {
+            eprintln!(
+                "integrity: {} field {} does not open with any key version; left as it is",
+                hash.escape_debug(),
+                name.escape_debug()
+            );
+            broken += 1;
+            continue;
+        };
+        let swapped: i64 = swap
+            .key(hash)
+            .arg(&field)
+            .arg(&value)
+            .arg(resealed)
+            .invoke(con)?;
+        done += swapped as usize;
+    }
+    Ok((done, broken))
+}
+
 /// Re-seals every pool value and sealed user key in Redis not sealed with the current
 /// version; each field only if it still holds what was read. Answers (re-sealed, left
 /// as they are).
@@ -236,80 +283,40 @@ fn reseal_redis(config: &Config, key: &MasterKey) -> Result<(usize, usize), Stri
     let mut con = client
         .get_connection_with_timeout(Duration::from_secs(5))
         .map_err(fail)?;
+    let prefix = config.redis.prefix.as_str();
     let names = Names {
-        prefix: config.redis.prefix.clone(),
+        prefix: prefix.to_string(),
     };
-    let swap = redis::Script::new(
-        "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) return 1 end return 0",
-    );
+    let swap = redis::Script::new(SWAP);
     let (mut done, mut broken) = (0, 0);
+    let mut add = |(d, b): (usize, usize)| {
+        done += d;
+        broken += b;
+    };
     for (hash, pool) in crate::keyspace::pool_hashes(&mut con, &names).map_err(fail)? {
-        // Bytes, not text: a stray binary field must not stop the rotation.
-        let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash).map_err(fail)?;
-        for (field, value) in fields {
-            let Some(b64) = value.strip_prefix(ENVELOPE.as_bytes()) else {
-                continue;
-            };
-            let version = B64.decode(b64).ok().as_deref().and_then(sealed_version);
-            if version == Some(key.current_version()) {
-                continue;
+        add(reseal_hash(&mut con, &swap, &hash, key, |field, value| {
+            match crate::envelope::open_value(key, prefix, &pool, field, value) {
+                PoolValue::Sealed(plain) => Some(envelope(key, prefix, &pool, &plain)),
+                _ => None,
             }
-            let field_name = String::from_utf8_lossy(&field);
-            let PoolValue::Sealed(plain) =
-                crate::envelope::open_value(key, &names.prefix, &pool, &field_name, &value)
-            else {
-                eprintln!(
-                    "integrity: {} field {} does not open with any key version; left as it is",
-                    hash.escape_debug(),
-                    field_name.escape_debug()
-                );
-                broken += 1;
-                continue;
-            };
-            let resealed = envelope(key, &names.prefix, &pool, &plain);
-            let swapped: i64 = swap
-                .key(&hash)
-                .arg(&field)
-                .arg(&value)
-                .arg(resealed)
-                .invoke(&mut con)
-                .map_err(fail)?;
-            done += swapped as usize;
-        }
+        })
+        .map_err(fail)?);
     }
     // Per-user keys sealed in Redis (`keystore.user_keys = "redis"`), same rules.
     for (hash, user_id) in crate::keyspace::user_hashes(&mut con, &names).map_err(fail)? {
-        let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash).map_err(fail)?;
-        for (field, value) in fields {
-            let Some(b64) = value.strip_prefix(ENVELOPE.as_bytes()) else {
-                continue;
-            };
-            let version = B64.decode(b64).ok().as_deref().and_then(sealed_version);
-            if version == Some(key.current_version()) {
-                continue;
-            }
-            let service = String::from_utf8_lossy(&field);
-            let PoolValue::Sealed(plain) =
-                open_user_value(key, &names.prefix, &user_id, &service, &value)
-            else {
-                eprintln!(
-                    "integrity: {} field {} does not open with any key version; left as it is",
-                    hash.escape_debug(),
-                    service.escape_debug()
-                );
-                broken += 1;
-                continue;
-            };
-            let resealed = user_envelope(key, &names.prefix, &user_id, &service, &plain);
-            let swapped: i64 = swap
-                .key(&hash)
-                .arg(&field)
-                .arg(&value)
-                .arg(resealed)
-                .invoke(&mut con)
-                .map_err(fail)?;
-            done += swapped as usize;
-        }
+        add(reseal_hash(
+            &mut con,
+            &swap,
+            &hash,
+            key,
+            |service, value| match open_user_value(key, prefix, &user_id, service, value) {
+                PoolValue::Sealed(plain) => {
+                    Some(user_envelope(key, prefix, &user_id, service, &plain))
+                }
+                _ => None,
+            },
+        )
+        .map_err(fail)?);
     }
     Ok((done, broken))
 }
