@@ -26,7 +26,8 @@
 //! - `access` turns peer credentials (uid, gid, supplementary groups) into a role;
 //!   `audit` records writes, admin ops and refused connections; `metrics` counts
 //!   answers and renders the Prometheus text; `logfmt` escapes text-log values;
-//!   `check` is `apikeyd check-config`.
+//!   `check` is `apikeyd check-config`; `cli` holds the bodies of the subcommands
+//!   (the binary's `main.rs` is only the command line).
 //! - Redis: `keyspace` is the key layout (names, their inverse, scans), `envelope` the
 //!   sealed-value format, `actors::redis` the store (with `connection`: Target,
 //!   Sentinel, TLS; `listen`: pub/sub invalidation). `fleet` checks the master key
@@ -39,6 +40,7 @@ pub mod actors;
 pub mod app;
 pub mod audit;
 pub mod check;
+pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;

@@ -1,0 +1,25 @@
+//! The bodies of the `apikeyd` subcommands, so the binary's `main.rs` is only the
+//! command line: `serve` (logging, signals, the start-up order), the tools (rotate,
+//! import, migrate, keygen, check-config) and the clients (`call`, `metrics`).
+
+mod serve;
+mod tools;
+
+pub use serve::serve;
+pub use tools::*;
+
+use std::path::PathBuf;
+
+use crate::config::Config;
+
+/// The config named on the command line (must exist), else the default (may be absent).
+pub fn load_config(explicit: Option<PathBuf>) -> Result<Config, String> {
+    let (path, must_exist) = match explicit {
+        Some(p) => (p, true),
+        None => (
+            Config::default_path(),
+            std::env::var_os("APIKEYD_CONFIG").is_some(),
+        ),
+    };
+    Config::load(&path, must_exist).map_err(|e| e.0)
+}

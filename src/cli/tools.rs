@@ -1,0 +1,171 @@
+//! The tools and clients: check-config, import-legacy, rotate-master-key,
+//! migrate-user-keys, keygen, call and metrics. Each loads its config (exit 2 when it
+//! cannot), runs, and answers the process exit code.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use super::load_config;
+use crate::config::Config;
+
+/// The config of tool `name`, or the exit code 2 after saying why it cannot be read.
+fn tool_config(name: &str, explicit: Option<PathBuf>) -> Result<Config, ExitCode> {
+    load_config(explicit).map_err(|e| {
+        eprintln!("apikeyd {name}: {e}");
+        ExitCode::from(2)
+    })
+}
+use crate::crypto::MasterKey;
+
+/// `apikeyd migrate-user-keys`.
+pub fn migrate_user_keys(config: Option<PathBuf>, to: crate::migrate::Destination) -> ExitCode {
+    let config = match tool_config("migrate-user-keys", config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match crate::migrate::migrate(&config, to) {
+        Ok(r) => {
+            println!(
+                "done: {} user keys moved, {} already there, {} left in clear (run import-legacy), {} unreadable",
+                r.moved, r.already_in_target, r.left_in_clear, r.unreadable
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("apikeyd migrate-user-keys: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The socket of `call` and `metrics`: `--socket`/`$APIKEYD_SOCKET` without reading
+/// any config (so a broken config does not stop a client), else the config's.
+fn client_socket(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf, String> {
+    match socket {
+        Some(s) => Ok(s),
+        None => load_config(config).map(|c| c.server.socket),
+    }
+}
+
+/// `apikeyd call`.
+pub fn call(socket: Option<PathBuf>, config: Option<PathBuf>, requests: Vec<String>) -> ExitCode {
+    match client_socket(socket, config) {
+        Ok(socket) => ExitCode::from(crate::client::call(&socket, requests) as u8),
+        Err(e) => {
+            eprintln!("apikeyd call: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `apikeyd metrics`.
+pub fn metrics(socket: Option<PathBuf>, config: Option<PathBuf>) -> ExitCode {
+    match client_socket(socket, config) {
+        Ok(socket) => ExitCode::from(crate::client::metrics(&socket) as u8),
+        Err(e) => {
+            eprintln!("apikeyd metrics: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `apikeyd check-config`: what `serve` would refuse, without binding anything.
+pub fn check_config(explicit: Option<PathBuf>) -> ExitCode {
+    let (path, must_exist) = match explicit {
+        Some(p) => (p, true),
+        None => (
+            Config::default_path(),
+            std::env::var_os("APIKEYD_CONFIG").is_some(),
+        ),
+    };
+    let report = crate::check::check(&path, must_exist);
+    if let Some(text) = &report.effective {
+        println!(
+            "# effective configuration of {} (secrets left out)",
+            path.display()
+        );
+        print!("{text}");
+        if !text.ends_with('\n') {
+            println!();
+        }
+    }
+    for note in &report.notes {
+        eprintln!("note: {note}");
+    }
+    for problem in &report.problems {
+        eprintln!("problem: {problem}");
+    }
+    if report.problems.is_empty() {
+        eprintln!("config OK: `apikeyd serve` would start");
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "{} problem(s): `apikeyd serve` would refuse to start",
+            report.problems.len()
+        );
+        ExitCode::from(1)
+    }
+}
+
+/// `apikeyd import-legacy`.
+pub fn import_legacy(config: Option<PathBuf>, dry_run: bool) -> ExitCode {
+    let config = match tool_config("import-legacy", config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match crate::legacy::import(&config, dry_run) {
+        Ok(r) => {
+            println!(
+                "{}: {} user keys moved, {} already in the keystore, {} pool values encrypted, {} skipped",
+                if dry_run { "dry run" } else { "done" },
+                r.user_keys_moved,
+                r.user_keys_already_stored,
+                r.pool_values_encrypted,
+                r.skipped
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("apikeyd import-legacy: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `apikeyd rotate-master-key`.
+pub fn rotate(config: Option<PathBuf>, key_file: Option<PathBuf>, add_only: bool) -> ExitCode {
+    let config = match tool_config("rotate-master-key", config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let key_file = key_file.unwrap_or_else(|| config.keystore.master_key_file.clone());
+    let rotation = crate::rotate::Rotation {
+        config: &config,
+        key_file: &key_file,
+        add_only,
+    };
+    match crate::rotate::rotate(rotation) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("apikeyd rotate-master-key: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `apikeyd keygen`.
+pub fn keygen(out: &Path) -> ExitCode {
+    match MasterKey::create_file(out) {
+        Ok(_) => {
+            println!(
+                "wrote a new master key to {} (mode 0600); back it up",
+                out.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("apikeyd keygen: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
