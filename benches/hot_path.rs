@@ -5,20 +5,14 @@
 
 use std::hint::black_box;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use actix::prelude::*;
 use criterion::{criterion_group, criterion_main, Criterion};
 
-use apikeyd::actors::cache::{KeyCache, LookupUserKey};
-use apikeyd::actors::embedded::SqliteStore;
-use apikeyd::actors::keystore::{self, Keystore, StoreUserKey};
-use apikeyd::actors::store::{
-    AddPoolKey, HealthRules, Outcome, PoolRef, ReportPoolKey, Store, StoreMode,
-};
-use apikeyd::actors::user_keys::UserKeys;
+use apikeyd::actors::cache::LookupUserKey;
+use apikeyd::actors::keystore::{self, StoreUserKey};
+use apikeyd::actors::store::{AddPoolKey, HealthRules, Outcome, PoolRef, ReportPoolKey};
 use apikeyd::app::App;
-use apikeyd::audit::Audit;
 use apikeyd::config::Config;
 use apikeyd::crypto::{MasterKey, Place, Secret};
 use apikeyd::protocol::{self, Line};
@@ -83,30 +77,10 @@ fn actors(system: &actix_rt::SystemRunner, dir: &std::path::Path) -> Rc<App> {
     // Pools stay cached for the whole measurement.
     config.cache.pool_ttl_s = 3600;
     system.block_on(async move {
+        // The daemon's own wiring (`apikeyd::start`), as `serve` builds it.
         let opened = keystore::open(&config, 2).unwrap();
-        let key = opened.key.clone();
-        let mut conns = opened.connections;
-        let store_db = std::sync::Mutex::new(conns.pop());
-        let k = key.clone();
-        let store_addr = SyncArbiter::start(1, move || {
-            SqliteStore::new(store_db.lock().unwrap().take().unwrap(), k.clone())
-        });
-        let store = Store::new(
-            StoreMode::Embedded,
-            None,
-            Duration::from_secs(10),
-            store_addr,
-        );
-        let ks_db = std::sync::Mutex::new(conns.pop());
-        let k = key.clone();
-        let keystore = SyncArbiter::start(1, move || {
-            Keystore::new(ks_db.lock().unwrap().take().unwrap(), k.clone())
-        });
-        let user_keys = UserKeys::new(false, Duration::from_secs(10), keystore.clone());
-        let cache = KeyCache::new(user_keys.clone(), store.clone(), &config.cache);
-        let reader = cache.reader();
-        let cache = cache.start();
-        keystore
+        let app = apikeyd::start(config, opened).unwrap().app;
+        app.keystore
             .send(StoreUserKey {
                 user_id: "user-123".into(),
                 service: "openai".into(),
@@ -115,16 +89,6 @@ fn actors(system: &actix_rt::SystemRunner, dir: &std::path::Path) -> Rc<App> {
             .await
             .unwrap()
             .unwrap();
-        let app = Rc::new(App::new(
-            config,
-            keystore,
-            user_keys,
-            cache,
-            reader,
-            store,
-            Audit::open(None).unwrap(),
-            key,
-        ));
         app.cache
             .send(LookupUserKey {
                 user_id: "user-123".into(),

@@ -2,6 +2,9 @@
 //! socket speaking JSON lines.
 //!
 //! Architecture: actors own the state; the socket front end forwards.
+//! - `start` builds the daemon (actors, cache, `App`) on an opened keystore; `run`
+//!   serves it on a listener until told to stop. `serve`, the benches and in-process
+//!   users share that one wiring.
 //! - `server` accepts connections, checks peer credentials and the connection cap;
 //!   `session` reads request lines, runs them concurrently, answers in order
 //!   (`sequencer` keeps a connection's reads and writes in order).
@@ -229,21 +232,21 @@ async fn watchdog(app: Rc<App>, every: std::time::Duration) {
     }
 }
 
-/// Runs the daemon on `listener` until `Control::Shutdown` (or the sender is dropped).
-/// Must be called inside an actix `System`.
-///
-/// `metrics`: the `metrics.listen` port bound by [`metrics::bind`], served from here on.
-pub async fn run(
-    config: Config,
-    opened: Opened,
-    listener: UnixListener,
-    mut control: mpsc::UnboundedReceiver<Control>,
-    metrics: Option<metrics::Listener>,
-) -> Result<(), StartError> {
+/// The daemon built: every actor started and wired (and in Redis mode the fleet
+/// heartbeat and the invalidation listener), not yet serving. Holds the keystore lock.
+pub struct Started {
+    pub app: Rc<App>,
+    _lock: Option<lock::KeystoreLock>,
+}
+
+/// Builds the daemon on an opened keystore: the store, keystore and cache actors and
+/// the shared `App`. Must be called inside an actix `System`. The benches and
+/// in-process tests use it as the daemon does, so the wiring exists once.
+pub fn start(config: Config, opened: Opened) -> Result<Started, StartError> {
     let Opened {
         key,
         mut connections,
-        lock: _lock,
+        lock,
         fleet_verified,
     } = opened;
     let store_db = connections
@@ -251,7 +254,6 @@ pub async fn run(
         .ok_or_else(|| StartError("no keystore connection for the store".into()))?;
     let (store, redis) = start_store(&config, key.clone(), store_db, fleet_verified)?;
     let key_for_app = key.clone();
-    let mode = store.mode;
     let threads = connections.len();
     let pool = Mutex::new(connections);
     let keystore = SyncArbiter::start(threads, move || {
@@ -294,6 +296,21 @@ pub async fn run(
     );
     app.redis = switches;
     let app = Rc::new(app);
+    Ok(Started { app, _lock: lock })
+}
+
+/// Serves the daemon built by `start` on `listener` until `Control::Shutdown` (or the sender is dropped).
+/// Must be called inside an actix `System`.
+///
+/// `metrics`: the `metrics.listen` port bound by [`metrics::bind`], served from here on.
+pub async fn run(
+    started: Started,
+    listener: UnixListener,
+    mut control: mpsc::UnboundedReceiver<Control>,
+    metrics: Option<metrics::Listener>,
+) -> Result<(), StartError> {
+    let app = started.app.clone();
+    let mode = app.store.mode;
 
     if let Some(listener) = metrics {
         let (ask, mut asked) = mpsc::unbounded_channel::<metrics::RenderRequest>();

@@ -96,9 +96,15 @@ pub fn serve(explicit: Option<PathBuf>) -> ExitCode {
             Err(e) => return refuse(e),
         };
         let activated = passed.is_some();
+        let socket_mode = config.socket_mode();
+        // Every actor is built (and can refuse) before the socket is bound.
+        let started = match crate::start(config, opened) {
+            Ok(s) => s,
+            Err(e) => return refuse(e),
+        };
         let bound = match passed {
             Some(l) => tokio::net::UnixListener::from_std(l),
-            None => crate::server::bind(&socket, config.socket_mode()),
+            None => crate::server::bind(&socket, socket_mode),
         };
         let listener = match bound {
             Ok(l) => l,
@@ -113,7 +119,7 @@ pub fn serve(explicit: Option<PathBuf>) -> ExitCode {
         } else {
             tracing::info!(socket = %socket.display(), "listening");
         }
-        let outcome = crate::run(config, opened, listener, rx, metrics).await;
+        let outcome = crate::run(started, listener, rx, metrics).await;
         if !activated {
             if let Err(e) = std::fs::remove_file(&socket) {
                 tracing::warn!(error = %e, "cannot remove the socket file");
