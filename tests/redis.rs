@@ -78,6 +78,14 @@ fn no_key_in_clear_anywhere_in_redis() {
     c.ok(json!({"op": "add_pool_key", "service": "openai", "key": CANARY, "channel_id": "c"}));
     c.ok(json!({"op": "set_user_api_key", "user_id": "u", "service": "openai", "key": CANARY}));
     c.ok(json!({"op": "consume_default_key_usage", "user_id": "u", "tool_name": "t"}));
+    // Health marks and counters of the user key and a pool key hold no key either.
+    c.ok(json!({"op": "report_key_result", "service": "openai", "user_id": "u", "outcome": "unauthorized"}));
+    let key_id = c.ok(json!({"op": "list_pool_keys", "service": "openai", "channel_id": "c"}))
+        ["keys"][0]["key_id"]
+        .clone();
+    let r = c.ok(json!({"op": "report_key_result", "service": "openai", "key_id": key_id, "channel_id": "c", "outcome": "rate_limited"}));
+    assert_eq!(r["state"], "cooling", "{r}");
+    c.ok(json!({"op": "set_user_api_key", "user_id": "u", "service": "openai", "key": CANARY}));
     assert_eq!(
         c.ok(json!({"op": "get_pool_api_key", "service": "openai"}))["key"],
         CANARY
@@ -106,7 +114,8 @@ fn no_key_in_clear_anywhere_in_redis() {
             }
         }
     }
-    // Nor in the daemon's own data folder (user keys stay in its keystore).
+    // Nor in the daemon's own data folder (user keys live in Redis by default; the
+    // keystore holds the check value and the pool health of embedded mode).
     drop(c);
     for (path, bytes) in common::files_below(&d.path("data")) {
         for w in &windows {
