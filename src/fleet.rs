@@ -320,44 +320,65 @@ pub fn mark_retired(config: &Config, versions: &[u32]) -> Result<(), String> {
     Ok(())
 }
 
-/// The heartbeats under the fleet pattern, by key name (bytes: a stray key with a
-/// name that is not UTF-8 must not hide the others). Keys that are not a heartbeat
-/// (another type, not JSON, no versions) come back as `Err(name)`.
-fn parse_members(
-    keys: &[Vec<u8>],
-    values: Vec<Option<Vec<u8>>>,
-) -> Vec<std::result::Result<Member, String>> {
-    keys.iter()
+/// The heartbeats of the fleet's member ids (bytes: an id that is not UTF-8 must not
+/// hide the others), with the values read for them. A member whose heartbeat expired
+/// (`None`) is `Gone`; a value that is not a heartbeat (another type, not JSON, no
+/// versions) is `Stray` with its escaped id.
+fn parse_members(ids: &[Vec<u8>], values: Vec<Option<Vec<u8>>>) -> Vec<Beat> {
+    ids.iter()
         .zip(values)
-        .map(|(k, v)| {
-            v.and_then(|v| serde_json::from_slice::<Member>(&v).ok())
+        .map(|(id, v)| match v {
+            None => Beat::Gone(id.clone()),
+            Some(v) => serde_json::from_slice::<Member>(&v)
+                .ok()
                 .filter(|m| !m.versions.is_empty())
-                .ok_or_else(|| String::from_utf8_lossy(k).escape_debug().to_string())
+                .map_or_else(
+                    || Beat::Stray(String::from_utf8_lossy(id).escape_debug().to_string()),
+                    Beat::Live,
+                ),
         })
         .collect()
 }
 
-/// Every live daemon's heartbeat. Stray keys under the pattern are skipped with a
-/// warning naming them; a Redis error is an error (the caller must not take "no
-/// heartbeat read" for "no daemon behind").
+/// What one member id of the fleet set stands for now.
+enum Beat {
+    Live(Member),
+    /// Its heartbeat expired: the daemon is gone (its id is removed from the set).
+    Gone(Vec<u8>),
+    Stray(String),
+}
+
+/// The heartbeat keys of `ids`.
+fn member_keys(names: &Names, ids: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    ids.iter()
+        .map(|id| {
+            let mut k = names.fleet_member("").into_bytes();
+            k.extend_from_slice(id);
+            k
+        })
+        .collect()
+}
+
+/// Every live daemon's heartbeat, found through the fleet set (no keyspace scan).
+/// Stray entries are skipped with a warning naming them; a Redis error is an error
+/// (the caller must not take "no heartbeat read" for "no daemon behind").
 pub fn members(config: &Config) -> Result<Vec<Member>, String> {
     let mut con = connect(&config.redis, TOOL_WAIT)?;
-    let pattern = names(config).fleet_member("*");
-    let keys: Vec<Vec<u8>> = con
-        .scan_match::<_, Vec<u8>>(&pattern)
-        .map_err(redis_failed)?
-        .collect::<redis::RedisResult<_>>()
-        .map_err(redis_failed)?;
-    if keys.is_empty() {
+    let names = names(config);
+    let ids: Vec<Vec<u8>> = con.smembers(names.fleet()).map_err(redis_failed)?;
+    if ids.is_empty() {
         return Ok(Vec::new());
     }
     // MGET answers nil for a key of another type instead of failing.
-    let values: Vec<Option<Vec<u8>>> = con.mget(&keys).map_err(redis_failed)?;
+    let values: Vec<Option<Vec<u8>>> = con.mget(member_keys(&names, &ids)).map_err(redis_failed)?;
     let mut out = Vec::new();
-    for m in parse_members(&keys, values) {
-        match m {
-            Ok(m) => out.push(m),
-            Err(name) => eprintln!("warning: skipping {name}: not a daemon's heartbeat"),
+    for beat in parse_members(&ids, values) {
+        match beat {
+            Beat::Live(m) => out.push(m),
+            Beat::Gone(_) => {}
+            Beat::Stray(id) => {
+                eprintln!("warning: skipping fleet member {id}: not a daemon's heartbeat")
+            }
         }
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -508,25 +529,25 @@ async fn beat(
             key.versions()
         )));
     }
-    let mut keys: Vec<Vec<u8>> = Vec::new();
-    {
-        let mut iter = conn
-            .scan_match::<_, Vec<u8>>(names.fleet_member("*"))
-            .await?;
-        while let Some(k) = futures_util::StreamExt::next(&mut iter).await {
-            keys.push(k?);
-        }
-    }
-    let others: Vec<Member> = if keys.is_empty() {
+    let ids: Vec<Vec<u8>> = conn.smembers(names.fleet()).await?;
+    let beats = if ids.is_empty() {
         Vec::new()
     } else {
-        let values: Vec<Option<Vec<u8>>> = conn.mget(&keys).await?;
-        parse_members(&keys, values)
-            .into_iter()
-            .flatten()
-            .filter(|m| m.id != me.id)
-            .collect()
+        let values: Vec<Option<Vec<u8>>> = conn.mget(member_keys(names, &ids)).await?;
+        parse_members(&ids, values)
     };
+    let mut others = Vec::new();
+    let mut gone = Vec::new();
+    for beat in beats {
+        match beat {
+            Beat::Live(m) if m.id != me.id => others.push(m),
+            Beat::Gone(id) => gone.push(id),
+            _ => {}
+        }
+    }
+    if !gone.is_empty() {
+        let _: () = conn.srem(names.fleet(), gone).await?;
+    }
     let versions = key.versions();
     let mine = versions.iter().copied().max().unwrap_or(0);
     let cap = others.iter().map(Member::newest).fold(mine, u32::min);
@@ -541,7 +562,12 @@ async fn beat(
         at: clock::now_s(),
     };
     let text = serde_json::to_string(&record).unwrap_or_default();
-    conn.set_ex::<_, _, ()>(names.fleet_member(&me.id), text, BEAT_TTL_S)
+    redis::pipe()
+        .set_ex(names.fleet_member(&me.id), text, BEAT_TTL_S)
+        .ignore()
+        .sadd(names.fleet(), &me.id)
+        .ignore()
+        .query_async::<()>(conn)
         .await?;
     Ok(None)
 }

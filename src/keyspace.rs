@@ -85,6 +85,12 @@ impl Names {
         format!("{}:apikeyd:keycheck", self.prefix)
     }
 
+    /// The set of fleet members' ids, so heartbeats are found without a SCAN of the
+    /// whole keyspace: `{prefix}:apikeyd:fleet`.
+    pub fn fleet(&self) -> String {
+        format!("{}:apikeyd:fleet", self.prefix)
+    }
+
     /// One live daemon's heartbeat (expires): `{prefix}:apikeyd:fleet:{member}`.
     pub fn fleet_member(&self, member: &str) -> String {
         format!("{}:apikeyd:fleet:{member}", self.prefix)

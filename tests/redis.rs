@@ -47,7 +47,8 @@ fn key_names_follow_the_layout() {
         "acme:apikeyd:keycheck".to_string(),
     ]
     .into();
-    // One heartbeat per live daemon, named after its host, pid and a random part.
+    // The fleet set, and one heartbeat per live daemon, named after its host, pid and
+    // a random part.
     eventually(Duration::from_secs(10), || {
         all_keys(&mut con)
             .iter()
@@ -56,6 +57,8 @@ fn key_names_follow_the_layout() {
     let (beats, rest): (BTreeSet<String>, BTreeSet<String>) = all_keys(&mut con)
         .into_iter()
         .partition(|k| k.starts_with("acme:apikeyd:fleet:"));
+    let mut expected = expected;
+    expected.insert("acme:apikeyd:fleet".to_string());
     assert_eq!(rest, expected);
     assert_eq!(beats.len(), 1, "{beats:?}");
     // One field per key: field = key_id, value = an envelope.
@@ -106,6 +109,7 @@ fn no_key_in_clear_anywhere_in_redis() {
                 }
             }
             "string" => blobs.push(con.get(&k).unwrap()),
+            "set" => blobs.extend(con.smembers::<_, Vec<Vec<u8>>>(&k).unwrap()),
             other => panic!("unexpected {other} at {k}"),
         }
         for b in blobs {
