@@ -30,19 +30,31 @@ fn call_as_nobody(
     socket: &std::path::Path,
     requests: &[Value],
 ) -> Vec<Value> {
-    let out = Command::new("setpriv")
-        .args([
-            format!("--reuid={NOBODY}"),
-            format!("--regid={NOBODY}"),
-            "--clear-groups".into(),
-        ])
-        .arg(bin)
-        .arg("call")
-        .arg("--socket")
-        .arg(socket)
-        .args(requests.iter().map(|r| r.to_string()))
-        .output()
-        .expect("setpriv (util-linux) is needed: apt-get install util-linux");
+    assert!(
+        Command::new("setpriv").arg("--version").output().is_ok(),
+        "setpriv (util-linux) is needed: apt-get install util-linux"
+    );
+    let out = common::output_retrying_busy(
+        Command::new("setpriv")
+            .args([
+                format!("--reuid={NOBODY}"),
+                format!("--regid={NOBODY}"),
+                "--clear-groups".into(),
+            ])
+            .arg(bin)
+            .arg("call")
+            .arg("--socket")
+            .arg(socket)
+            .args(requests.iter().map(|r| r.to_string())),
+    );
+    if out.stdout.is_empty() {
+        // Shown with the failing assertion: why the client printed nothing.
+        eprintln!(
+            "client as nobody printed nothing ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()

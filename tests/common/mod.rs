@@ -559,3 +559,17 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
+
+/// Runs `cmd` and waits for it, running it again (a few times) when exec failed with
+/// "Text file busy": a binary just copied for another user can still be open for
+/// writing in a child that another test thread forked meanwhile (ETXTBSY).
+pub fn output_retrying_busy(cmd: &mut Command) -> std::process::Output {
+    for _ in 0..20 {
+        let out = cmd.output().expect("run the command");
+        if !String::from_utf8_lossy(&out.stderr).contains("Text file busy") {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cmd.output().expect("run the command")
+}
