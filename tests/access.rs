@@ -3,76 +3,15 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Mode, TestDaemon};
-use serde_json::{json, Value};
+use common::{call_as, need_root, open_up, Mode, TestDaemon, NOBODY};
+use serde_json::json;
 
-const NOBODY: u32 = 65534;
 /// A group nobody is in, given to the client only as a supplementary group.
 const CLIENTS: u32 = 4242;
-
-fn need_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test needs root: it switches clients to other uids with setpriv"
-    );
-}
-
-/// Makes the socket reachable for other uids and copies the client binary where
-/// they can run it.
-fn open_up(d: &TestDaemon) -> PathBuf {
-    for p in [d.dir.path().to_path_buf(), d.path("run")] {
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let bin = d.path("apikeyd-client");
-    std::fs::copy(common::bin(), &bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    bin
-}
-
-/// Runs `apikeyd call` as uid/gid nobody with exactly the supplementary `groups`.
-fn call_as(bin: &Path, socket: &Path, groups: &[u32], requests: &[Value]) -> Vec<Value> {
-    need_root();
-    let mut cmd = Command::new("setpriv");
-    cmd.args([format!("--reuid={NOBODY}"), format!("--regid={NOBODY}")]);
-    if groups.is_empty() {
-        cmd.arg("--clear-groups");
-    } else {
-        let list: Vec<String> = groups.iter().map(u32::to_string).collect();
-        cmd.arg(format!("--groups={}", list.join(",")));
-    }
-    assert!(
-        Command::new("setpriv").arg("--version").output().is_ok(),
-        "setpriv (util-linux) is needed: apt-get install util-linux"
-    );
-    let out = common::output_retrying_busy(
-        cmd.arg(bin)
-            .arg("call")
-            .arg("--socket")
-            .arg(socket)
-            .args(requests.iter().map(|r| r.to_string())),
-    );
-    if out.stdout.is_empty() {
-        // Shown with the failing assertion: why the client printed nothing.
-        eprintln!(
-            "client as nobody printed nothing ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 #[test]
 fn supplementary_groups_count_for_allow_and_admin() {

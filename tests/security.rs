@@ -4,62 +4,18 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::Command;
 
-use common::{contains, files_below, Mode, TestDaemon, CANARY};
+use common::{contains, files_below, open_up, Mode, TestDaemon, CANARY, NOBODY};
 use serde_json::{json, Value};
 
-const NOBODY: u32 = 65534;
-
-/// Makes the daemon's socket reachable for another uid (as an operator would with
-/// a group), and copies the client binary where that uid can run it.
-fn open_up(d: &TestDaemon) -> std::path::PathBuf {
-    for p in [d.dir.path().to_path_buf(), d.path("run")] {
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let bin = d.path("apikeyd-client");
-    std::fs::copy(common::bin(), &bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    bin
-}
-
-/// Runs `apikeyd call` as uid/gid `NOBODY`, one connection for all `requests`.
+/// Runs `apikeyd call` as uid/gid `NOBODY` without groups, one connection for all
+/// `requests`.
 fn call_as_nobody(
     bin: &std::path::Path,
     socket: &std::path::Path,
     requests: &[Value],
 ) -> Vec<Value> {
-    assert!(
-        Command::new("setpriv").arg("--version").output().is_ok(),
-        "setpriv (util-linux) is needed: apt-get install util-linux"
-    );
-    let out = common::output_retrying_busy(
-        Command::new("setpriv")
-            .args([
-                format!("--reuid={NOBODY}"),
-                format!("--regid={NOBODY}"),
-                "--clear-groups".into(),
-            ])
-            .arg(bin)
-            .arg("call")
-            .arg("--socket")
-            .arg(socket)
-            .args(requests.iter().map(|r| r.to_string())),
-    );
-    if out.stdout.is_empty() {
-        // Shown with the failing assertion: why the client printed nothing.
-        eprintln!(
-            "client as nobody printed nothing ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    common::call_as(bin, socket, &[], requests)
 }
 
 fn strangers_get_one_forbidden_line(mode: Mode) {

@@ -573,3 +573,66 @@ pub fn output_retrying_busy(cmd: &mut Command) -> std::process::Output {
     }
     cmd.output().expect("run the command")
 }
+
+/// The uid and gid clients are switched to (`nobody`/`nogroup`).
+pub const NOBODY: u32 = 65534;
+
+/// Asserts the suite runs as root, which switching clients to other uids needs.
+pub fn need_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test needs root: it switches clients to other uids with setpriv"
+    );
+}
+
+/// Makes the socket reachable for other uids and copies the client binary where
+/// they can run it.
+pub fn open_up(d: &TestDaemon) -> PathBuf {
+    for p in [d.dir.path().to_path_buf(), d.path("run")] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let client = d.path("apikeyd-client");
+    std::fs::copy(bin(), &client).unwrap();
+    std::fs::set_permissions(&client, std::fs::Permissions::from_mode(0o755)).unwrap();
+    client
+}
+
+/// Runs `apikeyd call` as uid/gid nobody with exactly the supplementary `groups`.
+pub fn call_as(bin: &Path, socket: &Path, groups: &[u32], requests: &[Value]) -> Vec<Value> {
+    need_root();
+    let mut cmd = Command::new("setpriv");
+    cmd.args([format!("--reuid={NOBODY}"), format!("--regid={NOBODY}")]);
+    if groups.is_empty() {
+        cmd.arg("--clear-groups");
+    } else {
+        let list: Vec<String> = groups.iter().map(u32::to_string).collect();
+        cmd.arg(format!("--groups={}", list.join(",")));
+    }
+    assert!(
+        Command::new("setpriv").arg("--version").output().is_ok(),
+        "setpriv (util-linux) is needed: apt-get install util-linux"
+    );
+    let out = output_retrying_busy(
+        cmd.arg(bin)
+            .arg("call")
+            .arg("--socket")
+            .arg(socket)
+            .args(requests.iter().map(|r| r.to_string())),
+    );
+    if out.stdout.is_empty() {
+        // Shown with the failing assertion: why the client printed nothing.
+        eprintln!(
+            "client as nobody printed nothing ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
