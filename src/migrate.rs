@@ -94,6 +94,25 @@ fn db_fail(e: rusqlite::Error) -> String {
     format!("keystore: {e}")
 }
 
+/// The user key stored in the keystore for (user, service), opened; `None` when
+/// there is none or it does not open. Read in the import transaction and again,
+/// committed, before the Redis copy may go.
+fn stored_key(
+    db: &Connection,
+    master: &MasterKey,
+    user_id: &str,
+    service: &str,
+) -> Result<Option<Secret>, String> {
+    let sealed: Option<Vec<u8>> = db
+        .prepare_cached("SELECT sealed FROM user_keys WHERE user_id = ?1 AND service = ?2")
+        .and_then(|mut s| {
+            s.query_row(params![user_id, service], |r| r.get(0))
+                .optional()
+        })
+        .map_err(db_fail)?;
+    Ok(sealed.and_then(|s| master.open(&s, Place::User { user_id, service }).ok()))
+}
+
 fn announce(user_id: &str, service: &str) -> String {
     serde_json::to_string(&Changed::UserKey {
         user_id: user_id.to_string(),
@@ -339,20 +358,7 @@ fn to_local(
             let tx = db.transaction().map_err(db_fail)?;
             let mut outcome = Vec::with_capacity(chunk.len());
             for (_, service, _, plain) in chunk {
-                let held: Option<Vec<u8>> = tx
-                    .prepare_cached(
-                        "SELECT sealed FROM user_keys WHERE user_id = ?1 AND service = ?2",
-                    )
-                    .and_then(|mut s| {
-                        s.query_row(params![user_id, service], |r| r.get(0))
-                            .optional()
-                    })
-                    .map_err(db_fail)?;
-                let place = Place::User {
-                    user_id: &user_id,
-                    service,
-                };
-                let there = held.is_some_and(|s| ctx.master.open(&s, place).is_ok());
+                let there = stored_key(&tx, ctx.master, &user_id, service)?.is_some();
                 if !there {
                     store_user_key(&tx, ctx.master, &user_id, service, plain)
                         .map_err(|e| format!("keystore: {e}"))?;
@@ -370,21 +376,7 @@ fn to_local(
             tx.commit().map_err(db_fail)?;
             for ((field, service, value, plain), there) in chunk.iter().zip(outcome) {
                 // Read back from the committed keystore before the Redis copy goes.
-                let sealed: Option<Vec<u8>> = db
-                    .prepare_cached(
-                        "SELECT sealed FROM user_keys WHERE user_id = ?1 AND service = ?2",
-                    )
-                    .and_then(|mut s| {
-                        s.query_row(params![user_id, service], |r| r.get(0))
-                            .optional()
-                    })
-                    .map_err(db_fail)?;
-                let place = Place::User {
-                    user_id: &user_id,
-                    service,
-                };
-                let verified = sealed
-                    .and_then(|s| ctx.master.open(&s, place).ok())
+                let verified = stored_key(db, ctx.master, &user_id, service)?
                     .is_some_and(|k| there || k.expose() == plain.expose());
                 if !verified {
                     eprintln!("user {user_id} service {service}: the keystore copy does not open; the redis copy stays");
