@@ -29,7 +29,7 @@ fn parse(c: &mut Criterion) {
             black_box(req.user_id().unwrap());
             black_box(req.service().unwrap());
             black_box(req.channel_id().unwrap());
-            black_box(req.flag("fallback_to_pool", true).unwrap());
+            black_box(req.fallback_to_pool().unwrap());
         })
     });
 }

@@ -317,66 +317,43 @@ pub fn check_key(raw: Secret) -> Result<Secret> {
     }
 }
 
-impl Request {
-    /// Takes a member out (each is read once).
-    fn take(&mut self, name: &str) -> Option<Param> {
-        let p = &mut self.params;
-        match name {
-            "user_id" => p.user_id.take(),
-            "service" => p.service.take(),
-            "channel_id" => p.channel_id.take(),
-            "key" => p
-                .key
-                .take()
-                .map(|mut k| std::mem::replace(&mut k.0, Param::Container)),
-            "key_id" => p.key_id.take(),
-            "label" => p.label.take(),
-            "tool_name" => p.tool_name.take(),
-            "fallback_to_pool" => p.fallback_to_pool.take(),
-            "fallback_to_config" => p.fallback_to_config.take(),
-            "daily_limit" => p.daily_limit.take(),
-            "current" => p.current.take(),
-            "limit" => p.limit.take(),
-            "outcome" => p.outcome.take(),
-            "retry_after_s" => p.retry_after_s.take(),
-            _ => None,
+/// A member taken out of a request (each is read once), with its wire name for
+/// messages. Only [`take!`] makes one, from a field of `Members`: a misspelled
+/// member is a compile error, not a silent default.
+struct Taken {
+    name: &'static str,
+    param: Option<Param>,
+}
+
+macro_rules! take {
+    ($req:ident . $field:ident) => {
+        Taken {
+            name: stringify!($field),
+            param: $req.params.$field.take(),
         }
-    }
+    };
+}
 
-    /// Whether the request carries a `key` member (ask before it is read).
-    pub fn carries_key(&self) -> bool {
-        self.params.key.is_some()
-    }
-
-    /// Whether member `name` was sent (and not null) and is still unread.
-    pub fn has(&self, name: &str) -> bool {
-        let p = &self.params;
-        match name {
-            "user_id" => p.user_id.is_some(),
-            "service" => p.service.is_some(),
-            "channel_id" => p.channel_id.is_some(),
-            "key_id" => p.key_id.is_some(),
-            "label" => p.label.is_some(),
-            _ => false,
-        }
-    }
-
-    /// A string member; `None` when absent or null.
-    fn opt_string(&mut self, name: &str) -> Result<Option<String>> {
-        match self.take(name) {
+impl Taken {
+    /// A string; `None` when absent or null.
+    fn opt_string(self) -> Result<Option<String>> {
+        match self.param {
             None => Ok(None),
             Some(Param::Str(s)) => Ok(Some(s)),
-            Some(_) => Err(Error::param(name, "must be a string")),
+            Some(_) => Err(Error::param(self.name, "must be a string")),
         }
     }
 
-    fn string(&mut self, name: &str) -> Result<String> {
-        self.opt_string(name)?
+    fn string(self) -> Result<String> {
+        let name = self.name;
+        self.opt_string()?
             .ok_or_else(|| Error::param(name, "is missing"))
     }
 
-    fn ident(&mut self, name: &str, max: usize) -> Result<String> {
-        let s = self.string(name)?;
+    /// An identifier of 1–`max` bytes (see [`check_ident`]).
+    fn ident(self, max: usize) -> Result<String> {
+        let name = self.name;
+        let s = self.string()?;
         check_ident(name, &s, max)?;
         Ok(s)
     }
@@ -384,30 +361,83 @@ impl Request {
     /// `user_id` or `channel_id`: a string, or a non-negative JSON integer (a Discord
     /// snowflake, as the original module's callers pass) taken as its decimal string.
     /// `None` when absent or null.
-    fn opt_id(&mut self, name: &str) -> Result<Option<String>> {
-        let id = match self.take(name) {
+    fn opt_id(self) -> Result<Option<String>> {
+        let id = match self.param {
             None => return Ok(None),
             Some(Param::Str(s)) => s,
             Some(Param::U64(n)) => n.to_string(),
             Some(_) => {
                 return Err(Error::param(
-                    name,
+                    self.name,
                     "must be a string or a non-negative integer",
                 ))
             }
         };
-        check_ident(name, &id, 128)?;
+        check_ident(self.name, &id, 128)?;
         Ok(Some(id))
     }
 
-    fn id(&mut self, name: &str) -> Result<String> {
-        self.opt_id(name)?
+    fn id(self) -> Result<String> {
+        let name = self.name;
+        self.opt_id()?
             .ok_or_else(|| Error::param(name, "is missing"))
+    }
+
+    /// A boolean; `None` when absent or null.
+    fn flag(self) -> Result<Option<bool>> {
+        match self.param {
+            None => Ok(None),
+            Some(Param::Bool(b)) => Ok(Some(b)),
+            Some(_) => Err(Error::param(self.name, "must be true or false")),
+        }
+    }
+
+    /// An integer from 0 to [`MAX_COUNT`]; `None` when absent or null.
+    fn opt_count(self) -> Result<Option<u64>> {
+        match self.param {
+            None => Ok(None),
+            Some(Param::U64(v)) if v <= MAX_COUNT => Ok(Some(v)),
+            Some(_) => Err(Error::param(
+                self.name,
+                "must be an integer from 0 to 1000000000",
+            )),
+        }
+    }
+
+    fn count(self) -> Result<u64> {
+        let name = self.name;
+        self.opt_count()?
+            .ok_or_else(|| Error::param(name, "is missing"))
+    }
+}
+
+/// One reader per member, named after it; the ops build their own parameter structs
+/// from these (`ops::Params`). Identifiers that pass their rule are noted in
+/// `subject` for the audit line.
+impl Request {
+    /// Whether the request carries a `key` member (ask before it is read).
+    pub fn carries_key(&self) -> bool {
+        self.params.key.is_some()
+    }
+
+    /// Whether `user_id` was sent (and not null) and is still unread.
+    pub fn has_user_id(&self) -> bool {
+        self.params.user_id.is_some()
+    }
+
+    /// Whether `key_id` was sent (and not null) and is still unread.
+    pub fn has_key_id(&self) -> bool {
+        self.params.key_id.is_some()
+    }
+
+    /// Whether `service` was sent (and not null) and is still unread.
+    pub fn has_service(&self) -> bool {
+        self.params.service.is_some()
     }
 
     /// `service`, validated and lower-cased.
     pub fn service(&mut self) -> Result<String> {
-        let mut s = self.string("service")?;
+        let mut s = take!(self.service).string()?;
         check_service(&s)?;
         s.make_ascii_lowercase();
         self.subject.service = Some(s.clone());
@@ -416,54 +446,42 @@ impl Request {
 
     /// `user_id` (required): a string, or a non-negative integer as its decimal string.
     pub fn user_id(&mut self) -> Result<String> {
-        let u = self.id("user_id")?;
+        let u = take!(self.user_id).id()?;
         self.subject.user_id = Some(u.clone());
         Ok(u)
     }
 
     /// `channel_id` (optional; absent or null is `None`); integers as for `user_id`.
     pub fn channel_id(&mut self) -> Result<Option<String>> {
-        let c = self.opt_id("channel_id")?;
+        let c = take!(self.channel_id).opt_id()?;
         self.subject.channel_id.clone_from(&c);
         Ok(c)
     }
 
     /// `channel_id` where an op requires it.
     pub fn required_channel_id(&mut self) -> Result<String> {
-        let c = self.id("channel_id")?;
+        let c = take!(self.channel_id).id()?;
         self.subject.channel_id = Some(c.clone());
         Ok(c)
     }
 
-    /// `tool_name`: the same rule as `user_id`.
+    /// `tool_name`: 1–128 bytes, no whitespace or control characters.
     pub fn tool_name(&mut self) -> Result<String> {
-        let t = self.ident("tool_name", 128)?;
+        let t = take!(self.tool_name).ident(128)?;
         self.subject.tool_name = Some(t.clone());
         Ok(t)
     }
 
     /// `key_id`: 1–64 bytes, no whitespace or control characters.
     pub fn key_id(&mut self) -> Result<String> {
-        let k = self.ident("key_id", 64)?;
+        let k = take!(self.key_id).ident(64)?;
         self.subject.key_id = Some(k.clone());
         Ok(k)
     }
 
-    /// A string member from a fixed vocabulary, parsed by `parse` (the op's own),
-    /// or `bad_request` listing `expected`.
-    pub fn one_of<T>(
-        &mut self,
-        name: &str,
-        parse: impl FnOnce(&str) -> Option<T>,
-        expected: &str,
-    ) -> Result<T> {
-        let v = self.string(name)?;
-        parse(&v).ok_or_else(|| Error::param(name, format!("must be one of {expected}")))
-    }
-
     /// `label`: optional, at most 256 bytes, no control characters.
     pub fn label(&mut self) -> Result<Option<String>> {
-        let l = self.opt_string("label")?;
+        let l = take!(self.label).opt_string()?;
         if let Some(l) = &l {
             if l.len() > 256 || l.chars().any(char::is_control) {
                 return Err(Error::param(
@@ -477,34 +495,48 @@ impl Request {
 
     /// `key`: see [`check_key`].
     pub fn key(&mut self) -> Result<Secret> {
-        check_key(Secret::new(self.string("key")?))
+        let param = self
+            .params
+            .key
+            .take()
+            .map(|mut k| std::mem::replace(&mut k.0, Param::Container));
+        let taken = Taken { name: "key", param };
+        check_key(Secret::new(taken.string()?))
     }
 
-    /// A boolean member with a default for absent or null.
-    pub fn flag(&mut self, name: &str, default: bool) -> Result<bool> {
-        match self.take(name) {
-            None => Ok(default),
-            Some(Param::Bool(b)) => Ok(b),
-            Some(_) => Err(Error::param(name, "must be true or false")),
-        }
+    /// `outcome` (required), a string the op maps to its vocabulary.
+    pub fn outcome(&mut self) -> Result<String> {
+        take!(self.outcome).string()
     }
 
-    /// An optional integer from 0 to 1,000,000,000.
-    pub fn opt_count(&mut self, name: &str) -> Result<Option<u64>> {
-        match self.take(name) {
-            None => Ok(None),
-            Some(Param::U64(v)) if v <= MAX_COUNT => Ok(Some(v)),
-            Some(_) => Err(Error::param(
-                name,
-                "must be an integer from 0 to 1000000000",
-            )),
-        }
+    /// `fallback_to_pool`: `None` when absent or null.
+    pub fn fallback_to_pool(&mut self) -> Result<Option<bool>> {
+        take!(self.fallback_to_pool).flag()
     }
 
-    /// A required integer from 0 to 1,000,000,000.
-    pub fn count(&mut self, name: &str) -> Result<u64> {
-        self.opt_count(name)?
-            .ok_or_else(|| Error::param(name, "is missing"))
+    /// `fallback_to_config`: `None` when absent or null.
+    pub fn fallback_to_config(&mut self) -> Result<Option<bool>> {
+        take!(self.fallback_to_config).flag()
+    }
+
+    /// `daily_limit` (optional count).
+    pub fn daily_limit(&mut self) -> Result<Option<u64>> {
+        take!(self.daily_limit).opt_count()
+    }
+
+    /// `retry_after_s` (optional count).
+    pub fn retry_after_s(&mut self) -> Result<Option<u64>> {
+        take!(self.retry_after_s).opt_count()
+    }
+
+    /// `current` (required count).
+    pub fn current(&mut self) -> Result<u64> {
+        take!(self.current).count()
+    }
+
+    /// `limit` (required count).
+    pub fn limit(&mut self) -> Result<u64> {
+        take!(self.limit).count()
     }
 }
 
@@ -618,8 +650,7 @@ mod tests {
 
     #[test]
     fn counts() {
-        let count =
-            |v: &str| req(&format!(r#"{{"op":"x","daily_limit":{v}}}"#)).opt_count("daily_limit");
+        let count = |v: &str| req(&format!(r#"{{"op":"x","daily_limit":{v}}}"#)).daily_limit();
         assert_eq!(count("0").unwrap(), Some(0));
         assert_eq!(count("1000000000").unwrap(), Some(MAX_COUNT));
         assert_eq!(count("null").unwrap(), None);
@@ -635,7 +666,11 @@ mod tests {
             let e = count(bad).err().unwrap_or_else(|| panic!("{bad} accepted"));
             assert!(e.to_string().contains("daily_limit"));
         }
-        assert_eq!(req(r#"{"op":"x"}"#).opt_count("limit").unwrap(), None);
+        assert_eq!(req(r#"{"op":"x"}"#).daily_limit().unwrap(), None);
+        assert_eq!(
+            req(r#"{"op":"x"}"#).limit().err().map(|e| e.to_string()),
+            Some("parameter `limit` is missing".into())
+        );
     }
 
     #[test]
@@ -690,12 +725,14 @@ mod tests {
             let _ = req.key_id();
             let _ = req.label();
             let _ = req.key();
-            let _ = req.flag("fallback_to_pool", true);
-            let _ = req.opt_count("daily_limit");
-            let _ = req.count("limit");
-            let _ = req.has("user_id");
-            let _ = req.one_of("outcome", |o| (o == "ok").then_some(()), "\"ok\"");
-            let _ = req.opt_count("retry_after_s");
+            let _ = req.fallback_to_pool();
+            let _ = req.fallback_to_config();
+            let _ = req.daily_limit();
+            let _ = req.limit();
+            let _ = req.current();
+            let _ = req.has_user_id();
+            let _ = req.outcome();
+            let _ = req.retry_after_s();
         }
 
         fn json_value() -> impl Strategy<Value = Value> {

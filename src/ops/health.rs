@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use super::pools::PoolKey;
+use super::Params;
 use crate::actors::cache::{ForgetPool, ForgetUserKey};
 use crate::actors::keystore::ReportUserKey;
 use crate::actors::store::{EnablePoolKey, HealthRules, KeyState, Outcome, PoolRef, ReportPoolKey};
@@ -10,6 +12,65 @@ use crate::app::App;
 use crate::clock;
 use crate::error::{Error, Result};
 use crate::protocol::{body, Body, Request};
+
+/// `report_key_result`'s parameters.
+pub(super) struct Report {
+    service: String,
+    outcome: Outcome,
+    retry_after_s: Option<u64>,
+    key: Reported,
+}
+
+/// Which key a report is about.
+enum Reported {
+    /// The user's own key for the service.
+    User(String),
+    /// A pool key, looked up in the channel's pool first when a channel is given.
+    Pool {
+        key_id: String,
+        channel: Option<String>,
+    },
+}
+
+impl Params for Report {
+    fn parse(req: &mut Request) -> Result<Self> {
+        let service = req.service()?;
+        let by_user = req.has_user_id();
+        if by_user && req.has_key_id() {
+            return Err(Error::BadRequest(
+                "give either `key_id` (a pool key) or `user_id` (that user's own key), not both"
+                    .into(),
+            ));
+        }
+        if !by_user && !req.has_key_id() {
+            return Err(Error::param(
+                "key_id",
+                "is missing (or give `user_id` to report on that user's own key)",
+            ));
+        }
+        let outcome = Outcome::parse(&req.outcome()?).ok_or_else(|| {
+            Error::param(
+                "outcome",
+                "must be one of \"ok\", \"rate_limited\", \"unauthorized\", \"error\"",
+            )
+        })?;
+        let retry_after_s = req.retry_after_s()?;
+        let key = if by_user {
+            Reported::User(req.user_id()?)
+        } else {
+            Reported::Pool {
+                key_id: req.key_id()?,
+                channel: req.channel_id()?,
+            }
+        };
+        Ok(Report {
+            service,
+            outcome,
+            retry_after_s,
+            key,
+        })
+    }
+}
 
 #[derive(Serialize)]
 struct Recorded {
@@ -33,32 +94,17 @@ const UNKNOWN: Recorded = Recorded {
 /// With `channel_id`, the key is looked up in that channel's pool, then in the global
 /// pool (a channel lookup may have fallen through to it). An unknown key (or a user
 /// without a key for the service) answers `{"recorded":false,"state":null,…}`.
-pub async fn report_key_result(app: &App, req: &mut Request) -> Result<Body> {
-    let service = req.service()?;
-    let by_user = req.has("user_id");
-    if by_user && req.has("key_id") {
-        return Err(Error::BadRequest(
-            "give either `key_id` (a pool key) or `user_id` (that user's own key), not both".into(),
-        ));
-    }
-    if !by_user && !req.has("key_id") {
-        return Err(Error::param(
-            "key_id",
-            "is missing (or give `user_id` to report on that user's own key)",
-        ));
-    }
-    let outcome = req.one_of(
-        "outcome",
-        Outcome::parse,
-        "\"ok\", \"rate_limited\", \"unauthorized\", \"error\"",
-    )?;
-    let retry_after_s = req.opt_count("retry_after_s")?;
-    if by_user {
-        let user_id = req.user_id()?;
-        return report_user_key(app, user_id, service, outcome).await;
-    }
-    let key_id = req.key_id()?;
-    let channel = req.channel_id()?;
+pub async fn report_key_result(app: &App, report: Report) -> Result<Body> {
+    let Report {
+        service,
+        outcome,
+        retry_after_s,
+        key,
+    } = report;
+    let (key_id, channel) = match key {
+        Reported::User(user_id) => return report_user_key(app, user_id, service, outcome).await,
+        Reported::Pool { key_id, channel } => (key_id, channel),
+    };
     let config = app.config();
     let rules = HealthRules {
         cooldown_s: config.pools.cooldown_s,
@@ -141,11 +187,8 @@ async fn report_user_key(
 /// `{"op":"enable_pool_key","service":"openai","key_id":"3f2a9c0e12ab45cd","channel_id":"c1"}` →
 /// `{"enabled":true}`: the key is active again (no longer disabled or cooling). `false`
 /// when that pool has no such key. Admins only.
-pub async fn enable_pool_key(app: &App, req: &mut Request) -> Result<Body> {
-    let service = req.service()?;
-    let key_id = req.key_id()?;
-    let channel = req.channel_id()?;
-    let pool = PoolRef { channel, service };
+pub async fn enable_pool_key(app: &App, p: PoolKey) -> Result<Body> {
+    let PoolKey { pool, key_id } = p;
     let enabled = app
         .store
         .enable_pool_key(EnablePoolKey {

@@ -2,10 +2,10 @@
 
 use serde::Serialize;
 
-use super::is_false;
 use super::messages::{
     cooling_message, missing_key_message, rejected_key_warning, unavailable_key_message,
 };
+use super::{is_false, Params};
 use crate::actors::cache::ForgetUserKey;
 use crate::actors::keystore::{DeleteUserKey, ListUserKeys, StoreUserKey, UserKeyInfo};
 use crate::app::App;
@@ -15,14 +15,79 @@ use crate::protocol::{body, Body, Request};
 use crate::resolver::{resolve, Query, Resolved, Source};
 use crate::services;
 
+/// The rest of a lookup, once its user and service are known.
 fn query(req: &mut Request, user_id: String, service: String) -> Result<Query> {
     Ok(Query {
         user_id,
         service,
         channel_id: req.channel_id()?,
-        fallback_to_pool: req.flag("fallback_to_pool", true)?,
-        fallback_to_config: req.flag("fallback_to_config", true)?,
+        fallback_to_pool: req.fallback_to_pool()?.unwrap_or(true),
+        fallback_to_config: req.fallback_to_config()?.unwrap_or(true),
     })
+}
+
+/// `get_user_api_key`'s parameters are the resolver's query.
+impl Params for Query {
+    fn parse(req: &mut Request) -> Result<Self> {
+        let user_id = req.user_id()?;
+        let service = req.service()?;
+        query(req, user_id, service)
+    }
+}
+
+/// `get_gitea_credentials`: a query for the service `gitea`.
+pub(super) struct GiteaQuery(Query);
+
+impl Params for GiteaQuery {
+    fn parse(req: &mut Request) -> Result<Self> {
+        let user_id = req.user_id()?;
+        query(req, user_id, "gitea".into()).map(GiteaQuery)
+    }
+}
+
+/// A user and a service (`delete_user_api_key`).
+pub(super) struct UserService {
+    user_id: String,
+    service: String,
+}
+
+impl Params for UserService {
+    fn parse(req: &mut Request) -> Result<Self> {
+        Ok(UserService {
+            user_id: req.user_id()?,
+            service: req.service()?,
+        })
+    }
+}
+
+/// `set_user_api_key`'s parameters.
+pub(super) struct NewUserKey {
+    user_id: String,
+    service: String,
+    key: Secret,
+}
+
+impl Params for NewUserKey {
+    fn parse(req: &mut Request) -> Result<Self> {
+        Ok(NewUserKey {
+            user_id: req.user_id()?,
+            service: req.service()?,
+            key: req.key()?,
+        })
+    }
+}
+
+/// A user alone (`list_user_api_keys`).
+pub(super) struct User {
+    user_id: String,
+}
+
+impl Params for User {
+    fn parse(req: &mut Request) -> Result<Self> {
+        Ok(User {
+            user_id: req.user_id()?,
+        })
+    }
 }
 
 /// The message of an answer without a key: when to retry if a pool key is only
@@ -44,7 +109,7 @@ fn no_key_message(app: &App, service: &str, r: &Resolved) -> Option<String> {
 /// `"retry_after_s":N` is added when no key is left but a pool key is only cooling
 /// down; `"warning"` when the user's own key was skipped because it was reported
 /// unauthorized; `"degraded":true` when a store was skipped because it failed.
-pub async fn get_user_api_key(app: &App, req: &mut Request) -> Result<Body> {
+pub async fn get_user_api_key(app: &App, q: Query) -> Result<Body> {
     #[derive(Serialize)]
     struct Answer<'a> {
         key: Option<&'a str>,
@@ -60,9 +125,6 @@ pub async fn get_user_api_key(app: &App, req: &mut Request) -> Result<Body> {
         #[serde(skip_serializing_if = "is_false")]
         degraded: bool,
     }
-    let user_id = req.user_id()?;
-    let service = req.service()?;
-    let q = query(req, user_id, service)?;
     let service = q.service.clone();
     let r = resolve(app, q).await?;
     body(&Answer {
@@ -102,7 +164,7 @@ fn gitea_parts(value: &Secret) -> (Option<Secret>, Option<String>) {
 /// `{"token":"…","base_url":"https://gitea.example.com","source":"user"}`; a token from a
 /// pool adds its `"key_id"`, and `retry_after_s`, `warning` and `degraded` are added as
 /// for `get_user_api_key`.
-pub async fn get_gitea_credentials(app: &App, req: &mut Request) -> Result<Body> {
+pub async fn get_gitea_credentials(app: &App, GiteaQuery(q): GiteaQuery) -> Result<Body> {
     #[derive(Serialize)]
     struct Answer<'a> {
         token: Option<&'a str>,
@@ -119,8 +181,6 @@ pub async fn get_gitea_credentials(app: &App, req: &mut Request) -> Result<Body>
         #[serde(skip_serializing_if = "is_false")]
         degraded: bool,
     }
-    let user_id = req.user_id()?;
-    let q = query(req, user_id, "gitea".into())?;
     let resolved = resolve(app, q).await?;
     let config = app.config();
     let warning = resolved
@@ -175,10 +235,12 @@ pub async fn get_gitea_credentials(app: &App, req: &mut Request) -> Result<Body>
 }
 
 /// `{"op":"set_user_api_key","user_id":"u1","service":"openai","key":"sk-…"}` → `{"stored":true}`
-pub async fn set_user_api_key(app: &App, req: &mut Request) -> Result<Body> {
-    let user_id = req.user_id()?;
-    let service = req.service()?;
-    let key = req.key()?;
+pub async fn set_user_api_key(app: &App, p: NewUserKey) -> Result<Body> {
+    let NewUserKey {
+        user_id,
+        service,
+        key,
+    } = p;
     app.user_keys
         .store(StoreUserKey {
             user_id: user_id.clone(),
@@ -197,9 +259,8 @@ pub async fn set_user_api_key(app: &App, req: &mut Request) -> Result<Body> {
 }
 
 /// `{"op":"delete_user_api_key","user_id":"u1","service":"openai"}` → `{"deleted":true}`
-pub async fn delete_user_api_key(app: &App, req: &mut Request) -> Result<Body> {
-    let user_id = req.user_id()?;
-    let service = req.service()?;
+pub async fn delete_user_api_key(app: &App, p: UserService) -> Result<Body> {
+    let UserService { user_id, service } = p;
     let deleted = app
         .user_keys
         .delete(DeleteUserKey {
@@ -219,12 +280,11 @@ pub async fn delete_user_api_key(app: &App, req: &mut Request) -> Result<Body> {
 
 /// `{"op":"list_user_api_keys","user_id":"u1"}` →
 /// `{"keys":[{"service":"openai","masked":"sk-a…1234","updated_at":"2026-11-28T12:00:00Z"}]}`
-pub async fn list_user_api_keys(app: &App, req: &mut Request) -> Result<Body> {
+pub async fn list_user_api_keys(app: &App, User { user_id }: User) -> Result<Body> {
     #[derive(Serialize)]
     struct Answer {
         keys: Vec<UserKeyInfo>,
     }
-    let user_id = req.user_id()?;
     let keys = app.user_keys.list(ListUserKeys { user_id }).await?;
     body(&Answer { keys })
 }

@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 
+use super::Params;
 use crate::app::App;
 use crate::config::Config;
 use crate::error::Result;
@@ -59,10 +60,45 @@ pub fn unavailable_key_message(config: &Config, service: &str) -> String {
     )
 }
 
+/// The parameters of `missing_api_key_error`.
+pub(super) struct ForService {
+    service: String,
+}
+
+impl Params for ForService {
+    fn parse(req: &mut Request) -> Result<Self> {
+        Ok(ForService {
+            service: req.service()?,
+        })
+    }
+}
+
+/// The parameters of `default_key_limit_error`.
+pub(super) struct LimitReached {
+    tool: String,
+    current: u64,
+    limit: u64,
+    service: Option<String>,
+}
+
+impl Params for LimitReached {
+    fn parse(req: &mut Request) -> Result<Self> {
+        Ok(LimitReached {
+            tool: req.tool_name()?,
+            current: req.current()?,
+            limit: req.limit()?,
+            service: match req.has_service() {
+                true => Some(req.service()?),
+                false => None,
+            },
+        })
+    }
+}
+
 /// `{"op":"missing_api_key_error","service":"openai"}` →
 /// `{"message":"No API key for OpenAI is available to you. Get one at https://platform.openai.com/api-keys, then run: set_user_api_key openai <your-key>"}`
-pub fn missing_api_key_error(app: &App, req: &mut Request) -> Result<Body> {
-    let service = req.service()?;
+pub fn missing_api_key_error(app: &App, p: ForService) -> Result<Body> {
+    let ForService { service } = p;
     body(&Message {
         message: missing_key_message(&app.config(), &service),
     })
@@ -71,14 +107,13 @@ pub fn missing_api_key_error(app: &App, req: &mut Request) -> Result<Body> {
 /// `{"op":"default_key_limit_error","tool_name":"web_search","current":20,"limit":20,"service":"serpapi"}` →
 /// `{"message":"You have used web_search 20 times today on the operator's key; the daily limit is 20. ..."}`;
 /// `service` is optional and, when given, is filled into the command.
-pub fn default_key_limit_error(req: &mut Request) -> Result<Body> {
-    let tool = req.tool_name()?;
-    let current = req.count("current")?;
-    let limit = req.count("limit")?;
-    let service = match req.has("service") {
-        true => Some(req.service()?),
-        false => None,
-    };
+pub fn default_key_limit_error(p: LimitReached) -> Result<Body> {
+    let LimitReached {
+        tool,
+        current,
+        limit,
+        service,
+    } = p;
     let lift = match service {
         Some(service) => {
             format!("To lift it, set your own key with: set_user_api_key {service} <your-key>.")

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use super::is_false;
+use super::{is_false, Params};
 use crate::actors::store::{ConsumeUsage, IncrementUsage, ReadUsage};
 use crate::app::App;
 use crate::config::OnStoreError;
@@ -18,15 +18,44 @@ struct Verdict {
     degraded: bool,
 }
 
-/// (user_id, tool_name, daily_limit) of a check or consume.
-fn params(app: &App, req: &mut Request) -> Result<(String, String, u64)> {
-    let user_id = req.user_id()?;
-    let tool_name = req.tool_name()?;
-    let limit = match req.opt_count("daily_limit")? {
-        Some(l) => l,
-        None => app.config().quota.daily_limit,
-    };
-    Ok((user_id, tool_name, limit))
+/// The parameters of a check or consume.
+pub(super) struct Usage {
+    user_id: String,
+    tool_name: String,
+    /// `None`: the configured `quota.daily_limit`.
+    daily_limit: Option<u64>,
+}
+
+impl Params for Usage {
+    fn parse(req: &mut Request) -> Result<Self> {
+        Ok(Usage {
+            user_id: req.user_id()?,
+            tool_name: req.tool_name()?,
+            daily_limit: req.daily_limit()?,
+        })
+    }
+}
+
+impl Usage {
+    fn limit(&self, app: &App) -> u64 {
+        self.daily_limit
+            .unwrap_or_else(|| app.config().quota.daily_limit)
+    }
+}
+
+/// The parameters of an increment.
+pub(super) struct Counter {
+    user_id: String,
+    tool_name: String,
+}
+
+impl Params for Counter {
+    fn parse(req: &mut Request) -> Result<Self> {
+        Ok(Counter {
+            user_id: req.user_id()?,
+            tool_name: req.tool_name()?,
+        })
+    }
 }
 
 /// The answer when the quota store failed: `quota.on_store_error` decides.
@@ -46,8 +75,11 @@ fn degraded(app: &App, e: Error, daily_limit: u64) -> Result<Body> {
 
 /// `{"op":"check_default_key_limit","user_id":"u1","tool_name":"web_search"}` →
 /// `{"allowed":true,"current_count":3,"daily_limit":20}`
-pub async fn check_default_key_limit(app: &App, req: &mut Request) -> Result<Body> {
-    let (user_id, tool_name, daily_limit) = params(app, req)?;
+pub async fn check_default_key_limit(app: &App, p: Usage) -> Result<Body> {
+    let daily_limit = p.limit(app);
+    let Usage {
+        user_id, tool_name, ..
+    } = p;
     match app.store.read_usage(ReadUsage { user_id, tool_name }).await {
         Ok(current_count) => {
             let allowed = current_count < daily_limit;
@@ -66,9 +98,8 @@ pub async fn check_default_key_limit(app: &App, req: &mut Request) -> Result<Bod
 }
 
 /// `{"op":"increment_default_key_usage","user_id":"u1","tool_name":"web_search"}` → `{"count":4}`
-pub async fn increment_default_key_usage(app: &App, req: &mut Request) -> Result<Body> {
-    let user_id = req.user_id()?;
-    let tool_name = req.tool_name()?;
+pub async fn increment_default_key_usage(app: &App, p: Counter) -> Result<Body> {
+    let Counter { user_id, tool_name } = p;
     let count = app
         .store
         .increment_usage(IncrementUsage { user_id, tool_name })
@@ -78,8 +109,11 @@ pub async fn increment_default_key_usage(app: &App, req: &mut Request) -> Result
 
 /// `{"op":"consume_default_key_usage","user_id":"u1","tool_name":"web_search","daily_limit":5}` →
 /// `{"allowed":true,"current_count":4,"daily_limit":5}` (the count after the call)
-pub async fn consume_default_key_usage(app: &App, req: &mut Request) -> Result<Body> {
-    let (user_id, tool_name, limit) = params(app, req)?;
+pub async fn consume_default_key_usage(app: &App, p: Usage) -> Result<Body> {
+    let limit = p.limit(app);
+    let Usage {
+        user_id, tool_name, ..
+    } = p;
     match app
         .store
         .consume_usage(ConsumeUsage {
