@@ -7,7 +7,8 @@ use std::fmt;
 /// Messages are written for the person reading the response. They never hold
 /// key material: internal causes are logged where they happen, and only a
 /// description safe for the wire travels here.
-#[derive(Debug, thiserror::Error)]
+// Clone: one failed Redis batch answers every call in it.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// A malformed line or parameter; the message names the parameter.
     #[error("{0}")]

@@ -500,3 +500,80 @@ fn a_pool_field_that_is_not_utf8_hides_no_other_key() {
     assert_eq!(listed["keys"].as_array().unwrap().len(), 1, "{listed}");
     assert!(d.logs().contains("not UTF-8"));
 }
+
+/// Increments and consumes from many connections reach Redis in shared scripts (a
+/// group commit, docs/performance.md). Each call still counts alone and atomically,
+/// a connection's calls stay in order, and a counter that is not a hash (a stray or
+/// hostile write) fails only its own calls, changing nothing else.
+#[test]
+fn quota_calls_share_scripts_and_are_answered_alone() {
+    let d = redis_daemon("");
+    let mut con = d.redis.as_ref().unwrap().conn();
+    let broken = format!("stargazer:apikeyd:usage:{}:broken", today());
+    let _: () = con.set(&broken, "not a hash").unwrap();
+    let (threads, rounds, limit) = (8, 15, 100u64);
+    let socket = d.socket.clone();
+    let answers: Vec<Vec<Value>> = (0..threads)
+        .map(|_| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&socket);
+                let mut lines = String::new();
+                for _ in 0..rounds {
+                    for req in [
+                        json!({"op": "consume_default_key_usage", "user_id": "u", "tool_name": "t", "daily_limit": limit}),
+                        json!({"op": "increment_default_key_usage", "user_id": "v", "tool_name": "t"}),
+                        json!({"op": "consume_default_key_usage", "user_id": "broken", "tool_name": "t", "daily_limit": limit}),
+                    ] {
+                        lines.push_str(&req.to_string());
+                        lines.push('\n');
+                    }
+                }
+                c.send_raw(lines.as_bytes());
+                (0..3 * rounds).map(|_| c.recv()).collect()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+
+    let (mut allowed, mut increments) = (0, Vec::new());
+    for answers in &answers {
+        let mut last_u = 0;
+        for round in answers.chunks(3) {
+            let (u, v, b) = (&round[0]["result"], &round[1]["result"], &round[2]["result"]);
+            assert_eq!(u["degraded"], Value::Null, "{u}");
+            let count = u["current_count"].as_u64().unwrap();
+            assert!(count >= last_u && count <= limit, "in order, never past the limit: {u}");
+            last_u = count;
+            if u["allowed"] == true {
+                allowed += 1;
+            }
+            increments.push(v["count"].as_u64().unwrap());
+            assert_eq!(b["degraded"], true, "the broken counter fails alone: {b}");
+            assert_eq!(b["allowed"], false, "{b}");
+        }
+    }
+    assert_eq!(allowed, limit, "exactly the limit is allowed");
+    increments.sort_unstable();
+    let expected: Vec<u64> = (1..=(threads * rounds) as u64).collect();
+    assert_eq!(increments, expected, "every increment counted once");
+    let usage = |user: &str| format!("stargazer:apikeyd:usage:{}:{user}", today());
+    assert_eq!(con.hget::<_, _, u64>(usage("u"), "t").unwrap(), limit);
+    assert_eq!(
+        con.hget::<_, _, u64>(usage("v"), "t").unwrap(),
+        (threads * rounds) as u64
+    );
+    assert_eq!(con.get::<_, String>(&broken).unwrap(), "not a hash");
+
+    let store = d.client().ok(json!({"op": "stats"}))["store"].clone();
+    let calls = store["quota_batched_calls"].as_u64().unwrap();
+    let batches = store["quota_batches"].as_u64().unwrap();
+    assert_eq!(calls, 3 * (threads * rounds) as u64, "{store}");
+    assert!(batches < calls, "concurrent calls shared scripts: {store}");
+    assert!(
+        d.logs().contains("redis refused a quota count"),
+        "the refusal is logged"
+    );
+}

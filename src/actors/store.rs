@@ -380,10 +380,8 @@ impl Store {
 
     /// Redis mode: the master's address as Sentinel named it, and the failovers
     /// followed since start.
-    pub fn redis_status(&self) -> Option<(Option<String>, u64)> {
-        self.redis_status
-            .as_ref()
-            .map(|s| (s.master(), s.failovers.load(Ordering::Relaxed)))
+    pub fn redis_status(&self) -> Option<&super::redis::connection::RedisStatus> {
+        self.redis_status.as_deref()
     }
 
     /// `None` in embedded mode; in Redis mode whether Redis answers.

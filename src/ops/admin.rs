@@ -1,10 +1,11 @@
 //! `ping` and `stats`.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
 use crate::actors::cache::{CacheFigures, ReadCacheFigures};
+use crate::actors::redis::RedisStatus;
 use crate::actors::store::StoreMode;
 use crate::app::App;
 use crate::error::{Error, Result};
@@ -72,6 +73,12 @@ pub async fn stats(app: &App) -> Result<Body> {
         redis_master: Option<String>,
         #[serde(skip_serializing_if = "Option::is_none")]
         redis_failovers: Option<u64>,
+        /// Redis mode: the quota scripts sent and the increments and consumes in
+        /// them (several per script under load: docs/performance.md).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        quota_batches: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        quota_batched_calls: Option<u64>,
     }
     #[derive(Serialize)]
     struct Process {
@@ -108,10 +115,11 @@ pub async fn stats(app: &App) -> Result<Body> {
         quota_denials: app.metrics.quota_denials(),
         cache,
         store: {
-            let (redis_master, failovers) = match app.store.redis_status() {
-                Some((master, n)) => (master, Some(n)),
-                None => (None, None),
+            let status = app.store.redis_status();
+            let count = |n: fn(&RedisStatus) -> &AtomicU64| {
+                status.map(|s| n(s).load(Ordering::Relaxed))
             };
+            let redis_master = status.and_then(RedisStatus::master);
             StoreFigures {
                 mode: app.store.mode,
                 // Not connected until Redis has answered once, though commands are tried.
@@ -121,8 +129,10 @@ pub async fn stats(app: &App) -> Result<Body> {
                 } else {
                     "local"
                 },
-                redis_failovers: failovers.filter(|_| redis_master.is_some()),
+                redis_failovers: count(|s| &s.failovers).filter(|_| redis_master.is_some()),
                 redis_master,
+                quota_batches: count(|s| &s.quota_batches),
+                quota_batched_calls: count(|s| &s.quota_calls),
             }
         },
         process: Process {

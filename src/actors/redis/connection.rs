@@ -22,6 +22,10 @@ pub type SharedConn = Rc<RefCell<ConnectionManager>>;
 pub struct RedisStatus {
     /// Master changes followed since start (Sentinel).
     pub failovers: AtomicU64,
+    /// Quota scripts sent since start, each with one or more increments or consumes.
+    pub quota_batches: AtomicU64,
+    /// Increments and consumes sent in those scripts.
+    pub quota_calls: AtomicU64,
     /// The master's `host:port` as Sentinel last named it.
     master: Mutex<Option<String>>,
 }

@@ -7,9 +7,11 @@
 
 pub mod connection;
 mod listen;
+mod quota;
 
 pub use connection::*;
 pub use listen::listen;
+pub use quota::CONSUME_SCRIPT;
 
 pub use crate::envelope::*;
 pub use crate::keyspace::{Changed, Names};
@@ -66,30 +68,6 @@ struct Info {
     added_at: Option<i64>,
 }
 
-/// HINCRBY the tool's counter and set the hash to expire after the day ends.
-const INCREMENT: &str = r"
-local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-redis.call('EXPIREAT', KEYS[1], ARGV[2])
-return n
-";
-
-/// Check-and-increment in one script: Redis runs it atomically. Public so the
-/// benchmark can run the very same script against redis-server directly.
-pub const CONSUME_SCRIPT: &str = r"
-local n = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if n < tonumber(ARGV[3]) then
-  n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-  redis.call('EXPIREAT', KEYS[1], ARGV[2])
-  return {1, n}
-end
-return {0, n}
-";
-
-/// Seconds since the epoch when today's counters may go: an hour after the day ends.
-fn usage_expiry() -> i64 {
-    clock::now_s() + clock::seconds_to_midnight() + 3600
-}
-
 /// Seconds since the epoch when today's pool counters may go.
 fn pool_counts_expiry() -> i64 {
     clock::now_s() + clock::seconds_to_midnight() + (COUNTER_DAYS - 1) * 86_400
@@ -144,8 +122,8 @@ struct Inner {
     answered: Arc<AtomicBool>,
     /// Pool hashes already warned about (legacy values), so the log is not flooded.
     warned: RefCell<HashSet<String>>,
-    increment: redis::Script,
-    consume: redis::Script,
+    /// Increments and consumes waiting for their batch.
+    quota: quota::Batcher,
     report: redis::Script,
     enable: redis::Script,
 }
@@ -534,63 +512,6 @@ impl Inner {
         self.pipeline::<()>("count picks", Kind::Write, &pipe).await
     }
 
-    async fn read_usage(&self, msg: ReadUsage) -> Result<u64> {
-        let hash = self.names.usage(&clock::utc_day(), &msg.user_id);
-        let n: Option<u64> = self
-            .bounded("HGET", Kind::Read, |mut c| {
-                let (hash, tool) = (hash.clone(), msg.tool_name.clone());
-                async move { c.hget(hash, tool).await }
-            })
-            .await?;
-        Ok(n.unwrap_or(0))
-    }
-
-    /// Runs a quota script on today's counters of `user_id`, for `tool_name`.
-    async fn quota_script<T: redis::FromRedisValue>(
-        &self,
-        what: &str,
-        script: &redis::Script,
-        user_id: &str,
-        tool_name: &str,
-        limit: Option<u64>,
-    ) -> Result<T> {
-        let hash = self.names.usage(&clock::utc_day(), user_id);
-        let expiry = usage_expiry();
-        self.bounded(what, Kind::Write, |mut c| {
-            let mut call = script.prepare_invoke();
-            call.key(&hash).arg(tool_name).arg(expiry);
-            if let Some(limit) = limit {
-                call.arg(limit);
-            }
-            async move { call.invoke_async(&mut c).await }
-        })
-        .await
-    }
-
-    async fn increment_usage(&self, msg: IncrementUsage) -> Result<u64> {
-        self.quota_script(
-            "increment",
-            &self.increment,
-            &msg.user_id,
-            &msg.tool_name,
-            None,
-        )
-        .await
-    }
-
-    async fn consume_usage(&self, msg: ConsumeUsage) -> Result<(bool, u64)> {
-        let (allowed, n): (i64, u64) = self
-            .quota_script(
-                "consume",
-                &self.consume,
-                &msg.user_id,
-                &msg.tool_name,
-                Some(msg.limit),
-            )
-            .await?;
-        Ok((allowed == 1, n))
-    }
-
     async fn ping(&self) {
         if self.target.uses_sentinels() {
             self.follow_master().await;
@@ -917,8 +838,7 @@ impl RedisStore {
                 connected,
                 answered: Arc::new(AtomicBool::new(false)),
                 warned: RefCell::new(HashSet::new()),
-                increment: redis::Script::new(INCREMENT),
-                consume: redis::Script::new(CONSUME_SCRIPT),
+                quota: quota::Batcher::new(),
                 report: redis::Script::new(REPORT_SCRIPT),
                 enable: redis::Script::new(ENABLE_SCRIPT),
             }),

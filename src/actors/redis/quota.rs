@@ -1,0 +1,224 @@
+//! Daily quota counters in Redis, and their group commit: while one batch of
+//! increments and consumes is at Redis, the calls that arrive wait in a queue, and
+//! all of them go next as one script. A lone call goes at once (no added wait); under
+//! load Redis runs one script per batch instead of one per call, and the daemon
+//! sends one command instead of many. Each call in a batch is applied in order
+//! inside one atomic script, so a consume is as atomic as when it ran alone.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+
+use redis::AsyncCommands;
+use tokio::sync::oneshot;
+
+use super::{Inner, Kind};
+use crate::actors::store::{ConsumeUsage, IncrementUsage, ReadUsage};
+use crate::clock;
+use crate::error::{Error, Result};
+
+/// Check-and-increment in one script: Redis runs it atomically. What one consume
+/// does; public so the benchmark can run the very same script against redis-server
+/// directly (the batch script below applies it to each call of a batch).
+pub const CONSUME_SCRIPT: &str = r"
+local n = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if n < tonumber(ARGV[3]) then
+  n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+  redis.call('EXPIREAT', KEYS[1], ARGV[2])
+  return {1, n}
+end
+return {0, n}
+";
+
+/// A batch of increments and consumes, in order. Call i has its counter hash in
+/// KEYS[i], its tool in ARGV[2i] and its limit in ARGV[2i+1] ('' for an increment,
+/// which has none); ARGV[1] is the expiry of today's hashes. Answers
+/// {verdict_1, count_1, verdict_2, count_2, …}: verdict 1 allowed (counted), 0
+/// denied, 2 refused by Redis (a counter hash that is not a hash, say). A refused
+/// call fails alone: the others of its batch are applied and answered as usual.
+const BATCH_SCRIPT: &str = r"
+local function apply(key, tool, limit, expiry)
+  if limit ~= '' then
+    local n = tonumber(redis.call('HGET', key, tool) or '0')
+    if n == nil then error('not a count') end
+    if n >= tonumber(limit) then return 0, n end
+  end
+  local n = redis.call('HINCRBY', key, tool, 1)
+  redis.call('EXPIREAT', key, expiry)
+  return 1, n
+end
+local out = {}
+for i = 1, #KEYS do
+  local ok, verdict, n = pcall(apply, KEYS[i], ARGV[2 * i], ARGV[2 * i + 1], ARGV[1])
+  if ok then
+    out[2 * i - 1], out[2 * i] = verdict, n
+  else
+    out[2 * i - 1], out[2 * i] = 2, 0
+  end
+end
+return out
+";
+
+/// At most this many calls go in one script, so that one script never holds Redis
+/// for long (Redis runs nothing else while a script runs).
+const MAX_BATCH: usize = 128;
+
+/// Seconds since the epoch when today's counters may go: an hour after the day ends.
+fn usage_expiry() -> i64 {
+    clock::now_s() + clock::seconds_to_midnight() + 3600
+}
+
+/// One increment or consume waiting for its batch.
+struct Call {
+    hash: String,
+    tool: String,
+    /// `None` for an increment.
+    limit: Option<u64>,
+    reply: oneshot::Sender<Result<(bool, u64)>>,
+}
+
+/// The calls waiting while a batch is at Redis.
+pub(super) struct Batcher {
+    script: redis::Script,
+    queue: RefCell<Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Whether a sender task is running (it sends until the queue is empty).
+    sending: bool,
+    waiting: Vec<Call>,
+}
+
+impl Batcher {
+    pub(super) fn new() -> Self {
+        Batcher {
+            script: redis::Script::new(BATCH_SCRIPT),
+            queue: RefCell::default(),
+        }
+    }
+}
+
+impl Inner {
+    pub(super) async fn read_usage(&self, msg: ReadUsage) -> Result<u64> {
+        let hash = self.names.usage(&clock::utc_day(), &msg.user_id);
+        let n: Option<u64> = self
+            .bounded("HGET", Kind::Read, |mut c| {
+                let (hash, tool) = (hash.clone(), msg.tool_name.clone());
+                async move { c.hget(hash, tool).await }
+            })
+            .await?;
+        Ok(n.unwrap_or(0))
+    }
+
+    pub(super) async fn increment_usage(self: Rc<Self>, msg: IncrementUsage) -> Result<u64> {
+        let (_, n) = self.count(&msg.user_id, msg.tool_name, None).await?;
+        Ok(n)
+    }
+
+    pub(super) async fn consume_usage(self: Rc<Self>, msg: ConsumeUsage) -> Result<(bool, u64)> {
+        self.count(&msg.user_id, msg.tool_name, Some(msg.limit))
+            .await
+    }
+
+    /// Queues one call on today's counters of `user_id` and waits for its batch.
+    async fn count(
+        self: Rc<Self>,
+        user_id: &str,
+        tool: String,
+        limit: Option<u64>,
+    ) -> Result<(bool, u64)> {
+        let (reply, answer) = oneshot::channel();
+        let call = Call {
+            hash: self.names.usage(&clock::utc_day(), user_id),
+            tool,
+            limit,
+            reply,
+        };
+        let start_sender = {
+            let mut queue = self.quota.queue.borrow_mut();
+            queue.waiting.push(call);
+            !std::mem::replace(&mut queue.sending, true)
+        };
+        if start_sender {
+            actix::spawn(self.clone().send_batches());
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(Error::Internal(
+                "the quota batch was dropped before it answered".into(),
+            ))
+        })
+    }
+
+    /// Sends the waiting calls, a batch at a time, until none is left. The first
+    /// batch holds the call that started this sender (and whatever joined it in the
+    /// same turn of the event loop); each next one what arrived meanwhile.
+    async fn send_batches(self: Rc<Self>) {
+        loop {
+            let batch: Vec<Call> = {
+                let mut queue = self.quota.queue.borrow_mut();
+                if queue.waiting.is_empty() {
+                    queue.sending = false;
+                    return;
+                }
+                let n = queue.waiting.len().min(MAX_BATCH);
+                queue.waiting.drain(..n).collect()
+            };
+            self.status.quota_batches.fetch_add(1, Ordering::Relaxed);
+            self.status
+                .quota_calls
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            match self.run_batch(&batch).await {
+                Ok(counts) => {
+                    for (call, pair) in batch.into_iter().zip(counts.chunks_exact(2)) {
+                        let answer = match pair[0] {
+                            0 | 1 => Ok((pair[0] == 1, pair[1])),
+                            _ => {
+                                tracing::error!(hash = %call.hash, "redis refused a quota count (is that key a hash?)");
+                                Err(Error::Internal(
+                                    "redis refused the quota count (see the daemon log)".into(),
+                                ))
+                            }
+                        };
+                        let _ = call.reply.send(answer);
+                    }
+                }
+                Err(e) => {
+                    for call in batch {
+                        let _ = call.reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs one batch; answers two numbers per call.
+    async fn run_batch(&self, batch: &[Call]) -> Result<Vec<u64>> {
+        let mut invocation = self.quota.script.prepare_invoke();
+        invocation.arg(usage_expiry());
+        for call in batch {
+            invocation.key(&call.hash).arg(&call.tool);
+            match call.limit {
+                Some(limit) => invocation.arg(limit),
+                None => invocation.arg(""),
+            };
+        }
+        let counts: Vec<u64> = self
+            .bounded("quota batch", Kind::Write, |mut c| {
+                let invocation = &invocation;
+                async move { invocation.invoke_async(&mut c).await }
+            })
+            .await?;
+        if counts.len() != 2 * batch.len() {
+            tracing::error!(
+                calls = batch.len(),
+                answers = counts.len(),
+                "the quota script answered the wrong number of counts"
+            );
+            return Err(Error::Internal(
+                "redis answered a quota batch wrongly (see the daemon log)".into(),
+            ));
+        }
+        Ok(counts)
+    }
+}
