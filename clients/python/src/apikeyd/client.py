@@ -27,12 +27,10 @@ import weakref
 from typing import Any, Dict, List, Optional, Union
 
 from ._errors import DaemonUnreachable, Error
+from ._ops import Id, Ops
 from ._wire import READ_OPS, ProtocolDesync, decode_response, desync_error, encode_request, resolve_socket
 
 __all__ = ["Client", "Id"]
-
-#: A user or channel id: a string, or a non-negative int (a Discord snowflake).
-Id = Union[str, int]
 
 _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _RETRIES = 3  # reconnects per call; each waits for the daemon up to connect_timeout
@@ -188,8 +186,9 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
 
 
-class Client:
-    """Blocking apikeyd client, safe to share between threads.
+class Client(Ops[Dict[str, Any]]):
+    """Blocking apikeyd client, safe to share between threads. The op methods
+    (``get_user_api_key``, ...) are ``apikeyd._ops.Ops``'s; this class does the I/O.
 
     ``socket``: the daemon's socket (default ``$APIKEYD_SOCKET``, else
     /run/apikeyd/apikeyd.sock). ``timeout``: seconds to wait for each answer.
@@ -296,212 +295,3 @@ class Client:
             if ok:
                 return value  # type: ignore[no-any-return]
             raise value
-
-    def ping(self) -> Dict[str, Any]:
-        """Checks the daemon answers: ``{"pong": true, "version": ...}``."""
-        return self.call("ping")
-
-    def get_user_api_key(
-        self,
-        *,
-        user_id: Id,
-        service: str,
-        channel_id: Optional[Id] = None,
-        fallback_to_pool: Optional[bool] = None,
-        fallback_to_config: Optional[bool] = None,
-    ) -> Dict[str, Any]:
-        """The key for a user and service: user key, channel pool, global pool, then the operator's default. ``{"key", "source", ...}``."""
-        return self.call(
-            "get_user_api_key",
-            user_id=user_id,
-            service=service,
-            channel_id=channel_id,
-            fallback_to_pool=fallback_to_pool,
-            fallback_to_config=fallback_to_config,
-        )
-
-    def get_gitea_credentials(
-        self,
-        *,
-        user_id: Id,
-        channel_id: Optional[Id] = None,
-        fallback_to_pool: Optional[bool] = None,
-        fallback_to_config: Optional[bool] = None,
-    ) -> Dict[str, Any]:
-        """Gitea token and base URL: ``{"token", "base_url", "source", ...}``."""
-        return self.call(
-            "get_gitea_credentials",
-            user_id=user_id,
-            channel_id=channel_id,
-            fallback_to_pool=fallback_to_pool,
-            fallback_to_config=fallback_to_config,
-        )
-
-    def get_pool_api_key(self, *, service: str) -> Dict[str, Any]:
-        """A key of the global pool: ``{"key": str | None}``."""
-        return self.call("get_pool_api_key", service=service)
-
-    def get_channel_pool_api_key(self, *, channel_id: Id, service: str) -> Dict[str, Any]:
-        """A key of one channel's pool: ``{"key": str | None}``."""
-        return self.call(
-            "get_channel_pool_api_key",
-            channel_id=channel_id,
-            service=service,
-        )
-
-    def set_user_api_key(self, *, user_id: Id, service: str, key: str) -> Dict[str, Any]:
-        """Stores (durably) a user's own key: ``{"stored": true}``. A write."""
-        return self.call(
-            "set_user_api_key",
-            user_id=user_id,
-            service=service,
-            key=key,
-        )
-
-    def delete_user_api_key(self, *, user_id: Id, service: str) -> Dict[str, Any]:
-        """Deletes a user's own key: ``{"deleted": bool}``. A write."""
-        return self.call("delete_user_api_key", user_id=user_id, service=service)
-
-    def list_user_api_keys(self, *, user_id: Id) -> Dict[str, Any]:
-        """A user's keys, masked: ``{"keys": [{"service", "masked", "updated_at"}]}``."""
-        return self.call("list_user_api_keys", user_id=user_id)
-
-    def add_pool_key(
-        self,
-        *,
-        service: str,
-        key: str,
-        channel_id: Optional[Id] = None,
-        label: Optional[str] = None,
-    ) -> Dict[str, Any]:
-        """Adds a key to the global pool or a channel's (admins only): ``{"key_id", "added"}``. A write."""
-        return self.call(
-            "add_pool_key",
-            service=service,
-            key=key,
-            channel_id=channel_id,
-            label=label,
-        )
-
-    def remove_pool_key(
-        self,
-        *,
-        service: str,
-        key_id: str,
-        channel_id: Optional[Id] = None,
-    ) -> Dict[str, Any]:
-        """Removes a pool key (admins only): ``{"removed": bool}``. A write."""
-        return self.call(
-            "remove_pool_key",
-            service=service,
-            key_id=key_id,
-            channel_id=channel_id,
-        )
-
-    def list_pool_keys(self, *, service: str, channel_id: Optional[Id] = None) -> Dict[str, Any]:
-        """A pool's keys, masked (admins only): ``{"keys": [...]}``."""
-        return self.call("list_pool_keys", service=service, channel_id=channel_id)
-
-    def check_default_key_limit(
-        self,
-        *,
-        user_id: Id,
-        tool_name: str,
-        daily_limit: Optional[int] = None,
-    ) -> Dict[str, Any]:
-        """Today's default-key count: ``{"allowed", "current_count", "daily_limit"}``."""
-        return self.call(
-            "check_default_key_limit",
-            user_id=user_id,
-            tool_name=tool_name,
-            daily_limit=daily_limit,
-        )
-
-    def increment_default_key_usage(self, *, user_id: Id, tool_name: str) -> Dict[str, Any]:
-        """Counts one default-key use: ``{"count": int}``. A write."""
-        return self.call(
-            "increment_default_key_usage",
-            user_id=user_id,
-            tool_name=tool_name,
-        )
-
-    def consume_default_key_usage(
-        self,
-        *,
-        user_id: Id,
-        tool_name: str,
-        daily_limit: Optional[int] = None,
-    ) -> Dict[str, Any]:
-        """Atomic check-and-increment: ``{"allowed", "current_count", "daily_limit"}``. A write."""
-        return self.call(
-            "consume_default_key_usage",
-            user_id=user_id,
-            tool_name=tool_name,
-            daily_limit=daily_limit,
-        )
-
-    def missing_api_key_error(self, *, service: str) -> Dict[str, Any]:
-        """The message telling a user how to get and set a key: ``{"message": str}``."""
-        return self.call("missing_api_key_error", service=service)
-
-    def default_key_limit_error(
-        self,
-        *,
-        tool_name: str,
-        current: int,
-        limit: int,
-        service: Optional[str] = None,
-    ) -> Dict[str, Any]:
-        """The daily-limit message: ``{"message": str}``. ``service`` needs a daemon with issue 14."""
-        return self.call(
-            "default_key_limit_error",
-            tool_name=tool_name,
-            current=current,
-            limit=limit,
-            service=service,
-        )
-
-    def report_key_result(
-        self,
-        *,
-        service: str,
-        outcome: str,
-        key_id: Optional[str] = None,
-        user_id: Optional[Id] = None,
-        channel_id: Optional[Id] = None,
-        retry_after_s: Optional[int] = None,
-    ) -> Dict[str, Any]:
-        """Reports how a key fared (``ok``, ``rate_limited``, ``unauthorized``, ``error``): ``{"recorded", "state", "cooling_until"}``. A write; needs a daemon with issue 12."""
-        return self.call(
-            "report_key_result",
-            service=service,
-            outcome=outcome,
-            key_id=key_id,
-            user_id=user_id,
-            channel_id=channel_id,
-            retry_after_s=retry_after_s,
-        )
-
-    def enable_pool_key(
-        self,
-        *,
-        service: str,
-        key_id: str,
-        channel_id: Optional[Id] = None,
-    ) -> Dict[str, Any]:
-        """Re-enables a disabled pool key (admins only): ``{"enabled": bool}``. A write; needs a daemon with issue 12."""
-        return self.call(
-            "enable_pool_key",
-            service=service,
-            key_id=key_id,
-            channel_id=channel_id,
-        )
-
-    def reload(self) -> Dict[str, Any]:
-        """Re-reads the config and master keyring (admins only): ``{"reloaded": true, ...}``."""
-        return self.call("reload")
-
-    def stats(self) -> Dict[str, Any]:
-        """Counters: ``{"uptime_s", "connections", "requests_total", "cache", "store", ...}``."""
-        return self.call("stats")
-
