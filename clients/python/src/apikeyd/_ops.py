@@ -76,20 +76,11 @@ class Ops(Generic[R]):
 
     def get_channel_pool_api_key(self, *, channel_id: Id, service: str) -> R:
         """A key of one channel's pool: ``{"key": str | None}``."""
-        return self.call(
-            "get_channel_pool_api_key",
-            channel_id=channel_id,
-            service=service,
-        )
+        return self.call("get_channel_pool_api_key", channel_id=channel_id, service=service)
 
     def set_user_api_key(self, *, user_id: Id, service: str, key: str) -> R:
         """Stores (durably) a user's own key: ``{"stored": true}``. A write."""
-        return self.call(
-            "set_user_api_key",
-            user_id=user_id,
-            service=service,
-            key=key,
-        )
+        return self.call("set_user_api_key", user_id=user_id, service=service, key=key)
 
     def delete_user_api_key(self, *, user_id: Id, service: str) -> R:
         """Deletes a user's own key: ``{"deleted": bool}``. A write."""
@@ -108,13 +99,7 @@ class Ops(Generic[R]):
         label: Optional[str] = None,
     ) -> R:
         """Adds a key to the global pool or a channel's (admins only): ``{"key_id", "added"}``. A write."""
-        return self.call(
-            "add_pool_key",
-            service=service,
-            key=key,
-            channel_id=channel_id,
-            label=label,
-        )
+        return self.call("add_pool_key", service=service, key=key, channel_id=channel_id, label=label)
 
     def remove_pool_key(
         self,
@@ -124,12 +109,7 @@ class Ops(Generic[R]):
         channel_id: Optional[Id] = None,
     ) -> R:
         """Removes a pool key (admins only): ``{"removed": bool}``. A write."""
-        return self.call(
-            "remove_pool_key",
-            service=service,
-            key_id=key_id,
-            channel_id=channel_id,
-        )
+        return self.call("remove_pool_key", service=service, key_id=key_id, channel_id=channel_id)
 
     def list_pool_keys(self, *, service: str, channel_id: Optional[Id] = None) -> R:
         """A pool's keys, masked (admins only): ``{"keys": [...]}``."""
@@ -152,11 +132,7 @@ class Ops(Generic[R]):
 
     def increment_default_key_usage(self, *, user_id: Id, tool_name: str) -> R:
         """Counts one default-key use: ``{"count": int}``. A write."""
-        return self.call(
-            "increment_default_key_usage",
-            user_id=user_id,
-            tool_name=tool_name,
-        )
+        return self.call("increment_default_key_usage", user_id=user_id, tool_name=tool_name)
 
     def consume_default_key_usage(
         self,
@@ -223,12 +199,7 @@ class Ops(Generic[R]):
         channel_id: Optional[Id] = None,
     ) -> R:
         """Re-enables a disabled pool key (admins only): ``{"enabled": bool}``. A write; needs a daemon with issue 12."""
-        return self.call(
-            "enable_pool_key",
-            service=service,
-            key_id=key_id,
-            channel_id=channel_id,
-        )
+        return self.call("enable_pool_key", service=service, key_id=key_id, channel_id=channel_id)
 
     def reload(self) -> R:
         """Re-reads the config and master keyring (admins only): ``{"reloaded": true, ...}``."""

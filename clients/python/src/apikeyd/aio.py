@@ -3,12 +3,12 @@ connections; responses are matched to requests in FIFO order by the protocol
 callback (no reader task), so a cancelled or timed-out call leaves its slot in the
 queue and its answer is simply dropped when it arrives.
 
-Reconnect rules are the blocking client's (see apikeyd.client): a read lost with its
-connection is sent again on a new one; a write is sent again only when it provably
-never reached the daemon (the connection was already seen closed before the write,
-or the connection was reset with that write as the last line written, which on a
-Unix socket means the daemon never read its final newline); otherwise the caller
-gets DaemonUnreachable.
+Reconnect rules (apikeyd._reconnect): a read lost with its connection is sent again
+on a new one; a write is sent again only when it provably never reached the daemon
+(here: the connection was already seen closed before the write, the write was never
+handed to the socket, or the connection was reset with that write as the last line
+written, which on a Unix socket means the daemon never read its final newline);
+otherwise the caller gets DaemonUnreachable.
 """
 
 from __future__ import annotations
@@ -18,19 +18,28 @@ import functools
 import itertools
 import os
 import select
-import socket as _socket
 import time
 from collections import deque
 from typing import Any, Callable, Coroutine, Deque, Dict, List, Optional, Type, Union
 
 from ._errors import DaemonUnreachable, Error
 from ._ops import Ops
+from ._reconnect import (
+    cannot_connect,
+    connect_waits,
+    gave_up,
+    keeps_closing,
+    lost_write,
+    may_resend,
+    no_answer,
+    peek_before_sending,
+    reached_daemon,
+    unreachable,
+)
 from ._wire import READ_OPS, ProtocolDesync, decode_response, desync_error, encode_request, resolve_socket
-from .client import _reason
 
 __all__ = ["AsyncClient"]
 
-_RETRIES = 3
 _HUP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 
 
@@ -189,19 +198,12 @@ class _Protocol(asyncio.Protocol):
         for i, entry in enumerate(pending):
             if entry.fut.done():
                 continue
-            # `reset`: the daemon closed with unread bytes; they are a suffix of what
-            # we wrote, so the last line written was never read whole.
-            if entry.is_read or i >= sent or (reset and i == sent - 1):
+            if may_resend(entry.is_read, reached_daemon(i, sent, reset)):
                 self.client._resend(entry)
             else:
                 if entry.timer is not None:
                     entry.timer.cancel()
-                entry.fut.set_exception(
-                    DaemonUnreachable(
-                        f"`{entry.op}`: the connection to apikeyd broke after the request was sent; "
-                        "it may or may not have been applied, so it was not sent again"
-                    )
-                )
+                entry.fut.set_exception(lost_write(entry.op))
 
 
 _Result = Coroutine[Any, Any, Dict[str, Any]]
@@ -277,7 +279,7 @@ class AsyncClient(Ops[_Result]):
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.connect_timeout
-        delay = 0.005
+        waits = connect_waits(deadline)
         while True:
             try:
                 left = max(deadline - time.monotonic(), 0.001)
@@ -286,15 +288,12 @@ class AsyncClient(Ops[_Result]):
                 )
                 return proto
             except (FileNotFoundError, ConnectionRefusedError, asyncio.TimeoutError) as exc:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise DaemonUnreachable(
-                        f"no apikeyd answers on {self.socket_path} ({_reason(exc)}); is `apikeyd serve` running?"
-                    ) from None
-                await asyncio.sleep(min(delay, left))
-                delay = min(delay * 2, 0.1)
+                wait = next(waits, None)
+                if wait is None:
+                    raise unreachable(self.socket_path, exc) from None
+                await asyncio.sleep(wait)
             except OSError as exc:
-                raise DaemonUnreachable(f"cannot connect to apikeyd on {self.socket_path}: {_reason(exc)}") from None
+                raise cannot_connect(self.socket_path, exc) from None
 
     async def _open_slot(self, slot: int) -> _Protocol:
         try:
@@ -317,7 +316,7 @@ class AsyncClient(Ops[_Result]):
         """Writes ``entry`` on a live connection (connecting if needed)."""
         slot = next(self._rr)
         proto = self._slots[slot]
-        if proto is None or proto.closed or (not entry.is_read and proto.peer_closed()):
+        if proto is None or proto.closed or (peek_before_sending(entry.is_read) and proto.peer_closed()):
             if proto is not None:
                 proto.closed = True
                 self._slots[slot] = None
@@ -326,10 +325,10 @@ class AsyncClient(Ops[_Result]):
 
     def _resend(self, entry: _Entry) -> None:
         entry.tries += 1
-        if entry.tries > _RETRIES:
+        if gave_up(entry.tries):
             if entry.timer is not None:
                 entry.timer.cancel()
-            entry.fut.set_exception(DaemonUnreachable(f"`{entry.op}`: the daemon keeps closing the connection"))
+            entry.fut.set_exception(keeps_closing(entry.op))
             return
 
         async def again() -> None:
@@ -343,9 +342,7 @@ class AsyncClient(Ops[_Result]):
 
     def _expire(self, entry: _Entry) -> None:
         if not entry.fut.done():
-            entry.fut.set_exception(
-                DaemonUnreachable(f"`{entry.op}`: no answer from apikeyd within {self.timeout:g} s")
-            )
+            entry.fut.set_exception(no_answer(entry.op, self.timeout))
 
     async def call(self, op: str, **params: Any) -> Dict[str, Any]:
         """Sends one request and returns its ``result``; raises an ``apikeyd.Error``

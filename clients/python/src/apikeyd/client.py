@@ -2,21 +2,18 @@
 between threads (each call borrows a connection, so threads never interleave lines
 on one socket).
 
-Reconnect rules (docs/python.md):
-
-- A connection the daemon closed (idle timeout, restart) is replaced; a *read* is
-  sent again on the new connection.
-- A *write* is sent again only when it provably never reached the daemon: the
-  connect failed, a non-blocking peek showed the idle socket already at EOF before
-  we wrote, the send failed with nothing sent (EPIPE/ECONNRESET: the peer had closed),
-  or the read failed with ECONNRESET (on a Unix socket that means the daemon closed
-  with our line's last byte unread, so it never parsed it). Any other loss after the
-  line went out raises DaemonUnreachable and nothing is sent twice.
+Reconnect rules (apikeyd._reconnect, docs/python.md): a connection the daemon closed
+(idle timeout, restart) is replaced; a *read* is sent again on the new connection; a
+*write* only when it provably never reached the daemon. Here that is known when the
+connect failed, a non-blocking peek showed the idle socket already at EOF before we
+wrote, the send failed with nothing sent (EPIPE/ECONNRESET: the peer had closed), or
+the read failed with ECONNRESET before any answer (on a Unix socket that means the
+daemon closed with our line's last byte unread, so it never parsed it). Any other
+loss after the line went out raises DaemonUnreachable and nothing is sent twice.
 """
 
 from __future__ import annotations
 
-import errno
 import itertools
 import os
 import socket
@@ -26,22 +23,34 @@ import time
 import weakref
 from typing import Any, Dict, List, Optional, Union
 
-from ._errors import DaemonUnreachable, Error
 from ._ops import Id, Ops
+from ._reconnect import (
+    cannot_connect,
+    connect_waits,
+    gave_up,
+    keeps_closing,
+    lost_write,
+    may_resend,
+    no_answer,
+    peek_before_sending,
+    reached_daemon,
+    unreachable,
+)
 from ._wire import READ_OPS, ProtocolDesync, decode_response, desync_error, encode_request, resolve_socket
 
 __all__ = ["Client", "Id"]
 
 _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
-_RETRIES = 3  # reconnects per call; each waits for the daemon up to connect_timeout
 
 
-class _NotDelivered(Exception):
-    """The request provably never reached the daemon: safe to send again."""
+class _Broken(Exception):
+    """The connection broke before the answer came. ``reached``: the request may
+    have reached the daemon (False: it provably did not, so even a write may be
+    sent again)."""
 
-
-class _Lost(Exception):
-    """The connection broke after the request went out: reads may be resent."""
+    def __init__(self, reached: bool) -> None:
+        super().__init__()
+        self.reached = reached
 
 
 class _TimedOut(Exception):
@@ -51,7 +60,7 @@ class _TimedOut(Exception):
 def connect_unix(path: str, deadline: float) -> socket.socket:
     """Connects, retrying while the socket is missing or refuses (a daemon
     restarting) until ``deadline``; raises DaemonUnreachable after that."""
-    delay = 0.005
+    waits = connect_waits(deadline)
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -61,24 +70,13 @@ def connect_unix(path: str, deadline: float) -> socket.socket:
             return sock
         except (FileNotFoundError, ConnectionRefusedError, socket.timeout) as exc:
             sock.close()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise DaemonUnreachable(
-                    f"no apikeyd answers on {path} ({_reason(exc)}); is `apikeyd serve` running?"
-                ) from None
-            time.sleep(min(delay, left))
-            delay = min(delay * 2, 0.1)
+            wait = next(waits, None)
+            if wait is None:
+                raise unreachable(path, exc) from None
+            time.sleep(wait)
         except OSError as exc:
             sock.close()
-            raise DaemonUnreachable(f"cannot connect to apikeyd on {path}: {_reason(exc)}") from None
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, socket.timeout):
-        return "timed out"
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return os.strerror(exc.errno)
-    return type(exc).__name__
+            raise cannot_connect(path, exc) from None
 
 
 def _timeval(seconds: float) -> bytes:
@@ -119,12 +117,12 @@ class _Conn:
             left = self._leftover(rid)
             if left is not None:
                 return left
-            raise _NotDelivered from None
+            raise _Broken(reached=False) from None
         if sent < len(data):
             try:
                 sock.sendall(data[sent:])
             except OSError:
-                raise _Lost from None
+                raise _Broken(reached=True) from None
         buf = self.buf
         while True:
             nl = buf.find(b"\n")
@@ -142,13 +140,13 @@ class _Conn:
                     continue  # a slow multi-chunk line: the per-recv timeout restarted
                 raise _TimedOut from None
             except ConnectionResetError:
-                if not buf:
-                    raise _NotDelivered from None
-                raise _Lost from None
+                # One line in flight, so it was the last written; an answer begun
+                # shows the daemon read it all the same.
+                raise _Broken(reached_daemon(0, written=1, reset=not buf)) from None
             except OSError:
-                raise _Lost from None
+                raise _Broken(reached=True) from None
             if not chunk:
-                raise _Lost
+                raise _Broken(reached=True)
             buf += chunk
 
     def _leftover(self, rid: int) -> "Optional[tuple[bool, Any, bool]]":
@@ -254,7 +252,7 @@ class Client(Ops[Dict[str, Any]]):
         tries = 0
         while True:
             conn = self._acquire()
-            if not is_read and conn.used and conn.peer_closed():
+            if peek_before_sending(is_read) and conn.used and conn.peer_closed():
                 conn.close()  # closed while idle: nothing was sent on it
                 continue
             # Only failures on fresh connections count towards giving up: after a
@@ -262,26 +260,17 @@ class Client(Ops[Dict[str, Any]]):
             fresh = not conn.used
             try:
                 ok, value, closing = conn.roundtrip(data, rid, deadline)
-            except _NotDelivered:
+            except _Broken as broken:
                 conn.close()
+                if not may_resend(is_read, broken.reached):
+                    raise lost_write(op) from None
                 tries += fresh
-                if tries > _RETRIES:
-                    raise DaemonUnreachable(f"`{op}`: the daemon keeps closing the connection") from None
-                continue
-            except _Lost:
-                conn.close()
-                if not is_read:
-                    raise DaemonUnreachable(
-                        f"`{op}`: the connection to apikeyd broke after the request was sent; "
-                        "it may or may not have been applied, so it was not sent again"
-                    ) from None
-                tries += fresh
-                if tries > _RETRIES:
-                    raise DaemonUnreachable(f"`{op}`: the daemon keeps closing the connection") from None
+                if gave_up(tries):
+                    raise keeps_closing(op) from None
                 continue
             except _TimedOut:
                 conn.close()  # its answer may still come: the connection is out of step
-                raise DaemonUnreachable(f"`{op}`: no answer from apikeyd within {self.timeout:g} s") from None
+                raise no_answer(op, self.timeout) from None
             except ProtocolDesync:
                 conn.close()
                 raise desync_error() from None
