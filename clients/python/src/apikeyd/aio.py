@@ -22,20 +22,9 @@ import time
 from collections import deque
 from typing import Any, Callable, Coroutine, Deque, Dict, List, Optional, Type, Union
 
+from . import _reconnect
 from ._errors import DaemonUnreachable, Error
 from ._ops import Ops
-from ._reconnect import (
-    cannot_connect,
-    connect_waits,
-    gave_up,
-    keeps_closing,
-    lost_write,
-    may_resend,
-    no_answer,
-    peek_before_sending,
-    reached_daemon,
-    unreachable,
-)
 from ._wire import READ_OPS, ProtocolDesync, decode_response, desync_error, encode_request, resolve_socket
 
 __all__ = ["AsyncClient"]
@@ -198,12 +187,12 @@ class _Protocol(asyncio.Protocol):
         for i, entry in enumerate(pending):
             if entry.fut.done():
                 continue
-            if may_resend(entry.is_read, reached_daemon(i, sent, reset)):
+            if _reconnect.may_resend(entry.is_read, _reconnect.reached_daemon(i, sent, reset)):
                 self.client._resend(entry)
             else:
                 if entry.timer is not None:
                     entry.timer.cancel()
-                entry.fut.set_exception(lost_write(entry.op))
+                entry.fut.set_exception(_reconnect.lost_write(entry.op))
 
 
 _Result = Coroutine[Any, Any, Dict[str, Any]]
@@ -279,7 +268,7 @@ class AsyncClient(Ops[_Result]):
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.connect_timeout
-        waits = connect_waits(deadline)
+        waits = _reconnect.connect_waits(deadline)
         while True:
             try:
                 left = max(deadline - time.monotonic(), 0.001)
@@ -290,10 +279,10 @@ class AsyncClient(Ops[_Result]):
             except (FileNotFoundError, ConnectionRefusedError, asyncio.TimeoutError) as exc:
                 wait = next(waits, None)
                 if wait is None:
-                    raise unreachable(self.socket_path, exc) from None
+                    raise _reconnect.unreachable(self.socket_path, exc) from None
                 await asyncio.sleep(wait)
             except OSError as exc:
-                raise cannot_connect(self.socket_path, exc) from None
+                raise _reconnect.cannot_connect(self.socket_path, exc) from None
 
     async def _open_slot(self, slot: int) -> _Protocol:
         try:
@@ -316,7 +305,7 @@ class AsyncClient(Ops[_Result]):
         """Writes ``entry`` on a live connection (connecting if needed)."""
         slot = next(self._rr)
         proto = self._slots[slot]
-        if proto is None or proto.closed or (peek_before_sending(entry.is_read) and proto.peer_closed()):
+        if proto is None or proto.closed or (_reconnect.peek_before_sending(entry.is_read) and proto.peer_closed()):
             if proto is not None:
                 proto.closed = True
                 self._slots[slot] = None
@@ -325,10 +314,10 @@ class AsyncClient(Ops[_Result]):
 
     def _resend(self, entry: _Entry) -> None:
         entry.tries += 1
-        if gave_up(entry.tries):
+        if _reconnect.gave_up(entry.tries):
             if entry.timer is not None:
                 entry.timer.cancel()
-            entry.fut.set_exception(keeps_closing(entry.op))
+            entry.fut.set_exception(_reconnect.keeps_closing(entry.op))
             return
 
         async def again() -> None:
@@ -342,7 +331,7 @@ class AsyncClient(Ops[_Result]):
 
     def _expire(self, entry: _Entry) -> None:
         if not entry.fut.done():
-            entry.fut.set_exception(no_answer(entry.op, self.timeout))
+            entry.fut.set_exception(_reconnect.no_answer(entry.op, self.timeout))
 
     async def call(self, op: str, **params: Any) -> Dict[str, Any]:
         """Sends one request and returns its ``result``; raises an ``apikeyd.Error``

@@ -23,19 +23,8 @@ import time
 import weakref
 from typing import Any, Dict, List, Optional, Union
 
+from . import _reconnect
 from ._ops import Id, Ops
-from ._reconnect import (
-    cannot_connect,
-    connect_waits,
-    gave_up,
-    keeps_closing,
-    lost_write,
-    may_resend,
-    no_answer,
-    peek_before_sending,
-    reached_daemon,
-    unreachable,
-)
 from ._wire import READ_OPS, ProtocolDesync, decode_response, desync_error, encode_request, resolve_socket
 
 __all__ = ["Client", "Id"]
@@ -60,7 +49,7 @@ class _TimedOut(Exception):
 def connect_unix(path: str, deadline: float) -> socket.socket:
     """Connects, retrying while the socket is missing or refuses (a daemon
     restarting) until ``deadline``; raises DaemonUnreachable after that."""
-    waits = connect_waits(deadline)
+    waits = _reconnect.connect_waits(deadline)
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -72,11 +61,11 @@ def connect_unix(path: str, deadline: float) -> socket.socket:
             sock.close()
             wait = next(waits, None)
             if wait is None:
-                raise unreachable(path, exc) from None
+                raise _reconnect.unreachable(path, exc) from None
             time.sleep(wait)
         except OSError as exc:
             sock.close()
-            raise cannot_connect(path, exc) from None
+            raise _reconnect.cannot_connect(path, exc) from None
 
 
 def _timeval(seconds: float) -> bytes:
@@ -142,7 +131,7 @@ class _Conn:
             except ConnectionResetError:
                 # One line in flight, so it was the last written; an answer begun
                 # shows the daemon read it all the same.
-                raise _Broken(reached_daemon(0, written=1, reset=not buf)) from None
+                raise _Broken(_reconnect.reached_daemon(0, written=1, reset=not buf)) from None
             except OSError:
                 raise _Broken(reached=True) from None
             if not chunk:
@@ -252,7 +241,7 @@ class Client(Ops[Dict[str, Any]]):
         tries = 0
         while True:
             conn = self._acquire()
-            if peek_before_sending(is_read) and conn.used and conn.peer_closed():
+            if _reconnect.peek_before_sending(is_read) and conn.used and conn.peer_closed():
                 conn.close()  # closed while idle: nothing was sent on it
                 continue
             # Only failures on fresh connections count towards giving up: after a
@@ -262,15 +251,15 @@ class Client(Ops[Dict[str, Any]]):
                 ok, value, closing = conn.roundtrip(data, rid, deadline)
             except _Broken as broken:
                 conn.close()
-                if not may_resend(is_read, broken.reached):
-                    raise lost_write(op) from None
+                if not _reconnect.may_resend(is_read, broken.reached):
+                    raise _reconnect.lost_write(op) from None
                 tries += fresh
-                if gave_up(tries):
-                    raise keeps_closing(op) from None
+                if _reconnect.gave_up(tries):
+                    raise _reconnect.keeps_closing(op) from None
                 continue
             except _TimedOut:
                 conn.close()  # its answer may still come: the connection is out of step
-                raise no_answer(op, self.timeout) from None
+                raise _reconnect.no_answer(op, self.timeout) from None
             except ProtocolDesync:
                 conn.close()
                 raise desync_error() from None
