@@ -3,32 +3,32 @@ connections; responses are matched to requests in FIFO order by the protocol
 callback (no reader task), so a cancelled or timed-out call leaves its slot in the
 queue and its answer is simply dropped when it arrives.
 
-Reconnect rules are the blocking client's (see apikeyd.client): a read lost with its
-connection is sent again on a new one; a write is sent again only when it provably
-never reached the daemon (the connection was already seen closed before the write,
-or the connection was reset with that write as the last line written, which on a
-Unix socket means the daemon never read its final newline); otherwise the caller
-gets DaemonUnreachable.
+Reconnect rules (apikeyd._reconnect): a read lost with its connection is sent again
+on a new one; a write is sent again only when it provably never reached the daemon
+(here: the connection was already seen closed before the write, the write was never
+handed to the socket, or the connection was reset with that write as the last line
+written, which on a Unix socket means the daemon never read its final newline);
+otherwise the caller gets DaemonUnreachable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import select
-import socket as _socket
 import time
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Union
+from typing import Any, Callable, Coroutine, Deque, Dict, List, Optional, Type, Union
 
+from . import _reconnect
 from ._errors import DaemonUnreachable, Error
+from ._ops import Ops
 from ._wire import READ_OPS, ProtocolDesync, decode_response, desync_error, encode_request, resolve_socket
-from .client import Id, _reason
 
 __all__ = ["AsyncClient"]
 
-_RETRIES = 3
 _HUP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 
 
@@ -187,24 +187,43 @@ class _Protocol(asyncio.Protocol):
         for i, entry in enumerate(pending):
             if entry.fut.done():
                 continue
-            # `reset`: the daemon closed with unread bytes; they are a suffix of what
-            # we wrote, so the last line written was never read whole.
-            if entry.is_read or i >= sent or (reset and i == sent - 1):
+            if _reconnect.may_resend(entry.is_read, _reconnect.reached_daemon(i, sent, reset)):
                 self.client._resend(entry)
             else:
                 if entry.timer is not None:
                     entry.timer.cancel()
-                entry.fut.set_exception(
-                    DaemonUnreachable(
-                        f"`{entry.op}`: the connection to apikeyd broke after the request was sent; "
-                        "it may or may not have been applied, so it was not sent again"
-                    )
-                )
+                entry.fut.set_exception(_reconnect.lost_write(entry.op))
 
 
-class AsyncClient:
+_Result = Coroutine[Any, Any, Dict[str, Any]]
+
+
+def _async_ops(cls: "Type[AsyncClient]") -> "Type[AsyncClient]":
+    """Gives ``cls`` each op method of Ops as an ``async def`` (same name, signature
+    and docstring), so that ``inspect.iscoroutinefunction`` is true of them. The Ops
+    method returns ``self.call(...)``, a coroutine here, which the new one awaits.
+    Type checkers see the Ops method itself: it returns that coroutine."""
+
+    def coroutine_method(name: str, shared: Callable[..., _Result]) -> Callable[..., _Result]:
+        @functools.wraps(shared)
+        async def method(self: AsyncClient, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+            return await shared(self, *args, **kwargs)
+
+        method.__qualname__ = f"{cls.__qualname__}.{name}"
+        method.__module__ = cls.__module__
+        return method
+
+    for name, shared in vars(Ops).items():
+        if callable(shared) and not name.startswith("_") and name != "call":
+            setattr(cls, name, coroutine_method(name, shared))
+    return cls
+
+
+@_async_ops
+class AsyncClient(Ops[_Result]):
     """asyncio apikeyd client. Many tasks may call it at once: requests are
-    pipelined over ``connections`` connections (opened on first use).
+    pipelined over ``connections`` connections (opened on first use). The op
+    methods (``get_user_api_key``, ...) are ``apikeyd._ops.Ops``'s, made coroutines.
 
     ``socket``, ``timeout`` and ``connect_timeout`` are as for ``apikeyd.Client``.
     Bound to the event loop that first uses it.
@@ -249,7 +268,7 @@ class AsyncClient:
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.connect_timeout
-        delay = 0.005
+        waits = _reconnect.connect_waits(deadline)
         while True:
             try:
                 left = max(deadline - time.monotonic(), 0.001)
@@ -258,15 +277,12 @@ class AsyncClient:
                 )
                 return proto
             except (FileNotFoundError, ConnectionRefusedError, asyncio.TimeoutError) as exc:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise DaemonUnreachable(
-                        f"no apikeyd answers on {self.socket_path} ({_reason(exc)}); is `apikeyd serve` running?"
-                    ) from None
-                await asyncio.sleep(min(delay, left))
-                delay = min(delay * 2, 0.1)
+                wait = next(waits, None)
+                if wait is None:
+                    raise _reconnect.unreachable(self.socket_path, exc) from None
+                await asyncio.sleep(wait)
             except OSError as exc:
-                raise DaemonUnreachable(f"cannot connect to apikeyd on {self.socket_path}: {_reason(exc)}") from None
+                raise _reconnect.cannot_connect(self.socket_path, exc) from None
 
     async def _open_slot(self, slot: int) -> _Protocol:
         try:
@@ -289,7 +305,7 @@ class AsyncClient:
         """Writes ``entry`` on a live connection (connecting if needed)."""
         slot = next(self._rr)
         proto = self._slots[slot]
-        if proto is None or proto.closed or (not entry.is_read and proto.peer_closed()):
+        if proto is None or proto.closed or (_reconnect.peek_before_sending(entry.is_read) and proto.peer_closed()):
             if proto is not None:
                 proto.closed = True
                 self._slots[slot] = None
@@ -298,10 +314,10 @@ class AsyncClient:
 
     def _resend(self, entry: _Entry) -> None:
         entry.tries += 1
-        if entry.tries > _RETRIES:
+        if _reconnect.gave_up(entry.tries):
             if entry.timer is not None:
                 entry.timer.cancel()
-            entry.fut.set_exception(DaemonUnreachable(f"`{entry.op}`: the daemon keeps closing the connection"))
+            entry.fut.set_exception(_reconnect.keeps_closing(entry.op))
             return
 
         async def again() -> None:
@@ -315,9 +331,7 @@ class AsyncClient:
 
     def _expire(self, entry: _Entry) -> None:
         if not entry.fut.done():
-            entry.fut.set_exception(
-                DaemonUnreachable(f"`{entry.op}`: no answer from apikeyd within {self.timeout:g} s")
-            )
+            entry.fut.set_exception(_reconnect.no_answer(entry.op, self.timeout))
 
     async def call(self, op: str, **params: Any) -> Dict[str, Any]:
         """Sends one request and returns its ``result``; raises an ``apikeyd.Error``
@@ -332,212 +346,3 @@ class AsyncClient:
             entry.timer.cancel()
             raise
         return await entry.fut  # type: ignore[no-any-return]
-
-    async def ping(self) -> Dict[str, Any]:
-        """Checks the daemon answers: ``{"pong": true, "version": ...}``."""
-        return await self.call("ping")
-
-    async def get_user_api_key(
-        self,
-        *,
-        user_id: Id,
-        service: str,
-        channel_id: Optional[Id] = None,
-        fallback_to_pool: Optional[bool] = None,
-        fallback_to_config: Optional[bool] = None,
-    ) -> Dict[str, Any]:
-        """The key for a user and service: user key, channel pool, global pool, then the operator's default. ``{"key", "source", ...}``."""
-        return await self.call(
-            "get_user_api_key",
-            user_id=user_id,
-            service=service,
-            channel_id=channel_id,
-            fallback_to_pool=fallback_to_pool,
-            fallback_to_config=fallback_to_config,
-        )
-
-    async def get_gitea_credentials(
-        self,
-        *,
-        user_id: Id,
-        channel_id: Optional[Id] = None,
-        fallback_to_pool: Optional[bool] = None,
-        fallback_to_config: Optional[bool] = None,
-    ) -> Dict[str, Any]:
-        """Gitea token and base URL: ``{"token", "base_url", "source", ...}``."""
-        return await self.call(
-            "get_gitea_credentials",
-            user_id=user_id,
-            channel_id=channel_id,
-            fallback_to_pool=fallback_to_pool,
-            fallback_to_config=fallback_to_config,
-        )
-
-    async def get_pool_api_key(self, *, service: str) -> Dict[str, Any]:
-        """A key of the global pool: ``{"key": str | None}``."""
-        return await self.call("get_pool_api_key", service=service)
-
-    async def get_channel_pool_api_key(self, *, channel_id: Id, service: str) -> Dict[str, Any]:
-        """A key of one channel's pool: ``{"key": str | None}``."""
-        return await self.call(
-            "get_channel_pool_api_key",
-            channel_id=channel_id,
-            service=service,
-        )
-
-    async def set_user_api_key(self, *, user_id: Id, service: str, key: str) -> Dict[str, Any]:
-        """Stores (durably) a user's own key: ``{"stored": true}``. A write."""
-        return await self.call(
-            "set_user_api_key",
-            user_id=user_id,
-            service=service,
-            key=key,
-        )
-
-    async def delete_user_api_key(self, *, user_id: Id, service: str) -> Dict[str, Any]:
-        """Deletes a user's own key: ``{"deleted": bool}``. A write."""
-        return await self.call("delete_user_api_key", user_id=user_id, service=service)
-
-    async def list_user_api_keys(self, *, user_id: Id) -> Dict[str, Any]:
-        """A user's keys, masked: ``{"keys": [{"service", "masked", "updated_at"}]}``."""
-        return await self.call("list_user_api_keys", user_id=user_id)
-
-    async def add_pool_key(
-        self,
-        *,
-        service: str,
-        key: str,
-        channel_id: Optional[Id] = None,
-        label: Optional[str] = None,
-    ) -> Dict[str, Any]:
-        """Adds a key to the global pool or a channel's (admins only): ``{"key_id", "added"}``. A write."""
-        return await self.call(
-            "add_pool_key",
-            service=service,
-            key=key,
-            channel_id=channel_id,
-            label=label,
-        )
-
-    async def remove_pool_key(
-        self,
-        *,
-        service: str,
-        key_id: str,
-        channel_id: Optional[Id] = None,
-    ) -> Dict[str, Any]:
-        """Removes a pool key (admins only): ``{"removed": bool}``. A write."""
-        return await self.call(
-            "remove_pool_key",
-            service=service,
-            key_id=key_id,
-            channel_id=channel_id,
-        )
-
-    async def list_pool_keys(self, *, service: str, channel_id: Optional[Id] = None) -> Dict[str, Any]:
-        """A pool's keys, masked (admins only): ``{"keys": [...]}``."""
-        return await self.call("list_pool_keys", service=service, channel_id=channel_id)
-
-    async def check_default_key_limit(
-        self,
-        *,
-        user_id: Id,
-        tool_name: str,
-        daily_limit: Optional[int] = None,
-    ) -> Dict[str, Any]:
-        """Today's default-key count: ``{"allowed", "current_count", "daily_limit"}``."""
-        return await self.call(
-            "check_default_key_limit",
-            user_id=user_id,
-            tool_name=tool_name,
-            daily_limit=daily_limit,
-        )
-
-    async def increment_default_key_usage(self, *, user_id: Id, tool_name: str) -> Dict[str, Any]:
-        """Counts one default-key use: ``{"count": int}``. A write."""
-        return await self.call(
-            "increment_default_key_usage",
-            user_id=user_id,
-            tool_name=tool_name,
-        )
-
-    async def consume_default_key_usage(
-        self,
-        *,
-        user_id: Id,
-        tool_name: str,
-        daily_limit: Optional[int] = None,
-    ) -> Dict[str, Any]:
-        """Atomic check-and-increment: ``{"allowed", "current_count", "daily_limit"}``. A write."""
-        return await self.call(
-            "consume_default_key_usage",
-            user_id=user_id,
-            tool_name=tool_name,
-            daily_limit=daily_limit,
-        )
-
-    async def missing_api_key_error(self, *, service: str) -> Dict[str, Any]:
-        """The message telling a user how to get and set a key: ``{"message": str}``."""
-        return await self.call("missing_api_key_error", service=service)
-
-    async def default_key_limit_error(
-        self,
-        *,
-        tool_name: str,
-        current: int,
-        limit: int,
-        service: Optional[str] = None,
-    ) -> Dict[str, Any]:
-        """The daily-limit message: ``{"message": str}``. ``service`` needs a daemon with issue 14."""
-        return await self.call(
-            "default_key_limit_error",
-            tool_name=tool_name,
-            current=current,
-            limit=limit,
-            service=service,
-        )
-
-    async def report_key_result(
-        self,
-        *,
-        service: str,
-        outcome: str,
-        key_id: Optional[str] = None,
-        user_id: Optional[Id] = None,
-        channel_id: Optional[Id] = None,
-        retry_after_s: Optional[int] = None,
-    ) -> Dict[str, Any]:
-        """Reports how a key fared (``ok``, ``rate_limited``, ``unauthorized``, ``error``): ``{"recorded", "state", "cooling_until"}``. A write; needs a daemon with issue 12."""
-        return await self.call(
-            "report_key_result",
-            service=service,
-            outcome=outcome,
-            key_id=key_id,
-            user_id=user_id,
-            channel_id=channel_id,
-            retry_after_s=retry_after_s,
-        )
-
-    async def enable_pool_key(
-        self,
-        *,
-        service: str,
-        key_id: str,
-        channel_id: Optional[Id] = None,
-    ) -> Dict[str, Any]:
-        """Re-enables a disabled pool key (admins only): ``{"enabled": bool}``. A write; needs a daemon with issue 12."""
-        return await self.call(
-            "enable_pool_key",
-            service=service,
-            key_id=key_id,
-            channel_id=channel_id,
-        )
-
-    async def reload(self) -> Dict[str, Any]:
-        """Re-reads the config and master keyring (admins only): ``{"reloaded": true, ...}``."""
-        return await self.call("reload")
-
-    async def stats(self) -> Dict[str, Any]:
-        """Counters: ``{"uptime_s", "connections", "requests_total", "cache", "store", ...}``."""
-        return await self.call("stats")
-

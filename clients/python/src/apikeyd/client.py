@@ -2,21 +2,18 @@
 between threads (each call borrows a connection, so threads never interleave lines
 on one socket).
 
-Reconnect rules (docs/python.md):
-
-- A connection the daemon closed (idle timeout, restart) is replaced; a *read* is
-  sent again on the new connection.
-- A *write* is sent again only when it provably never reached the daemon: the
-  connect failed, a non-blocking peek showed the idle socket already at EOF before
-  we wrote, the send failed with nothing sent (EPIPE/ECONNRESET: the peer had closed),
-  or the read failed with ECONNRESET (on a Unix socket that means the daemon closed
-  with our line's last byte unread, so it never parsed it). Any other loss after the
-  line went out raises DaemonUnreachable and nothing is sent twice.
+Reconnect rules (apikeyd._reconnect, docs/python.md): a connection the daemon closed
+(idle timeout, restart) is replaced; a *read* is sent again on the new connection; a
+*write* only when it provably never reached the daemon. Here that is known when the
+connect failed, a non-blocking peek showed the idle socket already at EOF before we
+wrote, the send failed with nothing sent (EPIPE/ECONNRESET: the peer had closed), or
+the read failed with ECONNRESET before any answer (on a Unix socket that means the
+daemon closed with our line's last byte unread, so it never parsed it). Any other
+loss after the line went out raises DaemonUnreachable and nothing is sent twice.
 """
 
 from __future__ import annotations
 
-import errno
 import itertools
 import os
 import socket
@@ -26,24 +23,23 @@ import time
 import weakref
 from typing import Any, Dict, List, Optional, Union
 
-from ._errors import DaemonUnreachable, Error
+from . import _reconnect
+from ._ops import Id, Ops
 from ._wire import READ_OPS, ProtocolDesync, decode_response, desync_error, encode_request, resolve_socket
 
 __all__ = ["Client", "Id"]
 
-#: A user or channel id: a string, or a non-negative int (a Discord snowflake).
-Id = Union[str, int]
-
 _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
-_RETRIES = 3  # reconnects per call; each waits for the daemon up to connect_timeout
 
 
-class _NotDelivered(Exception):
-    """The request provably never reached the daemon: safe to send again."""
+class _Broken(Exception):
+    """The connection broke before the answer came. ``reached``: the request may
+    have reached the daemon (False: it provably did not, so even a write may be
+    sent again)."""
 
-
-class _Lost(Exception):
-    """The connection broke after the request went out: reads may be resent."""
+    def __init__(self, reached: bool) -> None:
+        super().__init__()
+        self.reached = reached
 
 
 class _TimedOut(Exception):
@@ -53,7 +49,7 @@ class _TimedOut(Exception):
 def connect_unix(path: str, deadline: float) -> socket.socket:
     """Connects, retrying while the socket is missing or refuses (a daemon
     restarting) until ``deadline``; raises DaemonUnreachable after that."""
-    delay = 0.005
+    waits = _reconnect.connect_waits(deadline)
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -63,24 +59,13 @@ def connect_unix(path: str, deadline: float) -> socket.socket:
             return sock
         except (FileNotFoundError, ConnectionRefusedError, socket.timeout) as exc:
             sock.close()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise DaemonUnreachable(
-                    f"no apikeyd answers on {path} ({_reason(exc)}); is `apikeyd serve` running?"
-                ) from None
-            time.sleep(min(delay, left))
-            delay = min(delay * 2, 0.1)
+            wait = next(waits, None)
+            if wait is None:
+                raise _reconnect.unreachable(path, exc) from None
+            time.sleep(wait)
         except OSError as exc:
             sock.close()
-            raise DaemonUnreachable(f"cannot connect to apikeyd on {path}: {_reason(exc)}") from None
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, socket.timeout):
-        return "timed out"
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return os.strerror(exc.errno)
-    return type(exc).__name__
+            raise _reconnect.cannot_connect(path, exc) from None
 
 
 def _timeval(seconds: float) -> bytes:
@@ -121,12 +106,12 @@ class _Conn:
             left = self._leftover(rid)
             if left is not None:
                 return left
-            raise _NotDelivered from None
+            raise _Broken(reached=False) from None
         if sent < len(data):
             try:
                 sock.sendall(data[sent:])
             except OSError:
-                raise _Lost from None
+                raise _Broken(reached=True) from None
         buf = self.buf
         while True:
             nl = buf.find(b"\n")
@@ -144,13 +129,13 @@ class _Conn:
                     continue  # a slow multi-chunk line: the per-recv timeout restarted
                 raise _TimedOut from None
             except ConnectionResetError:
-                if not buf:
-                    raise _NotDelivered from None
-                raise _Lost from None
+                # One line in flight, so it was the last written; an answer begun
+                # shows the daemon read it all the same.
+                raise _Broken(_reconnect.reached_daemon(0, written=1, reset=not buf)) from None
             except OSError:
-                raise _Lost from None
+                raise _Broken(reached=True) from None
             if not chunk:
-                raise _Lost
+                raise _Broken(reached=True)
             buf += chunk
 
     def _leftover(self, rid: int) -> "Optional[tuple[bool, Any, bool]]":
@@ -188,8 +173,9 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
 
 
-class Client:
-    """Blocking apikeyd client, safe to share between threads.
+class Client(Ops[Dict[str, Any]]):
+    """Blocking apikeyd client, safe to share between threads. The op methods
+    (``get_user_api_key``, ...) are ``apikeyd._ops.Ops``'s; this class does the I/O.
 
     ``socket``: the daemon's socket (default ``$APIKEYD_SOCKET``, else
     /run/apikeyd/apikeyd.sock). ``timeout``: seconds to wait for each answer.
@@ -255,7 +241,7 @@ class Client:
         tries = 0
         while True:
             conn = self._acquire()
-            if not is_read and conn.used and conn.peer_closed():
+            if _reconnect.peek_before_sending(is_read) and conn.used and conn.peer_closed():
                 conn.close()  # closed while idle: nothing was sent on it
                 continue
             # Only failures on fresh connections count towards giving up: after a
@@ -263,26 +249,17 @@ class Client:
             fresh = not conn.used
             try:
                 ok, value, closing = conn.roundtrip(data, rid, deadline)
-            except _NotDelivered:
+            except _Broken as broken:
                 conn.close()
+                if not _reconnect.may_resend(is_read, broken.reached):
+                    raise _reconnect.lost_write(op) from None
                 tries += fresh
-                if tries > _RETRIES:
-                    raise DaemonUnreachable(f"`{op}`: the daemon keeps closing the connection") from None
-                continue
-            except _Lost:
-                conn.close()
-                if not is_read:
-                    raise DaemonUnreachable(
-                        f"`{op}`: the connection to apikeyd broke after the request was sent; "
-                        "it may or may not have been applied, so it was not sent again"
-                    ) from None
-                tries += fresh
-                if tries > _RETRIES:
-                    raise DaemonUnreachable(f"`{op}`: the daemon keeps closing the connection") from None
+                if _reconnect.gave_up(tries):
+                    raise _reconnect.keeps_closing(op) from None
                 continue
             except _TimedOut:
                 conn.close()  # its answer may still come: the connection is out of step
-                raise DaemonUnreachable(f"`{op}`: no answer from apikeyd within {self.timeout:g} s") from None
+                raise _reconnect.no_answer(op, self.timeout) from None
             except ProtocolDesync:
                 conn.close()
                 raise desync_error() from None
@@ -296,212 +273,3 @@ class Client:
             if ok:
                 return value  # type: ignore[no-any-return]
             raise value
-
-    def ping(self) -> Dict[str, Any]:
-        """Checks the daemon answers: ``{"pong": true, "version": ...}``."""
-        return self.call("ping")
-
-    def get_user_api_key(
-        self,
-        *,
-        user_id: Id,
-        service: str,
-        channel_id: Optional[Id] = None,
-        fallback_to_pool: Optional[bool] = None,
-        fallback_to_config: Optional[bool] = None,
-    ) -> Dict[str, Any]:
-        """The key for a user and service: user key, channel pool, global pool, then the operator's default. ``{"key", "source", ...}``."""
-        return self.call(
-            "get_user_api_key",
-            user_id=user_id,
-            service=service,
-            channel_id=channel_id,
-            fallback_to_pool=fallback_to_pool,
-            fallback_to_config=fallback_to_config,
-        )
-
-    def get_gitea_credentials(
-        self,
-        *,
-        user_id: Id,
-        channel_id: Optional[Id] = None,
-        fallback_to_pool: Optional[bool] = None,
-        fallback_to_config: Optional[bool] = None,
-    ) -> Dict[str, Any]:
-        """Gitea token and base URL: ``{"token", "base_url", "source", ...}``."""
-        return self.call(
-            "get_gitea_credentials",
-            user_id=user_id,
-            channel_id=channel_id,
-            fallback_to_pool=fallback_to_pool,
-            fallback_to_config=fallback_to_config,
-        )
-
-    def get_pool_api_key(self, *, service: str) -> Dict[str, Any]:
-        """A key of the global pool: ``{"key": str | None}``."""
-        return self.call("get_pool_api_key", service=service)
-
-    def get_channel_pool_api_key(self, *, channel_id: Id, service: str) -> Dict[str, Any]:
-        """A key of one channel's pool: ``{"key": str | None}``."""
-        return self.call(
-            "get_channel_pool_api_key",
-            channel_id=channel_id,
-            service=service,
-        )
-
-    def set_user_api_key(self, *, user_id: Id, service: str, key: str) -> Dict[str, Any]:
-        """Stores (durably) a user's own key: ``{"stored": true}``. A write."""
-        return self.call(
-            "set_user_api_key",
-            user_id=user_id,
-            service=service,
-            key=key,
-        )
-
-    def delete_user_api_key(self, *, user_id: Id, service: str) -> Dict[str, Any]:
-        """Deletes a user's own key: ``{"deleted": bool}``. A write."""
-        return self.call("delete_user_api_key", user_id=user_id, service=service)
-
-    def list_user_api_keys(self, *, user_id: Id) -> Dict[str, Any]:
-        """A user's keys, masked: ``{"keys": [{"service", "masked", "updated_at"}]}``."""
-        return self.call("list_user_api_keys", user_id=user_id)
-
-    def add_pool_key(
-        self,
-        *,
-        service: str,
-        key: str,
-        channel_id: Optional[Id] = None,
-        label: Optional[str] = None,
-    ) -> Dict[str, Any]:
-        """Adds a key to the global pool or a channel's (admins only): ``{"key_id", "added"}``. A write."""
-        return self.call(
-            "add_pool_key",
-            service=service,
-            key=key,
-            channel_id=channel_id,
-            label=label,
-        )
-
-    def remove_pool_key(
-        self,
-        *,
-        service: str,
-        key_id: str,
-        channel_id: Optional[Id] = None,
-    ) -> Dict[str, Any]:
-        """Removes a pool key (admins only): ``{"removed": bool}``. A write."""
-        return self.call(
-            "remove_pool_key",
-            service=service,
-            key_id=key_id,
-            channel_id=channel_id,
-        )
-
-    def list_pool_keys(self, *, service: str, channel_id: Optional[Id] = None) -> Dict[str, Any]:
-        """A pool's keys, masked (admins only): ``{"keys": [...]}``."""
-        return self.call("list_pool_keys", service=service, channel_id=channel_id)
-
-    def check_default_key_limit(
-        self,
-        *,
-        user_id: Id,
-        tool_name: str,
-        daily_limit: Optional[int] = None,
-    ) -> Dict[str, Any]:
-        """Today's default-key count: ``{"allowed", "current_count", "daily_limit"}``."""
-        return self.call(
-            "check_default_key_limit",
-            user_id=user_id,
-            tool_name=tool_name,
-            daily_limit=daily_limit,
-        )
-
-    def increment_default_key_usage(self, *, user_id: Id, tool_name: str) -> Dict[str, Any]:
-        """Counts one default-key use: ``{"count": int}``. A write."""
-        return self.call(
-            "increment_default_key_usage",
-            user_id=user_id,
-            tool_name=tool_name,
-        )
-
-    def consume_default_key_usage(
-        self,
-        *,
-        user_id: Id,
-        tool_name: str,
-        daily_limit: Optional[int] = None,
-    ) -> Dict[str, Any]:
-        """Atomic check-and-increment: ``{"allowed", "current_count", "daily_limit"}``. A write."""
-        return self.call(
-            "consume_default_key_usage",
-            user_id=user_id,
-            tool_name=tool_name,
-            daily_limit=daily_limit,
-        )
-
-    def missing_api_key_error(self, *, service: str) -> Dict[str, Any]:
-        """The message telling a user how to get and set a key: ``{"message": str}``."""
-        return self.call("missing_api_key_error", service=service)
-
-    def default_key_limit_error(
-        self,
-        *,
-        tool_name: str,
-        current: int,
-        limit: int,
-        service: Optional[str] = None,
-    ) -> Dict[str, Any]:
-        """The daily-limit message: ``{"message": str}``. ``service`` needs a daemon with issue 14."""
-        return self.call(
-            "default_key_limit_error",
-            tool_name=tool_name,
-            current=current,
-            limit=limit,
-            service=service,
-        )
-
-    def report_key_result(
-        self,
-        *,
-        service: str,
-        outcome: str,
-        key_id: Optional[str] = None,
-        user_id: Optional[Id] = None,
-        channel_id: Optional[Id] = None,
-        retry_after_s: Optional[int] = None,
-    ) -> Dict[str, Any]:
-        """Reports how a key fared (``ok``, ``rate_limited``, ``unauthorized``, ``error``): ``{"recorded", "state", "cooling_until"}``. A write; needs a daemon with issue 12."""
-        return self.call(
-            "report_key_result",
-            service=service,
-            outcome=outcome,
-            key_id=key_id,
-            user_id=user_id,
-            channel_id=channel_id,
-            retry_after_s=retry_after_s,
-        )
-
-    def enable_pool_key(
-        self,
-        *,
-        service: str,
-        key_id: str,
-        channel_id: Optional[Id] = None,
-    ) -> Dict[str, Any]:
-        """Re-enables a disabled pool key (admins only): ``{"enabled": bool}``. A write; needs a daemon with issue 12."""
-        return self.call(
-            "enable_pool_key",
-            service=service,
-            key_id=key_id,
-            channel_id=channel_id,
-        )
-
-    def reload(self) -> Dict[str, Any]:
-        """Re-reads the config and master keyring (admins only): ``{"reloaded": true, ...}``."""
-        return self.call("reload")
-
-    def stats(self) -> Dict[str, Any]:
-        """Counters: ``{"uptime_s", "connections", "requests_total", "cache", "store", ...}``."""
-        return self.call("stats")
-

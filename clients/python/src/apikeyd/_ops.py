@@ -1,0 +1,210 @@
+"""The ops, written once for both clients (sans I/O).
+
+``Ops`` has one method per op: its name, keyword-only parameters (type hints and
+defaults) and docstring, and the request it makes, handed to ``self.call(op,
+**params)``. Each client supplies ``call`` with its own I/O: ``Client.call`` returns
+the result dict, so ``Ops[Dict[str, Any]]``; ``AsyncClient.call`` is a coroutine, so
+``Ops[Coroutine[..., Dict[str, Any]]]`` (and ``apikeyd.aio`` turns each inherited
+method into an ``async def``). Encoding, ``None`` parameters and integer ids are
+``_wire``'s business, not the ops'.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Optional, TypeVar, Union
+
+__all__ = ["Id", "Ops", "R"]
+
+#: A user or channel id: a string, or a non-negative int (a Discord snowflake).
+Id = Union[str, int]
+
+#: What a client's ``call`` returns: the result dict, or a coroutine giving it.
+R = TypeVar("R")
+
+
+class Ops(Generic[R]):
+    """One method per op, each ``self.call(op, **params)``; see the module docstring."""
+
+    def call(self, op: str, **params: Any) -> R:
+        """Sends one request and returns its ``result``; raises an ``apikeyd.Error``
+        subclass for an error answer. ``None`` parameters are left out."""
+        raise NotImplementedError
+
+    def ping(self) -> R:
+        """Checks the daemon answers: ``{"pong": true, "version": ...}``."""
+        return self.call("ping")
+
+    def get_user_api_key(
+        self,
+        *,
+        user_id: Id,
+        service: str,
+        channel_id: Optional[Id] = None,
+        fallback_to_pool: Optional[bool] = None,
+        fallback_to_config: Optional[bool] = None,
+    ) -> R:
+        """The key for a user and service: user key, channel pool, global pool, then the operator's default. ``{"key", "source", ...}``."""
+        return self.call(
+            "get_user_api_key",
+            user_id=user_id,
+            service=service,
+            channel_id=channel_id,
+            fallback_to_pool=fallback_to_pool,
+            fallback_to_config=fallback_to_config,
+        )
+
+    def get_gitea_credentials(
+        self,
+        *,
+        user_id: Id,
+        channel_id: Optional[Id] = None,
+        fallback_to_pool: Optional[bool] = None,
+        fallback_to_config: Optional[bool] = None,
+    ) -> R:
+        """Gitea token and base URL: ``{"token", "base_url", "source", ...}``."""
+        return self.call(
+            "get_gitea_credentials",
+            user_id=user_id,
+            channel_id=channel_id,
+            fallback_to_pool=fallback_to_pool,
+            fallback_to_config=fallback_to_config,
+        )
+
+    def get_pool_api_key(self, *, service: str) -> R:
+        """A key of the global pool: ``{"key": str | None}``."""
+        return self.call("get_pool_api_key", service=service)
+
+    def get_channel_pool_api_key(self, *, channel_id: Id, service: str) -> R:
+        """A key of one channel's pool: ``{"key": str | None}``."""
+        return self.call("get_channel_pool_api_key", channel_id=channel_id, service=service)
+
+    def set_user_api_key(self, *, user_id: Id, service: str, key: str) -> R:
+        """Stores (durably) a user's own key: ``{"stored": true}``. A write."""
+        return self.call("set_user_api_key", user_id=user_id, service=service, key=key)
+
+    def delete_user_api_key(self, *, user_id: Id, service: str) -> R:
+        """Deletes a user's own key: ``{"deleted": bool}``. A write."""
+        return self.call("delete_user_api_key", user_id=user_id, service=service)
+
+    def list_user_api_keys(self, *, user_id: Id) -> R:
+        """A user's keys, masked: ``{"keys": [{"service", "masked", "updated_at"}]}``."""
+        return self.call("list_user_api_keys", user_id=user_id)
+
+    def add_pool_key(
+        self,
+        *,
+        service: str,
+        key: str,
+        channel_id: Optional[Id] = None,
+        label: Optional[str] = None,
+    ) -> R:
+        """Adds a key to the global pool or a channel's (admins only): ``{"key_id", "added"}``. A write."""
+        return self.call("add_pool_key", service=service, key=key, channel_id=channel_id, label=label)
+
+    def remove_pool_key(
+        self,
+        *,
+        service: str,
+        key_id: str,
+        channel_id: Optional[Id] = None,
+    ) -> R:
+        """Removes a pool key (admins only): ``{"removed": bool}``. A write."""
+        return self.call("remove_pool_key", service=service, key_id=key_id, channel_id=channel_id)
+
+    def list_pool_keys(self, *, service: str, channel_id: Optional[Id] = None) -> R:
+        """A pool's keys, masked (admins only): ``{"keys": [...]}``."""
+        return self.call("list_pool_keys", service=service, channel_id=channel_id)
+
+    def check_default_key_limit(
+        self,
+        *,
+        user_id: Id,
+        tool_name: str,
+        daily_limit: Optional[int] = None,
+    ) -> R:
+        """Today's default-key count: ``{"allowed", "current_count", "daily_limit"}``."""
+        return self.call(
+            "check_default_key_limit",
+            user_id=user_id,
+            tool_name=tool_name,
+            daily_limit=daily_limit,
+        )
+
+    def increment_default_key_usage(self, *, user_id: Id, tool_name: str) -> R:
+        """Counts one default-key use: ``{"count": int}``. A write."""
+        return self.call("increment_default_key_usage", user_id=user_id, tool_name=tool_name)
+
+    def consume_default_key_usage(
+        self,
+        *,
+        user_id: Id,
+        tool_name: str,
+        daily_limit: Optional[int] = None,
+    ) -> R:
+        """Atomic check-and-increment: ``{"allowed", "current_count", "daily_limit"}``. A write."""
+        return self.call(
+            "consume_default_key_usage",
+            user_id=user_id,
+            tool_name=tool_name,
+            daily_limit=daily_limit,
+        )
+
+    def missing_api_key_error(self, *, service: str) -> R:
+        """The message telling a user how to get and set a key: ``{"message": str}``."""
+        return self.call("missing_api_key_error", service=service)
+
+    def default_key_limit_error(
+        self,
+        *,
+        tool_name: str,
+        current: int,
+        limit: int,
+        service: Optional[str] = None,
+    ) -> R:
+        """The daily-limit message: ``{"message": str}``. ``service`` needs a daemon with issue 14."""
+        return self.call(
+            "default_key_limit_error",
+            tool_name=tool_name,
+            current=current,
+            limit=limit,
+            service=service,
+        )
+
+    def report_key_result(
+        self,
+        *,
+        service: str,
+        outcome: str,
+        key_id: Optional[str] = None,
+        user_id: Optional[Id] = None,
+        channel_id: Optional[Id] = None,
+        retry_after_s: Optional[int] = None,
+    ) -> R:
+        """Reports how a key fared (``ok``, ``rate_limited``, ``unauthorized``, ``error``): ``{"recorded", "state", "cooling_until"}``. A write; needs a daemon with issue 12."""
+        return self.call(
+            "report_key_result",
+            service=service,
+            outcome=outcome,
+            key_id=key_id,
+            user_id=user_id,
+            channel_id=channel_id,
+            retry_after_s=retry_after_s,
+        )
+
+    def enable_pool_key(
+        self,
+        *,
+        service: str,
+        key_id: str,
+        channel_id: Optional[Id] = None,
+    ) -> R:
+        """Re-enables a disabled pool key (admins only): ``{"enabled": bool}``. A write; needs a daemon with issue 12."""
+        return self.call("enable_pool_key", service=service, key_id=key_id, channel_id=channel_id)
+
+    def reload(self) -> R:
+        """Re-reads the config and master keyring (admins only): ``{"reloaded": true, ...}``."""
+        return self.call("reload")
+
+    def stats(self) -> R:
+        """Counters: ``{"uptime_s", "connections", "requests_total", "cache", "store", ...}``."""
+        return self.call("stats")
