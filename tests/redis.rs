@@ -542,10 +542,17 @@ fn quota_calls_share_scripts_and_are_answered_alone() {
     for answers in &answers {
         let mut last_u = 0;
         for round in answers.chunks(3) {
-            let (u, v, b) = (&round[0]["result"], &round[1]["result"], &round[2]["result"]);
+            let (u, v, b) = (
+                &round[0]["result"],
+                &round[1]["result"],
+                &round[2]["result"],
+            );
             assert_eq!(u["degraded"], Value::Null, "{u}");
             let count = u["current_count"].as_u64().unwrap();
-            assert!(count >= last_u && count <= limit, "in order, never past the limit: {u}");
+            assert!(
+                count >= last_u && count <= limit,
+                "in order, never past the limit: {u}"
+            );
             last_u = count;
             if u["allowed"] == true {
                 allowed += 1;

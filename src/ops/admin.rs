@@ -116,9 +116,8 @@ pub async fn stats(app: &App) -> Result<Body> {
         cache,
         store: {
             let status = app.store.redis_status();
-            let count = |n: fn(&RedisStatus) -> &AtomicU64| {
-                status.map(|s| n(s).load(Ordering::Relaxed))
-            };
+            let count =
+                |n: fn(&RedisStatus) -> &AtomicU64| status.map(|s| n(s).load(Ordering::Relaxed));
             let redis_master = status.and_then(RedisStatus::master);
             StoreFigures {
                 mode: app.store.mode,

@@ -1,9 +1,10 @@
-//! Daily quota counters in Redis, and their group commit: while one batch of
-//! increments and consumes is at Redis, the calls that arrive wait in a queue, and
-//! all of them go next as one script. A lone call goes at once (no added wait); under
-//! load Redis runs one script per batch instead of one per call, and the daemon
-//! sends one command instead of many. Each call in a batch is applied in order
-//! inside one atomic script, so a consume is as atomic as when it ran alone.
+//! Daily quota counters in Redis, sent in batches: the increments and consumes that
+//! arrive in one turn of the event loop go to Redis as one script, sent at the end
+//! of that turn (a lone call waits for nothing but its own turn). Under load Redis
+//! runs one script per batch instead of one per call, and the daemon sends one
+//! command instead of many; batches do not wait for each other. Each call in a
+//! batch is applied in order inside one atomic script, so a consume is as atomic as
+//! when it ran alone.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -77,7 +78,7 @@ struct Call {
     reply: oneshot::Sender<Result<(bool, u64)>>,
 }
 
-/// The calls waiting while a batch is at Redis.
+/// The calls of this turn, waiting for the batch that sends them.
 pub(super) struct Batcher {
     script: redis::Script,
     queue: RefCell<Queue>,
@@ -85,8 +86,9 @@ pub(super) struct Batcher {
 
 #[derive(Default)]
 struct Queue {
-    /// Whether a sender task is running (it sends until the queue is empty).
-    sending: bool,
+    /// Whether a task to send `waiting` is spawned (it runs after the tasks that
+    /// are ready in this turn, so it takes all their calls).
+    scheduled: bool,
     waiting: Vec<Call>,
 }
 
@@ -135,13 +137,13 @@ impl Inner {
             limit,
             reply,
         };
-        let start_sender = {
+        let schedule = {
             let mut queue = self.quota.queue.borrow_mut();
             queue.waiting.push(call);
-            !std::mem::replace(&mut queue.sending, true)
+            !std::mem::replace(&mut queue.scheduled, true)
         };
-        if start_sender {
-            actix::spawn(self.clone().send_batches());
+        if schedule {
+            actix::spawn(self.clone().send_waiting());
         }
         answer.await.unwrap_or_else(|_| {
             Err(Error::Internal(
@@ -150,43 +152,47 @@ impl Inner {
         })
     }
 
-    /// Sends the waiting calls, a batch at a time, until none is left. The first
-    /// batch holds the call that started this sender (and whatever joined it in the
-    /// same turn of the event loop); each next one what arrived meanwhile.
-    async fn send_batches(self: Rc<Self>) {
-        loop {
-            let batch: Vec<Call> = {
-                let mut queue = self.quota.queue.borrow_mut();
-                if queue.waiting.is_empty() {
-                    queue.sending = false;
-                    return;
+    /// Sends the calls waiting now, at most [`MAX_BATCH`] per script (the scripts
+    /// at once), and answers each.
+    async fn send_waiting(self: Rc<Self>) {
+        let mut waiting = {
+            let mut queue = self.quota.queue.borrow_mut();
+            queue.scheduled = false;
+            std::mem::take(&mut queue.waiting)
+        };
+        let mut batches = Vec::with_capacity(waiting.len().div_ceil(MAX_BATCH));
+        while waiting.len() > MAX_BATCH {
+            let rest = waiting.split_off(MAX_BATCH);
+            batches.push(std::mem::replace(&mut waiting, rest));
+        }
+        batches.push(waiting);
+        futures_util::future::join_all(batches.into_iter().map(|batch| self.answer(batch))).await;
+    }
+
+    /// Runs one batch and answers each of its calls.
+    async fn answer(&self, batch: Vec<Call>) {
+        self.status.quota_batches.fetch_add(1, Ordering::Relaxed);
+        self.status
+            .quota_calls
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        match self.run_batch(&batch).await {
+            Ok(counts) => {
+                for (call, pair) in batch.into_iter().zip(counts.chunks_exact(2)) {
+                    let answer = match pair[0] {
+                        0 | 1 => Ok((pair[0] == 1, pair[1])),
+                        _ => {
+                            tracing::error!(hash = %call.hash, "redis refused a quota count (is that key a hash?)");
+                            Err(Error::Internal(
+                                "redis refused the quota count (see the daemon log)".into(),
+                            ))
+                        }
+                    };
+                    let _ = call.reply.send(answer);
                 }
-                let n = queue.waiting.len().min(MAX_BATCH);
-                queue.waiting.drain(..n).collect()
-            };
-            self.status.quota_batches.fetch_add(1, Ordering::Relaxed);
-            self.status
-                .quota_calls
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            match self.run_batch(&batch).await {
-                Ok(counts) => {
-                    for (call, pair) in batch.into_iter().zip(counts.chunks_exact(2)) {
-                        let answer = match pair[0] {
-                            0 | 1 => Ok((pair[0] == 1, pair[1])),
-                            _ => {
-                                tracing::error!(hash = %call.hash, "redis refused a quota count (is that key a hash?)");
-                                Err(Error::Internal(
-                                    "redis refused the quota count (see the daemon log)".into(),
-                                ))
-                            }
-                        };
-                        let _ = call.reply.send(answer);
-                    }
-                }
-                Err(e) => {
-                    for call in batch {
-                        let _ = call.reply.send(Err(e.clone()));
-                    }
+            }
+            Err(e) => {
+                for call in batch {
+                    let _ = call.reply.send(Err(e.clone()));
                 }
             }
         }
