@@ -197,8 +197,8 @@ impl App {
             .source
             .clone()
             .ok_or("the running config was not read from a file")?;
-        let new = Config::load(&path, false).map_err(|e| e.0)?;
-        let candidate = Arc::new(read_master_key(&new).map_err(|e| e.0)?);
+        let new = Config::load(&path, false).map_err(|e| e.to_string())?;
+        let candidate = Arc::new(read_master_key(&new).map_err(|e| e.to_string())?);
         // Bounded like every other store call: a wedged keystore fails the reload.
         let opens = self
             .keystore(CheckKeyring {

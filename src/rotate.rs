@@ -360,7 +360,7 @@ pub fn rotate(r: Rotation<'_>) -> Result<(), String> {
         &config.server.socket,
         false,
     )?;
-    let mut key = MasterKey::read_file(r.key_file).map_err(|e| e.0)?;
+    let mut key = MasterKey::read_file(r.key_file).map_err(|e| e.to_string())?;
     let mut db = keystore::connect(&config.keystore.path).map_err(|e| format!("keystore: {e}"))?;
     if !keystore::opens_keycheck(&db, &key).map_err(|e| format!("keystore: {e}"))? {
         return Err(format!(

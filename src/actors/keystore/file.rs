@@ -215,7 +215,7 @@ pub fn master_key_path(config: &Config) -> std::path::PathBuf {
 
 /// Reads the master key (never creates one): for reloads and tools.
 pub fn read_master_key(config: &Config) -> Result<MasterKey, StartError> {
-    MasterKey::read_file(&master_key_path(config)).map_err(|e| StartError(e.0))
+    MasterKey::read_file(&master_key_path(config)).map_err(|e| StartError(e.to_string()))
 }
 
 fn load_master_key(
@@ -226,7 +226,7 @@ fn load_master_key(
     let path = master_key_path(config);
     if path.exists() {
         tracing::info!(path = %path.display(), "master key");
-        return MasterKey::read_file(&path).map_err(|e| StartError(e.0));
+        return MasterKey::read_file(&path).map_err(|e| StartError(e.to_string()));
     }
     let file = &config.keystore.master_key_file;
     if held {
@@ -238,7 +238,7 @@ fn load_master_key(
         )));
     }
     may_create_key().map_err(StartError)?;
-    let key = MasterKey::create_file(file).map_err(|e| StartError(e.0))?;
+    let key = MasterKey::create_file(file).map_err(|e| StartError(e.to_string()))?;
     tracing::warn!(path = %file.display(), "created a new master key; back it up together with the keystore");
     Ok(key)
 }
