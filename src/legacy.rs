@@ -42,8 +42,10 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
         &config.server.socket,
         true,
     )?;
-    let opened = keystore::open_with(config, 1, &|| crate::fleet::may_create_key(config))
-        .map_err(|e| e.0)?;
+    let opened = keystore::open_with(config, 1, &|| {
+        crate::fleet::may_create_key(config).map_err(|e| e.to_string())
+    })
+    .map_err(|e| e.0)?;
     let db = opened
         .connections
         .into_iter()
@@ -51,8 +53,8 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
         .ok_or("no keystore connection")?;
     let master = opened.key;
     // Seal what goes into Redis with a version every live daemon can open.
-    crate::fleet::cap_to_fleet(config, &master)?;
-    let client = crate::actors::redis::client(&config.redis)?;
+    crate::fleet::cap_to_fleet(config, &master).map_err(|e| e.to_string())?;
+    let client = crate::actors::redis::client(&config.redis).map_err(|e| e.to_string())?;
     let mut con = client
         .get_connection_with_timeout(Duration::from_secs(5))
         .map_err(|e| format!("cannot connect to redis: {e}"))?;

@@ -113,11 +113,12 @@ pub fn open_keystore(config: &Config) -> Result<Opened, StartError> {
     )
     .map_err(|e| StartError(e.to_string()))?;
     let mut opened = actors::keystore::open_with(config, KEYSTORE_THREADS + 1, &|| {
-        fleet::may_create_key(config)
+        fleet::may_create_key(config).map_err(|e| e.to_string())
     })?;
     opened.lock = Some(lock);
     if !config.redis.url.is_empty() {
-        opened.fleet_verified = fleet::verify_at_start(config, &opened.key).map_err(StartError)?;
+        opened.fleet_verified =
+            fleet::verify_at_start(config, &opened.key).map_err(|e| StartError(e.to_string()))?;
     }
     Ok(opened)
 }
@@ -169,7 +170,8 @@ fn start_store(
             None,
         ));
     }
-    let target = actors::redis::Target::new(&config.redis).map_err(StartError)?;
+    let target =
+        actors::redis::Target::new(&config.redis).map_err(|e| StartError(e.to_string()))?;
     // "Not known to be down": the first command tries, and the first ping runs at once.
     let connected = Arc::new(AtomicBool::new(true));
     let store = RedisStore::new(
@@ -178,7 +180,7 @@ fn start_store(
         key.clone(),
         connected.clone(),
     )
-    .map_err(StartError)?;
+    .map_err(|e| StartError(e.to_string()))?;
     actix_rt::spawn(fleet::heartbeat(
         store.connection(),
         config.redis.clone(),

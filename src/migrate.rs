@@ -60,12 +60,13 @@ pub fn migrate(config: &Config, to: Destination) -> Result<Report, String> {
         .next()
         .ok_or("no keystore connection")?;
     let master = opened.key;
-    let mut con = crate::fleet::connect(&config.redis, crate::fleet::TOOL_WAIT)?;
+    let mut con =
+        crate::fleet::connect(&config.redis, crate::fleet::TOOL_WAIT).map_err(|e| e.to_string())?;
     let names = Names {
         prefix: config.redis.prefix.clone(),
     };
     // Values sealed here must open on every daemon of the fleet.
-    crate::fleet::verify(&mut con, &names, &master)?;
+    crate::fleet::verify(&mut con, &names, &master).map_err(|e| e.to_string())?;
     let replicas = config.redis.replicas_to_wait_for();
     let ctx = Ctx {
         master: &master,

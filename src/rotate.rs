@@ -279,7 +279,7 @@ fn reseal_hash(
 /// as they are).
 fn reseal_redis(config: &Config, key: &MasterKey) -> Result<(usize, usize), String> {
     let fail = |e: redis::RedisError| format!("redis: {e}");
-    let client = crate::actors::redis::client(&config.redis)?;
+    let client = crate::actors::redis::client(&config.redis).map_err(|e| e.to_string())?;
     let mut con = client
         .get_connection_with_timeout(Duration::from_secs(5))
         .map_err(fail)?;
@@ -373,12 +373,12 @@ pub fn rotate(r: Rotation<'_>) -> Result<(), String> {
     if fleet {
         // The key to rotate must be the fleet's, and a new version is announced to
         // the fleet before any daemon can seal with it.
-        crate::fleet::verify_config(config, &key)?;
+        crate::fleet::verify_config(config, &key).map_err(|e| e.to_string())?;
     }
     if key.versions().len() == 1 {
         key = key.with_new_version();
         if fleet {
-            crate::fleet::verify_config(config, &key)?;
+            crate::fleet::verify_config(config, &key).map_err(|e| e.to_string())?;
         }
         key.write_keyring(r.key_file)
             .map_err(|e| format!("cannot write {}: {e}", r.key_file.display()))?;
@@ -442,7 +442,7 @@ pub fn rotate(r: Rotation<'_>) -> Result<(), String> {
         key.current_version()
     );
     if fleet {
-        crate::fleet::mark_retired(config, &retired)?;
+        crate::fleet::mark_retired(config, &retired).map_err(|e| e.to_string())?;
     }
     if broken > 0 {
         println!(
