@@ -35,17 +35,16 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
     }
     // A daemon on this keystore must answer on this config's socket, or none may run
     // (then this import holds the lock until it ends).
-    keystore::create_folder(&config.keystore.path).map_err(|e| e.0)?;
+    keystore::create_folder(&config.keystore.path).map_err(|e| e.to_string())?;
     let _access = crate::lock::for_tool(
         &config.keystore.path,
         "import-legacy",
         &config.server.socket,
         true,
-    )?;
-    let opened = keystore::open_with(config, 1, &|| {
-        crate::fleet::may_create_key(config).map_err(|e| e.to_string())
-    })
-    .map_err(|e| e.0)?;
+    )
+    .map_err(|e| e.to_string())?;
+    let opened = keystore::open_with(config, 1, &|| crate::fleet::may_create_key(config))
+        .map_err(|e| e.to_string())?;
     let db = opened
         .connections
         .into_iter()

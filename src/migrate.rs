@@ -44,7 +44,7 @@ pub fn migrate(config: &Config, to: Destination) -> Result<Report, String> {
     if config.redis.url.is_empty() {
         return Err("migrate-user-keys needs redis.url in the config".into());
     }
-    keystore::create_folder(&config.keystore.path).map_err(|e| e.0)?;
+    keystore::create_folder(&config.keystore.path).map_err(|e| e.to_string())?;
     // A daemon on this keystore must answer on this config's socket, or none may run
     // (then this run holds the lock until it ends).
     let _access = crate::lock::for_tool(
@@ -52,8 +52,9 @@ pub fn migrate(config: &Config, to: Destination) -> Result<Report, String> {
         "migrate-user-keys",
         &config.server.socket,
         false,
-    )?;
-    let opened = keystore::open(config, 1).map_err(|e| e.0)?;
+    )
+    .map_err(|e| e.to_string())?;
+    let opened = keystore::open(config, 1).map_err(|e| e.to_string())?;
     let mut db = opened
         .connections
         .into_iter()

@@ -359,7 +359,8 @@ pub fn rotate(r: Rotation<'_>) -> Result<(), String> {
         "rotate-master-key",
         &config.server.socket,
         false,
-    )?;
+    )
+    .map_err(|e| e.to_string())?;
     let mut key = MasterKey::read_file(r.key_file).map_err(|e| e.to_string())?;
     let mut db = keystore::connect(&config.keystore.path).map_err(|e| format!("keystore: {e}"))?;
     if !keystore::opens_keycheck(&db, &key).map_err(|e| format!("keystore: {e}"))? {
