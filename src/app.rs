@@ -14,8 +14,24 @@ use crate::actors::store::PoolRef;
 use crate::actors::store::Store;
 use crate::actors::user_keys::UserKeys;
 use crate::audit::Audit;
-use crate::config::Config;
-use crate::crypto::MasterKey;
+use crate::config::{Config, ConfigError};
+use crate::crypto::{MasterKey, MasterKeyError};
+
+/// Why a reload changed nothing; the running config and keyring stay.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the running config was not read from a file")]
+    NoConfigFile,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    MasterKey(#[from] MasterKeyError),
+    /// The keystore could not be asked whether the new keyring opens it.
+    #[error(transparent)]
+    Keystore(#[from] crate::error::Error),
+    #[error("the master key file does not open this keystore; keeping the running keyring")]
+    KeyringDoesNotOpen,
+}
 
 /// Redis mode: the store's state that the rest of the daemon reads or switches.
 pub struct RedisSwitches {
@@ -184,33 +200,29 @@ impl App {
     /// Each changed setting that needs a restart is logged as a warning. The keyring is only
     /// put in service when it opens the keystore's check value; on any failure
     /// nothing changes. Answers the key versions now in service.
-    pub async fn reload(&self) -> Result<Vec<u32>, String> {
+    pub async fn reload(&self) -> Result<Vec<u32>, ReloadError> {
         crate::systemd::reloading();
         let outcome = self.reload_now().await;
         crate::systemd::ready();
         outcome
     }
 
-    async fn reload_now(&self) -> Result<Vec<u32>, String> {
+    async fn reload_now(&self) -> Result<Vec<u32>, ReloadError> {
         let path = self
             .config()
             .source
             .clone()
-            .ok_or("the running config was not read from a file")?;
-        let new = Config::load(&path, false).map_err(|e| e.0)?;
-        let candidate = Arc::new(read_master_key(&new).map_err(|e| e.0)?);
+            .ok_or(ReloadError::NoConfigFile)?;
+        let new = Config::load(&path, false)?;
+        let candidate = Arc::new(read_master_key(&new)?);
         // Bounded like every other store call: a wedged keystore fails the reload.
         let opens = self
             .keystore(CheckKeyring {
                 candidate: candidate.clone(),
             })
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         if !opens {
-            return Err(
-                "the master key file does not open this keystore; keeping the running keyring"
-                    .into(),
-            );
+            return Err(ReloadError::KeyringDoesNotOpen);
         }
         self.key.replace_with(&candidate);
         self.cache.do_send(Configure {

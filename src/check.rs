@@ -28,7 +28,7 @@ pub fn check(path: &Path, must_exist: bool) -> Report {
     let config = match Config::load(path, must_exist) {
         Ok(c) => c,
         Err(e) => {
-            r.problems.push(e.0);
+            r.problems.push(e.to_string());
             return r;
         }
     };
@@ -72,7 +72,7 @@ fn check_keystore(config: &Config, r: &mut Report) {
         match MasterKey::read_file(&key_path) {
             Ok(k) => Some(k),
             Err(e) => {
-                r.problems.push(e.0);
+                r.problems.push(e.to_string());
                 return;
             }
         }

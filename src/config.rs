@@ -269,8 +269,9 @@ impl<'de> Deserialize<'de> for Principal {
 impl AccessConfig {
     /// Resolves every name; an unknown one is an error naming it and its list.
     fn resolve(&mut self) -> Result<(), ConfigError> {
-        let users = |key: &str, list: &[Principal]| resolve_list(key, list, "user", uid_of);
-        let groups = |key: &str, list: &[Principal]| resolve_list(key, list, "group", gid_of);
+        let users = |key: &'static str, list: &[Principal]| resolve_list(key, list, "user", uid_of);
+        let groups =
+            |key: &'static str, list: &[Principal]| resolve_list(key, list, "group", gid_of);
         self.ids = AccessIds {
             allow_uids: users("access.allow_uids", &self.allow_uids)?,
             allow_gids: groups("access.allow_gids", &self.allow_gids)?,
@@ -282,9 +283,9 @@ impl AccessConfig {
 }
 
 fn resolve_list(
-    key: &str,
+    key: &'static str,
     list: &[Principal],
-    kind: &str,
+    kind: &'static str,
     lookup: fn(&str) -> Option<u32>,
 ) -> Result<Vec<u32>, ConfigError> {
     list.iter()
@@ -292,10 +293,10 @@ fn resolve_list(
             Principal::Id(n) => Ok(*n),
             Principal::Name(name) => match name.parse::<u32>() {
                 Ok(n) => Ok(n),
-                Err(_) => lookup(name).ok_or_else(|| {
-                    ConfigError(format!(
-                        "{key}: there is no {kind} named {name:?} on this host"
-                    ))
+                Err(_) => lookup(name).ok_or_else(|| ConfigError::UnknownPrincipal {
+                    key,
+                    kind,
+                    name: name.clone(),
                 }),
             },
         })
@@ -355,10 +356,48 @@ pub struct ServiceConfig {
     pub base_url: Option<String>,
 }
 
-/// A configuration problem, reported before anything starts.
+/// A configuration problem, reported before anything starts. Names settings and
+/// paths; never repeats `redis.url`, which may hold a password.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+pub enum ConfigError {
+    #[error("cannot read config {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file at `path` was read but its text is not a valid config.
+    #[error("config {}: {source}", path.display())]
+    InFile {
+        path: PathBuf,
+        #[source]
+        source: Box<ConfigError>,
+    },
+    /// Not TOML, an unknown setting, or a value of the wrong type.
+    #[error("{0}")]
+    Parse(#[from] toml::de::Error),
+    /// A setting holds a value it may not: `key` names it, `why` says what is wrong.
+    #[error("{key} {why}")]
+    Invalid { key: &'static str, why: String },
+    /// A `[services.<name>]` table whose name is not a service name.
+    #[error("[services.{name}]: a service name is 1-64 characters of A-Z a-z 0-9 _ . -")]
+    ServiceName { name: String },
+    /// An `[access]` list names a user or group this host does not know.
+    #[error("{key}: there is no {kind} named {name:?} on this host")]
+    UnknownPrincipal {
+        key: &'static str,
+        kind: &'static str,
+        name: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(key: &'static str, why: &str) -> Self {
+        ConfigError::Invalid {
+            key,
+            why: why.to_string(),
+        }
+    }
+}
 
 impl Config {
     /// Where the config is read from: `--config`, else `$APIKEYD_CONFIG`, else `./config.toml`.
@@ -377,15 +416,17 @@ impl Config {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => String::new(),
-            Err(e) => {
-                return Err(ConfigError(format!(
-                    "cannot read config {}: {e}",
-                    path.display()
-                )))
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
             }
         };
-        let mut config = Config::parse(&text)
-            .map_err(|e| ConfigError(format!("config {}: {}", path.display(), e.0)))?;
+        let mut config = Config::parse(&text).map_err(|e| ConfigError::InFile {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })?;
         let base = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -398,7 +439,7 @@ impl Config {
 
     /// Parses and validates TOML text; paths stay as written.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        let mut config: Config = toml::from_str(text)?;
         config.services = std::mem::take(&mut config.services)
             .into_iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
@@ -467,90 +508,103 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |m: String| Err(ConfigError(m));
+        let bad = |key, why: &str| Err(ConfigError::invalid(key, why));
         match parse_mode(&self.server.socket_mode) {
             Some(m) if m & !0o777 == 0 => {}
             _ => {
-                return bad(format!(
-                    "server.socket_mode {:?} is not an octal mode such as \"0660\"",
-                    self.server.socket_mode
-                ))
+                return bad(
+                    "server.socket_mode",
+                    &format!(
+                        "{:?} is not an octal mode such as \"0660\"",
+                        self.server.socket_mode
+                    ),
+                )
             }
         }
         if self.server.max_line_bytes < 64 {
-            return bad("server.max_line_bytes must be at least 64".into());
+            return bad("server.max_line_bytes", "must be at least 64");
         }
         if self.server.max_connections == 0 {
-            return bad("server.max_connections must be at least 1".into());
+            return bad("server.max_connections", "must be at least 1");
         }
         if self.server.max_connections_per_uid == 0 {
-            return bad("server.max_connections_per_uid must be at least 1".into());
+            return bad("server.max_connections_per_uid", "must be at least 1");
         }
         if self.cache.max_entries == 0 {
-            return bad("cache.max_entries must be at least 1".into());
+            return bad("cache.max_entries", "must be at least 1");
         }
         if self.pools.error_threshold == 0 {
-            return bad("pools.error_threshold must be at least 1".into());
+            return bad("pools.error_threshold", "must be at least 1");
         }
         if self.quota.daily_limit > crate::protocol::MAX_COUNT {
-            return bad("quota.daily_limit must be at most 1000000000".into());
+            return bad("quota.daily_limit", "must be at most 1000000000");
         }
         if self.redis.prefix.is_empty() || self.redis.prefix.contains(char::is_whitespace) {
-            return bad("redis.prefix must be non-empty and without whitespace".into());
+            return bad("redis.prefix", "must be non-empty and without whitespace");
         }
         if self.redis.url.is_empty() && self.keystore.user_keys == Some(UserKeysIn::Redis) {
             return bad(
-                "keystore.user_keys = \"redis\" needs redis.url (embedded mode keeps user keys in the keystore)"
-                    .into(),
+                "keystore.user_keys",
+                "= \"redis\" needs redis.url (embedded mode keeps user keys in the keystore)",
             );
         }
         if redis_url_has_password(&self.redis.url) {
             return bad(
-                "redis.url holds a password: put it in the file named by redis.password_file \
-                 (or the systemd credential redis.password) and remove it from the URL"
-                    .into(),
+                "redis.url",
+                "holds a password: put it in the file named by redis.password_file \
+                 (or the systemd credential redis.password) and remove it from the URL",
             );
         }
         if self.redis.tls_cert_file.is_some() != self.redis.tls_key_file.is_some() {
-            return bad("redis.tls_cert_file and redis.tls_key_file go together".into());
+            return bad("redis.tls_cert_file", "and redis.tls_key_file go together");
         }
         if !self.redis.sentinels.is_empty() && self.redis.master_name.is_empty() {
-            return bad("redis.master_name must name the master the sentinels watch".into());
+            return bad(
+                "redis.master_name",
+                "must name the master the sentinels watch",
+            );
         }
         if !self.metrics.listen.is_empty() {
             match self.metrics.listen.parse::<std::net::SocketAddr>() {
                 Ok(a) if a.ip().is_loopback() => {}
                 Ok(_) => {
-                    return bad(format!(
-                        "metrics.listen {:?} is not a loopback address; the metrics are not authenticated, so use 127.0.0.1:PORT or [::1]:PORT",
-                        self.metrics.listen
-                    ))
+                    return bad(
+                        "metrics.listen",
+                        &format!(
+                            "{:?} is not a loopback address; the metrics are not authenticated, so use 127.0.0.1:PORT or [::1]:PORT",
+                            self.metrics.listen
+                        ),
+                    )
                 }
                 Err(_) => {
-                    return bad(format!(
-                        "metrics.listen {:?} is not an address such as \"127.0.0.1:9464\"",
-                        self.metrics.listen
-                    ))
+                    return bad(
+                        "metrics.listen",
+                        &format!(
+                            "{:?} is not an address such as \"127.0.0.1:9464\"",
+                            self.metrics.listen
+                        ),
+                    )
                 }
             }
         }
         if let Some(problem) = redis_url_problem(&self.redis.url) {
-            return bad(problem);
+            return Err(problem);
         }
         if !valid_level(&self.log.level) {
-            return bad(format!(
-                "log.level {:?} is not a level (trace, debug, info, warn, error, off) or a filter such as \"apikeyd=debug,warn\"",
-                self.log.level
-            ));
+            return bad(
+                "log.level",
+                &format!(
+                    "{:?} is not a level (trace, debug, info, warn, error, off) or a filter such as \"apikeyd=debug,warn\"",
+                    self.log.level
+                ),
+            );
         }
         if self.server.idle_timeout_s == 0 {
-            return bad("server.idle_timeout_s must be at least 1 (seconds)".into());
+            return bad("server.idle_timeout_s", "must be at least 1 (seconds)");
         }
         for name in self.services.keys() {
             if crate::protocol::check_service(name).is_err() {
-                return bad(format!(
-                    "[services.{name}]: a service name is 1-64 characters of A-Z a-z 0-9 _ . -"
-                ));
+                return Err(ConfigError::ServiceName { name: name.clone() });
             }
         }
         Ok(())
@@ -601,15 +655,16 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
 /// What is wrong with `redis.url`, phrased for the person who wrote it; `None` when
 /// it is usable (or empty: embedded mode). Never repeats the URL, which may hold a
 /// password.
-pub fn redis_url_problem(url: &str) -> Option<String> {
+pub fn redis_url_problem(url: &str) -> Option<ConfigError> {
     use redis::IntoConnectionInfo;
     const FORMS: &str =
         "redis://host:6379/0, rediss://host:6380/0 (TLS) or redis+unix:///run/redis/redis.sock";
+    let bad = |why: String| Some(ConfigError::invalid("redis.url", &why));
     if url.is_empty() {
         return None;
     }
     let Some(scheme) = url.split_once("://").map(|(s, _)| s) else {
-        return Some(format!("redis.url is not a URL; write it as {FORMS}"));
+        return bad(format!("is not a URL; write it as {FORMS}"));
     };
     if ![
         "redis",
@@ -622,14 +677,14 @@ pub fn redis_url_problem(url: &str) -> Option<String> {
     ]
     .contains(&scheme)
     {
-        return Some(format!(
-            "redis.url starts with {scheme:?}://, which is not a Redis scheme; write it as {FORMS}"
+        return bad(format!(
+            "starts with {scheme:?}://, which is not a Redis scheme; write it as {FORMS}"
         ));
     }
     match url.into_connection_info() {
         Ok(_) => None,
-        Err(e) => Some(format!(
-            "redis.url cannot be used: {}; write it as {FORMS}",
+        Err(e) => bad(format!(
+            "cannot be used: {}; write it as {FORMS}",
             e.detail()
                 .unwrap_or("the host, port, database number or path is malformed")
         )),
@@ -700,7 +755,7 @@ mod tests {
         assert!(Config::parse("[server]\nidle_timeout_s = 0").is_err());
         for bad in ["verbose", "", "apikeyd", "apikeyd=loud"] {
             let e = Config::parse(&format!("[log]\nlevel = {bad:?}")).unwrap_err();
-            assert!(e.0.contains("log.level"), "{e}");
+            assert!(e.to_string().contains("log.level"), "{e}");
         }
         for good in ["debug", "WARN", "apikeyd=debug,warn", "off"] {
             assert!(
@@ -725,7 +780,9 @@ mod tests {
             "redis://:s3cret@h:notaport/0",
             "redis://h:6379/x",
         ] {
-            let p = redis_url_problem(bad).unwrap_or_else(|| panic!("{bad} accepted"));
+            let p = redis_url_problem(bad)
+                .unwrap_or_else(|| panic!("{bad} accepted"))
+                .to_string();
             assert!(p.starts_with("redis.url"), "{p}");
             assert!(
                 !p.contains("s3cret") && !p.contains("InvalidClientConfig"),
@@ -769,11 +826,12 @@ mod tests {
         assert_eq!(c.access.ids.admin_gids, vec![0, 12]);
         for bad in ["-1", "true", "\"\"", "4294967296"] {
             let e = Config::parse(&format!("[access]\nallow_uids = [{bad}]")).unwrap_err();
-            assert!(e.0.contains("a uid or gid"), "{bad}: {e}");
+            assert!(e.to_string().contains("a uid or gid"), "{bad}: {e}");
         }
         let e = Config::parse("[access]\nallow_gids = [\"no-such-group-apikeyd\"]").unwrap_err();
+        let e = e.to_string();
         assert!(
-            e.0.contains("access.allow_gids") && e.0.contains("no-such-group-apikeyd"),
+            e.contains("access.allow_gids") && e.contains("no-such-group-apikeyd"),
             "{e}"
         );
     }
@@ -798,5 +856,71 @@ mod tests {
     fn service_names_are_lower_cased() {
         let c = Config::parse("[services.OpenAI]\ndisplay_name = \"X\"").unwrap();
         assert!(c.services.contains_key("openai"));
+    }
+
+    #[test]
+    fn errors_keep_their_text() {
+        let text = |t: &str| Config::parse(t).err().map(|e| e.to_string());
+        let cases = [
+            ("server.max_line_bytes = 1", "server.max_line_bytes must be at least 64".to_string()),
+            (
+                "server.socket_mode = \"rw\"",
+                "server.socket_mode \"rw\" is not an octal mode such as \"0660\"".into(),
+            ),
+            (
+                "keystore.user_keys = \"redis\"",
+                "keystore.user_keys = \"redis\" needs redis.url (embedded mode keeps user keys in the keystore)".into(),
+            ),
+            (
+                "redis.url = \"redis://u:pw@h/0\"",
+                "redis.url holds a password: put it in the file named by redis.password_file \
+                 (or the systemd credential redis.password) and remove it from the URL"
+                    .into(),
+            ),
+            (
+                "redis.url = \"rediss://h\"\nredis.tls_cert_file = \"c\"",
+                "redis.tls_cert_file and redis.tls_key_file go together".into(),
+            ),
+            (
+                "metrics.listen = \"0.0.0.0:1\"",
+                "metrics.listen \"0.0.0.0:1\" is not a loopback address; the metrics are not authenticated, so use 127.0.0.1:PORT or [::1]:PORT".into(),
+            ),
+            (
+                "redis.url = \"localhost:6379\"",
+                "redis.url is not a URL; write it as redis://host:6379/0, rediss://host:6380/0 (TLS) or redis+unix:///run/redis/redis.sock".into(),
+            ),
+            (
+                "[services.\"bad name\"]",
+                "[services.bad name]: a service name is 1-64 characters of A-Z a-z 0-9 _ . -".into(),
+            ),
+            (
+                "access.allow_uids = [\"no-such-user-apikeyd\"]",
+                "access.allow_uids: there is no user named \"no-such-user-apikeyd\" on this host".into(),
+            ),
+        ];
+        for (input, want) in cases {
+            assert_eq!(text(input), Some(want), "{input}");
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "server.max_line_bytes = 1").unwrap();
+        let e = Config::load(&path, true).err().unwrap().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "config {}: server.max_line_bytes must be at least 64",
+                path.display()
+            )
+        );
+        let gone = dir.path().join("gone.toml");
+        let e = Config::load(&gone, true).err().unwrap().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "cannot read config {}: No such file or directory (os error 2)",
+                gone.display()
+            )
+        );
     }
 }

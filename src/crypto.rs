@@ -142,9 +142,69 @@ fn aad(label: &[u8], parts: &[&str]) -> Vec<u8> {
 pub struct OpenError;
 
 /// Loading or creating the master key failed; the message is for the operator.
+/// Holds paths, line tags, version numbers and causes: never a byte of a key.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct MasterKeyError(pub String);
+pub enum MasterKeyError {
+    #[error("cannot read master key {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is open to group or others; `mode` holds its permission bits.
+    #[error(
+        "master key {} is readable by group or others (mode {mode:o}); run: chmod 600 {}",
+        path.display(),
+        path.display()
+    )]
+    Permissions { path: PathBuf, mode: u32 },
+    /// The text of the file at `path` is not a key file.
+    #[error("master key {}: {source}", path.display())]
+    Format {
+        path: PathBuf,
+        #[source]
+        source: Box<MasterKeyError>,
+    },
+    #[error("cannot create master key {}: {source}", path.display())]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{line} is not base64 text of 32 bytes")]
+    NotBase64 { line: KeyLine },
+    #[error("{line} does not hold exactly 32 bytes")]
+    WrongLength { line: KeyLine },
+    #[error("the master key file holds no key")]
+    Empty,
+    #[error("a keyring without version 1 needs an `id:` line")]
+    NoIdLine,
+    #[error("the master key file has a line that is neither `id:…` nor `vN:…`")]
+    UntaggedLine,
+    #[error("the master key file has an unknown line tag `{tag}`")]
+    UnknownTag { tag: String },
+    #[error("the master key file has version {version} twice")]
+    DuplicateVersion { version: u32 },
+}
+
+/// Which part of a key file a decoding error is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyLine {
+    /// The one bare line of a single-key file.
+    Whole,
+    /// The `id:` line of a keyring.
+    Id,
+    /// The `vN:` line of a keyring.
+    Version(u32),
+}
+
+impl std::fmt::Display for KeyLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyLine::Whole => f.write_str("the master key file"),
+            KeyLine::Id => f.write_str("the id line of the master key file"),
+            KeyLine::Version(v) => write!(f, "version {v} of the master key file"),
+        }
+    }
+}
 
 const FORMAT: u8 = 1;
 const NONCE_LEN: usize = 12;
@@ -180,15 +240,15 @@ fn derive_id_key(v1: &[u8; 32]) -> Zeroizing<[u8; 32]> {
     id_key
 }
 
-fn decode_32(text: &str, what: &str) -> Result<Zeroizing<[u8; 32]>, MasterKeyError> {
+fn decode_32(text: &str, line: KeyLine) -> Result<Zeroizing<[u8; 32]>, MasterKeyError> {
     let bytes = Zeroizing::new(
         B64.decode(text.trim())
-            .map_err(|_| MasterKeyError(format!("{what} is not base64 text of 32 bytes")))?,
+            .map_err(|_| MasterKeyError::NotBase64 { line })?,
     );
     let arr: [u8; 32] = bytes
         .as_slice()
         .try_into()
-        .map_err(|_| MasterKeyError(format!("{what} does not hold exactly 32 bytes")))?;
+        .map_err(|_| MasterKeyError::WrongLength { line })?;
     Ok(Zeroizing::new(arr))
 }
 
@@ -197,15 +257,10 @@ impl Ring {
         keys: BTreeMap<u32, Zeroizing<[u8; 32]>>,
         id_key: Option<Zeroizing<[u8; 32]>>,
     ) -> Result<Ring, MasterKeyError> {
-        let current = *keys
-            .keys()
-            .next_back()
-            .ok_or_else(|| MasterKeyError("the master key file holds no key".into()))?;
+        let current = *keys.keys().next_back().ok_or(MasterKeyError::Empty)?;
         let id_key = match id_key {
             Some(k) => k,
-            None => derive_id_key(keys.get(&1).ok_or_else(|| {
-                MasterKeyError("a keyring without version 1 needs an `id:` line".into())
-            })?),
+            None => derive_id_key(keys.get(&1).ok_or(MasterKeyError::NoIdLine)?),
         };
         let ciphers = keys
             .iter()
@@ -232,34 +287,26 @@ impl Ring {
         let mut id_key = None;
         if let [only] = lines.as_slice() {
             if !only.contains(':') {
-                keys.insert(1, decode_32(only, "the master key file")?);
+                keys.insert(1, decode_32(only, KeyLine::Whole)?);
                 return Ring::new(keys, None);
             }
         }
         for line in lines {
-            let (tag, value) = line.split_once(':').ok_or_else(|| {
-                MasterKeyError(
-                    "the master key file has a line that is neither `id:…` nor `vN:…`".into(),
-                )
-            })?;
+            let (tag, value) = line.split_once(':').ok_or(MasterKeyError::UntaggedLine)?;
             if tag == "id" {
-                id_key = Some(decode_32(value, "the id line of the master key file")?);
+                id_key = Some(decode_32(value, KeyLine::Id)?);
                 continue;
             }
             let version: u32 = tag
                 .strip_prefix('v')
                 .and_then(|v| v.parse().ok())
                 .filter(|v| *v > 0)
-                .ok_or_else(|| {
-                    MasterKeyError(format!(
-                        "the master key file has an unknown line tag `{tag}`"
-                    ))
+                .ok_or_else(|| MasterKeyError::UnknownTag {
+                    tag: tag.to_string(),
                 })?;
-            let key = decode_32(value, &format!("version {version} of the master key file"))?;
+            let key = decode_32(value, KeyLine::Version(version))?;
             if keys.insert(version, key).is_some() {
-                return Err(MasterKeyError(format!(
-                    "the master key file has version {version} twice"
-                )));
+                return Err(MasterKeyError::DuplicateVersion { version });
             }
         }
         Ring::new(keys, id_key)
@@ -321,29 +368,30 @@ impl MasterKey {
 
     /// Reads a key file, refusing one that group or others may read.
     pub fn read_file(path: &Path) -> Result<Self, MasterKeyError> {
-        let meta = std::fs::metadata(path).map_err(|e| {
-            MasterKeyError(format!("cannot read master key {}: {e}", path.display()))
-        })?;
+        let read = |source| MasterKeyError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(read)?;
         if meta.permissions().mode() & 0o077 != 0 {
-            return Err(MasterKeyError(format!(
-                "master key {} is readable by group or others (mode {:o}); run: chmod 600 {}",
-                path.display(),
-                meta.permissions().mode() & 0o777,
-                path.display()
-            )));
+            return Err(MasterKeyError::Permissions {
+                path: path.to_path_buf(),
+                mode: meta.permissions().mode() & 0o777,
+            });
         }
-        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
-            MasterKeyError(format!("cannot read master key {}: {e}", path.display()))
-        })?);
-        MasterKey::from_text(&text)
-            .map_err(|e| MasterKeyError(format!("master key {}: {e}", path.display())))
+        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(read)?);
+        MasterKey::from_text(&text).map_err(|e| MasterKeyError::Format {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })
     }
 
     /// Writes a new random key to `path` with mode 0600; fails if the file exists.
     pub fn create_file(path: &Path) -> Result<Self, MasterKeyError> {
         let text = MasterKey::generate_base64();
-        write_private(path, &text, true).map_err(|e| {
-            MasterKeyError(format!("cannot create master key {}: {e}", path.display()))
+        write_private(path, &text, true).map_err(|source| MasterKeyError::Create {
+            path: path.to_path_buf(),
+            source,
         })?;
         MasterKey::from_text(&text)
     }
@@ -787,5 +835,73 @@ mod tests {
         assert_eq!(Secret::new("short".into()).masked(), "****");
         assert_eq!(Secret::new("12345678901".into()).masked(), "****");
         assert_eq!(Secret::new("sk-abcdefgh1234".into()).masked(), "sk-a…1234");
+    }
+
+    /// The operator reads these; they say which line is wrong, never what it holds.
+    #[test]
+    fn key_file_errors_keep_their_text() {
+        let k = MasterKey::generate_base64();
+        let text = |t: &str| MasterKey::from_text(t).err().map(|e| e.to_string());
+        let cases = [
+            (String::new(), "the master key file holds no key"),
+            (
+                "not base64!".into(),
+                "the master key file is not base64 text of 32 bytes",
+            ),
+            (
+                format!("v2:{}", *k),
+                "a keyring without version 1 needs an `id:` line",
+            ),
+            (
+                format!("id:AAAA\nv1:{}", *k),
+                "the id line of the master key file does not hold exactly 32 bytes",
+            ),
+            (
+                format!("v3:AAAA\nv1:{}", *k),
+                "version 3 of the master key file does not hold exactly 32 bytes",
+            ),
+            (
+                format!("x1:{}\nv1:{}", *k, *k),
+                "the master key file has an unknown line tag `x1`",
+            ),
+            (
+                format!("stray\nv1:{}", *k),
+                "the master key file has a line that is neither `id:…` nor `vN:…`",
+            ),
+            (
+                format!("v1:{}\nv1:{}", *k, *k),
+                "the master key file has version 1 twice",
+            ),
+        ];
+        for (input, want) in cases {
+            assert_eq!(text(&input).as_deref(), Some(want));
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.key");
+        write_private(&path, "\n", true).unwrap();
+        let e = MasterKey::read_file(&path).err().unwrap().to_string();
+        let shown = path.display();
+        assert_eq!(
+            e,
+            format!("master key {shown}: the master key file holds no key")
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = MasterKey::read_file(&path).err().unwrap().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "master key {shown} is readable by group or others (mode 640); run: chmod 600 {shown}"
+            )
+        );
+        let gone = dir.path().join("gone.key");
+        let e = MasterKey::read_file(&gone).err().unwrap().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "cannot read master key {}: No such file or directory (os error 2)",
+                gone.display()
+            )
+        );
     }
 }

@@ -22,8 +22,79 @@ use crate::keyspace::Names;
 pub const BEAT_EVERY: Duration = Duration::from_secs(1);
 const BEAT_TTL_S: u64 = 5;
 
-/// How `connect`'s error starts, so callers can tell "Redis is down" from a refusal.
-const UNREACHABLE: &str = "cannot reach redis";
+/// What to do about a master key the fleet refuses.
+const COPY: &str = "copy the master key file from a host of the fleet and start again";
+
+/// Checking a master key against the fleet's, or reading the fleet, failed. Holds
+/// settings, paths, version numbers and Redis causes; never key material (the check
+/// values are HMACs, and they are not kept here either).
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// The settings or files of `[redis]` are not usable, or no sentinel answered.
+    #[error(transparent)]
+    Connect(#[from] crate::actors::redis::ConnectError),
+    /// The first connection failed in a way waiting may cure.
+    #[error("cannot reach redis (redis.url): {0}")]
+    Unconnected(#[source] redis::RedisError),
+    /// A command failed because the connection did.
+    #[error("cannot reach redis: {0}")]
+    Unreachable(#[source] redis::RedisError),
+    /// Redis answered with an error.
+    #[error("redis: {0}")]
+    Redis(#[source] redis::RedisError),
+    #[error(
+        "redis refused the credentials (redis.username, and the password from redis.password_file \
+         or the systemd credential redis.password): {0}"
+    )]
+    Credentials(#[source] redis::RedisError),
+    #[error(
+        "the TLS connection to redis failed (redis.tls_ca_file, redis.tls_cert_file, redis.tls_key_file): {0}"
+    )]
+    Tls(#[source] redis::RedisError),
+    /// No master key file, and Redis cannot say whether a fleet already has one.
+    #[error(
+        "the master key {} is missing and Redis cannot be checked for values sealed by a fleet's key ({source}); \
+         copy the master key from a host of the fleet, or start again once Redis answers",
+        file.display()
+    )]
+    CannotCheckForFleet {
+        file: PathBuf,
+        #[source]
+        source: Box<FleetError>,
+    },
+    /// No master key file, but Redis holds values sealed with a fleet's key.
+    #[error(
+        "the master key {} is missing, but Redis (prefix {prefix}) already holds values sealed with a fleet's master key; \
+         copy the key file from a host of the fleet to {} (mode 0600, owned by the service user) and start again",
+        file.display(),
+        file.display()
+    )]
+    FleetKeyExists { file: PathBuf, prefix: String },
+    #[error("version {version} of this master key differs from the fleet's (Redis prefix {prefix}); {COPY}")]
+    VersionDiffers { version: u32, prefix: String },
+    #[error("none of this master key's versions {versions:?} is known to the fleet (Redis prefix {prefix}); {COPY}")]
+    NoVersionKnown { versions: Vec<u32>, prefix: String },
+    #[error("this master key holds only versions {retired:?}, which a rotation retired; {COPY}")]
+    OnlyRetired { retired: Vec<u32> },
+    #[error("the fleet uses key version {newer}, which this master key lacks (it holds {versions:?}); {COPY}")]
+    LacksVersion { newer: u32, versions: Vec<u32> },
+    /// No check values yet, and a value sealed in Redis does not open with this key.
+    #[error("this master key does not open the values sealed in Redis (prefix {prefix}); {COPY}")]
+    OpensNoValue { prefix: String },
+    #[error("the check panicked")]
+    CheckPanicked,
+}
+
+impl FleetError {
+    /// Whether Redis could not be reached (waiting may cure it), as opposed to an
+    /// answer that refuses the key or a setting that is wrong.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            FleetError::Unconnected(_) | FleetError::Unreachable(_)
+        )
+    }
+}
 
 /// One live daemon, as its heartbeat describes it.
 #[derive(serde::Serialize, serde::Deserialize, Clone, Debug)]
@@ -70,37 +141,32 @@ pub fn hostname() -> String {
 /// A blocking connection that waits at most `wait` for Redis, for start-up checks
 /// (which must not hold a start for long) and the command-line tools. The message
 /// never repeats the URL (it may hold a password).
-pub fn connect(redis: &RedisConfig, wait: Duration) -> Result<redis::Connection, String> {
+pub fn connect(redis: &RedisConfig, wait: Duration) -> Result<redis::Connection, FleetError> {
     let client = crate::actors::redis::client(redis)?;
     let con = client
         .get_connection_with_timeout(wait)
-        .map_err(|e| refusal(&e).unwrap_or_else(|| format!("{UNREACHABLE} (redis.url): {e}")))?;
+        .map_err(|e| refused(e).unwrap_or_else(FleetError::Unconnected))?;
     let _ = con.set_read_timeout(Some(wait));
     let _ = con.set_write_timeout(Some(wait));
     Ok(con)
 }
 
 /// A connection error that waiting will not cure — wrong credentials, a certificate
-/// that does not verify — as a message for the operator (it names the settings,
-/// never the password); `None` for anything that may be an outage.
-pub fn refusal(e: &redis::RedisError) -> Option<String> {
+/// that does not verify — as an error for the operator (it names the settings,
+/// never the password); the error itself back for anything that may be an outage.
+fn refused(e: redis::RedisError) -> Result<FleetError, redis::RedisError> {
     let text = e.to_string();
     if e.kind() == redis::ErrorKind::AuthenticationFailed
         || text.contains("WRONGPASS")
         || text.contains("NOAUTH")
         || text.contains("NOPERM")
     {
-        return Some(format!(
-            "redis refused the credentials (redis.username, and the password from redis.password_file \
-             or the systemd credential redis.password): {text}"
-        ));
+        return Ok(FleetError::Credentials(e));
     }
     if text.contains("certificate") || text.contains("InvalidCertificate") {
-        return Some(format!(
-            "the TLS connection to redis failed (redis.tls_ca_file, redis.tls_cert_file, redis.tls_key_file): {text}"
-        ));
+        return Ok(FleetError::Tls(e));
     }
-    None
+    Err(e)
 }
 
 /// How long the daemon's own checks wait for Redis.
@@ -108,13 +174,13 @@ const DAEMON_WAIT: Duration = Duration::from_secs(2);
 /// How long the tools wait for Redis.
 pub const TOOL_WAIT: Duration = Duration::from_secs(30);
 
-/// A Redis error in a message: connection trouble starts with [`UNREACHABLE`], so a
-/// caller can tell "Redis is down" from an answer that refuses.
-fn redis_failed(e: redis::RedisError) -> String {
+/// A Redis error: connection trouble is [`FleetError::Unreachable`], so a caller can
+/// tell "Redis is down" from an answer that refuses.
+fn redis_failed(e: redis::RedisError) -> FleetError {
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
-        format!("{UNREACHABLE}: {e}")
+        FleetError::Unreachable(e)
     } else {
-        format!("redis: {e}")
+        FleetError::Redis(e)
     }
 }
 
@@ -175,30 +241,27 @@ fn first_sealed_value(
 /// Before a new master key is made: in Redis mode, refuses when Redis already holds
 /// a fleet's check values or sealed values (a new key would open none of them), or
 /// when Redis cannot be asked. Embedded mode has no fleet.
-pub fn may_create_key(config: &Config) -> Result<(), String> {
+pub fn may_create_key(config: &Config) -> Result<(), FleetError> {
     if config.redis.url.is_empty() {
         return Ok(());
     }
-    let file = config.keystore.master_key_file.display();
-    let mut con = connect(&config.redis, DAEMON_WAIT).map_err(|e| {
-        format!(
-            "the master key {file} is missing and Redis cannot be checked for values sealed by a fleet's key ({e}); \
-             copy the master key from a host of the fleet, or start again once Redis answers"
-        )
-    })?;
+    let file = &config.keystore.master_key_file;
+    let mut con =
+        connect(&config.redis, DAEMON_WAIT).map_err(|e| FleetError::CannotCheckForFleet {
+            file: file.clone(),
+            source: Box::new(e),
+        })?;
     let names = names(config);
-    let fail = |e: redis::RedisError| format!("redis: {e}");
-    let checked: bool = con.exists(names.keycheck()).map_err(fail)?;
+    let checked: bool = con.exists(names.keycheck()).map_err(FleetError::Redis)?;
     if checked
         || first_sealed_value(&mut con, &names)
-            .map_err(fail)?
+            .map_err(FleetError::Redis)?
             .is_some()
     {
-        return Err(format!(
-            "the master key {file} is missing, but Redis (prefix {}) already holds values sealed with a fleet's master key; \
-             copy the key file from a host of the fleet to {file} (mode 0600, owned by the service user) and start again",
-            names.prefix
-        ));
+        return Err(FleetError::FleetKeyExists {
+            file: file.clone(),
+            prefix: names.prefix,
+        });
     }
     Ok(())
 }
@@ -214,15 +277,19 @@ fn retired(stored: &HashMap<String, String>) -> Vec<u32> {
 /// Compares `key` with the fleet's check values as read: refuses a key that differs
 /// from the fleet's in any version both hold, that shares no version with it, that
 /// lacks a newer version the fleet uses, or that holds only retired versions.
-fn compare(stored: &HashMap<String, String>, key: &MasterKey, prefix: &str) -> Result<(), String> {
-    let copy = "copy the master key file from a host of the fleet and start again";
+fn compare(
+    stored: &HashMap<String, String>,
+    key: &MasterKey,
+    prefix: &str,
+) -> Result<(), FleetError> {
     let mine = key.check_values();
     let gone = retired(stored);
     for (v, check) in &mine {
         if stored.get(&format!("v{v}")).is_some_and(|s| s != check) {
-            return Err(format!(
-                "version {v} of this master key differs from the fleet's (Redis prefix {prefix}); {copy}"
-            ));
+            return Err(FleetError::VersionDiffers {
+                version: *v,
+                prefix: prefix.to_string(),
+            });
         }
     }
     let fleet: Vec<u32> = stored
@@ -230,15 +297,13 @@ fn compare(stored: &HashMap<String, String>, key: &MasterKey, prefix: &str) -> R
         .filter_map(|f| f.strip_prefix('v')?.parse().ok())
         .collect();
     if !fleet.is_empty() && !mine.iter().any(|(v, _)| fleet.contains(v)) {
-        return Err(format!(
-            "none of this master key's versions {:?} is known to the fleet (Redis prefix {prefix}); {copy}",
-            key.versions()
-        ));
+        return Err(FleetError::NoVersionKnown {
+            versions: key.versions(),
+            prefix: prefix.to_string(),
+        });
     }
     if key.versions().iter().all(|v| gone.contains(v)) {
-        return Err(format!(
-            "this master key holds only versions {gone:?}, which a rotation retired; {copy}"
-        ));
+        return Err(FleetError::OnlyRetired { retired: gone });
     }
     let newest = key.versions().into_iter().max().unwrap_or(0);
     if let Some(newer) = fleet
@@ -246,10 +311,10 @@ fn compare(stored: &HashMap<String, String>, key: &MasterKey, prefix: &str) -> R
         .filter(|v| **v > newest && !gone.contains(v))
         .max()
     {
-        return Err(format!(
-            "the fleet uses key version {newer}, which this master key lacks (it holds {:?}); {copy}",
-            key.versions()
-        ));
+        return Err(FleetError::LacksVersion {
+            newer: *newer,
+            versions: key.versions(),
+        });
     }
     Ok(())
 }
@@ -259,16 +324,18 @@ fn compare(stored: &HashMap<String, String>, key: &MasterKey, prefix: &str) -> R
 /// recording, so of two daemons that create a fleet's first key at the same moment,
 /// the one whose value did not land is refused. With no check values yet (a fleet
 /// from before them), a sealed pool value must open.
-pub fn verify(con: &mut redis::Connection, names: &Names, key: &MasterKey) -> Result<(), String> {
+pub fn verify(
+    con: &mut redis::Connection,
+    names: &Names,
+    key: &MasterKey,
+) -> Result<(), FleetError> {
     let stored: HashMap<String, String> = con.hgetall(names.keycheck()).map_err(redis_failed)?;
     if !stored.keys().any(|f| f.starts_with('v')) {
         if let Some(value) = first_sealed_value(con, names).map_err(redis_failed)? {
             if !value.opens_with(key, &names.prefix) {
-                return Err(format!(
-                    "this master key does not open the values sealed in Redis (prefix {}); \
-                     copy the master key file from a host of the fleet and start again",
-                    names.prefix
-                ));
+                return Err(FleetError::OpensNoValue {
+                    prefix: names.prefix.clone(),
+                });
             }
         }
     }
@@ -283,19 +350,19 @@ pub fn verify(con: &mut redis::Connection, names: &Names, key: &MasterKey) -> Re
 }
 
 /// For the tools: connects and runs [`verify`].
-pub fn verify_config(config: &Config, key: &MasterKey) -> Result<(), String> {
+pub fn verify_config(config: &Config, key: &MasterKey) -> Result<(), FleetError> {
     let mut con = connect(&config.redis, TOOL_WAIT)?;
     verify(&mut con, &names(config), key)
 }
 
 /// At start in Redis mode: verifies the key when Redis answers. Answers whether it
 /// was verified; `false` when Redis is unreachable (the heartbeat verifies later).
-pub fn verify_at_start(config: &Config, key: &MasterKey) -> Result<bool, String> {
+pub fn verify_at_start(config: &Config, key: &MasterKey) -> Result<bool, FleetError> {
     let checked = connect(&config.redis, DAEMON_WAIT)
         .and_then(|mut con| verify(&mut con, &names(config), key));
     match checked {
         Ok(()) => Ok(true),
-        Err(e) if e.starts_with(UNREACHABLE) => {
+        Err(e) if e.is_unreachable() => {
             tracing::warn!("cannot check the master key against the fleet's now ({e}); checking once Redis answers");
             Ok(false)
         }
@@ -305,7 +372,7 @@ pub fn verify_at_start(config: &Config, key: &MasterKey) -> Result<bool, String>
 
 /// Records versions as retired for the whole fleet: a daemon holding only those
 /// is refused from then on (and a running one stops at its next heartbeat).
-pub fn mark_retired(config: &Config, versions: &[u32]) -> Result<(), String> {
+pub fn mark_retired(config: &Config, versions: &[u32]) -> Result<(), FleetError> {
     let mut con = connect(&config.redis, TOOL_WAIT)?;
     let names = names(config);
     let stored: HashMap<String, String> = con.hgetall(names.keycheck()).map_err(redis_failed)?;
@@ -362,7 +429,7 @@ fn member_keys(names: &Names, ids: &[Vec<u8>]) -> Vec<Vec<u8>> {
 /// Every live daemon's heartbeat, found through the fleet set (no keyspace scan).
 /// Stray entries are skipped with a warning naming them; a Redis error is an error
 /// (the caller must not take "no heartbeat read" for "no daemon behind").
-pub fn members(config: &Config) -> Result<Vec<Member>, String> {
+pub fn members(config: &Config) -> Result<Vec<Member>, FleetError> {
     let mut con = connect(&config.redis, TOOL_WAIT)?;
     let names = names(config);
     let ids: Vec<Vec<u8>> = con.smembers(names.fleet()).map_err(redis_failed)?;
@@ -390,7 +457,7 @@ pub enum NotReady {
     /// These daemons do not seal with the version yet.
     Behind(Vec<Member>),
     /// The heartbeats could not be read: nothing can be said, so nothing may change.
-    Unreadable(String),
+    Unreadable(FleetError),
 }
 
 /// Waits until every live daemon holds `version` and seals with it; otherwise
@@ -421,7 +488,7 @@ pub fn wait_until_sealing(config: &Config, version: u32, within: Duration) -> Re
 
 /// For a tool that seals values into Redis (import-legacy): caps `key` at the
 /// newest version every live daemon holds, as the daemons themselves do.
-pub fn cap_to_fleet(config: &Config, key: &MasterKey) -> Result<(), String> {
+pub fn cap_to_fleet(config: &Config, key: &MasterKey) -> Result<(), FleetError> {
     let newest = key.versions().into_iter().max().unwrap_or(0);
     let cap = members(config)?
         .iter()
@@ -478,15 +545,15 @@ pub async fn heartbeat(
                 verify(&mut con, &names, &ring)
             })
             .await
-            .unwrap_or_else(|_| Err("the check panicked".into()));
+            .unwrap_or(Err(FleetError::CheckPanicked));
             match outcome {
                 Ok(()) => {
                     tracing::info!(versions = ?key.versions(), "the master key matches the fleet's");
                     checked = Some(key.versions());
                     verified = true;
                 }
-                Err(e) if e.starts_with(UNREACHABLE) => {}
-                Err(e) => stop(&e),
+                Err(e) if e.is_unreachable() => {}
+                Err(e) => stop(&e.to_string()),
             }
         }
         if verified {
@@ -570,4 +637,94 @@ async fn beat(
         .query_async::<()>(conn)
         .await?;
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redis_error() -> redis::RedisError {
+        redis::RedisError::from((redis::ErrorKind::Io, "gone"))
+    }
+
+    #[test]
+    fn refusals_keep_their_text() {
+        let copy = "copy the master key file from a host of the fleet and start again";
+        let p = || "p".to_string();
+        let cases = [
+            (
+                FleetError::VersionDiffers {
+                    version: 2,
+                    prefix: p(),
+                },
+                format!("version 2 of this master key differs from the fleet's (Redis prefix p); {copy}"),
+            ),
+            (
+                FleetError::NoVersionKnown {
+                    versions: vec![1, 2],
+                    prefix: p(),
+                },
+                format!("none of this master key's versions [1, 2] is known to the fleet (Redis prefix p); {copy}"),
+            ),
+            (
+                FleetError::OnlyRetired { retired: vec![1] },
+                format!("this master key holds only versions [1], which a rotation retired; {copy}"),
+            ),
+            (
+                FleetError::LacksVersion {
+                    newer: 3,
+                    versions: vec![1, 2],
+                },
+                format!("the fleet uses key version 3, which this master key lacks (it holds [1, 2]); {copy}"),
+            ),
+            (
+                FleetError::OpensNoValue { prefix: p() },
+                "this master key does not open the values sealed in Redis (prefix p); \
+                 copy the master key file from a host of the fleet and start again"
+                    .into(),
+            ),
+            (
+                FleetError::FleetKeyExists {
+                    file: "/k".into(),
+                    prefix: p(),
+                },
+                "the master key /k is missing, but Redis (prefix p) already holds values sealed with a fleet's master key; \
+                 copy the key file from a host of the fleet to /k (mode 0600, owned by the service user) and start again"
+                    .into(),
+            ),
+            (
+                FleetError::CannotCheckForFleet {
+                    file: "/k".into(),
+                    source: Box::new(FleetError::Unconnected(redis_error())),
+                },
+                format!(
+                    "the master key /k is missing and Redis cannot be checked for values sealed by a fleet's key \
+                     (cannot reach redis (redis.url): {}); \
+                     copy the master key from a host of the fleet, or start again once Redis answers",
+                    redis_error()
+                ),
+            ),
+            (
+                FleetError::Credentials(redis_error()),
+                format!(
+                    "redis refused the credentials (redis.username, and the password from redis.password_file \
+                     or the systemd credential redis.password): {}",
+                    redis_error()
+                ),
+            ),
+            (
+                FleetError::Unreachable(redis_error()),
+                format!("cannot reach redis: {}", redis_error()),
+            ),
+            (
+                FleetError::Redis(redis_error()),
+                format!("redis: {}", redis_error()),
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.to_string(), want);
+        }
+        assert!(FleetError::Unconnected(redis_error()).is_unreachable());
+        assert!(!FleetError::Redis(redis_error()).is_unreachable());
+    }
 }

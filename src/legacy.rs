@@ -18,6 +18,32 @@ use crate::keyspace;
 use crate::keyspace::{Changed, Names};
 use crate::protocol::{check_ident, check_key, check_service};
 
+/// Why an import stopped; rerunning carries on. Never holds key material.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("import-legacy needs redis.url in the config")]
+    NoRedis,
+    #[error(transparent)]
+    Access(#[from] crate::lock::ToolAccessError),
+    #[error(transparent)]
+    Open(#[from] keystore::KeystoreError),
+    #[error("no keystore connection")]
+    NoConnection,
+    #[error(transparent)]
+    Fleet(#[from] crate::fleet::FleetError),
+    #[error(transparent)]
+    RedisSettings(#[from] crate::actors::redis::ConnectError),
+    #[error("cannot connect to redis: {0}")]
+    Connect(#[source] redis::RedisError),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("keystore: {0}")]
+    Keystore(#[from] rusqlite::Error),
+    /// Storing a user key failed (the keystore's own error, as the wire would say it).
+    #[error("keystore: {0}")]
+    Store(#[from] crate::error::Error),
+}
+
 /// What an import did (or, with `--dry-run`, would do).
 #[derive(Default, Debug)]
 pub struct Report {
@@ -29,38 +55,36 @@ pub struct Report {
 }
 
 /// Runs the import, printing one line per action (never a key).
-pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
+pub fn import(config: &Config, dry_run: bool) -> Result<Report, ImportError> {
     if config.redis.url.is_empty() {
-        return Err("import-legacy needs redis.url in the config".into());
+        return Err(ImportError::NoRedis);
     }
     // A daemon on this keystore must answer on this config's socket, or none may run
     // (then this import holds the lock until it ends).
-    keystore::create_folder(&config.keystore.path).map_err(|e| e.0)?;
+    keystore::create_folder(&config.keystore.path)?;
     let _access = crate::lock::for_tool(
         &config.keystore.path,
         "import-legacy",
         &config.server.socket,
         true,
     )?;
-    let opened = keystore::open_with(config, 1, &|| crate::fleet::may_create_key(config))
-        .map_err(|e| e.0)?;
+    let opened = keystore::open_with(config, 1, &|| crate::fleet::may_create_key(config))?;
     let db = opened
         .connections
         .into_iter()
         .next()
-        .ok_or("no keystore connection")?;
+        .ok_or(ImportError::NoConnection)?;
     let master = opened.key;
     // Seal what goes into Redis with a version every live daemon can open.
     crate::fleet::cap_to_fleet(config, &master)?;
     let client = crate::actors::redis::client(&config.redis)?;
     let mut con = client
         .get_connection_with_timeout(Duration::from_secs(5))
-        .map_err(|e| format!("cannot connect to redis: {e}"))?;
+        .map_err(ImportError::Connect)?;
     let _ = con.set_read_timeout(Some(Duration::from_secs(30)));
     let names = Names {
         prefix: config.redis.prefix.clone(),
     };
-    let fail = |e: redis::RedisError| format!("redis: {e}");
     let in_redis = config.user_keys_in_redis();
     let verb = match (dry_run, in_redis) {
         (true, false) => "would move",
@@ -71,12 +95,10 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
     let target = if in_redis { "redis" } else { "the keystore" };
     let mut report = Report::default();
 
-    for hash in keyspace::all_hashes(&mut con, &format!("{}:user_api_keys:*", names.prefix))
-        .map_err(fail)?
-    {
+    for hash in keyspace::all_hashes(&mut con, &format!("{}:user_api_keys:*", names.prefix))? {
         let user_id = &hash[names.legacy_user("").len()..];
         // Bytes, not text: a binary field or value is skipped, never a stop.
-        let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash).map_err(fail)?;
+        let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash)?;
         for (raw_field, value) in fields {
             // Sealed by a daemon with user_keys = "redis": not legacy (migrate-user-keys
             // moves those).
@@ -113,7 +135,7 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
                 let sealed: Option<Vec<u8>> = if raw_field == service.as_bytes() {
                     None
                 } else {
-                    con.hget(&hash, &service).map_err(fail)?
+                    con.hget(&hash, &service)?
                 };
                 sealed
                     .filter(|v| v.starts_with(crate::envelope::ENVELOPE.as_bytes()))
@@ -124,8 +146,7 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
                     [user_id, service.as_str()],
                     |r| r.get(0),
                 )
-                .optional()
-                .map_err(|e| format!("keystore: {e}"))?
+                .optional()?
             };
             if present.is_some() {
                 println!("user {user_id} service {service}: {target} already has a sealed key; it is kept and the legacy field dropped");
@@ -165,24 +186,22 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
                     pipe.hdel(&hash, &raw_field);
                 }
                 pipe.publish(names.invalidate(), announce);
-                pipe.query::<()>(&mut con).map_err(fail)?;
+                pipe.query::<()>(&mut con)?;
                 continue;
             }
             if present.is_none() {
-                store_user_key(&db, &master, user_id, &service, &key)
-                    .map_err(|e| format!("keystore: {e}"))?;
+                store_user_key(&db, &master, user_id, &service, &key)?;
             }
             // Only now, with the row committed, may the clear copy go.
             redis::pipe()
                 .hdel(&hash, &raw_field)
                 .publish(names.invalidate(), announce)
-                .query::<()>(&mut con)
-                .map_err(fail)?;
+                .query::<()>(&mut con)?;
         }
     }
 
-    for (hash, pool) in keyspace::pool_hashes(&mut con, &names).map_err(fail)? {
-        let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash).map_err(fail)?;
+    for (hash, pool) in keyspace::pool_hashes(&mut con, &names)? {
+        let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash)?;
         for (raw_field, value) in fields {
             let field = String::from_utf8_lossy(&raw_field).into_owned();
             let PoolValue::Legacy(key) = open_value(&master, &names.prefix, &pool, &field, &value)
@@ -233,7 +252,7 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, String> {
                 names.invalidate(),
                 serde_json::to_string(&Changed::Pool(pool.clone())).unwrap_or_default(),
             );
-            pipe.query::<()>(&mut con).map_err(fail)?;
+            pipe.query::<()>(&mut con)?;
             println!(
                 "encrypted {} field {} as key_id {key_id}",
                 hash.escape_debug(),

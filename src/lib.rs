@@ -79,7 +79,7 @@ use tokio::sync::mpsc;
 
 use actors::cache::KeyCache;
 use actors::embedded::SqliteStore;
-use actors::keystore::{Keystore, Opened, StartError};
+use actors::keystore::{Keystore, KeystoreError, Opened};
 use actors::redis::RedisStore;
 use actors::store::{Store, StoreMode};
 use actors::user_keys::UserKeys;
@@ -87,6 +87,35 @@ use app::App;
 use config::Config;
 use crypto::MasterKey;
 use rusqlite::Connection;
+
+/// Why the daemon refuses to start; the message tells the operator what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Another process holds the keystore's lock.
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
+    /// The keystore or the master key cannot be opened, or do not match.
+    #[error(transparent)]
+    Keystore(#[from] KeystoreError),
+    /// In Redis mode: the master key is not the fleet's.
+    #[error(transparent)]
+    Fleet(#[from] fleet::FleetError),
+    /// In Redis mode: `[redis]` cannot be used to reach Redis.
+    #[error(transparent)]
+    Redis(#[from] actors::redis::ConnectError),
+    #[error("cannot open log.audit_file {} for appending: {source}", path.display())]
+    AuditFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// Opening the audit file when the daemon is built (`preflight` names the path).
+    #[error("cannot open log.audit_file for appending: {0}")]
+    Audit(#[source] std::io::Error),
+    #[error("no keystore connection for the store")]
+    NoStoreConnection,
+    #[error("cannot start the metrics thread: {0}")]
+    MetricsThread(#[source] std::io::Error),
+}
 
 /// Threads (each with its own SQLite connection) serving per-user keys.
 const KEYSTORE_THREADS: usize = 2;
@@ -110,14 +139,13 @@ pub fn open_keystore(config: &Config) -> Result<Opened, StartError> {
         "serve",
         Some(config.server.socket.as_path()),
         true,
-    )
-    .map_err(|e| StartError(e.to_string()))?;
+    )?;
     let mut opened = actors::keystore::open_with(config, KEYSTORE_THREADS + 1, &|| {
         fleet::may_create_key(config)
     })?;
     opened.lock = Some(lock);
     if !config.redis.url.is_empty() {
-        opened.fleet_verified = fleet::verify_at_start(config, &opened.key).map_err(StartError)?;
+        opened.fleet_verified = fleet::verify_at_start(config, &opened.key)?;
     }
     Ok(opened)
 }
@@ -127,11 +155,9 @@ pub fn open_keystore(config: &Config) -> Result<Opened, StartError> {
 /// the Redis URL and the access names were checked when it was read.)
 pub fn preflight(config: &Config) -> Result<(), StartError> {
     if let Some(path) = &config.log.audit_file {
-        audit::Audit::open(Some(path)).map_err(|e| {
-            StartError(format!(
-                "cannot open log.audit_file {} for appending: {e}",
-                path.display()
-            ))
+        audit::Audit::open(Some(path)).map_err(|source| StartError::AuditFile {
+            path: path.clone(),
+            source,
         })?;
     }
     Ok(())
@@ -169,7 +195,7 @@ fn start_store(
             None,
         ));
     }
-    let target = actors::redis::Target::new(&config.redis).map_err(StartError)?;
+    let target = actors::redis::Target::new(&config.redis)?;
     // "Not known to be down": the first command tries, and the first ping runs at once.
     let connected = Arc::new(AtomicBool::new(true));
     let store = RedisStore::new(
@@ -177,8 +203,7 @@ fn start_store(
         &config.redis,
         key.clone(),
         connected.clone(),
-    )
-    .map_err(StartError)?;
+    )?;
     actix_rt::spawn(fleet::heartbeat(
         store.connection(),
         config.redis.clone(),
@@ -249,9 +274,7 @@ pub fn start(config: Config, opened: Opened) -> Result<Started, StartError> {
         lock,
         fleet_verified,
     } = opened;
-    let store_db = connections
-        .pop()
-        .ok_or_else(|| StartError("no keystore connection for the store".into()))?;
+    let store_db = connections.pop().ok_or(StartError::NoStoreConnection)?;
     let (store, redis) = start_store(&config, key.clone(), store_db, fleet_verified)?;
     let key_for_app = key.clone();
     let threads = connections.len();
@@ -282,8 +305,7 @@ pub fn start(config: Config, opened: Opened) -> Result<Started, StartError> {
         ));
         switches = Some(r.switches);
     }
-    let audit = audit::Audit::open(config.log.audit_file.as_deref())
-        .map_err(|e| StartError(format!("cannot open log.audit_file for appending: {e}")))?;
+    let audit = audit::Audit::open(config.log.audit_file.as_deref()).map_err(StartError::Audit)?;
     let mut app = App::new(
         config,
         keystore,
@@ -315,9 +337,7 @@ pub async fn run(
     if let Some(listener) = metrics {
         let (ask, mut asked) = mpsc::unbounded_channel::<metrics::RenderRequest>();
         let addr = listener.addr();
-        listener
-            .spawn(ask)
-            .map_err(|e| StartError(format!("cannot start the metrics thread: {e}")))?;
+        listener.spawn(ask).map_err(StartError::MetricsThread)?;
         let app = app.clone();
         actix_rt::spawn(async move {
             while let Some(reply) = asked.recv().await {

@@ -65,6 +65,57 @@ pub enum LockError {
     },
 }
 
+/// Why a tool may not work on a keystore; nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolAccessError {
+    #[error(
+        "the keystore {} does not exist: is keystore.path in this config the daemon's?",
+        keystore.display()
+    )]
+    NoKeystore { keystore: PathBuf },
+    /// The lock was free, yet a daemon answers on the configured socket.
+    #[error(
+        "a daemon (pid {pid}) answers on {}, but it does not hold the keystore {} (no daemon does): \
+         this config's keystore.path is not that daemon's; use the config it runs with; nothing changed",
+        socket.display(),
+        keystore.display()
+    )]
+    NotThatDaemons {
+        pid: u64,
+        socket: PathBuf,
+        keystore: PathBuf,
+    },
+    /// The lock is held, and another daemon (`pid`) answers on the configured socket.
+    #[error(
+        "the keystore {} is in use by {}, but the daemon answering on {} is pid {pid}: \
+         this config's server.socket belongs to another daemon; nothing changed",
+        keystore.display(),
+        holder.describe(),
+        socket.display()
+    )]
+    OtherDaemon {
+        keystore: PathBuf,
+        holder: Holder,
+        socket: PathBuf,
+        pid: u64,
+    },
+    /// The lock is held, and nothing answers on the configured socket.
+    #[error(
+        "the keystore {} is in use by {}, but no daemon answers on {}: \
+         use the config that daemon runs with (its server.socket), or stop it first; nothing changed",
+        keystore.display(),
+        holder.describe(),
+        socket.display()
+    )]
+    NoAnswer {
+        keystore: PathBuf,
+        holder: Holder,
+        socket: PathBuf,
+    },
+    #[error(transparent)]
+    Lock(#[from] LockError),
+}
+
 /// An exclusive lock on a keystore, released when dropped (or when the process ends,
 /// however it ends: the kernel drops `flock`s with the last descriptor).
 pub struct KeystoreLock {
@@ -174,12 +225,11 @@ pub fn for_tool(
     what: &str,
     socket: &Path,
     create: bool,
-) -> Result<ToolAccess, String> {
+) -> Result<ToolAccess, ToolAccessError> {
     if !create && !keystore.exists() {
-        return Err(format!(
-            "the keystore {} does not exist: is keystore.path in this config the daemon's?",
-            keystore.display()
-        ));
+        return Err(ToolAccessError::NoKeystore {
+            keystore: keystore.to_path_buf(),
+        });
     }
     let answered = crate::client::request(socket, r#"{"op":"stats"}"#)
         .ok()
@@ -188,33 +238,29 @@ pub fn for_tool(
         Ok(lock) => {
             return match answered {
                 None => Ok(ToolAccess::Alone(lock)),
-                Some(pid) => Err(format!(
-                    "a daemon (pid {pid}) answers on {}, but it does not hold the keystore {} (no daemon does): \
-                     this config's keystore.path is not that daemon's; use the config it runs with; nothing changed",
-                    socket.display(),
-                    keystore.display()
-                )),
+                Some(pid) => Err(ToolAccessError::NotThatDaemons {
+                    pid,
+                    socket: socket.to_path_buf(),
+                    keystore: keystore.to_path_buf(),
+                }),
             }
         }
         Err(LockError::Held { holder, .. }) => holder,
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(e.into()),
     };
     match (answered, holder.pid) {
         (Some(pid), Some(held)) if pid == u64::from(held) => Ok(ToolAccess::Daemon(holder)),
-        (Some(pid), _) => Err(format!(
-            "the keystore {} is in use by {}, but the daemon answering on {} is pid {pid}: \
-             this config's server.socket belongs to another daemon; nothing changed",
-            keystore.display(),
-            holder.describe(),
-            socket.display()
-        )),
-        (None, _) => Err(format!(
-            "the keystore {} is in use by {}, but no daemon answers on {}: \
-             use the config that daemon runs with (its server.socket), or stop it first; nothing changed",
-            keystore.display(),
-            holder.describe(),
-            socket.display()
-        )),
+        (Some(pid), _) => Err(ToolAccessError::OtherDaemon {
+            keystore: keystore.to_path_buf(),
+            holder,
+            socket: socket.to_path_buf(),
+            pid,
+        }),
+        (None, _) => Err(ToolAccessError::NoAnswer {
+            keystore: keystore.to_path_buf(),
+            holder,
+            socket: socket.to_path_buf(),
+        }),
     }
 }
 
@@ -242,5 +288,54 @@ mod tests {
             acquire(&ks, "serve", None, true).is_ok(),
             "released on drop"
         );
+    }
+
+    #[test]
+    fn tool_refusals_keep_their_text() {
+        let holder = Holder {
+            pid: Some(7),
+            socket: Some(PathBuf::from("/s")),
+            what: Some("serve".into()),
+        };
+        let (keystore, socket) = (PathBuf::from("/ks"), PathBuf::from("/c"));
+        let cases = [
+            (
+                ToolAccessError::NoKeystore {
+                    keystore: keystore.clone(),
+                },
+                "the keystore /ks does not exist: is keystore.path in this config the daemon's?",
+            ),
+            (
+                ToolAccessError::NotThatDaemons {
+                    pid: 9,
+                    socket: socket.clone(),
+                    keystore: keystore.clone(),
+                },
+                "a daemon (pid 9) answers on /c, but it does not hold the keystore /ks (no daemon does): \
+                 this config's keystore.path is not that daemon's; use the config it runs with; nothing changed",
+            ),
+            (
+                ToolAccessError::OtherDaemon {
+                    keystore: keystore.clone(),
+                    holder: holder.clone(),
+                    socket: socket.clone(),
+                    pid: 9,
+                },
+                "the keystore /ks is in use by apikeyd serve (pid 7, socket /s), but the daemon answering on /c is pid 9: \
+                 this config's server.socket belongs to another daemon; nothing changed",
+            ),
+            (
+                ToolAccessError::NoAnswer {
+                    keystore,
+                    holder,
+                    socket,
+                },
+                "the keystore /ks is in use by apikeyd serve (pid 7, socket /s), but no daemon answers on /c: \
+                 use the config that daemon runs with (its server.socket), or stop it first; nothing changed",
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.to_string(), want);
+        }
     }
 }

@@ -219,17 +219,34 @@ pub struct Listener {
     addr: SocketAddr,
 }
 
+/// `metrics.listen` cannot be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("metrics.listen {listen:?}: {source}")]
+    Address {
+        listen: String,
+        source: std::net::AddrParseError,
+    },
+    /// The port is taken, or not this process's to bind.
+    #[error("cannot listen on metrics.listen {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+}
+
 /// Binds `metrics.listen` when it is set (before the socket, so a taken port refuses
 /// the start).
-pub fn bind(listen: Option<&str>) -> std::result::Result<Option<Listener>, String> {
+pub fn bind(listen: Option<&str>) -> std::result::Result<Option<Listener>, BindError> {
     let Some(listen) = listen.filter(|l| !l.is_empty()) else {
         return Ok(None);
     };
-    let addr: SocketAddr = listen
-        .parse()
-        .map_err(|e| format!("metrics.listen {listen:?}: {e}"))?;
-    let server = tiny_http::Server::http(addr)
-        .map_err(|e| format!("cannot listen on metrics.listen {addr}: {e}"))?;
+    let addr: SocketAddr = listen.parse().map_err(|source| BindError::Address {
+        listen: listen.to_string(),
+        source,
+    })?;
+    let server =
+        tiny_http::Server::http(addr).map_err(|source| BindError::Listen { addr, source })?;
     let addr = server.server_addr().to_ip().unwrap_or(addr);
     Ok(Some(Listener { server, addr }))
 }
@@ -306,5 +323,14 @@ mod tests {
         assert_eq!(by_op["get_user_api_key"], 1);
         assert_eq!(by_code["ok"], 2);
         assert_eq!(by_code["internal"], 1);
+    }
+
+    #[test]
+    fn bind_errors_keep_their_text() {
+        let e = bind(Some("nowhere")).err().unwrap().to_string();
+        assert_eq!(
+            e,
+            "metrics.listen \"nowhere\": invalid socket address syntax"
+        );
     }
 }

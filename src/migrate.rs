@@ -13,6 +13,32 @@ use crate::crypto::{MasterKey, Place, Secret};
 use crate::envelope::{open_user_value, user_envelope, PoolValue};
 use crate::keyspace::{Changed, Names};
 
+/// Why a migration stopped; rerunning carries on. Never holds key material.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("migrate-user-keys needs redis.url in the config")]
+    NoRedis,
+    #[error(transparent)]
+    Access(#[from] crate::lock::ToolAccessError),
+    #[error(transparent)]
+    Open(#[from] keystore::KeystoreError),
+    #[error("no keystore connection")]
+    NoConnection,
+    #[error(transparent)]
+    Fleet(#[from] crate::fleet::FleetError),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("keystore: {0}")]
+    Keystore(#[from] rusqlite::Error),
+    /// Storing a user key failed (the keystore's own error, as the wire would say it).
+    #[error("keystore: {0}")]
+    Store(#[from] crate::error::Error),
+    #[error(
+        "only {acked} of {wanted} replicas confirmed the batch (redis.min_replicas_acked); nothing was removed from the source; rerun"
+    )]
+    Replicas { acked: u32, wanted: u32 },
+}
+
 /// Rows moved per batch (one SQLite transaction, a few Redis pipelines).
 const BATCH: usize = 500;
 
@@ -40,11 +66,11 @@ pub struct Report {
 }
 
 /// Runs (or resumes) a migration, printing progress and counts (never a key).
-pub fn migrate(config: &Config, to: Destination) -> Result<Report, String> {
+pub fn migrate(config: &Config, to: Destination) -> Result<Report, MigrateError> {
     if config.redis.url.is_empty() {
-        return Err("migrate-user-keys needs redis.url in the config".into());
+        return Err(MigrateError::NoRedis);
     }
-    keystore::create_folder(&config.keystore.path).map_err(|e| e.0)?;
+    keystore::create_folder(&config.keystore.path)?;
     // A daemon on this keystore must answer on this config's socket, or none may run
     // (then this run holds the lock until it ends).
     let _access = crate::lock::for_tool(
@@ -53,12 +79,12 @@ pub fn migrate(config: &Config, to: Destination) -> Result<Report, String> {
         &config.server.socket,
         false,
     )?;
-    let opened = keystore::open(config, 1).map_err(|e| e.0)?;
+    let opened = keystore::open(config, 1)?;
     let mut db = opened
         .connections
         .into_iter()
         .next()
-        .ok_or("no keystore connection")?;
+        .ok_or(MigrateError::NoConnection)?;
     let master = opened.key;
     let mut con = crate::fleet::connect(&config.redis, crate::fleet::TOOL_WAIT)?;
     let names = Names {
@@ -86,14 +112,6 @@ struct Ctx<'a> {
     wait_ms: u64,
 }
 
-fn redis_fail(e: redis::RedisError) -> String {
-    format!("redis: {e}")
-}
-
-fn db_fail(e: rusqlite::Error) -> String {
-    format!("keystore: {e}")
-}
-
 /// The user key stored in the keystore for (user, service), opened; `None` when
 /// there is none or it does not open. Read in the import transaction and again,
 /// committed, before the Redis copy may go.
@@ -102,14 +120,13 @@ fn stored_key(
     master: &MasterKey,
     user_id: &str,
     service: &str,
-) -> Result<Option<Secret>, String> {
+) -> Result<Option<Secret>, MigrateError> {
     let sealed: Option<Vec<u8>> = db
         .prepare_cached("SELECT sealed FROM user_keys WHERE user_id = ?1 AND service = ?2")
         .and_then(|mut s| {
             s.query_row(params![user_id, service], |r| r.get(0))
                 .optional()
-        })
-        .map_err(db_fail)?;
+        })?;
     Ok(sealed.and_then(|s| master.open(&s, Place::User { user_id, service }).ok()))
 }
 
@@ -131,20 +148,19 @@ impl Ctx<'_> {
     }
 
     /// With replicas asked for, waits until they hold what this connection wrote.
-    fn wait_for_replicas(&self, con: &mut redis::Connection) -> Result<(), String> {
+    fn wait_for_replicas(&self, con: &mut redis::Connection) -> Result<(), MigrateError> {
         if self.replicas == 0 {
             return Ok(());
         }
         let acked: u32 = redis::cmd("WAIT")
             .arg(self.replicas)
             .arg(self.wait_ms)
-            .query(con)
-            .map_err(redis_fail)?;
+            .query(con)?;
         if acked < self.replicas {
-            return Err(format!(
-                "only {acked} of {} replicas confirmed the batch (redis.min_replicas_acked); nothing was removed from the source; rerun",
-                self.replicas
-            ));
+            return Err(MigrateError::Replicas {
+                acked,
+                wanted: self.replicas,
+            });
         }
         Ok(())
     }
@@ -164,26 +180,22 @@ fn to_redis(
     ctx: &Ctx<'_>,
     db: &mut Connection,
     con: &mut redis::Connection,
-) -> Result<Report, String> {
+) -> Result<Report, MigrateError> {
     let mut report = Report::default();
     let mut after = (String::new(), String::new());
     loop {
         let raw: Vec<(String, String, Vec<u8>, i64, bool)> = {
-            let mut stmt = db
-                .prepare_cached(
-                    "SELECT k.user_id, k.service, k.sealed, k.updated_at,
+            let mut stmt = db.prepare_cached(
+                "SELECT k.user_id, k.service, k.sealed, k.updated_at,
                        EXISTS (SELECT 1 FROM user_key_rejected r
                                WHERE r.user_id = k.user_id AND r.service = k.service)
                      FROM user_keys k WHERE (k.user_id, k.service) > (?1, ?2)
                      ORDER BY k.user_id, k.service LIMIT ?3",
-                )
-                .map_err(db_fail)?;
-            let rows = stmt
-                .query_map(params![after.0, after.1, BATCH as i64], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-                })
-                .map_err(db_fail)?;
-            rows.collect::<rusqlite::Result<_>>().map_err(db_fail)?
+            )?;
+            let rows = stmt.query_map(params![after.0, after.1, BATCH as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?;
+            rows.collect::<rusqlite::Result<_>>()?
         };
         let Some(last) = raw.last() else { break };
         after = (last.0.clone(), last.1.clone());
@@ -212,7 +224,7 @@ fn to_redis(
         for r in &rows {
             read.hget(ctx.names.legacy_user(&r.user_id), &r.service);
         }
-        let before: Vec<Option<Vec<u8>>> = read.query(con).map_err(redis_fail)?;
+        let before: Vec<Option<Vec<u8>>> = read.query(con)?;
         let mut write = redis::pipe();
         let mut written = 0;
         for (r, held) in rows.iter().zip(&before) {
@@ -252,7 +264,7 @@ fn to_redis(
             written += 1;
         }
         if written > 0 {
-            write.query::<()>(con).map_err(redis_fail)?;
+            write.query::<()>(con)?;
             ctx.wait_for_replicas(con)?;
         }
         // Read back: a source row goes only once its target copy opens.
@@ -260,8 +272,8 @@ fn to_redis(
         for r in &rows {
             check.hget(ctx.names.legacy_user(&r.user_id), &r.service);
         }
-        let now: Vec<Option<Vec<u8>>> = check.query(con).map_err(redis_fail)?;
-        let tx = db.transaction().map_err(db_fail)?;
+        let now: Vec<Option<Vec<u8>>> = check.query(con)?;
+        let tx = db.transaction()?;
         for ((r, held), target) in rows.iter().zip(&before).zip(&now) {
             let Some(target) = target else {
                 eprintln!("user {} service {}: the key vanished from redis before it was verified (deleted meanwhile?); the keystore copy stays", r.user_id, r.service);
@@ -289,11 +301,9 @@ fn to_redis(
             tx.prepare_cached(
                 "DELETE FROM user_keys WHERE user_id = ?1 AND service = ?2 AND sealed = ?3",
             )
-            .and_then(|mut s| s.execute(params![r.user_id, r.service, r.sealed]))
-            .map_err(db_fail)?;
+            .and_then(|mut s| s.execute(params![r.user_id, r.service, r.sealed]))?;
             tx.prepare_cached("DELETE FROM user_key_rejected WHERE user_id = ?1 AND service = ?2")
-                .and_then(|mut s| s.execute(params![r.user_id, r.service]))
-                .map_err(db_fail)?;
+                .and_then(|mut s| s.execute(params![r.user_id, r.service]))?;
             let was_sealed_there = held.as_deref().is_some_and(|v| {
                 matches!(
                     open_user_value(ctx.master, &ctx.names.prefix, &r.user_id, &r.service, v),
@@ -306,7 +316,7 @@ fn to_redis(
                 report.moved += 1;
             }
         }
-        tx.commit().map_err(db_fail)?;
+        tx.commit()?;
         println!(
             "moved {} user keys to redis so far ({} were there already)",
             report.moved, report.already_in_target
@@ -330,14 +340,12 @@ fn to_local(
     ctx: &Ctx<'_>,
     db: &mut Connection,
     con: &mut redis::Connection,
-) -> Result<Report, String> {
+) -> Result<Report, MigrateError> {
     let mut report = Report::default();
     let take = redis::Script::new(TAKE_SCRIPT);
-    for (hash, user_id) in crate::keyspace::user_hashes(con, ctx.names).map_err(redis_fail)? {
-        let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash).map_err(redis_fail)?;
-        let rejected: Vec<String> = con
-            .hkeys(ctx.names.user_rejected(&user_id))
-            .map_err(redis_fail)?;
+    for (hash, user_id) in crate::keyspace::user_hashes(con, ctx.names)? {
+        let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash)?;
+        let rejected: Vec<String> = con.hkeys(ctx.names.user_rejected(&user_id))?;
         let mut moving = Vec::new();
         for (field, value) in fields {
             let service = String::from_utf8_lossy(&field).into_owned();
@@ -355,25 +363,24 @@ fn to_local(
             }
         }
         for chunk in moving.chunks(BATCH) {
-            let tx = db.transaction().map_err(db_fail)?;
+            let tx = db.transaction()?;
             let mut outcome = Vec::with_capacity(chunk.len());
             for (_, service, _, plain) in chunk {
                 let there = stored_key(&tx, ctx.master, &user_id, service)?.is_some();
                 if !there {
-                    store_user_key(&tx, ctx.master, &user_id, service, plain)
-                        .map_err(|e| format!("keystore: {e}"))?;
+                    store_user_key(&tx, ctx.master, &user_id, service, plain)?;
                     if rejected.contains(service) {
                         tx.prepare_cached(
                             "INSERT OR IGNORE INTO user_key_rejected (user_id, service, reported_at)
                              VALUES (?1, ?2, ?3)",
                         )
                         .and_then(|mut s| s.execute(params![user_id, service, crate::clock::now_s()]))
-                        .map_err(db_fail)?;
+                        ?;
                     }
                 }
                 outcome.push(there);
             }
-            tx.commit().map_err(db_fail)?;
+            tx.commit()?;
             for ((field, service, value, plain), there) in chunk.iter().zip(outcome) {
                 // Read back from the committed keystore before the Redis copy goes.
                 let verified = stored_key(db, ctx.master, &user_id, service)?
@@ -390,8 +397,7 @@ fn to_local(
                     .arg(value)
                     .arg(ctx.names.invalidate())
                     .arg(announce(&user_id, service))
-                    .invoke(con)
-                    .map_err(redis_fail)?;
+                    .invoke(con)?;
                 if there {
                     report.already_in_target += 1;
                 } else {

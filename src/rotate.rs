@@ -2,7 +2,7 @@
 //! re-seals every stored key under it (SQLite, and Redis in Redis mode), then retires
 //! the old versions. Every step is safe to interrupt; rerunning carries on.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -12,11 +12,95 @@ use rusqlite::Connection;
 
 use crate::actors::keystore;
 use crate::config::Config;
-use crate::crypto::{sealed_version, MasterKey, Place};
+use crate::crypto::{sealed_version, MasterKey, MasterKeyError, Place};
 use crate::envelope::{envelope, open_user_value, user_envelope, PoolValue, ENVELOPE};
-use crate::fleet::NotReady;
+use crate::fleet::{FleetError, Member, NotReady};
 use crate::keyspace::Names;
-use crate::lock::{self, ToolAccess};
+use crate::lock::{self, ToolAccess, ToolAccessError};
+
+/// Why a rotation stopped. Every step is safe to rerun; the message says what to do
+/// first. Holds paths, version numbers, daemons and causes; never key material.
+#[derive(Debug, thiserror::Error)]
+pub enum RotateError {
+    #[error(transparent)]
+    Access(#[from] ToolAccessError),
+    #[error(transparent)]
+    MasterKey(#[from] MasterKeyError),
+    #[error("keystore: {0}")]
+    Keystore(#[from] rusqlite::Error),
+    #[error("{} does not open the keystore {}", key_file.display(), keystore.display())]
+    WrongKey {
+        key_file: PathBuf,
+        keystore: PathBuf,
+    },
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+    #[error(transparent)]
+    RedisSettings(#[from] crate::actors::redis::ConnectError),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("cannot write {}: {source}", path.display())]
+    WriteKeyring {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot keep the retired versions beside {}: {source}", key_file.display())]
+    WriteBackup {
+        key_file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot ask the daemon at {} to reload: {source}", socket.display())]
+    AskReload {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    /// The daemon answered the reload with an error; `error` is its `error` member.
+    #[error("the daemon refused to reload: {error}")]
+    ReloadRefused { error: serde_json::Value },
+    #[error(
+        "the daemon reloaded but uses key versions {versions:?}, not {current}: is it reading the key \
+         from $CREDENTIALS_DIRECTORY? Install the new key file as its credential, restart it, and rerun"
+    )]
+    NotReloaded { versions: Vec<u32>, current: u32 },
+    /// `step` ("re-sealing", "retiring") was not taken; nothing was `step_done`.
+    #[error(
+        "not {step}: the fleet's heartbeats cannot be read ({source}); nothing was {step_done}"
+    )]
+    FleetUnreadable {
+        step: &'static str,
+        step_done: &'static str,
+        source: FleetError,
+    },
+    /// `step` was not taken: these daemons do not seal with `version` yet.
+    #[error(
+        "not {step}: {} daemon(s) on this Redis do not seal with key version {version} yet:\n{}\n\
+         copy {} to each of their hosts (same owner and mode 0600), run `apikeyd rotate-master-key --add-only` \
+         there (it reloads that daemon with the copied file), then rerun this command",
+        behind.len(),
+        described(behind),
+        key_file.display()
+    )]
+    FleetBehind {
+        step: &'static str,
+        version: u32,
+        behind: Vec<Member>,
+        key_file: PathBuf,
+    },
+    #[error(
+        "values under old key versions keep appearing: is a daemon still running with the old keyring? \
+         Reload every daemon, then rerun"
+    )]
+    OldVersionsKeepAppearing,
+}
+
+/// One indented line per daemon.
+fn described(members: &[Member]) -> String {
+    members
+        .iter()
+        .map(|m| format!("  {}", m.describe()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
 
 /// How long rotation waits for every daemon of the fleet to seal with the new
 /// version (their heartbeats renew every second).
@@ -36,16 +120,18 @@ pub struct Rotation<'a> {
 
 /// Asks the daemon on `config`'s socket to reload; answers the key versions it now
 /// uses. Only called once `lock::for_tool` has proven that daemon answers there.
-fn reload_daemon(config: &Config) -> Result<Vec<u32>, String> {
+fn reload_daemon(config: &Config) -> Result<Vec<u32>, RotateError> {
     let socket = &config.server.socket;
-    let answer = crate::client::request(socket, r#"{"op":"reload"}"#).map_err(|e| {
-        format!(
-            "cannot ask the daemon at {} to reload: {e}",
-            socket.display()
-        )
+    let answer = crate::client::request(socket, r#"{"op":"reload"}"#).map_err(|source| {
+        RotateError::AskReload {
+            socket: socket.clone(),
+            source,
+        }
     })?;
     if answer["ok"] != true {
-        return Err(format!("the daemon refused to reload: {}", answer["error"]));
+        return Err(RotateError::ReloadRefused {
+            error: answer["error"].clone(),
+        });
     }
     Ok(answer["result"]["key_versions"]
         .as_array()
@@ -60,19 +146,14 @@ fn reload_daemon(config: &Config) -> Result<Vec<u32>, String> {
 
 /// Makes the daemon on this keystore (if one runs) load the keyring on disk, and
 /// checks that it now holds `current`.
-fn hand_over(config: &Config, access: &ToolAccess, current: u32) -> Result<(), String> {
+fn hand_over(config: &Config, access: &ToolAccess, current: u32) -> Result<(), RotateError> {
     if let ToolAccess::Alone(_) = access {
         println!("no daemon runs on this keystore (its lock is free, and held by this rotation until it ends)");
         return Ok(());
     }
     match reload_daemon(config)? {
         v if v.last() == Some(&current) => println!("the daemon now uses key versions {v:?}"),
-        v => {
-            return Err(format!(
-                "the daemon reloaded but uses key versions {v:?}, not {current}: is it reading the key \
-                 from $CREDENTIALS_DIRECTORY? Install the new key file as its credential, restart it, and rerun"
-            ))
-        }
+        versions => return Err(RotateError::NotReloaded { versions, current }),
     }
     Ok(())
 }
@@ -83,9 +164,9 @@ fn fleet_ready(
     config: &Config,
     key_file: &Path,
     current: u32,
-    step: &str,
-    step_done: &str,
-) -> Result<(), String> {
+    step: &'static str,
+    step_done: &'static str,
+) -> Result<(), RotateError> {
     if config.redis.url.is_empty() {
         return Ok(());
     }
@@ -94,23 +175,17 @@ fn fleet_ready(
             println!("every live daemon on this Redis seals with key version {current}");
             Ok(())
         }
-        Err(NotReady::Unreadable(e)) => Err(format!(
-            "not {step}: the fleet's heartbeats cannot be read ({e}); nothing was {step_done}"
-        )),
-        Err(NotReady::Behind(behind)) => {
-            let list: Vec<String> = behind
-                .iter()
-                .map(|m| format!("  {}", m.describe()))
-                .collect();
-            Err(format!(
-                "not {step}: {} daemon(s) on this Redis do not seal with key version {current} yet:\n{}\n\
-                 copy {} to each of their hosts (same owner and mode 0600), run `apikeyd rotate-master-key --add-only` \
-                 there (it reloads that daemon with the copied file), then rerun this command",
-                behind.len(),
-                list.join("\n"),
-                key_file.display()
-            ))
-        }
+        Err(NotReady::Unreadable(source)) => Err(RotateError::FleetUnreadable {
+            step,
+            step_done,
+            source,
+        }),
+        Err(NotReady::Behind(behind)) => Err(RotateError::FleetBehind {
+            step,
+            version: current,
+            behind,
+            key_file: key_file.to_path_buf(),
+        }),
     }
 }
 
@@ -154,9 +229,8 @@ fn place_of<'a>(table: &str, pk: &'a [String]) -> Place<'a> {
 /// Re-seals every row of the keystore not sealed with the current version, in
 /// batches, each row only if it still holds what was read (a concurrent write wins).
 /// Answers (re-sealed, left because they open with no version).
-fn reseal_sqlite(db: &mut Connection, key: &MasterKey) -> Result<(usize, usize), String> {
+fn reseal_sqlite(db: &mut Connection, key: &MasterKey) -> Result<(usize, usize), RotateError> {
     let current = key.current_version().to_be_bytes().to_vec();
-    let fail = |e: rusqlite::Error| format!("keystore: {e}");
     let (mut done, mut broken) = (0, 0);
     for t in &TABLES {
         let cols = t.key.join(", ");
@@ -189,23 +263,21 @@ fn reseal_sqlite(db: &mut Connection, key: &MasterKey) -> Result<(usize, usize),
         let mut after: Vec<String> = vec![String::new(); t.key.len()];
         loop {
             let rows: Vec<(Vec<String>, Vec<u8>)> = {
-                let mut stmt = db.prepare(&select).map_err(fail)?;
+                let mut stmt = db.prepare(&select)?;
                 let mut args: Vec<&dyn rusqlite::ToSql> =
                     after.iter().map(|s| s as &dyn rusqlite::ToSql).collect();
                 args.push(&current);
-                let rows = stmt
-                    .query_map(args.as_slice(), |r| {
-                        let pk = (0..t.key.len())
-                            .map(|i| r.get::<_, String>(i))
-                            .collect::<rusqlite::Result<Vec<_>>>()?;
-                        Ok((pk, r.get::<_, Vec<u8>>(t.key.len())?))
-                    })
-                    .map_err(fail)?;
-                rows.collect::<rusqlite::Result<_>>().map_err(fail)?
+                let rows = stmt.query_map(args.as_slice(), |r| {
+                    let pk = (0..t.key.len())
+                        .map(|i| r.get::<_, String>(i))
+                        .collect::<rusqlite::Result<Vec<_>>>()?;
+                    Ok((pk, r.get::<_, Vec<u8>>(t.key.len())?))
+                })?;
+                rows.collect::<rusqlite::Result<_>>()?
             };
             let Some(last) = rows.last() else { break };
             after = last.0.clone();
-            let tx = db.transaction().map_err(fail)?;
+            let tx = db.transaction()?;
             for (pk, sealed) in &rows {
                 let place = place_of(t.name, pk);
                 let Ok(plain) = key.open(sealed, place) else {
@@ -219,9 +291,9 @@ fn reseal_sqlite(db: &mut Connection, key: &MasterKey) -> Result<(usize, usize),
                 let resealed = key.seal(plain.expose().as_bytes(), place);
                 let mut args: Vec<&dyn rusqlite::ToSql> = vec![&resealed, sealed];
                 args.extend(pk.iter().map(|s| s as &dyn rusqlite::ToSql));
-                done += tx.execute(&update, args.as_slice()).map_err(fail)?;
+                done += tx.execute(&update, args.as_slice())?;
             }
-            tx.commit().map_err(fail)?;
+            tx.commit()?;
         }
     }
     Ok((done, broken))
@@ -277,12 +349,9 @@ fn reseal_hash(
 /// Re-seals every pool value and sealed user key in Redis not sealed with the current
 /// version; each field only if it still holds what was read. Answers (re-sealed, left
 /// as they are).
-fn reseal_redis(config: &Config, key: &MasterKey) -> Result<(usize, usize), String> {
-    let fail = |e: redis::RedisError| format!("redis: {e}");
+fn reseal_redis(config: &Config, key: &MasterKey) -> Result<(usize, usize), RotateError> {
     let client = crate::actors::redis::client(&config.redis)?;
-    let mut con = client
-        .get_connection_with_timeout(Duration::from_secs(5))
-        .map_err(fail)?;
+    let mut con = client.get_connection_with_timeout(Duration::from_secs(5))?;
     let prefix = config.redis.prefix.as_str();
     let names = Names {
         prefix: prefix.to_string(),
@@ -293,17 +362,16 @@ fn reseal_redis(config: &Config, key: &MasterKey) -> Result<(usize, usize), Stri
         done += d;
         broken += b;
     };
-    for (hash, pool) in crate::keyspace::pool_hashes(&mut con, &names).map_err(fail)? {
+    for (hash, pool) in crate::keyspace::pool_hashes(&mut con, &names)? {
         add(reseal_hash(&mut con, &swap, &hash, key, |field, value| {
             match crate::envelope::open_value(key, prefix, &pool, field, value) {
                 PoolValue::Sealed(plain) => Some(envelope(key, prefix, &pool, &plain)),
                 _ => None,
             }
-        })
-        .map_err(fail)?);
+        })?);
     }
     // Per-user keys sealed in Redis (`keystore.user_keys = "redis"`), same rules.
-    for (hash, user_id) in crate::keyspace::user_hashes(&mut con, &names).map_err(fail)? {
+    for (hash, user_id) in crate::keyspace::user_hashes(&mut con, &names)? {
         add(reseal_hash(
             &mut con,
             &swap,
@@ -315,8 +383,7 @@ fn reseal_redis(config: &Config, key: &MasterKey) -> Result<(usize, usize), Stri
                 }
                 _ => None,
             },
-        )
-        .map_err(fail)?);
+        )?);
     }
     Ok((done, broken))
 }
@@ -328,7 +395,7 @@ fn reseal_everything(
     config: &Config,
     db: &mut Connection,
     key: &MasterKey,
-) -> Result<usize, String> {
+) -> Result<usize, RotateError> {
     for pass in 1..=5 {
         let (rows, broken_rows) = reseal_sqlite(db, key)?;
         let (values, broken_values) = if config.redis.url.is_empty() {
@@ -344,13 +411,11 @@ fn reseal_everything(
             return Ok(broken_rows + broken_values);
         }
     }
-    Err("values under old key versions keep appearing: is a daemon still running with the old keyring? \
-         Reload every daemon, then rerun"
-        .into())
+    Err(RotateError::OldVersionsKeepAppearing)
 }
 
 /// Runs (or resumes) a rotation.
-pub fn rotate(r: Rotation<'_>) -> Result<(), String> {
+pub fn rotate(r: Rotation<'_>) -> Result<(), RotateError> {
     let config = r.config;
     // Before anything changes: a daemon on this keystore must answer on this config's
     // socket, or none may run (then this rotation holds the lock until it ends).
@@ -360,14 +425,13 @@ pub fn rotate(r: Rotation<'_>) -> Result<(), String> {
         &config.server.socket,
         false,
     )?;
-    let mut key = MasterKey::read_file(r.key_file).map_err(|e| e.0)?;
-    let mut db = keystore::connect(&config.keystore.path).map_err(|e| format!("keystore: {e}"))?;
-    if !keystore::opens_keycheck(&db, &key).map_err(|e| format!("keystore: {e}"))? {
-        return Err(format!(
-            "{} does not open the keystore {}",
-            r.key_file.display(),
-            config.keystore.path.display()
-        ));
+    let mut key = MasterKey::read_file(r.key_file)?;
+    let mut db = keystore::connect(&config.keystore.path)?;
+    if !keystore::opens_keycheck(&db, &key)? {
+        return Err(RotateError::WrongKey {
+            key_file: r.key_file.to_path_buf(),
+            keystore: config.keystore.path.clone(),
+        });
     }
     let fleet = !config.redis.url.is_empty();
     if fleet {
@@ -381,7 +445,10 @@ pub fn rotate(r: Rotation<'_>) -> Result<(), String> {
             crate::fleet::verify_config(config, &key)?;
         }
         key.write_keyring(r.key_file)
-            .map_err(|e| format!("cannot write {}: {e}", r.key_file.display()))?;
+            .map_err(|source| RotateError::WriteKeyring {
+                path: r.key_file.to_path_buf(),
+                source,
+            })?;
         println!(
             "added key version {} to {}",
             key.current_version(),
@@ -423,19 +490,22 @@ pub fn rotate(r: Rotation<'_>) -> Result<(), String> {
         .into_iter()
         .filter(|v| *v != key.current_version())
         .collect();
-    let backup = key.write_backup(r.key_file, &retired).map_err(|e| {
-        format!(
-            "cannot keep the retired versions beside {}: {e}",
-            r.key_file.display()
-        )
-    })?;
+    let backup =
+        key.write_backup(r.key_file, &retired)
+            .map_err(|source| RotateError::WriteBackup {
+                key_file: r.key_file.to_path_buf(),
+                source,
+            })?;
     println!(
         "kept the whole keyring, retired versions included, in {} (mode 0600): keep it with the keystore backups made before now",
         backup.display()
     );
     let key = key.current_only();
     key.write_keyring(r.key_file)
-        .map_err(|e| format!("cannot write {}: {e}", r.key_file.display()))?;
+        .map_err(|source| RotateError::WriteKeyring {
+            path: r.key_file.to_path_buf(),
+            source,
+        })?;
     println!(
         "retired key versions {retired:?}; {} now holds only version {}",
         r.key_file.display(),
@@ -451,4 +521,82 @@ pub fn rotate(r: Rotation<'_>) -> Result<(), String> {
     }
     hand_over(config, &access, key.current_version())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stops_keep_their_text() {
+        let behind = vec![Member {
+            id: "h:1:0".into(),
+            host: "h".into(),
+            pid: 1,
+            socket: "/s".into(),
+            versions: vec![1],
+            sealing: 1,
+            at: 0,
+        }];
+        let cases = [
+            (
+                RotateError::FleetBehind {
+                    step: "re-sealing",
+                    version: 2,
+                    behind,
+                    key_file: "/k".into(),
+                },
+                "not re-sealing: 1 daemon(s) on this Redis do not seal with key version 2 yet:\n  \
+                 host h, pid 1, socket /s: holds key versions [1], seals with 1\n\
+                 copy /k to each of their hosts (same owner and mode 0600), run `apikeyd rotate-master-key --add-only` \
+                 there (it reloads that daemon with the copied file), then rerun this command"
+                    .to_string(),
+            ),
+            (
+                RotateError::FleetUnreadable {
+                    step: "retiring",
+                    step_done: "retired",
+                    source: FleetError::Redis(redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "gone",
+                    ))),
+                },
+                format!(
+                    "not retiring: the fleet's heartbeats cannot be read (redis: {}); nothing was retired",
+                    redis::RedisError::from((redis::ErrorKind::Io, "gone"))
+                ),
+            ),
+            (
+                RotateError::NotReloaded {
+                    versions: vec![1],
+                    current: 2,
+                },
+                "the daemon reloaded but uses key versions [1], not 2: is it reading the key \
+                 from $CREDENTIALS_DIRECTORY? Install the new key file as its credential, restart it, and rerun"
+                    .into(),
+            ),
+            (
+                RotateError::ReloadRefused {
+                    error: serde_json::json!({"code": "internal", "message": "m"}),
+                },
+                r#"the daemon refused to reload: {"code":"internal","message":"m"}"#.into(),
+            ),
+            (
+                RotateError::WrongKey {
+                    key_file: "/k".into(),
+                    keystore: "/ks".into(),
+                },
+                "/k does not open the keystore /ks".into(),
+            ),
+            (
+                RotateError::OldVersionsKeepAppearing,
+                "values under old key versions keep appearing: is a daemon still running with the old keyring? \
+                 Reload every daemon, then rerun"
+                    .into(),
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.to_string(), want);
+        }
+    }
 }

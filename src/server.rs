@@ -81,9 +81,20 @@ pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// `server.socket` names one of the daemon's own files; `what` says which.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "server.socket {} is the same file as {what}; binding there would delete it",
+    socket.display()
+)]
+pub struct SocketIsOwnFile {
+    pub socket: std::path::PathBuf,
+    pub what: &'static str,
+}
+
 /// Refuses a `server.socket` that names one of the daemon's own files (keystore, its
 /// journal and lock, master key, audit file): binding there would first delete it.
-pub fn check_socket_path(config: &crate::config::Config) -> Result<(), String> {
+pub fn check_socket_path(config: &crate::config::Config) -> Result<(), SocketIsOwnFile> {
     let same = |a: &Path, b: &Path| {
         let norm = |p: &Path| {
             std::fs::canonicalize(p)
@@ -117,10 +128,10 @@ pub fn check_socket_path(config: &crate::config::Config) -> Result<(), String> {
     }
     let socket = &config.server.socket;
     match own.iter().find(|(_, p)| same(socket, p)) {
-        Some((what, _)) => Err(format!(
-            "server.socket {} is the same file as {what}; binding there would delete it",
-            socket.display()
-        )),
+        Some((what, _)) => Err(SocketIsOwnFile {
+            socket: socket.clone(),
+            what,
+        }),
         None => Ok(()),
     }
 }

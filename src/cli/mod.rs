@@ -10,10 +10,10 @@ pub use tools::*;
 
 use std::path::PathBuf;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 
 /// The config named on the command line (must exist), else the default (may be absent).
-pub fn load_config(explicit: Option<PathBuf>) -> Result<Config, String> {
+pub fn load_config(explicit: Option<PathBuf>) -> Result<Config, ConfigError> {
     let (path, must_exist) = match explicit {
         Some(p) => (p, true),
         None => (
@@ -21,5 +21,5 @@ pub fn load_config(explicit: Option<PathBuf>) -> Result<Config, String> {
             std::env::var_os("APIKEYD_CONFIG").is_some(),
         ),
     };
-    Config::load(&path, must_exist).map_err(|e| e.0)
+    Config::load(&path, must_exist)
 }

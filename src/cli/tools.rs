@@ -40,7 +40,10 @@ pub fn migrate_user_keys(config: Option<PathBuf>, to: crate::migrate::Destinatio
 
 /// The socket of `call` and `metrics`: `--socket`/`$APIKEYD_SOCKET` without reading
 /// any config (so a broken config does not stop a client), else the config's.
-fn client_socket(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf, String> {
+fn client_socket(
+    socket: Option<PathBuf>,
+    config: Option<PathBuf>,
+) -> Result<PathBuf, crate::config::ConfigError> {
     match socket {
         Some(s) => Ok(s),
         None => load_config(config).map(|c| c.server.socket),

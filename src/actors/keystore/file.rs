@@ -3,15 +3,16 @@
 //! rules of SPEC §4 (load, create, check value), and writing a user key row.
 
 use std::os::unix::fs::DirBuilderExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::clock;
 use crate::config::Config;
-use crate::crypto::{MasterKey, Place, Secret};
+use crate::crypto::{MasterKey, MasterKeyError, Place, Secret};
 use crate::error::Result;
+use crate::fleet::FleetError;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (
@@ -69,10 +70,66 @@ CREATE TABLE IF NOT EXISTS user_key_rejected (
 PRAGMA user_version = 1;
 ";
 
-/// Why the daemon refuses to start; the message tells the operator what to do.
+/// Opening the keystore and its master key failed (at start, or in a tool); the
+/// message tells the operator what to do. Holds paths and causes, never key material.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct StartError(pub String);
+pub enum KeystoreError {
+    #[error("keystore {}: cannot create its folder: {source}", path.display())]
+    CreateFolder {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("keystore {}: cannot open: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("keystore {}: cannot read (is it an SQLite file?): {source}", path.display())]
+    NotSqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    /// `PRAGMA quick_check` answered `check` instead of `ok`.
+    #[error(
+        "keystore {}: integrity check failed; restore it from a backup: {check}",
+        path.display()
+    )]
+    Corrupt { path: PathBuf, check: String },
+    #[error("keystore {}: cannot create the schema: {source}", path.display())]
+    Schema {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("keystore {}: cannot read the keystore: {source}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    /// Reading the check value, or a stored key to try the master key on.
+    #[error("cannot read the keystore: {0}")]
+    ReadCheck(#[source] rusqlite::Error),
+    #[error("cannot write the keystore: {0}")]
+    WriteCheck(#[source] rusqlite::Error),
+    #[error(
+        "the master key does not decrypt this keystore; start with the key file it was written with"
+    )]
+    WrongMasterKey,
+    #[error(
+        "master key {} is missing but the keystore {} holds keys; \
+         restore the key file from your backup (without it those keys cannot be decrypted)",
+        key_file.display(),
+        keystore.display()
+    )]
+    MasterKeyMissing {
+        key_file: PathBuf,
+        keystore: PathBuf,
+    },
+    #[error(transparent)]
+    MasterKey(#[from] MasterKeyError),
+    /// In Redis mode a new master key may not be made (see `fleet::may_create_key`).
+    #[error(transparent)]
+    NewKeyRefused(#[from] FleetError),
+}
 
 /// Opens a connection to the keystore with the pragmas every connection needs:
 /// WAL, and `synchronous=FULL` so a committed write survives a crash.
@@ -122,17 +179,15 @@ pub struct Opened {
 }
 
 /// Creates the keystore's folder (0700) when it is missing.
-pub fn create_folder(path: &Path) -> Result<(), StartError> {
+pub fn create_folder(path: &Path) -> Result<(), KeystoreError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|e| {
-                StartError(format!(
-                    "keystore {}: cannot create its folder: {e}",
-                    path.display()
-                ))
+            .map_err(|source| KeystoreError::CreateFolder {
+                path: path.to_path_buf(),
+                source,
             })?;
     }
     Ok(())
@@ -140,7 +195,7 @@ pub fn create_folder(path: &Path) -> Result<(), StartError> {
 
 /// Opens the keystore, creates the schema, and loads (or on a first start creates)
 /// the master key, applying the rules of SPEC §4. Returns `connections` connections.
-pub fn open(config: &Config, connections: usize) -> Result<Opened, StartError> {
+pub fn open(config: &Config, connections: usize) -> Result<Opened, KeystoreError> {
     open_with(config, connections, &|| Ok(()))
 }
 
@@ -149,34 +204,42 @@ pub fn open(config: &Config, connections: usize) -> Result<Opened, StartError> {
 pub fn open_with(
     config: &Config,
     connections: usize,
-    may_create_key: &dyn Fn() -> Result<(), String>,
-) -> Result<Opened, StartError> {
+    may_create_key: &dyn Fn() -> Result<(), FleetError>,
+) -> Result<Opened, KeystoreError> {
     let path = &config.keystore.path;
-    let fail = |what: &str, e: &dyn std::fmt::Display| {
-        StartError(format!("keystore {}: {what}: {e}", path.display()))
+    let open = |source| KeystoreError::Open {
+        path: path.clone(),
+        source,
+    };
+    let not_sqlite = |source| KeystoreError::NotSqlite {
+        path: path.clone(),
+        source,
     };
     create_folder(path)?;
     let unchanged = closed_cleanly(path);
-    let db = connect(path).map_err(|e| fail("cannot open", &e))?;
+    let db = connect(path).map_err(open)?;
     if unchanged {
         tracing::info!(
             "keystore was closed cleanly and is unchanged since; skipping the full check"
         );
         db.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))
-            .map_err(|e| fail("cannot read (is it an SQLite file?)", &e))?;
+            .map_err(not_sqlite)?;
     } else {
         let check: String = db
             .query_row("PRAGMA quick_check", [], |r| r.get(0))
-            .map_err(|e| fail("cannot read (is it an SQLite file?)", &e))?;
+            .map_err(not_sqlite)?;
         if check != "ok" {
-            return Err(fail(
-                "integrity check failed; restore it from a backup",
-                &check,
-            ));
+            return Err(KeystoreError::Corrupt {
+                path: path.clone(),
+                check,
+            });
         }
     }
     db.execute_batch(SCHEMA)
-        .map_err(|e| fail("cannot create the schema", &e))?;
+        .map_err(|source| KeystoreError::Schema {
+            path: path.clone(),
+            source,
+        })?;
     // Whether any key is stored; counting them all would cost a scan at start.
     let held: bool = db
         .query_row(
@@ -184,14 +247,17 @@ pub fn open_with(
             [],
             |r| r.get(0),
         )
-        .map_err(|e| fail("cannot read the keystore", &e))?;
+        .map_err(|source| KeystoreError::Unreadable {
+            path: path.clone(),
+            source,
+        })?;
 
     let key = load_master_key(config, held, may_create_key)?;
-    verify_master_key(&db, &key, held).map_err(|e| StartError(format!("{e}")))?;
+    verify_master_key(&db, &key, held)?;
 
     let mut conns = vec![db];
     while conns.len() < connections {
-        conns.push(connect(path).map_err(|e| fail("cannot open", &e))?);
+        conns.push(connect(path).map_err(open)?);
     }
     Ok(Opened {
         key: Arc::new(key),
@@ -214,57 +280,49 @@ pub fn master_key_path(config: &Config) -> std::path::PathBuf {
 }
 
 /// Reads the master key (never creates one): for reloads and tools.
-pub fn read_master_key(config: &Config) -> Result<MasterKey, StartError> {
-    MasterKey::read_file(&master_key_path(config)).map_err(|e| StartError(e.0))
+pub fn read_master_key(config: &Config) -> Result<MasterKey, MasterKeyError> {
+    MasterKey::read_file(&master_key_path(config))
 }
 
 fn load_master_key(
     config: &Config,
     held: bool,
-    may_create_key: &dyn Fn() -> Result<(), String>,
-) -> Result<MasterKey, StartError> {
+    may_create_key: &dyn Fn() -> Result<(), FleetError>,
+) -> Result<MasterKey, KeystoreError> {
     let path = master_key_path(config);
     if path.exists() {
         tracing::info!(path = %path.display(), "master key");
-        return MasterKey::read_file(&path).map_err(|e| StartError(e.0));
+        return Ok(MasterKey::read_file(&path)?);
     }
     let file = &config.keystore.master_key_file;
     if held {
-        return Err(StartError(format!(
-            "master key {} is missing but the keystore {} holds keys; \
-             restore the key file from your backup (without it those keys cannot be decrypted)",
-            file.display(),
-            config.keystore.path.display()
-        )));
+        return Err(KeystoreError::MasterKeyMissing {
+            key_file: file.clone(),
+            keystore: config.keystore.path.clone(),
+        });
     }
-    may_create_key().map_err(StartError)?;
-    let key = MasterKey::create_file(file).map_err(|e| StartError(e.0))?;
+    may_create_key()?;
+    let key = MasterKey::create_file(file)?;
     tracing::warn!(path = %file.display(), "created a new master key; back it up together with the keystore");
     Ok(key)
 }
 
 /// The `meta.keycheck` row holds a value sealed with the master key: if it does not
 /// open, the key is not the one the keystore was written with.
-fn verify_master_key(db: &Connection, key: &MasterKey, held: bool) -> Result<(), StartError> {
+fn verify_master_key(db: &Connection, key: &MasterKey, held: bool) -> Result<(), KeystoreError> {
     let place = Place::Meta("keycheck");
     let sealed: Option<Vec<u8>> = db
         .query_row("SELECT value FROM meta WHERE name = 'keycheck'", [], |r| {
             r.get(0)
         })
         .optional()
-        .map_err(|e| StartError(format!("cannot read the keystore: {e}")))?;
-    let refused = || {
-        StartError(
-            "the master key does not decrypt this keystore; start with the key file it was written with"
-                .into(),
-        )
-    };
+        .map_err(KeystoreError::ReadCheck)?;
     match sealed {
         Some(s) if key.open(&s, place).is_ok() => return Ok(()),
-        Some(_) if held => return Err(refused()),
+        Some(_) if held => return Err(KeystoreError::WrongMasterKey),
         // Keys are held but the check value is gone (deleted by whoever can write
         // the file): a stored key must open, or this is not the keystore's key.
-        None if held && !opens_a_stored_key(db, key)? => return Err(refused()),
+        None if held && !opens_a_stored_key(db, key)? => return Err(KeystoreError::WrongMasterKey),
         _ => {}
     }
     let sealed = key.seal(b"apikeyd", place);
@@ -272,13 +330,13 @@ fn verify_master_key(db: &Connection, key: &MasterKey, held: bool) -> Result<(),
         "INSERT OR REPLACE INTO meta (name, value) VALUES ('keycheck', ?1)",
         params![sealed],
     )
-    .map_err(|e| StartError(format!("cannot write the keystore: {e}")))?;
+    .map_err(KeystoreError::WriteCheck)?;
     Ok(())
 }
 
 /// Whether `key` opens one stored key (a user key, else a pool key) of `db`.
-fn opens_a_stored_key(db: &Connection, key: &MasterKey) -> Result<bool, StartError> {
-    let fail = |e: rusqlite::Error| StartError(format!("cannot read the keystore: {e}"));
+fn opens_a_stored_key(db: &Connection, key: &MasterKey) -> Result<bool, KeystoreError> {
+    let fail = KeystoreError::ReadCheck;
     let user: Option<(String, String, Vec<u8>)> = db
         .query_row(
             "SELECT user_id, service, sealed FROM user_keys LIMIT 1",
@@ -342,4 +400,63 @@ pub fn opens_keycheck(db: &Connection, key: &MasterKey) -> rusqlite::Result<bool
         })
         .optional()?;
     Ok(sealed.is_some_and(|s| key.open(&s, Place::Meta("keycheck")).is_ok()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_keep_their_text() {
+        let cases = [
+            (
+                KeystoreError::Corrupt {
+                    path: "/ks".into(),
+                    check: "row 3 missing".into(),
+                },
+                "keystore /ks: integrity check failed; restore it from a backup: row 3 missing",
+            ),
+            (
+                KeystoreError::MasterKeyMissing {
+                    key_file: "/k".into(),
+                    keystore: "/ks".into(),
+                },
+                "master key /k is missing but the keystore /ks holds keys; \
+                 restore the key file from your backup (without it those keys cannot be decrypted)",
+            ),
+            (
+                KeystoreError::WrongMasterKey,
+                "the master key does not decrypt this keystore; start with the key file it was written with",
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.to_string(), want);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let not_db = dir.path().join("keystore.sqlite3");
+        std::fs::write(
+            &not_db,
+            "not an SQLite file, and long enough to have a header",
+        )
+        .unwrap();
+        let e = open(
+            &Config::parse(&format!(
+                "keystore.path = {:?}\nkeystore.master_key_file = {:?}",
+                not_db,
+                dir.path().join("master.key")
+            ))
+            .unwrap(),
+            1,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "keystore {}: cannot open: file is not a database",
+                not_db.display()
+            )
+        );
+    }
 }

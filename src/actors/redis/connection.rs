@@ -3,15 +3,67 @@
 //! connection manager the store shares; `RedisStatus` is what `stats` shows of it.
 
 use std::cell::RefCell;
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::RedisResult;
+use redis::{RedisError, RedisResult};
 
 use crate::config::RedisConfig;
+
+/// Reaching Redis failed before any command ran: a setting or file that is not
+/// usable, or no sentinel that names the master. Names settings, files and sentinel
+/// addresses; never the URL or the password.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("redis.url is not usable: {0}")]
+    Url(#[source] RedisError),
+    #[error("cannot read the redis password from {}: {source}", path.display())]
+    PasswordUnreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the redis password file {} is empty", path.display())]
+    PasswordEmpty { path: PathBuf },
+    /// `setting` names the file (`redis.tls_ca_file`, …).
+    #[error("cannot read {setting} {}: {source}", path.display())]
+    TlsFile {
+        setting: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("redis.tls_* files are set but redis.url is not a rediss:// URL")]
+    TlsWithoutRediss,
+    /// The client could not be built from the settings (TLS material, address).
+    #[error("redis settings are not usable: {0}")]
+    Settings(#[source] RedisError),
+    #[error("cannot set up the redis connection: {0}")]
+    Manager(#[source] RedisError),
+    #[error("the sentinels know no master named {name:?} (redis.master_name)")]
+    NoSuchMaster { name: String },
+    #[error("a sentinel answered a malformed port")]
+    MalformedPort,
+    /// One sentinel could not be asked.
+    #[error("sentinel {address}: {source}")]
+    Sentinel { address: String, source: RedisError },
+    #[error("sentinel {address}: timed out")]
+    SentinelTimedOut { address: String },
+    /// Every sentinel was asked; what each answered, in order.
+    #[error("no sentinel answered: {}", joined(.0))]
+    NoSentinel(Vec<ConnectError>),
+}
+
+/// `errors` as one line, `; `-separated.
+fn joined(errors: &[ConnectError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
 
 /// The store's connection, shared with the fleet heartbeat; replaced whole when
 /// Sentinel names a new master.
@@ -50,7 +102,7 @@ impl RedisStatus {
 pub(super) fn manager(
     client: redis::Client,
     timeout: Duration,
-) -> std::result::Result<ConnectionManager, String> {
+) -> std::result::Result<ConnectionManager, ConnectError> {
     let manager_config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout))
@@ -60,8 +112,7 @@ pub(super) fn manager(
         // second keeps reconnecting.
         .set_number_of_retries(0)
         .set_max_delay(Duration::from_millis(500));
-    ConnectionManager::new_lazy_with_config(client, manager_config)
-        .map_err(|e| format!("cannot set up the redis connection: {e}"))
+    ConnectionManager::new_lazy_with_config(client, manager_config).map_err(ConnectError::Manager)
 }
 
 /// How to reach Redis, built once from `[redis]`: the URL's settings with the ACL
@@ -83,37 +134,39 @@ pub const PASSWORD_CREDENTIAL: &str = "redis.password";
 /// `redis.password_file`, else none. Errors name the file, never its content.
 fn read_password(
     config: &RedisConfig,
-) -> std::result::Result<Option<zeroize::Zeroizing<String>>, String> {
+) -> std::result::Result<Option<zeroize::Zeroizing<String>>, ConnectError> {
     let credential = std::env::var_os("CREDENTIALS_DIRECTORY")
         .map(|d| std::path::Path::new(&d).join(PASSWORD_CREDENTIAL))
         .filter(|p| p.exists());
     let Some(path) = credential.or_else(|| config.password_file.clone()) else {
         return Ok(None);
     };
-    let text = zeroize::Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
-        format!(
-            "cannot read the redis password from {}: {e}",
-            path.display()
-        )
-    })?);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => zeroize::Zeroizing::new(t),
+        Err(source) => return Err(ConnectError::PasswordUnreadable { path, source }),
+    };
     let password = text.trim_end_matches(['\n', '\r']);
     if password.is_empty() {
-        return Err(format!(
-            "the redis password file {} is empty",
-            path.display()
-        ));
+        return Err(ConnectError::PasswordEmpty { path });
     }
     Ok(Some(zeroize::Zeroizing::new(password.to_string())))
 }
 
-fn read_file(what: &str, path: &std::path::Path) -> std::result::Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+fn read_file(
+    setting: &'static str,
+    path: &std::path::Path,
+) -> std::result::Result<Vec<u8>, ConnectError> {
+    std::fs::read(path).map_err(|source| ConnectError::TlsFile {
+        setting,
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 impl Target {
     /// Parses `redis.url` and reads the password and TLS files; any problem refuses
     /// the start with a message naming the setting.
-    pub fn new(config: &RedisConfig) -> std::result::Result<Target, String> {
+    pub fn new(config: &RedisConfig) -> std::result::Result<Target, ConnectError> {
         use redis::IntoConnectionInfo;
         // rustls is built with `ring` only; installing it explicitly keeps a second
         // provider pulled in by another crate from making rustls refuse to choose.
@@ -122,7 +175,7 @@ impl Target {
             .url
             .as_str()
             .into_connection_info()
-            .map_err(|e| format!("redis.url is not usable: {e}"))?;
+            .map_err(ConnectError::Url)?;
         let mut settings = info.redis_settings().clone();
         if let Some(user) = config.username.as_deref().filter(|u| !u.is_empty()) {
             settings = settings.set_username(user);
@@ -150,9 +203,7 @@ impl Target {
             })
         } else {
             if config.tls_ca_file.is_some() || config.tls_cert_file.is_some() {
-                return Err(
-                    "redis.tls_* files are set but redis.url is not a rediss:// URL".into(),
-                );
+                return Err(ConnectError::TlsWithoutRediss);
             }
             None
         };
@@ -171,7 +222,11 @@ impl Target {
     }
 
     /// A client for the server at `host:port`, with the URL's settings and TLS.
-    pub fn client_at(&self, host: &str, port: u16) -> std::result::Result<redis::Client, String> {
+    pub fn client_at(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> std::result::Result<redis::Client, ConnectError> {
         let addr = match self.info.addr() {
             redis::ConnectionAddr::TcpTls { insecure, .. } => redis::ConnectionAddr::TcpTls {
                 host: host.to_string(),
@@ -187,17 +242,17 @@ impl Target {
     pub(super) fn build(
         &self,
         info: redis::ConnectionInfo,
-    ) -> std::result::Result<redis::Client, String> {
+    ) -> std::result::Result<redis::Client, ConnectError> {
         let built = match &self.tls {
             Some(certs) => redis::Client::build_with_tls(info, certs.clone()),
             None => redis::Client::open(info),
         };
-        built.map_err(|e| format!("redis settings are not usable: {e}"))
+        built.map_err(ConnectError::Settings)
     }
 
     /// A client for the server of `redis.url`, or for the master the sentinels name
     /// (asked now, blocking: for start-up and the tools).
-    pub fn client(&self) -> std::result::Result<redis::Client, String> {
+    pub fn client(&self) -> std::result::Result<redis::Client, ConnectError> {
         if !self.uses_sentinels() {
             return self.build(self.info.clone());
         }
@@ -206,7 +261,7 @@ impl Target {
     }
 
     /// Like [`Target::client`], without blocking the thread.
-    pub async fn client_async(&self) -> std::result::Result<redis::Client, String> {
+    pub async fn client_async(&self) -> std::result::Result<redis::Client, ConnectError> {
         if !self.uses_sentinels() {
             return self.build(self.info.clone());
         }
@@ -221,34 +276,38 @@ impl Target {
     fn master_address(
         reply: Option<(String, String)>,
         name: &str,
-    ) -> std::result::Result<(String, u16), String> {
-        let (host, port) = reply.ok_or_else(|| {
-            format!("the sentinels know no master named {name:?} (redis.master_name)")
+    ) -> std::result::Result<(String, u16), ConnectError> {
+        let (host, port) = reply.ok_or_else(|| ConnectError::NoSuchMaster {
+            name: name.to_string(),
         })?;
-        let port = port
-            .parse()
-            .map_err(|_| "a sentinel answered a malformed port".to_string())?;
+        let port = port.parse().map_err(|_| ConnectError::MalformedPort)?;
         Ok((host, port))
     }
 
-    fn ask_one_blocking(&self, address: &str) -> std::result::Result<(String, u16), String> {
+    fn ask_one_blocking(&self, address: &str) -> std::result::Result<(String, u16), ConnectError> {
+        let failed = |source| ConnectError::Sentinel {
+            address: address.to_string(),
+            source,
+        };
         let mut con = self
             .sentinel_client(address)
             .and_then(|c| {
                 c.get_connection_with_timeout(self.timeout.max(Duration::from_millis(500)))
             })
-            .map_err(|e| format!("sentinel {address}: {e}"))?;
+            .map_err(failed)?;
         let _ = con.set_read_timeout(Some(self.timeout.max(Duration::from_millis(500))));
         let reply: Option<(String, String)> = redis::cmd("SENTINEL")
             .arg("get-master-addr-by-name")
             .arg(&self.master_name)
             .query(&mut con)
-            .map_err(|e| format!("sentinel {address}: {e}"))?;
+            .map_err(failed)?;
         Self::master_address(reply, &self.master_name)
     }
 
     /// The master's address, from the first sentinel that answers.
-    pub(super) fn ask_sentinels_blocking(&self) -> std::result::Result<(String, u16), String> {
+    pub(super) fn ask_sentinels_blocking(
+        &self,
+    ) -> std::result::Result<(String, u16), ConnectError> {
         let mut errors = Vec::new();
         for s in &self.sentinels {
             match self.ask_one_blocking(s) {
@@ -256,11 +315,11 @@ impl Target {
                 Err(e) => errors.push(e),
             }
         }
-        Err(format!("{UNREACHABLE_SENTINELS}: {}", errors.join("; ")))
+        Err(ConnectError::NoSentinel(errors))
     }
 
     /// The master's address, from the first sentinel that answers.
-    pub async fn ask_sentinels(&self) -> std::result::Result<(String, u16), String> {
+    pub async fn ask_sentinels(&self) -> std::result::Result<(String, u16), ConnectError> {
         let mut errors = Vec::new();
         let limit = self.timeout.max(Duration::from_millis(500));
         for s in &self.sentinels {
@@ -275,13 +334,58 @@ impl Target {
             };
             match tokio::time::timeout(limit, asked).await {
                 Ok(Ok(reply)) => return Self::master_address(reply, &self.master_name),
-                Ok(Err(e)) => errors.push(format!("sentinel {s}: {e}")),
-                Err(_) => errors.push(format!("sentinel {s}: timed out")),
+                Ok(Err(source)) => errors.push(ConnectError::Sentinel {
+                    address: s.clone(),
+                    source,
+                }),
+                Err(_) => errors.push(ConnectError::SentinelTimedOut { address: s.clone() }),
             }
         }
-        Err(format!("{UNREACHABLE_SENTINELS}: {}", errors.join("; ")))
+        Err(ConnectError::NoSentinel(errors))
     }
 }
 
-/// How an error starts when no sentinel answered.
-pub const UNREACHABLE_SENTINELS: &str = "no sentinel answered";
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_keep_their_text() {
+        let none = ConnectError::NoSentinel(vec![
+            ConnectError::SentinelTimedOut {
+                address: "a:1".into(),
+            },
+            ConnectError::NoSuchMaster { name: "m".into() },
+        ]);
+        assert_eq!(
+            none.to_string(),
+            "no sentinel answered: sentinel a:1: timed out; the sentinels know no master named \"m\" (redis.master_name)"
+        );
+        let config = RedisConfig {
+            url: "redis://127.0.0.1/0".into(),
+            tls_ca_file: Some("/ca".into()),
+            ..RedisConfig::default()
+        };
+        let refused = Target::new(&config).err().map(|e| e.to_string());
+        assert_eq!(
+            refused.as_deref(),
+            Some("redis.tls_* files are set but redis.url is not a rediss:// URL")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("password");
+        std::fs::write(&empty, "\n").unwrap();
+        let config = RedisConfig {
+            url: "redis://127.0.0.1/0".into(),
+            password_file: Some(empty.clone()),
+            ..RedisConfig::default()
+        };
+        let refused = Target::new(&config).err().map(|e| e.to_string());
+        assert_eq!(
+            refused,
+            Some(format!(
+                "the redis password file {} is empty",
+                empty.display()
+            ))
+        );
+    }
+}

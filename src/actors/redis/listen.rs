@@ -23,10 +23,9 @@ pub async fn listen(target: Target, names: Names, cache: Addr<KeyCache>, user_ke
     let mut backoff = Duration::from_millis(100);
     loop {
         let subscribed = async {
-            let client = target
-                .client_async()
-                .await
-                .map_err(|e| redis::RedisError::from((redis::ErrorKind::Io, "no client", e)))?;
+            let client = target.client_async().await.map_err(|e| {
+                redis::RedisError::from((redis::ErrorKind::Io, "no client", e.to_string()))
+            })?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
             RedisResult::Ok(pubsub)

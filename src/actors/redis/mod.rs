@@ -780,7 +780,7 @@ pub struct RedisStore {
 
 /// Builds the client for `[redis]` (URL, password, TLS; the master Sentinel names,
 /// asked now); a malformed URL or an unreadable file refuses the start.
-pub fn client(config: &RedisConfig) -> std::result::Result<redis::Client, String> {
+pub fn client(config: &RedisConfig) -> std::result::Result<redis::Client, ConnectError> {
     Target::new(config)?.client()
 }
 
@@ -802,7 +802,7 @@ impl RedisStore {
         config: &RedisConfig,
         master: Arc<MasterKey>,
         connected: Arc<AtomicBool>,
-    ) -> std::result::Result<Self, String> {
+    ) -> std::result::Result<Self, ConnectError> {
         let timeout = Duration::from_millis(config.timeout_ms.max(1));
         let status = Arc::new(RedisStatus::default());
         // With Sentinel, the master named now; if no sentinel answers, the URL's own
