@@ -91,42 +91,40 @@ pub fn peer_groups(socket: &impl AsRawFd) -> std::io::Result<Vec<u32>> {
 
 /// The uid of the user called `name` on this host (from the passwd database).
 pub fn uid_of(name: &str) -> Option<u32> {
-    let cname = CString::new(name).ok()?;
-    let mut buf = vec![0u8; 4096];
-    loop {
-        // SAFETY: a zeroed passwd is a valid out-parameter; `buf` outlives the call
-        // and the pointers it fills are not used after it.
-        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut found: *mut libc::passwd = std::ptr::null_mut();
-        let rc = unsafe {
-            libc::getpwnam_r(
-                cname.as_ptr(),
-                &mut pwd,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                &mut found,
-            )
-        };
-        if rc == libc::ERANGE && buf.len() < 1 << 20 {
-            buf.resize(buf.len() * 4, 0);
-            continue;
-        }
-        return (rc == 0 && !found.is_null()).then_some(pwd.pw_uid);
-    }
+    id_of(name, libc::getpwnam_r, |p: &libc::passwd| p.pw_uid)
 }
 
 /// The gid of the group called `name` on this host (from the group database).
 pub fn gid_of(name: &str) -> Option<u32> {
+    id_of(name, libc::getgrnam_r, |g: &libc::group| g.gr_gid)
+}
+
+/// A reentrant lookup by name in the passwd or group database (`getpwnam_r`,
+/// `getgrnam_r`: the same shape), its buffer grown while the entry does not fit;
+/// `id` reads the number out of the entry found.
+fn id_of<T>(
+    name: &str,
+    lookup: unsafe extern "C" fn(
+        *const libc::c_char,
+        *mut T,
+        *mut libc::c_char,
+        libc::size_t,
+        *mut *mut T,
+    ) -> libc::c_int,
+    id: fn(&T) -> u32,
+) -> Option<u32> {
     let cname = CString::new(name).ok()?;
     let mut buf = vec![0u8; 4096];
     loop {
-        // SAFETY: as in `uid_of`, with the group database.
-        let mut grp: libc::group = unsafe { std::mem::zeroed() };
-        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: a zeroed passwd or group (plain C structs of integers and pointers)
+        // is a valid out-parameter; `buf` outlives the call, and the pointers it
+        // fills are not used after it (only `id` reads a number).
+        let mut entry: T = unsafe { std::mem::zeroed() };
+        let mut found: *mut T = std::ptr::null_mut();
         let rc = unsafe {
-            libc::getgrnam_r(
+            lookup(
                 cname.as_ptr(),
-                &mut grp,
+                &mut entry,
                 buf.as_mut_ptr().cast(),
                 buf.len(),
                 &mut found,
@@ -136,7 +134,7 @@ pub fn gid_of(name: &str) -> Option<u32> {
             buf.resize(buf.len() * 4, 0);
             continue;
         }
-        return (rc == 0 && !found.is_null()).then_some(grp.gr_gid);
+        return (rc == 0 && !found.is_null()).then(|| id(&entry));
     }
 }
 
