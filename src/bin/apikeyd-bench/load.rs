@@ -6,7 +6,6 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use apikeyd::client::{Connection, Timeouts};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -82,6 +81,10 @@ pub struct Report {
     pub p999_us: f64,
     /// Maximum (µs).
     pub max_us: f64,
+    /// Paced runs: how late the pacer itself sent (µs after the intended send time,
+    /// median and p99), a part of every latency above that the server had no hand in.
+    pub pacer_late_p50_us: Option<f64>,
+    pub pacer_late_p99_us: Option<f64>,
 }
 
 impl Report {
@@ -90,7 +93,11 @@ impl Report {
         format!(
             "{:<9} conns {:>3} pipeline {:>3} {:>10.0} req/s  p50 {:>7.1} µs  p90 {:>7.1}  p99 {:>7.1}  p99.9 {:>7.1}  max {:>8.1}  errors {}",
             self.target, self.connections, self.pipeline, self.rps, self.p50_us, self.p90_us, self.p99_us, self.p999_us, self.max_us, self.errors
-        )
+        ) + &self
+            .pacer_late_p50_us
+            .zip(self.pacer_late_p99_us)
+            .map(|(p50, p99)| format!("  pacer late p50 {p50:.1} p99 {p99:.1} µs"))
+            .unwrap_or_default()
     }
 }
 
@@ -100,6 +107,8 @@ struct Tally {
     done: u64,
     errors: u64,
     hist: Histogram<u64>,
+    /// Paced runs: how late each batch went out.
+    late: Histogram<u64>,
 }
 
 impl Tally {
@@ -108,6 +117,16 @@ impl Tally {
             done: 0,
             errors: 0,
             hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+            late: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+        }
+    }
+
+    /// A paced batch meant to go out at `intended` is being sent just now.
+    fn sent(&mut self, intended: Instant, measure_from: Instant) {
+        if intended >= measure_from {
+            let _ = self
+                .late
+                .record(intended.elapsed().as_micros().max(1) as u64);
         }
     }
 
@@ -124,6 +143,7 @@ impl Tally {
     fn merge(&mut self, other: Tally) -> std::io::Result<()> {
         self.done += other.done;
         self.errors += other.errors;
+        self.late.add(other.late).map_err(std::io::Error::other)?;
         self.hist.add(other.hist).map_err(std::io::Error::other)
     }
 }
@@ -175,11 +195,13 @@ fn redis_batch(command: RedisCommand, sha: &str, load: &Load, n: &mut usize) -> 
     pipe
 }
 
-/// One connection as fast as it goes; answers (requests done, errors, latencies).
+/// One connection, as fast as it goes or paced; answers (requests done, errors,
+/// latencies).
 async fn drive(target: Target, load: Load, index: usize, start: Instant) -> std::io::Result<Tally> {
     let mut tally = Tally::new();
     let measure_from = start + load.warmup;
     let end = measure_from + load.duration;
+    let mut pacer = Pacer::new(&load, index, start)?;
     let mut n = index.wrapping_mul(7919);
     match target {
         Target::Apikeyd { socket, templates } => {
@@ -192,8 +214,8 @@ async fn drive(target: Target, load: Load, index: usize, start: Instant) -> std:
             let mut batch = Vec::new();
             let mut line = String::new();
             let mut t = index;
-            while Instant::now() < end {
-                let intended = Instant::now();
+            while let Some(intended) = next_batch(&mut pacer, &mut tally, measure_from, end).await?
+            {
                 batch.clear();
                 apikeyd_batch(&templates, &load, &mut n, &mut t, &mut batch);
                 wr.write_all(&batch).await?;
@@ -222,8 +244,8 @@ async fn drive(target: Target, load: Load, index: usize, start: Instant) -> std:
                 .query_async(&mut con)
                 .await
                 .map_err(std::io::Error::other)?;
-            while Instant::now() < end {
-                let intended = Instant::now();
+            while let Some(intended) = next_batch(&mut pacer, &mut tally, measure_from, end).await?
+            {
                 let pipe = redis_batch(command, &sha, &load, &mut n);
                 let replies: redis::RedisResult<Vec<redis::Value>> =
                     pipe.query_async(&mut con).await;
@@ -237,102 +259,62 @@ async fn drive(target: Target, load: Load, index: usize, start: Instant) -> std:
     Ok(tally)
 }
 
-/// One connection paced by its own OS thread with blocking I/O: `sleep` wakes within
-/// tens of microseconds, where tokio's timer has millisecond resolution and a
-/// spinning task would starve the runtime's I/O polling. Latency counts from each
-/// batch's intended send time, so any lateness of the pacer is charged, not hidden.
-fn paced(target: &Target, load: &Load, index: usize, start: Instant) -> std::io::Result<Tally> {
-    let mut tally = Tally::new();
-    let rate = load.rate.unwrap_or(1.0).max(1.0);
-    let interval = Duration::from_secs_f64(load.pipeline as f64 * load.connections as f64 / rate);
-    // Spread the connections' send times over one interval.
-    let mut next = start + interval.mul_f64(index as f64 / load.connections as f64);
-    let (measure_from, end) = (start + load.warmup, start + load.warmup + load.duration);
-    let mut n = index.wrapping_mul(7919);
-    enum Conn {
-        Apikeyd(Connection, Vec<String>),
-        Redis(redis::Connection, RedisCommand, String),
-    }
-    let mut conn = match target {
-        Target::Apikeyd { socket, templates } => {
-            // No read or write timeout: a stalled server must show up as latency,
-            // not as an aborted run.
-            let timeouts = Timeouts {
-                read: None,
-                write: None,
-                ..Timeouts::TOOL
-            };
-            Conn::Apikeyd(Connection::connect(socket, timeouts)?, templates.clone())
-        }
-        Target::Redis { socket, command } => {
-            let client = redis::Client::open(format!("redis+unix://{}", socket.display()))
-                .map_err(std::io::Error::other)?;
-            let mut con = client.get_connection().map_err(std::io::Error::other)?;
-            let sha: String = redis::cmd("SCRIPT")
-                .arg("LOAD")
-                .arg(apikeyd::actors::redis::CONSUME_SCRIPT)
-                .query(&mut con)
-                .map_err(std::io::Error::other)?;
-            Conn::Redis(con, *command, sha)
-        }
-    };
-    let mut line = String::new();
-    let mut t = index;
-    while next < end {
-        if let Some(wait) = next.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
-        let mut ok = true;
-        match &mut conn {
-            Conn::Apikeyd(c, templates) => {
-                let mut batch = Vec::new();
-                apikeyd_batch(templates, load, &mut n, &mut t, &mut batch);
-                c.send_raw(&batch)?;
-                for _ in 0..load.pipeline {
-                    line.clear();
-                    // Raw lines and a substring test, not parsed answers: the client's
-                    // JSON parsing would be measured along with the server.
-                    if c.read_line_into(&mut line)? == 0 {
-                        return Err(std::io::Error::other("the daemon closed the connection"));
-                    }
-                    ok &= line.contains("\"ok\":true");
-                }
-            }
-            Conn::Redis(con, command, sha) => {
-                let pipe = redis_batch(*command, sha, load, &mut n);
-                ok = pipe.query::<Vec<redis::Value>>(con).is_ok();
-            }
-        }
-        if !ok {
-            tally.errors += load.pipeline as u64;
-        }
-        tally.batch(load.pipeline, next, measure_from);
-        next += interval;
-    }
-    Ok(tally)
+/// When a paced connection sends: on a fixed schedule, its connections' send times
+/// spread over one interval. The wait is a timerfd (nanosecond resolution; tokio's
+/// own timer has millisecond steps), so every connection of a paced run shares one
+/// thread like a closed-loop run: one waking thread instead of one per connection,
+/// which on two cores made the pacer itself late (docs/performance.md).
+struct Pacer {
+    delay: tokio_timerfd::Delay,
+    next: Instant,
+    interval: Duration,
 }
 
-/// Runs `load` against `target`: as fast as it goes on a single-threaded runtime (one
-/// core for the load, the other for the server on a two-core machine), or, with a
-/// rate, paced by one thread per connection.
-pub fn run(target: &Target, load: &Load) -> std::io::Result<Report> {
-    if load.rate.is_some() {
-        let start = Instant::now() + Duration::from_millis(50);
-        let threads: Vec<_> = (0..load.connections)
-            .map(|i| {
-                let (target, load) = (target.clone(), load.clone());
-                std::thread::spawn(move || paced(&target, &load, i, start))
-            })
-            .collect();
-        let mut all = Tally::new();
-        for t in threads {
-            all.merge(
-                t.join()
-                    .map_err(|_| std::io::Error::other("a load thread panicked"))??,
-            )?;
-        }
-        return Ok(report(target, load, &all));
+impl Pacer {
+    fn new(load: &Load, index: usize, start: Instant) -> std::io::Result<Option<Pacer>> {
+        let Some(rate) = load.rate else {
+            return Ok(None);
+        };
+        let interval =
+            Duration::from_secs_f64(load.pipeline as f64 * load.connections as f64 / rate.max(1.0));
+        let next = start + interval.mul_f64(index as f64 / load.connections as f64);
+        Ok(Some(Pacer {
+            delay: tokio_timerfd::Delay::new(next)?,
+            next,
+            interval,
+        }))
     }
+
+    /// Waits for the next send time and answers it (the intended send time that
+    /// latency counts from, so any lateness of the pacer is charged, not hidden).
+    async fn wait(&mut self, tally: &mut Tally, measure_from: Instant) -> std::io::Result<Instant> {
+        self.delay.reset(self.next);
+        (&mut self.delay).await?;
+        tally.sent(self.next, measure_from);
+        let intended = self.next;
+        self.next += self.interval;
+        Ok(intended)
+    }
+}
+
+/// The intended send time of the next batch, `None` once the run is over: now for a
+/// closed-loop run, the pacer's next time for a paced one.
+async fn next_batch(
+    pacer: &mut Option<Pacer>,
+    tally: &mut Tally,
+    measure_from: Instant,
+    end: Instant,
+) -> std::io::Result<Option<Instant>> {
+    match pacer {
+        None => Ok(Some(Instant::now()).filter(|now| *now < end)),
+        Some(p) if p.next >= end => Ok(None),
+        Some(p) => p.wait(tally, measure_from).await.map(Some),
+    }
+}
+
+/// Runs `load` against `target` on a single-threaded runtime (one core for the load,
+/// the other for the server on a two-core machine): as fast as it goes, or paced.
+pub fn run(target: &Target, load: &Load) -> std::io::Result<Report> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -371,5 +353,7 @@ fn report(target: &Target, load: &Load, tally: &Tally) -> Report {
         p99_us: q(0.99),
         p999_us: q(0.999),
         max_us: hist.max() as f64,
+        pacer_late_p50_us: load.rate.map(|_| tally.late.value_at_quantile(0.50) as f64),
+        pacer_late_p99_us: load.rate.map(|_| tally.late.value_at_quantile(0.99) as f64),
     }
 }

@@ -158,6 +158,8 @@ mod tests {
             p99_us: p99,
             p999_us: p99,
             max_us: p99,
+            pacer_late_p50_us: None,
+            pacer_late_p99_us: None,
         }
     }
 
