@@ -8,10 +8,10 @@
 //! - `server` accepts connections, checks peer credentials and the connection cap;
 //!   `session` reads request lines, runs them concurrently, answers in order
 //!   (`sequencer` keeps a connection's reads and writes in order).
-//! - `protocol` parses lines and parameters; `op::Op` is every op with its wire name
-//!   and rules (write, admin-only, audited), checked once before dispatch; `ops` has
-//!   one file per op family that turns a request into actor messages and encodes
-//!   the result.
+//! - `protocol` parses lines and has one reader per parameter; `op::Op` is every op
+//!   with its wire name and rules (write, admin-only, audited), checked once before
+//!   dispatch; `ops` has one file per op family: each op parses its request into its
+//!   own struct (`ops::Params`), turns it into actor messages and encodes the result.
 //! - `actors::keystore::Keystore` owns the SQLite keystore (on a `SyncArbiter`);
 //!   `actors::store::Store` is the handle to pools and quota counters (the embedded
 //!   `SqliteStore`, or `RedisStore` behind the same messages); `actors::user_keys::UserKeys`
@@ -25,7 +25,9 @@
 //!   (`actors::within`); `systemd` reports readiness and the watchdog.
 //! - `resolver` runs user key → channel pool → global pool → config default.
 //! - `crypto` seals every key with AES-256-GCM bound to its place; `error` maps every
-//!   failure to a wire code.
+//!   request failure to a wire code. Start-up, reload and the tools fail with typed
+//!   errors of their own module (`StartError`, `ConfigError`, `KeystoreError`,
+//!   `FleetError`, …; thiserror), printed by the CLI.
 //! - `access` turns peer credentials (uid, gid, supplementary groups) into a role;
 //!   `audit` records writes, admin ops and refused connections; `metrics` counts
 //!   answers and renders the Prometheus text; `logfmt` escapes text-log values;
@@ -33,7 +35,8 @@
 //!   (the binary's `main.rs` is only the command line).
 //! - Redis: `keyspace` is the key layout (names, their inverse, scans), `envelope` the
 //!   sealed-value format, `actors::redis` the store (with `connection`: Target,
-//!   Sentinel, TLS; `listen`: pub/sub invalidation). `fleet` checks the master key
+//!   Sentinel, TLS; `listen`: pub/sub invalidation; `quota`: the counters, whose
+//!   calls of one event-loop turn go to Redis as one script). `fleet` checks the master key
 //!   against the fleet's and runs the heartbeat that gates rotation; `lock` holds the
 //!   keystore's flock. The tools `rotate`, `legacy` (import-legacy) and `migrate`
 //!   depend on these, never on actor internals.
