@@ -61,9 +61,13 @@ echo "== one connection, no pipelining (a bot asking for one key at a time), vs 
 bench user-1x1 --config "$W/emb/config.toml" --keys 1000 --connections 1 --pipeline 1 --redis "$RS"
 echo "== latency at a fixed offered load: 25% and 50% of redis-server's closed-loop maximum above (8 paced connections)"
 redis_max="$(awk '$1 == "redis" {print int($6); exit}' "$W/out-user-8x1.txt")"
+# Three alternating runs per rate: a stall of the VM (several ms, seen by both servers
+# alike) decides a single run's p99; the table compares the median p99 of each.
 for share in 25 50; do
   rate=$((redis_max * share / 100)); figure "paced-$share-rate" "$rate"
-  bench "paced-$share" --config "$W/emb/config.toml" --keys 1000 --connections 8 --rate "$rate" --redis "$RS"
+  for i in 1 2 3; do
+    bench "paced-$share-$i" --config "$W/emb/config.toml" --keys 1000 --connections 8 --rate "$rate" --redis "$RS"
+  done
 done
 echo "== latency vs throughput sweep -> docs/latency.svg"
 bench sweep --config "$W/emb/config.toml" --keys 1000 --connections 8 --redis "$RS" --plot docs/latency.svg
@@ -169,12 +173,14 @@ def ratio(what, label, at_least, redis_name="HGET"):
                      f"{x:.2f}×", f"≥ {at_least}×", x >= at_least))
     else:
         rows.append((what, "not measured", "—", f"≥ {at_least}×", None))
-def tail(what, label, at_most):
-    r = run(label)
-    if "apikeyd" in r and "redis" in r:
-        x = r["apikeyd"]["p99"] / r["redis"]["p99"]
-        rows.append((what, f"p99 {r['apikeyd']['p99']:,.0f} vs {r['redis']['p99']:,.0f} µs",
-                     f"{x:.2f}×", f"≤ {at_most}×", x <= at_most))
+def tail(what, labels, at_most):
+    """The median p99 of each server over the runs `labels`."""
+    runs = [r for r in map(run, labels) if "apikeyd" in r and "redis" in r]
+    if runs:
+        median = lambda xs: sorted(xs)[len(xs) // 2]
+        a = median([r["apikeyd"]["p99"] for r in runs])
+        b = median([r["redis"]["p99"] for r in runs])
+        rows.append((what, f"median p99 {a:,.0f} vs {b:,.0f} µs", f"{a / b:.2f}×", f"≤ {at_most}×", a / b <= at_most))
     else:
         rows.append((what, "not measured", "—", f"≤ {at_most}×", None))
 def absolute(what, value, shown, target, ok):
@@ -193,7 +199,7 @@ ratio("consume_default_key_usage (Redis mode)", "consume", 0.8, "EVALSHA")
 for share in (25, 50):
     rate = figures.get(f"paced-{share}-rate", 0)
     tail(f"p99 at {share}% of redis-server's maximum ({rate:,.0f} req/s offered), 8 paced connections",
-         f"paced-{share}", 2.0)
+         [f"paced-{share}-{i}" for i in (1, 2, 3)], 2.0)
 cold = run("cold").get("apikeyd", {}).get("rps")
 absolute("cold keys (500,000 users, cache 100,000)", cold, f"{cold or 0:,.0f} req/s", "≥ 50,000 req/s", lambda v: v >= 50000)
 idle = figures.get("rss-idle-kb")

@@ -7,7 +7,7 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures_util::future::{self, FutureExt, LocalBoxFuture};
+use futures_util::future::{FutureExt, LocalBoxFuture};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
@@ -26,6 +26,67 @@ use crate::sequencer::Sequencer;
 /// Requests of one connection in flight at once. Past it the daemon stops reading
 /// that connection until responses drain: backpressure instead of buffering.
 pub const MAX_IN_FLIGHT: usize = 256;
+
+/// A request's answer: already encoded (it finished when first polled, as a cache hit
+/// does), or still running.
+enum Answer {
+    Ready(Body),
+    Running(LocalBoxFuture<'static, Body>),
+}
+
+impl Answer {
+    /// Polls `fut` once: most requests finish there, and need no place among the
+    /// running ones.
+    fn poll_once(mut fut: LocalBoxFuture<'static, Body>) -> Answer {
+        match (&mut fut).now_or_never() {
+            Some(body) => Answer::Ready(body),
+            None => Answer::Running(fut),
+        }
+    }
+}
+
+/// A connection's answers in request order: finished ones wait in `order` until those
+/// before them are written; running ones also sit in `running`, which yields them in
+/// the same order.
+#[derive(Default)]
+struct Answers {
+    /// `None` marks an answer that is still running (the next one `running` yields).
+    order: std::collections::VecDeque<Option<Body>>,
+    running: FuturesOrdered<LocalBoxFuture<'static, Body>>,
+}
+
+impl Answers {
+    fn push(&mut self, answer: Answer) {
+        match answer {
+            Answer::Ready(body) => self.order.push_back(Some(body)),
+            Answer::Running(fut) => {
+                self.order.push_back(None);
+                self.running.push_back(fut);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// The next answer in request order once it is ready. Cancel-safe: an answer is
+    /// taken out only in the poll that returns it.
+    async fn next(&mut self) -> Option<Body> {
+        match self.order.front_mut()? {
+            Some(_) => self.order.pop_front().flatten(),
+            None => {
+                let body = self.running.next().await?;
+                self.order.pop_front();
+                Some(body)
+            }
+        }
+    }
+}
 
 fn encoded(id: &Id, outcome: &Result<Body>) -> Body {
     let mut out = Zeroizing::new(Vec::with_capacity(96));
@@ -50,7 +111,7 @@ fn short_id(id: &Id) -> String {
     format!("{}…({} bytes)", &raw[..end], raw.len())
 }
 
-/// Turns one line into the future of its response line (`None` for a blank line).
+/// Turns one line into its answer (`None` for a blank line).
 /// Sets `sensitive` when the line may have held a key: it carried a `key` member, or
 /// it was not a valid request (nothing can be said of what it held).
 fn start(
@@ -59,7 +120,7 @@ fn start(
     order: &Rc<Sequencer>,
     line: &[u8],
     sensitive: &mut bool,
-) -> Option<LocalBoxFuture<'static, Body>> {
+) -> Option<Answer> {
     let mut req = match parse_line(line) {
         Line::Blank => return None,
         Line::Invalid { id, error } => {
@@ -67,7 +128,7 @@ fn start(
             app.requests_total.fetch_add(1, Ordering::Relaxed);
             app.metrics.record(None, error.code(), None);
             tracing::debug!(code = error.code(), "malformed request");
-            return Some(future::ready(encoded(&id, &Err(error))).boxed_local());
+            return Some(Answer::Ready(encoded(&id, &Err(error))));
         }
         Line::Request(req) => req,
     };
@@ -82,18 +143,18 @@ fn start(
             let error = Error::UnknownOp(looks_like_op(&req.op).then(|| req.op.clone()));
             app.metrics.record(None, error.code(), None);
             tracing::debug!(code = error.code(), id = short_id(&id), "unknown op");
-            return Some(future::ready(encoded(&id, &Err(error))).boxed_local());
+            return Some(Answer::Ready(encoded(&id, &Err(error))));
         }
     };
     let order = order.clone();
     let ticket = order.ticket(op.writes());
-    Some(
+    Some(Answer::poll_once(
         async move {
             let began = Instant::now();
             order.admit(&ticket).await;
             // Every call into a store is bounded by server.request_timeout_ms
             // (actors::within), so this never waits forever.
-            let outcome = AssertUnwindSafe(ops::dispatch(&app, &peer, op, req))
+            let outcome = AssertUnwindSafe(ops::dispatch(&app, &peer, op, &mut req))
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|_| {
@@ -117,7 +178,7 @@ fn start(
             encoded(&id, &outcome)
         }
         .boxed_local(),
-    )
+    ))
 }
 
 /// Serves one accepted connection until EOF, error, idle timeout or shutdown.
@@ -129,7 +190,7 @@ pub async fn run(app: Rc<App>, stream: UnixStream, peer: Peer, stop: Cancellatio
 
     let (rd, mut wr) = stream.into_split();
     let mut lines = FramedRead::new(rd, LineCodec::new(max_line));
-    let mut pending: FuturesOrdered<LocalBoxFuture<'static, Body>> = FuturesOrdered::new();
+    let mut pending = Answers::default();
     let mut out: Zeroizing<Vec<u8>> = Zeroizing::new(Vec::with_capacity(4096));
     let order = Rc::new(Sequencer::default());
     let mut reading = true;
@@ -168,8 +229,8 @@ pub async fn run(app: Rc<App>, stream: UnixStream, peer: Peer, stop: Cancellatio
                         None => reading = false,
                         Some(Ok(mut line)) => {
                             let mut sensitive = false;
-                            if let Some(fut) = start(&app, &peer, &order, &line, &mut sensitive) {
-                                pending.push_back(fut);
+                            if let Some(answer) = start(&app, &peer, &order, &line, &mut sensitive) {
+                                pending.push(answer);
                             }
                             // The request is parsed into its own values; a key in it
                             // must not linger in the connection's buffer, nor in the
@@ -184,7 +245,7 @@ pub async fn run(app: Rc<App>, stream: UnixStream, peer: Peer, stop: Cancellatio
                             app.requests_total.fetch_add(1, Ordering::Relaxed);
                             app.metrics.record(None, "too_large", None);
                             let line = encoded(&None, &Err(Error::TooLarge(max_line)));
-                            pending.push_back(future::ready(line).boxed_local());
+                            pending.push(Answer::Ready(line));
                             reading = false;
                         }
                         Some(Err(LineError::Io(e))) => {

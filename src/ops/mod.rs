@@ -19,8 +19,9 @@ pub use messages::missing_key_message;
 
 /// Runs one request for `peer`, leaving an audit line for writes and admin ops.
 /// Authorisation is checked here, once, from the op itself: no arm order can let a
-/// non-admin reach an admin op.
-pub async fn dispatch(app: &App, peer: &Peer, op: Op, mut req: Request) -> Result<Body> {
+/// non-admin reach an admin op. The request is borrowed, not moved in, so that a
+/// request's future holds it once (that future is moved into its allocation whole).
+pub async fn dispatch(app: &App, peer: &Peer, op: Op, req: &mut Request) -> Result<Body> {
     let outcome = if op.admin_only() && peer.role != Role::Admin {
         Err(Error::Forbidden(format!(
             "op `{}` needs an admin (access.admin_uids or access.admin_gids); uid {} gid {} is not one",
@@ -29,7 +30,7 @@ pub async fn dispatch(app: &App, peer: &Peer, op: Op, mut req: Request) -> Resul
             peer.gid
         )))
     } else {
-        run(app, op, &mut req).await
+        run(app, op, req).await
     };
     if op.audited(|| app.config().log.audit_quota) {
         app.audit.record(peer, op.name(), &req.subject, &outcome);
@@ -49,26 +50,34 @@ fn parse<P: Params>(req: &mut Request) -> Result<P> {
     P::parse(req)
 }
 
+/// The lookups and quota calls (the hot path) run in place; the other ops' futures
+/// are boxed, so that every request's future is as small as the largest hot op's,
+/// not the largest op's (it is moved into its allocation whole, on every request).
 async fn run(app: &App, op: Op, req: &mut Request) -> Result<Body> {
     match op {
         Op::Ping => admin::ping(),
-        Op::Stats => admin::stats(app).await,
-        Op::Metrics => admin::metrics(app).await,
-        Op::Reload => admin::reload(app).await,
+        Op::Stats => Box::pin(admin::stats(app)).await,
+        Op::Metrics => Box::pin(admin::metrics(app)).await,
+        Op::Reload => Box::pin(admin::reload(app)).await,
         Op::GetUserApiKey => keys::get_user_api_key(app, parse(req)?).await,
         Op::GetGiteaCredentials => keys::get_gitea_credentials(app, parse(req)?).await,
-        Op::SetUserApiKey => keys::set_user_api_key(app, parse(req)?).await,
-        Op::DeleteUserApiKey => keys::delete_user_api_key(app, parse(req)?).await,
-        Op::ListUserApiKeys => keys::list_user_api_keys(app, parse(req)?).await,
+        Op::SetUserApiKey => Box::pin(keys::set_user_api_key(app, parse(req)?)).await,
+        Op::DeleteUserApiKey => Box::pin(keys::delete_user_api_key(app, parse(req)?)).await,
+        Op::ListUserApiKeys => Box::pin(keys::list_user_api_keys(app, parse(req)?)).await,
         Op::GetPoolApiKey => pools::get_pool_api_key(app, parse(req)?).await,
         Op::GetChannelPoolApiKey => pools::get_channel_pool_api_key(app, parse(req)?).await,
-        Op::AddPoolKey => pools::add_pool_key(app, parse(req)?, &mut req.subject).await,
-        Op::RemovePoolKey => pools::remove_pool_key(app, parse(req)?).await,
-        Op::ListPoolKeys => pools::list_pool_keys(app, parse(req)?).await,
-        Op::ReportKeyResult => health::report_key_result(app, parse(req)?).await,
-        Op::EnablePoolKey => health::enable_pool_key(app, parse(req)?).await,
+        Op::AddPoolKey => {
+            let params = parse(req)?;
+            Box::pin(pools::add_pool_key(app, params, &mut req.subject)).await
+        }
+        Op::RemovePoolKey => Box::pin(pools::remove_pool_key(app, parse(req)?)).await,
+        Op::ListPoolKeys => Box::pin(pools::list_pool_keys(app, parse(req)?)).await,
+        Op::ReportKeyResult => Box::pin(health::report_key_result(app, parse(req)?)).await,
+        Op::EnablePoolKey => Box::pin(health::enable_pool_key(app, parse(req)?)).await,
         Op::CheckDefaultKeyLimit => quota::check_default_key_limit(app, parse(req)?).await,
-        Op::IncrementDefaultKeyUsage => quota::increment_default_key_usage(app, parse(req)?).await,
+        Op::IncrementDefaultKeyUsage => {
+            Box::pin(quota::increment_default_key_usage(app, parse(req)?)).await
+        }
         Op::ConsumeDefaultKeyUsage => quota::consume_default_key_usage(app, parse(req)?).await,
         Op::MissingApiKeyError => messages::missing_api_key_error(app, parse(req)?),
         Op::DefaultKeyLimitError => messages::default_key_limit_error(parse(req)?),
