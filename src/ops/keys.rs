@@ -93,13 +93,16 @@ impl Params for User {
 /// The message of an answer without a key: when to retry if a pool key is only
 /// cooling down, else how to get a key.
 fn no_key_message(app: &App, service: &str, r: &Resolved) -> Option<String> {
+    if r.key.is_some() {
+        // The hot path: no config snapshot taken for a message that is not sent.
+        return None;
+    }
     let config = app.config();
     // Nobody is told to go and get a key while a store is only unreachable.
-    match (&r.key, r.retry_after_s, r.degraded) {
-        (Some(_), _, _) => None,
-        (None, Some(retry), _) => Some(cooling_message(&config, service, retry)),
-        (None, None, true) => Some(unavailable_key_message(&config, service)),
-        (None, None, false) => Some(missing_key_message(&config, service)),
+    match (r.retry_after_s, r.degraded) {
+        (Some(retry), _) => Some(cooling_message(&config, service, retry)),
+        (None, true) => Some(unavailable_key_message(&config, service)),
+        (None, false) => Some(missing_key_message(&config, service)),
     }
 }
 
