@@ -31,8 +31,8 @@ struct Args {
     /// $APIKEYD_CONFIG, else ./config.toml).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Connections to the server under test (closed-loop: all on one thread; paced:
-    /// one thread each).
+    /// Connections to the server under test (all on one thread, closed-loop or
+    /// paced).
     #[arg(long, default_value_t = 8)]
     connections: usize,
     /// Requests written per round trip on each connection.
