@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{call_as, need_root, open_up, Mode, TestDaemon, NOBODY};
+use common::{call_as, open_up, Mode, TestDaemon, NOBODY};
 use serde_json::json;
 
 /// A group nobody is in, given to the client only as a supplementary group.
@@ -132,13 +132,7 @@ impl HeldClient {
     /// connection is known to be counted.
     fn open(bin: &Path, socket: &Path) -> HeldClient {
         use std::io::{BufRead, Write};
-        need_root();
-        let mut child = Command::new("setpriv")
-            .args([
-                format!("--reuid={NOBODY}"),
-                format!("--regid={NOBODY}"),
-                "--clear-groups".into(),
-            ])
+        let mut child = common::as_nobody(&[])
             .arg(bin)
             .arg("call")
             .arg("--socket")

@@ -6,8 +6,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::os::unix::fs::PermissionsExt;
-use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{Client, Mode, TestDaemon};
@@ -411,35 +409,12 @@ const NOBODY: u32 = 65534;
 fn enable_is_for_admins(mode: Mode) {
     let d = TestDaemon::start_with(mode, &format!("[access]\nallow_uids = [{NOBODY}]\n"), &[]);
     let a = add(&mut d.client(), A, None);
-    for p in [d.dir.path().to_path_buf(), d.path("run")] {
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let bin = d.path("apikeyd-client");
-    std::fs::copy(common::bin(), &bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = common::open_up(&d);
     let requests = [
         json!({"op": "report_key_result", "service": "openai", "key_id": a, "outcome": "unauthorized"}),
         json!({"op": "enable_pool_key", "service": "openai", "key_id": a}),
     ];
-    let out = Command::new("setpriv")
-        .args([
-            format!("--reuid={NOBODY}"),
-            format!("--regid={NOBODY}"),
-            "--clear-groups".into(),
-        ])
-        .arg(&bin)
-        .arg("call")
-        .arg("--socket")
-        .arg(&d.socket)
-        .args(requests.iter().map(|r| r.to_string()))
-        .output()
-        .expect("setpriv (util-linux) is needed: apt-get install util-linux");
-    let out: Vec<Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let out = common::call_as(&bin, &d.socket, &[], &requests);
     assert_eq!(out.len(), 2, "{out:?}");
     assert_eq!(out[0]["result"]["state"], "disabled", "{out:?}");
     assert_eq!(out[1]["error"]["code"], "forbidden", "{out:?}");

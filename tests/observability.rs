@@ -5,7 +5,6 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{Mode, TestDaemon};
@@ -136,28 +135,10 @@ fn quota_counting_is_audited_only_when_asked() {
 
 #[test]
 fn refused_connections_are_in_the_audit_file() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test needs root (setpriv to nobody)"
-    );
+    common::need_root();
     let d = TestDaemon::start_with(Mode::Embedded, "log.audit_file = \"audit.jsonl\"\n", &[]);
-    for p in [d.dir.path().to_path_buf(), d.path("run")] {
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let bin = d.path("apikeyd-client");
-    std::fs::copy(common::bin(), &bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(&bin)
-        .args(["call", "--socket"])
-        .arg(&d.socket)
-        .arg(r#"{"op":"ping"}"#)
-        .output()
-        .expect("setpriv (util-linux) is needed: apt-get install util-linux");
+    let bin = common::open_up(&d);
+    let out = common::output_as(&bin, &d.socket, &[], &[json!({"op": "ping"})]);
     assert_eq!(out.status.code(), Some(1));
     let path = d.path("audit.jsonl");
     wait_until("the refusal's audit line", || {

@@ -292,28 +292,11 @@ fn call_exit_codes_and_socket_choice() {
 
 #[test]
 fn call_without_access_to_the_socket_says_so() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test needs root (setpriv to nobody)"
-    );
+    common::need_root();
     let d = TestDaemon::start();
     // The folder lets nobody in, the socket (0660 root) does not.
-    for p in [d.dir.path().to_path_buf(), d.path("run")] {
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let bin = d.path("apikeyd-client");
-    std::fs::copy(common::bin(), &bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(&bin)
-        .args(["call", "--socket"])
-        .arg(&d.socket)
-        .arg(r#"{"op":"ping"}"#)
-        .output()
-        .expect("setpriv (util-linux) is needed: apt-get install util-linux");
+    let bin = common::client_for_others(&d);
+    let out = common::output_as(&bin, &d.socket, &[], &[json!({"op": "ping"})]);
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out.stderr);
     assert!(err.contains("lacks access"), "{err}");

@@ -587,22 +587,34 @@ pub fn need_root() {
     );
 }
 
-/// Makes the socket reachable for other uids and copies the client binary where
-/// they can run it.
-pub fn open_up(d: &TestDaemon) -> PathBuf {
+/// Lets other uids into the daemon's folders (not its socket) and copies the client
+/// binary where they can run it.
+pub fn client_for_others(d: &TestDaemon) -> PathBuf {
     for p in [d.dir.path().to_path_buf(), d.path("run")] {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
     let client = d.path("apikeyd-client");
     std::fs::copy(bin(), &client).unwrap();
     std::fs::set_permissions(&client, std::fs::Permissions::from_mode(0o755)).unwrap();
     client
 }
 
-/// Runs `apikeyd call` as uid/gid nobody with exactly the supplementary `groups`.
-pub fn call_as(bin: &Path, socket: &Path, groups: &[u32], requests: &[Value]) -> Vec<Value> {
+/// Makes the socket reachable for other uids and copies the client binary where
+/// they can run it.
+pub fn open_up(d: &TestDaemon) -> PathBuf {
+    let client = client_for_others(d);
+    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    client
+}
+
+/// `setpriv` set to run what follows as uid/gid nobody with exactly the
+/// supplementary `groups` (none: cleared).
+pub fn as_nobody(groups: &[u32]) -> Command {
     need_root();
+    assert!(
+        Command::new("setpriv").arg("--version").output().is_ok(),
+        "setpriv (util-linux) is needed: apt-get install util-linux"
+    );
     let mut cmd = Command::new("setpriv");
     cmd.args([format!("--reuid={NOBODY}"), format!("--regid={NOBODY}")]);
     if groups.is_empty() {
@@ -611,17 +623,31 @@ pub fn call_as(bin: &Path, socket: &Path, groups: &[u32], requests: &[Value]) ->
         let list: Vec<String> = groups.iter().map(u32::to_string).collect();
         cmd.arg(format!("--groups={}", list.join(",")));
     }
-    assert!(
-        Command::new("setpriv").arg("--version").output().is_ok(),
-        "setpriv (util-linux) is needed: apt-get install util-linux"
-    );
-    let out = output_retrying_busy(
-        cmd.arg(bin)
+    cmd
+}
+
+/// Runs `apikeyd call` as nobody with `groups` (see [`as_nobody`]) and answers its
+/// exit status and output.
+pub fn output_as(
+    bin: &Path,
+    socket: &Path,
+    groups: &[u32],
+    requests: &[Value],
+) -> std::process::Output {
+    output_retrying_busy(
+        as_nobody(groups)
+            .arg(bin)
             .arg("call")
             .arg("--socket")
             .arg(socket)
             .args(requests.iter().map(|r| r.to_string())),
-    );
+    )
+}
+
+/// Runs `apikeyd call` as uid/gid nobody with exactly the supplementary `groups`,
+/// and answers the response lines.
+pub fn call_as(bin: &Path, socket: &Path, groups: &[u32], requests: &[Value]) -> Vec<Value> {
+    let out = output_as(bin, socket, groups, requests);
     if out.stdout.is_empty() {
         // Shown with the failing assertion: why the client printed nothing.
         eprintln!(
