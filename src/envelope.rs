@@ -63,21 +63,7 @@ pub fn open_user_value(
     service: &str,
     value: &[u8],
 ) -> PoolValue {
-    match value.strip_prefix(ENVELOPE.as_bytes()) {
-        Some(b64) => B64
-            .decode(b64)
-            .ok()
-            .and_then(|sealed| {
-                master
-                    .open(&sealed, user_place(prefix, user_id, service))
-                    .ok()
-            })
-            .map_or(PoolValue::Broken, PoolValue::Sealed),
-        None => match std::str::from_utf8(value) {
-            Ok(s) if !s.trim().is_empty() => PoolValue::Legacy(Secret::new(s.trim().to_owned())),
-            _ => PoolValue::Broken,
-        },
-    }
+    open_at(master, user_place(prefix, user_id, service), value)
 }
 
 /// A value read from a pool or user hash.
@@ -97,11 +83,17 @@ pub fn open_value(
     field: &str,
     value: &[u8],
 ) -> PoolValue {
+    open_at(master, pool_place(prefix, pool, field), value)
+}
+
+/// A stored value that should belong at `place`: an envelope opened there, or a
+/// legacy value in clear (trimmed; empty counts as broken).
+fn open_at(master: &MasterKey, place: Place, value: &[u8]) -> PoolValue {
     match value.strip_prefix(ENVELOPE.as_bytes()) {
         Some(b64) => B64
             .decode(b64)
             .ok()
-            .and_then(|sealed| master.open(&sealed, pool_place(prefix, pool, field)).ok())
+            .and_then(|sealed| master.open(&sealed, place).ok())
             .map_or(PoolValue::Broken, PoolValue::Sealed),
         None => match std::str::from_utf8(value) {
             Ok(s) if !s.trim().is_empty() => PoolValue::Legacy(Secret::new(s.trim().to_owned())),
