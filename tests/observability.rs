@@ -196,17 +196,9 @@ fn stats_says_not_connected_until_redis_has_answered() {
     let port = silent.local_addr().unwrap().port();
     // With a master key already there: a first start without one is refused while
     // Redis cannot be asked whether a fleet's key exists (tests/fleet.rs).
-    let d = TestDaemon::start_full(
-        Mode::Embedded,
-        None,
-        Some(
-            apikeyd::crypto::MasterKey::generate_base64()
-                .as_bytes()
-                .to_vec(),
-        ),
-        &format!("[redis]\nurl = \"redis://127.0.0.1:{port}/0\"\ntimeout_ms = 60000\n"),
-        &[],
-    );
+    let d = TestDaemon::start_with_key(&format!(
+        "[redis]\nurl = \"redis://127.0.0.1:{port}/0\"\ntimeout_ms = 60000\n"
+    ));
     let r = d.client().ok(json!({"op": "stats"}));
     assert_eq!(r["store"]["mode"], "redis");
     assert_eq!(r["store"]["redis_connected"], false, "{r}");

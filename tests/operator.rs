@@ -109,17 +109,7 @@ fn a_refused_redis_connection_is_not_called_a_timeout() {
     let port = closed_port();
     // A key is there already: without one, a start is refused while Redis cannot be
     // asked whether a fleet's key exists (tests/fleet.rs).
-    let d = TestDaemon::start_full(
-        Mode::Embedded,
-        None,
-        Some(
-            apikeyd::crypto::MasterKey::generate_base64()
-                .as_bytes()
-                .to_vec(),
-        ),
-        &format!("[redis]\nurl = \"redis://127.0.0.1:{port}/0\"\n"),
-        &[],
-    );
+    let d = TestDaemon::start_with_key(&format!("[redis]\nurl = \"redis://127.0.0.1:{port}/0\"\n"));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !d.logs().contains("redis connection is down") {
         assert!(std::time::Instant::now() < deadline, "{}", d.logs());

@@ -194,6 +194,20 @@ impl TestDaemon {
         Self::start_full(Mode::Redis, other.redis.clone(), Some(key), extra, &[])
     }
 
+    /// An embedded-mode daemon whose data folder already holds a fresh master key, so
+    /// that a start with a `redis.url` that cannot be asked is not refused for want
+    /// of a key (tests/fleet.rs).
+    pub fn start_with_key(extra: &str) -> Self {
+        let key = apikeyd::crypto::MasterKey::generate_base64();
+        Self::start_full(
+            Mode::Embedded,
+            None,
+            Some(key.as_bytes().to_vec()),
+            extra,
+            &[],
+        )
+    }
+
     /// A daemon on `redis` whose data folder starts with `master_key` (when given).
     pub fn start_full(
         mode: Mode,
