@@ -27,9 +27,10 @@ struct Cli {
 }
 
 /// Exit codes of `apikeyd call` (also in docs/operations.md).
-const CALL_EXIT_CODES: &str = "Exit codes: 0 every response was ok; 1 any error answer \
-(including too_large and forbidden); 2 the daemon could not be reached (no socket, \
-no permission, connection closed early).";
+const CALL_EXIT_CODES: &str = "Exit codes: 0 every request got an ok answer; 1 any error \
+answer (including too_large and forbidden); 2 a request got no answer: the daemon could \
+not be reached (no socket, no permission), closed the connection without answering, or \
+did not answer within --timeout. So `apikeyd call '{\"op\":\"ping\"}'` is a health check.";
 
 #[derive(Subcommand)]
 enum Command {
@@ -57,6 +58,10 @@ enum Command {
         /// Config file to find the socket in (default: $APIKEYD_CONFIG, else ./config.toml).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Seconds to wait for an answer to an outstanding request before giving up
+        /// with exit code 2 (0: wait for as long as it takes).
+        #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+        timeout: f64,
         /// Requests, one JSON object each.
         requests: Vec<String>,
     },
@@ -141,8 +146,9 @@ fn main() -> ExitCode {
         Command::Call {
             socket,
             config,
+            timeout,
             requests,
-        } => cli::call(socket, config, requests),
+        } => cli::call(socket, config, requests, timeout),
         Command::ImportLegacy { config, dry_run } => cli::import_legacy(config, dry_run),
         Command::MigrateUserKeys { config, to } => cli::migrate_user_keys(
             config,
