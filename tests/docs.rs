@@ -112,3 +112,67 @@ fn the_citation_finder_finds_them() {
     assert_eq!(citations("(SPEC §4)").len(), 1);
     assert!(citations("an issue with 3 keys; security.md#the-keyring; &#39;").is_empty());
 }
+
+#[test]
+fn the_man_page_has_the_sections_and_names_no_missing_page() {
+    let out = Command::new(common::bin()).arg("man").output().unwrap();
+    assert!(out.status.success());
+    let page = String::from_utf8(out.stdout).unwrap();
+    for section in [
+        ".SH NAME",
+        ".SH SYNOPSIS",
+        ".SH COMMANDS",
+        ".SH \"EXIT STATUS\"",
+        ".SH \"FILES\"",
+        ".SH \"SIGNALS\"",
+        ".SH \"ENVIRONMENT\"",
+        ".SH \"SEE ALSO\"",
+    ] {
+        assert!(page.contains(section), "man page lacks {section}");
+    }
+    // Every command is in this one page; no per-command page is installed.
+    assert!(
+        !page.contains("apikeyd-"),
+        "a reference to apikeyd-<cmd>(1)"
+    );
+    for sub in ["serve", "check-config", "call", "migrate-user-keys", "man"] {
+        assert!(page.contains(&format!(".SS \"apikeyd {sub}\"")), "{sub}");
+    }
+    // The page the package ships (build.rs) is the binary's.
+    let built = Path::new(common::bin())
+        .parent()
+        .unwrap()
+        .join("assets/apikeyd.1");
+    assert_eq!(std::fs::read_to_string(built).unwrap(), page);
+}
+
+#[test]
+fn the_docs_list_every_shell_the_binary_completes() {
+    use clap::ValueEnum;
+    let offered: Vec<String> = clap_complete::Shell::value_variants()
+        .iter()
+        .map(|s| s.to_possible_value().unwrap().get_name().to_string())
+        .collect();
+    let ops = std::fs::read_to_string(repo().join("docs/operations.md")).unwrap();
+    let line = ops
+        .lines()
+        .find_map(|l| l.strip_prefix("- `apikeyd completions "))
+        .expect("docs/operations.md lists `apikeyd completions SHELLS`");
+    let listed: Vec<String> = line
+        .split('`')
+        .next()
+        .unwrap()
+        .split('|')
+        .map(str::to_string)
+        .collect();
+    let mut sorted = offered.clone();
+    sorted.sort();
+    assert_eq!(listed, sorted, "docs/operations.md vs the binary");
+    for shell in &offered {
+        let out = Command::new(common::bin())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success() && !out.stdout.is_empty(), "{shell}");
+    }
+}
