@@ -176,3 +176,127 @@ fn the_docs_list_every_shell_the_binary_completes() {
         assert!(out.status.success() && !out.stdout.is_empty(), "{shell}");
     }
 }
+
+/// Every key the config structs know, as `table.key` (`services.<name>.key` for the
+/// per-service tables), read from the structs themselves through serde.
+fn config_keys() -> Vec<String> {
+    use apikeyd::config::{Config, ServiceConfig};
+    let mut keys = Vec::new();
+    let config = serde_json::to_value(Config::default()).unwrap();
+    for (table, members) in config.as_object().unwrap() {
+        if table == "services" {
+            continue;
+        }
+        for key in members.as_object().expect("a table").keys() {
+            keys.push(format!("{table}.{key}"));
+        }
+    }
+    let service = serde_json::to_value(ServiceConfig::default()).unwrap();
+    for key in service.as_object().unwrap().keys() {
+        keys.push(format!("services.<name>.{key}"));
+    }
+    keys
+}
+
+/// The `table.key`s config.toml sets or shows commented out (`# key = …`), tables
+/// commented out included; `[services.x]` tables count as `services.<name>`.
+fn keys_in_config_toml(text: &str) -> Vec<String> {
+    let mut table = String::new();
+    let mut keys = Vec::new();
+    for line in text.lines() {
+        let l = line.trim_start_matches(['#', ' ']).trim_end();
+        if let Some(name) = l.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            if !name.is_empty() && !name.contains(' ') {
+                table = match name.strip_prefix("services.") {
+                    Some(_) => "services.<name>".to_string(),
+                    None => name.to_string(),
+                };
+            }
+            continue;
+        }
+        let Some((key, _)) = l.split_once(" = ") else {
+            continue;
+        };
+        let key = key.trim();
+        if !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+            keys.push(format!("{table}.{key}"));
+        }
+    }
+    keys
+}
+
+#[test]
+fn every_config_key_is_in_config_toml_and_the_guide() {
+    let known = config_keys();
+    assert!(known.len() > 40, "{known:?}");
+    let toml = std::fs::read_to_string(repo().join("config.toml")).unwrap();
+    let shown = keys_in_config_toml(&toml);
+    let ops = std::fs::read_to_string(repo().join("docs/operations.md")).unwrap();
+    // The rows of the configuration reference: `| `table.key`, `table.key2` | …`.
+    let documented: Vec<&str> = ops
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .flat_map(|l| l.split(" | ").next().unwrap().split('`').skip(1).step_by(2))
+        .collect();
+    let mut missing = Vec::new();
+    for key in &known {
+        if !shown.contains(key) {
+            missing.push(format!("config.toml lacks {key}"));
+        }
+        if !documented.contains(&key.as_str()) {
+            missing.push(format!("docs/operations.md's reference lacks {key}"));
+        }
+    }
+    assert!(missing.is_empty(), "{}", missing.join("\n"));
+    // And config.toml, as shipped, is a config the daemon accepts.
+    let out = Command::new(common::bin())
+        .args(["check-config", "--config"])
+        .arg(repo().join("config.toml"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("unknown field"), "{stderr}");
+}
+
+#[test]
+fn config_toml_keys_are_read_from_commented_lines_too() {
+    let keys = keys_in_config_toml(
+        "[server]\nsocket = \"x\"   # a = b\n# lock = true\n# [metrics]\n# listen = \"\"\n\
+         [services.openai]\nenv = \"X\"\n# prose that says = something\n",
+    );
+    assert_eq!(
+        keys,
+        vec![
+            "server.socket",
+            "server.lock",
+            "metrics.listen",
+            "services.<name>.env"
+        ]
+    );
+}
+
+#[test]
+fn the_other_commands_list_every_command() {
+    let ops = std::fs::read_to_string(repo().join("docs/operations.md")).unwrap();
+    let out = Command::new(common::bin()).arg("--help").output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    // The command names in `apikeyd --help`'s list.
+    let commands: Vec<&str> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert!(commands.contains(&"migrate-user-keys"), "{help}");
+    for c in commands {
+        let listed = c == "serve" || ops.contains(&format!("- `apikeyd {c}"));
+        assert!(
+            listed,
+            "docs/operations.md, \"Other commands\", lacks `apikeyd {c}`"
+        );
+    }
+    // Shared decision: the import command other work adds is documented already.
+    assert!(ops.contains("- `apikeyd import-keys"));
+}
