@@ -229,6 +229,36 @@ impl Checkout {
             .partition(|b| b.not_run.is_some());
         let steps: Vec<Step> = run.iter().flat_map(steps).collect();
         assert!(!steps.is_empty(), "{doc}: no command to run");
+        // Nothing here may touch the host: a command that still names a system path
+        // after `rewrite` (or asks for root or systemd) fails the test before any
+        // command runs. Such a block needs a `<!-- not run: why -->`.
+        for s in &steps {
+            let cmd = rewrite(&s.command).replace(&*self.dir.path().to_string_lossy(), "DIR");
+            for host in [
+                "/etc/",
+                "/usr/",
+                "/var/",
+                "/run/",
+                "/lib/",
+                "sudo",
+                "systemctl",
+            ] {
+                // A path of its own, not one inside this folder (DIR/run/…).
+                let touches = cmd.match_indices(host).any(|(i, _)| {
+                    !host.starts_with('/')
+                        || !cmd[..i]
+                            .chars()
+                            .next_back()
+                            .is_some_and(|c| c.is_alphanumeric() || c == '.')
+                });
+                assert!(
+                    !touches,
+                    "{doc}:{}: `{cmd}` would touch the host ({host}): mark its block \
+                     `<!-- not run: why -->` or adapt it",
+                    s.line
+                );
+            }
+        }
         // Aliases, as in the operator's interactive shell.
         let mut script = String::from("shopt -s expand_aliases\n");
         for (i, s) in steps.iter().enumerate() {
