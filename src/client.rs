@@ -272,7 +272,12 @@ pub fn call(socket: &Path, requests: Vec<String>, timeout: Option<Duration>) -> 
         let mut writer = writer;
         std::thread::spawn(move || -> std::io::Result<()> {
             for line in lines {
-                let mut buf = line?.into_bytes();
+                let line = line?;
+                // The daemon answers nothing to a blank line: not a request.
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let mut buf = line.into_bytes();
                 buf.push(b'\n');
                 {
                     let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
@@ -372,6 +377,16 @@ pub fn metrics(socket: &Path) -> i32 {
     let Some(mut conn) = connect(socket, "apikeyd metrics") else {
         return 2;
     };
+    // One answer is awaited: bounded like `call`'s default, so a stuck daemon
+    // fails a cron job instead of hanging it.
+    if conn
+        .reader
+        .get_ref()
+        .set_read_timeout(Some(CALL_TIMEOUT))
+        .is_err()
+    {
+        return 2;
+    }
     if conn.send(r#"{"op":"metrics"}"#).is_err() {
         eprintln!("apikeyd metrics: the daemon closed the connection");
         return 2;
@@ -379,8 +394,15 @@ pub fn metrics(socket: &Path) -> i32 {
     let mut line = String::new();
     match conn.read_line_into(&mut line) {
         Ok(n) if n > 0 => {}
-        _ => {
+        Ok(_) => {
             eprintln!("apikeyd metrics: the daemon closed the connection without answering");
+            return 2;
+        }
+        Err(e) => {
+            eprintln!(
+                "apikeyd metrics: no answer within {} s: {e}",
+                CALL_TIMEOUT.as_secs()
+            );
             return 2;
         }
     }
