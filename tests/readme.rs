@@ -358,6 +358,11 @@ fn the_operations_guide_runs_where_it_can() {
         .replace("8cc326f70949e750", &key_id)
         .replace("sudo ", "")
     });
+    let key = std::fs::metadata(c.path("new-master.key")).expect("keygen wrote the key");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o777,
+        0o600
+    );
     assert!(
         std::fs::read_to_string(c.path("node_exporter/apikeyd.prom"))
             .unwrap()
