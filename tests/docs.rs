@@ -76,10 +76,14 @@ fn help_texts() -> Vec<(String, String)> {
 #[test]
 fn docs_cite_no_issues_and_no_file_outside_the_repository() {
     let mut files = vec!["README.md".to_string(), "config.toml".to_string()];
-    for dir in ["docs", "systemd"] {
-        for e in std::fs::read_dir(repo().join(dir)).unwrap() {
-            let name = format!("{dir}/{}", e.unwrap().file_name().to_string_lossy());
-            if !name.ends_with(".svg") && !NOT_YET_CHECKED.contains(&name.as_str()) {
+    let mut dirs = vec!["docs".to_string(), "systemd".to_string()];
+    while let Some(dir) = dirs.pop() {
+        for e in std::fs::read_dir(repo().join(&dir)).unwrap() {
+            let e = e.unwrap();
+            let name = format!("{dir}/{}", e.file_name().to_string_lossy());
+            if e.file_type().unwrap().is_dir() {
+                dirs.push(name);
+            } else if !name.ends_with(".svg") && !NOT_YET_CHECKED.contains(&name.as_str()) {
                 files.push(name);
             }
         }
