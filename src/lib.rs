@@ -131,39 +131,48 @@ pub enum Control {
     Shutdown,
 }
 
-/// Opens and checks the keystore and master key: everything that can refuse a start,
-/// done before the socket is bound.
-/// Takes the keystore's lock first: a second daemon on the same keystore is refused
-/// before it touches anything.
-pub fn open_keystore(config: &Config) -> Result<Opened, StartError> {
+/// Opens and checks the keystore and master key, creating them on a first start;
+/// run after [`preflight`], which refused everything it could see before anything
+/// was created. Takes the keystore's lock first: a second daemon on the same
+/// keystore is refused before it touches anything; then the master key file's.
+/// `redis_answered`: what the preflight found of Redis (`Some(false)`: down, so the
+/// fleet check is left to the heartbeat instead of waiting for Redis again).
+pub fn open_keystore(config: &Config, redis_answered: Option<bool>) -> Result<Opened, StartError> {
     actors::keystore::create_folder(&config.keystore.path)?;
-    let lock = lock::acquire(
+    let mut lock = lock::acquire(
         &config.keystore.path,
         "serve",
         Some(config.server.socket.as_path()),
         true,
     )?;
+    let key_path = actors::keystore::master_key_path(config);
+    if key_path.exists() {
+        lock.lock_key(&key_path)?;
+    }
     let mut opened = actors::keystore::open_with(config, KEYSTORE_THREADS + 1, &|| {
         fleet::may_create_key(config)
     })?;
+    // A key made just now is locked as soon as it exists.
+    lock.lock_key(&key_path)?;
     opened.lock = Some(lock);
-    if !config.redis.url.is_empty() {
+    if !config.redis.url.is_empty() && redis_answered != Some(false) {
         opened.fleet_verified = fleet::verify_at_start(config, &opened.key)?;
     }
     Ok(opened)
 }
 
-/// Checks what `open_keystore` and `run` would otherwise only find out after the
-/// socket is bound: the audit file can be opened for appending. (The config's values,
-/// the Redis URL and the access names were checked when it was read.)
-pub fn preflight(config: &Config) -> Result<(), StartError> {
-    if let Some(path) = &config.log.audit_file {
-        audit::Audit::open(Some(path)).map_err(|source| StartError::AuditFile {
-            path: path.clone(),
-            source,
-        })?;
+/// Everything that can refuse a start, checked before anything is created, bound
+/// or changed ([`check::preflight`], which `check-config` runs too): the first
+/// problem, or what the checks found of Redis. Warnings are logged.
+pub fn preflight(config: &Config) -> Result<Option<bool>, String> {
+    let report = check::preflight(config, &check::Viewer::current(), check::Purpose::Serve);
+    if let Some(problem) = report.first_problem() {
+        return Err(problem.to_string());
     }
-    Ok(())
+    for f in &report.findings {
+        tracing::warn!("{}", f.text);
+    }
+    Ok(report.redis_answered)
 }
 
 /// What `run` needs of the Redis store beyond the `Store` handle.
