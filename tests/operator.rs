@@ -362,3 +362,60 @@ fn help_completions_and_man_page() {
         "an unknown shell is a usage error"
     );
 }
+
+/// Prepares a folder for a case and answers the config text.
+type Setup<'a> = dyn Fn(&Path) -> String + 'a;
+
+/// Each refusal at the socket stage: exit 1, one line on stderr (no panic, with or
+/// without RUST_BACKTRACE), and nothing created (no master key, no keystore).
+#[test]
+fn socket_refusals_come_before_anything_is_created() {
+    let live = TestDaemon::start();
+    let cases: [(&str, &Setup<'_>); 3] = [
+        ("exists and is not a socket", &|dir: &Path| {
+            std::fs::create_dir(dir.join("run")).unwrap();
+            std::fs::write(dir.join("run/apikeyd.sock"), "a file").unwrap();
+            String::new()
+        }),
+        ("writable by everyone", &|dir: &Path| {
+            std::fs::create_dir(dir.join("run")).unwrap();
+            std::fs::set_permissions(dir.join("run"), std::fs::Permissions::from_mode(0o777))
+                .unwrap();
+            String::new()
+        }),
+        ("another daemon is listening", &|_: &Path| {
+            format!("server.socket = {:?}\n", live.socket)
+        }),
+    ];
+    for (why, setup) in cases {
+        for backtrace in [None, Some("1")] {
+            let dir = tempfile::tempdir().unwrap();
+            write_config(dir.path(), &setup(dir.path()));
+            let mut cmd = Command::new(common::bin());
+            cmd.args(["serve", "--config", "config.toml"])
+                .current_dir(dir.path())
+                .env_remove("APIKEYD_CONFIG")
+                .env_remove("CREDENTIALS_DIRECTORY")
+                .env_remove("RUST_BACKTRACE")
+                .stdin(Stdio::null());
+            if let Some(b) = backtrace {
+                cmd.env("RUST_BACKTRACE", b);
+            }
+            let out = cmd.output().unwrap();
+            let err = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{why}: {err}");
+            assert_eq!(err.lines().count(), 1, "{why}: one line: {err}");
+            assert!(
+                err.contains("refusing to start") && err.contains(why),
+                "{why}: {err}"
+            );
+            assert!(!err.contains("panicked"), "{why}: {err}");
+            assert!(!dir.path().join("data").exists(), "{why}: created data/");
+        }
+    }
+    assert_eq!(
+        live.client().ok(json!({"op": "ping"}))["pong"],
+        true,
+        "the live daemon still serves"
+    );
+}
