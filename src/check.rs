@@ -212,10 +212,11 @@ impl Report {
 /// `check-config` runs it with `Purpose::Check` (and perhaps as another user).
 pub fn preflight(config: &Config, viewer: &Viewer, purpose: Purpose) -> Report {
     let mut r = Report::default();
+    // The keystore (and its lock, which names a running daemon) first.
     let steps: [fn(&Config, &Viewer, Purpose, &mut Report); 6] = [
+        check_keystore_place,
         check_socket,
         check_audit,
-        check_keystore_place,
         check_master_key,
         check_credentials,
         check_redis,

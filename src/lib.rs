@@ -273,7 +273,6 @@ async fn watchdog(app: Rc<App>, every: std::time::Duration) {
 /// heartbeat and the invalidation listener), not yet serving. Holds the keystore lock.
 pub struct Started {
     pub app: Rc<App>,
-    _lock: Option<lock::KeystoreLock>,
 }
 
 /// Builds the daemon on an opened keystore: the store, keystore and cache actors and
@@ -329,8 +328,9 @@ pub fn start(config: Config, opened: Opened) -> Result<Started, StartError> {
         key_for_app,
     );
     app.redis = switches;
+    app.hold_lock(lock);
     let app = Rc::new(app);
-    Ok(Started { app, _lock: lock })
+    Ok(Started { app })
 }
 
 /// Serves the daemon built by `start` on `listener` until `Control::Shutdown` (or the sender is dropped).

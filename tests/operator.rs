@@ -419,3 +419,55 @@ fn socket_refusals_come_before_anything_is_created() {
         "the live daemon still serves"
     );
 }
+
+/// `reload` names every restart-only setting changed since the start, at every
+/// reload until a restart; a config that cannot be used answers `bad_config` with
+/// the problem (and SIGHUP logs the same), and nothing changes.
+#[test]
+fn reload_answers_its_warnings_and_bad_config() {
+    let mut d = TestDaemon::start();
+    let mut c = d.client();
+    let reload = json!({"op": "reload"});
+    let r = c.ok(reload.clone());
+    assert_eq!(r["warnings"], json!([]), "{r}");
+
+    d.write_config("[server]\nmax_connections = 7\n");
+    for _ in 0..2 {
+        let r = c.ok(reload.clone());
+        let warnings = r["warnings"].as_array().expect("warnings").clone();
+        assert_eq!(warnings.len(), 1, "{r}");
+        assert!(
+            warnings[0]
+                .as_str()
+                .unwrap()
+                .contains("server.max_connections")
+                && warnings[0].as_str().unwrap().contains("needs a restart"),
+            "{r}"
+        );
+    }
+    d.write_config("");
+    assert_eq!(c.ok(reload.clone())["warnings"], json!([]));
+
+    let bad_level = "[log]\nlevel = \"verbose\"\n";
+    std::fs::write(&d.config_path, bad_level).unwrap();
+    let (code, message) = c.err(reload.clone());
+    assert_eq!(code, "bad_config");
+    assert!(
+        message.contains("log.level") && message.contains("verbose"),
+        "{message}"
+    );
+    std::fs::write(&d.config_path, "[server\n").unwrap();
+    let (code, _) = c.err(reload.clone());
+    assert_eq!(code, "bad_config");
+
+    // SIGHUP: the same problem in the log, and the daemon serves on.
+    std::fs::write(&d.config_path, bad_level).unwrap();
+    d.signal(libc::SIGHUP);
+    common::eventually(std::time::Duration::from_secs(10), || {
+        d.logs()
+            .lines()
+            .any(|l| l.contains("reload failed") && l.contains("log.level"))
+    });
+    assert_eq!(c.ok(json!({"op": "ping"}))["pong"], true);
+    assert!(d.stop().success());
+}
