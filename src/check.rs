@@ -362,16 +362,35 @@ fn check_keystore_place(config: &Config, viewer: &Viewer, purpose: Purpose, r: &
         ));
         return;
     }
+    if let Some(holder) = crate::lock::holder(store) {
+        let text = format!(
+            "the keystore {} is in use by {}",
+            store.display(),
+            holder.describe()
+        );
+        match purpose {
+            Purpose::Serve => {
+                r.problem(format!(
+                    "{text}; stop it first, or give this one its own keystore.path"
+                ));
+                return;
+            }
+            Purpose::Check => r.warning(format!(
+                "{text}; a second serve would refuse until it stops"
+            )),
+        }
+    }
     if !store.exists() {
         for suffix in ["-wal", "-shm"] {
             let journal = with_suffix(store, suffix);
             if journal.exists() {
-                r.problem(format!(
-                    "{} exists but the keystore {} does not: was the keystore moved or renamed while a daemon had it open? \
-                     Move it back (or remove the journal if no daemon runs); nothing was touched",
-                    journal.display(),
-                    store.display()
-                ));
+                r.problem(
+                    crate::lock::LockError::OrphanJournal {
+                        keystore: store.clone(),
+                        journal,
+                    }
+                    .to_string(),
+                );
                 return;
             }
         }
@@ -383,29 +402,13 @@ fn check_keystore_place(config: &Config, viewer: &Viewer, purpose: Purpose, r: &
             viewer.who(),
             store.display()
         ));
-        return;
-    }
-    if let Some(holder) = crate::lock::holder(store) {
-        let text = format!(
-            "the keystore {} is in use by {}",
-            store.display(),
-            holder.describe()
-        );
-        match purpose {
-            Purpose::Serve => r.problem(format!(
-                "{text}; stop it first, or give this one its own keystore.path"
-            )),
-            Purpose::Check => r.warning(format!(
-                "{text}; a second serve would refuse until it stops"
-            )),
-        }
     }
 }
 
 /// The master key as `serve` would read it (`$CREDENTIALS_DIRECTORY/master.key`,
 /// else `keystore.master_key_file`): readable by the service user, private, well
 /// formed and the keystore's; when missing, whether `serve` may create it.
-fn check_master_key(config: &Config, viewer: &Viewer, _: Purpose, r: &mut Report) {
+fn check_master_key(config: &Config, viewer: &Viewer, purpose: Purpose, r: &mut Report) {
     let key_path = crate::actors::keystore::master_key_path(config);
     let store = &config.keystore.path;
     let exists = match std::fs::metadata(&key_path) {
@@ -432,6 +435,23 @@ fn check_master_key(config: &Config, viewer: &Viewer, _: Purpose, r: &mut Report
                 }
             ));
             return;
+        }
+        if let Some(holder) = crate::lock::key_in_use(&key_path) {
+            let text = format!(
+                "the master key file {} is in use by {holder}",
+                key_path.display()
+            );
+            match purpose {
+                Purpose::Serve => {
+                    r.problem(format!(
+                        "{text}; a key file serves one keystore at a time: use that daemon's config (or stop it first)"
+                    ));
+                    return;
+                }
+                Purpose::Check => r.warning(format!(
+                    "{text}; a second serve would refuse until it stops"
+                )),
+            }
         }
         match MasterKey::read_file(&key_path) {
             Ok(k) => Some(k),

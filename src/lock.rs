@@ -214,6 +214,17 @@ pub fn key_holder(path: &Path) -> Option<String> {
     Some(format!("{text} (pid {pid})"))
 }
 
+/// Who holds the master key file `path` locked now, if anyone; takes nothing.
+pub fn key_in_use(path: &Path) -> Option<String> {
+    let f = File::open(path).ok()?;
+    match f.try_lock_shared() {
+        Err(TryLockError::WouldBlock) => {
+            Some(key_holder(path).unwrap_or_else(|| "another process".into()))
+        }
+        _ => None,
+    }
+}
+
 /// Who holds the lock of `keystore` now, if anyone; takes nothing (a shared lock
 /// tried and released at once). For the start-up preflight and `check-config`.
 pub fn holder(keystore: &Path) -> Option<Holder> {
