@@ -15,6 +15,7 @@ use serde_json::json;
 /// What `check-config` said: its exit code and stderr.
 struct Checked {
     code: i32,
+    stdout: String,
     stderr: String,
 }
 
@@ -37,10 +38,10 @@ fn check(mut cmd: Command, config: &Path, extra: &[&str]) -> Checked {
             .arg(config)
             .args(extra),
     );
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     Checked {
         code: out.status.code().expect("exited"),
-        stderr,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 
@@ -119,6 +120,19 @@ fn redis_down_with_a_key_file_starts() {
         checked.stderr.contains("warning:") && checked.stderr.contains("does not answer"),
         "{}",
         checked.stderr
+    );
+    // The effective config says where user keys live (Redis, by default).
+    assert!(
+        checked.stdout.contains("user_keys = \"redis\""),
+        "{}",
+        checked.stdout
+    );
+    std::fs::write(&d.config_path, "").unwrap();
+    let checked = check(as_root(), &d.config_path, &[]);
+    assert!(
+        checked.stdout.contains("user_keys = \"local\""),
+        "{}",
+        checked.stdout
     );
 }
 
