@@ -89,10 +89,21 @@ impl FleetError {
     /// Whether Redis could not be reached (waiting may cure it), as opposed to an
     /// answer that refuses the key or a setting that is wrong.
     pub fn is_unreachable(&self) -> bool {
-        matches!(
-            self,
-            FleetError::Unconnected(_) | FleetError::Unreachable(_)
-        )
+        use crate::actors::redis::ConnectError as C;
+        match self {
+            FleetError::Unconnected(_) | FleetError::Unreachable(_) => true,
+            // No sentinel could be asked (none answered in time, or each failed to
+            // connect): an outage, like Redis down; one that answered without the
+            // master is not.
+            FleetError::Connect(C::NoSentinel(each)) => each.iter().all(|e| match e {
+                C::SentinelTimedOut { .. } => true,
+                C::Sentinel { source, .. } => {
+                    source.is_io_error() || source.is_timeout() || source.is_connection_refusal()
+                }
+                _ => false,
+            }),
+            _ => false,
+        }
     }
 }
 

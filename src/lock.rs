@@ -461,6 +461,51 @@ mod tests {
     }
 
     #[test]
+    fn the_note_holds_the_lock_across_a_rename_and_a_journal_needs_its_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = dir.path().join("keystore.sqlite3");
+        let first = acquire(&ks, "serve", None, true).unwrap();
+        let note = std::fs::read(&first.path).unwrap();
+        std::fs::rename(&ks, dir.path().join("moved.sqlite3")).unwrap();
+        assert!(
+            matches!(
+                acquire(&ks, "serve", None, true),
+                Err(LockError::Held { .. })
+            ),
+            "the old path is still held"
+        );
+        assert!(!ks.exists(), "nothing created at the old path");
+        assert_eq!(std::fs::read(&first.path).unwrap(), note, "note unchanged");
+        assert!(holder(&ks).is_some_and(|h| h.pid == Some(std::process::id())));
+        drop(first);
+
+        let wal = dir.path().join("keystore.sqlite3-wal");
+        std::fs::write(&wal, b"journal").unwrap();
+        assert!(matches!(
+            acquire(&ks, "serve", None, true),
+            Err(LockError::OrphanJournal { .. })
+        ));
+        assert_eq!(std::fs::read(&wal).unwrap(), b"journal", "untouched");
+        assert!(!ks.exists());
+    }
+
+    #[test]
+    fn a_locked_key_file_names_its_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("master.key");
+        std::fs::write(&key, "k").unwrap();
+        let held = lock_key_file(&key).unwrap();
+        let me = format!("(pid {})", std::process::id());
+        match lock_key_file(&key) {
+            Err(LockError::KeyHeld { holder, .. }) => assert!(holder.ends_with(&me), "{holder}"),
+            _ => panic!("a second key lock was granted"),
+        }
+        assert!(key_in_use(&key).is_some_and(|h| h.ends_with(&me)));
+        drop(held);
+        assert!(key_in_use(&key).is_none());
+    }
+
+    #[test]
     fn tool_refusals_keep_their_text() {
         let holder = Holder {
             pid: Some(7),

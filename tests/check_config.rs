@@ -403,3 +403,27 @@ fn a_password_file_others_may_read_is_refused() {
     let (checked, started) = agree(&d, &as_root);
     assert!(started, "{}", checked.stderr);
 }
+
+/// No sentinel answers, but a key file is there: as with Redis down, serve starts
+/// (and finds the master once a sentinel answers); the check warns.
+#[test]
+fn sentinels_down_with_a_key_file_start() {
+    let key = apikeyd::crypto::MasterKey::generate_base64();
+    let d = TestDaemon::prepare(
+        Mode::Embedded,
+        None,
+        Some(key.as_bytes().to_vec()),
+        &format!(
+            "[redis]\nurl = \"redis://placeholder/0\"\nsentinels = [\"127.0.0.1:{}\"]\nmaster_name = \"mymaster\"\n",
+            common::free_port()
+        ),
+        &[],
+    );
+    let (checked, started) = agree(&d, &as_root);
+    assert!(started);
+    assert!(
+        checked.stderr.contains("warning:") && checked.stderr.contains("sentinel"),
+        "{}",
+        checked.stderr
+    );
+}
