@@ -427,3 +427,35 @@ fn sentinels_down_with_a_key_file_start() {
         checked.stderr
     );
 }
+
+/// The check reads Redis and writes nothing there (serve records its key check
+/// values when it starts; the check must not), and creates no file.
+#[test]
+fn the_check_changes_nothing_in_redis_or_on_disk() {
+    let redis = RedisServer::start();
+    let key = apikeyd::crypto::MasterKey::generate_base64();
+    let d = TestDaemon::prepare(
+        Mode::Redis,
+        Some(redis.clone()),
+        Some(key.as_bytes().to_vec()),
+        "",
+        &[],
+    );
+    let before = common::files_below(d.dir.path());
+    let checked = check(as_root(), &d.config_path, &[]);
+    assert_eq!(checked.code, 0, "{}", checked.stderr);
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!(keys.is_empty(), "the check wrote {keys:?}");
+    assert_eq!(common::files_below(d.dir.path()), before);
+    // serve on the same config records them.
+    let (started, _) = serve(as_root(), &d.config_path, &d.socket);
+    assert!(started);
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!(keys.iter().any(|k| k.contains("keycheck")), "{keys:?}");
+}
