@@ -25,6 +25,7 @@ pub enum Severity {
 #[derive(Debug, Clone)]
 pub struct Finding {
     pub severity: Severity,
+    /// What is wrong and what to do, for the operator (never a secret).
     pub text: String,
 }
 
@@ -42,6 +43,8 @@ pub enum Purpose {
 #[derive(Debug, Clone)]
 pub struct Viewer {
     pub uid: u32,
+    /// Its primary and supplementary groups (for `--as-user`; this process's
+    /// own are the kernel's business).
     pub gids: Vec<u32>,
     /// `None`: this process (the kernel answers, ACLs included).
     pub name: Option<String>,
@@ -166,6 +169,7 @@ impl Viewer {
 /// What the preflight found, and what `serve` carries on with.
 #[derive(Default)]
 pub struct Report {
+    /// In the order found.
     pub findings: Vec<Finding>,
     /// Redis mode: whether Redis answered (`serve` does not wait for it twice).
     pub redis_answered: Option<bool>,
@@ -194,6 +198,7 @@ impl Report {
             .map(|f| f.text.as_str())
     }
 
+    /// How many problems were found (each would refuse the start).
     pub fn problems(&self) -> usize {
         self.findings
             .iter()

@@ -31,15 +31,16 @@
 //! - `access` turns peer credentials (uid, gid, supplementary groups) into a role;
 //!   `audit` records writes, admin ops and refused connections; `metrics` counts
 //!   answers and renders the Prometheus text; `logfmt` escapes text-log values;
-//!   `check` is `apikeyd check-config`; `cli` holds the bodies of the subcommands
-//!   (the binary's `main.rs` is only the command line).
+//!   `check` is the start-up preflight, which `serve` and `apikeyd check-config`
+//!   share; `cli` holds the bodies of the subcommands (the binary's `main.rs` is only
+//!   the command line).
 //! - Redis: `keyspace` is the key layout (names, their inverse, scans), `envelope` the
 //!   sealed-value format, `actors::redis` the store (with `connection`: Target,
 //!   Sentinel, TLS; `listen`: pub/sub invalidation; `quota`: the counters, whose
 //!   calls of one event-loop turn go to Redis as one script). `fleet` checks the master key
 //!   against the fleet's and runs the heartbeat that gates rotation; `lock` holds the
-//!   keystore's flock. The tools `rotate`, `legacy` (import-legacy) and `migrate`
-//!   depend on these, never on actor internals.
+//!   keystore's and the master key file's flocks. The tools `rotate`, `legacy`
+//!   (import-legacy) and `migrate` depend on these, never on actor internals.
 
 pub mod access;
 pub mod actors;
