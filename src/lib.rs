@@ -107,12 +107,7 @@ pub enum StartError {
     /// In Redis mode: `[redis]` cannot be used to reach Redis.
     #[error(transparent)]
     Redis(#[from] actors::redis::ConnectError),
-    #[error("cannot open log.audit_file {} for appending: {source}", path.display())]
-    AuditFile {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    /// Opening the audit file when the daemon is built (`preflight` names the path).
+    /// Opening the audit file when the daemon is built (the preflight checked it).
     #[error("cannot open log.audit_file for appending: {0}")]
     Audit(#[source] std::io::Error),
     #[error("no keystore connection for the store")]
