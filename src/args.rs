@@ -36,13 +36,19 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Check a config as `serve` would (TOML, values, paths and permissions, master
-    /// key, Redis, access names) without binding the socket; print the effective
-    /// configuration without secrets. Exit 0 when `serve` would start, 1 otherwise.
+    /// Run `serve`'s own start-up checks (config values, access names, paths and
+    /// permissions, the socket, the lock, the master key against the keystore and
+    /// the fleet, Redis with its TLS, credentials and Sentinel) without creating,
+    /// binding or changing anything; print every problem and warning and the
+    /// effective configuration without secrets. Exit 0 when `serve` would start, 1
+    /// when it would refuse, 2 when the config itself is wrong.
     CheckConfig {
         /// Config file (default: $APIKEYD_CONFIG, else ./config.toml).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Check permissions as this user (the service's `User=`) would see them.
+        #[arg(long, value_name = "NAME")]
+        as_user: Option<String>,
     },
     /// Send JSON request lines (arguments, or stdin when none) and print the responses.
     #[command(after_help = CALL_EXIT_CODES)]

@@ -43,7 +43,7 @@ fn main() -> ExitCode {
             add_only,
         } => cli::rotate(config, key_file, add_only),
         Command::Keygen { out } => cli::keygen(&out),
-        Command::CheckConfig { config } => cli::check_config(config),
+        Command::CheckConfig { config, as_user } => cli::check_config(config, as_user),
         Command::Metrics { socket, config } => cli::metrics(socket, config),
         Command::Completions { shell } => {
             args::completions(shell, &mut std::io::stdout());
