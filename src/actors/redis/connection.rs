@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, RedisResult};
 
 use crate::config::RedisConfig;
+use crate::error::RedisRefusal;
 
 /// Reaching Redis failed before any command ran: a setting or file that is not
 /// usable, or no sentinel that names the master. Names settings, files and sentinel
@@ -80,6 +81,8 @@ pub struct RedisStatus {
     pub quota_calls: AtomicU64,
     /// The master's `host:port` as Sentinel last named it.
     master: Mutex<Option<String>>,
+    /// Commands Redis refused, by [`RedisRefusal`] (index in `RedisRefusal::ALL`).
+    refusals: [AtomicU64; RedisRefusal::ALL.len()],
 }
 
 impl RedisStatus {
@@ -89,6 +92,23 @@ impl RedisStatus {
             Ok(m) => m.clone(),
             Err(p) => p.into_inner().clone(),
         }
+    }
+
+    /// Counts one command Redis refused.
+    pub fn count_refusal(&self, refusal: RedisRefusal) {
+        if let Some(i) = RedisRefusal::ALL.iter().position(|r| *r == refusal) {
+            self.refusals[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Refusals so far, by cause (the ones that happened).
+    pub fn refusals(&self) -> Vec<(RedisRefusal, u64)> {
+        RedisRefusal::ALL
+            .iter()
+            .zip(&self.refusals)
+            .map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
     }
 
     pub(super) fn set_master(&self, address: &str) {

@@ -36,7 +36,8 @@ use super::store::*;
 use crate::clock;
 use crate::config::RedisConfig;
 use crate::crypto::MasterKey;
-use crate::error::{Error, Result};
+use crate::error::{Error, RedisRefusal, Result};
+use crate::logfmt::{Repeated, Say};
 
 /// How often the connection is checked (and re-established) in the background.
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
@@ -120,6 +121,8 @@ struct Inner {
     connected: Arc<AtomicBool>,
     /// Whether Redis has answered once since start (`stats` says "not connected" before).
     answered: Arc<AtomicBool>,
+    /// Refusals going on, by cause, so that the log says each once and then counts.
+    refusals: RefCell<std::collections::HashMap<(Kind, RedisRefusal), Repeated>>,
     /// Pool hashes already warned about (legacy values), so the log is not flooded.
     warned: RefCell<HashSet<String>>,
     /// Increments and consumes waiting for their batch.
@@ -142,14 +145,6 @@ pub fn describe_error(e: &redis::RedisError) -> String {
     }
 }
 
-/// Redis answered but cannot serve right now (loading its data after a restart, or
-/// failing over): the client should retry, so `unavailable` rather than `internal`.
-/// Inside a transaction the kind is ExecAbort; its message names the cause.
-fn is_transient(e: &redis::RedisError) -> bool {
-    matches!(e.retry_method(), redis::RetryMethod::WaitAndRetry)
-        || e.to_string().contains("BusyLoading")
-}
-
 fn is_connection_error(e: &redis::RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
 }
@@ -168,7 +163,7 @@ fn may_retry(e: &redis::RedisError, kind: Kind) -> bool {
 }
 
 /// Whether running a command twice is harmless.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Kind {
     Read,
     Write,
@@ -228,6 +223,7 @@ impl Inner {
                 if !self.connected.swap(true, Ordering::Relaxed) {
                     tracing::info!("redis connection is up");
                 }
+                self.refusals_end(kind);
                 Ok(v)
             }
             Ok(Err(e)) if is_connection_error(&e) => {
@@ -236,18 +232,16 @@ impl Inner {
                     "redis is unreachable; retry shortly".into(),
                 ))
             }
-            Ok(Err(e)) if is_transient(&e) => {
-                tracing::warn!(what, error = %e, "redis cannot serve right now (loading or failing over)");
-                Err(Error::Unavailable(
-                    "redis is loading its data or failing over; retry shortly".into(),
-                ))
-            }
             Ok(Err(e)) => {
-                // Server-side errors (WRONGTYPE, OOM, …) carry no request data.
-                tracing::error!(what, error = %e, "redis refused a command");
-                Err(Error::Internal(format!(
-                    "redis refused {what} (see the daemon log)"
-                )))
+                // Redis answered, so it is reachable; what it refused is said once
+                // per cause and then summed up (it may refuse every request).
+                self.answered.store(true, Ordering::Relaxed);
+                if !self.connected.swap(true, Ordering::Relaxed) {
+                    tracing::info!("redis connection is up");
+                }
+                let refusal = RedisRefusal::of(&e);
+                self.refused(what, kind, refusal, &e);
+                Err(refusal.error(what))
             }
             Err(_) => {
                 self.mark_down(what, "timed out");
@@ -257,6 +251,58 @@ impl Inner {
                 )))
             }
         }
+    }
+
+    /// Logs a refusal: the first of its cause at once, then a count at most once a
+    /// minute (server-side errors carry no request data).
+    fn refused(&self, what: &str, kind: Kind, refusal: RedisRefusal, e: &redis::RedisError) {
+        self.status.count_refusal(refusal);
+        let command = match kind {
+            Kind::Read => "a read",
+            Kind::Write => "a write",
+        };
+        let said = self
+            .refusals
+            .borrow_mut()
+            .entry((kind, refusal))
+            .or_default()
+            .hit(std::time::Instant::now());
+        match said {
+            Say::First => tracing::error!(what, error = %e,
+                "redis refused {command}: {}", refusal.cause()),
+            Say::Again { times, total } => tracing::error!(
+                what,
+                times,
+                total,
+                "redis still refuses: {}; {times} more refusals in the last minute",
+                refusal.cause()
+            ),
+            Say::Nothing => {}
+        }
+    }
+
+    /// Redis ran a command of `kind`: the refusals of such commands have ended (a
+    /// read that succeeds says nothing of writes refused for lack of memory).
+    fn refusals_end(&self, kind: Kind) {
+        let mut refusals = self.refusals.borrow_mut();
+        if refusals.is_empty() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        for ((k, refusal), streak) in refusals.iter_mut() {
+            if *k != kind {
+                continue;
+            }
+            if let Some((total, lasted)) = streak.end(now) {
+                tracing::info!(
+                    refusals = total,
+                    seconds = lasted.as_secs(),
+                    "redis accepts commands again after {total} refusals: {}",
+                    refusal.cause()
+                );
+            }
+        }
+        refusals.retain(|_, streak| streak.holds());
     }
 
     fn mark_down(&self, what: &str, why: &str) {
@@ -838,6 +884,7 @@ impl RedisStore {
                 connected,
                 answered: Arc::new(AtomicBool::new(false)),
                 warned: RefCell::new(HashSet::new()),
+                refusals: RefCell::default(),
                 quota: quota::Batcher::new(),
                 report: redis::Script::new(REPORT_SCRIPT),
                 enable: redis::Script::new(ENABLE_SCRIPT),
