@@ -174,6 +174,7 @@ impl App {
             cache,
             connections: self.connections.load(std::sync::atomic::Ordering::Relaxed),
             redis_up: self.redis_up(),
+            redis: self.store.redis_status(),
         })
     }
 

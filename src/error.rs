@@ -160,6 +160,24 @@ impl RedisRefusal {
         })
     }
 
+    /// The `cause` label of `apikeyd_redis_refusals_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            RedisRefusal::OutOfMemory => "oom",
+            RedisRefusal::ReadOnly => "readonly",
+            RedisRefusal::NoAuth => "noauth",
+            RedisRefusal::NoPerm => "noperm",
+            RedisRefusal::Loading => "loading",
+            RedisRefusal::MasterDown => "masterdown",
+            RedisRefusal::Busy => "busy",
+            RedisRefusal::SnapshotFailing => "misconf",
+            RedisRefusal::TryAgain => "tryagain",
+            RedisRefusal::Cluster => "cluster",
+            RedisRefusal::WrongType => "wrongtype",
+            RedisRefusal::Other => "other",
+        }
+    }
+
     /// The cause in words, with Redis's own code, for the log and the wire.
     pub fn cause(self) -> &'static str {
         match self {

@@ -1,9 +1,9 @@
 //! Metrics: requests per op and code, request durations, quota denials, and the
-//! Prometheus text built from them and from the cache and connection figures. Served
+//! Prometheus text built from them and from the cache, connection and Redis figures. Served
 //! by the op `metrics` (`apikeyd metrics`) and, with `metrics.listen`, by
 //! `GET /metrics` on a loopback HTTP port.
 //!
-//! The hot path only bumps atomics; the prometheus-client registry is filled from
+//! The hot path only bumps atomics; a prometheus-client registry is built from
 //! them when someone asks, on the thread that serves connections.
 
 use std::collections::BTreeMap;
@@ -20,6 +20,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 
 use crate::actors::cache::CacheFigures;
+use crate::actors::redis::connection::RedisStatus;
 use crate::error::{Error, Result};
 use crate::op::Op;
 
@@ -45,81 +46,25 @@ fn op_name(i: usize) -> &'static str {
 
 type OpCode = [(&'static str, &'static str); 2];
 
-/// The daemon's counters and the registry they are exported through.
+/// The daemon's counters; the exposition is built from them when someone asks.
 pub struct Metrics {
     /// Answers per (op index, code index).
     counts: Vec<[AtomicU64; CODES.len()]>,
     quota_denials: AtomicU64,
     duration: Histogram,
-    registry: Registry,
-    requests: Family<OpCode, Counter>,
-    denials: Counter,
-    cache_hits: Counter,
-    cache_misses: Counter,
-    cache_entries: Gauge,
-    connections: Gauge,
-    redis_up: Option<Gauge>,
+    /// Redis mode: `apikeyd_redis_up` and the Redis families are exported.
+    redis: bool,
 }
 
 impl Metrics {
-    /// Empty counters; `redis` adds `apikeyd_redis_up`.
+    /// Empty counters; `redis` adds the Redis families (`apikeyd_redis_up`, …).
     pub fn new(redis: bool) -> Metrics {
-        let mut registry = Registry::with_prefix("apikeyd");
-        let requests = Family::<OpCode, Counter>::default();
-        registry.register(
-            "requests",
-            "Answers by op and result code (ok or the error code)",
-            requests.clone(),
-        );
-        // 50 µs to about 3.3 s: cache hits are tens of µs, store calls ms, deadlines s.
-        let duration = Histogram::new(exponential_buckets(0.00005, 4.0, 9));
-        registry.register(
-            "request_duration_seconds",
-            "Time from reading a request to its answer being ready",
-            duration.clone(),
-        );
-        let denials = Counter::default();
-        registry.register(
-            "quota_denials",
-            "check_default_key_limit and consume_default_key_usage answers with allowed: false",
-            denials.clone(),
-        );
-        let (cache_hits, cache_misses) = (Counter::default(), Counter::default());
-        registry.register("cache_hits", "Key cache hits", cache_hits.clone());
-        registry.register("cache_misses", "Key cache misses", cache_misses.clone());
-        let cache_entries = Gauge::default();
-        registry.register(
-            "cache_entries",
-            "Cached user keys and pools",
-            cache_entries.clone(),
-        );
-        let connections = Gauge::default();
-        registry.register(
-            "connections",
-            "Open client connections",
-            connections.clone(),
-        );
-        let redis_up = redis.then(|| {
-            let g = Gauge::default();
-            registry.register(
-                "redis_up",
-                "1 when Redis has answered and is not known to be down",
-                g.clone(),
-            );
-            g
-        });
         Metrics {
             counts: (0..=Op::ALL.len()).map(|_| Default::default()).collect(),
             quota_denials: AtomicU64::new(0),
-            duration,
-            registry,
-            requests,
-            denials,
-            cache_hits,
-            cache_misses,
-            cache_entries,
-            connections,
-            redis_up,
+            // 50 µs to about 3.3 s: cache hits are tens of µs, store calls ms, deadlines s.
+            duration: Histogram::new(exponential_buckets(0.00005, 4.0, 9)),
+            redis,
         }
     }
 
@@ -167,50 +112,169 @@ impl Metrics {
 
 /// What the exposition needs besides the counters kept here: figures the daemon's
 /// other parts own, read at the moment of the scrape.
-pub struct Gauges {
+pub struct Gauges<'a> {
     pub cache: CacheFigures,
     pub connections: u64,
     /// Redis mode: whether Redis is up.
     pub redis_up: Option<bool>,
+    /// Redis mode: the connection's figures (failovers, master, sentinels, refusals).
+    pub redis: Option<&'a RedisStatus>,
 }
 
+fn counter(n: u64) -> Counter {
+    let c: Counter = Counter::default();
+    c.inner().store(n, Ordering::Relaxed);
+    c
+}
+
+fn gauge(n: u64) -> Gauge {
+    let g = Gauge::default();
+    g.set(i64::try_from(n).unwrap_or(i64::MAX));
+    g
+}
+
+type Labels = Vec<(&'static str, String)>;
+
 impl Metrics {
-    /// The Prometheus text (OpenMetrics 1.0, which Prometheus and node_exporter's
-    /// textfile collector read) of these counters and `now`.
+    /// The Prometheus text exposition format (version 0.0.4, which Prometheus,
+    /// promtool and node_exporter's textfile collector read) of these counters and
+    /// `now`: every family with its `# HELP` and `# TYPE`.
     pub fn render(&self, now: &Gauges) -> Result<String> {
+        let mut registry = Registry::with_prefix("apikeyd");
+        let requests = Family::<OpCode, Counter>::default();
         for (i, row) in self.counts.iter().enumerate() {
             for (j, n) in row.iter().enumerate() {
                 let n = n.load(Ordering::Relaxed);
                 if n > 0 {
                     let labels = [("op", op_name(i)), ("code", CODES[j])];
-                    self.requests
+                    requests
                         .get_or_create(&labels)
                         .inner()
                         .store(n, Ordering::Relaxed);
                 }
             }
         }
-        self.denials
-            .inner()
-            .store(self.quota_denials(), Ordering::Relaxed);
-        self.cache_hits
-            .inner()
-            .store(now.cache.hits, Ordering::Relaxed);
-        self.cache_misses
-            .inner()
-            .store(now.cache.misses, Ordering::Relaxed);
-        self.cache_entries
-            .set(i64::try_from(now.cache.entries).unwrap_or(i64::MAX));
-        self.connections
-            .set(i64::try_from(now.connections).unwrap_or(i64::MAX));
-        if let Some(g) = &self.redis_up {
-            g.set(i64::from(now.redis_up == Some(true)));
+        registry.register(
+            "requests",
+            "Answers by op and result code (ok or the error code)",
+            requests,
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from reading a request to its answer being ready",
+            self.duration.clone(),
+        );
+        registry.register(
+            "quota_denials",
+            "check_default_key_limit and consume_default_key_usage answers with allowed: false",
+            counter(self.quota_denials()),
+        );
+        registry.register("cache_hits", "Key cache hits", counter(now.cache.hits));
+        registry.register(
+            "cache_misses",
+            "Key cache misses",
+            counter(now.cache.misses),
+        );
+        registry.register(
+            "cache_entries",
+            "Cached user keys and pools",
+            gauge(now.cache.entries as u64),
+        );
+        registry.register(
+            "connections",
+            "Open client connections",
+            gauge(now.connections),
+        );
+        if self.redis {
+            registry.register(
+                "redis_up",
+                "1 when Redis has answered and is not known to be down",
+                gauge(u64::from(now.redis_up == Some(true))),
+            );
+        }
+        if let Some(status) = now.redis {
+            register_redis(&mut registry, status);
         }
         let mut text = String::with_capacity(4096);
-        encode(&mut text, &self.registry)
+        encode(&mut text, &registry)
             .map_err(|_| Error::Internal("cannot encode the metrics".into()))?;
-        Ok(text)
+        Ok(text_format(&text))
     }
+}
+
+/// The Redis families: failovers, the master Sentinel names, sentinels that
+/// answer, and the commands Redis refused by cause.
+fn register_redis(registry: &mut Registry, status: &RedisStatus) {
+    registry.register(
+        "redis_failovers",
+        "Redis master changes followed since start (Sentinel failovers)",
+        counter(status.failovers.load(Ordering::Relaxed)),
+    );
+    let refusals = Family::<Labels, Counter>::default();
+    for (refusal, n) in status.refusals() {
+        refusals
+            .get_or_create(&vec![("cause", refusal.label().to_string())])
+            .inner()
+            .store(n, Ordering::Relaxed);
+    }
+    registry.register(
+        "redis_refusals",
+        "Commands Redis answered with an error, by cause (oom, readonly, noauth, ...)",
+        refusals,
+    );
+    let sentinels = status.sentinels.load(Ordering::Relaxed);
+    if sentinels == 0 {
+        return;
+    }
+    let master = Family::<Labels, Gauge>::default();
+    if let Some(addr) = status.master() {
+        master.get_or_create(&vec![("addr", addr)]).set(1);
+    }
+    registry.register(
+        "redis_master_info",
+        "1 for the Redis master Sentinel names now (label addr, host:port)",
+        master,
+    );
+    registry.register(
+        "sentinels_reachable",
+        "Sentinels that answered the last health check (of redis.sentinels)",
+        gauge(status.sentinels_reachable.load(Ordering::Relaxed)),
+    );
+    registry.register(
+        "sentinels",
+        "Sentinels listed in redis.sentinels",
+        gauge(sentinels),
+    );
+}
+
+/// prometheus-client writes OpenMetrics, where a counter's `# HELP`/`# TYPE` name
+/// the family without `_total` and the text ends with `# EOF`. The 0.0.4 text
+/// format names them as the samples are named and has no `# EOF`; everything else
+/// (samples, histograms, escaping) is the same.
+fn text_format(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 64);
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|tag| {
+            let rest = line.strip_prefix(tag)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{tag}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// A bound `metrics.listen` port, waiting for `run` to serve it.
@@ -288,8 +352,7 @@ impl Listener {
                                 let response = tiny_http::Response::from_string(text);
                                 match tiny_http::Header::from_bytes(
                                     &b"Content-Type"[..],
-                                    &b"application/openmetrics-text; version=1.0.0; charset=utf-8"
-                                        [..],
+                                    &b"text/plain; version=0.0.4; charset=utf-8"[..],
                                 ) {
                                     Ok(h) => response.with_header(h),
                                     Err(()) => response,
@@ -323,6 +386,42 @@ mod tests {
         assert_eq!(by_op["get_user_api_key"], 1);
         assert_eq!(by_code["ok"], 2);
         assert_eq!(by_code["internal"], 1);
+    }
+
+    #[test]
+    fn counters_are_named_as_their_samples() {
+        let m = Metrics::new(true);
+        m.record(Some(Op::Ping), "ok", None);
+        let status = RedisStatus::default();
+        status.count_refusal(crate::error::RedisRefusal::OutOfMemory);
+        let text = m
+            .render(&Gauges {
+                cache: CacheFigures {
+                    hits: 1,
+                    misses: 2,
+                    entries: 3,
+                },
+                connections: 1,
+                redis_up: Some(true),
+                redis: Some(&status),
+            })
+            .unwrap();
+        for want in [
+            "# HELP apikeyd_requests_total Answers",
+            "# TYPE apikeyd_requests_total counter\n",
+            "apikeyd_requests_total{op=\"ping\",code=\"ok\"} 1\n",
+            "# TYPE apikeyd_redis_refusals_total counter\n",
+            "apikeyd_redis_refusals_total{cause=\"oom\"} 1\n",
+            "# TYPE apikeyd_cache_entries gauge\n",
+            "apikeyd_redis_up 1\n",
+        ] {
+            assert!(text.contains(want), "{want:?} in\n{text}");
+        }
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(
+            !text.contains("sentinels"),
+            "no Sentinel, no sentinel families"
+        );
     }
 
     #[test]

@@ -43,6 +43,62 @@ fn get(addr: &str, path: &str) -> (String, String) {
     (head.lines().next().unwrap().to_string(), body.to_string())
 }
 
+/// Runs `promtool check metrics` on `text`; panics with its complaints. promtool
+/// comes with the Debian package `prometheus` (.ci/run installs it).
+fn promtool_check(text: &str) {
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => panic!(
+            "cannot run promtool ({e}): install prometheus (promtool): apt-get install prometheus"
+        ),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty() && out.stdout.is_empty(),
+        "promtool check metrics: {}{}\non:\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn example_alert_rules_pass_promtool() {
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/alerts.yml");
+    let out = Command::new("promtool")
+        .args(["check", "rules", rules])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run promtool ({e}): install prometheus (promtool): apt-get install prometheus")
+        });
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(rules).unwrap();
+    for alert in [
+        "ApikeydDown",
+        "ApikeydRedisDown",
+        "ApikeydNoActivePoolKey",
+        "ApikeydErrorRate",
+    ] {
+        assert!(text.contains(&format!("alert: {alert}\n")), "{alert}");
+    }
+}
+
 /// Sends a known mix of requests; returns the connection, still open.
 fn exercise(d: &TestDaemon) -> common::Client {
     let mut c = d.client();
@@ -91,6 +147,15 @@ fn prometheus_over_http(mode: Mode) {
         "{text}"
     );
     assert!(!text.contains("sk-metrics"), "no key in metrics");
+    if mode == Mode::Redis {
+        for want in [
+            "# TYPE apikeyd_redis_failovers_total counter",
+            "apikeyd_redis_failovers_total 0",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+    }
+    promtool_check(&text);
     let (status, _) = get(&addr, "/other");
     assert!(status.contains("404"), "{status}");
 
@@ -106,7 +171,7 @@ fn prometheus_over_http(mode: Mode) {
         text.contains(r#"apikeyd_requests_total{op="get_user_api_key",code="ok"} 2"#),
         "{text}"
     );
-    assert!(text.ends_with("# EOF\n"), "{text}");
+    promtool_check(&text);
 }
 
 fn stats_counts_per_op_and_code(mode: Mode) {

@@ -81,6 +81,10 @@ pub struct RedisStatus {
     pub quota_calls: AtomicU64,
     /// The master's `host:port` as Sentinel last named it.
     master: Mutex<Option<String>>,
+    /// Sentinels in `redis.sentinels`, and how many answered the last time all were
+    /// asked (every health check).
+    pub sentinels: AtomicU64,
+    pub sentinels_reachable: AtomicU64,
     /// Commands Redis refused, by [`RedisRefusal`] (index in `RedisRefusal::ALL`).
     refusals: [AtomicU64; RedisRefusal::ALL.len()],
 }
@@ -338,11 +342,18 @@ impl Target {
         Err(ConnectError::NoSentinel(errors))
     }
 
-    /// The master's address, from the first sentinel that answers.
+    /// The master's address, from the first sentinel (in order) that answers.
     pub async fn ask_sentinels(&self) -> std::result::Result<(String, u16), ConnectError> {
-        let mut errors = Vec::new();
+        self.ask_every_sentinel().await.0
+    }
+
+    /// Asks every sentinel at once: the master's address from the first (in order)
+    /// that answers, and how many answered.
+    pub async fn ask_every_sentinel(
+        &self,
+    ) -> (std::result::Result<(String, u16), ConnectError>, usize) {
         let limit = self.timeout.max(Duration::from_millis(500));
-        for s in &self.sentinels {
+        let answers = futures_util::future::join_all(self.sentinels.iter().map(|s| async move {
             let asked = async {
                 let client = self.sentinel_client(s)?;
                 let mut con = client.get_multiplexed_async_connection().await?;
@@ -353,15 +364,24 @@ impl Target {
                     .await
             };
             match tokio::time::timeout(limit, asked).await {
-                Ok(Ok(reply)) => return Self::master_address(reply, &self.master_name),
-                Ok(Err(source)) => errors.push(ConnectError::Sentinel {
+                Ok(Ok(reply)) => Ok(reply),
+                Ok(Err(source)) => Err(ConnectError::Sentinel {
                     address: s.clone(),
                     source,
                 }),
-                Err(_) => errors.push(ConnectError::SentinelTimedOut { address: s.clone() }),
+                Err(_) => Err(ConnectError::SentinelTimedOut { address: s.clone() }),
+            }
+        }))
+        .await;
+        let reachable = answers.iter().filter(|a| a.is_ok()).count();
+        let mut errors = Vec::new();
+        for answer in answers {
+            match answer {
+                Ok(reply) => return (Self::master_address(reply, &self.master_name), reachable),
+                Err(e) => errors.push(e),
             }
         }
-        Err(ConnectError::NoSentinel(errors))
+        (Err(ConnectError::NoSentinel(errors)), reachable)
     }
 }
 

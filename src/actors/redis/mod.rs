@@ -574,7 +574,11 @@ impl Inner {
     /// counted in `stats`). A failover thus heals within a health-check period of
     /// the sentinels' promotion.
     async fn follow_master(&self) {
-        let (host, port) = match self.target.ask_sentinels().await {
+        let (master, reachable) = self.target.ask_every_sentinel().await;
+        self.status
+            .sentinels_reachable
+            .store(reachable as u64, Ordering::Relaxed);
+        let (host, port) = match master {
             Ok(a) => a,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot ask the sentinels for the master now");
@@ -851,6 +855,9 @@ impl RedisStore {
     ) -> std::result::Result<Self, ConnectError> {
         let timeout = Duration::from_millis(config.timeout_ms.max(1));
         let status = Arc::new(RedisStatus::default());
+        status
+            .sentinels
+            .store(config.sentinels.len() as u64, Ordering::Relaxed);
         // With Sentinel, the master named now; if no sentinel answers, the URL's own
         // address stands in until the health check finds one.
         let first = if target.uses_sentinels() {
