@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::actors::cache::CacheFigures;
 use crate::actors::redis::connection::RedisStatus;
+use crate::actors::store::PoolKeyCount;
 use crate::error::{Error, Result};
 use crate::op::Op;
 
@@ -119,6 +120,8 @@ pub struct Gauges<'a> {
     pub redis_up: Option<bool>,
     /// Redis mode: the connection's figures (failovers, master, sentinels, refusals).
     pub redis: Option<&'a RedisStatus>,
+    /// Keys per pool and state; `None` when the store could not say now.
+    pub pools: Option<Vec<PoolKeyCount>>,
 }
 
 fn counter(n: u64) -> Counter {
@@ -195,6 +198,9 @@ impl Metrics {
         if let Some(status) = now.redis {
             register_redis(&mut registry, status);
         }
+        if let Some(pools) = &now.pools {
+            register_pools(&mut registry, pools);
+        }
         let mut text = String::with_capacity(4096);
         encode(&mut text, &registry)
             .map_err(|_| Error::Internal("cannot encode the metrics".into()))?;
@@ -244,6 +250,42 @@ fn register_redis(registry: &mut Registry, status: &RedisStatus) {
         "sentinels",
         "Sentinels listed in redis.sentinels",
         gauge(sentinels),
+    );
+}
+
+/// `apikeyd_pool_keys{service,scope,state}`: keys per service, in the global pool
+/// (`scope="global"`) or summed over the channel pools (`scope="channel"`; channel
+/// ids are not labels, so their number cannot grow the exposition), per state.
+fn register_pools(registry: &mut Registry, pools: &[PoolKeyCount]) {
+    let mut sums: BTreeMap<(&str, &'static str), [u64; 3]> = BTreeMap::new();
+    for p in pools {
+        let scope = if p.pool.channel.is_some() {
+            "channel"
+        } else {
+            "global"
+        };
+        let sum = sums.entry((p.pool.service.as_str(), scope)).or_default();
+        sum[0] += p.active;
+        sum[1] += p.cooling;
+        sum[2] += p.disabled;
+    }
+    let family = Family::<Labels, Gauge>::default();
+    for ((service, scope), counts) in sums {
+        for (state, n) in ["active", "cooling", "disabled"].into_iter().zip(counts) {
+            let labels = vec![
+                ("service", service.to_string()),
+                ("scope", scope.to_string()),
+                ("state", state.to_string()),
+            ];
+            family
+                .get_or_create(&labels)
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+    registry.register(
+        "pool_keys",
+        "Pool keys per service, scope (global, or summed over channels) and state (active, cooling, disabled)",
+        family,
     );
 }
 
@@ -404,6 +446,7 @@ mod tests {
                 connections: 1,
                 redis_up: Some(true),
                 redis: Some(&status),
+                pools: None,
             })
             .unwrap();
         for want in [

@@ -117,6 +117,18 @@ fn prometheus_over_http(mode: Mode) {
     let addr = metrics_addr(&d);
     assert!(addr.starts_with("127.0.0.1:"), "{addr}");
     let _open = exercise(&d);
+    let mut admin = d.client();
+    let cooled = admin
+        .ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-metrics-pool-0001"}))
+        ["key_id"]
+        .clone();
+    admin.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-metrics-pool-0002"}));
+    admin.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-metrics-pool-0003", "channel_id": "c1"}));
+    admin.ok(
+        json!({"op": "report_key_result", "service": "openai", "key_id": cooled,
+        "outcome": "rate_limited", "retry_after_s": 600}),
+    );
+    drop(admin);
     // Earlier connections (the readiness ping) may still be closing: poll for one.
     let deadline = Instant::now() + Duration::from_secs(10);
     let (status, text) = loop {
@@ -138,6 +150,10 @@ fn prometheus_over_http(mode: Mode) {
         "apikeyd_cache_hits_total",
         "apikeyd_cache_misses_total",
         "apikeyd_connections 1",
+        r#"apikeyd_pool_keys{service="openai",scope="global",state="active"} 1"#,
+        r#"apikeyd_pool_keys{service="openai",scope="global",state="cooling"} 1"#,
+        r#"apikeyd_pool_keys{service="openai",scope="global",state="disabled"} 0"#,
+        r#"apikeyd_pool_keys{service="openai",scope="channel",state="active"} 1"#,
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
@@ -147,6 +163,10 @@ fn prometheus_over_http(mode: Mode) {
         "{text}"
     );
     assert!(!text.contains("sk-metrics"), "no key in metrics");
+    assert!(
+        !text.contains(cooled.as_str().unwrap()),
+        "no key id in metrics"
+    );
     if mode == Mode::Redis {
         for want in [
             "# TYPE apikeyd_redis_failovers_total counter",

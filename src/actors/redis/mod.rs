@@ -460,6 +460,63 @@ impl Inner {
         Ok(out)
     }
 
+    /// Every pool hash under the prefix (SCAN), then each pool's key ids and health
+    /// in one pipeline; only the counts leave.
+    async fn count_pool_keys(&self, _: CountPoolKeys) -> Result<Vec<PoolKeyCount>> {
+        let patterns = [
+            format!("{}:global_api_pool:*", self.names.prefix),
+            format!("{}:channel_api_pool:*", self.names.prefix),
+        ];
+        let mut hashes: Vec<String> = Vec::new();
+        for pattern in &patterns {
+            let found: Vec<String> = self
+                .bounded("scan pools", Kind::Read, |mut c| async move {
+                    let mut found = Vec::new();
+                    let mut iter = c.scan_match::<_, String>(pattern).await?;
+                    while let Some(name) = iter.next_item().await {
+                        found.push(name?);
+                    }
+                    Ok(found)
+                })
+                .await?;
+            hashes.extend(found);
+        }
+        hashes.sort();
+        hashes.dedup();
+        let pools: Vec<PoolRef> = hashes
+            .iter()
+            .filter_map(|h| crate::keyspace::pool_of(&self.names, h))
+            .collect();
+        if pools.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for pool in &pools {
+            pipe.hkeys(self.names.pool(pool))
+                .hgetall(self.names.pool_health(pool));
+        }
+        let replies: Vec<redis::Value> =
+            self.pipeline("count pool keys", Kind::Read, &pipe).await?;
+        let now = clock::now_s();
+        let mut out = Vec::with_capacity(pools.len());
+        for (pool, pair) in pools.into_iter().zip(replies.chunks_exact(2)) {
+            // A key of another type under the pattern answers an error: not a pool.
+            let (Ok(ids), Ok(health)) = (
+                redis::from_redis_value_ref::<Vec<String>>(&pair[0]),
+                redis::from_redis_value_ref::<std::collections::HashMap<String, String>>(&pair[1]),
+            ) else {
+                continue;
+            };
+            let mut count = PoolKeyCount::new(pool);
+            for id in &ids {
+                count.add(parse_health(health.get(id).map(String::as_str)).state(now));
+            }
+            out.push(count);
+        }
+        Ok(out)
+    }
+
     async fn report_pool_key(&self, msg: ReportPoolKey) -> Result<Option<Health>> {
         let health_hash = self.names.pool_health(&msg.pool);
         let keys = [
@@ -940,6 +997,7 @@ macro_rules! forward {
 
 forward!(AddPoolKey, (String, bool), add_pool_key);
 forward!(ReportPoolKey, Option<Health>, report_pool_key);
+forward!(CountPoolKeys, Vec<PoolKeyCount>, count_pool_keys);
 forward!(EnablePoolKey, bool, enable_pool_key);
 forward!(CountPicks, (), count_picks);
 forward!(RemovePoolKey, bool, remove_pool_key);
