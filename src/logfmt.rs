@@ -58,6 +58,8 @@ pub struct Repeated {
     /// Since when the condition holds; `None` while it does not.
     since: Option<Instant>,
     said_at: Option<Instant>,
+    /// The latest occurrence.
+    last: Option<Instant>,
     /// Occurrences since the condition began, and since it was last said.
     total: u64,
     unsaid: u64,
@@ -78,6 +80,7 @@ impl Repeated {
     /// One more occurrence at `now`.
     pub fn hit(&mut self, now: Instant) -> Say {
         self.total += 1;
+        self.last = Some(now);
         let Some(said_at) = self.said_at.filter(|_| self.since.is_some()) else {
             self.since = Some(now);
             self.said_at = Some(now);
@@ -104,6 +107,17 @@ impl Repeated {
         self.unsaid = 0;
         self.said_at = None;
         Some((total, now.duration_since(since)))
+    }
+
+    /// Like [`Repeated::end`], but only once the condition has not occurred for
+    /// `quiet`: for a condition that flickers (an accept that fails, then succeeds
+    /// once, then fails again), so that the log does not flicker with it.
+    pub fn end_when_quiet(&mut self, now: Instant, quiet: Duration) -> Option<(u64, Duration)> {
+        let last = self.last.filter(|_| self.since.is_some())?;
+        if now.duration_since(last) < quiet {
+            return None;
+        }
+        self.end(now)
     }
 
     /// Whether the condition holds.
@@ -140,6 +154,13 @@ mod tests {
         );
         assert!(!r.holds());
         assert_eq!(r.hit(t0 + Duration::from_secs(63)), Say::First);
+        let quiet = Duration::from_secs(5);
+        assert_eq!(r.end_when_quiet(t0 + Duration::from_secs(64), quiet), None);
+        assert_eq!(r.hit(t0 + Duration::from_secs(65)), Say::Nothing);
+        assert_eq!(
+            r.end_when_quiet(t0 + Duration::from_secs(70), quiet),
+            Some((2, Duration::from_secs(7)))
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Metrics: requests per op and code, request durations, quota denials, and the
 //! Prometheus text built from them and from the cache, connection and Redis figures. Served
 //! by the op `metrics` (`apikeyd metrics`) and, with `metrics.listen`, by
-//! `GET /metrics` on a loopback HTTP port.
+//! `GET /metrics` on a loopback HTTP port served (hyper) on the daemon's runtime.
 //!
 //! The hot path only bumps atomics; a prometheus-client registry is built from
 //! them when someone asks, on the thread that serves connections.
@@ -17,12 +17,13 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tokio::sync::mpsc;
+use std::future::Future;
 
 use crate::actors::cache::CacheFigures;
 use crate::actors::redis::connection::RedisStatus;
 use crate::actors::store::PoolKeyCount;
 use crate::error::{Error, Result};
+use crate::logfmt::{Repeated, Say};
 use crate::op::Op;
 
 /// The `op` label of unknown ops and of lines that were not a request.
@@ -321,7 +322,7 @@ fn text_format(openmetrics: &str) -> String {
 
 /// A bound `metrics.listen` port, waiting for `run` to serve it.
 pub struct Listener {
-    server: tiny_http::Server,
+    listener: std::net::TcpListener,
     addr: SocketAddr,
 }
 
@@ -337,7 +338,7 @@ pub enum BindError {
     #[error("cannot listen on metrics.listen {addr}: {source}")]
     Listen {
         addr: SocketAddr,
-        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+        source: std::io::Error,
     },
 }
 
@@ -351,17 +352,74 @@ pub fn bind(listen: Option<&str>) -> std::result::Result<Option<Listener>, BindE
         listen: listen.to_string(),
         source,
     })?;
-    let server =
-        tiny_http::Server::http(addr).map_err(|source| BindError::Listen { addr, source })?;
-    let addr = server.server_addr().to_ip().unwrap_or(addr);
-    Ok(Some(Listener { server, addr }))
+    let listener = listen_on(addr).map_err(|source| BindError::Listen { addr, source })?;
+    let addr = listener.local_addr().unwrap_or(addr);
+    Ok(Some(Listener { listener, addr }))
 }
 
-/// What the HTTP thread asks the daemon's thread: render, and send the text here.
-pub type RenderRequest = std::sync::mpsc::SyncSender<Result<String>>;
+/// Connections that may wait for an accept: room for a burst of connections
+/// (someone holding many open) without turning the scraper's away.
+const BACKLOG: i32 = 1024;
 
-/// How long the HTTP thread waits for the daemon's thread to render.
-const RENDER_LIMIT: Duration = Duration::from_secs(5);
+/// A nonblocking listener on `addr` with [`BACKLOG`].
+fn listen_on(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Connections served at once; more wait in the kernel's backlog. A scraper needs
+/// one; the cap keeps a local user holding connections open from taking the
+/// daemon's descriptors.
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long a client may take to send its request head.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one connection may last, request and answer together.
+pub const CONNECTION_LIMIT: Duration = Duration::from_secs(15);
+
+type Body = http_body_util::Full<bytes::Bytes>;
+
+fn answer(status: u16, content_type: &str, text: String) -> hyper::Response<Body> {
+    let mut response = hyper::Response::new(Body::new(bytes::Bytes::from(text)));
+    *response.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, v);
+    }
+    response
+}
+
+/// The answer to one request: `GET /metrics` is the text `render` makes; any other
+/// path is 404, another method on /metrics 405.
+async fn respond<F, Fut>(
+    request: hyper::Request<hyper::body::Incoming>,
+    render: &F,
+) -> hyper::Response<Body>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<String>>,
+{
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if request.uri().path() != "/metrics" {
+        return answer(404, TEXT, "not found; try /metrics\n".into());
+    }
+    if request.method() != hyper::Method::GET && request.method() != hyper::Method::HEAD {
+        return answer(405, TEXT, "only GET\n".into());
+    }
+    match render().await {
+        Ok(text) => answer(200, "text/plain; version=0.0.4; charset=utf-8", text),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot render the metrics");
+            answer(503, TEXT, "metrics unavailable\n".into())
+        }
+    }
+}
 
 impl Listener {
     /// The address actually bound (port 0 becomes the chosen port).
@@ -369,47 +427,81 @@ impl Listener {
         self.addr
     }
 
-    /// Serves `GET /metrics` on a thread of its own until the process ends (or the
-    /// daemon's side is gone); everything else is 404, other methods 405.
-    pub fn spawn(self, ask: mpsc::UnboundedSender<RenderRequest>) -> std::io::Result<()> {
-        std::thread::Builder::new()
-            .name("apikeyd-metrics".into())
-            .spawn(move || {
-                for request in self.server.incoming_requests() {
-                    let path = request.url().split('?').next().unwrap_or("");
-                    let response = if path != "/metrics" {
-                        tiny_http::Response::from_string("not found; try /metrics\n")
-                            .with_status_code(404)
-                    } else if *request.method() != tiny_http::Method::Get {
-                        tiny_http::Response::from_string("only GET\n").with_status_code(405)
-                    } else {
-                        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-                        let text = ask
-                            .send(tx)
-                            .ok()
-                            .and_then(|()| rx.recv_timeout(RENDER_LIMIT).ok())
-                            .and_then(|r| r.ok());
-                        match text {
-                            Some(text) => {
-                                let response = tiny_http::Response::from_string(text);
-                                match tiny_http::Header::from_bytes(
-                                    &b"Content-Type"[..],
-                                    &b"text/plain; version=0.0.4; charset=utf-8"[..],
-                                ) {
-                                    Ok(h) => response.with_header(h),
-                                    Err(()) => response,
-                                }
-                            }
-                            None => tiny_http::Response::from_string("metrics unavailable\n")
-                                .with_status_code(503),
+    /// Serves `GET /metrics` with HTTP/1 on the daemon's own runtime (a task of
+    /// the current thread, so `render` may hold the daemon's state) until the
+    /// runtime stops: at most [`MAX_CONNECTIONS`] at once, each given
+    /// [`HEADER_TIMEOUT`] for its request head and [`CONNECTION_LIMIT`] in all.
+    /// Running out of descriptors pauses accepting briefly; it never ends it.
+    pub fn serve<F, Fut>(self, render: F) -> std::io::Result<()>
+    where
+        F: Fn() -> Fut + 'static,
+        Fut: Future<Output = Result<String>> + 'static,
+    {
+        let listener = tokio::net::TcpListener::from_std(self.listener)?;
+        let render = std::rc::Rc::new(render);
+        tokio::task::spawn_local(async move {
+            let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+            let mut failing = Repeated::default();
+            loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => {
+                        if let Some((n, _)) =
+                            failing.end_when_quiet(std::time::Instant::now(), HEADER_TIMEOUT)
+                        {
+                            tracing::info!(
+                                failures = n,
+                                "metrics.listen accepts connections again after {n} failed accepts"
+                            );
                         }
-                    };
-                    let _ = request.respond(response);
-                }
-            })
-            .map(|_| ())
+                        stream
+                    }
+                    Err(e) => {
+                        match failing.hit(std::time::Instant::now()) {
+                            Say::First => {
+                                tracing::warn!(error = %e, "metrics.listen cannot accept a connection (out of descriptors?); pausing briefly")
+                            }
+                            Say::Again { times, total } => {
+                                tracing::warn!(error = %e, times, total, "metrics.listen still cannot accept connections")
+                            }
+                            Say::Nothing => {}
+                        }
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                };
+                let render = render.clone();
+                tokio::task::spawn_local(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let render = render.clone();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(respond(request, &*render).await)
+                        }
+                    });
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(HEADER_TIMEOUT)
+                        .keep_alive(false)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                    match tokio::time::timeout(CONNECTION_LIMIT, connection).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "metrics connection ended with an error")
+                        }
+                        Err(_) => tracing::debug!("metrics connection closed: it took too long"),
+                    }
+                    drop(slot);
+                });
+            }
+        });
+        Ok(())
     }
 }
+
+/// How long an accept loop pauses after a failed accept (out of descriptors).
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 #[cfg(test)]
 mod tests {

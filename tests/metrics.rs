@@ -73,6 +73,41 @@ fn promtool_check(text: &str) {
     );
 }
 
+/// A local user holding many half-sent requests (and the descriptors they take)
+/// neither stops the metrics port for good nor the Unix socket's accept.
+#[test]
+fn half_sent_requests_do_not_stop_the_metrics_port() {
+    let d = TestDaemon::start_with(Mode::Embedded, "[metrics]\nlisten = \"127.0.0.1:0\"\n", &[]);
+    let addr = metrics_addr(&d);
+    // Fewer descriptors than half-sent requests: a thread or descriptor per
+    // connection would run out.
+    common::limit_descriptors(d.pid(), 256);
+    let sock: std::net::SocketAddr = addr.parse().unwrap();
+    let held: Vec<TcpStream> = (0..300)
+        .filter_map(|_| {
+            let mut s = TcpStream::connect_timeout(&sock, Duration::from_millis(300)).ok()?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").ok()?;
+            Some(s)
+        })
+        .collect();
+    assert!(held.len() >= 100, "only {} connections opened", held.len());
+    // Meanwhile the Unix socket accepts and answers.
+    d.client().ok(json!({"op": "ping"}));
+    drop(held);
+    common::eventually(Duration::from_secs(60), || {
+        let Ok(mut s) = TcpStream::connect(&addr) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200")
+    });
+    d.client().ok(json!({"op": "ping"}));
+    assert!(!d.logs().contains("panicked"), "{}", d.logs());
+}
+
 #[test]
 fn example_alert_rules_pass_promtool() {
     let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/alerts.yml");

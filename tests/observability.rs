@@ -210,3 +210,30 @@ fn stats_says_not_connected_until_redis_has_answered() {
         d.client().ok(json!({"op": "stats"}))["store"]["redis_connected"] == true
     });
 }
+
+/// Running out of descriptors pauses the Unix socket's accept loop, says so once,
+/// and never stops it: once the connections close, new ones are served.
+#[test]
+fn running_out_of_descriptors_never_stops_the_accept_loop() {
+    let d = TestDaemon::start();
+    common::limit_descriptors(d.pid(), 64);
+    let held: Vec<std::os::unix::net::UnixStream> = (0..150)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(&d.socket).ok())
+        .collect();
+    assert!(held.len() >= 100, "only {} connections opened", held.len());
+    let said = "cannot accept connections (out of file descriptors?)";
+    wait_until("the accept failure in the log", || d.logs().contains(said));
+    drop(held);
+    common::eventually(Duration::from_secs(30), || {
+        common::Client::try_connect(&d.socket)
+            .map(|mut c| c.call(json!({"op": "ping"}))["ok"] == true)
+            .unwrap_or(false)
+    });
+    // Said once accepts have succeeded for a few seconds: keep connecting.
+    common::eventually(Duration::from_secs(30), || {
+        d.client().ok(json!({"op": "ping"}));
+        d.logs().contains("accepting connections again after")
+    });
+    let logs = d.logs();
+    assert_eq!(logs.matches(said).count(), 1, "{logs}");
+}

@@ -676,3 +676,18 @@ pub fn call_as(bin: &Path, socket: &Path, groups: &[u32], requests: &[Value]) ->
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// Lowers the open-file limit (RLIMIT_NOFILE, soft and hard) of process `pid` to
+/// `n`, with `prlimit` (util-linux).
+pub fn limit_descriptors(pid: i32, n: u64) {
+    let out = Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={n}:{n}"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run prlimit ({e}); install util-linux"));
+    assert!(
+        out.status.success(),
+        "prlimit failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
