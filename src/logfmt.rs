@@ -126,6 +126,29 @@ impl Repeated {
     }
 }
 
+/// Logs one occurrence of a recurring warning `what` (caused by `error`): the
+/// first at once, then a count at most once per [`SUMMARY_EVERY`].
+pub fn warn_repeated(r: &mut Repeated, error: &dyn std::fmt::Display, what: &str) {
+    match r.hit(Instant::now()) {
+        Say::First => tracing::warn!(error = %error, "{what}"),
+        Say::Again { times, total } => tracing::warn!(error = %error, times, total,
+            "{what} (still; {times} times in the last minute)"),
+        Say::Nothing => {}
+    }
+}
+
+/// Ends a recurring warning: logs `what` with how often and how long it occurred,
+/// if it was going on.
+pub fn recovered(r: &mut Repeated, what: &str) {
+    if let Some((times, lasted)) = r.end(Instant::now()) {
+        tracing::info!(
+            times,
+            seconds = lasted.as_secs(),
+            "{what} after {times} failures"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

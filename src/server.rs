@@ -299,7 +299,12 @@ pub async fn serve(app: Rc<App>, listener: UnixListener, shutdown: impl Future<O
             role,
         };
         if role == Role::Denied {
-            tracing::warn!(uid, gid, pid = ?peer.pid, "connection refused: peer not allowed");
+            tracing::warn!(
+                uid,
+                gid,
+                pid = peer.pid,
+                "connection refused: peer not allowed"
+            );
             app.audit.refused(&peer, "forbidden", "peer not allowed");
             let e = Error::Forbidden(format!(
                 "uid {uid} gid {gid} may not use apikeyd; an operator can add it to access.allow_uids or access.allow_gids"
@@ -366,7 +371,7 @@ pub async fn serve(app: Rc<App>, listener: UnixListener, shutdown: impl Future<O
         let stop = stop.clone();
         tracker.spawn_local(async move {
             app.connections.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(uid, gid, pid = ?peer.pid, "connection opened");
+            tracing::debug!(uid, gid, pid = peer.pid, "connection opened");
             session::run(app.clone(), stream, peer, stop).await;
             app.connections.fetch_sub(1, Ordering::Relaxed);
             drop(slot);

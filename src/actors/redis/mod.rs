@@ -121,6 +121,8 @@ struct Inner {
     connected: Arc<AtomicBool>,
     /// Whether Redis has answered once since start (`stats` says "not connected" before).
     answered: Arc<AtomicBool>,
+    /// The connection's outage going on, if any, so that the log says it once.
+    down: RefCell<Repeated>,
     /// Refusals going on, by cause, so that the log says each once and then counts.
     refusals: RefCell<std::collections::HashMap<(Kind, RedisRefusal), Repeated>>,
     /// Pool hashes already warned about (legacy values), so the log is not flooded.
@@ -220,9 +222,7 @@ impl Inner {
         match outcome {
             Ok(Ok(v)) => {
                 self.answered.store(true, Ordering::Relaxed);
-                if !self.connected.swap(true, Ordering::Relaxed) {
-                    tracing::info!("redis connection is up");
-                }
+                self.mark_up();
                 self.refusals_end(kind);
                 Ok(v)
             }
@@ -236,9 +236,7 @@ impl Inner {
                 // Redis answered, so it is reachable; what it refused is said once
                 // per cause and then summed up (it may refuse every request).
                 self.answered.store(true, Ordering::Relaxed);
-                if !self.connected.swap(true, Ordering::Relaxed) {
-                    tracing::info!("redis connection is up");
-                }
+                self.mark_up();
                 let refusal = RedisRefusal::of(&e);
                 self.refused(what, kind, refusal, &e);
                 Err(refusal.error(what))
@@ -305,9 +303,37 @@ impl Inner {
         refusals.retain(|_, streak| streak.holds());
     }
 
+    /// Redis answered: the connection is up (said when it was down, with how many
+    /// attempts failed meanwhile).
+    fn mark_up(&self) {
+        let was_up = self.connected.swap(true, Ordering::Relaxed);
+        let ended = self.down.borrow_mut().end(std::time::Instant::now());
+        match ended {
+            Some((failed, lasted)) => tracing::info!(
+                failed,
+                seconds = lasted.as_secs(),
+                "redis connection is up again after {failed} failed attempts"
+            ),
+            None if !was_up => tracing::info!("redis connection is up"),
+            None => {}
+        }
+    }
+
+    /// A command could not reach Redis: said when the connection goes down, then
+    /// counted (the health check tries every second) and summed up once a minute.
     fn mark_down(&self, what: &str, why: &str) {
-        if self.connected.swap(false, Ordering::Relaxed) {
-            tracing::warn!(what, why, "redis connection is down");
+        self.connected.store(false, Ordering::Relaxed);
+        let said = self.down.borrow_mut().hit(std::time::Instant::now());
+        match said {
+            Say::First => tracing::warn!(what, why, "redis connection is down"),
+            Say::Again { times, total } => tracing::warn!(
+                what,
+                why,
+                times,
+                total,
+                "redis connection is still down; {times} failed attempts in the last minute"
+            ),
+            Say::Nothing => {}
         }
     }
 
@@ -949,6 +975,7 @@ impl RedisStore {
                 answered: Arc::new(AtomicBool::new(false)),
                 warned: RefCell::new(HashSet::new()),
                 refusals: RefCell::default(),
+                down: RefCell::default(),
                 quota: quota::Batcher::new(),
                 report: redis::Script::new(REPORT_SCRIPT),
                 enable: redis::Script::new(ENABLE_SCRIPT),
