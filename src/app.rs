@@ -203,6 +203,14 @@ impl App {
             cache,
             connections: self.connections.load(std::sync::atomic::Ordering::Relaxed),
             redis_up: self.redis_up(),
+            redis: self.store.redis_status(),
+            pools: match self.store.count_pool_keys().await {
+                Ok(pools) => Some(pools),
+                Err(e) => {
+                    tracing::debug!(error = %e, "pool key counts left out of the metrics");
+                    None
+                }
+            },
         })
     }
 

@@ -565,6 +565,7 @@ pub async fn heartbeat(
         prefix: redis.prefix.clone(),
     };
     let mut checked = verified.then(|| key.versions());
+    let mut unwritten = crate::logfmt::Repeated::default();
     loop {
         let mut verified = checked.as_ref() == Some(&key.versions());
         if !verified {
@@ -590,9 +591,13 @@ pub async fn heartbeat(
             // A fresh clone each beat: the store replaces it after a failover.
             let mut now = conn.borrow().clone();
             match beat(&mut now, &names, &key, &me).await {
-                Ok(None) => {}
+                Ok(None) => {
+                    crate::logfmt::recovered(&mut unwritten, "fleet heartbeat written again")
+                }
                 Ok(Some(why)) => stop(&why),
-                Err(e) => tracing::warn!(error = %e, "fleet heartbeat not written"),
+                Err(e) => {
+                    crate::logfmt::warn_repeated(&mut unwritten, &e, "fleet heartbeat not written")
+                }
             }
         }
         tokio::time::sleep(BEAT_EVERY).await;

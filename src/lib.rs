@@ -112,7 +112,7 @@ pub enum StartError {
     Audit(#[source] std::io::Error),
     #[error("no keystore connection for the store")]
     NoStoreConnection,
-    #[error("cannot start the metrics thread: {0}")]
+    #[error("cannot serve metrics.listen: {0}")]
     MetricsThread(#[source] std::io::Error),
 }
 
@@ -343,15 +343,14 @@ pub async fn run(
     let mode = app.store.mode;
 
     if let Some(listener) = metrics {
-        let (ask, mut asked) = mpsc::unbounded_channel::<metrics::RenderRequest>();
         let addr = listener.addr();
-        listener.spawn(ask).map_err(StartError::MetricsThread)?;
         let app = app.clone();
-        actix_rt::spawn(async move {
-            while let Some(reply) = asked.recv().await {
-                let _ = reply.send(app.metrics_text().await);
-            }
-        });
+        listener
+            .serve(move || {
+                let app = app.clone();
+                async move { app.metrics_text().await }
+            })
+            .map_err(StartError::MetricsThread)?;
         tracing::info!(%addr, "serving GET /metrics");
     }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

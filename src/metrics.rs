@@ -1,9 +1,9 @@
 //! Metrics: requests per op and code, request durations, quota denials, and the
-//! Prometheus text built from them and from the cache and connection figures. Served
+//! Prometheus text built from them and from the cache, connection and Redis figures. Served
 //! by the op `metrics` (`apikeyd metrics`) and, with `metrics.listen`, by
-//! `GET /metrics` on a loopback HTTP port.
+//! `GET /metrics` on a loopback HTTP port served (hyper) on the daemon's runtime.
 //!
-//! The hot path only bumps atomics; the prometheus-client registry is filled from
+//! The hot path only bumps atomics; a prometheus-client registry is built from
 //! them when someone asks, on the thread that serves connections.
 
 use std::collections::BTreeMap;
@@ -17,10 +17,13 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tokio::sync::mpsc;
+use std::future::Future;
 
 use crate::actors::cache::CacheFigures;
+use crate::actors::redis::connection::RedisStatus;
+use crate::actors::store::PoolKeyCount;
 use crate::error::{Error, Result};
+use crate::logfmt::{Repeated, Say};
 use crate::op::Op;
 
 /// The `op` label of unknown ops and of lines that were not a request.
@@ -46,81 +49,25 @@ fn op_name(i: usize) -> &'static str {
 
 type OpCode = [(&'static str, &'static str); 2];
 
-/// The daemon's counters and the registry they are exported through.
+/// The daemon's counters; the exposition is built from them when someone asks.
 pub struct Metrics {
     /// Answers per (op index, code index).
     counts: Vec<[AtomicU64; CODES.len()]>,
     quota_denials: AtomicU64,
     duration: Histogram,
-    registry: Registry,
-    requests: Family<OpCode, Counter>,
-    denials: Counter,
-    cache_hits: Counter,
-    cache_misses: Counter,
-    cache_entries: Gauge,
-    connections: Gauge,
-    redis_up: Option<Gauge>,
+    /// Redis mode: `apikeyd_redis_up` and the Redis families are exported.
+    redis: bool,
 }
 
 impl Metrics {
-    /// Empty counters; `redis` adds `apikeyd_redis_up`.
+    /// Empty counters; `redis` adds the Redis families (`apikeyd_redis_up`, …).
     pub fn new(redis: bool) -> Metrics {
-        let mut registry = Registry::with_prefix("apikeyd");
-        let requests = Family::<OpCode, Counter>::default();
-        registry.register(
-            "requests",
-            "Answers by op and result code (ok or the error code)",
-            requests.clone(),
-        );
-        // 50 µs to about 3.3 s: cache hits are tens of µs, store calls ms, deadlines s.
-        let duration = Histogram::new(exponential_buckets(0.00005, 4.0, 9));
-        registry.register(
-            "request_duration_seconds",
-            "Time from reading a request to its answer being ready",
-            duration.clone(),
-        );
-        let denials = Counter::default();
-        registry.register(
-            "quota_denials",
-            "check_default_key_limit and consume_default_key_usage answers with allowed: false",
-            denials.clone(),
-        );
-        let (cache_hits, cache_misses) = (Counter::default(), Counter::default());
-        registry.register("cache_hits", "Key cache hits", cache_hits.clone());
-        registry.register("cache_misses", "Key cache misses", cache_misses.clone());
-        let cache_entries = Gauge::default();
-        registry.register(
-            "cache_entries",
-            "Cached user keys and pools",
-            cache_entries.clone(),
-        );
-        let connections = Gauge::default();
-        registry.register(
-            "connections",
-            "Open client connections",
-            connections.clone(),
-        );
-        let redis_up = redis.then(|| {
-            let g = Gauge::default();
-            registry.register(
-                "redis_up",
-                "1 when Redis has answered and is not known to be down",
-                g.clone(),
-            );
-            g
-        });
         Metrics {
             counts: (0..=Op::ALL.len()).map(|_| Default::default()).collect(),
             quota_denials: AtomicU64::new(0),
-            duration,
-            registry,
-            requests,
-            denials,
-            cache_hits,
-            cache_misses,
-            cache_entries,
-            connections,
-            redis_up,
+            // 50 µs to about 3.3 s: cache hits are tens of µs, store calls ms, deadlines s.
+            duration: Histogram::new(exponential_buckets(0.00005, 4.0, 9)),
+            redis,
         }
     }
 
@@ -168,55 +115,215 @@ impl Metrics {
 
 /// What the exposition needs besides the counters kept here: figures the daemon's
 /// other parts own, read at the moment of the scrape.
-pub struct Gauges {
+pub struct Gauges<'a> {
     pub cache: CacheFigures,
     pub connections: u64,
     /// Redis mode: whether Redis is up.
     pub redis_up: Option<bool>,
+    /// Redis mode: the connection's figures (failovers, master, sentinels, refusals).
+    pub redis: Option<&'a RedisStatus>,
+    /// Keys per pool and state; `None` when the store could not say now.
+    pub pools: Option<Vec<PoolKeyCount>>,
 }
 
+fn counter(n: u64) -> Counter {
+    let c: Counter = Counter::default();
+    c.inner().store(n, Ordering::Relaxed);
+    c
+}
+
+fn gauge(n: u64) -> Gauge {
+    let g = Gauge::default();
+    g.set(i64::try_from(n).unwrap_or(i64::MAX));
+    g
+}
+
+type Labels = Vec<(&'static str, String)>;
+
 impl Metrics {
-    /// The Prometheus text (OpenMetrics 1.0, which Prometheus and node_exporter's
-    /// textfile collector read) of these counters and `now`.
+    /// The Prometheus text exposition format (version 0.0.4, which Prometheus,
+    /// promtool and node_exporter's textfile collector read) of these counters and
+    /// `now`: every family with its `# HELP` and `# TYPE`.
     pub fn render(&self, now: &Gauges) -> Result<String> {
+        let mut registry = Registry::with_prefix("apikeyd");
+        let requests = Family::<OpCode, Counter>::default();
         for (i, row) in self.counts.iter().enumerate() {
             for (j, n) in row.iter().enumerate() {
                 let n = n.load(Ordering::Relaxed);
                 if n > 0 {
                     let labels = [("op", op_name(i)), ("code", CODES[j])];
-                    self.requests
+                    requests
                         .get_or_create(&labels)
                         .inner()
                         .store(n, Ordering::Relaxed);
                 }
             }
         }
-        self.denials
-            .inner()
-            .store(self.quota_denials(), Ordering::Relaxed);
-        self.cache_hits
-            .inner()
-            .store(now.cache.hits, Ordering::Relaxed);
-        self.cache_misses
-            .inner()
-            .store(now.cache.misses, Ordering::Relaxed);
-        self.cache_entries
-            .set(i64::try_from(now.cache.entries).unwrap_or(i64::MAX));
-        self.connections
-            .set(i64::try_from(now.connections).unwrap_or(i64::MAX));
-        if let Some(g) = &self.redis_up {
-            g.set(i64::from(now.redis_up == Some(true)));
+        registry.register(
+            "requests",
+            "Answers by op and result code (ok or the error code)",
+            requests,
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from reading a request to its answer being ready",
+            self.duration.clone(),
+        );
+        registry.register(
+            "quota_denials",
+            "check_default_key_limit and consume_default_key_usage answers with allowed: false",
+            counter(self.quota_denials()),
+        );
+        registry.register("cache_hits", "Key cache hits", counter(now.cache.hits));
+        registry.register(
+            "cache_misses",
+            "Key cache misses",
+            counter(now.cache.misses),
+        );
+        registry.register(
+            "cache_entries",
+            "Cached user keys and pools",
+            gauge(now.cache.entries as u64),
+        );
+        registry.register(
+            "connections",
+            "Open client connections",
+            gauge(now.connections),
+        );
+        if self.redis {
+            registry.register(
+                "redis_up",
+                "1 when Redis has answered and is not known to be down",
+                gauge(u64::from(now.redis_up == Some(true))),
+            );
+        }
+        if let Some(status) = now.redis {
+            register_redis(&mut registry, status);
+        }
+        if let Some(pools) = &now.pools {
+            register_pools(&mut registry, pools);
         }
         let mut text = String::with_capacity(4096);
-        encode(&mut text, &self.registry)
+        encode(&mut text, &registry)
             .map_err(|_| Error::Internal("cannot encode the metrics".into()))?;
-        Ok(text)
+        Ok(text_format(&text))
     }
+}
+
+/// The Redis families: failovers, the master Sentinel names, sentinels that
+/// answer, and the commands Redis refused by cause.
+fn register_redis(registry: &mut Registry, status: &RedisStatus) {
+    registry.register(
+        "redis_failovers",
+        "Redis master changes followed since start (Sentinel failovers)",
+        counter(status.failovers.load(Ordering::Relaxed)),
+    );
+    let refusals = Family::<Labels, Counter>::default();
+    for (refusal, n) in status.refusals() {
+        refusals
+            .get_or_create(&vec![("cause", refusal.label().to_string())])
+            .inner()
+            .store(n, Ordering::Relaxed);
+    }
+    registry.register(
+        "redis_refusals",
+        "Commands Redis answered with an error, by cause (oom, readonly, noauth, ...)",
+        refusals,
+    );
+    let sentinels = status.sentinels.load(Ordering::Relaxed);
+    if sentinels == 0 {
+        return;
+    }
+    let master = Family::<Labels, Gauge>::default();
+    if let Some(addr) = status.master() {
+        master.get_or_create(&vec![("addr", addr)]).set(1);
+    }
+    registry.register(
+        "redis_master_info",
+        "1 for the Redis master Sentinel names now (label addr, host:port)",
+        master,
+    );
+    registry.register(
+        "sentinels_reachable",
+        "Sentinels that answered the last health check (of redis.sentinels)",
+        gauge(status.sentinels_reachable.load(Ordering::Relaxed)),
+    );
+    registry.register(
+        "sentinels",
+        "Sentinels listed in redis.sentinels",
+        gauge(sentinels),
+    );
+}
+
+/// `apikeyd_pool_keys{service,scope,state}`: keys per service, in the global pool
+/// (`scope="global"`) or summed over the channel pools (`scope="channel"`; channel
+/// ids are not labels, so their number cannot grow the exposition), per state.
+fn register_pools(registry: &mut Registry, pools: &[PoolKeyCount]) {
+    let mut sums: BTreeMap<(&str, &'static str), [u64; 3]> = BTreeMap::new();
+    for p in pools {
+        let scope = if p.pool.channel.is_some() {
+            "channel"
+        } else {
+            "global"
+        };
+        let sum = sums.entry((p.pool.service.as_str(), scope)).or_default();
+        sum[0] += p.active;
+        sum[1] += p.cooling;
+        sum[2] += p.disabled;
+    }
+    let family = Family::<Labels, Gauge>::default();
+    for ((service, scope), counts) in sums {
+        for (state, n) in ["active", "cooling", "disabled"].into_iter().zip(counts) {
+            let labels = vec![
+                ("service", service.to_string()),
+                ("scope", scope.to_string()),
+                ("state", state.to_string()),
+            ];
+            family
+                .get_or_create(&labels)
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+    registry.register(
+        "pool_keys",
+        "Pool keys per service, scope (global, or summed over channels) and state (active, cooling, disabled)",
+        family,
+    );
+}
+
+/// prometheus-client writes OpenMetrics, where a counter's `# HELP`/`# TYPE` name
+/// the family without `_total` and the text ends with `# EOF`. The 0.0.4 text
+/// format names them as the samples are named and has no `# EOF`; everything else
+/// (samples, histograms, escaping) is the same.
+fn text_format(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 64);
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|tag| {
+            let rest = line.strip_prefix(tag)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{tag}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// A bound `metrics.listen` port, waiting for `run` to serve it.
 pub struct Listener {
-    server: tiny_http::Server,
+    listener: std::net::TcpListener,
     addr: SocketAddr,
 }
 
@@ -232,7 +339,7 @@ pub enum BindError {
     #[error("cannot listen on metrics.listen {addr}: {source}")]
     Listen {
         addr: SocketAddr,
-        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+        source: std::io::Error,
     },
 }
 
@@ -246,17 +353,74 @@ pub fn bind(listen: Option<&str>) -> std::result::Result<Option<Listener>, BindE
         listen: listen.to_string(),
         source,
     })?;
-    let server =
-        tiny_http::Server::http(addr).map_err(|source| BindError::Listen { addr, source })?;
-    let addr = server.server_addr().to_ip().unwrap_or(addr);
-    Ok(Some(Listener { server, addr }))
+    let listener = listen_on(addr).map_err(|source| BindError::Listen { addr, source })?;
+    let addr = listener.local_addr().unwrap_or(addr);
+    Ok(Some(Listener { listener, addr }))
 }
 
-/// What the HTTP thread asks the daemon's thread: render, and send the text here.
-pub type RenderRequest = std::sync::mpsc::SyncSender<Result<String>>;
+/// Connections that may wait for an accept: room for a burst of connections
+/// (someone holding many open) without turning the scraper's away.
+const BACKLOG: i32 = 1024;
 
-/// How long the HTTP thread waits for the daemon's thread to render.
-const RENDER_LIMIT: Duration = Duration::from_secs(5);
+/// A nonblocking listener on `addr` with [`BACKLOG`].
+fn listen_on(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Connections served at once; more wait in the kernel's backlog. A scraper needs
+/// one; the cap keeps a local user holding connections open from taking the
+/// daemon's descriptors.
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long a client may take to send its request head.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one connection may last, request and answer together.
+pub const CONNECTION_LIMIT: Duration = Duration::from_secs(15);
+
+type Body = http_body_util::Full<bytes::Bytes>;
+
+fn answer(status: u16, content_type: &str, text: String) -> hyper::Response<Body> {
+    let mut response = hyper::Response::new(Body::new(bytes::Bytes::from(text)));
+    *response.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, v);
+    }
+    response
+}
+
+/// The answer to one request: `GET /metrics` is the text `render` makes; any other
+/// path is 404, another method on /metrics 405.
+async fn respond<F, Fut>(
+    request: hyper::Request<hyper::body::Incoming>,
+    render: &F,
+) -> hyper::Response<Body>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<String>>,
+{
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if request.uri().path() != "/metrics" {
+        return answer(404, TEXT, "not found; try /metrics\n".into());
+    }
+    if request.method() != hyper::Method::GET && request.method() != hyper::Method::HEAD {
+        return answer(405, TEXT, "only GET\n".into());
+    }
+    match render().await {
+        Ok(text) => answer(200, "text/plain; version=0.0.4; charset=utf-8", text),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot render the metrics");
+            answer(503, TEXT, "metrics unavailable\n".into())
+        }
+    }
+}
 
 impl Listener {
     /// The address actually bound (port 0 becomes the chosen port).
@@ -264,48 +428,81 @@ impl Listener {
         self.addr
     }
 
-    /// Serves `GET /metrics` on a thread of its own until the process ends (or the
-    /// daemon's side is gone); everything else is 404, other methods 405.
-    pub fn spawn(self, ask: mpsc::UnboundedSender<RenderRequest>) -> std::io::Result<()> {
-        std::thread::Builder::new()
-            .name("apikeyd-metrics".into())
-            .spawn(move || {
-                for request in self.server.incoming_requests() {
-                    let path = request.url().split('?').next().unwrap_or("");
-                    let response = if path != "/metrics" {
-                        tiny_http::Response::from_string("not found; try /metrics\n")
-                            .with_status_code(404)
-                    } else if *request.method() != tiny_http::Method::Get {
-                        tiny_http::Response::from_string("only GET\n").with_status_code(405)
-                    } else {
-                        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-                        let text = ask
-                            .send(tx)
-                            .ok()
-                            .and_then(|()| rx.recv_timeout(RENDER_LIMIT).ok())
-                            .and_then(|r| r.ok());
-                        match text {
-                            Some(text) => {
-                                let response = tiny_http::Response::from_string(text);
-                                match tiny_http::Header::from_bytes(
-                                    &b"Content-Type"[..],
-                                    &b"application/openmetrics-text; version=1.0.0; charset=utf-8"
-                                        [..],
-                                ) {
-                                    Ok(h) => response.with_header(h),
-                                    Err(()) => response,
-                                }
-                            }
-                            None => tiny_http::Response::from_string("metrics unavailable\n")
-                                .with_status_code(503),
+    /// Serves `GET /metrics` with HTTP/1 on the daemon's own runtime (a task of
+    /// the current thread, so `render` may hold the daemon's state) until the
+    /// runtime stops: at most [`MAX_CONNECTIONS`] at once, each given
+    /// [`HEADER_TIMEOUT`] for its request head and [`CONNECTION_LIMIT`] in all.
+    /// Running out of descriptors pauses accepting briefly; it never ends it.
+    pub fn serve<F, Fut>(self, render: F) -> std::io::Result<()>
+    where
+        F: Fn() -> Fut + 'static,
+        Fut: Future<Output = Result<String>> + 'static,
+    {
+        let listener = tokio::net::TcpListener::from_std(self.listener)?;
+        let render = std::rc::Rc::new(render);
+        tokio::task::spawn_local(async move {
+            let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+            let mut failing = Repeated::default();
+            loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => {
+                        if let Some((n, _)) =
+                            failing.end_when_quiet(std::time::Instant::now(), HEADER_TIMEOUT)
+                        {
+                            tracing::info!(
+                                failures = n,
+                                "metrics.listen accepts connections again after {n} failed accepts"
+                            );
                         }
-                    };
-                    let _ = request.respond(response);
-                }
-            })
-            .map(|_| ())
+                        stream
+                    }
+                    Err(e) => {
+                        match failing.hit(std::time::Instant::now()) {
+                            Say::First => {
+                                tracing::warn!(error = %e, "metrics.listen cannot accept a connection (out of descriptors?); pausing briefly")
+                            }
+                            Say::Again { times, total } => {
+                                tracing::warn!(error = %e, times, total, "metrics.listen still cannot accept connections")
+                            }
+                            Say::Nothing => {}
+                        }
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                };
+                let render = render.clone();
+                tokio::task::spawn_local(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let render = render.clone();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(respond(request, &*render).await)
+                        }
+                    });
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(HEADER_TIMEOUT)
+                        .keep_alive(false)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                    match tokio::time::timeout(CONNECTION_LIMIT, connection).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "metrics connection ended with an error")
+                        }
+                        Err(_) => tracing::debug!("metrics connection closed: it took too long"),
+                    }
+                    drop(slot);
+                });
+            }
+        });
+        Ok(())
     }
 }
+
+/// How long an accept loop pauses after a failed accept (out of descriptors).
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 #[cfg(test)]
 mod tests {
@@ -324,6 +521,43 @@ mod tests {
         assert_eq!(by_op["get_user_api_key"], 1);
         assert_eq!(by_code["ok"], 2);
         assert_eq!(by_code["internal"], 1);
+    }
+
+    #[test]
+    fn counters_are_named_as_their_samples() {
+        let m = Metrics::new(true);
+        m.record(Some(Op::Ping), "ok", None);
+        let status = RedisStatus::default();
+        status.count_refusal(crate::error::RedisRefusal::OutOfMemory);
+        let text = m
+            .render(&Gauges {
+                cache: CacheFigures {
+                    hits: 1,
+                    misses: 2,
+                    entries: 3,
+                },
+                connections: 1,
+                redis_up: Some(true),
+                redis: Some(&status),
+                pools: None,
+            })
+            .unwrap();
+        for want in [
+            "# HELP apikeyd_requests_total Answers",
+            "# TYPE apikeyd_requests_total counter\n",
+            "apikeyd_requests_total{op=\"ping\",code=\"ok\"} 1\n",
+            "# TYPE apikeyd_redis_refusals_total counter\n",
+            "apikeyd_redis_refusals_total{cause=\"oom\"} 1\n",
+            "# TYPE apikeyd_cache_entries gauge\n",
+            "apikeyd_redis_up 1\n",
+        ] {
+            assert!(text.contains(want), "{want:?} in\n{text}");
+        }
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(
+            !text.contains("sentinels"),
+            "no Sentinel, no sentinel families"
+        );
     }
 
     #[test]

@@ -20,6 +20,8 @@ use tokio_util::task::TaskTracker;
 use crate::access::{self, Peer, Role};
 use crate::app::App;
 use crate::error::Error;
+use crate::logfmt::{Repeated, Say};
+use crate::metrics::ACCEPT_BACKOFF;
 use crate::protocol::write_response;
 use crate::session;
 
@@ -199,6 +201,57 @@ async fn refuse(mut stream: UnixStream, error: Error) {
     let _ = stream.shutdown().await;
 }
 
+/// A descriptor kept in reserve (on /dev/null). When accept fails for want of
+/// descriptors, the reserve is given up so that one waiting client can be accepted
+/// and told why it is not served, instead of waiting in the backlog; then it is
+/// taken again.
+struct Reserve(Option<std::fs::File>);
+
+impl Reserve {
+    fn take() -> Reserve {
+        Reserve(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Out of descriptors: accepts one waiting client with the reserve's descriptor
+    /// and answers it `unavailable`, then takes the reserve again.
+    fn turn_away_one(&mut self, listener: &UnixListener) {
+        if self.0.take().is_none() {
+            *self = Reserve::take();
+            return;
+        }
+        if let Ok(stream) = listener_poll_accept(listener) {
+            let mut line = Vec::new();
+            write_response(
+                &mut line,
+                &None,
+                &Err(Error::Unavailable(
+                    "the daemon is out of file descriptors; retry shortly".into(),
+                )),
+            );
+            let _ = stream.try_write(&line);
+        }
+        *self = Reserve::take();
+    }
+}
+
+/// One connection waiting in the backlog, if any, accepted without waiting.
+fn listener_poll_accept(listener: &UnixListener) -> std::io::Result<UnixStream> {
+    let waker = futures_util::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    match listener.poll_accept(&mut cx) {
+        std::task::Poll::Ready(accepted) => accepted.map(|(stream, _)| stream),
+        std::task::Poll::Pending => Err(std::io::ErrorKind::WouldBlock.into()),
+    }
+}
+
+/// How long accepts must succeed before the log says accepting has recovered.
+const ACCEPT_QUIET: Duration = Duration::from_secs(3);
+
+/// Whether an accept failed for want of descriptors (the process's or the system's).
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
 /// Accepts connections until `shutdown` resolves, then stops accepting and waits
 /// (up to a limit) for open connections to answer what they have in flight.
 pub async fn serve(app: Rc<App>, listener: UnixListener, shutdown: impl Future<Output = ()>) {
@@ -207,16 +260,37 @@ pub async fn serve(app: Rc<App>, listener: UnixListener, shutdown: impl Future<O
     let max = app.config().server.max_connections;
     let slots = Arc::new(Semaphore::new(max));
     let by_uid: Rc<RefCell<HashMap<u32, usize>>> = Rc::default();
+    let mut reserve = Reserve::take();
+    let mut failing = Repeated::default();
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    if let Some((n, lasted)) =
+                        failing.end_when_quiet(std::time::Instant::now(), ACCEPT_QUIET)
+                    {
+                        tracing::info!(failures = n, seconds = lasted.as_secs(),
+                            "accepting connections again after {n} failed accepts");
+                    }
+                    stream
+                }
                 Err(e) => {
-                    // Out of descriptors or similar: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of descriptors or similar: said once (then counted), one
+                    // waiting client is told why, and accepting pauses instead of
+                    // spinning; it never stops.
+                    match failing.hit(std::time::Instant::now()) {
+                        Say::First => tracing::error!(error = %e,
+                            "cannot accept connections (out of file descriptors?); turning clients away until descriptors are free"),
+                        Say::Again { times, total } => tracing::error!(error = %e, times, total,
+                            "still cannot accept connections; {times} failed accepts in the last minute"),
+                        Say::Nothing => {}
+                    }
+                    if out_of_descriptors(&e) {
+                        reserve.turn_away_one(&listener);
+                    }
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             },
@@ -238,7 +312,12 @@ pub async fn serve(app: Rc<App>, listener: UnixListener, shutdown: impl Future<O
             role,
         };
         if role == Role::Denied {
-            tracing::warn!(uid, gid, pid = ?peer.pid, "connection refused: peer not allowed");
+            tracing::warn!(
+                uid,
+                gid,
+                pid = peer.pid,
+                "connection refused: peer not allowed"
+            );
             app.audit.refused(&peer, "forbidden", "peer not allowed");
             let e = Error::Forbidden(format!(
                 "uid {uid} gid {gid} may not use apikeyd; an operator can add it to access.allow_uids or access.allow_gids"
@@ -305,7 +384,7 @@ pub async fn serve(app: Rc<App>, listener: UnixListener, shutdown: impl Future<O
         let stop = stop.clone();
         tracker.spawn_local(async move {
             app.connections.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(uid, gid, pid = ?peer.pid, "connection opened");
+            tracing::debug!(uid, gid, pid = peer.pid, "connection opened");
             session::run(app.clone(), stream, peer, stop).await;
             app.connections.fetch_sub(1, Ordering::Relaxed);
             drop(slot);

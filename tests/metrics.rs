@@ -43,6 +43,97 @@ fn get(addr: &str, path: &str) -> (String, String) {
     (head.lines().next().unwrap().to_string(), body.to_string())
 }
 
+/// Runs `promtool check metrics` on `text`; panics with its complaints. promtool
+/// comes with the Debian package `prometheus` (.ci/run installs it).
+fn promtool_check(text: &str) {
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => panic!(
+            "cannot run promtool ({e}): install prometheus (promtool): apt-get install prometheus"
+        ),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty() && out.stdout.is_empty(),
+        "promtool check metrics: {}{}\non:\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A local user holding many half-sent requests (and the descriptors they take)
+/// neither stops the metrics port for good nor the Unix socket's accept.
+#[test]
+fn half_sent_requests_do_not_stop_the_metrics_port() {
+    let d = TestDaemon::start_with(Mode::Embedded, "[metrics]\nlisten = \"127.0.0.1:0\"\n", &[]);
+    let addr = metrics_addr(&d);
+    // Fewer descriptors than half-sent requests: a thread or descriptor per
+    // connection would run out.
+    common::limit_descriptors(d.pid(), 256);
+    let sock: std::net::SocketAddr = addr.parse().unwrap();
+    let held: Vec<TcpStream> = (0..300)
+        .filter_map(|_| {
+            let mut s = TcpStream::connect_timeout(&sock, Duration::from_millis(300)).ok()?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").ok()?;
+            Some(s)
+        })
+        .collect();
+    assert!(held.len() >= 100, "only {} connections opened", held.len());
+    // Meanwhile the Unix socket accepts and answers.
+    d.client().ok(json!({"op": "ping"}));
+    drop(held);
+    common::eventually(Duration::from_secs(60), || {
+        let Ok(mut s) = TcpStream::connect(&addr) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200")
+    });
+    d.client().ok(json!({"op": "ping"}));
+    assert!(!d.logs().contains("panicked"), "{}", d.logs());
+}
+
+#[test]
+fn example_alert_rules_pass_promtool() {
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/alerts.yml");
+    let out = Command::new("promtool")
+        .args(["check", "rules", rules])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run promtool ({e}): install prometheus (promtool): apt-get install prometheus")
+        });
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(rules).unwrap();
+    for alert in [
+        "ApikeydDown",
+        "ApikeydRedisDown",
+        "ApikeydNoActivePoolKey",
+        "ApikeydErrorRate",
+    ] {
+        assert!(text.contains(&format!("alert: {alert}\n")), "{alert}");
+    }
+}
+
 /// Sends a known mix of requests; returns the connection, still open.
 fn exercise(d: &TestDaemon) -> common::Client {
     let mut c = d.client();
@@ -61,6 +152,18 @@ fn prometheus_over_http(mode: Mode) {
     let addr = metrics_addr(&d);
     assert!(addr.starts_with("127.0.0.1:"), "{addr}");
     let _open = exercise(&d);
+    let mut admin = d.client();
+    let cooled = admin
+        .ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-metrics-pool-0001"}))
+        ["key_id"]
+        .clone();
+    admin.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-metrics-pool-0002"}));
+    admin.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-metrics-pool-0003", "channel_id": "c1"}));
+    admin.ok(
+        json!({"op": "report_key_result", "service": "openai", "key_id": cooled,
+        "outcome": "rate_limited", "retry_after_s": 600}),
+    );
+    drop(admin);
     // Earlier connections (the readiness ping) may still be closing: poll for one.
     let deadline = Instant::now() + Duration::from_secs(10);
     let (status, text) = loop {
@@ -82,6 +185,10 @@ fn prometheus_over_http(mode: Mode) {
         "apikeyd_cache_hits_total",
         "apikeyd_cache_misses_total",
         "apikeyd_connections 1",
+        r#"apikeyd_pool_keys{service="openai",scope="global",state="active"} 1"#,
+        r#"apikeyd_pool_keys{service="openai",scope="global",state="cooling"} 1"#,
+        r#"apikeyd_pool_keys{service="openai",scope="global",state="disabled"} 0"#,
+        r#"apikeyd_pool_keys{service="openai",scope="channel",state="active"} 1"#,
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
@@ -91,6 +198,19 @@ fn prometheus_over_http(mode: Mode) {
         "{text}"
     );
     assert!(!text.contains("sk-metrics"), "no key in metrics");
+    assert!(
+        !text.contains(cooled.as_str().unwrap()),
+        "no key id in metrics"
+    );
+    if mode == Mode::Redis {
+        for want in [
+            "# TYPE apikeyd_redis_failovers_total counter",
+            "apikeyd_redis_failovers_total 0",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+    }
+    promtool_check(&text);
     let (status, _) = get(&addr, "/other");
     assert!(status.contains("404"), "{status}");
 
@@ -106,7 +226,7 @@ fn prometheus_over_http(mode: Mode) {
         text.contains(r#"apikeyd_requests_total{op="get_user_api_key",code="ok"} 2"#),
         "{text}"
     );
-    assert!(text.ends_with("# EOF\n"), "{text}");
+    promtool_check(&text);
 }
 
 fn stats_counts_per_op_and_code(mode: Mode) {

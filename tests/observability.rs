@@ -8,6 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use common::{Mode, TestDaemon};
+use redis::Commands;
 use serde_json::{json, Value};
 
 /// Polls `cond` every 20 ms until it holds; panics with `what` after 10 s.
@@ -209,4 +210,104 @@ fn stats_says_not_connected_until_redis_has_answered() {
     wait_until("redis_connected", || {
         d.client().ok(json!({"op": "stats"}))["store"]["redis_connected"] == true
     });
+}
+
+/// Running out of descriptors pauses the Unix socket's accept loop, says so once,
+/// and never stops it: once the connections close, new ones are served.
+#[test]
+fn running_out_of_descriptors_never_stops_the_accept_loop() {
+    let d = TestDaemon::start();
+    common::limit_descriptors(d.pid(), 64);
+    let held: Vec<std::os::unix::net::UnixStream> = (0..150)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(&d.socket).ok())
+        .collect();
+    assert!(held.len() >= 100, "only {} connections opened", held.len());
+    let said = "cannot accept connections (out of file descriptors?)";
+    wait_until("the accept failure in the log", || d.logs().contains(said));
+    drop(held);
+    common::eventually(Duration::from_secs(30), || {
+        common::Client::try_connect(&d.socket)
+            .map(|mut c| c.call(json!({"op": "ping"}))["ok"] == true)
+            .unwrap_or(false)
+    });
+    // Said once accepts have succeeded for a few seconds: keep connecting.
+    common::eventually(Duration::from_secs(30), || {
+        d.client().ok(json!({"op": "ping"}));
+        d.logs().contains("accepting connections again after")
+    });
+    let logs = d.logs();
+    assert_eq!(logs.matches(said).count(), 1, "{logs}");
+}
+
+/// A Redis outage of a few seconds: the heartbeat that fails every second and the
+/// connection that is retried every second are each said once, and their recovery
+/// once with the count.
+#[test]
+fn a_redis_outage_is_said_once_then_its_recovery_with_a_count() {
+    let d = TestDaemon::start_with(Mode::Redis, "", &[]);
+    let redis = d.redis.clone().unwrap();
+    wait_until("the first heartbeat", || {
+        redis
+            .conn()
+            .keys::<_, Vec<String>>("*apikeyd:fleet:*")
+            .is_ok_and(|k| !k.is_empty())
+    });
+    redis.kill();
+    wait_until("the heartbeat failure", || {
+        d.logs().contains("fleet heartbeat not written")
+    });
+    // The outage lasts a few beats (its length, not a wait for the daemon).
+    std::thread::sleep(Duration::from_secs(3));
+    redis.restart();
+    wait_until("the heartbeat recovery", || {
+        d.logs().contains("fleet heartbeat written again after")
+    });
+    let logs = d.logs();
+    assert_eq!(
+        logs.matches("fleet heartbeat not written").count(),
+        1,
+        "{logs}"
+    );
+    assert_eq!(
+        logs.matches("redis connection is down").count(),
+        1,
+        "{logs}"
+    );
+    let recovery = logs
+        .lines()
+        .find(|l| l.contains("fleet heartbeat written again after"))
+        .unwrap();
+    let times: u64 = recovery
+        .split("after ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a count in {recovery}"));
+    assert!(times >= 2, "{recovery}");
+    assert!(
+        logs.contains("redis connection is up again after"),
+        "{logs}"
+    );
+}
+
+/// The JSON log writes a client's pid as a number.
+#[test]
+fn the_json_log_writes_pid_as_a_number() {
+    let d = TestDaemon::start_with(Mode::Embedded, "log.format = \"json\"\n", &[]);
+    d.client().ok(json!({"op": "ping"}));
+    wait_until("a connection line", || {
+        d.logs().contains("connection opened")
+    });
+    let logs = d.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("connection opened"))
+        .unwrap();
+    let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let fields = if v["fields"].is_object() {
+        &v["fields"]
+    } else {
+        &v
+    };
+    assert!(fields["pid"].is_u64(), "{line}");
 }

@@ -308,6 +308,45 @@ impl Handler<CountPicks> for SqliteStore {
     }
 }
 
+impl Handler<CountPoolKeys> for SqliteStore {
+    type Result = Result<Vec<PoolKeyCount>>;
+
+    fn handle(&mut self, _: CountPoolKeys, _: &mut Self::Context) -> Self::Result {
+        let mut stmt = self.db.prepare_cached(
+            "SELECT k.channel_id, k.service, h.cooling_until, h.disabled
+             FROM pool_keys k LEFT JOIN pool_health h
+               ON h.channel_id = k.channel_id AND h.service = k.service AND h.key_id = k.key_id
+             ORDER BY k.channel_id, k.service",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let health = Health {
+                cooling_until: r.get::<_, Option<i64>>(2)?.unwrap_or(0),
+                disabled: r.get::<_, Option<bool>>(3)?.unwrap_or(false),
+                ..Health::default()
+            };
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, health))
+        })?;
+        let now = crate::clock::now_s();
+        let mut out: Vec<PoolKeyCount> = Vec::new();
+        for row in rows {
+            let (channel, service, health) = row?;
+            let pool = PoolRef {
+                channel: (!channel.is_empty()).then_some(channel),
+                service,
+            };
+            match out.last_mut() {
+                Some(last) if last.pool == pool => last.add(health.state(now)),
+                _ => {
+                    let mut count = PoolKeyCount::new(pool);
+                    count.add(health.state(now));
+                    out.push(count);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl Handler<ListPoolKeys> for SqliteStore {
     type Result = Result<Vec<PoolKeyInfo>>;
 

@@ -259,6 +259,40 @@ pub struct ListPoolKeys {
     pub pool: PoolRef,
 }
 
+/// How many keys a pool has in each state (for `apikeyd_pool_keys`).
+pub struct PoolKeyCount {
+    pub pool: PoolRef,
+    pub active: u64,
+    pub cooling: u64,
+    pub disabled: u64,
+}
+
+impl PoolKeyCount {
+    /// No key yet.
+    pub fn new(pool: PoolRef) -> Self {
+        PoolKeyCount {
+            pool,
+            active: 0,
+            cooling: 0,
+            disabled: 0,
+        }
+    }
+
+    /// Counts one more key in `state`.
+    pub fn add(&mut self, state: KeyState) {
+        match state {
+            KeyState::Active => self.active += 1,
+            KeyState::Cooling => self.cooling += 1,
+            KeyState::Disabled => self.disabled += 1,
+        }
+    }
+}
+
+/// Counts every pool's keys by state; no key or key id leaves the store.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<PoolKeyCount>>")]
+pub struct CountPoolKeys;
+
 /// Today's count for a (user, tool).
 #[derive(Message)]
 #[rtype(result = "Result<u64>")]
@@ -310,6 +344,7 @@ pub struct Store {
     add_pool_key: Recipient<AddPoolKey>,
     remove_pool_key: Recipient<RemovePoolKey>,
     list_pool_keys: Recipient<ListPoolKeys>,
+    count_pool_keys: Recipient<CountPoolKeys>,
     read_usage: Recipient<ReadUsage>,
     increment_usage: Recipient<IncrementUsage>,
     consume_usage: Recipient<ConsumeUsage>,
@@ -340,6 +375,7 @@ impl Store {
             + Handler<AddPoolKey>
             + Handler<RemovePoolKey>
             + Handler<ListPoolKeys>
+            + Handler<CountPoolKeys>
             + Handler<ReadUsage>
             + Handler<IncrementUsage>
             + Handler<ConsumeUsage>,
@@ -350,6 +386,7 @@ impl Store {
             + ToEnvelope<A, AddPoolKey>
             + ToEnvelope<A, RemovePoolKey>
             + ToEnvelope<A, ListPoolKeys>
+            + ToEnvelope<A, CountPoolKeys>
             + ToEnvelope<A, ReadUsage>
             + ToEnvelope<A, IncrementUsage>
             + ToEnvelope<A, ConsumeUsage>,
@@ -366,6 +403,7 @@ impl Store {
             add_pool_key: addr.clone().recipient(),
             remove_pool_key: addr.clone().recipient(),
             list_pool_keys: addr.clone().recipient(),
+            count_pool_keys: addr.clone().recipient(),
             read_usage: addr.clone().recipient(),
             increment_usage: addr.clone().recipient(),
             consume_usage: addr.recipient(),
@@ -422,6 +460,11 @@ impl Store {
     /// See [`ListPoolKeys`].
     pub async fn list_pool_keys(&self, pool: PoolRef) -> Result<Vec<PoolKeyInfo>> {
         ask(self.deadline, &self.list_pool_keys, ListPoolKeys { pool }).await
+    }
+
+    /// See [`CountPoolKeys`].
+    pub async fn count_pool_keys(&self) -> Result<Vec<PoolKeyCount>> {
+        ask(self.deadline, &self.count_pool_keys, CountPoolKeys).await
     }
 
     /// See [`ReadUsage`].

@@ -839,3 +839,17 @@ pub fn start_sentinel(master_port: u16) -> Server {
     });
     server
 }
+/// Lowers the open-file limit (RLIMIT_NOFILE, soft and hard) of process `pid` to
+/// `n`, with `prlimit` (util-linux).
+pub fn limit_descriptors(pid: i32, n: u64) {
+    let out = Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={n}:{n}"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run prlimit ({e}); install util-linux"));
+    assert!(
+        out.status.success(),
+        "prlimit failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

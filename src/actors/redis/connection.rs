@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, RedisResult};
 
 use crate::config::RedisConfig;
+use crate::error::RedisRefusal;
 
 /// Reaching Redis failed before any command ran: a setting or file that is not
 /// usable, or no sentinel that names the master. Names settings, files and sentinel
@@ -80,6 +81,12 @@ pub struct RedisStatus {
     pub quota_calls: AtomicU64,
     /// The master's `host:port` as Sentinel last named it.
     master: Mutex<Option<String>>,
+    /// Sentinels in `redis.sentinels`, and how many answered the last time all were
+    /// asked (every health check).
+    pub sentinels: AtomicU64,
+    pub sentinels_reachable: AtomicU64,
+    /// Commands Redis refused, by [`RedisRefusal`] (index in `RedisRefusal::ALL`).
+    refusals: [AtomicU64; RedisRefusal::ALL.len()],
 }
 
 impl RedisStatus {
@@ -89,6 +96,23 @@ impl RedisStatus {
             Ok(m) => m.clone(),
             Err(p) => p.into_inner().clone(),
         }
+    }
+
+    /// Counts one command Redis refused.
+    pub fn count_refusal(&self, refusal: RedisRefusal) {
+        if let Some(i) = RedisRefusal::ALL.iter().position(|r| *r == refusal) {
+            self.refusals[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Refusals so far, by cause (the ones that happened).
+    pub fn refusals(&self) -> Vec<(RedisRefusal, u64)> {
+        RedisRefusal::ALL
+            .iter()
+            .zip(&self.refusals)
+            .map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
     }
 
     pub(super) fn set_master(&self, address: &str) {
@@ -318,11 +342,18 @@ impl Target {
         Err(ConnectError::NoSentinel(errors))
     }
 
-    /// The master's address, from the first sentinel that answers.
+    /// The master's address, from the first sentinel (in order) that answers.
     pub async fn ask_sentinels(&self) -> std::result::Result<(String, u16), ConnectError> {
-        let mut errors = Vec::new();
+        self.ask_every_sentinel().await.0
+    }
+
+    /// Asks every sentinel at once: the master's address from the first (in order)
+    /// that answers, and how many answered.
+    pub async fn ask_every_sentinel(
+        &self,
+    ) -> (std::result::Result<(String, u16), ConnectError>, usize) {
         let limit = self.timeout.max(Duration::from_millis(500));
-        for s in &self.sentinels {
+        let answers = futures_util::future::join_all(self.sentinels.iter().map(|s| async move {
             let asked = async {
                 let client = self.sentinel_client(s)?;
                 let mut con = client.get_multiplexed_async_connection().await?;
@@ -333,15 +364,24 @@ impl Target {
                     .await
             };
             match tokio::time::timeout(limit, asked).await {
-                Ok(Ok(reply)) => return Self::master_address(reply, &self.master_name),
-                Ok(Err(source)) => errors.push(ConnectError::Sentinel {
+                Ok(Ok(reply)) => Ok(reply),
+                Ok(Err(source)) => Err(ConnectError::Sentinel {
                     address: s.clone(),
                     source,
                 }),
-                Err(_) => errors.push(ConnectError::SentinelTimedOut { address: s.clone() }),
+                Err(_) => Err(ConnectError::SentinelTimedOut { address: s.clone() }),
+            }
+        }))
+        .await;
+        let reachable = answers.iter().filter(|a| a.is_ok()).count();
+        let mut errors = Vec::new();
+        for answer in answers {
+            match answer {
+                Ok(reply) => return (Self::master_address(reply, &self.master_name), reachable),
+                Err(e) => errors.push(e),
             }
         }
-        Err(ConnectError::NoSentinel(errors))
+        (Err(ConnectError::NoSentinel(errors)), reachable)
     }
 }
 

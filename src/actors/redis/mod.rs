@@ -36,7 +36,8 @@ use super::store::*;
 use crate::clock;
 use crate::config::RedisConfig;
 use crate::crypto::MasterKey;
-use crate::error::{Error, Result};
+use crate::error::{Error, RedisRefusal, Result};
+use crate::logfmt::{Repeated, Say};
 
 /// How often the connection is checked (and re-established) in the background.
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
@@ -120,6 +121,10 @@ struct Inner {
     connected: Arc<AtomicBool>,
     /// Whether Redis has answered once since start (`stats` says "not connected" before).
     answered: Arc<AtomicBool>,
+    /// The connection's outage going on, if any, so that the log says it once.
+    down: RefCell<Repeated>,
+    /// Refusals going on, by cause, so that the log says each once and then counts.
+    refusals: RefCell<std::collections::HashMap<(Kind, RedisRefusal), Repeated>>,
     /// Pool hashes already warned about (legacy values), so the log is not flooded.
     warned: RefCell<HashSet<String>>,
     /// Increments and consumes waiting for their batch.
@@ -142,14 +147,6 @@ pub fn describe_error(e: &redis::RedisError) -> String {
     }
 }
 
-/// Redis answered but cannot serve right now (loading its data after a restart, or
-/// failing over): the client should retry, so `unavailable` rather than `internal`.
-/// Inside a transaction the kind is ExecAbort; its message names the cause.
-fn is_transient(e: &redis::RedisError) -> bool {
-    matches!(e.retry_method(), redis::RetryMethod::WaitAndRetry)
-        || e.to_string().contains("BusyLoading")
-}
-
 fn is_connection_error(e: &redis::RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
 }
@@ -168,7 +165,7 @@ fn may_retry(e: &redis::RedisError, kind: Kind) -> bool {
 }
 
 /// Whether running a command twice is harmless.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Kind {
     Read,
     Write,
@@ -225,9 +222,8 @@ impl Inner {
         match outcome {
             Ok(Ok(v)) => {
                 self.answered.store(true, Ordering::Relaxed);
-                if !self.connected.swap(true, Ordering::Relaxed) {
-                    tracing::info!("redis connection is up");
-                }
+                self.mark_up();
+                self.refusals_end(kind);
                 Ok(v)
             }
             Ok(Err(e)) if is_connection_error(&e) => {
@@ -236,18 +232,14 @@ impl Inner {
                     "redis is unreachable; retry shortly".into(),
                 ))
             }
-            Ok(Err(e)) if is_transient(&e) => {
-                tracing::warn!(what, error = %e, "redis cannot serve right now (loading or failing over)");
-                Err(Error::Unavailable(
-                    "redis is loading its data or failing over; retry shortly".into(),
-                ))
-            }
             Ok(Err(e)) => {
-                // Server-side errors (WRONGTYPE, OOM, …) carry no request data.
-                tracing::error!(what, error = %e, "redis refused a command");
-                Err(Error::Internal(format!(
-                    "redis refused {what} (see the daemon log)"
-                )))
+                // Redis answered, so it is reachable; what it refused is said once
+                // per cause and then summed up (it may refuse every request).
+                self.answered.store(true, Ordering::Relaxed);
+                self.mark_up();
+                let refusal = RedisRefusal::of(&e);
+                self.refused(what, kind, refusal, &e);
+                Err(refusal.error(what))
             }
             Err(_) => {
                 self.mark_down(what, "timed out");
@@ -259,9 +251,89 @@ impl Inner {
         }
     }
 
+    /// Logs a refusal: the first of its cause at once, then a count at most once a
+    /// minute (server-side errors carry no request data).
+    fn refused(&self, what: &str, kind: Kind, refusal: RedisRefusal, e: &redis::RedisError) {
+        self.status.count_refusal(refusal);
+        let command = match kind {
+            Kind::Read => "a read",
+            Kind::Write => "a write",
+        };
+        let said = self
+            .refusals
+            .borrow_mut()
+            .entry((kind, refusal))
+            .or_default()
+            .hit(std::time::Instant::now());
+        match said {
+            Say::First => tracing::error!(what, error = %e,
+                "redis refused {command}: {}", refusal.cause()),
+            Say::Again { times, total } => tracing::error!(
+                what,
+                times,
+                total,
+                "redis still refuses: {}; {times} more refusals in the last minute",
+                refusal.cause()
+            ),
+            Say::Nothing => {}
+        }
+    }
+
+    /// Redis ran a command of `kind`: the refusals of such commands have ended (a
+    /// read that succeeds says nothing of writes refused for lack of memory).
+    fn refusals_end(&self, kind: Kind) {
+        let mut refusals = self.refusals.borrow_mut();
+        if refusals.is_empty() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        for ((k, refusal), streak) in refusals.iter_mut() {
+            if *k != kind {
+                continue;
+            }
+            if let Some((total, lasted)) = streak.end(now) {
+                tracing::info!(
+                    refusals = total,
+                    seconds = lasted.as_secs(),
+                    "redis accepts commands again after {total} refusals: {}",
+                    refusal.cause()
+                );
+            }
+        }
+        refusals.retain(|_, streak| streak.holds());
+    }
+
+    /// Redis answered: the connection is up (said when it was down, with how many
+    /// attempts failed meanwhile).
+    fn mark_up(&self) {
+        let was_up = self.connected.swap(true, Ordering::Relaxed);
+        let ended = self.down.borrow_mut().end(std::time::Instant::now());
+        match ended {
+            Some((failed, lasted)) => tracing::info!(
+                failed,
+                seconds = lasted.as_secs(),
+                "redis connection is up again after {failed} failed attempts"
+            ),
+            None if !was_up => tracing::info!("redis connection is up"),
+            None => {}
+        }
+    }
+
+    /// A command could not reach Redis: said when the connection goes down, then
+    /// counted (the health check tries every second) and summed up once a minute.
     fn mark_down(&self, what: &str, why: &str) {
-        if self.connected.swap(false, Ordering::Relaxed) {
-            tracing::warn!(what, why, "redis connection is down");
+        self.connected.store(false, Ordering::Relaxed);
+        let said = self.down.borrow_mut().hit(std::time::Instant::now());
+        match said {
+            Say::First => tracing::warn!(what, why, "redis connection is down"),
+            Say::Again { times, total } => tracing::warn!(
+                what,
+                why,
+                times,
+                total,
+                "redis connection is still down; {times} failed attempts in the last minute"
+            ),
+            Say::Nothing => {}
         }
     }
 
@@ -414,6 +486,63 @@ impl Inner {
         Ok(out)
     }
 
+    /// Every pool hash under the prefix (SCAN), then each pool's key ids and health
+    /// in one pipeline; only the counts leave.
+    async fn count_pool_keys(&self, _: CountPoolKeys) -> Result<Vec<PoolKeyCount>> {
+        let patterns = [
+            format!("{}:global_api_pool:*", self.names.prefix),
+            format!("{}:channel_api_pool:*", self.names.prefix),
+        ];
+        let mut hashes: Vec<String> = Vec::new();
+        for pattern in &patterns {
+            let found: Vec<String> = self
+                .bounded("scan pools", Kind::Read, |mut c| async move {
+                    let mut found = Vec::new();
+                    let mut iter = c.scan_match::<_, String>(pattern).await?;
+                    while let Some(name) = iter.next_item().await {
+                        found.push(name?);
+                    }
+                    Ok(found)
+                })
+                .await?;
+            hashes.extend(found);
+        }
+        hashes.sort();
+        hashes.dedup();
+        let pools: Vec<PoolRef> = hashes
+            .iter()
+            .filter_map(|h| crate::keyspace::pool_of(&self.names, h))
+            .collect();
+        if pools.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for pool in &pools {
+            pipe.hkeys(self.names.pool(pool))
+                .hgetall(self.names.pool_health(pool));
+        }
+        let replies: Vec<redis::Value> =
+            self.pipeline("count pool keys", Kind::Read, &pipe).await?;
+        let now = clock::now_s();
+        let mut out = Vec::with_capacity(pools.len());
+        for (pool, pair) in pools.into_iter().zip(replies.chunks_exact(2)) {
+            // A key of another type under the pattern answers an error: not a pool.
+            let (Ok(ids), Ok(health)) = (
+                redis::from_redis_value_ref::<Vec<String>>(&pair[0]),
+                redis::from_redis_value_ref::<std::collections::HashMap<String, String>>(&pair[1]),
+            ) else {
+                continue;
+            };
+            let mut count = PoolKeyCount::new(pool);
+            for id in &ids {
+                count.add(parse_health(health.get(id).map(String::as_str)).state(now));
+            }
+            out.push(count);
+        }
+        Ok(out)
+    }
+
     async fn report_pool_key(&self, msg: ReportPoolKey) -> Result<Option<Health>> {
         let health_hash = self.names.pool_health(&msg.pool);
         let keys = [
@@ -528,7 +657,11 @@ impl Inner {
     /// counted in `stats`). A failover thus heals within a health-check period of
     /// the sentinels' promotion.
     async fn follow_master(&self) {
-        let (host, port) = match self.target.ask_sentinels().await {
+        let (master, reachable) = self.target.ask_every_sentinel().await;
+        self.status
+            .sentinels_reachable
+            .store(reachable as u64, Ordering::Relaxed);
+        let (host, port) = match master {
             Ok(a) => a,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot ask the sentinels for the master now");
@@ -805,6 +938,9 @@ impl RedisStore {
     ) -> std::result::Result<Self, ConnectError> {
         let timeout = Duration::from_millis(config.timeout_ms.max(1));
         let status = Arc::new(RedisStatus::default());
+        status
+            .sentinels
+            .store(config.sentinels.len() as u64, Ordering::Relaxed);
         // With Sentinel, the master named now; if no sentinel answers, the URL's own
         // address stands in until the health check finds one.
         let first = if target.uses_sentinels() {
@@ -838,6 +974,8 @@ impl RedisStore {
                 connected,
                 answered: Arc::new(AtomicBool::new(false)),
                 warned: RefCell::new(HashSet::new()),
+                refusals: RefCell::default(),
+                down: RefCell::default(),
                 quota: quota::Batcher::new(),
                 report: redis::Script::new(REPORT_SCRIPT),
                 enable: redis::Script::new(ENABLE_SCRIPT),
@@ -886,6 +1024,7 @@ macro_rules! forward {
 
 forward!(AddPoolKey, (String, bool), add_pool_key);
 forward!(ReportPoolKey, Option<Health>, report_pool_key);
+forward!(CountPoolKeys, Vec<PoolKeyCount>, count_pool_keys);
 forward!(EnablePoolKey, bool, enable_pool_key);
 forward!(CountPicks, (), count_picks);
 forward!(RemovePoolKey, bool, remove_pool_key);

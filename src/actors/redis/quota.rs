@@ -37,6 +37,9 @@ return {0, n}
 /// {verdict_1, count_1, verdict_2, count_2, …}: verdict 1 allowed (counted), 0
 /// denied, 2 refused by Redis (a counter hash that is not a hash, say). A refused
 /// call fails alone: the others of its batch are applied and answered as usual.
+/// A refusal of the server's own (OOM, READONLY, NOPERM, MISCONF, …: any code but
+/// ERR and WRONGTYPE) refuses every write alike, so it ends the script as its error
+/// reply, which names the cause.
 const BATCH_SCRIPT: &str = r"
 local function apply(key, tool, limit, expiry)
   if limit ~= '' then
@@ -54,6 +57,11 @@ for i = 1, #KEYS do
   if ok then
     out[2 * i - 1], out[2 * i] = verdict, n
   else
+    local message = type(verdict) == 'table' and verdict.err or tostring(verdict)
+    local code = string.match(message, '^(%u+) ')
+    if code and code ~= 'ERR' and code ~= 'WRONGTYPE' then
+      return redis.error_reply(message)
+    end
     out[2 * i - 1], out[2 * i] = 2, 0
   end
 end
@@ -181,7 +189,7 @@ impl Inner {
                     let answer = match pair[0] {
                         0 | 1 => Ok((pair[0] == 1, pair[1])),
                         _ => {
-                            tracing::error!(hash = %call.hash, "redis refused a quota count (is that key a hash?)");
+                            tracing::error!(hash = %call.hash, "redis refused a quota count: the counter is not a hash of counts (WRONGTYPE or not a number); something else wrote it");
                             Err(Error::Internal(
                                 "redis refused the quota count (see the daemon log)".into(),
                             ))
