@@ -147,8 +147,9 @@ const MAN_SECTIONS: &[(&str, &[&str])] = &[
         &[
             "item:serve|0 after a clean shutdown; 1 when the start is refused (one line \
              on stderr says why); 2 for an unreadable or invalid config.",
-            "item:check-config|0 when serve would start with this config; 1 otherwise, \
-             with every problem listed on stderr.",
+            "item:check-config|serve's own: 0 when serve would start with this config; \
+             1 when it would refuse (every problem listed on stderr); 2 when the config \
+             itself is wrong (unreadable, not TOML, a bad value).",
             "item:call, metrics|0 only when every request got an ok answer; 1 when an \
              answer was an error; 2 when a request got no answer (the daemon could not be \
              reached, closed the connection, or did not answer within --timeout).",
