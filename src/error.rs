@@ -21,7 +21,7 @@ pub enum Error {
     #[error("{0}")]
     Forbidden(String),
     /// The line exceeded `server.max_line_bytes`.
-    #[error("request line longer than {0} bytes; closing the connection")]
+    #[error("request line longer than {0} bytes; it was skipped")]
     TooLarge(usize),
     /// A backing store needed for this op cannot be reached right now.
     #[error("{0}")]

@@ -20,7 +20,7 @@ use crate::app::App;
 use crate::error::{Error, Result};
 use crate::op::{looks_like_op, Op};
 use crate::ops;
-use crate::protocol::{parse_line, write_response, Body, Id, Line, LineCodec, LineError};
+use crate::protocol::{parse_line, write_response, Body, Frame, Id, Line, LineCodec, LineError};
 use crate::sequencer::Sequencer;
 
 /// Requests of one connection in flight at once. Past it the daemon stops reading
@@ -227,7 +227,7 @@ pub async fn run(app: Rc<App>, stream: UnixStream, peer: Peer, stop: Cancellatio
                 loop {
                     match frame {
                         None => reading = false,
-                        Some(Ok(mut line)) => {
+                        Some(Ok(Frame::Line(mut line))) => {
                             let mut sensitive = false;
                             if let Some(answer) = start(&app, &peer, &order, &line, &mut sensitive) {
                                 pending.push(answer);
@@ -240,13 +240,14 @@ pub async fn run(app: Rc<App>, stream: UnixStream, peer: Peer, stop: Cancellatio
                                 crate::protocol::scrub_stack();
                             }
                         }
-                        Some(Err(LineError::TooLong)) => {
-                            tracing::info!(uid = peer.uid, max_line, "request line too long; closing the connection");
+                        Some(Ok(Frame::TooLong)) => {
+                            // Answered in its place; the codec skips the rest of the
+                            // line and the connection goes on with the next one.
+                            tracing::info!(uid = peer.uid, max_line, "request line too long; skipped");
                             app.requests_total.fetch_add(1, Ordering::Relaxed);
                             app.metrics.record(None, "too_large", None);
                             let line = encoded(&None, &Err(Error::TooLarge(max_line)));
                             pending.push(Answer::Ready(line));
-                            reading = false;
                         }
                         Some(Err(LineError::Io(e))) => {
                             tracing::debug!(error = %e, "connection read failed");
