@@ -26,6 +26,10 @@ pub enum Error {
     /// A backing store needed for this op cannot be reached right now.
     #[error("{0}")]
     Unavailable(String),
+    /// The `idempotency_key` was already used (by this uid, within its TTL) for
+    /// another op or other parameters; nothing was applied.
+    #[error("this idempotency_key was already used for a different request; nothing was applied (use a fresh key for a new write)")]
+    IdempotencyConflict,
     /// Anything else.
     #[error("{0}")]
     Internal(String),
@@ -40,6 +44,7 @@ impl Error {
             Error::Forbidden(_) => "forbidden",
             Error::TooLarge(_) => "too_large",
             Error::Unavailable(_) => "unavailable",
+            Error::IdempotencyConflict => "idempotency_conflict",
             Error::Internal(_) => "internal",
         }
     }
@@ -92,6 +97,7 @@ mod tests {
             (Error::Forbidden("x".into()), "forbidden"),
             (Error::TooLarge(10), "too_large"),
             (Error::Unavailable("x".into()), "unavailable"),
+            (Error::IdempotencyConflict, "idempotency_conflict"),
             (Error::Internal("x".into()), "internal"),
         ];
         for (e, code) in cases {

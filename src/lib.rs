@@ -55,6 +55,7 @@ pub mod envelope;
 pub mod error;
 pub mod fleet;
 pub mod hardening;
+pub mod idempotency;
 pub mod keyspace;
 pub mod legacy;
 pub mod lock;

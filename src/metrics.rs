@@ -27,13 +27,15 @@ use crate::op::Op;
 pub const OTHER_OP: &str = "other";
 
 /// Every wire code, and `ok`.
-pub const CODES: [&str; 7] = [
+pub const CODES: [&str; 8] = [
     "ok",
     "bad_request",
     "unknown_op",
     "forbidden",
     "too_large",
     "unavailable",
+    "idempotency_conflict",
+    // Last: the code of anything not listed.
     "internal",
 ];
 
@@ -59,6 +61,9 @@ pub struct Metrics {
     cache_entries: Gauge,
     connections: Gauge,
     redis_up: Option<Gauge>,
+    /// Writes recorded and repeats replayed (`crate::idempotency::FIGURES`).
+    idempotency_recorded: Counter,
+    idempotency_replayed: Counter,
 }
 
 impl Metrics {
@@ -99,6 +104,17 @@ impl Metrics {
             "Open client connections",
             connections.clone(),
         );
+        let (idempotency_recorded, idempotency_replayed) = (Counter::default(), Counter::default());
+        registry.register(
+            "idempotency_recorded",
+            "Writes with an idempotency_key applied and recorded by this daemon",
+            idempotency_recorded.clone(),
+        );
+        registry.register(
+            "idempotency_replayed",
+            "Repeated writes answered from their record (nothing applied)",
+            idempotency_replayed.clone(),
+        );
         let redis_up = redis.then(|| {
             let g = Gauge::default();
             registry.register(
@@ -120,6 +136,8 @@ impl Metrics {
             cache_entries,
             connections,
             redis_up,
+            idempotency_recorded,
+            idempotency_replayed,
         }
     }
 
@@ -206,6 +224,13 @@ impl Metrics {
         if let Some(g) = &self.redis_up {
             g.set(i64::from(now.redis_up == Some(true)));
         }
+        let figures = &crate::idempotency::FIGURES;
+        self.idempotency_recorded
+            .inner()
+            .store(figures.recorded.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.idempotency_replayed
+            .inner()
+            .store(figures.replayed.load(Ordering::Relaxed), Ordering::Relaxed);
         let mut text = String::with_capacity(4096);
         encode(&mut text, &self.registry)
             .map_err(|_| Error::Internal("cannot encode the metrics".into()))?;

@@ -112,6 +112,72 @@ struct Members {
     limit: Option<Param>,
     outcome: Option<Param>,
     retry_after_s: Option<Param>,
+    idempotency_key: Option<Param>,
+}
+
+impl Param {
+    /// Appends an unambiguous encoding of the value (for fingerprints).
+    fn encode_into(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = match self {
+            Param::Str(s) => write!(out, "s{}:{s}", s.len()),
+            Param::Bool(b) => write!(out, "b{b}"),
+            Param::U64(n) => write!(out, "u{n}"),
+            // Never valid for any parameter: the request fails before it applies.
+            Param::OtherNumber => write!(out, "n"),
+            Param::Container => write!(out, "c"),
+        };
+    }
+}
+
+impl Members {
+    /// Every parameter member that was sent (not `id`, not `idempotency_key`), each
+    /// with its name, in one fixed order, encoded unambiguously. Zeroed on drop: it
+    /// holds `key`.
+    fn parameters_text(&self, op: &str) -> Zeroizing<String> {
+        let key = self.key.as_ref().map(|k| &k.0);
+        let members: [(&str, Option<&Param>); 14] = [
+            ("user_id", self.user_id.as_ref()),
+            ("service", self.service.as_ref()),
+            ("channel_id", self.channel_id.as_ref()),
+            ("key", key),
+            ("key_id", self.key_id.as_ref()),
+            ("label", self.label.as_ref()),
+            ("tool_name", self.tool_name.as_ref()),
+            ("fallback_to_pool", self.fallback_to_pool.as_ref()),
+            ("fallback_to_config", self.fallback_to_config.as_ref()),
+            ("daily_limit", self.daily_limit.as_ref()),
+            ("current", self.current.as_ref()),
+            ("limit", self.limit.as_ref()),
+            ("outcome", self.outcome.as_ref()),
+            ("retry_after_s", self.retry_after_s.as_ref()),
+        ];
+        // Room for everything up front: a growing string would leave copies of the
+        // key in memory it gives back.
+        let room = members
+            .iter()
+            .filter_map(|(_, v)| match v {
+                Some(Param::Str(s)) => Some(s.len() + 64),
+                Some(_) => Some(64),
+                None => None,
+            })
+            .sum::<usize>()
+            + op.len()
+            + 16;
+        let mut out = Zeroizing::new(String::with_capacity(room));
+        out.push_str("op=");
+        out.push_str(op);
+        out.push('\n');
+        for (name, value) in members {
+            if let Some(value) = value {
+                out.push_str(name);
+                out.push('=');
+                value.encode_into(&mut out);
+                out.push('\n');
+            }
+        }
+        out
+    }
 }
 
 /// One parsed request line: its `id`, its `op`, and the remaining members.
@@ -459,6 +525,23 @@ impl Request {
         self.params.key.is_some()
     }
 
+    /// `idempotency_key` (optional): 1–128 bytes, the rules of `user_id` (a string only).
+    pub fn idempotency_key(&mut self) -> Result<Option<String>> {
+        let k = take!(self.idempotency_key).opt_string()?;
+        if let Some(k) = &k {
+            check_ident("idempotency_key", k, 128)?;
+        }
+        Ok(k)
+    }
+
+    /// What a write's idempotency record is compared by: `op` and every parameter
+    /// sent, as text (zeroed on drop; it holds any `key`). Read it before the op
+    /// takes its parameters. The request's `id` is not part of it: a retry may
+    /// carry another id.
+    pub fn parameters_text(&self) -> Zeroizing<String> {
+        self.params.parameters_text(&self.op)
+    }
+
     /// Whether `user_id` was sent (and not null) and is still unread.
     pub fn has_user_id(&self) -> bool {
         self.params.user_id.is_some()
@@ -597,12 +680,21 @@ struct WireError<'a> {
 
 /// Appends the response line for `id` and `outcome`, with its `\n`, to `out`.
 pub fn write_response(out: &mut Vec<u8>, id: &Id, outcome: &Result<Body>) {
+    write_answer(out, id, outcome, false);
+}
+
+/// As [`write_response`]; `replayed` adds `"replayed":true` beside `ok` (a write's
+/// recorded answer, sent again for a repeat of its idempotency key).
+pub fn write_answer(out: &mut Vec<u8>, id: &Id, outcome: &Result<Body>, replayed: bool) {
     out.extend_from_slice(b"{\"id\":");
     out.extend_from_slice(id.as_deref().map_or("null", RawValue::get).as_bytes());
     match outcome {
         Ok(result) => {
             out.extend_from_slice(b",\"ok\":true,\"result\":");
             out.extend_from_slice(result);
+            if replayed {
+                out.extend_from_slice(b",\"replayed\":true");
+            }
         }
         Err(e) => {
             out.extend_from_slice(b",\"ok\":false,\"error\":");
@@ -772,6 +864,7 @@ mod tests {
             let _ = req.has_user_id();
             let _ = req.outcome();
             let _ = req.retry_after_s();
+            let _ = req.idempotency_key();
         }
 
         fn json_value() -> impl Strategy<Value = Value> {

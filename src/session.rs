@@ -20,7 +20,8 @@ use crate::app::App;
 use crate::error::{Error, Result};
 use crate::op::{looks_like_op, Op};
 use crate::ops;
-use crate::protocol::{parse_line, write_response, Body, Frame, Id, Line, LineCodec, LineError};
+use crate::ops::Reply;
+use crate::protocol::{parse_line, write_answer, Body, Frame, Id, Line, LineCodec, LineError};
 use crate::sequencer::Sequencer;
 
 /// Requests of one connection in flight at once. Past it the daemon stops reading
@@ -90,7 +91,17 @@ impl Answers {
 
 fn encoded(id: &Id, outcome: &Result<Body>) -> Body {
     let mut out = Zeroizing::new(Vec::with_capacity(96));
-    write_response(&mut out, id, outcome);
+    write_answer(&mut out, id, outcome, false);
+    out
+}
+
+/// The response line of an op's answer.
+fn answered(id: &Id, outcome: Result<Reply>) -> Body {
+    let mut out = Zeroizing::new(Vec::with_capacity(96));
+    match outcome {
+        Ok(Reply { body, replayed }) => write_answer(&mut out, id, &Ok(body), replayed),
+        Err(e) => write_answer(&mut out, id, &Err(e), false),
+    }
     out
 }
 
@@ -175,7 +186,7 @@ fn start(
                 micros = took.as_micros() as u64,
                 "request"
             );
-            encoded(&id, &outcome)
+            answered(&id, outcome)
         }
         .boxed_local(),
     ))

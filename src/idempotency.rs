@@ -1,0 +1,218 @@
+//! Idempotency keys on writes: a write sent with `idempotency_key` is applied once per
+//! (peer uid, key) within `server.idempotency_ttl_s`; a repeat answers the first
+//! answer, marked replayed. The record is written by the store in the same
+//! transaction (SQLite) or script (Redis) as the write itself, so there is never a
+//! write without its record, nor a record without its write.
+//!
+//! A record holds a keyed fingerprint of the op and its parameters (never a key) and
+//! the store's answer to the write (counts, flags, key ids: never a key).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::clock;
+use crate::error::{Error, Result};
+
+/// Records the embedded store keeps at most; past it the oldest go first (each still
+/// expires after the TTL). Redis bounds its records by their TTL alone.
+pub const MAX_RECORDS: i64 = 100_000;
+
+/// How often (seconds) the embedded store drops expired records.
+const PRUNE_EVERY_S: i64 = 60;
+
+/// One write's idempotency key, as the store needs it.
+#[derive(Clone, Debug)]
+pub struct Idem {
+    /// The peer's uid: keys of different uids never meet.
+    pub uid: u32,
+    /// `idempotency_key` as sent (1–128 bytes, the rules of `user_id`).
+    pub key: String,
+    /// Keyed hash (hex) of the op and its parameters.
+    pub fingerprint: String,
+    /// `server.idempotency_ttl_s` when the write was received.
+    pub ttl_s: u64,
+}
+
+/// A write's answer from a store, and whether it is the recorded answer of an
+/// earlier request with the same idempotency key (then nothing was applied now).
+#[derive(Debug)]
+pub struct Written<T> {
+    pub value: T,
+    pub replayed: bool,
+}
+
+impl<T> Written<T> {
+    /// Applied now.
+    pub fn fresh(value: T) -> Self {
+        Written {
+            value,
+            replayed: false,
+        }
+    }
+
+    /// The same flag around another value.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Written<U> {
+        Written {
+            value: f(self.value),
+            replayed: self.replayed,
+        }
+    }
+}
+
+/// What a recorded answer is compared with.
+pub enum Found {
+    /// Same fingerprint: the recorded answer (JSON).
+    Replay(String),
+    /// Same key, other op or parameters.
+    Conflict,
+}
+
+/// Counters for `stats` and metrics.
+#[derive(Default)]
+pub struct Figures {
+    /// Writes recorded by this daemon.
+    pub recorded: AtomicU64,
+    /// Repeats answered from a record.
+    pub replayed: AtomicU64,
+    /// Repeats refused with `idempotency_conflict`.
+    pub conflicts: AtomicU64,
+    /// Embedded mode: records held in the keystore file after the last prune.
+    pub records: AtomicU64,
+}
+
+/// This process's counters (one daemon per process).
+pub static FIGURES: Figures = Figures {
+    recorded: AtomicU64::new(0),
+    replayed: AtomicU64::new(0),
+    conflicts: AtomicU64::new(0),
+    records: AtomicU64::new(0),
+};
+
+/// The error a conflicting repeat answers, counted.
+pub fn conflict(idem: &Idem) -> Error {
+    FIGURES.conflicts.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(
+        uid = idem.uid,
+        "idempotency key reused with other parameters"
+    );
+    Error::IdempotencyConflict
+}
+
+/// Decodes a recorded answer.
+pub fn decode<T: DeserializeOwned>(answer: &str) -> Result<T> {
+    serde_json::from_str(answer).map_err(|e| {
+        tracing::error!(error = %e, "an idempotency record does not decode");
+        Error::Internal("an idempotency record does not decode (see the daemon log)".into())
+    })
+}
+
+/// Decodes a recorded answer, counting the replay.
+pub fn replay<T: DeserializeOwned>(answer: &str) -> Result<Written<T>> {
+    let value = decode(answer)?;
+    FIGURES.replayed.fetch_add(1, Ordering::Relaxed);
+    Ok(Written {
+        value,
+        replayed: true,
+    })
+}
+
+/// Encodes an answer for its record.
+pub fn encode<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+/// The embedded records' table; created by each connection that writes records.
+pub fn create_table(db: &Connection) -> rusqlite::Result<()> {
+    db.execute_batch(
+        "CREATE TABLE IF NOT EXISTS idempotency (
+            uid INTEGER NOT NULL,
+            key TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            answer TEXT NOT NULL,
+            expires_at INTEGER NOT NULL,
+            PRIMARY KEY (uid, key)
+        ) WITHOUT ROWID;
+        CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_at);",
+    )
+}
+
+/// Runs `apply` once per idempotency key on `db`: with a key, in one `IMMEDIATE`
+/// transaction that first looks for a live record (a replay or a conflict then
+/// applies nothing), else applies and, when `worth_recording` says the answer
+/// changed something, records it. Two connections with the same key are serialised
+/// by the transaction. Without a key, `apply` runs as it is.
+pub fn once<T: Serialize + DeserializeOwned>(
+    db: &Connection,
+    idem: Option<&Idem>,
+    worth_recording: impl FnOnce(&T) -> bool,
+    apply: impl FnOnce() -> Result<T>,
+) -> Result<Written<T>> {
+    let Some(idem) = idem else {
+        return apply().map(Written::fresh);
+    };
+    let tx = rusqlite::Transaction::new_unchecked(db, TransactionBehavior::Immediate)?;
+    let now = clock::now_s();
+    let found: Option<(String, String)> = db
+        .prepare_cached(
+            "SELECT fingerprint, answer FROM idempotency
+             WHERE uid = ?1 AND key = ?2 AND expires_at > ?3",
+        )?
+        .query_row(params![idem.uid, idem.key, now], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    if let Some((fingerprint, answer)) = found {
+        return if fingerprint == idem.fingerprint {
+            replay(&answer)
+        } else {
+            Err(conflict(idem))
+        };
+    }
+    let value = apply()?;
+    if worth_recording(&value) {
+        let expires = now.saturating_add(i64::try_from(idem.ttl_s).unwrap_or(i64::MAX));
+        db.prepare_cached(
+            "INSERT OR REPLACE INTO idempotency (uid, key, fingerprint, answer, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![
+            idem.uid,
+            idem.key,
+            idem.fingerprint,
+            encode(&value),
+            expires
+        ])?;
+        FIGURES.recorded.fetch_add(1, Ordering::Relaxed);
+        // Recounted exactly by the next prune.
+        FIGURES.records.fetch_add(1, Ordering::Relaxed);
+    }
+    tx.commit()?;
+    Ok(Written::fresh(value))
+}
+
+/// Drops expired records, and the oldest past [`MAX_RECORDS`], at most once per
+/// [`PRUNE_EVERY_S`] (`last` is when it last ran); notes how many are left.
+pub fn prune(db: &Connection, last: &mut i64) -> Result<()> {
+    let now = clock::now_s();
+    if now - *last < PRUNE_EVERY_S {
+        return Ok(());
+    }
+    *last = now;
+    db.prepare_cached("DELETE FROM idempotency WHERE expires_at <= ?1")?
+        .execute(params![now])?;
+    let held: i64 = db.query_row("SELECT count(*) FROM idempotency", [], |r| r.get(0))?;
+    if held > MAX_RECORDS {
+        db.prepare_cached(
+            "DELETE FROM idempotency WHERE (uid, key) IN
+             (SELECT uid, key FROM idempotency ORDER BY expires_at LIMIT ?1)",
+        )?
+        .execute(params![held - MAX_RECORDS])?;
+    }
+    FIGURES
+        .records
+        .store(held.clamp(0, MAX_RECORDS) as u64, Ordering::Relaxed);
+    Ok(())
+}
