@@ -676,6 +676,8 @@ pub fn body<T: Serialize>(result: &T) -> Result<Body> {
 struct WireError<'a> {
     code: &'a str,
     message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    applied: Option<bool>,
 }
 
 /// Appends the response line for `id` and `outcome`, with its `\n`, to `out`.
@@ -701,6 +703,7 @@ pub fn write_answer(out: &mut Vec<u8>, id: &Id, outcome: &Result<Body>, replayed
             let wire = WireError {
                 code: e.code(),
                 message: e.to_string(),
+                applied: e.applied(),
             };
             if serde_json::to_writer(&mut *out, &wire).is_err() {
                 out.extend_from_slice(br#"{"code":"internal","message":"encoding failed"}"#);

@@ -192,6 +192,49 @@ fn start(
     ))
 }
 
+/// At shutdown: the complete lines already read from the socket but not started
+/// (waiting in the read buffer) are answered `unavailable` with `"applied": false`,
+/// in order after the requests in flight, so a client knows what did not run. A
+/// last line without its newline was not fully sent and gets no answer.
+fn refuse_buffered(
+    app: &App,
+    lines: &mut FramedRead<tokio::net::unix::OwnedReadHalf, LineCodec>,
+    pending: &mut Answers,
+) {
+    use tokio_util::codec::Decoder;
+    let mut buf = std::mem::take(lines.read_buffer_mut());
+    let mut refused = 0u64;
+    while let Ok(Some(frame)) = lines.decoder_mut().decode(&mut buf) {
+        let error = match frame {
+            Frame::TooLong => Error::TooLarge(app.config().server.max_line_bytes),
+            Frame::Line(mut line) => {
+                let parsed = parse_line(&line);
+                line[..].zeroize();
+                match parsed {
+                    Line::Blank => continue,
+                    Line::Invalid { id, error } => {
+                        pending.push(Answer::Ready(encoded(&id, &Err(error))));
+                        continue;
+                    }
+                    Line::Request(req) => {
+                        refused += 1;
+                        app.metrics.record(None, "unavailable", None);
+                        pending.push(Answer::Ready(encoded(&req.id, &Err(Error::ShuttingDown))));
+                        continue;
+                    }
+                }
+            }
+        };
+        pending.push(Answer::Ready(encoded(&None, &Err(error))));
+    }
+    crate::protocol::scrub_stack();
+    *lines.read_buffer_mut() = buf;
+    if refused > 0 {
+        app.requests_total.fetch_add(refused, Ordering::Relaxed);
+        tracing::info!(refused, "shutting down: requests read but not started were answered unavailable (applied: false)");
+    }
+}
+
 /// Serves one accepted connection until EOF, error, idle timeout or shutdown.
 pub async fn run(app: Rc<App>, stream: UnixStream, peer: Peer, stop: CancellationToken) {
     let config = app.config();
@@ -229,6 +272,12 @@ pub async fn run(app: Rc<App>, stream: UnixStream, peer: Peer, stop: Cancellatio
                     break;
                 }
                 idle_deadline.as_mut().reset(tokio::time::Instant::now() + idle);
+            }
+            // Before reading: a client that never pauses must not keep its
+            // connection from seeing the shutdown.
+            () = stop.cancelled(), if reading => {
+                reading = false;
+                refuse_buffered(&app, &mut lines, &mut pending);
             }
             frame = lines.next(), if reading && pending.len() < MAX_IN_FLIGHT => {
                 idle_deadline.as_mut().reset(tokio::time::Instant::now() + idle);
@@ -278,7 +327,6 @@ pub async fn run(app: Rc<App>, stream: UnixStream, peer: Peer, stop: Cancellatio
                 tracing::debug!(uid = peer.uid, "idle connection closed");
                 break;
             }
-            () = stop.cancelled(), if reading => reading = false,
         }
     }
     // Whatever the client sent and was not answered (a cut-off line) is wiped too.

@@ -387,7 +387,58 @@ fn max_connections_refuses_the_extra_client(mode: Mode) {
     });
 }
 
+/// SIGTERM while a client pipelines writes: every answer is either ok (applied) or
+/// `unavailable` with `applied: false`, and after a restart the stored count is the
+/// number of ok answers: no answer was ambiguous, nothing unanswered was applied.
+fn shutdown_answers_are_never_ambiguous(mode: Mode) {
+    let mut d = TestDaemon::start_with(mode, "", &[]);
+    let mut c = d.client();
+    let n = 3000;
+    let batch: String = (0..n)
+        .map(|i| {
+            format!(
+                "{}\n",
+                json!({"op": "consume_default_key_usage", "id": i, "user_id": "stop",
+                    "tool_name": "t", "daily_limit": 1_000_000})
+            )
+        })
+        .collect();
+    let writer = c.send_in_background(batch);
+    for i in 0..50 {
+        assert_eq!(c.recv()["id"], i);
+    }
+    d.signal(libc::SIGTERM);
+    let mut ok = 50u64;
+    let mut refused = 0u64;
+    for r in c.recv_until_closed() {
+        if r["ok"] == true {
+            ok += 1;
+            assert_eq!(r["result"]["current_count"], ok, "{r}");
+        } else {
+            assert_eq!(r["error"]["code"], "unavailable", "{r}");
+            assert_eq!(r["error"]["applied"], false, "{r}");
+            assert!(r["id"].is_u64(), "a refused line keeps its id: {r}");
+            refused += 1;
+        }
+    }
+    // The daemon stops reading at shutdown: the rest of the batch may not go out.
+    let _ = writer.join().unwrap();
+    assert!(d.wait_exit().success());
+    d.spawn();
+    d.wait_ready();
+    let r = d
+        .client()
+        .ok(json!({"op": "check_default_key_limit", "user_id": "stop",
+        "tool_name": "t", "daily_limit": 1_000_000}));
+    assert_eq!(
+        r["current_count"].as_u64().unwrap(),
+        ok,
+        "{refused} refused"
+    );
+}
+
 in_every_mode!(
+    shutdown_answers_are_never_ambiguous,
     ping_answers_with_version,
     ids_are_echoed_verbatim,
     malformed_lines_get_one_error_each_and_connection_survives,
