@@ -201,18 +201,124 @@ pub fn prune(db: &Connection, last: &mut i64) -> Result<()> {
         return Ok(());
     }
     *last = now;
+    prune_to(db, now, MAX_RECORDS)
+}
+
+/// Drops the records expired at `now`, then the oldest past `cap`.
+fn prune_to(db: &Connection, now: i64, cap: i64) -> Result<()> {
     db.prepare_cached("DELETE FROM idempotency WHERE expires_at <= ?1")?
         .execute(params![now])?;
     let held: i64 = db.query_row("SELECT count(*) FROM idempotency", [], |r| r.get(0))?;
-    if held > MAX_RECORDS {
+    if held > cap {
         db.prepare_cached(
             "DELETE FROM idempotency WHERE (uid, key) IN
              (SELECT uid, key FROM idempotency ORDER BY expires_at LIMIT ?1)",
         )?
-        .execute(params![held - MAX_RECORDS])?;
+        .execute(params![held - cap])?;
     }
     FIGURES
         .records
-        .store(held.clamp(0, MAX_RECORDS) as u64, Ordering::Relaxed);
+        .store(held.clamp(0, cap) as u64, Ordering::Relaxed);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db() -> Connection {
+        let db = Connection::open_in_memory().unwrap();
+        create_table(&db).unwrap();
+        db.execute_batch("CREATE TABLE n (v INTEGER); INSERT INTO n VALUES (0);")
+            .unwrap();
+        db
+    }
+
+    fn idem(uid: u32, key: &str, fingerprint: &str) -> Idem {
+        Idem {
+            uid,
+            key: key.into(),
+            fingerprint: fingerprint.into(),
+            ttl_s: 600,
+        }
+    }
+
+    /// Adds one to the counter and answers it, as a write does.
+    fn bump(db: &Connection) -> Result<i64> {
+        Ok(db.query_row("UPDATE n SET v = v + 1 RETURNING v", [], |r| r.get(0))?)
+    }
+
+    fn value(db: &Connection) -> i64 {
+        db.query_row("SELECT v FROM n", [], |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn a_repeat_is_replayed_and_applies_nothing() {
+        let db = db();
+        let k = idem(1, "k", "f1");
+        let first = once(&db, Some(&k), |_| true, || bump(&db)).unwrap();
+        assert_eq!((first.value, first.replayed), (1, false));
+        let again = once(&db, Some(&k), |_| true, || bump(&db)).unwrap();
+        assert_eq!((again.value, again.replayed), (1, true));
+        assert_eq!(value(&db), 1);
+        // Another uid with the same key is its own write.
+        let other = once(&db, Some(&idem(2, "k", "f1")), |_| true, || bump(&db)).unwrap();
+        assert_eq!((other.value, other.replayed), (2, false));
+        // Without a key every call applies.
+        once(&db, None, |_: &i64| true, || bump(&db)).unwrap();
+        assert_eq!(value(&db), 3);
+    }
+
+    #[test]
+    fn other_parameters_conflict_and_apply_nothing() {
+        let db = db();
+        once(&db, Some(&idem(1, "k", "f1")), |_| true, || bump(&db)).unwrap();
+        let e = once(&db, Some(&idem(1, "k", "f2")), |_| true, || bump(&db)).unwrap_err();
+        assert_eq!(e.code(), "idempotency_conflict");
+        assert_eq!(value(&db), 1);
+    }
+
+    #[test]
+    fn errors_and_unrecorded_answers_leave_no_record() {
+        let db = db();
+        let k = idem(1, "k", "f1");
+        let e = once(
+            &db,
+            Some(&k),
+            |_: &i64| true,
+            || {
+                bump(&db)?;
+                Err(Error::Unavailable("x".into()))
+            },
+        );
+        assert!(e.is_err());
+        assert_eq!(value(&db), 0, "the failed write is rolled back");
+        once(&db, Some(&k), |_| false, || bump(&db)).unwrap();
+        let second = once(&db, Some(&k), |_| true, || bump(&db)).unwrap();
+        assert_eq!((second.value, second.replayed), (2, false));
+    }
+
+    #[test]
+    fn expired_records_are_ignored_and_pruned_and_the_cap_holds() {
+        let db = db();
+        let mut short = idem(1, "old", "f1");
+        short.ttl_s = 0;
+        once(&db, Some(&short), |_| true, || bump(&db)).unwrap();
+        let again = once(&db, Some(&short), |_| true, || bump(&db)).unwrap();
+        assert!(!again.replayed, "an expired record is not replayed");
+        for i in 0..5 {
+            once(
+                &db,
+                Some(&idem(1, &format!("k{i}"), "f")),
+                |_| true,
+                || bump(&db),
+            )
+            .unwrap();
+        }
+        prune_to(&db, clock::now_s(), 3).unwrap();
+        let held: i64 = db
+            .query_row("SELECT count(*) FROM idempotency", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(held, 3);
+    }
 }

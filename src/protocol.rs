@@ -833,6 +833,44 @@ mod tests {
     }
 
     #[test]
+    fn parameters_text_leaves_out_id_and_the_idempotency_key() {
+        let text = |line: &str| req(line).parameters_text().to_string();
+        let a = text(r#"{"op":"x","id":1,"user_id":"u","tool_name":"t","idempotency_key":"k1"}"#);
+        let b =
+            text(r#"{"tool_name":"t","idempotency_key":"k2","user_id":"u","op":"x","id":"other"}"#);
+        assert_eq!(a, b, "member order, id and the key itself do not matter");
+        assert_ne!(a, text(r#"{"op":"y","user_id":"u","tool_name":"t"}"#));
+        assert_ne!(
+            a,
+            text(r#"{"op":"x","user_id":"u","tool_name":"t","daily_limit":3}"#)
+        );
+        // Lengths keep values apart from what follows them.
+        assert_ne!(
+            text(r#"{"op":"x","user_id":"a","service":"b"}"#),
+            text(r#"{"op":"x","user_id":"a\nservice=s1:b"}"#)
+        );
+        let mut r = req(r#"{"op":"x","idempotency_key":"a b"}"#);
+        let e = r.idempotency_key().unwrap_err().to_string();
+        assert!(e.contains("idempotency_key"), "{e}");
+    }
+
+    #[test]
+    fn replayed_answers_say_so_and_shutdown_refusals_say_not_applied() {
+        let mut out = Vec::new();
+        write_answer(&mut out, &None, &Ok(body(&1).unwrap()), true);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            (v["ok"].clone(), v["replayed"].clone()),
+            (true.into(), true.into())
+        );
+        let mut out = Vec::new();
+        write_response(&mut out, &None, &Err(Error::ShuttingDown));
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["error"]["code"], "unavailable");
+        assert_eq!(v["error"]["applied"], false);
+    }
+
+    #[test]
     fn response_shape() {
         let mut out = Vec::new();
         let id = Some(RawValue::from_string(r#""a""#.into()).unwrap());

@@ -48,8 +48,11 @@ impl Reply {
 /// A write's `idempotency_key`, if it was sent, with the fingerprint of the request
 /// (its op and parameters, under a key derived from the master key: a record never
 /// holds a key, nor anything a key could be guessed from). Read before the op takes
-/// its parameters.
-fn idempotency(app: &App, peer: &Peer, req: &mut Request) -> Result<Option<Idem>> {
+/// its parameters. Reads ignore the member.
+fn idempotency(app: &App, peer: &Peer, op: Op, req: &mut Request) -> Result<Option<Idem>> {
+    if !op.writes() {
+        return Ok(None);
+    }
     let Some(key) = req.idempotency_key()? else {
         return Ok(None);
     };
@@ -76,12 +79,7 @@ pub async fn dispatch(app: &App, peer: &Peer, op: Op, req: &mut Request) -> Resu
             peer.gid
         )))
     } else {
-        let idem = if op.writes() {
-            idempotency(app, peer, req)
-        } else {
-            Ok(None)
-        };
-        match idem {
+        match idempotency(app, peer, op, req) {
             Ok(idem) => run(app, op, req, idem).await,
             Err(e) => Err(e),
         }
