@@ -250,8 +250,9 @@ pub fn call(socket: &Path, requests: Vec<String>) -> i32 {
     });
     match sent {
         Ok(()) => code,
-        // The daemon closes the connection after `too_large` or a refused peer, so the
-        // rest could not be sent: that is the error answer already counted.
+        // The daemon closes the connection after refusing the peer (or, shutting
+        // down, stops reading), so the rest could not be sent: that is the error
+        // answer already counted.
         _ if code == 1 => 1,
         _ => {
             eprintln!(

@@ -194,14 +194,17 @@ pub fn once<T: Serialize + DeserializeOwned>(
 }
 
 /// Drops expired records, and the oldest past [`MAX_RECORDS`], at most once per
-/// [`PRUNE_EVERY_S`] (`last` is when it last ran); notes how many are left.
-pub fn prune(db: &Connection, last: &mut i64) -> Result<()> {
+/// [`PRUNE_EVERY_S`] (`last` is when it last ran); notes how many are left. A
+/// failure is logged: it must not fail the write that came along.
+pub fn prune(db: &Connection, last: &mut i64) {
     let now = clock::now_s();
     if now - *last < PRUNE_EVERY_S {
-        return Ok(());
+        return;
     }
     *last = now;
-    prune_to(db, now, MAX_RECORDS)
+    if let Err(e) = prune_to(db, now, MAX_RECORDS) {
+        tracing::warn!(error = %e, "expired idempotency records not dropped this time");
+    }
 }
 
 /// Drops the records expired at `now`, then the oldest past `cap`.

@@ -10,7 +10,7 @@ use super::store::*;
 use crate::clock;
 use crate::crypto::{MasterKey, Place};
 use crate::error::Result;
-use crate::idempotency::{self, once, Written};
+use crate::idempotency::{self, once, Idem, Written};
 
 /// Owns pools and quota counters in SQLite.
 pub struct SqliteStore {
@@ -40,12 +40,18 @@ impl SqliteStore {
         }
     }
 
-    /// Drops expired idempotency records now and then (before a write that records).
-    fn prune(&mut self, idem: Option<&idempotency::Idem>) -> Result<()> {
-        match idem {
-            Some(_) => idempotency::prune(&self.db, &mut self.pruned_at),
-            None => Ok(()),
+    /// Runs `apply` once per idempotency key (see [`once`]), dropping expired
+    /// records now and then before a write that records.
+    fn once<T: serde::Serialize + serde::de::DeserializeOwned>(
+        &mut self,
+        idem: Option<&Idem>,
+        worth_recording: impl FnOnce(&T) -> bool,
+        apply: impl FnOnce(&Self) -> Result<T>,
+    ) -> Result<Written<T>> {
+        if idem.is_some() {
+            idempotency::prune(&self.db, &mut self.pruned_at);
         }
+        once(&self.db, idem, worth_recording, || apply(self))
     }
 
     /// Today's day for pool counters, dropping those older than `COUNTER_DAYS` the
@@ -205,13 +211,7 @@ impl Handler<AddPoolKey> for SqliteStore {
     type Result = Result<Written<(String, bool)>>;
 
     fn handle(&mut self, msg: AddPoolKey, _: &mut Self::Context) -> Self::Result {
-        self.prune(msg.idem.as_ref())?;
-        once(
-            &self.db,
-            msg.idem.as_ref(),
-            |_| true,
-            || self.add_pool_key(&msg),
-        )
+        self.once(msg.idem.as_ref(), |_| true, |s| s.add_pool_key(&msg))
     }
 }
 
@@ -243,13 +243,7 @@ impl Handler<RemovePoolKey> for SqliteStore {
     type Result = Result<Written<bool>>;
 
     fn handle(&mut self, msg: RemovePoolKey, _: &mut Self::Context) -> Self::Result {
-        self.prune(msg.idem.as_ref())?;
-        once(
-            &self.db,
-            msg.idem.as_ref(),
-            |_| true,
-            || self.remove_pool_key(&msg),
-        )
+        self.once(msg.idem.as_ref(), |_| true, |s| s.remove_pool_key(&msg))
     }
 }
 
@@ -286,10 +280,9 @@ impl Handler<ReportPoolKey> for SqliteStore {
     /// report on a key the pool does not have applied nothing and is not recorded.
     fn handle(&mut self, msg: ReportPoolKey, _: &mut Self::Context) -> Self::Result {
         let day = self.pool_counts_today()?;
-        self.prune(msg.idem.as_ref())?;
         if msg.idem.is_some() {
-            return once(&self.db, msg.idem.as_ref(), Option::is_some, || {
-                self.report_pool_key(&day, &msg)
+            return self.once(msg.idem.as_ref(), Option::is_some, |s| {
+                s.report_pool_key(&day, &msg)
             });
         }
         let tx = self.db.unchecked_transaction()?;
@@ -333,13 +326,7 @@ impl Handler<EnablePoolKey> for SqliteStore {
     type Result = Result<Written<bool>>;
 
     fn handle(&mut self, msg: EnablePoolKey, _: &mut Self::Context) -> Self::Result {
-        self.prune(msg.idem.as_ref())?;
-        once(
-            &self.db,
-            msg.idem.as_ref(),
-            |_| true,
-            || self.enable_pool_key(&msg),
-        )
+        self.once(msg.idem.as_ref(), |_| true, |s| s.enable_pool_key(&msg))
     }
 }
 
@@ -456,12 +443,10 @@ impl Handler<IncrementUsage> for SqliteStore {
 
     fn handle(&mut self, msg: IncrementUsage, _: &mut Self::Context) -> Self::Result {
         let day = self.today()?;
-        self.prune(msg.idem.as_ref())?;
-        once(
-            &self.db,
+        self.once(
             msg.idem.as_ref(),
             |_| true,
-            || self.increment_usage(&day, &msg),
+            |s| s.increment_usage(&day, &msg),
         )
     }
 }
@@ -484,13 +469,7 @@ impl Handler<ConsumeUsage> for SqliteStore {
 
     fn handle(&mut self, msg: ConsumeUsage, _: &mut Self::Context) -> Self::Result {
         let day = self.today()?;
-        self.prune(msg.idem.as_ref())?;
-        once(
-            &self.db,
-            msg.idem.as_ref(),
-            |_| true,
-            || self.consume_usage(&day, &msg),
-        )
+        self.once(msg.idem.as_ref(), |_| true, |s| s.consume_usage(&day, &msg))
     }
 }
 

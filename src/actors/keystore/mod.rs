@@ -68,12 +68,18 @@ impl Keystore {
         }
     }
 
-    /// Drops expired idempotency records now and then (before a write that records).
-    fn prune(&mut self, idem: Option<&Idem>) -> Result<()> {
-        match idem {
-            Some(_) => idempotency::prune(&self.db, &mut self.pruned_at),
-            None => Ok(()),
+    /// Runs `apply` once per idempotency key (see [`once`]), dropping expired
+    /// records now and then before a write that records.
+    fn once<T: serde::Serialize + serde::de::DeserializeOwned>(
+        &mut self,
+        idem: Option<&Idem>,
+        worth_recording: impl FnOnce(&T) -> bool,
+        apply: impl FnOnce(&Self) -> Result<T>,
+    ) -> Result<Written<T>> {
+        if idem.is_some() {
+            idempotency::prune(&self.db, &mut self.pruned_at);
         }
+        once(&self.db, idem, worth_recording, || apply(self))
     }
 }
 
@@ -160,9 +166,8 @@ impl Handler<ReportUserKey> for Keystore {
 
     /// A report on a user without a key applied nothing and is not recorded.
     fn handle(&mut self, msg: ReportUserKey, _: &mut Self::Context) -> Self::Result {
-        self.prune(msg.idem.as_ref())?;
-        once(&self.db, msg.idem.as_ref(), Option::is_some, || {
-            self.report_user_key(&msg)
+        self.once(msg.idem.as_ref(), Option::is_some, |s| {
+            s.report_user_key(&msg)
         })
     }
 }
@@ -208,12 +213,10 @@ impl Handler<StoreUserKey> for Keystore {
     type Result = Result<Written<()>>;
 
     fn handle(&mut self, msg: StoreUserKey, _: &mut Self::Context) -> Self::Result {
-        self.prune(msg.idem.as_ref())?;
-        once(
-            &self.db,
+        self.once(
             msg.idem.as_ref(),
             |_| true,
-            || store_user_key(&self.db, &self.key, &msg.user_id, &msg.service, &msg.key),
+            |s| store_user_key(&s.db, &s.key, &msg.user_id, &msg.service, &msg.key),
         )
     }
 }
@@ -232,13 +235,11 @@ impl Handler<DeleteUserKey> for Keystore {
     type Result = Result<Written<bool>>;
 
     fn handle(&mut self, msg: DeleteUserKey, _: &mut Self::Context) -> Self::Result {
-        self.prune(msg.idem.as_ref())?;
-        once(
-            &self.db,
+        self.once(
             msg.idem.as_ref(),
             |_| true,
-            || {
-                let n = self
+            |s| {
+                let n = s
                     .db
                     .prepare_cached("DELETE FROM user_keys WHERE user_id = ?1 AND service = ?2")?
                     .execute(params![msg.user_id, msg.service])?;
