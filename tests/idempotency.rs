@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{call_as, open_up, Client, Mode, TestDaemon};
+use common::{call_as, contains, files_below, open_up, Client, Mode, TestDaemon, CANARY};
 use serde_json::{json, Value};
 
 /// Today's count of `tool` for `user`, read without counting.
@@ -119,6 +119,11 @@ fn replay_answers_the_first_answer_and_applies_nothing(mode: Mode) {
     let figures = &stats["idempotency"];
     assert_eq!(figures["replayed"], 9, "{stats}");
     assert!(figures["recorded"].as_u64().unwrap() >= 8, "{stats}");
+    let metrics = c.ok(json!({"op": "metrics"}))["text"].to_string();
+    assert!(
+        metrics.contains("apikeyd_idempotency_replayed_total 9"),
+        "{metrics}"
+    );
     // Reads ignore the member.
     c.ok(json!({"op": "ping", "idempotency_key": "k-consume"}));
 }
@@ -215,7 +220,47 @@ fn concurrent_repeats_apply_once(mode: Mode) {
     assert_eq!(count(&mut clients[0], "u1", "search"), 1);
 }
 
+/// A record never holds a key: neither the keystore file (and its WAL) nor Redis
+/// has the key in clear after writes that carried it with an idempotency key; in
+/// Redis the record expires with the TTL.
+fn records_hold_no_key(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    let mut c = d.client();
+    twice(
+        &mut c,
+        json!({"op": "set_user_api_key", "user_id": "canary", "service": "openai",
+        "key": CANARY, "idempotency_key": "k-canary"}),
+    );
+    twice(
+        &mut c,
+        json!({"op": "add_pool_key", "service": "openai", "key": CANARY,
+        "idempotency_key": "k-canary-pool"}),
+    );
+    for (path, bytes) in files_below(d.dir.path()) {
+        assert!(
+            !contains(&bytes, CANARY.as_bytes()),
+            "{} holds the key",
+            path.display()
+        );
+    }
+    if let Some(redis) = &d.redis {
+        let mut con = redis.conn();
+        let names: Vec<String> = redis::cmd("KEYS")
+            .arg("stargazer:apikeyd:idempotency:*")
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(names.len(), 2, "{names:?}");
+        for name in names {
+            let value: Vec<u8> = redis::cmd("GET").arg(&name).query(&mut con).unwrap();
+            assert!(!contains(&value, CANARY.as_bytes()), "{name} holds the key");
+            let ttl: i64 = redis::cmd("TTL").arg(&name).query(&mut con).unwrap();
+            assert!((1..=600).contains(&ttl), "{name}: TTL {ttl}");
+        }
+    }
+}
+
 in_every_mode!(
+    records_hold_no_key,
     replay_answers_the_first_answer_and_applies_nothing,
     same_key_other_parameters_is_a_conflict,
     records_expire_after_the_ttl,
