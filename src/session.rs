@@ -194,43 +194,41 @@ fn start(
 
 /// At shutdown: the complete lines already read from the socket but not started
 /// (waiting in the read buffer) are answered `unavailable` with `"applied": false`,
-/// in order after the requests in flight, so a client knows what did not run. A
-/// last line without its newline was not fully sent and gets no answer.
+/// in order after the requests in flight, so a client knows what did not run (lines
+/// that are not requests get their usual error). A last line without its newline
+/// was not fully sent and gets no answer.
 fn refuse_buffered(
     app: &App,
     lines: &mut FramedRead<tokio::net::unix::OwnedReadHalf, LineCodec>,
     pending: &mut Answers,
+    max_line: usize,
 ) {
     use tokio_util::codec::Decoder;
     let mut buf = std::mem::take(lines.read_buffer_mut());
     let mut refused = 0u64;
     while let Ok(Some(frame)) = lines.decoder_mut().decode(&mut buf) {
-        let error = match frame {
-            Frame::TooLong => Error::TooLarge(app.config().server.max_line_bytes),
+        let (id, error) = match frame {
+            Frame::TooLong => (None, Error::TooLarge(max_line)),
             Frame::Line(mut line) => {
                 let parsed = parse_line(&line);
                 line[..].zeroize();
                 match parsed {
                     Line::Blank => continue,
-                    Line::Invalid { id, error } => {
-                        pending.push(Answer::Ready(encoded(&id, &Err(error))));
-                        continue;
-                    }
+                    Line::Invalid { id, error } => (id, error),
                     Line::Request(req) => {
                         refused += 1;
-                        app.metrics.record(None, "unavailable", None);
-                        pending.push(Answer::Ready(encoded(&req.id, &Err(Error::ShuttingDown))));
-                        continue;
+                        (req.id, Error::ShuttingDown)
                     }
                 }
             }
         };
-        pending.push(Answer::Ready(encoded(&None, &Err(error))));
+        app.requests_total.fetch_add(1, Ordering::Relaxed);
+        app.metrics.record(None, error.code(), None);
+        pending.push(Answer::Ready(encoded(&id, &Err(error))));
     }
     crate::protocol::scrub_stack();
     *lines.read_buffer_mut() = buf;
     if refused > 0 {
-        app.requests_total.fetch_add(refused, Ordering::Relaxed);
         tracing::info!(refused, "shutting down: requests read but not started were answered unavailable (applied: false)");
     }
 }
@@ -277,7 +275,7 @@ pub async fn run(app: Rc<App>, stream: UnixStream, peer: Peer, stop: Cancellatio
             // connection from seeing the shutdown.
             () = stop.cancelled(), if reading => {
                 reading = false;
-                refuse_buffered(&app, &mut lines, &mut pending);
+                refuse_buffered(&app, &mut lines, &mut pending, max_line);
             }
             frame = lines.next(), if reading && pending.len() < MAX_IN_FLIGHT => {
                 idle_deadline.as_mut().reset(tokio::time::Instant::now() + idle);
