@@ -98,7 +98,7 @@ struct Call {
     tool: String,
     /// `None` for an increment.
     limit: Option<u64>,
-    /// The call's idempotency record: (its name, the request's fingerprint, TTL).
+    /// The call's idempotency record: its name, and the key (fingerprint, TTL).
     record: Option<(String, Idem)>,
     reply: oneshot::Sender<Result<Written<(bool, u64)>>>,
 }
