@@ -51,9 +51,22 @@ fn client_socket(
 }
 
 /// `apikeyd call`.
-pub fn call(socket: Option<PathBuf>, config: Option<PathBuf>, requests: Vec<String>) -> ExitCode {
+pub fn call(
+    socket: Option<PathBuf>,
+    config: Option<PathBuf>,
+    requests: Vec<String>,
+    timeout_s: f64,
+) -> ExitCode {
+    let timeout = match timeout_s {
+        0.0 => None,
+        t if t.is_finite() && t > 0.0 => Some(std::time::Duration::from_secs_f64(t)),
+        _ => {
+            eprintln!("apikeyd call: --timeout must be a number of seconds, 0 or more");
+            return ExitCode::from(2);
+        }
+    };
     match client_socket(socket, config) {
-        Ok(socket) => ExitCode::from(crate::client::call(&socket, requests) as u8),
+        Ok(socket) => ExitCode::from(crate::client::call(&socket, requests, timeout) as u8),
         Err(e) => {
             eprintln!("apikeyd call: {e}");
             ExitCode::from(2)
