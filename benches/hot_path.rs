@@ -85,6 +85,7 @@ fn actors(system: &actix_rt::SystemRunner, dir: &std::path::Path) -> Rc<App> {
                 user_id: "user-123".into(),
                 service: "openai".into(),
                 key: Secret::new("sk-bench".into()),
+                idem: None,
             })
             .await
             .unwrap()
@@ -115,9 +116,11 @@ async fn pool(app: &App, service: &str, cooling: usize) -> PoolRef {
                 pool: pool.clone(),
                 key: Secret::new(format!("sk-bench-pool-{i}-0123456789")),
                 label: None,
+                idem: None,
             })
             .await
-            .unwrap();
+            .unwrap()
+            .value;
         if i < cooling {
             app.store
                 .report_pool_key(ReportPoolKey {
@@ -129,6 +132,7 @@ async fn pool(app: &App, service: &str, cooling: usize) -> PoolRef {
                         cooldown_s: 60,
                         error_threshold: 3,
                     },
+                    idem: None,
                 })
                 .await
                 .unwrap();

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::access::Peer;
 use crate::error::Result;
-use crate::protocol::{Body, Subject};
+use crate::protocol::Subject;
 
 /// Where audit lines go besides the log.
 pub struct Audit {
@@ -117,7 +117,7 @@ impl Audit {
     }
 
     /// Records one audited request and its outcome (`ok` or the error code).
-    pub fn record(&self, peer: &Peer, op: &str, subject: &Subject, outcome: &Result<Body>) {
+    pub fn record<T>(&self, peer: &Peer, op: &str, subject: &Subject, outcome: &Result<T>) {
         let to_log = tracing::enabled!(target: "apikeyd::audit", tracing::Level::INFO);
         if !to_log && self.file.is_none() {
             return;

@@ -26,6 +26,9 @@ pub struct Config {
     pub source: Option<PathBuf>,
 }
 
+/// Longest `server.idempotency_ttl_s`: a week.
+pub const MAX_IDEMPOTENCY_TTL_S: u64 = 7 * 86_400;
+
 /// `[server]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -42,6 +45,8 @@ pub struct ServerConfig {
     pub idle_timeout_s: u64,
     /// Deadline of one request, waiting included; past it the answer is `unavailable`.
     pub request_timeout_ms: u64,
+    /// How long a write's idempotency record is kept: a repeat within it is replayed.
+    pub idempotency_ttl_s: u64,
 }
 
 impl Default for ServerConfig {
@@ -55,6 +60,7 @@ impl Default for ServerConfig {
             admin_reserved_connections: 8,
             idle_timeout_s: 300,
             request_timeout_ms: 10_000,
+            idempotency_ttl_s: 600,
         }
     }
 }
@@ -627,6 +633,12 @@ impl Config {
         }
         if self.server.idle_timeout_s == 0 {
             bad("server.idle_timeout_s", "must be at least 1 (seconds)");
+        }
+        if !(1..=MAX_IDEMPOTENCY_TTL_S).contains(&self.server.idempotency_ttl_s) {
+            bad(
+                "server.idempotency_ttl_s",
+                "must be from 1 to 604800 (seconds; a week)",
+            );
         }
         found.extend(redis_url_problem(&self.redis.url));
         for name in self.services.keys() {

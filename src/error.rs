@@ -21,7 +21,7 @@ pub enum Error {
     #[error("{0}")]
     Forbidden(String),
     /// The line exceeded `server.max_line_bytes`.
-    #[error("request line longer than {0} bytes; closing the connection")]
+    #[error("request line longer than {0} bytes; it was skipped")]
     TooLarge(usize),
     /// A backing store needed for this op cannot be reached right now.
     #[error("{0}")]
@@ -30,6 +30,14 @@ pub enum Error {
     /// message says what is wrong. Nothing was changed.
     #[error("{0}")]
     BadConfig(String),
+    /// The daemon is shutting down and did not run this request (it was read, but
+    /// not started): answered `unavailable` with `"applied": false`.
+    #[error("the daemon is shutting down and did not run this request; nothing was applied (send it again once the daemon is back)")]
+    ShuttingDown,
+    /// The `idempotency_key` was already used (by this uid, within its TTL) for
+    /// another op or other parameters; nothing was applied.
+    #[error("this idempotency_key was already used for a different request; nothing was applied (use a fresh key for a new write)")]
+    IdempotencyConflict,
     /// Anything else.
     #[error("{0}")]
     Internal(String),
@@ -43,9 +51,19 @@ impl Error {
             Error::UnknownOp(_) => "unknown_op",
             Error::Forbidden(_) => "forbidden",
             Error::TooLarge(_) => "too_large",
-            Error::Unavailable(_) => "unavailable",
+            Error::Unavailable(_) | Error::ShuttingDown => "unavailable",
             Error::BadConfig(_) => "bad_config",
+            Error::IdempotencyConflict => "idempotency_conflict",
             Error::Internal(_) => "internal",
+        }
+    }
+
+    /// `Some(false)` when the error proves the request applied nothing and the
+    /// client may send it again as it is (shown as `"applied": false` in the error).
+    pub fn applied(&self) -> Option<bool> {
+        match self {
+            Error::ShuttingDown => Some(false),
+            _ => None,
         }
     }
 
@@ -245,6 +263,8 @@ mod tests {
             (Error::Forbidden("x".into()), "forbidden"),
             (Error::TooLarge(10), "too_large"),
             (Error::Unavailable("x".into()), "unavailable"),
+            (Error::IdempotencyConflict, "idempotency_conflict"),
+            (Error::ShuttingDown, "unavailable"),
             (Error::Internal("x".into()), "internal"),
         ];
         for (e, code) in cases {

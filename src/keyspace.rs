@@ -96,6 +96,12 @@ impl Names {
         format!("{}:apikeyd:fleet:{member}", self.prefix)
     }
 
+    /// The record of one write sent with an idempotency key (a string that expires):
+    /// `{prefix}:apikeyd:idempotency:{uid}:{key}`.
+    pub fn idempotency(&self, uid: u32, key: &str) -> String {
+        format!("{}:apikeyd:idempotency:{uid}:{key}", self.prefix)
+    }
+
     /// The pub/sub channel announcing changes: `{prefix}:apikeyd:invalidate`.
     pub fn invalidate(&self) -> String {
         format!("{}:apikeyd:invalidate", self.prefix)

@@ -23,7 +23,11 @@
 //!   too; picks are counted in the shard and flushed to the store once a second.
 //! - Every call into a store is bounded by `server.request_timeout_ms`
 //!   (`actors::within`); `systemd` reports readiness and the watchdog.
-//! - `resolver` runs user key → channel pool → global pool → config default.
+//! - `resolver` runs user key → channel pool → global pool → config default (never past
+//!   a user key it cannot know).
+//! - `idempotency`: writes sent with an `idempotency_key` are recorded by the store in
+//!   the write's own transaction (SQLite) or script (Redis); a repeat is answered from
+//!   the record.
 //! - `crypto` seals every key with AES-256-GCM bound to its place; `error` maps every
 //!   request failure to a wire code. Start-up, reload and the tools fail with typed
 //!   errors of their own module (`StartError`, `ConfigError`, `KeystoreError`,
@@ -56,6 +60,7 @@ pub mod envelope;
 pub mod error;
 pub mod fleet;
 pub mod hardening;
+pub mod idempotency;
 pub mod keyspace;
 pub mod legacy;
 pub mod lock;

@@ -30,7 +30,7 @@ use crate::op::Op;
 pub const OTHER_OP: &str = "other";
 
 /// Every wire code, and `ok`.
-pub const CODES: [&str; 8] = [
+pub const CODES: [&str; 9] = [
     "ok",
     "bad_request",
     "unknown_op",
@@ -38,6 +38,8 @@ pub const CODES: [&str; 8] = [
     "too_large",
     "unavailable",
     "bad_config",
+    "idempotency_conflict",
+    // Last: the code of anything not listed.
     "internal",
 ];
 
@@ -189,6 +191,17 @@ impl Metrics {
             "connections",
             "Open client connections",
             gauge(now.connections),
+        );
+        let figures = &crate::idempotency::FIGURES;
+        registry.register(
+            "idempotency_recorded",
+            "Writes with an idempotency_key applied and recorded by this daemon",
+            counter(figures.recorded.load(Ordering::Relaxed)),
+        );
+        registry.register(
+            "idempotency_replayed",
+            "Repeated writes answered from their record (nothing applied)",
+            counter(figures.replayed.load(Ordering::Relaxed)),
         );
         if self.redis {
             registry.register(

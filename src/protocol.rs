@@ -112,6 +112,72 @@ struct Members {
     limit: Option<Param>,
     outcome: Option<Param>,
     retry_after_s: Option<Param>,
+    idempotency_key: Option<Param>,
+}
+
+impl Param {
+    /// Appends an unambiguous encoding of the value (for fingerprints).
+    fn encode_into(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = match self {
+            Param::Str(s) => write!(out, "s{}:{s}", s.len()),
+            Param::Bool(b) => write!(out, "b{b}"),
+            Param::U64(n) => write!(out, "u{n}"),
+            // Never valid for any parameter: the request fails before it applies.
+            Param::OtherNumber => write!(out, "n"),
+            Param::Container => write!(out, "c"),
+        };
+    }
+}
+
+impl Members {
+    /// Every parameter member that was sent (not `id`, not `idempotency_key`), each
+    /// with its name, in one fixed order, encoded unambiguously. Zeroed on drop: it
+    /// holds `key`.
+    fn parameters_text(&self, op: &str) -> Zeroizing<String> {
+        let key = self.key.as_ref().map(|k| &k.0);
+        let members: [(&str, Option<&Param>); 14] = [
+            ("user_id", self.user_id.as_ref()),
+            ("service", self.service.as_ref()),
+            ("channel_id", self.channel_id.as_ref()),
+            ("key", key),
+            ("key_id", self.key_id.as_ref()),
+            ("label", self.label.as_ref()),
+            ("tool_name", self.tool_name.as_ref()),
+            ("fallback_to_pool", self.fallback_to_pool.as_ref()),
+            ("fallback_to_config", self.fallback_to_config.as_ref()),
+            ("daily_limit", self.daily_limit.as_ref()),
+            ("current", self.current.as_ref()),
+            ("limit", self.limit.as_ref()),
+            ("outcome", self.outcome.as_ref()),
+            ("retry_after_s", self.retry_after_s.as_ref()),
+        ];
+        // Room for everything up front: a growing string would leave copies of the
+        // key in memory it gives back.
+        let room = members
+            .iter()
+            .filter_map(|(_, v)| match v {
+                Some(Param::Str(s)) => Some(s.len() + 64),
+                Some(_) => Some(64),
+                None => None,
+            })
+            .sum::<usize>()
+            + op.len()
+            + 16;
+        let mut out = Zeroizing::new(String::with_capacity(room));
+        out.push_str("op=");
+        out.push_str(op);
+        out.push('\n');
+        for (name, value) in members {
+            if let Some(value) = value {
+                out.push_str(name);
+                out.push('=');
+                value.encode_into(&mut out);
+                out.push('\n');
+            }
+        }
+        out
+    }
 }
 
 /// One parsed request line: its `id`, its `op`, and the remaining members.
@@ -154,17 +220,29 @@ pub enum Line {
 /// Splits the byte stream of a connection into lines of at most `max` bytes. Lines
 /// come out as their own writable buffers, so the session can zero each one once it
 /// is parsed (tokio-util's line codecs hand out shared, read-only `Bytes`).
+///
+/// A longer line comes out as [`Frame::TooLong`] once, then its bytes are wiped and
+/// dropped as they arrive up to its `\n`: the connection goes on with the next line,
+/// and a line without end costs no more memory than `max`.
 pub struct LineCodec {
     max: usize,
     /// Where the search for `\n` resumes: bytes before it were already searched.
     searched: usize,
+    /// Inside a line that was too long: dropping bytes up to its `\n`.
+    discarding: bool,
+}
+
+/// What the codec makes of the stream.
+pub enum Frame {
+    /// One line, without its `\n`.
+    Line(bytes::BytesMut),
+    /// A line longer than the limit; its bytes are skipped up to its `\n`.
+    TooLong,
 }
 
 /// Reading a line failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LineError {
-    #[error("line longer than the limit")]
-    TooLong,
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -172,18 +250,39 @@ pub enum LineError {
 impl LineCodec {
     /// A codec for lines of at most `max` bytes (the `\n` not counted).
     pub fn new(max: usize) -> Self {
-        LineCodec { max, searched: 0 }
+        LineCodec {
+            max,
+            searched: 0,
+            discarding: false,
+        }
+    }
+
+    /// Drops (wiped: a skipped line may hold a key) the bytes of a skipped line that
+    /// are in `buf`; answers whether its `\n` was among them.
+    fn skip(&mut self, buf: &mut bytes::BytesMut) -> bool {
+        let (n, found) = match memchr::memchr(b'\n', buf) {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        buf[..n].zeroize();
+        let _ = buf.split_to(n);
+        self.discarding = !found;
+        self.searched = 0;
+        found
     }
 }
 
 impl tokio_util::codec::Decoder for LineCodec {
-    type Item = bytes::BytesMut;
+    type Item = Frame;
     type Error = LineError;
 
     fn decode(
         &mut self,
         buf: &mut bytes::BytesMut,
-    ) -> std::result::Result<Option<bytes::BytesMut>, LineError> {
+    ) -> std::result::Result<Option<Frame>, LineError> {
+        if self.discarding && !self.skip(buf) {
+            return Ok(None);
+        }
         let end = buf.len().min(self.max + 1);
         match memchr::memchr(b'\n', &buf[self.searched.min(end)..end]) {
             Some(i) => {
@@ -191,9 +290,12 @@ impl tokio_util::codec::Decoder for LineCodec {
                 self.searched = 0;
                 let mut line = buf.split_to(at + 1);
                 line.truncate(at);
-                Ok(Some(line))
+                Ok(Some(Frame::Line(line)))
             }
-            None if buf.len() > self.max => Err(LineError::TooLong),
+            None if buf.len() > self.max => {
+                self.skip(buf);
+                Ok(Some(Frame::TooLong))
+            }
             None => {
                 self.searched = end;
                 Ok(None)
@@ -204,14 +306,17 @@ impl tokio_util::codec::Decoder for LineCodec {
     fn decode_eof(
         &mut self,
         buf: &mut bytes::BytesMut,
-    ) -> std::result::Result<Option<bytes::BytesMut>, LineError> {
+    ) -> std::result::Result<Option<Frame>, LineError> {
         match self.decode(buf)? {
-            Some(line) => Ok(Some(line)),
-            None if buf.is_empty() => Ok(None),
+            Some(frame) => Ok(Some(frame)),
+            None if buf.is_empty() || self.discarding => {
+                self.skip(buf);
+                Ok(None)
+            }
             // A last line without `\n`, answered at half-close.
             None => {
                 self.searched = 0;
-                Ok(Some(buf.split()))
+                Ok(Some(Frame::Line(buf.split())))
             }
         }
     }
@@ -420,6 +525,23 @@ impl Request {
         self.params.key.is_some()
     }
 
+    /// `idempotency_key` (optional): 1–128 bytes, the rules of `user_id` (a string only).
+    pub fn idempotency_key(&mut self) -> Result<Option<String>> {
+        let k = take!(self.idempotency_key).opt_string()?;
+        if let Some(k) = &k {
+            check_ident("idempotency_key", k, 128)?;
+        }
+        Ok(k)
+    }
+
+    /// What a write's idempotency record is compared by: `op` and every parameter
+    /// sent, as text (zeroed on drop; it holds any `key`). Read it before the op
+    /// takes its parameters. The request's `id` is not part of it: a retry may
+    /// carry another id.
+    pub fn parameters_text(&self) -> Zeroizing<String> {
+        self.params.parameters_text(&self.op)
+    }
+
     /// Whether `user_id` was sent (and not null) and is still unread.
     pub fn has_user_id(&self) -> bool {
         self.params.user_id.is_some()
@@ -554,22 +676,34 @@ pub fn body<T: Serialize>(result: &T) -> Result<Body> {
 struct WireError<'a> {
     code: &'a str,
     message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    applied: Option<bool>,
 }
 
 /// Appends the response line for `id` and `outcome`, with its `\n`, to `out`.
 pub fn write_response(out: &mut Vec<u8>, id: &Id, outcome: &Result<Body>) {
+    write_answer(out, id, outcome, false);
+}
+
+/// As [`write_response`]; `replayed` adds `"replayed":true` beside `ok` (a write's
+/// recorded answer, sent again for a repeat of its idempotency key).
+pub fn write_answer(out: &mut Vec<u8>, id: &Id, outcome: &Result<Body>, replayed: bool) {
     out.extend_from_slice(b"{\"id\":");
     out.extend_from_slice(id.as_deref().map_or("null", RawValue::get).as_bytes());
     match outcome {
         Ok(result) => {
             out.extend_from_slice(b",\"ok\":true,\"result\":");
             out.extend_from_slice(result);
+            if replayed {
+                out.extend_from_slice(b",\"replayed\":true");
+            }
         }
         Err(e) => {
             out.extend_from_slice(b",\"ok\":false,\"error\":");
             let wire = WireError {
                 code: e.code(),
                 message: e.to_string(),
+                applied: e.applied(),
             };
             if serde_json::to_writer(&mut *out, &wire).is_err() {
                 out.extend_from_slice(br#"{"code":"internal","message":"encoding failed"}"#);
@@ -699,6 +833,44 @@ mod tests {
     }
 
     #[test]
+    fn parameters_text_leaves_out_id_and_the_idempotency_key() {
+        let text = |line: &str| req(line).parameters_text().to_string();
+        let a = text(r#"{"op":"x","id":1,"user_id":"u","tool_name":"t","idempotency_key":"k1"}"#);
+        let b =
+            text(r#"{"tool_name":"t","idempotency_key":"k2","user_id":"u","op":"x","id":"other"}"#);
+        assert_eq!(a, b, "member order, id and the key itself do not matter");
+        assert_ne!(a, text(r#"{"op":"y","user_id":"u","tool_name":"t"}"#));
+        assert_ne!(
+            a,
+            text(r#"{"op":"x","user_id":"u","tool_name":"t","daily_limit":3}"#)
+        );
+        // Lengths keep values apart from what follows them.
+        assert_ne!(
+            text(r#"{"op":"x","user_id":"a","service":"b"}"#),
+            text(r#"{"op":"x","user_id":"a\nservice=s1:b"}"#)
+        );
+        let mut r = req(r#"{"op":"x","idempotency_key":"a b"}"#);
+        let e = r.idempotency_key().unwrap_err().to_string();
+        assert!(e.contains("idempotency_key"), "{e}");
+    }
+
+    #[test]
+    fn replayed_answers_say_so_and_shutdown_refusals_say_not_applied() {
+        let mut out = Vec::new();
+        write_answer(&mut out, &None, &Ok(body(&1).unwrap()), true);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            (v["ok"].clone(), v["replayed"].clone()),
+            (true.into(), true.into())
+        );
+        let mut out = Vec::new();
+        write_response(&mut out, &None, &Err(Error::ShuttingDown));
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["error"]["code"], "unavailable");
+        assert_eq!(v["error"]["applied"], false);
+    }
+
+    #[test]
     fn response_shape() {
         let mut out = Vec::new();
         let id = Some(RawValue::from_string(r#""a""#.into()).unwrap());
@@ -733,6 +905,7 @@ mod tests {
             let _ = req.has_user_id();
             let _ = req.outcome();
             let _ = req.retry_after_s();
+            let _ = req.idempotency_key();
         }
 
         fn json_value() -> impl Strategy<Value = Value> {

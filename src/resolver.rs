@@ -1,5 +1,8 @@
 //! The resolution order of SPEC §1: user key → channel pool → global pool → config
-//! default. A store that fails is skipped and the answer marked degraded.
+//! default. A pool store that fails is skipped and the answer marked degraded. The
+//! user's own key is never skipped: when it cannot be known (its store failed and no
+//! copy of it is cached), the answer is no key, degraded — a pool or default key
+//! must not stand in for a key the user may have.
 
 use std::sync::Arc;
 
@@ -76,6 +79,10 @@ pub async fn resolve(app: &App, q: Query) -> Result<Resolved> {
     let mut q = q;
     let user = app.user_key(&mut q.user_id, &mut q.service).await;
     match skip_failed("user", &q, user, &mut out.degraded) {
+        // Whether the user has a key is unknown (the cache's copy, even expired, is
+        // served when there is one): nothing else is handed out in its place, or a
+        // user would be served the operator's key and its bill.
+        None => return Ok(out),
         Some(UserKey {
             key: Some(k),
             stale,
@@ -90,7 +97,6 @@ pub async fn resolve(app: &App, q: Query) -> Result<Resolved> {
             out.user_key_rejected = rejected;
             out.degraded |= stale;
         }
-        None => {}
     }
 
     if q.fallback_to_pool {

@@ -20,7 +20,8 @@ use crate::app::App;
 use crate::error::{Error, Result};
 use crate::op::{looks_like_op, Op};
 use crate::ops;
-use crate::protocol::{parse_line, write_response, Body, Id, Line, LineCodec, LineError};
+use crate::ops::Reply;
+use crate::protocol::{parse_line, write_answer, Body, Frame, Id, Line, LineCodec, LineError};
 use crate::sequencer::Sequencer;
 
 /// Requests of one connection in flight at once. Past it the daemon stops reading
@@ -90,7 +91,17 @@ impl Answers {
 
 fn encoded(id: &Id, outcome: &Result<Body>) -> Body {
     let mut out = Zeroizing::new(Vec::with_capacity(96));
-    write_response(&mut out, id, outcome);
+    write_answer(&mut out, id, outcome, false);
+    out
+}
+
+/// The response line of an op's answer.
+fn answered(id: &Id, outcome: Result<Reply>) -> Body {
+    let mut out = Zeroizing::new(Vec::with_capacity(96));
+    match outcome {
+        Ok(Reply { body, replayed }) => write_answer(&mut out, id, &Ok(body), replayed),
+        Err(e) => write_answer(&mut out, id, &Err(e), false),
+    }
     out
 }
 
@@ -175,10 +186,51 @@ fn start(
                 micros = took.as_micros() as u64,
                 "request"
             );
-            encoded(&id, &outcome)
+            answered(&id, outcome)
         }
         .boxed_local(),
     ))
+}
+
+/// At shutdown: the complete lines already read from the socket but not started
+/// (waiting in the read buffer) are answered `unavailable` with `"applied": false`,
+/// in order after the requests in flight, so a client knows what did not run (lines
+/// that are not requests get their usual error). A last line without its newline
+/// was not fully sent and gets no answer.
+fn refuse_buffered(
+    app: &App,
+    lines: &mut FramedRead<tokio::net::unix::OwnedReadHalf, LineCodec>,
+    pending: &mut Answers,
+    max_line: usize,
+) {
+    use tokio_util::codec::Decoder;
+    let mut buf = std::mem::take(lines.read_buffer_mut());
+    let mut refused = 0u64;
+    while let Ok(Some(frame)) = lines.decoder_mut().decode(&mut buf) {
+        let (id, error) = match frame {
+            Frame::TooLong => (None, Error::TooLarge(max_line)),
+            Frame::Line(mut line) => {
+                let parsed = parse_line(&line);
+                line[..].zeroize();
+                match parsed {
+                    Line::Blank => continue,
+                    Line::Invalid { id, error } => (id, error),
+                    Line::Request(req) => {
+                        refused += 1;
+                        (req.id, Error::ShuttingDown)
+                    }
+                }
+            }
+        };
+        app.requests_total.fetch_add(1, Ordering::Relaxed);
+        app.metrics.record(None, error.code(), None);
+        pending.push(Answer::Ready(encoded(&id, &Err(error))));
+    }
+    crate::protocol::scrub_stack();
+    *lines.read_buffer_mut() = buf;
+    if refused > 0 {
+        tracing::info!(refused, "shutting down: requests read but not started were answered unavailable (applied: false)");
+    }
 }
 
 /// Serves one accepted connection until EOF, error, idle timeout or shutdown.
@@ -219,6 +271,12 @@ pub async fn run(app: Rc<App>, stream: UnixStream, peer: Peer, stop: Cancellatio
                 }
                 idle_deadline.as_mut().reset(tokio::time::Instant::now() + idle);
             }
+            // Before reading: a client that never pauses must not keep its
+            // connection from seeing the shutdown.
+            () = stop.cancelled(), if reading => {
+                reading = false;
+                refuse_buffered(&app, &mut lines, &mut pending, max_line);
+            }
             frame = lines.next(), if reading && pending.len() < MAX_IN_FLIGHT => {
                 idle_deadline.as_mut().reset(tokio::time::Instant::now() + idle);
                 let mut frame = frame;
@@ -227,7 +285,7 @@ pub async fn run(app: Rc<App>, stream: UnixStream, peer: Peer, stop: Cancellatio
                 loop {
                     match frame {
                         None => reading = false,
-                        Some(Ok(mut line)) => {
+                        Some(Ok(Frame::Line(mut line))) => {
                             let mut sensitive = false;
                             if let Some(answer) = start(&app, &peer, &order, &line, &mut sensitive) {
                                 pending.push(answer);
@@ -240,13 +298,14 @@ pub async fn run(app: Rc<App>, stream: UnixStream, peer: Peer, stop: Cancellatio
                                 crate::protocol::scrub_stack();
                             }
                         }
-                        Some(Err(LineError::TooLong)) => {
-                            tracing::info!(uid = peer.uid, max_line, "request line too long; closing the connection");
+                        Some(Ok(Frame::TooLong)) => {
+                            // Answered in its place; the codec skips the rest of the
+                            // line and the connection goes on with the next one.
+                            tracing::info!(uid = peer.uid, max_line, "request line too long; skipped");
                             app.requests_total.fetch_add(1, Ordering::Relaxed);
                             app.metrics.record(None, "too_large", None);
                             let line = encoded(&None, &Err(Error::TooLarge(max_line)));
                             pending.push(Answer::Ready(line));
-                            reading = false;
                         }
                         Some(Err(LineError::Io(e))) => {
                             tracing::debug!(error = %e, "connection read failed");
@@ -266,7 +325,6 @@ pub async fn run(app: Rc<App>, stream: UnixStream, peer: Peer, stop: Cancellatio
                 tracing::debug!(uid = peer.uid, "idle connection closed");
                 break;
             }
-            () = stop.cancelled(), if reading => reading = false,
         }
     }
     // Whatever the client sent and was not answered (a cut-off line) is wiped too.

@@ -249,7 +249,7 @@ fn call_exit_codes_and_socket_choice() {
         "$APIKEYD_SOCKET: {}",
         text(&out.stderr)
     );
-    // Any error answer: 1, including too_large (the daemon then closes).
+    // Any error answer: 1, including too_large.
     let out = run(
         d.dir.path(),
         &["call", "--socket", &sock, r#"{"op":"nope"}"#],

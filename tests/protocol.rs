@@ -105,7 +105,7 @@ fn unknown_op(mode: Mode) {
     assert!(msg.contains("drop_all_keys"));
 }
 
-fn too_large_answers_then_closes(mode: Mode) {
+fn too_large_answers_and_the_connection_goes_on(mode: Mode) {
     let d = TestDaemon::start_with(mode, "[server]\nmax_line_bytes = 1024", &[]);
     let mut c = d.client();
     assert_eq!(c.ok(json!({"op": "ping"}))["pong"], true);
@@ -113,17 +113,82 @@ fn too_large_answers_then_closes(mode: Mode) {
     let pad = "x".repeat(1024 - 40);
     let r = c.call(json!({"op": "ping", "pad": pad}));
     assert_eq!(r["ok"], true, "{r}");
-    // Over the cap: too_large, then EOF, without waiting for a newline.
+    // Over the cap: too_large at once, without waiting for the newline.
     c.send_raw(&vec![b'a'; 5000]);
     let r = c.recv();
     assert_eq!(r["error"]["code"], "too_large");
     assert_eq!(r["id"], Value::Null);
-    assert!(
-        c.try_recv().is_none(),
-        "connection must close after too_large"
+    // The rest of that line is skipped; the next line is served.
+    c.send_raw(&vec![b'b'; 3000]);
+    c.send_raw(b"\n{\"op\":\"ping\",\"id\":2}\n");
+    let r = c.recv();
+    assert_eq!(r["id"], 2, "{r}");
+    assert_eq!(r["result"]["pong"], true);
+}
+
+/// A 70 KB request between two pings, all pipelined on one connection (the default
+/// 64 KiB cap): ping, too_large, ping, in order.
+fn oversized_line_between_two_pings(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    let mut c = d.client();
+    let huge = json!({"op": "set_user_api_key", "id": "big", "user_id": "u", "service": "openai",
+        "key": "k".repeat(70 * 1024)});
+    let batch = format!(
+        "{}\n{huge}\n{}\n",
+        json!({"op": "ping", "id": 1}),
+        json!({"op": "ping", "id": 3})
     );
-    // The daemon is fine.
-    assert_eq!(d.client().ok(json!({"op": "ping"}))["pong"], true);
+    let writer = c.send_in_background(batch);
+    let first = c.recv();
+    let second = c.recv();
+    let third = c.recv();
+    writer.join().unwrap().unwrap();
+    assert_eq!(
+        (first["id"].clone(), first["ok"].clone()),
+        (json!(1), json!(true))
+    );
+    assert_eq!(second["error"]["code"], "too_large", "{second}");
+    assert_eq!(
+        (third["id"].clone(), third["ok"].clone()),
+        (json!(3), json!(true))
+    );
+    // Nothing of the skipped line was applied.
+    let r = c.ok(
+        json!({"op": "get_user_api_key", "user_id": "u", "service": "openai",
+        "fallback_to_pool": false, "fallback_to_config": false}),
+    );
+    assert_eq!(r["key"], Value::Null);
+}
+
+/// The daemon's resident memory in KiB (`VmRSS` of /proc/PID/status).
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// 10 MB without a newline: the daemon skips it as it arrives instead of keeping it.
+fn endless_line_does_not_grow_memory(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    let mut c = d.client();
+    c.ok(json!({"op": "ping"}));
+    let before = rss_kib(d.pid());
+    let chunk = vec![b'z'; 64 * 1024];
+    for _ in 0..160 {
+        c.send_raw(&chunk);
+    }
+    // Every byte but what the socket buffers hold has been read by the daemon now.
+    let after = rss_kib(d.pid());
+    assert!(
+        after < before + 4 * 1024,
+        "RSS grew from {before} KiB to {after} KiB while skipping a 10 MB line"
+    );
+    assert_eq!(c.recv()["error"]["code"], "too_large");
+    c.send_raw(b"\n{\"op\":\"ping\",\"id\":9}\n");
+    assert_eq!(c.recv()["id"], 9);
 }
 
 fn pipelined_thousands_answer_in_order(mode: Mode) {
@@ -322,13 +387,66 @@ fn max_connections_refuses_the_extra_client(mode: Mode) {
     });
 }
 
+/// SIGTERM while a client pipelines writes: every answer is either ok (applied) or
+/// `unavailable` with `applied: false`, and after a restart the stored count is the
+/// number of ok answers: no answer was ambiguous, nothing unanswered was applied.
+fn shutdown_answers_are_never_ambiguous(mode: Mode) {
+    let mut d = TestDaemon::start_with(mode, "", &[]);
+    let mut c = d.client();
+    let n = 3000;
+    let batch: String = (0..n)
+        .map(|i| {
+            format!(
+                "{}\n",
+                json!({"op": "consume_default_key_usage", "id": i, "user_id": "stop",
+                    "tool_name": "t", "daily_limit": 1_000_000})
+            )
+        })
+        .collect();
+    let writer = c.send_in_background(batch);
+    for i in 0..50 {
+        assert_eq!(c.recv()["id"], i);
+    }
+    d.signal(libc::SIGTERM);
+    let mut ok = 50u64;
+    let mut refused = 0u64;
+    for r in c.recv_until_closed() {
+        if r["ok"] == true {
+            ok += 1;
+            assert_eq!(r["result"]["current_count"], ok, "{r}");
+        } else {
+            assert_eq!(r["error"]["code"], "unavailable", "{r}");
+            assert_eq!(r["error"]["applied"], false, "{r}");
+            assert!(r["id"].is_u64(), "a refused line keeps its id: {r}");
+            refused += 1;
+        }
+    }
+    // The daemon stops reading at shutdown: the rest of the batch may not go out.
+    let _ = writer.join().unwrap();
+    assert!(d.wait_exit().success());
+    d.spawn();
+    d.wait_ready();
+    let r = d
+        .client()
+        .ok(json!({"op": "check_default_key_limit", "user_id": "stop",
+        "tool_name": "t", "daily_limit": 1_000_000}));
+    assert_eq!(
+        r["current_count"].as_u64().unwrap(),
+        ok,
+        "{refused} refused"
+    );
+}
+
 in_every_mode!(
+    shutdown_answers_are_never_ambiguous,
     ping_answers_with_version,
     ids_are_echoed_verbatim,
     malformed_lines_get_one_error_each_and_connection_survives,
     blank_lines_get_no_response,
     unknown_op,
-    too_large_answers_then_closes,
+    too_large_answers_and_the_connection_goes_on,
+    oversized_line_between_two_pings,
+    endless_line_does_not_grow_memory,
     pipelined_thousands_answer_in_order,
     pipelined_writes_are_read_back_in_order,
     fifty_concurrent_connections,

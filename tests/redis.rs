@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::Duration;
@@ -583,4 +584,105 @@ fn quota_calls_share_scripts_and_are_answered_alone() {
         d.logs().contains("redis refused a quota count"),
         "the refusal is logged"
     );
+}
+
+/// Redis killed and restarted three times (persistent: the user's key survives)
+/// while a user with a cached key asks for it, at least 1,000 times: every answer is
+/// that key (flagged degraded while Redis cannot be asked) or, when it cannot be
+/// known, no key with degraded and the outage message; never the operator's
+/// default nor a pool key. Each round asks on until the daemon has resubscribed to
+/// invalidations (which expires every cached user key) and serves the key fresh.
+#[test]
+fn a_redis_restart_never_serves_another_key_in_place_of_the_users() {
+    let redis = RedisServer::start_persistent();
+    let d = TestDaemon::start_full(
+        Mode::Redis,
+        Some(redis.clone()),
+        None,
+        "[cache]\nuser_key_ttl_s = 1\n",
+        &[("OPENAI_API_KEY", "sk-operator-default-0001")],
+    );
+    let mut c = d.client();
+    c.ok(json!({"op": "set_user_api_key", "user_id": "u", "service": "openai", "key": "sk-users-own-key-0001"}));
+    c.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-pool-key-0000001"}));
+    let (asked, own, unknown) = (Cell::new(0), Cell::new(0), Cell::new(0));
+    // One answer, checked; whether it was the user's key, served fresh.
+    let ask = |c: &mut Client| {
+        let r = c.ok(json!({"op": "get_user_api_key", "user_id": "u", "service": "openai"}));
+        asked.set(asked.get() + 1);
+        match r["key"].as_str() {
+            Some("sk-users-own-key-0001") => own.set(own.get() + 1),
+            None => {
+                assert_eq!(r["degraded"], true, "{r}");
+                let message = r["message"].as_str().unwrap();
+                assert!(message.contains("temporarily unavailable"), "{r}");
+                unknown.set(unknown.get() + 1);
+            }
+            Some(_) => panic!(
+                "answer {} served another key in place of the user's: {r}",
+                asked.get()
+            ),
+        }
+        r["key"].is_string() && r.get("degraded").is_none()
+    };
+    assert!(ask(&mut c));
+    let connected =
+        |c: &mut Client| c.ok(json!({"op": "stats"}))["store"]["redis_connected"] == true;
+    let subscriptions =
+        |d: &TestDaemon| d.logs().matches("subscribed to pool invalidations").count();
+    for _ in 0..3 {
+        redis.kill();
+        eventually(Duration::from_secs(10), || {
+            ask(&mut c);
+            !connected(&mut c)
+        });
+        let before = subscriptions(&d);
+        redis.restart();
+        eventually(Duration::from_secs(20), || {
+            ask(&mut c) && subscriptions(&d) > before && ask(&mut c)
+        });
+    }
+    while asked.get() < 1000 {
+        ask(&mut c);
+    }
+    assert!(own.get() > 0, "{own:?} own, {unknown:?} unknown");
+}
+
+/// During an outage a user whose key this daemon has not seen gets no key (degraded,
+/// the outage message), not the default: the user may have a key. A user known to
+/// have none still gets the pool.
+#[test]
+fn an_unknown_user_key_during_an_outage_is_no_key_not_the_default() {
+    let d = TestDaemon::start_with(
+        Mode::Redis,
+        "",
+        &[("OPENAI_API_KEY", "sk-operator-default-0001")],
+    );
+    let mut c = d.client();
+    c.ok(json!({"op": "set_user_api_key", "user_id": "w", "service": "openai", "key": "sk-w-own-key-000001"}));
+    c.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-pool-key-0000001"}));
+    let get = |c: &mut Client, user: &str| {
+        c.ok(json!({"op": "get_user_api_key", "user_id": user, "service": "openai"}))
+    };
+    assert_eq!(get(&mut c, "nokey")["source"], "global_pool");
+    d.redis.as_ref().unwrap().kill();
+    eventually(Duration::from_secs(10), || {
+        c.ok(json!({"op": "stats"}))["store"]["redis_connected"] == false
+    });
+    let r = get(&mut c, "w");
+    assert_eq!(
+        (r["key"].clone(), r["source"].clone(), r["degraded"].clone()),
+        (Value::Null, Value::Null, json!(true)),
+        "{r}"
+    );
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap()
+            .contains("temporarily unavailable"),
+        "{r}"
+    );
+    let r = get(&mut c, "nokey");
+    assert_eq!(r["source"], "global_pool", "{r}");
+    assert_eq!(r["degraded"], true, "{r}");
 }

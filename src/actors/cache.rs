@@ -376,10 +376,9 @@ impl Handler<LookupUserKey> for KeyCache {
                     let mut shard = cache.shard.borrow_mut();
                     let loaded = match loaded {
                         Ok(l) => l,
-                        Err(e @ crate::error::Error::Unavailable(_)) => {
-                            return shard.stale_user(&slot).ok_or(e);
-                        }
-                        Err(e) => return Err(e),
+                        // Whatever failed, the copy this daemon has seen is served
+                        // (flagged degraded) rather than none.
+                        Err(e) => return shard.stale_user(&slot).ok_or(e),
                     };
                     let value = UserKey {
                         key: loaded.key.map(Arc::new),
@@ -485,8 +484,11 @@ impl Handler<ForgetPool> for KeyCache {
     }
 }
 
-/// Drops every cached user key (after a pub/sub reconnect with user keys in Redis,
-/// when announcements may have been missed).
+/// Expires every cached user key (after a pub/sub reconnect with user keys in Redis,
+/// when announcements may have been missed): each is loaded again before it is
+/// served as fresh, but while Redis cannot be asked it is still served, flagged
+/// degraded (a reconnect often comes with a Redis restart, when loads fail for a
+/// moment). Without `keep_stale_users` they are dropped.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct ForgetAllUserKeys;
@@ -497,7 +499,14 @@ impl Handler<ForgetAllUserKeys> for KeyCache {
     fn handle(&mut self, _: ForgetAllUserKeys, _: &mut Self::Context) {
         let mut shard = self.shard.borrow_mut();
         shard.generation += 1;
-        shard.users.clear();
+        if !shard.keep_stale_users {
+            shard.users.clear();
+            return;
+        }
+        let now = Instant::now();
+        for (_, entry) in shard.users.iter_mut() {
+            entry.expires = entry.expires.min(now);
+        }
     }
 }
 

@@ -10,6 +10,7 @@ use super::store::*;
 use crate::clock;
 use crate::crypto::{MasterKey, Place};
 use crate::error::Result;
+use crate::idempotency::{self, once, Idem, Written};
 
 /// Owns pools and quota counters in SQLite.
 pub struct SqliteStore {
@@ -19,17 +20,38 @@ pub struct SqliteStore {
     purged_day: String,
     /// The last UTC day old pool counters were purged on.
     pool_counts_day: String,
+    /// When expired idempotency records were last dropped (unix seconds).
+    pruned_at: i64,
 }
 
 impl SqliteStore {
     /// The store on `db`, a connection to the keystore file.
     pub fn new(db: Connection, key: Arc<MasterKey>) -> Self {
+        if let Err(e) = idempotency::create_table(&db) {
+            // Writes with an idempotency key then fail (and say so); the rest works.
+            tracing::error!(error = %e, "cannot create the idempotency table");
+        }
         SqliteStore {
             db,
             key,
             purged_day: String::new(),
             pool_counts_day: String::new(),
+            pruned_at: 0,
         }
+    }
+
+    /// Runs `apply` once per idempotency key (see [`once`]), dropping expired
+    /// records now and then before a write that records.
+    fn once<T: serde::Serialize + serde::de::DeserializeOwned>(
+        &mut self,
+        idem: Option<&Idem>,
+        worth_recording: impl FnOnce(&T) -> bool,
+        apply: impl FnOnce(&Self) -> Result<T>,
+    ) -> Result<Written<T>> {
+        if idem.is_some() {
+            idempotency::prune(&self.db, &mut self.pruned_at);
+        }
+        once(&self.db, idem, worth_recording, || apply(self))
     }
 
     /// Today's day for pool counters, dropping those older than `COUNTER_DAYS` the
@@ -186,9 +208,15 @@ impl Handler<LoadPool> for SqliteStore {
 }
 
 impl Handler<AddPoolKey> for SqliteStore {
-    type Result = Result<(String, bool)>;
+    type Result = Result<Written<(String, bool)>>;
 
     fn handle(&mut self, msg: AddPoolKey, _: &mut Self::Context) -> Self::Result {
+        self.once(msg.idem.as_ref(), |_| true, |s| s.add_pool_key(&msg))
+    }
+}
+
+impl SqliteStore {
+    fn add_pool_key(&self, msg: &AddPoolKey) -> Result<(String, bool)> {
         let key_id = self.key.key_id(&msg.key);
         let sealed = self
             .key
@@ -212,9 +240,15 @@ impl Handler<AddPoolKey> for SqliteStore {
 }
 
 impl Handler<RemovePoolKey> for SqliteStore {
-    type Result = Result<bool>;
+    type Result = Result<Written<bool>>;
 
     fn handle(&mut self, msg: RemovePoolKey, _: &mut Self::Context) -> Self::Result {
+        self.once(msg.idem.as_ref(), |_| true, |s| s.remove_pool_key(&msg))
+    }
+}
+
+impl SqliteStore {
+    fn remove_pool_key(&self, msg: &RemovePoolKey) -> Result<bool> {
         let n = self
             .db
             .prepare_cached(
@@ -240,12 +274,27 @@ impl Handler<RemovePoolKey> for SqliteStore {
 }
 
 impl Handler<ReportPoolKey> for SqliteStore {
-    type Result = Result<Option<Health>>;
+    type Result = Result<Written<Option<Health>>>;
 
-    /// One transaction: read, apply the rules, write back, count.
+    /// One transaction: read, apply the rules, write back, count (and record). A
+    /// report on a key the pool does not have applied nothing and is not recorded.
     fn handle(&mut self, msg: ReportPoolKey, _: &mut Self::Context) -> Self::Result {
         let day = self.pool_counts_today()?;
+        if msg.idem.is_some() {
+            return self.once(msg.idem.as_ref(), Option::is_some, |s| {
+                s.report_pool_key(&day, &msg)
+            });
+        }
         let tx = self.db.unchecked_transaction()?;
+        let health = self.report_pool_key(&day, &msg)?;
+        tx.commit()?;
+        Ok(Written::fresh(health))
+    }
+}
+
+impl SqliteStore {
+    /// A report, inside the caller's transaction.
+    fn report_pool_key(&self, day: &str, msg: &ReportPoolKey) -> Result<Option<Health>> {
         if !self.has_key(&msg.pool, &msg.key_id)? {
             return Ok(None);
         }
@@ -268,16 +317,21 @@ impl Handler<ReportPoolKey> for SqliteStore {
                 health.errors_since,
                 health.errors
             ])?;
-        self.add_count(&day, &msg.pool, &msg.key_id, msg.outcome.counter(), 1)?;
-        tx.commit()?;
+        self.add_count(day, &msg.pool, &msg.key_id, msg.outcome.counter(), 1)?;
         Ok(Some(health))
     }
 }
 
 impl Handler<EnablePoolKey> for SqliteStore {
-    type Result = Result<bool>;
+    type Result = Result<Written<bool>>;
 
     fn handle(&mut self, msg: EnablePoolKey, _: &mut Self::Context) -> Self::Result {
+        self.once(msg.idem.as_ref(), |_| true, |s| s.enable_pool_key(&msg))
+    }
+}
+
+impl SqliteStore {
+    fn enable_pool_key(&self, msg: &EnablePoolKey) -> Result<bool> {
         if !self.has_key(&msg.pool, &msg.key_id)? {
             return Ok(false);
         }
@@ -424,10 +478,20 @@ impl Handler<ReadUsage> for SqliteStore {
 }
 
 impl Handler<IncrementUsage> for SqliteStore {
-    type Result = Result<u64>;
+    type Result = Result<Written<u64>>;
 
     fn handle(&mut self, msg: IncrementUsage, _: &mut Self::Context) -> Self::Result {
         let day = self.today()?;
+        self.once(
+            msg.idem.as_ref(),
+            |_| true,
+            |s| s.increment_usage(&day, &msg),
+        )
+    }
+}
+
+impl SqliteStore {
+    fn increment_usage(&self, day: &str, msg: &IncrementUsage) -> Result<u64> {
         let n: i64 = self
             .db
             .prepare_cached(
@@ -440,14 +504,20 @@ impl Handler<IncrementUsage> for SqliteStore {
 }
 
 impl Handler<ConsumeUsage> for SqliteStore {
-    type Result = Result<(bool, u64)>;
+    type Result = Result<Written<(bool, u64)>>;
 
-    /// One statement, so the check and the increment cannot interleave with another
-    /// writer: the upsert only increments below the limit.
     fn handle(&mut self, msg: ConsumeUsage, _: &mut Self::Context) -> Self::Result {
         let day = self.today()?;
+        self.once(msg.idem.as_ref(), |_| true, |s| s.consume_usage(&day, &msg))
+    }
+}
+
+impl SqliteStore {
+    /// One statement, so the check and the increment cannot interleave with another
+    /// writer: the upsert only increments below the limit.
+    fn consume_usage(&self, day: &str, msg: &ConsumeUsage) -> Result<(bool, u64)> {
         if msg.limit == 0 {
-            return Ok((false, self.count(&day, &msg.user_id, &msg.tool_name)?));
+            return Ok((false, self.count(day, &msg.user_id, &msg.tool_name)?));
         }
         let after: Option<i64> = self
             .db
@@ -462,7 +532,7 @@ impl Handler<ConsumeUsage> for SqliteStore {
             .optional()?;
         match after {
             Some(n) => Ok((true, n.max(0) as u64)),
-            None => Ok((false, self.count(&day, &msg.user_id, &msg.tool_name)?)),
+            None => Ok((false, self.count(day, &msg.user_id, &msg.tool_name)?)),
         }
     }
 }

@@ -11,6 +11,7 @@ use actix::prelude::*;
 
 use crate::crypto::Secret;
 use crate::error::Result;
+use crate::idempotency::{Idem, Written};
 
 /// One pool: a channel's (`channel: Some`) or the global one, for one service.
 #[derive(Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -170,21 +171,25 @@ pub struct LoadPool {
 /// Records a report on a pool key: its health and today's counter. Answers the
 /// health after it, or `None` when the pool has no such key.
 #[derive(Message)]
-#[rtype(result = "Result<Option<Health>>")]
+#[rtype(result = "Result<Written<Option<Health>>>")]
 pub struct ReportPoolKey {
     pub pool: PoolRef,
     pub key_id: String,
     pub outcome: Outcome,
     pub retry_after_s: Option<u64>,
     pub rules: HealthRules,
+    /// The write's idempotency key, when one was sent.
+    pub idem: Option<Idem>,
 }
 
 /// Clears a pool key's cooldown and disable; answers whether the pool has that key.
 #[derive(Message)]
-#[rtype(result = "Result<bool>")]
+#[rtype(result = "Result<Written<bool>>")]
 pub struct EnablePoolKey {
     pub pool: PoolRef,
     pub key_id: String,
+    /// The write's idempotency key, when one was sent.
+    pub idem: Option<Idem>,
 }
 
 /// Adds picks counted in memory to today's counters, in one batch.
@@ -224,19 +229,23 @@ pub const COUNTER_DAYS: i64 = 3;
 
 /// Adds a key to a pool. Answers its `key_id` and whether it was new.
 #[derive(Message)]
-#[rtype(result = "Result<(String, bool)>")]
+#[rtype(result = "Result<Written<(String, bool)>>")]
 pub struct AddPoolKey {
     pub pool: PoolRef,
     pub key: Secret,
     pub label: Option<String>,
+    /// The write's idempotency key, when one was sent.
+    pub idem: Option<Idem>,
 }
 
 /// Removes a key from a pool by id; answers whether it was there.
 #[derive(Message)]
-#[rtype(result = "Result<bool>")]
+#[rtype(result = "Result<Written<bool>>")]
 pub struct RemovePoolKey {
     pub pool: PoolRef,
     pub key_id: String,
+    /// The write's idempotency key, when one was sent.
+    pub idem: Option<Idem>,
 }
 
 /// One row of `list_pool_keys`.
@@ -303,20 +312,24 @@ pub struct ReadUsage {
 
 /// Adds one to today's count; answers the count after it.
 #[derive(Message)]
-#[rtype(result = "Result<u64>")]
+#[rtype(result = "Result<Written<u64>>")]
 pub struct IncrementUsage {
     pub user_id: String,
     pub tool_name: String,
+    /// The write's idempotency key, when one was sent.
+    pub idem: Option<Idem>,
 }
 
 /// Atomically: if today's count is below `limit`, add one. Answers whether it was
 /// allowed and the count after the call.
 #[derive(Message)]
-#[rtype(result = "Result<(bool, u64)>")]
+#[rtype(result = "Result<Written<(bool, u64)>>")]
 pub struct ConsumeUsage {
     pub user_id: String,
     pub tool_name: String,
     pub limit: u64,
+    /// The write's idempotency key, when one was sent.
+    pub idem: Option<Idem>,
 }
 
 /// Which kind of store is behind the handle.
@@ -433,12 +446,12 @@ impl Store {
     }
 
     /// See [`ReportPoolKey`].
-    pub async fn report_pool_key(&self, msg: ReportPoolKey) -> Result<Option<Health>> {
+    pub async fn report_pool_key(&self, msg: ReportPoolKey) -> Result<Written<Option<Health>>> {
         ask(self.deadline, &self.report_pool_key, msg).await
     }
 
     /// See [`EnablePoolKey`].
-    pub async fn enable_pool_key(&self, msg: EnablePoolKey) -> Result<bool> {
+    pub async fn enable_pool_key(&self, msg: EnablePoolKey) -> Result<Written<bool>> {
         ask(self.deadline, &self.enable_pool_key, msg).await
     }
 
@@ -448,12 +461,12 @@ impl Store {
     }
 
     /// See [`AddPoolKey`].
-    pub async fn add_pool_key(&self, msg: AddPoolKey) -> Result<(String, bool)> {
+    pub async fn add_pool_key(&self, msg: AddPoolKey) -> Result<Written<(String, bool)>> {
         ask(self.deadline, &self.add_pool_key, msg).await
     }
 
     /// See [`RemovePoolKey`].
-    pub async fn remove_pool_key(&self, msg: RemovePoolKey) -> Result<bool> {
+    pub async fn remove_pool_key(&self, msg: RemovePoolKey) -> Result<Written<bool>> {
         ask(self.deadline, &self.remove_pool_key, msg).await
     }
 
@@ -473,12 +486,12 @@ impl Store {
     }
 
     /// See [`IncrementUsage`].
-    pub async fn increment_usage(&self, msg: IncrementUsage) -> Result<u64> {
+    pub async fn increment_usage(&self, msg: IncrementUsage) -> Result<Written<u64>> {
         ask(self.deadline, &self.increment_usage, msg).await
     }
 
     /// See [`ConsumeUsage`].
-    pub async fn consume_usage(&self, msg: ConsumeUsage) -> Result<(bool, u64)> {
+    pub async fn consume_usage(&self, msg: ConsumeUsage) -> Result<Written<(bool, u64)>> {
         ask(self.deadline, &self.consume_usage, msg).await
     }
 }

@@ -12,6 +12,7 @@ use super::keystore::{
     UserKeyInfo,
 };
 use crate::error::Result;
+use crate::idempotency::Written;
 
 /// Where per-user keys are read and written.
 #[derive(Clone)]
@@ -61,12 +62,12 @@ impl UserKeys {
     }
 
     /// See [`StoreUserKey`].
-    pub async fn store(&self, msg: StoreUserKey) -> Result<()> {
+    pub async fn store(&self, msg: StoreUserKey) -> Result<Written<()>> {
         super::within(self.deadline, self.store.send(msg)).await
     }
 
     /// See [`DeleteUserKey`].
-    pub async fn delete(&self, msg: DeleteUserKey) -> Result<bool> {
+    pub async fn delete(&self, msg: DeleteUserKey) -> Result<Written<bool>> {
         super::within(self.deadline, self.delete.send(msg)).await
     }
 
@@ -76,7 +77,7 @@ impl UserKeys {
     }
 
     /// See [`ReportUserKey`].
-    pub async fn report(&self, msg: ReportUserKey) -> Result<Option<bool>> {
+    pub async fn report(&self, msg: ReportUserKey) -> Result<Written<Option<bool>>> {
         super::within(self.deadline, self.report.send(msg)).await
     }
 }

@@ -60,6 +60,7 @@ pub async fn metrics(app: &App) -> Result<Body> {
 
 /// `{"op":"stats"}` → `{"uptime_s":12,"connections":1,"requests_total":40,
 /// "requests":{"by_op":{"ping":38,"stats":2},"by_code":{"ok":40}},"quota_denials":0,
+/// "idempotency":{"records":0,"recorded":0,"replayed":0,"conflicts":0},
 /// "cache":{"hits":30,"misses":2,"entries":2},"store":{"mode":"embedded","redis_connected":null},
 /// "process":{"dumpable":false,"locked_kb":0},"version":"0.1.0","pid":4242}`
 ///
@@ -94,6 +95,17 @@ pub async fn stats(app: &App) -> Result<Body> {
         by_op: std::collections::BTreeMap<&'static str, u64>,
         by_code: std::collections::BTreeMap<&'static str, u64>,
     }
+    /// Writes sent with an `idempotency_key`, since start.
+    #[derive(Serialize)]
+    struct Idempotency {
+        /// Embedded mode: records kept in the keystore file (counted when expired
+        /// ones are dropped, about once a minute); Redis lets its records expire.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        records: Option<u64>,
+        recorded: u64,
+        replayed: u64,
+        conflicts: u64,
+    }
     #[derive(Serialize)]
     struct Stats {
         uptime_s: u64,
@@ -103,6 +115,7 @@ pub async fn stats(app: &App) -> Result<Body> {
         quota_denials: u64,
         cache: CacheFigures,
         store: StoreFigures,
+        idempotency: Idempotency,
         process: Process,
         version: &'static str,
         pid: u32,
@@ -136,6 +149,16 @@ pub async fn stats(app: &App) -> Result<Body> {
                 redis_master,
                 quota_batches: count(|s| &s.quota_batches),
                 quota_batched_calls: count(|s| &s.quota_calls),
+            }
+        },
+        idempotency: {
+            let f = &crate::idempotency::FIGURES;
+            Idempotency {
+                records: (app.store.mode == StoreMode::Embedded)
+                    .then(|| f.records.load(Ordering::Relaxed)),
+                recorded: f.recorded.load(Ordering::Relaxed),
+                replayed: f.replayed.load(Ordering::Relaxed),
+                conflicts: f.conflicts.load(Ordering::Relaxed),
             }
         },
         process: Process {

@@ -4,14 +4,15 @@
 use serde::Serialize;
 
 use super::pools::PoolKey;
-use super::Params;
+use super::{Params, Reply};
 use crate::actors::cache::{ForgetPool, ForgetUserKey};
 use crate::actors::keystore::ReportUserKey;
 use crate::actors::store::{EnablePoolKey, HealthRules, KeyState, Outcome, PoolRef, ReportPoolKey};
 use crate::app::App;
 use crate::clock;
 use crate::error::{Error, Result};
-use crate::protocol::{body, Body, Request};
+use crate::idempotency::Idem;
+use crate::protocol::{body, Request};
 
 /// `report_key_result`'s parameters.
 pub(super) struct Report {
@@ -94,7 +95,7 @@ const UNKNOWN: Recorded = Recorded {
 /// With `channel_id`, the key is looked up in that channel's pool, then in the global
 /// pool (a channel lookup may have fallen through to it). An unknown key (or a user
 /// without a key for the service) answers `{"recorded":false,"state":null,…}`.
-pub async fn report_key_result(app: &App, report: Report) -> Result<Body> {
+pub async fn report_key_result(app: &App, report: Report, idem: Option<Idem>) -> Result<Reply> {
     let Report {
         service,
         outcome,
@@ -102,7 +103,9 @@ pub async fn report_key_result(app: &App, report: Report) -> Result<Body> {
         key,
     } = report;
     let (key_id, channel) = match key {
-        Reported::User(user_id) => return report_user_key(app, user_id, service, outcome).await,
+        Reported::User(user_id) => {
+            return report_user_key(app, user_id, service, outcome, idem).await
+        }
         Reported::Pool { key_id, channel } => (key_id, channel),
     };
     let config = app.config();
@@ -116,6 +119,8 @@ pub async fn report_key_result(app: &App, report: Report) -> Result<Body> {
             channel,
             service: service.clone(),
         };
+        // Each try looks for the record first: a report applied to the global pool
+        // is replayed by the channel's try already.
         let reported = app
             .store
             .report_pool_key(ReportPoolKey {
@@ -124,9 +129,10 @@ pub async fn report_key_result(app: &App, report: Report) -> Result<Body> {
                 outcome,
                 retry_after_s,
                 rules,
+                idem: idem.clone(),
             })
             .await?;
-        let Some(health) = reported else {
+        let Some(health) = reported.value else {
             continue;
         };
         let now = clock::now_s();
@@ -139,13 +145,17 @@ pub async fn report_key_result(app: &App, report: Report) -> Result<Body> {
             // Other daemons hear of it through Redis; this one drops its copy now.
             app.cache.send(ForgetPool { pool }).await?;
         }
-        return body(&Recorded {
+        let answer = body(&Recorded {
             recorded: true,
             state: Some(state),
             cooling_until: health.cooling_until(now),
+        })?;
+        return Ok(Reply {
+            body: answer,
+            replayed: reported.replayed,
         });
     }
-    body(&UNKNOWN)
+    body(&UNKNOWN).map(Reply::from)
 }
 
 /// A report on a user's own key: only `unauthorized` changes anything (the key is
@@ -155,25 +165,27 @@ async fn report_user_key(
     user_id: String,
     service: String,
     outcome: Outcome,
-) -> Result<Body> {
+    idem: Option<Idem>,
+) -> Result<Reply> {
     let unauthorized = outcome == Outcome::Unauthorized;
-    let rejected = app
+    let written = app
         .user_keys
         .report(ReportUserKey {
             user_id: user_id.clone(),
             service: service.clone(),
             unauthorized,
+            idem,
         })
         .await?;
-    let Some(rejected) = rejected else {
-        return body(&UNKNOWN);
+    let Some(rejected) = written.value else {
+        return body(&UNKNOWN).map(Reply::from);
     };
     if unauthorized {
         tracing::info!(op = "report_key_result", user_id = %user_id, service = %service,
             "user key reported unauthorized; skipped until the user stores a new one");
         app.cache.send(ForgetUserKey { user_id, service }).await?;
     }
-    body(&Recorded {
+    let answer = body(&Recorded {
         recorded: true,
         state: Some(if rejected {
             KeyState::Disabled
@@ -181,23 +193,27 @@ async fn report_user_key(
             KeyState::Active
         }),
         cooling_until: None,
-    })
+    })?;
+    Ok(Reply::of(&written, answer))
 }
 
 /// `{"op":"enable_pool_key","service":"openai","key_id":"3f2a9c0e12ab45cd","channel_id":"c1"}` →
 /// `{"enabled":true}`: the key is active again (no longer disabled or cooling). `false`
 /// when that pool has no such key. Admins only.
-pub async fn enable_pool_key(app: &App, p: PoolKey) -> Result<Body> {
+pub async fn enable_pool_key(app: &App, p: PoolKey, idem: Option<Idem>) -> Result<Reply> {
     let PoolKey { pool, key_id } = p;
-    let enabled = app
+    let written = app
         .store
         .enable_pool_key(EnablePoolKey {
             pool: pool.clone(),
             key_id: key_id.clone(),
+            idem,
         })
         .await?;
+    let enabled = written.value;
     tracing::info!(op = "enable_pool_key", channel_id = ?pool.channel, service = %pool.service,
         key_id = %key_id, enabled, "pool key enabled");
     app.cache.send(ForgetPool { pool }).await?;
-    body(&serde_json::json!({ "enabled": enabled }))
+    let answer = body(&serde_json::json!({ "enabled": enabled }))?;
+    Ok(Reply::of(&written, answer))
 }

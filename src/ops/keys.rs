@@ -5,12 +5,13 @@ use serde::Serialize;
 use super::messages::{
     cooling_message, missing_key_message, rejected_key_warning, unavailable_key_message,
 };
-use super::{is_false, Params};
+use super::{is_false, Params, Reply};
 use crate::actors::cache::ForgetUserKey;
 use crate::actors::keystore::{DeleteUserKey, ListUserKeys, StoreUserKey, UserKeyInfo};
 use crate::app::App;
 use crate::crypto::Secret;
 use crate::error::Result;
+use crate::idempotency::Idem;
 use crate::protocol::{body, Body, Request};
 use crate::resolver::{resolve, Query, Resolved, Source};
 use crate::services;
@@ -238,17 +239,19 @@ pub async fn get_gitea_credentials(app: &App, GiteaQuery(q): GiteaQuery) -> Resu
 }
 
 /// `{"op":"set_user_api_key","user_id":"u1","service":"openai","key":"sk-…"}` → `{"stored":true}`
-pub async fn set_user_api_key(app: &App, p: NewUserKey) -> Result<Body> {
+pub async fn set_user_api_key(app: &App, p: NewUserKey, idem: Option<Idem>) -> Result<Reply> {
     let NewUserKey {
         user_id,
         service,
         key,
     } = p;
-    app.user_keys
+    let stored = app
+        .user_keys
         .store(StoreUserKey {
             user_id: user_id.clone(),
             service: service.clone(),
             key,
+            idem,
         })
         .await?;
     app.cache
@@ -257,28 +260,38 @@ pub async fn set_user_api_key(app: &App, p: NewUserKey) -> Result<Body> {
             service: service.clone(),
         })
         .await?;
-    tracing::info!(op = "set_user_api_key", user_id = %user_id, service = %service, "stored");
-    body(&serde_json::json!({ "stored": true }))
+    tracing::info!(op = "set_user_api_key", user_id = %user_id, service = %service,
+        replayed = stored.replayed, "stored");
+    Ok(Reply::of(
+        &stored,
+        body(&serde_json::json!({ "stored": true }))?,
+    ))
 }
 
 /// `{"op":"delete_user_api_key","user_id":"u1","service":"openai"}` → `{"deleted":true}`
-pub async fn delete_user_api_key(app: &App, p: UserService) -> Result<Body> {
+pub async fn delete_user_api_key(app: &App, p: UserService, idem: Option<Idem>) -> Result<Reply> {
     let UserService { user_id, service } = p;
-    let deleted = app
+    let written = app
         .user_keys
         .delete(DeleteUserKey {
             user_id: user_id.clone(),
             service: service.clone(),
+            idem,
         })
         .await?;
+    let deleted = written.value;
     app.cache
         .send(ForgetUserKey {
             user_id: user_id.clone(),
             service: service.clone(),
         })
         .await?;
-    tracing::info!(op = "delete_user_api_key", user_id = %user_id, service = %service, deleted, "deleted");
-    body(&serde_json::json!({ "deleted": deleted }))
+    tracing::info!(op = "delete_user_api_key", user_id = %user_id, service = %service, deleted,
+        replayed = written.replayed, "deleted");
+    Ok(Reply::of(
+        &written,
+        body(&serde_json::json!({ "deleted": deleted }))?,
+    ))
 }
 
 /// `{"op":"list_user_api_keys","user_id":"u1"}` →

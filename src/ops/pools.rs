@@ -3,12 +3,13 @@
 use serde::Serialize;
 
 use super::messages::cooling_message;
-use super::Params;
+use super::{Params, Reply};
 use crate::actors::cache::{ForgetPool, Pick};
 use crate::actors::store::{AddPoolKey, PoolKeyInfo, PoolRef, RemovePoolKey};
 use crate::app::App;
 use crate::crypto::Secret;
 use crate::error::Result;
+use crate::idempotency::Idem;
 use crate::protocol::{body, Body, Request, Subject};
 
 /// A pool named by `service` and an optional `channel_id` (`list_pool_keys`).
@@ -134,37 +135,48 @@ pub async fn get_channel_pool_api_key(app: &App, ChannelPool(pool): ChannelPool)
 /// `{"op":"add_pool_key","service":"openai","key":"sk-…","channel_id":"c1","label":"donated by ana"}` →
 /// `{"key_id":"3f2a9c0e12ab45cd","added":true}`
 /// The key_id it gets is noted in `subject` for the audit line.
-pub async fn add_pool_key(app: &App, p: NewPoolKey, subject: &mut Subject) -> Result<Body> {
+pub async fn add_pool_key(
+    app: &App,
+    p: NewPoolKey,
+    idem: Option<Idem>,
+    subject: &mut Subject,
+) -> Result<Reply> {
     let NewPoolKey { pool, key, label } = p;
-    let (key_id, added) = app
+    let written = app
         .store
         .add_pool_key(AddPoolKey {
             pool: pool.clone(),
             key,
             label,
+            idem,
         })
         .await?;
+    let (key_id, added) = &written.value;
     subject.key_id = Some(key_id.clone());
     tracing::info!(op = "add_pool_key", channel_id = ?pool.channel, service = %pool.service,
-        key_id = %key_id, added, "pool key added");
+        key_id = %key_id, added, replayed = written.replayed, "pool key added");
     app.cache.send(ForgetPool { pool }).await?;
-    body(&serde_json::json!({ "key_id": key_id, "added": added }))
+    let answer = body(&serde_json::json!({ "key_id": key_id, "added": added }))?;
+    Ok(Reply::of(&written, answer))
 }
 
 /// `{"op":"remove_pool_key","service":"openai","key_id":"3f2a9c0e12ab45cd"}` → `{"removed":true}`
-pub async fn remove_pool_key(app: &App, p: PoolKey) -> Result<Body> {
+pub async fn remove_pool_key(app: &App, p: PoolKey, idem: Option<Idem>) -> Result<Reply> {
     let PoolKey { pool, key_id } = p;
-    let removed = app
+    let written = app
         .store
         .remove_pool_key(RemovePoolKey {
             pool: pool.clone(),
             key_id: key_id.clone(),
+            idem,
         })
         .await?;
+    let removed = written.value;
     tracing::info!(op = "remove_pool_key", channel_id = ?pool.channel, service = %pool.service,
-        key_id = %key_id, removed, "pool key removed");
+        key_id = %key_id, removed, replayed = written.replayed, "pool key removed");
     app.cache.send(ForgetPool { pool }).await?;
-    body(&serde_json::json!({ "removed": removed }))
+    let answer = body(&serde_json::json!({ "removed": removed }))?;
+    Ok(Reply::of(&written, answer))
 }
 
 /// `{"op":"list_pool_keys","service":"openai"}` →

@@ -2,11 +2,12 @@
 
 use serde::Serialize;
 
-use super::{is_false, Params};
+use super::{is_false, Params, Reply};
 use crate::actors::store::{ConsumeUsage, IncrementUsage, ReadUsage};
 use crate::app::App;
 use crate::config::OnStoreError;
 use crate::error::{Error, Result};
+use crate::idempotency::Idem;
 use crate::protocol::{body, Body, Request};
 
 #[derive(Serialize)]
@@ -98,18 +99,29 @@ pub async fn check_default_key_limit(app: &App, p: Usage) -> Result<Body> {
 }
 
 /// `{"op":"increment_default_key_usage","user_id":"u1","tool_name":"web_search"}` → `{"count":4}`
-pub async fn increment_default_key_usage(app: &App, p: Counter) -> Result<Body> {
+pub async fn increment_default_key_usage(
+    app: &App,
+    p: Counter,
+    idem: Option<Idem>,
+) -> Result<Reply> {
     let Counter { user_id, tool_name } = p;
     let count = app
         .store
-        .increment_usage(IncrementUsage { user_id, tool_name })
+        .increment_usage(IncrementUsage {
+            user_id,
+            tool_name,
+            idem,
+        })
         .await?;
-    body(&serde_json::json!({ "count": count }))
+    Ok(Reply::of(
+        &count,
+        body(&serde_json::json!({ "count": count.value }))?,
+    ))
 }
 
 /// `{"op":"consume_default_key_usage","user_id":"u1","tool_name":"web_search","daily_limit":5}` →
 /// `{"allowed":true,"current_count":4,"daily_limit":5}` (the count after the call)
-pub async fn consume_default_key_usage(app: &App, p: Usage) -> Result<Body> {
+pub async fn consume_default_key_usage(app: &App, p: Usage, idem: Option<Idem>) -> Result<Reply> {
     let limit = p.limit(app);
     let Usage {
         user_id, tool_name, ..
@@ -120,20 +132,26 @@ pub async fn consume_default_key_usage(app: &App, p: Usage) -> Result<Body> {
             user_id,
             tool_name,
             limit,
+            idem,
         })
         .await
     {
-        Ok((allowed, current_count)) => {
+        Ok(written) => {
+            let (allowed, current_count) = written.value;
             if !allowed {
                 app.metrics.quota_denied();
             }
-            body(&Verdict {
+            let verdict = body(&Verdict {
                 allowed,
                 current_count,
                 daily_limit: limit,
                 degraded: false,
-            })
+            })?;
+            Ok(Reply::of(&written, verdict))
         }
-        Err(e) => degraded(app, e, limit),
+        // Not a store failure: the key was used for another request.
+        Err(e @ Error::IdempotencyConflict) => Err(e),
+        // Nothing was applied (nor recorded): a retry with the same key counts.
+        Err(e) => degraded(app, e, limit).map(Reply::from),
     }
 }

@@ -14,6 +14,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::clock;
 use crate::crypto::{MasterKey, Place, Secret};
 use crate::error::Result;
+use crate::idempotency::{self, once, Idem, Written};
 
 /// At a clean shutdown: checkpoints the WAL into the keystore and records its
 /// fingerprint, so the next start can skip the full integrity check.
@@ -49,12 +50,36 @@ impl Handler<MarkClean> for Keystore {
 pub struct Keystore {
     db: Connection,
     key: Arc<MasterKey>,
+    /// When expired idempotency records were last dropped (unix seconds).
+    pruned_at: i64,
 }
 
 impl Keystore {
     /// One keystore worker on `db`.
     pub fn new(db: Connection, key: Arc<MasterKey>) -> Self {
-        Keystore { db, key }
+        if let Err(e) = idempotency::create_table(&db) {
+            // Writes with an idempotency key then fail (and say so); the rest works.
+            tracing::error!(error = %e, "cannot create the idempotency table");
+        }
+        Keystore {
+            db,
+            key,
+            pruned_at: 0,
+        }
+    }
+
+    /// Runs `apply` once per idempotency key (see [`once`]), dropping expired
+    /// records now and then before a write that records.
+    fn once<T: serde::Serialize + serde::de::DeserializeOwned>(
+        &mut self,
+        idem: Option<&Idem>,
+        worth_recording: impl FnOnce(&T) -> bool,
+        apply: impl FnOnce(&Self) -> Result<T>,
+    ) -> Result<Written<T>> {
+        if idem.is_some() {
+            idempotency::prune(&self.db, &mut self.pruned_at);
+        }
+        once(&self.db, idem, worth_recording, || apply(self))
     }
 }
 
@@ -127,17 +152,28 @@ impl Handler<LoadUserKey> for Keystore {
 /// user stores a new one. Answers `None` when the user has no key for the service,
 /// else whether it is rejected now.
 #[derive(Message)]
-#[rtype(result = "Result<Option<bool>>")]
+#[rtype(result = "Result<Written<Option<bool>>>")]
 pub struct ReportUserKey {
     pub user_id: String,
     pub service: String,
     pub unauthorized: bool,
+    /// The write's idempotency key, when one was sent.
+    pub idem: Option<Idem>,
 }
 
 impl Handler<ReportUserKey> for Keystore {
-    type Result = Result<Option<bool>>;
+    type Result = Result<Written<Option<bool>>>;
 
+    /// A report on a user without a key applied nothing and is not recorded.
     fn handle(&mut self, msg: ReportUserKey, _: &mut Self::Context) -> Self::Result {
+        self.once(msg.idem.as_ref(), Option::is_some, |s| {
+            s.report_user_key(&msg)
+        })
+    }
+}
+
+impl Keystore {
+    fn report_user_key(&self, msg: &ReportUserKey) -> Result<Option<bool>> {
         let rejected: Option<bool> = self
             .db
             .prepare_cached(
@@ -164,38 +200,52 @@ impl Handler<ReportUserKey> for Keystore {
 
 /// Encrypts and stores (or replaces) a user's key; durable when it returns.
 #[derive(Message)]
-#[rtype(result = "Result<()>")]
+#[rtype(result = "Result<Written<()>>")]
 pub struct StoreUserKey {
     pub user_id: String,
     pub service: String,
     pub key: Secret,
+    /// The write's idempotency key, when one was sent.
+    pub idem: Option<Idem>,
 }
 
 impl Handler<StoreUserKey> for Keystore {
-    type Result = Result<()>;
+    type Result = Result<Written<()>>;
 
     fn handle(&mut self, msg: StoreUserKey, _: &mut Self::Context) -> Self::Result {
-        store_user_key(&self.db, &self.key, &msg.user_id, &msg.service, &msg.key)
+        self.once(
+            msg.idem.as_ref(),
+            |_| true,
+            |s| store_user_key(&s.db, &s.key, &msg.user_id, &msg.service, &msg.key),
+        )
     }
 }
 
 /// Deletes a user's key; answers whether one was there.
 #[derive(Message)]
-#[rtype(result = "Result<bool>")]
+#[rtype(result = "Result<Written<bool>>")]
 pub struct DeleteUserKey {
     pub user_id: String,
     pub service: String,
+    /// The write's idempotency key, when one was sent.
+    pub idem: Option<Idem>,
 }
 
 impl Handler<DeleteUserKey> for Keystore {
-    type Result = Result<bool>;
+    type Result = Result<Written<bool>>;
 
     fn handle(&mut self, msg: DeleteUserKey, _: &mut Self::Context) -> Self::Result {
-        let n = self
-            .db
-            .prepare_cached("DELETE FROM user_keys WHERE user_id = ?1 AND service = ?2")?
-            .execute(params![msg.user_id, msg.service])?;
-        Ok(n > 0)
+        self.once(
+            msg.idem.as_ref(),
+            |_| true,
+            |s| {
+                let n = s
+                    .db
+                    .prepare_cached("DELETE FROM user_keys WHERE user_id = ?1 AND service = ?2")?
+                    .execute(params![msg.user_id, msg.service])?;
+                Ok(n > 0)
+            },
+        )
     }
 }
 

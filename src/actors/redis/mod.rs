@@ -37,6 +37,7 @@ use crate::clock;
 use crate::config::RedisConfig;
 use crate::crypto::MasterKey;
 use crate::error::{Error, RedisRefusal, Result};
+use crate::idempotency::{self, Idem, Written};
 use crate::logfmt::{Repeated, Say};
 
 /// How often the connection is checked (and re-established) in the background.
@@ -76,25 +77,61 @@ fn pool_counts_expiry() -> i64 {
 
 /// Writes a pool key's new health only if it still holds what the report was judged
 /// on (compare and set; the caller retries on 0), counts the report, and announces
-/// a change that picks must see. Answers -1 when the pool has no such key.
+/// a change that picks must see. Answers {-1} when the pool has no such key.
+/// With an idempotency record (KEYS[4], fingerprint ARGV[8], TTL ARGV[9]) a live
+/// record answers {2, health recorded} (or {3} for another request's record) and
+/// applies nothing; a written report records its new health.
 const REPORT_SCRIPT: &str = r"
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return -1 end
+local head = ''
+if KEYS[4] then
+  head = ARGV[8] .. '\n'
+  local rec = redis.call('GET', KEYS[4])
+  if rec then
+    if string.sub(rec, 1, #head) ~= head then return {3, ''} end
+    return {2, string.sub(rec, #head + 1)}
+  end
+end
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return {-1, ''} end
 local cur = redis.call('HGET', KEYS[2], ARGV[1]) or ''
-if cur ~= ARGV[2] then return 0 end
+if cur ~= ARGV[2] then return {0, ''} end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
 redis.call('EXPIREAT', KEYS[3], ARGV[5])
 if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
-return 1
+if KEYS[4] then redis.call('SET', KEYS[4], head .. ARGV[3], 'EX', ARGV[9]) end
+return {1, ''}
 ";
 
-/// Clears a pool key's health if the pool has it, and announces it.
-const ENABLE_SCRIPT: &str = r"
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('PUBLISH', ARGV[2], ARGV[3])
-return 1
+/// Runs the commands of an atomic pipeline once per idempotency key, in one script:
+/// a live record (KEYS[1]) with the same fingerprint (ARGV[1]) answers {1, its
+/// answer} and runs nothing; one with another fingerprint answers {-1, ''};
+/// otherwise the commands run and their replies (JSON) are recorded for ARGV[2]
+/// seconds: {0, replies}. ARGV[3..] holds the commands, each as its word count and
+/// its words. (The commands name their keys among their words, not in KEYS: the
+/// daemon runs on a standalone Redis or under Sentinel, never on a cluster.)
+const ONCE_SCRIPT: &str = r"
+local head = ARGV[1] .. '\n'
+local rec = redis.call('GET', KEYS[1])
+if rec then
+  if string.sub(rec, 1, #head) ~= head then return {-1, ''} end
+  return {1, string.sub(rec, #head + 1)}
+end
+local out = {}
+local i = 3
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  out[#out + 1] = redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+local answer = cjson.encode(out)
+redis.call('SET', KEYS[1], head .. answer, 'EX', ARGV[2])
+return {0, answer}
 ";
+
+/// Reply `i` of a pipeline's commands as a number (0 when missing).
+fn reply(replies: &[i64], i: usize) -> i64 {
+    replies.get(i).copied().unwrap_or(0)
+}
 
 /// Reports that lose a compare-and-set race this often in a row give up.
 const REPORT_TRIES: usize = 8;
@@ -130,7 +167,7 @@ struct Inner {
     /// Increments and consumes waiting for their batch.
     quota: quota::Batcher,
     report: redis::Script,
-    enable: redis::Script,
+    once: redis::Script,
 }
 
 /// A Redis error in words for the log and `check-config`: a refused connection is
@@ -391,7 +428,82 @@ impl Inner {
         .await
     }
 
-    async fn add_pool_key(&self, msg: AddPoolKey) -> Result<(String, bool)> {
+    /// Runs the atomic `pipe` once per idempotency key (see [`ONCE_SCRIPT`]); answers
+    /// the replies of its commands, those of the first run when replayed. Without a
+    /// key it is a plain `MULTI` pipeline.
+    async fn write_once(
+        &self,
+        what: &str,
+        pipe: &redis::Pipeline,
+        idem: Option<&Idem>,
+    ) -> Result<Written<Vec<i64>>> {
+        let Some(idem) = idem else {
+            return self
+                .pipeline(what, Kind::Write, pipe)
+                .await
+                .map(Written::fresh);
+        };
+        let mut call = self.once.prepare_invoke();
+        call.key(self.names.idempotency(idem.uid, &idem.key))
+            .arg(&idem.fingerprint)
+            .arg(idem.ttl_s.max(1));
+        for cmd in pipe.cmd_iter() {
+            let words: Vec<&[u8]> = cmd
+                .args_iter()
+                .filter_map(|a| match a {
+                    redis::Arg::Simple(word) => Some(word),
+                    // Cursors belong to SCAN-like commands, never in a write.
+                    _ => None,
+                })
+                .collect();
+            call.arg(words.len());
+            for word in words {
+                call.arg(word);
+            }
+        }
+        let (status, answer): (i64, String) = self
+            .bounded(what, Kind::Write, |mut c| {
+                let call = &call;
+                async move { call.invoke_async(&mut c).await }
+            })
+            .await?;
+        match status {
+            0 => {
+                idempotency::FIGURES
+                    .recorded
+                    .fetch_add(1, Ordering::Relaxed);
+                idempotency::decode(&answer).map(Written::fresh)
+            }
+            1 => idempotency::replay(&answer),
+            _ => Err(idempotency::conflict(idem)),
+        }
+    }
+
+    /// The live record of `idem`, read before a write that first reads what it will
+    /// change: a replay, a conflict, or `None` (not used yet).
+    async fn recorded<T: serde::de::DeserializeOwned>(
+        &self,
+        idem: &Idem,
+    ) -> Result<Option<Written<T>>> {
+        let name = self.names.idempotency(idem.uid, &idem.key);
+        let record: Option<String> = self
+            .bounded("read idempotency record", Kind::Read, |mut c| {
+                let name = name.clone();
+                async move { c.get(name).await }
+            })
+            .await?;
+        let Some(record) = record else {
+            return Ok(None);
+        };
+        match record.split_once('\n') {
+            Some((print, answer)) if print == idem.fingerprint => {
+                idempotency::replay(answer).map(Some)
+            }
+            _ => Err(idempotency::conflict(idem)),
+        }
+    }
+
+    async fn add_pool_key(&self, msg: AddPoolKey) -> Result<Written<(String, bool)>> {
         let key_id = self.master.key_id(&msg.key);
         let value = envelope(&self.master, &self.names.prefix, &msg.pool, &msg.key);
         let info = serde_json::to_string(&Info {
@@ -408,13 +520,14 @@ impl Inner {
                 self.announce(&Changed::Pool(msg.pool)),
             )
             .to_owned();
-        let (added, _, _): (bool, bool, i64) =
-            self.pipeline("add pool key", Kind::Write, &pipe).await?;
+        let replies = self
+            .write_once("add pool key", &pipe, msg.idem.as_ref())
+            .await?;
         self.confirm("add pool key").await?;
-        Ok((key_id, added))
+        Ok(replies.map(|r| (key_id, reply(&r, 0) == 1)))
     }
 
-    async fn remove_pool_key(&self, msg: RemovePoolKey) -> Result<bool> {
+    async fn remove_pool_key(&self, msg: RemovePoolKey) -> Result<Written<bool>> {
         let pipe = redis::pipe()
             .atomic()
             .hdel(self.names.pool(&msg.pool), &msg.key_id)
@@ -425,10 +538,11 @@ impl Inner {
                 self.announce(&Changed::Pool(msg.pool)),
             )
             .to_owned();
-        let (removed, _, _, _): (i64, i64, i64, i64) =
-            self.pipeline("remove pool key", Kind::Write, &pipe).await?;
+        let replies = self
+            .write_once("remove pool key", &pipe, msg.idem.as_ref())
+            .await?;
         self.confirm("remove pool key").await?;
-        Ok(removed > 0)
+        Ok(replies.map(|r| reply(&r, 0) > 0))
     }
 
     async fn list_pool_keys(&self, pool: PoolRef) -> Result<Vec<PoolKeyInfo>> {
@@ -543,7 +657,7 @@ impl Inner {
         Ok(out)
     }
 
-    async fn report_pool_key(&self, msg: ReportPoolKey) -> Result<Option<Health>> {
+    async fn report_pool_key(&self, msg: ReportPoolKey) -> Result<Written<Option<Health>>> {
         let health_hash = self.names.pool_health(&msg.pool);
         let keys = [
             self.names.pool(&msg.pool),
@@ -570,7 +684,7 @@ impl Inner {
             } else {
                 changed.as_str()
             };
-            let written: i64 = self
+            let (written, recorded): (i64, String) = self
                 .bounded("report key result", Kind::Write, |mut c| {
                     let mut call = self.report.prepare_invoke();
                     call.key(&keys[0]).key(&keys[1]).key(&keys[2]);
@@ -581,19 +695,31 @@ impl Inner {
                         .arg(expiry)
                         .arg(&channel)
                         .arg(announce);
+                    if let Some(idem) = &msg.idem {
+                        call.key(self.names.idempotency(idem.uid, &idem.key))
+                            .arg(&idem.fingerprint)
+                            .arg(idem.ttl_s.max(1));
+                    }
                     async move { call.invoke_async(&mut c).await }
                 })
                 .await?;
-            match written {
-                -1 => return Ok(None),
-                1 => {
+            match (written, &msg.idem) {
+                (-1, _) => return Ok(Written::fresh(None)),
+                (1, idem) => {
+                    if idem.is_some() {
+                        idempotency::FIGURES
+                            .recorded
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
                     // Only a change of health is a key write worth a replica's
                     // confirmation; an `ok` report only counts.
                     if !announce.is_empty() {
                         self.confirm("report key result").await?;
                     }
-                    return Ok(Some(after));
+                    return Ok(Written::fresh(Some(after)));
                 }
+                (2, _) => return idempotency::replay(&recorded),
+                (3, Some(idem)) => return Err(idempotency::conflict(idem)),
                 _ => continue,
             }
         }
@@ -602,28 +728,23 @@ impl Inner {
         ))
     }
 
-    async fn enable_pool_key(&self, msg: EnablePoolKey) -> Result<bool> {
-        let (pool_hash, health_hash) = (
-            self.names.pool(&msg.pool),
-            self.names.pool_health(&msg.pool),
-        );
-        let (channel, changed) = (
-            self.names.invalidate(),
-            self.announce(&Changed::Pool(msg.pool.clone())),
-        );
-        let enabled: i64 = self
-            .bounded("enable pool key", Kind::Write, |mut c| {
-                let mut call = self.enable.prepare_invoke();
-                call.key(&pool_hash)
-                    .key(&health_hash)
-                    .arg(&msg.key_id)
-                    .arg(&channel)
-                    .arg(&changed);
-                async move { call.invoke_async(&mut c).await }
-            })
+    /// Clears a pool key's health (a key the pool does not have has none) and
+    /// announces it; answers whether the pool has the key.
+    async fn enable_pool_key(&self, msg: EnablePoolKey) -> Result<Written<bool>> {
+        let pipe = redis::pipe()
+            .atomic()
+            .hexists(self.names.pool(&msg.pool), &msg.key_id)
+            .hdel(self.names.pool_health(&msg.pool), &msg.key_id)
+            .publish(
+                self.names.invalidate(),
+                self.announce(&Changed::Pool(msg.pool.clone())),
+            )
+            .to_owned();
+        let replies = self
+            .write_once("enable pool key", &pipe, msg.idem.as_ref())
             .await?;
         self.confirm("enable pool key").await?;
-        Ok(enabled == 1)
+        Ok(replies.map(|r| reply(&r, 0) == 1))
     }
 
     /// Adds the picks counted since the last flush, in one pipeline.
@@ -785,7 +906,7 @@ impl Inner {
         })
     }
 
-    async fn store_user_key(&self, msg: StoreUserKey) -> Result<()> {
+    async fn store_user_key(&self, msg: StoreUserKey) -> Result<Written<()>> {
         let value = user_envelope(
             &self.master,
             &self.names.prefix,
@@ -796,44 +917,41 @@ impl Inner {
         let pipe = redis::pipe()
             .atomic()
             .hset(self.names.legacy_user(&msg.user_id), &msg.service, value)
-            .ignore()
             .hset(
                 self.names.user_info(&msg.user_id),
                 &msg.service,
                 clock::now_s(),
             )
-            .ignore()
             // A new key is not the one the provider rejected.
             .hdel(self.names.user_rejected(&msg.user_id), &msg.service)
-            .ignore()
             .publish(
                 self.names.invalidate(),
                 self.user_changed(&msg.user_id, &msg.service),
             )
-            .ignore()
             .to_owned();
-        self.pipeline::<()>("set user key", Kind::Write, &pipe)
+        let replies = self
+            .write_once("set user key", &pipe, msg.idem.as_ref())
             .await?;
-        self.confirm("set user key").await
+        self.confirm("set user key").await?;
+        Ok(replies.map(|_| ()))
     }
 
-    async fn delete_user_key(&self, msg: DeleteUserKey) -> Result<bool> {
+    async fn delete_user_key(&self, msg: DeleteUserKey) -> Result<Written<bool>> {
         let pipe = redis::pipe()
             .atomic()
             .hdel(self.names.legacy_user(&msg.user_id), &msg.service)
             .hdel(self.names.user_info(&msg.user_id), &msg.service)
-            .ignore()
             .hdel(self.names.user_rejected(&msg.user_id), &msg.service)
-            .ignore()
             .publish(
                 self.names.invalidate(),
                 self.user_changed(&msg.user_id, &msg.service),
             )
-            .ignore()
             .to_owned();
-        let (removed,): (i64,) = self.pipeline("delete user key", Kind::Write, &pipe).await?;
+        let replies = self
+            .write_once("delete user key", &pipe, msg.idem.as_ref())
+            .await?;
         self.confirm("delete user key").await?;
-        Ok(removed > 0)
+        Ok(replies.map(|r| reply(&r, 0) > 0))
     }
 
     async fn list_user_keys(&self, msg: ListUserKeys) -> Result<Vec<UserKeyInfo>> {
@@ -871,7 +989,16 @@ impl Inner {
         Ok(out)
     }
 
-    async fn report_user_key(&self, msg: ReportUserKey) -> Result<Option<bool>> {
+    /// A report on a user's own key. Reads first, then writes only to mark the key
+    /// rejected; with an idempotency key the record is looked at before the read
+    /// and written with the mark.
+    async fn report_user_key(&self, msg: ReportUserKey) -> Result<Written<Option<bool>>> {
+        if let Some(idem) = &msg.idem {
+            if let Some(replayed) = self.recorded::<Vec<i64>>(idem).await? {
+                // Only a report that marked the key is recorded.
+                return Ok(replayed.map(|_| Some(true)));
+            }
+        }
         let pipe = redis::pipe()
             .hexists(self.names.legacy_user(&msg.user_id), &msg.service)
             .hexists(self.names.user_rejected(&msg.user_id), &msg.service)
@@ -880,10 +1007,11 @@ impl Inner {
             .pipeline("read user key mark", Kind::Read, &pipe)
             .await?;
         if !present {
-            return Ok(None);
+            return Ok(Written::fresh(None));
         }
         if rejected || !msg.unauthorized {
-            return Ok(Some(rejected));
+            // Nothing to write, so nothing to record.
+            return Ok(Written::fresh(Some(rejected)));
         }
         let pipe = redis::pipe()
             .atomic()
@@ -892,17 +1020,16 @@ impl Inner {
                 &msg.service,
                 clock::now_s(),
             )
-            .ignore()
             .publish(
                 self.names.invalidate(),
                 self.user_changed(&msg.user_id, &msg.service),
             )
-            .ignore()
             .to_owned();
-        self.pipeline::<()>("mark user key rejected", Kind::Write, &pipe)
+        let replies = self
+            .write_once("mark user key rejected", &pipe, msg.idem.as_ref())
             .await?;
         self.confirm("mark user key rejected").await?;
-        Ok(Some(true))
+        Ok(replies.map(|_| Some(true)))
     }
 }
 
@@ -978,7 +1105,7 @@ impl RedisStore {
                 down: RefCell::default(),
                 quota: quota::Batcher::new(),
                 report: redis::Script::new(REPORT_SCRIPT),
-                enable: redis::Script::new(ENABLE_SCRIPT),
+                once: redis::Script::new(ONCE_SCRIPT),
             }),
         })
     }
@@ -1022,20 +1149,20 @@ macro_rules! forward {
     };
 }
 
-forward!(AddPoolKey, (String, bool), add_pool_key);
-forward!(ReportPoolKey, Option<Health>, report_pool_key);
+forward!(AddPoolKey, Written<(String, bool)>, add_pool_key);
+forward!(ReportPoolKey, Written<Option<Health>>, report_pool_key);
 forward!(CountPoolKeys, Vec<PoolKeyCount>, count_pool_keys);
-forward!(EnablePoolKey, bool, enable_pool_key);
+forward!(EnablePoolKey, Written<bool>, enable_pool_key);
 forward!(CountPicks, (), count_picks);
-forward!(RemovePoolKey, bool, remove_pool_key);
+forward!(RemovePoolKey, Written<bool>, remove_pool_key);
 forward!(ReadUsage, u64, read_usage);
-forward!(IncrementUsage, u64, increment_usage);
-forward!(ConsumeUsage, (bool, u64), consume_usage);
+forward!(IncrementUsage, Written<u64>, increment_usage);
+forward!(ConsumeUsage, Written<(bool, u64)>, consume_usage);
 forward!(LoadUserKey, LoadedUserKey, load_user_key);
-forward!(StoreUserKey, (), store_user_key);
-forward!(DeleteUserKey, bool, delete_user_key);
+forward!(StoreUserKey, Written<()>, store_user_key);
+forward!(DeleteUserKey, Written<bool>, delete_user_key);
 forward!(ListUserKeys, Vec<UserKeyInfo>, list_user_keys);
-forward!(ReportUserKey, Option<bool>, report_user_key);
+forward!(ReportUserKey, Written<Option<bool>>, report_user_key);
 
 impl Handler<LoadPool> for RedisStore {
     type Result = ResponseFuture<Result<Vec<PoolEntry>>>;

@@ -4,7 +4,9 @@
 //! runs one script per batch instead of one per call, and the daemon sends one
 //! command instead of many; batches do not wait for each other. Each call in a
 //! batch is applied in order inside one atomic script, so a consume is as atomic as
-//! when it ran alone.
+//! when it ran alone. A call with an idempotency key is checked against its record
+//! and recorded inside the same script, so a repeat is never counted twice, even
+//! when it reaches another daemon of the fleet.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -17,6 +19,7 @@ use super::{Inner, Kind};
 use crate::actors::store::{ConsumeUsage, IncrementUsage, ReadUsage};
 use crate::clock;
 use crate::error::{Error, Result};
+use crate::idempotency::{self, Idem, Written};
 
 /// Check-and-increment in one script: Redis runs it atomically. What one consume
 /// does; public so the benchmark can run the very same script against redis-server
@@ -32,11 +35,16 @@ return {0, n}
 ";
 
 /// A batch of increments and consumes, in order. Call i has its counter hash in
-/// KEYS[i], its tool in ARGV[2i] and its limit in ARGV[2i+1] ('' for an increment,
-/// which has none); ARGV[1] is the expiry of today's hashes. Answers
-/// {verdict_1, count_1, verdict_2, count_2, …}: verdict 1 allowed (counted), 0
-/// denied, 2 refused by Redis (a counter hash that is not a hash, say). A refused
-/// call fails alone: the others of its batch are applied and answered as usual.
+/// KEYS[i]; ARGV[1] is the expiry of today's hashes, ARGV[2] the TTL of idempotency
+/// records, and call i has four words from ARGV[4i-1]: its tool, its limit ('' for
+/// an increment, which has none), its idempotency record ('' for none; named here
+/// rather than in KEYS, as a call may have none: the daemon never runs on a cluster)
+/// and its fingerprint. Answers {verdict_1, count_1, verdict_2, count_2, …}: verdict
+/// 1 allowed (counted), 0 denied, 2 refused by Redis (a counter hash that is not a
+/// hash, say), 3 the record belongs to another request, 4 and 5 the recorded
+/// verdict (0 and 1) of an earlier call with the same key, with its count. A
+/// refused call fails alone: the others of its batch are applied and answered as
+/// usual. A record holds the fingerprint, a newline, the verdict and the count.
 /// A refusal of the server's own (OOM, READONLY, NOPERM, MISCONF, …: any code but
 /// ERR and WRONGTYPE) refuses every write alike, so it ends the script as its error
 /// reply, which names the cause.
@@ -51,9 +59,24 @@ local function apply(key, tool, limit, expiry)
   redis.call('EXPIREAT', key, expiry)
   return 1, n
 end
+local function once(key, tool, limit, expiry, record, print, ttl)
+  if record == '' then return apply(key, tool, limit, expiry) end
+  local head = print .. '\n'
+  local rec = redis.call('GET', record)
+  if rec then
+    if string.sub(rec, 1, #head) ~= head then return 3, 0 end
+    local verdict, n = string.match(string.sub(rec, #head + 1), '^(%d+) (%d+)$')
+    return 4 + tonumber(verdict), tonumber(n)
+  end
+  local verdict, n = apply(key, tool, limit, expiry)
+  redis.call('SET', record, head .. verdict .. ' ' .. n, 'EX', ttl)
+  return verdict, n
+end
 local out = {}
 for i = 1, #KEYS do
-  local ok, verdict, n = pcall(apply, KEYS[i], ARGV[2 * i], ARGV[2 * i + 1], ARGV[1])
+  local a = 4 * i - 1
+  local ok, verdict, n = pcall(once, KEYS[i], ARGV[a], ARGV[a + 1], ARGV[1],
+    ARGV[a + 2], ARGV[a + 3], ARGV[2])
   if ok then
     out[2 * i - 1], out[2 * i] = verdict, n
   else
@@ -83,7 +106,9 @@ struct Call {
     tool: String,
     /// `None` for an increment.
     limit: Option<u64>,
-    reply: oneshot::Sender<Result<(bool, u64)>>,
+    /// The call's idempotency record: its name, and the key (fingerprint, TTL).
+    record: Option<(String, Idem)>,
+    reply: oneshot::Sender<Result<Written<(bool, u64)>>>,
 }
 
 /// The calls of this turn, waiting for the batch that sends them.
@@ -121,13 +146,21 @@ impl Inner {
         Ok(n.unwrap_or(0))
     }
 
-    pub(super) async fn increment_usage(self: Rc<Self>, msg: IncrementUsage) -> Result<u64> {
-        let (_, n) = self.count(&msg.user_id, msg.tool_name, None).await?;
-        Ok(n)
+    pub(super) async fn increment_usage(
+        self: Rc<Self>,
+        msg: IncrementUsage,
+    ) -> Result<Written<u64>> {
+        let written = self
+            .count(&msg.user_id, msg.tool_name, None, msg.idem)
+            .await?;
+        Ok(written.map(|(_, n)| n))
     }
 
-    pub(super) async fn consume_usage(self: Rc<Self>, msg: ConsumeUsage) -> Result<(bool, u64)> {
-        self.count(&msg.user_id, msg.tool_name, Some(msg.limit))
+    pub(super) async fn consume_usage(
+        self: Rc<Self>,
+        msg: ConsumeUsage,
+    ) -> Result<Written<(bool, u64)>> {
+        self.count(&msg.user_id, msg.tool_name, Some(msg.limit), msg.idem)
             .await
     }
 
@@ -137,12 +170,14 @@ impl Inner {
         user_id: &str,
         tool: String,
         limit: Option<u64>,
-    ) -> Result<(bool, u64)> {
+        idem: Option<Idem>,
+    ) -> Result<Written<(bool, u64)>> {
         let (reply, answer) = oneshot::channel();
         let call = Call {
             hash: self.names.usage(&clock::utc_day(), user_id),
             tool,
             limit,
+            record: idem.map(|i| (self.names.idempotency(i.uid, &i.key), i)),
             reply,
         };
         let schedule = {
@@ -186,8 +221,25 @@ impl Inner {
         match self.run_batch(&batch).await {
             Ok(counts) => {
                 for (call, pair) in batch.into_iter().zip(counts.chunks_exact(2)) {
-                    let answer = match pair[0] {
-                        0 | 1 => Ok((pair[0] == 1, pair[1])),
+                    let answer = match (pair[0], &call.record) {
+                        (0 | 1, record) => {
+                            if record.is_some() {
+                                idempotency::FIGURES
+                                    .recorded
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(Written::fresh((pair[0] == 1, pair[1])))
+                        }
+                        (4 | 5, _) => {
+                            idempotency::FIGURES
+                                .replayed
+                                .fetch_add(1, Ordering::Relaxed);
+                            Ok(Written {
+                                value: (pair[0] == 5, pair[1]),
+                                replayed: true,
+                            })
+                        }
+                        (3, Some((_, idem))) => Err(idempotency::conflict(idem)),
                         _ => {
                             tracing::error!(hash = %call.hash, "redis refused a quota count: the counter is not a hash of counts (WRONGTYPE or not a number); something else wrote it");
                             Err(Error::Internal(
@@ -209,12 +261,23 @@ impl Inner {
     /// Runs one batch; answers two numbers per call.
     async fn run_batch(&self, batch: &[Call]) -> Result<Vec<u64>> {
         let mut invocation = self.quota.script.prepare_invoke();
-        invocation.arg(usage_expiry());
+        // One TTL for the batch: the longest asked (they differ only across a reload).
+        let ttl = batch
+            .iter()
+            .filter_map(|c| c.record.as_ref().map(|(_, i)| i.ttl_s))
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        invocation.arg(usage_expiry()).arg(ttl);
         for call in batch {
             invocation.key(&call.hash).arg(&call.tool);
             match call.limit {
                 Some(limit) => invocation.arg(limit),
                 None => invocation.arg(""),
+            };
+            match &call.record {
+                Some((name, idem)) => invocation.arg(name).arg(&idem.fingerprint),
+                None => invocation.arg("").arg(""),
             };
         }
         let counts: Vec<u64> = self

@@ -1,0 +1,315 @@
+//! Idempotency keys on writes: a repeat within the TTL gets the first answer with
+//! `"replayed": true` and applies nothing; the same key with other parameters is
+//! `idempotency_conflict`; records are per uid, expire, and (in Redis mode) are
+//! shared by the daemons of one Redis.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{call_as, contains, files_below, open_up, Client, Mode, TestDaemon, CANARY};
+use serde_json::{json, Value};
+
+/// Today's count of `tool` for `user`, read without counting.
+fn count(c: &mut Client, user: &str, tool: &str) -> u64 {
+    c.ok(json!({"op": "check_default_key_limit", "user_id": user, "tool_name": tool}))
+        ["current_count"]
+        .as_u64()
+        .unwrap()
+}
+
+fn consume(key: &str) -> Value {
+    json!({"op": "consume_default_key_usage", "user_id": "u1", "tool_name": "search",
+        "daily_limit": 10, "idempotency_key": key})
+}
+
+/// `req` sent twice: the first applies, the second (another id) answers the same
+/// result marked replayed.
+fn twice(c: &mut Client, req: Value) -> Value {
+    let mut first = req.clone();
+    first["id"] = json!("first");
+    let mut second = req;
+    second["id"] = json!("second");
+    let a = c.call(first);
+    assert_eq!(a["ok"], true, "{a}");
+    assert!(
+        a.get("replayed").is_none(),
+        "a first run is not replayed: {a}"
+    );
+    let b = c.call(second);
+    assert_eq!(b["ok"], true, "{b}");
+    assert_eq!(b["replayed"], true, "{b}");
+    assert_eq!(b["id"], "second");
+    assert_eq!(a["result"], b["result"]);
+    a["result"].clone()
+}
+
+fn replay_answers_the_first_answer_and_applies_nothing(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    let mut c = d.client();
+    let r = twice(&mut c, consume("k-consume"));
+    assert_eq!(r["current_count"], 1);
+    assert_eq!(count(&mut c, "u1", "search"), 1);
+    // Without a key every call counts, as before.
+    c.ok(json!({"op": "consume_default_key_usage", "user_id": "u1", "tool_name": "search"}));
+    assert_eq!(count(&mut c, "u1", "search"), 2);
+
+    let r = twice(
+        &mut c,
+        json!({"op": "increment_default_key_usage", "user_id": "u1", "tool_name": "search",
+        "idempotency_key": "k-incr"}),
+    );
+    assert_eq!(r["count"], 3);
+    assert_eq!(count(&mut c, "u1", "search"), 3);
+
+    twice(
+        &mut c,
+        json!({"op": "set_user_api_key", "user_id": "u2", "service": "openai",
+        "key": "sk-idem-first-0001", "idempotency_key": "k-set"}),
+    );
+    // The replay did not store anything again: a key set in between stays.
+    c.ok(json!({"op": "set_user_api_key", "user_id": "u2", "service": "openai", "key": "sk-idem-second-0002"}));
+    let again = c.call(
+        json!({"op": "set_user_api_key", "user_id": "u2", "service": "openai",
+        "key": "sk-idem-first-0001", "idempotency_key": "k-set"}),
+    );
+    assert_eq!(again["replayed"], true, "{again}");
+    let got = c.ok(json!({"op": "get_user_api_key", "user_id": "u2", "service": "openai"}));
+    assert_eq!(got["key"], "sk-idem-second-0002");
+
+    let r = twice(
+        &mut c,
+        json!({"op": "delete_user_api_key", "user_id": "u2", "service": "openai",
+        "idempotency_key": "k-del"}),
+    );
+    assert_eq!(r["deleted"], true, "the replay says what the first run did");
+
+    let r = twice(
+        &mut c,
+        json!({"op": "add_pool_key", "service": "openai", "key": "sk-idem-pool-0003",
+        "idempotency_key": "k-add"}),
+    );
+    assert_eq!(r["added"], true);
+    let key_id = r["key_id"].as_str().unwrap().to_string();
+    let r = twice(
+        &mut c,
+        json!({"op": "report_key_result", "service": "openai", "key_id": key_id,
+        "outcome": "rate_limited", "retry_after_s": 60, "idempotency_key": "k-report"}),
+    );
+    assert_eq!(r["state"], "cooling");
+    let listed = c.ok(json!({"op": "list_pool_keys", "service": "openai"}));
+    assert_eq!(
+        listed["keys"][0]["rate_limited"], 1,
+        "counted once: {listed}"
+    );
+    let r = twice(
+        &mut c,
+        json!({"op": "enable_pool_key", "service": "openai", "key_id": key_id,
+        "idempotency_key": "k-enable"}),
+    );
+    assert_eq!(r["enabled"], true);
+    let r = twice(
+        &mut c,
+        json!({"op": "remove_pool_key", "service": "openai", "key_id": key_id,
+        "idempotency_key": "k-remove"}),
+    );
+    assert_eq!(r["removed"], true);
+
+    let stats = c.ok(json!({"op": "stats"}));
+    let figures = &stats["idempotency"];
+    assert_eq!(figures["replayed"], 9, "{stats}");
+    assert!(figures["recorded"].as_u64().unwrap() >= 8, "{stats}");
+    let metrics = c.ok(json!({"op": "metrics"}))["text"].to_string();
+    assert!(
+        metrics.contains("apikeyd_idempotency_replayed_total 9"),
+        "{metrics}"
+    );
+    // Reads ignore the member.
+    c.ok(json!({"op": "ping", "idempotency_key": "k-consume"}));
+}
+
+fn same_key_other_parameters_is_a_conflict(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    let mut c = d.client();
+    c.ok(consume("k1"));
+    let mut other = consume("k1");
+    other["tool_name"] = json!("other_tool");
+    let (code, message) = c.err(other);
+    assert_eq!(code, "idempotency_conflict");
+    assert!(message.contains("nothing was applied"), "{message}");
+    assert_eq!(count(&mut c, "u1", "other_tool"), 0);
+    // Another op with the same key conflicts too.
+    let (code, _) = c.err(json!({"op": "increment_default_key_usage", "user_id": "u1",
+        "tool_name": "search", "idempotency_key": "k1"}));
+    assert_eq!(code, "idempotency_conflict");
+    assert_eq!(count(&mut c, "u1", "search"), 1);
+    let stats = c.ok(json!({"op": "stats"}));
+    assert_eq!(stats["idempotency"]["conflicts"], 2, "{stats}");
+    assert_eq!(
+        stats["requests"]["by_code"]["idempotency_conflict"], 2,
+        "{stats}"
+    );
+}
+
+fn records_expire_after_the_ttl(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "[server]\nidempotency_ttl_s = 1", &[]);
+    let mut c = d.client();
+    c.ok(consume("k-ttl"));
+    assert_eq!(c.call(consume("k-ttl"))["replayed"], true);
+    assert_eq!(count(&mut c, "u1", "search"), 1);
+    // Once the record has expired the same key is a new write.
+    common::eventually(Duration::from_secs(10), || {
+        let r = c.call(consume("k-ttl"));
+        r["ok"] == true && r.get("replayed").is_none()
+    });
+    assert_eq!(count(&mut c, "u1", "search"), 2);
+}
+
+fn bad_keys_are_refused_and_apply_nothing(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    let mut c = d.client();
+    for bad in [
+        json!(""),
+        json!("a b"),
+        json!("tab\there"),
+        json!("x".repeat(129)),
+        json!(5),
+        json!(["k"]),
+    ] {
+        let mut req = consume("unused");
+        req["idempotency_key"] = bad.clone();
+        let (code, message) = c.err(req);
+        assert_eq!(code, "bad_request", "{bad}");
+        assert!(message.contains("idempotency_key"), "{bad}: {message}");
+    }
+    assert_eq!(count(&mut c, "u1", "search"), 0);
+    // 128 bytes and null (absent) are fine.
+    c.ok(consume(&"x".repeat(128)));
+    let mut req = consume("unused");
+    req["idempotency_key"] = Value::Null;
+    c.ok(req);
+    assert_eq!(count(&mut c, "u1", "search"), 2);
+}
+
+/// Requests with one key sent at once on several connections: applied once.
+fn concurrent_repeats_apply_once(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    let mut clients: Vec<Client> = (0..4).map(|_| d.client()).collect();
+    let batch: String = (0..25)
+        .map(|_| format!("{}\n", consume("k-race")))
+        .collect();
+    let writers: Vec<_> = clients
+        .iter()
+        .map(|c| c.send_in_background(batch.clone()))
+        .collect();
+    let mut replayed = 0;
+    for c in &mut clients {
+        for _ in 0..25 {
+            let r = c.recv();
+            assert_eq!(r["ok"], true, "{r}");
+            assert_eq!(r["result"]["current_count"], 1, "{r}");
+            if r["replayed"] == true {
+                replayed += 1;
+            }
+        }
+    }
+    for w in writers {
+        w.join().unwrap().unwrap();
+    }
+    assert_eq!(replayed, 99);
+    assert_eq!(count(&mut clients[0], "u1", "search"), 1);
+}
+
+/// A record never holds a key: neither the keystore file (and its WAL) nor Redis
+/// has the key in clear after writes that carried it with an idempotency key; in
+/// Redis the record expires with the TTL.
+fn records_hold_no_key(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "", &[]);
+    let mut c = d.client();
+    twice(
+        &mut c,
+        json!({"op": "set_user_api_key", "user_id": "canary", "service": "openai",
+        "key": CANARY, "idempotency_key": "k-canary"}),
+    );
+    twice(
+        &mut c,
+        json!({"op": "add_pool_key", "service": "openai", "key": CANARY,
+        "idempotency_key": "k-canary-pool"}),
+    );
+    for (path, bytes) in files_below(d.dir.path()) {
+        assert!(
+            !contains(&bytes, CANARY.as_bytes()),
+            "{} holds the key",
+            path.display()
+        );
+    }
+    if let Some(redis) = &d.redis {
+        let mut con = redis.conn();
+        let names: Vec<String> = redis::cmd("KEYS")
+            .arg("stargazer:apikeyd:idempotency:*")
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(names.len(), 2, "{names:?}");
+        for name in names {
+            let value: Vec<u8> = redis::cmd("GET").arg(&name).query(&mut con).unwrap();
+            assert!(!contains(&value, CANARY.as_bytes()), "{name} holds the key");
+            let ttl: i64 = redis::cmd("TTL").arg(&name).query(&mut con).unwrap();
+            assert!((1..=600).contains(&ttl), "{name}: TTL {ttl}");
+        }
+    }
+}
+
+in_every_mode!(
+    records_hold_no_key,
+    replay_answers_the_first_answer_and_applies_nothing,
+    same_key_other_parameters_is_a_conflict,
+    records_expire_after_the_ttl,
+    bad_keys_are_refused_and_apply_nothing,
+    concurrent_repeats_apply_once,
+);
+
+/// Keys are per uid: nobody using root's key is a new write, not root's replay.
+fn each_uid_has_its_own_keys(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "[access]\nallow_uids = [\"nobody\"]\n", &[]);
+    let bin = open_up(&d);
+    let mut c = d.client();
+    c.ok(consume("shared-key"));
+    let out = call_as(&bin, &d.socket, &[], &[consume("shared-key")]);
+    assert_eq!(out[0]["ok"], true, "{}", out[0]);
+    assert!(out[0].get("replayed").is_none(), "{}", out[0]);
+    assert_eq!(out[0]["result"]["current_count"], 2);
+    // And each uid's repeat is its own replay.
+    let out = call_as(&bin, &d.socket, &[], &[consume("shared-key")]);
+    assert_eq!(out[0]["replayed"], true, "{}", out[0]);
+    assert_eq!(c.call(consume("shared-key"))["replayed"], true);
+    assert_eq!(count(&mut c, "u1", "search"), 2);
+}
+
+mod per_uid {
+    #[test]
+    fn on_sqlite() {
+        super::each_uid_has_its_own_keys(super::Mode::Embedded)
+    }
+    #[test]
+    fn on_redis() {
+        super::each_uid_has_its_own_keys(super::Mode::Redis)
+    }
+}
+
+/// A retry sent to another daemon of the fleet (same Redis) is replayed there.
+#[test]
+fn a_retry_on_another_daemon_is_replayed() {
+    let a = TestDaemon::start_with(Mode::Redis, "", &[]);
+    let b = TestDaemon::start_sharing(&a, "");
+    let first = a.client().ok(consume("k-fleet"));
+    let retry = b.client().call(consume("k-fleet"));
+    assert_eq!(retry["replayed"], true, "{retry}");
+    assert_eq!(retry["result"], first);
+    let add = json!({"op": "add_pool_key", "service": "openai", "key": "sk-fleet-pool-0004",
+        "idempotency_key": "k-fleet-add"});
+    let first = a.client().ok(add.clone());
+    let retry = b.client().call(add);
+    assert_eq!(retry["replayed"], true, "{retry}");
+    assert_eq!(retry["result"], first);
+    assert_eq!(count(&mut b.client(), "u1", "search"), 1);
+}
