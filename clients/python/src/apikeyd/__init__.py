@@ -10,10 +10,14 @@ from ._errors import (
     DaemonUnreachable,
     Error,
     Forbidden,
+    IdempotencyConflict,
     Internal,
+    PermissionDenied,
+    Timeout,
     TooLarge,
     Unavailable,
     UnknownOp,
+    WrongEventLoop,
 )
 from ._wire import DEFAULT_SOCKET, READ_OPS, WRITE_OPS
 from .aio import AsyncClient
@@ -30,11 +34,15 @@ __all__ = [
     "Error",
     "Forbidden",
     "Id",
+    "IdempotencyConflict",
     "Internal",
+    "PermissionDenied",
+    "Timeout",
     "READ_OPS",
     "TooLarge",
     "Unavailable",
     "UnknownOp",
     "WRITE_OPS",
+    "WrongEventLoop",
     "__version__",
 ]

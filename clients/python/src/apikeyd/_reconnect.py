@@ -21,7 +21,7 @@ import socket
 import time
 from typing import Iterator
 
-from ._errors import DaemonUnreachable
+from ._errors import DaemonUnreachable, PermissionDenied
 
 __all__ = [
     "RETRIES",
@@ -94,13 +94,36 @@ def _reason(exc: BaseException) -> str:
 # parameter (which may be a key).
 
 
-def unreachable(path: str, exc: BaseException) -> DaemonUnreachable:
-    """No daemon accepted a connection before ``connect_timeout``."""
-    return DaemonUnreachable(f"no apikeyd answers on {path} ({_reason(exc)}); is `apikeyd serve` running?")
+def unreachable(path: str, exc: BaseException, where: str = "") -> DaemonUnreachable:
+    """No daemon accepted a connection before ``connect_timeout``. ``where``: the
+    places the socket was looked for (apikeyd._discover)."""
+    looked = f" (looked at: {where})" if where else ""
+    return DaemonUnreachable(
+        f"no apikeyd answers on {path} ({_reason(exc)}){looked}; is `apikeyd serve` running? "
+        "Pass socket=, or set $APIKEYD_SOCKET or $APIKEYD_CONFIG"
+    )
+
+
+def _group_of(path: str) -> str:
+    try:
+        gid = os.stat(path).st_gid
+    except OSError:
+        return "the socket's group"
+    try:
+        import grp
+
+        return f"the group `{grp.getgrgid(gid).gr_name}` (gid {gid})"
+    except (KeyError, ImportError):
+        return f"the group with gid {gid}"
 
 
 def cannot_connect(path: str, exc: BaseException) -> DaemonUnreachable:
     """Connecting failed in a way that waiting does not mend (e.g. no permission)."""
+    if isinstance(exc, PermissionError):
+        return PermissionDenied(
+            f"cannot connect to apikeyd on {path}: {_reason(exc)}; this user lacks access to the "
+            f"socket: it must be in {_group_of(path)} (see docs/operations.md, \"Access\")"
+        )
     return DaemonUnreachable(f"cannot connect to apikeyd on {path}: {_reason(exc)}")
 
 

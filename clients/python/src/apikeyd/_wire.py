@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from ._errors import Error, Internal, error_from_wire
 
-DEFAULT_SOCKET = "/run/apikeyd/apikeyd.sock"
+from ._discover import DEFAULT_SOCKET
 
 #: Ops that change state. After a broken connection they are sent again only when
 #: the request provably never reached the daemon.
@@ -60,11 +60,6 @@ _line_cache: Dict[Any, bytes] = {}
 _LINE_CACHE_MAX = 4096
 
 
-def resolve_socket(path: "Optional[os.PathLike[str] | str]") -> str:
-    """The argument, else ``$APIKEYD_SOCKET``, else /run/apikeyd/apikeyd.sock."""
-    if path is not None:
-        return os.fspath(path)
-    return os.environ.get("APIKEYD_SOCKET") or DEFAULT_SOCKET
 
 
 def encode_request(op: str, rid: int, params: Dict[str, Any]) -> bytes:

@@ -23,9 +23,10 @@ from collections import deque
 from typing import Any, Callable, Coroutine, Deque, Dict, List, Optional, Type, Union
 
 from . import _reconnect
+from ._discover import discover
 from ._errors import DaemonUnreachable, Error
 from ._ops import Ops
-from ._wire import READ_OPS, ProtocolDesync, decode_response, desync_error, encode_request, resolve_socket
+from ._wire import READ_OPS, ProtocolDesync, decode_response, desync_error, encode_request
 
 __all__ = ["AsyncClient"]
 
@@ -239,7 +240,9 @@ class AsyncClient(Ops[_Result]):
     ) -> None:
         if connections < 1:
             raise ValueError("connections must be at least 1")
-        self.socket_path = resolve_socket(socket)
+        found = discover(socket)
+        self.socket_path = found.path
+        self._where = found.where()
         self.timeout = float(timeout)
         self.connect_timeout = float(connect_timeout)
         self._slots: List[Optional[_Protocol]] = [None] * connections
@@ -279,7 +282,7 @@ class AsyncClient(Ops[_Result]):
             except (FileNotFoundError, ConnectionRefusedError, asyncio.TimeoutError) as exc:
                 wait = next(waits, None)
                 if wait is None:
-                    raise _reconnect.unreachable(self.socket_path, exc) from None
+                    raise _reconnect.unreachable(self.socket_path, exc, self._where) from None
                 await asyncio.sleep(wait)
             except OSError as exc:
                 raise _reconnect.cannot_connect(self.socket_path, exc) from None

@@ -24,8 +24,9 @@ import weakref
 from typing import Any, Dict, List, Optional, Union
 
 from . import _reconnect
+from ._discover import discover
 from ._ops import Id, Ops
-from ._wire import READ_OPS, ProtocolDesync, decode_response, desync_error, encode_request, resolve_socket
+from ._wire import READ_OPS, ProtocolDesync, decode_response, desync_error, encode_request
 
 __all__ = ["Client", "Id"]
 
@@ -46,7 +47,7 @@ class _TimedOut(Exception):
     pass
 
 
-def connect_unix(path: str, deadline: float) -> socket.socket:
+def connect_unix(path: str, deadline: float, where: str = "") -> socket.socket:
     """Connects, retrying while the socket is missing or refuses (a daemon
     restarting) until ``deadline``; raises DaemonUnreachable after that."""
     waits = _reconnect.connect_waits(deadline)
@@ -61,7 +62,7 @@ def connect_unix(path: str, deadline: float) -> socket.socket:
             sock.close()
             wait = next(waits, None)
             if wait is None:
-                raise _reconnect.unreachable(path, exc) from None
+                raise _reconnect.unreachable(path, exc, where) from None
             time.sleep(wait)
         except OSError as exc:
             sock.close()
@@ -191,7 +192,9 @@ class Client(Ops[Dict[str, Any]]):
         connect_timeout: float = 5.0,
         max_idle: int = 8,
     ) -> None:
-        self.socket_path = resolve_socket(socket)
+        found = discover(socket)
+        self.socket_path = found.path
+        self._where = found.where()
         self.timeout = float(timeout)
         self.connect_timeout = float(connect_timeout)
         self._max_idle = max_idle
@@ -222,7 +225,7 @@ class Client(Ops[Dict[str, Any]]):
             return self._idle.pop()
         except IndexError:
             pass
-        sock = connect_unix(self.socket_path, time.monotonic() + self.connect_timeout)
+        sock = connect_unix(self.socket_path, time.monotonic() + self.connect_timeout, self._where)
         return _Conn(sock, self.timeout)
 
     def _release(self, conn: _Conn) -> None:

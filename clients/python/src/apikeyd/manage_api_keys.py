@@ -24,7 +24,7 @@ import threading
 import weakref
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from ._errors import DaemonUnreachable
+from ._services import GENERIC_MISSING, Messages, limit_text
 from .aio import AsyncClient
 from .client import Client, Id
 
@@ -67,6 +67,7 @@ def configure(
         _settings.update(socket=socket, timeout=timeout, connect_timeout=connect_timeout)
         old, _sync_client = _sync_client, None
         _async_clients.clear()
+    messages.forget()
     if old is not None:
         old.close()
 
@@ -157,36 +158,31 @@ async def consume_default_key_usage(user_id: Id, tool_name: str, redis_client: A
     return bool(r["allowed"]), int(r["current_count"]), int(r["daily_limit"])
 
 
-def _generic_missing(service: str) -> str:
-    return (
-        f"No API key for {service} is available to you. "
-        f"Get one from the provider, then run: set_user_api_key {service} <your-key>"
-    )
+def _ask_daemon(service: str) -> str:
+    # In the Messages worker thread only: a short-lived client of its own.
+    with Client(_settings["socket"], timeout=2.0, connect_timeout=0.5) as c:
+        return str(c.missing_api_key_error(service=service)["message"])
+
+
+#: The missing-key texts: built in, then the daemon's as learnt in the background.
+messages = Messages(_ask_daemon)
 
 
 def missing_api_key_error(service: str) -> str:
     """The message telling a user that no key for ``service`` is available and how to
-    set one. Asks the daemon (display names, signup URLs); a local text when it is
-    unreachable."""
+    set one. No I/O: computed from the daemon's service table (display names, signup
+    URLs; the operator's ``[services.*]`` learnt in a background thread), so it
+    returns at once even with the daemon down, and never raises."""
     try:
-        return str(_client().missing_api_key_error(service=service)["message"])
-    except DaemonUnreachable:
-        return _generic_missing(str(service))
+        return messages.missing(service)
+    except Exception:
+        return GENERIC_MISSING
 
 
 def default_key_limit_error(tool_name: str, current: int, limit: int) -> str:
-    """The message telling a user they reached today's limit on the operator's key.
-    Asks the daemon; a local text when it is unreachable."""
-    try:
-        return str(
-            _client().default_key_limit_error(tool_name=tool_name, current=current, limit=limit)["message"]
-        )
-    except DaemonUnreachable:
-        return (
-            f"You have used {tool_name} {current} times today on the operator's key; "
-            f"the daily limit is {limit}. The limit resets at 00:00 UTC. To lift it, set "
-            "your own key with set_user_api_key."
-        )
+    """The message telling a user they reached today's limit on the operator's key:
+    the daemon's text, computed here without I/O; never raises."""
+    return limit_text(tool_name, current, limit)
 
 
 async def set_user_api_key(user_id: Id, service: str, api_key: str, *, redis_client: Any = None) -> bool:
