@@ -47,7 +47,8 @@ def test_both_clients_send_the_same_lines_for_every_op():
             await a.close()
 
         asyncio.run(main())
-        seen = [{k: v for k, v in r.items() if k != "id"} for r in fake.seen]
+        assert all(("idempotency_key" in r) is (r["op"] in WRITE_OPS) for r in fake.seen)
+        seen = [{k: v for k, v in r.items() if k not in ("id", "idempotency_key")} for r in fake.seen]
         assert [r["op"] for r in seen] == OPS + OPS
         assert seen[: len(OPS)] == seen[len(OPS):]
     finally:

@@ -19,6 +19,24 @@ from ._errors import (
     UnknownOp,
     WrongEventLoop,
 )
+from ._results import (
+    AddedResult,
+    CountResult,
+    DeletedResult,
+    EnabledResult,
+    GiteaResult,
+    Key,
+    KeyListResult,
+    KeyResult,
+    LimitCheck,
+    LimitResult,
+    MessageResult,
+    PingResult,
+    PoolKeyResult,
+    RemovedResult,
+    ReportResult,
+    StoredResult,
+)
 from ._wire import DEFAULT_SOCKET, READ_OPS, WRITE_OPS
 from .aio import AsyncClient
 from .client import Client, Id
@@ -26,6 +44,22 @@ from .client import Client, Id
 __version__ = "0.1.0"
 
 __all__ = [
+    "AddedResult",
+    "CountResult",
+    "DeletedResult",
+    "EnabledResult",
+    "GiteaResult",
+    "Key",
+    "KeyListResult",
+    "KeyResult",
+    "LimitCheck",
+    "LimitResult",
+    "MessageResult",
+    "PingResult",
+    "PoolKeyResult",
+    "RemovedResult",
+    "ReportResult",
+    "StoredResult",
     "AsyncClient",
     "BadRequest",
     "Client",
