@@ -1,4 +1,4 @@
-"""``python -m apikeyd.bench``: apikeyd's Python clients against redis-py's HGET.
+"""``python clients/python/bench/bench.py``: apikeyd's Python clients against redis-py's HGET.
 
 Measures, in one run and on one machine: the blocking Client (1 thread) and the
 AsyncClient (``--tasks`` tasks) asking for a cached user key and a cached pool key,
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
 
-from . import AsyncClient, Client
+from apikeyd import AsyncClient, Client
 
 USER_KEY = "sk-bench-user-0123456789abcdef"
 POOL_KEY = "sk-bench-pool-fedcba9876543210"
@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> List[Tuple[str, float, float]]:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m apikeyd.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--socket", help="a running daemon's socket (default: start one)")
     ap.add_argument("--redis", help="a running redis-server's Unix socket (default: start one)")
     ap.add_argument("--apikeyd-bin", help="daemon binary to start (default: $APIKEYD_BIN, PATH, target/)")
