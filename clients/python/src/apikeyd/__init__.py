@@ -37,7 +37,8 @@ from ._results import (
     ReportResult,
     StoredResult,
 )
-from ._wire import DEFAULT_SOCKET, READ_OPS, WRITE_OPS
+from ._discover import DEFAULT_SOCKET
+from ._wire import READ_OPS, WRITE_OPS
 from .aio import AsyncClient
 from .client import Client, Id
 

@@ -47,7 +47,7 @@ def new_idempotency_key() -> str:
 
 def backoff(attempt: int) -> float:
     """The pause before resend number ``attempt`` (1-based): 10 ms doubling to 250 ms."""
-    return min(0.01 * (2 ** (attempt - 1)), 0.25)
+    return min(0.01 * float(2 ** (attempt - 1)), 0.25)
 
 
 def connect_waits(deadline: float) -> Iterator[float]:

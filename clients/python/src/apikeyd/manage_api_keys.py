@@ -28,7 +28,7 @@ import asyncio
 import os
 import threading
 import weakref
-from typing import Any, AsyncIterator, Dict, List, Optional, Union
+from typing import Any, AsyncGenerator, Dict, List, Optional, Union
 
 from ._results import Key, LimitCheck
 from ._services import GENERIC_MISSING, Messages, limit_text
@@ -77,7 +77,7 @@ def configure(
     messages.forget()
 
 
-async def _closed_with_loop(client: AsyncClient) -> AsyncIterator[None]:
+async def _closed_with_loop(client: AsyncClient) -> AsyncGenerator[None, None]:
     # An async generator the loop tracks: asyncio.run (loop.shutdown_asyncgens)
     # closes it before closing the loop, and so closes the client's connections.
     try:
