@@ -69,3 +69,18 @@ def test_permission_denied_names_the_group(daemon):
     """)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "must be in the group" in r.stdout and str(gid) in r.stdout, r.stdout
+
+
+def test_async_calls_with_the_daemon_stopped_say_unreachable_not_timeout(clean_env):
+    import asyncio
+
+    async def main():
+        async with apikeyd.AsyncClient(timeout=0.3, connect_timeout=0.3) as a:
+            with pytest.raises(apikeyd.DaemonUnreachable) as e:
+                await a.ping()
+            assert DEFAULT_SOCKET in str(e.value) and "$APIKEYD_SOCKET" in str(e.value)
+            with pytest.raises(apikeyd.DaemonUnreachable) as e:
+                await a.consume_default_key_usage(user_id="u", tool_name="t", timeout=0.1)
+            assert not e.value.maybe_applied
+
+    asyncio.run(main())

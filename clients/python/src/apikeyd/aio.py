@@ -250,6 +250,8 @@ class AsyncClient(Ops[_Result]):
         self._rr = itertools.cycle(range(connections))
         self._ids = itertools.count(1)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        #: Why the last connect attempt failed, while connecting is being retried.
+        self._connect_error: Optional[BaseException] = None
 
     def __repr__(self) -> str:
         return f"AsyncClient(socket={self.socket_path!r}, timeout={self.timeout}, connections={len(self._slots)})"
@@ -313,8 +315,10 @@ class AsyncClient(Ops[_Result]):
                 _t, proto = await asyncio.wait_for(
                     loop.create_unix_connection(lambda: _Protocol(self), self.socket_path), left
                 )
+                self._connect_error = None
                 return proto
             except (FileNotFoundError, ConnectionRefusedError, asyncio.TimeoutError) as exc:
+                self._connect_error = exc
                 wait = next(waits, None)
                 if wait is None:
                     raise _reconnect.unreachable(self.socket_path, exc, self._where) from None
@@ -395,9 +399,15 @@ class AsyncClient(Ops[_Result]):
             entry.finish(error=reply.value)
 
     def _expire(self, entry: _Entry) -> None:
-        if not entry.fut.done():
-            maybe = entry.maybe or (not entry.is_read and entry.sent)
-            entry.fut.set_exception(_reconnect.no_answer(entry.op, entry.timeout, maybe))
+        if entry.fut.done():
+            return
+        if not entry.sent and self._connect_error is not None:
+            # Still waiting for a daemon to accept: say so, as a connect that ran out would.
+            err = _reconnect.unreachable(self.socket_path, self._connect_error, self._where)
+            entry.fut.set_exception(_reconnect.with_maybe(err, entry.maybe))
+            return
+        maybe = entry.maybe or (not entry.is_read and entry.sent)
+        entry.fut.set_exception(_reconnect.no_answer(entry.op, entry.timeout, maybe))
 
     async def call(self, op: str, *, timeout: Optional[float] = None, **params: Any) -> Dict[str, Any]:
         """Sends one request and returns its ``result``; raises an ``apikeyd.Error``
