@@ -90,7 +90,8 @@ def test_per_loop_clients_close_with_their_loop(configured):
         assert asyncio.run(m.get_pool_api_key("openai")) is None
     gc.collect()
     assert _fds() <= fds + 2
-    stats = configured.client().stats()
+    with configured.client() as c:
+        stats = c.stats()
     assert stats["connections"] <= 3, stats["connections"]  # this one, and at most a late close
 
 
@@ -109,7 +110,13 @@ def test_a_client_on_another_live_loop_raises_and_takes_over_a_closed_one(config
     assert second.run_until_complete(ping())  # the first loop is gone: taken over
     second.run_until_complete(a.aclose())
     second.close()
-    assert asyncio.run(ping())  # and again after asyncio.run's loop
+    async def ping_and_close():
+        try:
+            return await ping()
+        finally:
+            await a.aclose()
+
+    assert asyncio.run(ping_and_close())  # and again after asyncio.run's loop
 
 
 def test_no_never_retrieved_noise_with_the_daemon_down(tmp_path, caplog):

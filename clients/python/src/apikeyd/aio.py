@@ -77,9 +77,13 @@ def _drop_transport(transport: Optional[asyncio.BaseTransport]) -> None:
         return
     try:
         transport.abort()  # type: ignore[attr-defined]
-    except RuntimeError:  # its loop is closed: close the socket itself
+    except RuntimeError:
+        # Its loop is closed, so the transport cannot close itself: close its socket
+        # here, and take it from the transport, which would otherwise warn of an
+        # unclosed transport when collected.
         sock = getattr(transport, "_sock", None)
         if sock is not None:
+            transport._sock = None  # type: ignore[attr-defined]
             sock.close()
 
 
