@@ -32,6 +32,7 @@ __all__ = [
     "ReportResult",
     "EnabledResult",
     "PingResult",
+    "MetricsResult",
 ]
 
 
@@ -214,3 +215,7 @@ class ReportResult(TypedDict):
 
 class EnabledResult(TypedDict):
     enabled: bool
+
+
+class MetricsResult(TypedDict):
+    text: str

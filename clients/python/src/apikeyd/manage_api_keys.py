@@ -233,11 +233,11 @@ async def report_key_result(
     ``"rate_limited"``, ``"unauthorized"``, ``"error"``), for a pool key
     (``key_id``, from the answer that handed it out) or a user's own key
     (``user_id``). Returns ``{"recorded", "state", "cooling_until"}``."""
-    return await (await _aclient()).report_key_result(
+    return dict(await (await _aclient()).report_key_result(
         service=service,
         outcome=outcome,
         key_id=key_id,
         user_id=user_id,
         channel_id=channel_id,
         retry_after_s=retry_after_s,
-    )
+    ))
