@@ -51,7 +51,7 @@ def test_every_op(daemon):
 
 def test_two_thousand_concurrent_calls(daemon):
     async def main():
-        c = daemon.aclient()
+        c = daemon.aclient(timeout=60)  # 500 durable writes queued at once: slow on a loaded machine
         await c.set_user_api_key(user_id="ana", service="openai", key=KEY)
         reads = [c.get_user_api_key(user_id="ana", service="openai") for _ in range(1500)]
         writes = [c.increment_default_key_usage(user_id="many", tool_name="t") for _ in range(500)]

@@ -45,8 +45,9 @@ READ_OPS = frozenset(
 )
 
 #: Error codes that, with ``id`` null, come just before the daemon closes the
-#: connection: a line too long, a refused peer, or a client past max_connections.
-CLOSING_CODES = frozenset({"too_large", "forbidden", "unavailable"})
+#: connection: a refused peer, or a client past max_connections. (``too_large`` keeps
+#: the connection: the daemon skips the line and reads the next.)
+CLOSING_CODES = frozenset({"forbidden", "unavailable"})
 
 _ID_PARAMS = ("user_id", "channel_id")
 
