@@ -54,6 +54,12 @@ def test_too_large_is_refused_before_sending_and_the_client_carries_on(daemon):
             await a.call("ping", pad="x" * 70000)
         assert (await a.ping())["pong"] is True
         await a.close()
+        # Pipelined around the daemon's own too_large: each answer goes to its call.
+        big = daemon.aclient(connections=1, max_line_bytes=10**6)
+        r = await asyncio.gather(big.ping(), big.call("ping", pad="x" * 70000), big.ping(),
+                                 return_exceptions=True)
+        assert r[0]["pong"] and isinstance(r[1], apikeyd.TooLarge) and r[2]["pong"], r
+        await big.aclose()
 
     asyncio.run(main())
 
