@@ -88,6 +88,21 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Store per-user keys given as JSON lines {"user_id", "service", "key"} (from
+    /// FILE, or stdin) through the running daemon, which validates and seals each.
+    /// Prints one line per entry refused or skipped (never the key); exit 0 when all
+    /// were stored, 1 when any was refused or skipped, 2 when the daemon or the
+    /// input could not be used. Safe to rerun.
+    ImportKeys {
+        /// The daemon's socket (default: $APIKEYD_SOCKET, else server.socket of the config).
+        #[arg(long, env = "APIKEYD_SOCKET")]
+        socket: Option<PathBuf>,
+        /// Config file to find the socket in (default: $APIKEYD_CONFIG, else ./config.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// JSON-lines file to read (default: stdin).
+        file: Option<PathBuf>,
+    },
     /// Add a master-key version, re-seal every stored key under it (keystore, and
     /// Redis in Redis mode) and retire the old versions, while the daemon serves.
     /// Safe to interrupt; rerun to carry on.

@@ -30,6 +30,11 @@ fn main() -> ExitCode {
             requests,
         } => cli::call(socket, config, requests, timeout),
         Command::ImportLegacy { config, dry_run } => cli::import_legacy(config, dry_run),
+        Command::ImportKeys {
+            socket,
+            config,
+            file,
+        } => cli::import_keys(socket, config, file),
         Command::MigrateUserKeys { config, to } => cli::migrate_user_keys(
             config,
             match to {

@@ -12,9 +12,11 @@ if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip -q --disable-pip-version-check)
-"${pip[@]}" install 'pytest>=7,<10'
+"${pip[@]}" install 'pytest>=7,<10' 'hypothesis>=6,<7' 'mypy>=1.8,<2'
 cd "$repo"
-# --force-reinstall --no-deps: the same version number with new code must replace the old copy.
+# --force-reinstall --no-deps: the same version number with new code must replace the old copy;
+# setuptools' build/ would otherwise keep files since removed from the package.
+rm -rf "$here/build"
 "${pip[@]}" install --force-reinstall --no-deps ./clients/python
 
 args=(-p no:cacheprovider)

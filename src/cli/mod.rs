@@ -1,10 +1,13 @@
 //! The bodies of the `apikeyd` subcommands, so the binary's `main.rs` is only the
 //! command line: `serve` (logging, signals, the start-up order), the tools (rotate,
-//! import, migrate, keygen, check-config) and the clients (`call`, `metrics`).
+//! import, migrate, keygen, check-config) and the clients (`call`, `metrics`,
+//! `import-keys`).
 
+mod import_keys;
 mod serve;
 mod tools;
 
+pub use import_keys::import_keys;
 pub use serve::serve;
 pub use tools::*;
 

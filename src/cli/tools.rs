@@ -40,7 +40,7 @@ pub fn migrate_user_keys(config: Option<PathBuf>, to: crate::migrate::Destinatio
 
 /// The socket of `call` and `metrics`: `--socket`/`$APIKEYD_SOCKET` without reading
 /// any config (so a broken config does not stop a client), else the config's.
-fn client_socket(
+pub(super) fn client_socket(
     socket: Option<PathBuf>,
     config: Option<PathBuf>,
 ) -> Result<PathBuf, crate::config::ConfigError> {

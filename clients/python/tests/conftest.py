@@ -3,6 +3,7 @@ with a private redis-server per test (never the machine's shared one)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -252,3 +253,26 @@ def embedded_harness():
     h = Harness("embedded")
     yield h
     h.close()
+
+
+def require_idempotency(daemon: "Daemon") -> None:
+    """Fails (never skips) unless the daemon deduplicates writes by idempotency key:
+    the tests that call it prove exactly-once writes across restarts."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    try:
+        s.connect(daemon.socket)
+        line = b'{"op":"consume_default_key_usage","user_id":"idem-probe","tool_name":"probe","idempotency_key":"probe-1"}\n'
+        s.sendall(line + line)
+        buf = b""
+        while buf.count(b"\n") < 2:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        s.close()
+    answers = [json.loads(x) for x in buf.split(b"\n") if x.strip()]
+    if len(answers) != 2 or answers[1].get("replayed") is not True:
+        pytest.fail(f"{daemon.bin} does not replay idempotency keys (answers: {answers}); "
+                    "this test needs a daemon with idempotency keys")

@@ -89,12 +89,17 @@ def test_integer_ids_are_sent_as_decimal_strings(daemon):
     assert c.check_default_key_limit(user_id=str(SNOWFLAKE), tool_name="t")["current_count"] == 1
 
 
-def test_socket_from_environment(daemon, monkeypatch):
+def test_socket_from_environment(daemon, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no ./config.toml here
+    monkeypatch.delenv("APIKEYD_CONFIG", raising=False)
     monkeypatch.setenv("APIKEYD_SOCKET", daemon.socket)
     assert apikeyd.Client().socket_path == daemon.socket
     assert apikeyd.Client().ping()["pong"] is True
     monkeypatch.delenv("APIKEYD_SOCKET")
     assert apikeyd.Client().socket_path == "/run/apikeyd/apikeyd.sock"
+    monkeypatch.setenv("APIKEYD_CONFIG", daemon.config)  # the daemon's own config
+    assert apikeyd.Client().socket_path == daemon.socket
+    assert apikeyd.Client().ping()["pong"] is True
 
 
 def test_threads_share_one_client_and_writes_are_exact(daemon):

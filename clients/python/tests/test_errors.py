@@ -33,12 +33,20 @@ def test_bad_request_and_unknown_op(daemon):
     assert c.ping()["pong"] is True  # the connection survived both
 
 
-def test_too_large_closes_and_the_client_carries_on(daemon):
+def test_too_large_is_refused_before_sending_and_the_client_carries_on(daemon):
     c = daemon.client()
+    before = c.stats()["requests_total"]
     with pytest.raises(apikeyd.TooLarge) as e:
         c.set_user_api_key(user_id="u", service="openai", key="k" * 70000)
-    assert e.value.code == "too_large" and "kkkk" not in str(e.value)
-    assert c.ping()["pong"] is True
+    assert e.value.code == "too_large" and "kkkk" not in str(e.value) and "not sent" in str(e.value)
+    assert not e.value.maybe_applied
+    assert c.stats()["requests_total"] == before + 1  # only the stats call reached the daemon
+    # A client told of a larger limit sends it, and the daemon's own answer is the same error.
+    big = daemon.client(max_line_bytes=10**6)
+    with pytest.raises(apikeyd.TooLarge) as e:
+        big.set_user_api_key(user_id="u", service="openai", key="k" * 70000)
+    assert "kkkk" not in str(e.value) and "not sent" not in str(e.value)
+    assert c.ping()["pong"] is True and big.ping()["pong"] is True
 
     async def main():
         a = daemon.aclient(connections=1)
@@ -46,6 +54,12 @@ def test_too_large_closes_and_the_client_carries_on(daemon):
             await a.call("ping", pad="x" * 70000)
         assert (await a.ping())["pong"] is True
         await a.close()
+        # Pipelined around the daemon's own too_large: each answer goes to its call.
+        big = daemon.aclient(connections=1, max_line_bytes=10**6)
+        r = await asyncio.gather(big.ping(), big.call("ping", pad="x" * 70000), big.ping(),
+                                 return_exceptions=True)
+        assert r[0]["pong"] and isinstance(r[1], apikeyd.TooLarge) and r[2]["pong"], r
+        await big.aclose()
 
     asyncio.run(main())
 

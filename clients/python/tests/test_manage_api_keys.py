@@ -29,7 +29,7 @@ ORIGINAL = {
     "get_channel_pool_api_key": (True, [("channel_id", PK, E), ("service", PK, E), ("redis_client", KW, None)],
                                  "str | None"),
     "check_default_key_limit": (True, [("user_id", PK, E), ("tool_name", PK, E), ("redis_client", PK, E),
-                                       ("daily_limit", PK, 20)], "tuple[bool, int, int]"),
+                                       ("daily_limit", PK, None)], "tuple[bool, int, int]"),
     "increment_default_key_usage": (True, [("user_id", PK, E), ("tool_name", PK, E), ("redis_client", PK, E)],
                                     "None"),
     "missing_api_key_error": (False, [("service", PK, E)], "str"),

@@ -47,8 +47,35 @@ def test_both_clients_send_the_same_lines_for_every_op():
             await a.close()
 
         asyncio.run(main())
-        seen = [{k: v for k, v in r.items() if k != "id"} for r in fake.seen]
+        assert all(("idempotency_key" in r) is (r["op"] in WRITE_OPS) for r in fake.seen)
+        seen = [{k: v for k, v in r.items() if k not in ("id", "idempotency_key")} for r in fake.seen]
         assert [r["op"] for r in seen] == OPS + OPS
         assert seen[: len(OPS)] == seen[len(OPS):]
     finally:
         fake.close()
+
+
+def _daemon_ops():
+    """(name, writes) of every op in the daemon's table (src/op.rs), test hook aside."""
+    import re
+
+    from conftest import REPO
+
+    text = (REPO / "src" / "op.rs").read_text()
+    table = text[text.index("ops! {"):]
+    table = table[: table.index("}")]
+    rows = re.findall(r'(\w+) = "(\w+)", write: (true|false), admin: (true|false);', table)
+    assert len(rows) > 15
+    return {name: write == "true" for _v, name, write, _a in rows if name != "debug_panic"}
+
+
+def test_the_op_table_is_the_daemons():
+    ops = _daemon_ops()
+    assert READ_OPS == {n for n, w in ops.items() if not w}
+    assert WRITE_OPS == {n for n, w in ops.items() if w}
+
+
+def test_the_bench_is_not_in_the_installed_package():
+    import importlib.util
+
+    assert importlib.util.find_spec("apikeyd.bench") is None

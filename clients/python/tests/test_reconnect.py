@@ -9,7 +9,7 @@ import time
 import pytest
 
 import apikeyd
-from conftest import wait_until
+from conftest import require_idempotency, wait_until
 from fake_daemon import FakeDaemon
 
 KEY = "sk-user-SECRET-0123456789abcdef"
@@ -82,7 +82,7 @@ def test_clients_survive_a_daemon_restart(daemon):
 
 def test_a_pool_of_dead_connections_after_a_restart(daemon):
     c = daemon.client()
-    conns = [c._acquire() for _ in range(8)]  # as if 8 threads had used it at once
+    conns = [c._acquire(time.monotonic() + 5, 5.0) for _ in range(8)]  # as if 8 threads had used it at once
     for conn in conns:
         conn.used = True
         c._release(conn)
@@ -108,24 +108,31 @@ def test_calls_made_while_the_daemon_is_down_wait_for_it(daemon):
     assert c.check_default_key_limit(user_id="u", tool_name="t")["current_count"] == 2
 
 
-def test_write_lost_after_it_was_read_is_not_resent():
+def test_write_lost_after_it_was_read_is_resent_with_its_idempotency_key():
     fake = FakeDaemon(["read_then_close", "answer"])
     try:
         c = apikeyd.Client(fake.path)
-        with pytest.raises(apikeyd.DaemonUnreachable, match="may or may not have been applied"):
-            c.increment_default_key_usage(user_id="u", tool_name="t")
-        assert fake.ops() == ["increment_default_key_usage"]
+        assert c.increment_default_key_usage(user_id="u", tool_name="t") == {"n": 2}
+        assert fake.ops() == ["increment_default_key_usage"] * 2
+        keys = [r["idempotency_key"] for r in fake.seen]
+        assert keys[0] == keys[1] and len(keys[0]) == 32
+        # the next write gets a key of its own; a caller's own key is sent as given
+        c.increment_default_key_usage(user_id="u", tool_name="t")
+        c.increment_default_key_usage(user_id="u", tool_name="t", idempotency_key="mine-1")
+        assert fake.seen[2]["idempotency_key"] not in keys and fake.seen[3]["idempotency_key"] == "mine-1"
     finally:
         fake.close()
 
 
-def test_lost_write_error_never_shows_the_key():
+def test_a_write_that_keeps_failing_says_it_may_have_been_applied_and_never_shows_the_key():
     fake = FakeDaemon(["read_then_close"])
     try:
         with pytest.raises(apikeyd.DaemonUnreachable) as e:
             apikeyd.Client(fake.path).set_user_api_key(user_id="u", service="openai", key=KEY)
+        assert e.value.maybe_applied and "may have been applied" in str(e.value)
         assert KEY not in str(e.value) and KEY not in repr(e.value)
         assert e.value.__cause__ is None and KEY not in repr(e.value.__context__)
+        assert len(fake.ops()) == 1 + apikeyd._reconnect.RETRIES
     finally:
         fake.close()
 
@@ -179,23 +186,26 @@ def test_write_after_an_idle_close_goes_on_a_new_connection():
 
 
 def test_async_rules_match_the_blocking_ones():
-    async def lost_write(path):
-        a = apikeyd.AsyncClient(path, connections=1)
-        with pytest.raises(apikeyd.DaemonUnreachable, match="may or may not have been applied"):
-            await a.increment_default_key_usage(user_id="u", tool_name="t")
-        await a.close()
-
     async def one(path, call):
         a = apikeyd.AsyncClient(path, connections=1)
         try:
             return await call(a)
         finally:
-            await a.close()
+            await a.aclose()
 
     fake = FakeDaemon(["read_then_close", "answer"])
     try:
-        asyncio.run(lost_write(fake.path))
-        assert fake.ops() == ["increment_default_key_usage"]
+        r = asyncio.run(one(fake.path, lambda a: a.increment_default_key_usage(user_id="u", tool_name="t")))
+        assert r == {"n": 2} and fake.ops() == ["increment_default_key_usage"] * 2
+        assert fake.seen[0]["idempotency_key"] == fake.seen[1]["idempotency_key"]
+    finally:
+        fake.close()
+
+    fake = FakeDaemon(["read_then_close"])
+    try:
+        with pytest.raises(apikeyd.DaemonUnreachable) as e:
+            asyncio.run(one(fake.path, lambda a: a.increment_default_key_usage(user_id="u", tool_name="t")))
+        assert e.value.maybe_applied
     finally:
         fake.close()
 
@@ -213,27 +223,53 @@ def test_async_rules_match_the_blocking_ones():
         fake.close()
 
 
-def test_writes_in_flight_during_a_restart_are_never_duplicated(daemon):
-    """Increments in flight while the daemon restarts (SIGTERM: it answers what it
-    read, drops the rest). Each call either returned (counted once) or raised
-    DaemonUnreachable (unknown); the final count proves none was applied twice."""
+def test_a_shutdown_answer_that_applied_nothing_is_resent():
+    # A daemon shutting down answers what it read but will not run with
+    # `unavailable` and "applied": false; the client sends it again.
+    def first(line):
+        return (b'{"id":%d,"ok":false,"error":{"code":"unavailable","message":"shutting down","applied":false}}\n'
+                % line["id"])
+
+    fake = FakeDaemon([first, "answer"])
+    try:
+        assert apikeyd.Client(fake.path).consume_default_key_usage(user_id="u", tool_name="t") == {"n": 2}
+    finally:
+        fake.close()
+    fake = FakeDaemon([first, "answer"])
+    try:
+        async def main():
+            a = apikeyd.AsyncClient(fake.path, connections=1)
+            try:
+                return await a.consume_default_key_usage(user_id="u", tool_name="t")
+            finally:
+                await a.aclose()
+
+        assert asyncio.run(main()) == {"n": 2}
+        assert fake.seen[0]["idempotency_key"] == fake.seen[1]["idempotency_key"]
+    finally:
+        fake.close()
+
+
+def test_writes_in_flight_during_a_restart_are_applied_once(daemon):
+    """Increments in flight while the daemon restarts (SIGTERM). With idempotency
+    keys the client resends what the old daemon did not answer, so every call
+    succeeds, and the final count proves none was applied twice."""
+    require_idempotency(daemon)
 
     async def main():
-        a = daemon.aclient(connect_timeout=20)
+        a = daemon.aclient(connect_timeout=20, timeout=30)
         await a.ping()
         loop = asyncio.get_running_loop()
         calls = [a.increment_default_key_usage(user_id="u", tool_name="t") for _ in range(2000)]
         restart = loop.run_in_executor(None, daemon.restart)
         results = await asyncio.gather(*calls, return_exceptions=True)
         await restart
-        ok = sum(1 for r in results if isinstance(r, dict))
-        unknown = sum(1 for r in results if isinstance(r, apikeyd.DaemonUnreachable))
-        assert ok + unknown == 2000, [r for r in results if not isinstance(r, (dict, apikeyd.DaemonUnreachable))][:3]
+        errors = [r for r in results if not isinstance(r, dict)]
+        assert errors == []
         count = (await a.check_default_key_limit(user_id="u", tool_name="t", daily_limit=10**6))["current_count"]
-        assert ok <= count <= ok + unknown
-        # the counts handed out are distinct: no answer was given for a duplicate
-        counts = [r["count"] for r in results if isinstance(r, dict)]
-        assert len(set(counts)) == len(counts)
-        await a.close()
+        assert count == 2000
+        counts = [r["count"] for r in results]
+        assert sorted(counts) == list(range(1, 2001))
+        await a.aclose()
 
     asyncio.run(main())

@@ -11,18 +11,59 @@ from ._errors import (
     DaemonUnreachable,
     Error,
     Forbidden,
+    IdempotencyConflict,
     Internal,
+    PermissionDenied,
+    Timeout,
     TooLarge,
     Unavailable,
     UnknownOp,
+    WrongEventLoop,
 )
-from ._wire import DEFAULT_SOCKET, READ_OPS, WRITE_OPS
+from ._results import (
+    AddedResult,
+    CountResult,
+    DeletedResult,
+    EnabledResult,
+    GiteaResult,
+    Key,
+    KeyListResult,
+    KeyResult,
+    LimitCheck,
+    LimitResult,
+    MessageResult,
+    MetricsResult,
+    PingResult,
+    PoolKeyResult,
+    RemovedResult,
+    ReportResult,
+    StoredResult,
+)
+from ._discover import DEFAULT_SOCKET
+from ._wire import READ_OPS, WRITE_OPS
 from .aio import AsyncClient
 from .client import Client, Id
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AddedResult",
+    "CountResult",
+    "DeletedResult",
+    "EnabledResult",
+    "GiteaResult",
+    "Key",
+    "KeyListResult",
+    "KeyResult",
+    "LimitCheck",
+    "LimitResult",
+    "MessageResult",
+    "MetricsResult",
+    "PingResult",
+    "PoolKeyResult",
+    "RemovedResult",
+    "ReportResult",
+    "StoredResult",
     "AsyncClient",
     "BadConfig",
     "BadRequest",
@@ -32,11 +73,15 @@ __all__ = [
     "Error",
     "Forbidden",
     "Id",
+    "IdempotencyConflict",
     "Internal",
+    "PermissionDenied",
+    "Timeout",
     "READ_OPS",
     "TooLarge",
     "Unavailable",
     "UnknownOp",
     "WRITE_OPS",
+    "WrongEventLoop",
     "__version__",
 ]

@@ -17,6 +17,10 @@ __all__ = [
     "Unavailable",
     "Internal",
     "DaemonUnreachable",
+    "PermissionDenied",
+    "Timeout",
+    "WrongEventLoop",
+    "IdempotencyConflict",
     "error_from_wire",
 ]
 
@@ -29,6 +33,10 @@ class Error(Exception):
     """
 
     code: str = "error"
+    #: True when the call was a write whose fate is unknown: it may have been applied.
+    #: With idempotency keys the client resends such a write itself until it gets a
+    #: definite answer, so this is True only when the call's ``timeout`` ran out first.
+    maybe_applied: bool = False
 
     def __init__(self, message: str, code: Optional[str] = None) -> None:
         super().__init__(message)
@@ -43,11 +51,13 @@ class Error(Exception):
         return f"{type(self).__name__}(code={self.code!r}, message={self.message!r})"
 
     def __reduce__(self) -> "tuple[Any, ...]":  # pickle keeps code and message
-        return (_rebuild, (type(self), self.message, self.code))
+        return (_rebuild, (type(self), self.message, self.code, self.maybe_applied))
 
 
-def _rebuild(cls: Type[Error], message: str, code: str) -> Error:
-    return cls(message, code)
+def _rebuild(cls: Type[Error], message: str, code: str, maybe_applied: bool = False) -> Error:
+    err = cls(message, code)
+    err.maybe_applied = maybe_applied
+    return err
 
 
 class BadRequest(Error):
@@ -93,17 +103,48 @@ class Internal(Error):
     code = "internal"
 
 
-class DaemonUnreachable(Error):
-    """No daemon answered: the socket is missing or refused, the call timed out, or
-    the connection broke after a write was sent (the write may or may not have been
-    applied, so it was not sent again)."""
+class IdempotencyConflict(Error):
+    """The ``idempotency_key`` was already used for a write with other parameters
+    (``idempotency_conflict``)."""
+
+    code = "idempotency_conflict"
+
+
+class DaemonUnreachable(Error, ConnectionError):
+    """No daemon could be reached: the socket is missing or refuses, or the
+    connection kept breaking. Unless ``maybe_applied`` is True, nothing was applied
+    and the call is safe to retry."""
 
     code = "daemon_unreachable"
 
 
+class PermissionDenied(DaemonUnreachable):
+    """This process may not open the daemon's socket (a file permission): the
+    message names the group to join."""
+
+    code = "permission_denied"
+
+
+class Timeout(Error, TimeoutError):
+    """No answer came within the call's ``timeout``."""
+
+    code = "timeout"
+
+
+class WrongEventLoop(Error):
+    """An ``AsyncClient`` was used from an event loop other than the one it first
+    ran in (asyncio connections cannot move between loops): make one client per loop,
+    or use ``apikeyd.manage_api_keys``, which does."""
+
+    code = "wrong_event_loop"
+
+
 _BY_CODE: Dict[str, Type[Error]] = {
     cls.code: cls
-    for cls in (BadRequest, UnknownOp, Forbidden, TooLarge, Unavailable, BadConfig, Internal)
+    for cls in (
+        BadRequest, UnknownOp, Forbidden, TooLarge, Unavailable, BadConfig, Internal,
+        IdempotencyConflict,
+    )
 }
 
 

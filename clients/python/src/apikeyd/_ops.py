@@ -25,14 +25,16 @@ R = TypeVar("R")
 class Ops(Generic[R]):
     """One method per op, each ``self.call(op, **params)``; see the module docstring."""
 
-    def call(self, op: str, **params: Any) -> R:
+    def call(self, op: str, *, timeout: Optional[float] = None, **params: Any) -> R:
         """Sends one request and returns its ``result``; raises an ``apikeyd.Error``
-        subclass for an error answer. ``None`` parameters are left out."""
+        subclass for an error answer. ``None`` parameters are left out. Writes get a
+        fresh ``idempotency_key`` unless one is given; ``timeout`` (seconds, resends
+        included) replaces the client's for this call."""
         raise NotImplementedError
 
-    def ping(self) -> R:
+    def ping(self, *, timeout: Optional[float] = None) -> R:
         """Checks the daemon answers: ``{"pong": true, "version": ...}``."""
-        return self.call("ping")
+        return self.call("ping", timeout=timeout)
 
     def get_user_api_key(
         self,
@@ -42,6 +44,7 @@ class Ops(Generic[R]):
         channel_id: Optional[Id] = None,
         fallback_to_pool: Optional[bool] = None,
         fallback_to_config: Optional[bool] = None,
+        timeout: Optional[float] = None,
     ) -> R:
         """The key for a user and service: user key, channel pool, global pool, then the operator's default. ``{"key", "source", ...}``."""
         return self.call(
@@ -51,6 +54,7 @@ class Ops(Generic[R]):
             channel_id=channel_id,
             fallback_to_pool=fallback_to_pool,
             fallback_to_config=fallback_to_config,
+            timeout=timeout,
         )
 
     def get_gitea_credentials(
@@ -60,6 +64,7 @@ class Ops(Generic[R]):
         channel_id: Optional[Id] = None,
         fallback_to_pool: Optional[bool] = None,
         fallback_to_config: Optional[bool] = None,
+        timeout: Optional[float] = None,
     ) -> R:
         """Gitea token and base URL: ``{"token", "base_url", "source", ...}``."""
         return self.call(
@@ -68,27 +73,28 @@ class Ops(Generic[R]):
             channel_id=channel_id,
             fallback_to_pool=fallback_to_pool,
             fallback_to_config=fallback_to_config,
+            timeout=timeout,
         )
 
-    def get_pool_api_key(self, *, service: str) -> R:
+    def get_pool_api_key(self, *, service: str, timeout: Optional[float] = None) -> R:
         """A key of the global pool: ``{"key": str | None}``."""
-        return self.call("get_pool_api_key", service=service)
+        return self.call("get_pool_api_key", service=service, timeout=timeout)
 
-    def get_channel_pool_api_key(self, *, channel_id: Id, service: str) -> R:
+    def get_channel_pool_api_key(self, *, channel_id: Id, service: str, timeout: Optional[float] = None) -> R:
         """A key of one channel's pool: ``{"key": str | None}``."""
-        return self.call("get_channel_pool_api_key", channel_id=channel_id, service=service)
+        return self.call("get_channel_pool_api_key", channel_id=channel_id, service=service, timeout=timeout)
 
-    def set_user_api_key(self, *, user_id: Id, service: str, key: str) -> R:
+    def set_user_api_key(self, *, user_id: Id, service: str, key: str, idempotency_key: Optional[str] = None, timeout: Optional[float] = None) -> R:
         """Stores (durably) a user's own key: ``{"stored": true}``. A write."""
-        return self.call("set_user_api_key", user_id=user_id, service=service, key=key)
+        return self.call("set_user_api_key", user_id=user_id, service=service, key=key, idempotency_key=idempotency_key, timeout=timeout)
 
-    def delete_user_api_key(self, *, user_id: Id, service: str) -> R:
+    def delete_user_api_key(self, *, user_id: Id, service: str, idempotency_key: Optional[str] = None, timeout: Optional[float] = None) -> R:
         """Deletes a user's own key: ``{"deleted": bool}``. A write."""
-        return self.call("delete_user_api_key", user_id=user_id, service=service)
+        return self.call("delete_user_api_key", user_id=user_id, service=service, idempotency_key=idempotency_key, timeout=timeout)
 
-    def list_user_api_keys(self, *, user_id: Id) -> R:
+    def list_user_api_keys(self, *, user_id: Id, timeout: Optional[float] = None) -> R:
         """A user's keys, masked: ``{"keys": [{"service", "masked", "updated_at"}]}``."""
-        return self.call("list_user_api_keys", user_id=user_id)
+        return self.call("list_user_api_keys", user_id=user_id, timeout=timeout)
 
     def add_pool_key(
         self,
@@ -97,9 +103,11 @@ class Ops(Generic[R]):
         key: str,
         channel_id: Optional[Id] = None,
         label: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+        timeout: Optional[float] = None,
     ) -> R:
         """Adds a key to the global pool or a channel's (admins only): ``{"key_id", "added"}``. A write."""
-        return self.call("add_pool_key", service=service, key=key, channel_id=channel_id, label=label)
+        return self.call("add_pool_key", service=service, key=key, channel_id=channel_id, label=label, idempotency_key=idempotency_key, timeout=timeout)
 
     def remove_pool_key(
         self,
@@ -107,13 +115,15 @@ class Ops(Generic[R]):
         service: str,
         key_id: str,
         channel_id: Optional[Id] = None,
+        idempotency_key: Optional[str] = None,
+        timeout: Optional[float] = None,
     ) -> R:
         """Removes a pool key (admins only): ``{"removed": bool}``. A write."""
-        return self.call("remove_pool_key", service=service, key_id=key_id, channel_id=channel_id)
+        return self.call("remove_pool_key", service=service, key_id=key_id, channel_id=channel_id, idempotency_key=idempotency_key, timeout=timeout)
 
-    def list_pool_keys(self, *, service: str, channel_id: Optional[Id] = None) -> R:
+    def list_pool_keys(self, *, service: str, channel_id: Optional[Id] = None, timeout: Optional[float] = None) -> R:
         """A pool's keys, masked (admins only): ``{"keys": [...]}``."""
-        return self.call("list_pool_keys", service=service, channel_id=channel_id)
+        return self.call("list_pool_keys", service=service, channel_id=channel_id, timeout=timeout)
 
     def check_default_key_limit(
         self,
@@ -121,6 +131,7 @@ class Ops(Generic[R]):
         user_id: Id,
         tool_name: str,
         daily_limit: Optional[int] = None,
+        timeout: Optional[float] = None,
     ) -> R:
         """Today's default-key count: ``{"allowed", "current_count", "daily_limit"}``."""
         return self.call(
@@ -128,11 +139,12 @@ class Ops(Generic[R]):
             user_id=user_id,
             tool_name=tool_name,
             daily_limit=daily_limit,
+            timeout=timeout,
         )
 
-    def increment_default_key_usage(self, *, user_id: Id, tool_name: str) -> R:
+    def increment_default_key_usage(self, *, user_id: Id, tool_name: str, idempotency_key: Optional[str] = None, timeout: Optional[float] = None) -> R:
         """Counts one default-key use: ``{"count": int}``. A write."""
-        return self.call("increment_default_key_usage", user_id=user_id, tool_name=tool_name)
+        return self.call("increment_default_key_usage", user_id=user_id, tool_name=tool_name, idempotency_key=idempotency_key, timeout=timeout)
 
     def consume_default_key_usage(
         self,
@@ -140,6 +152,8 @@ class Ops(Generic[R]):
         user_id: Id,
         tool_name: str,
         daily_limit: Optional[int] = None,
+        idempotency_key: Optional[str] = None,
+        timeout: Optional[float] = None,
     ) -> R:
         """Atomic check-and-increment: ``{"allowed", "current_count", "daily_limit"}``. A write."""
         return self.call(
@@ -147,11 +161,13 @@ class Ops(Generic[R]):
             user_id=user_id,
             tool_name=tool_name,
             daily_limit=daily_limit,
+            idempotency_key=idempotency_key,
+            timeout=timeout,
         )
 
-    def missing_api_key_error(self, *, service: str) -> R:
+    def missing_api_key_error(self, *, service: str, timeout: Optional[float] = None) -> R:
         """The message telling a user how to get and set a key: ``{"message": str}``."""
-        return self.call("missing_api_key_error", service=service)
+        return self.call("missing_api_key_error", service=service, timeout=timeout)
 
     def default_key_limit_error(
         self,
@@ -160,6 +176,7 @@ class Ops(Generic[R]):
         current: int,
         limit: int,
         service: Optional[str] = None,
+        timeout: Optional[float] = None,
     ) -> R:
         """The daily-limit message: ``{"message": str}``. ``service`` needs a daemon with issue 14."""
         return self.call(
@@ -168,6 +185,7 @@ class Ops(Generic[R]):
             current=current,
             limit=limit,
             service=service,
+            timeout=timeout,
         )
 
     def report_key_result(
@@ -179,6 +197,8 @@ class Ops(Generic[R]):
         user_id: Optional[Id] = None,
         channel_id: Optional[Id] = None,
         retry_after_s: Optional[int] = None,
+        idempotency_key: Optional[str] = None,
+        timeout: Optional[float] = None,
     ) -> R:
         """Reports how a key fared (``ok``, ``rate_limited``, ``unauthorized``, ``error``): ``{"recorded", "state", "cooling_until"}``. A write; needs a daemon with issue 12."""
         return self.call(
@@ -189,6 +209,8 @@ class Ops(Generic[R]):
             user_id=user_id,
             channel_id=channel_id,
             retry_after_s=retry_after_s,
+            idempotency_key=idempotency_key,
+            timeout=timeout,
         )
 
     def enable_pool_key(
@@ -197,14 +219,20 @@ class Ops(Generic[R]):
         service: str,
         key_id: str,
         channel_id: Optional[Id] = None,
+        idempotency_key: Optional[str] = None,
+        timeout: Optional[float] = None,
     ) -> R:
         """Re-enables a disabled pool key (admins only): ``{"enabled": bool}``. A write; needs a daemon with issue 12."""
-        return self.call("enable_pool_key", service=service, key_id=key_id, channel_id=channel_id)
+        return self.call("enable_pool_key", service=service, key_id=key_id, channel_id=channel_id, idempotency_key=idempotency_key, timeout=timeout)
 
-    def reload(self) -> R:
+    def reload(self, *, timeout: Optional[float] = None) -> R:
         """Re-reads the config and master keyring (admins only): ``{"reloaded": true, ...}``."""
-        return self.call("reload")
+        return self.call("reload", timeout=timeout)
 
-    def stats(self) -> R:
+    def stats(self, *, timeout: Optional[float] = None) -> R:
         """Counters: ``{"uptime_s", "connections", "requests_total", "cache", "store", ...}``."""
-        return self.call("stats")
+        return self.call("stats", timeout=timeout)
+
+    def metrics(self, *, timeout: Optional[float] = None) -> R:
+        """The daemon's metrics in the Prometheus text format: ``{"text": str}``."""
+        return self.call("metrics", timeout=timeout)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from ._errors import Error, Internal, error_from_wire
 
-DEFAULT_SOCKET = "/run/apikeyd/apikeyd.sock"
+from ._discover import DEFAULT_SOCKET
 
 #: Ops that change state. After a broken connection they are sent again only when
 #: the request provably never reached the daemon.
@@ -40,15 +39,21 @@ READ_OPS = frozenset(
         "missing_api_key_error",
         "default_key_limit_error",
         "stats",
+        "metrics",
         "reload",
     }
 )
 
 #: Error codes that, with ``id`` null, come just before the daemon closes the
-#: connection: a line too long, a refused peer, or a client past max_connections.
-CLOSING_CODES = frozenset({"too_large", "forbidden", "unavailable"})
+#: connection: a refused peer, or a client past max_connections. (``too_large`` keeps
+#: the connection: the daemon skips the line and reads the next.)
+CLOSING_CODES = frozenset({"forbidden", "unavailable"})
 
 _ID_PARAMS = ("user_id", "channel_id")
+
+#: The daemon's default ``server.max_line_bytes``; a longer request line is refused
+#: by the client before it is sent (the daemon would answer ``too_large``).
+DEFAULT_MAX_LINE_BYTES = 65536
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 _raw_decode = json.JSONDecoder().raw_decode
@@ -56,15 +61,19 @@ _raw_decode = json.JSONDecoder().raw_decode
 # Encoded read requests without their id, by (op, parameters): a bot asks for the
 # same few (user, service) pairs again and again. Only reads are kept (their lines
 # hold no key material); the cache is dropped whole when it grows past its bound.
+# The key holds each value's type beside it: True == 1 == 1.0 in Python, but the
+# daemon reads `true`, `1` and `1.0` differently, so they must never share a line.
 _line_cache: Dict[Any, bytes] = {}
 _LINE_CACHE_MAX = 4096
 
 
-def resolve_socket(path: "Optional[os.PathLike[str] | str]") -> str:
-    """The argument, else ``$APIKEYD_SOCKET``, else /run/apikeyd/apikeyd.sock."""
-    if path is not None:
-        return os.fspath(path)
-    return os.environ.get("APIKEYD_SOCKET") or DEFAULT_SOCKET
+def _cache_key(op: str, params: Dict[str, Any]) -> Any:
+    key: List[Any] = [op]
+    for name, value in params.items():
+        key.append(name)
+        key.append(type(value))
+        key.append(value)
+    return tuple(key)
 
 
 def encode_request(op: str, rid: int, params: Dict[str, Any]) -> bytes:
@@ -72,7 +81,7 @@ def encode_request(op: str, rid: int, params: Dict[str, Any]) -> bytes:
     user/channel ids (Discord snowflakes) become their decimal strings."""
     if op in READ_OPS:
         try:
-            ck = (op, *params.items())
+            ck = _cache_key(op, params)
             head = _line_cache.get(ck)
         except TypeError:  # an unhashable parameter value
             ck, head = None, None
@@ -106,15 +115,24 @@ class ProtocolDesync(Exception):
     """A response did not match its request: the connection must be dropped."""
 
 
-def decode_response(line: bytes, rid: int) -> Tuple[bool, Any, bool]:
-    """``(True, result, False)`` or ``(False, Error, closing)`` for one response line;
-    ``closing`` says the daemon closes the connection after it (``too_large``, or a
-    ``forbidden`` that refuses the peer itself: both come with ``id`` null).
+class Reply(NamedTuple):
+    """One decoded response line. ``ok``: success (``value`` is the result) or an
+    error answer (``value`` is the apikeyd.Error). ``replayed``: the daemon answered
+    a repeated idempotency key with the first answer. ``closing``: the daemon closes
+    the connection after it (a refused peer, past max_connections: ``id`` null).
+    ``not_applied``: an error answer that says the request was not run (a daemon
+    shutting down: ``"applied": false``)."""
 
-    Raises ProtocolDesync when the line is not a response to request ``rid`` (an
-    answer with ``id`` null is taken as the daemon's answer to a line it could not
-    read, or to a refused peer).
-    """
+    rid: Optional[int]
+    ok: bool
+    value: Any
+    replayed: bool
+    closing: bool
+    not_applied: bool
+
+
+def decode_line(line: bytes) -> Reply:
+    """Decodes one response line; raises ProtocolDesync when it is not a response."""
     try:
         text = line.decode("utf-8")
         resp, end = _raw_decode(text)
@@ -125,14 +143,28 @@ def decode_response(line: bytes, rid: int) -> Tuple[bool, Any, bool]:
     if type(resp) is not dict:
         raise ProtocolDesync("the daemon sent a line that is not an object")
     back = resp.get("id")
-    if back != rid and back is not None:
+    if back is not None and type(back) is not int:
         raise ProtocolDesync("a response came back for another request")
     if resp.get("ok") is True:
-        if back is None:
-            raise ProtocolDesync("a success answer without the request's id")
-        return True, resp.get("result"), False
-    err = error_from_wire(resp.get("error"))
-    return False, err, back is None and err.code in CLOSING_CODES
+        return Reply(back, True, resp.get("result"), resp.get("replayed") is True, False, False)
+    raw = resp.get("error")
+    err = error_from_wire(raw)
+    not_applied = isinstance(raw, dict) and raw.get("applied") is False
+    closing = back is None and err.code in CLOSING_CODES
+    return Reply(back, False, err, resp.get("replayed") is True, closing, not_applied)
+
+
+def decode_response(line: bytes, rid: int) -> Tuple[bool, Any, bool]:
+    """``(True, result, False)`` or ``(False, Error, closing)`` for one response line
+    to request ``rid`` (an answer with ``id`` null is taken as the daemon's answer
+    to a line it could not read, or to a refused peer). Raises ProtocolDesync when
+    the line is not a response to request ``rid``."""
+    r = decode_line(line)
+    if r.rid != rid and r.rid is not None:
+        raise ProtocolDesync("a response came back for another request")
+    if r.ok and r.rid is None:
+        raise ProtocolDesync("a success answer without the request's id")
+    return r.ok, r.value, r.closing
 
 
 def desync_error() -> Error:

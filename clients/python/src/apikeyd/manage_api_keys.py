@@ -8,12 +8,18 @@ instead of reading Redis.
 - ``redis_client`` is accepted everywhere and ignored: the daemon owns the stores.
 - ``config`` is accepted and ignored: the operator's default key (the last fallback)
   comes from the daemon's configuration (``services.<name>.env``), not from the bot.
-- The socket is ``$APIKEYD_SOCKET``, else /run/apikeyd/apikeyd.sock; call
-  ``configure(socket=..., timeout=...)`` once at start-up to choose another.
+- The socket is found as the ``apikeyd`` command line finds it (``$APIKEYD_SOCKET``,
+  else ``server.socket`` of ``$APIKEYD_CONFIG`` or ``./config.toml``, else
+  /run/apikeyd/apikeyd.sock); call ``configure(socket=..., timeout=...)`` once at
+  start-up to choose another.
 - User and channel ids may be ints (Discord snowflakes) or strings.
+- Keys come back as ``apikeyd.Key`` (a ``str`` with ``.source``, ``.key_id``,
+  ``.degraded``, ``.warning``); limits as ``apikeyd.LimitCheck`` (the original's
+  tuple, with ``.degraded``).
 - Errors raise ``apikeyd.Error`` subclasses (``DaemonUnreachable`` when no daemon
-  answers), except the two message functions, which fall back to a local text when
-  the daemon cannot be reached so that telling a user never fails.
+  answers), except the two message functions, which do no I/O and never raise.
+- One AsyncClient per event loop, closed when that loop shuts down (``asyncio.run``
+  returning): no connection outlives its loop.
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ import asyncio
 import os
 import threading
 import weakref
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, AsyncGenerator, Dict, List, Optional, Union
 
-from ._errors import DaemonUnreachable
+from ._results import Key, LimitCheck
+from ._services import GENERIC_MISSING, Messages, limit_text
 from .aio import AsyncClient
 from .client import Client, Id
 
@@ -47,7 +54,6 @@ __all__ = [
 
 _settings: Dict[str, Any] = {"socket": None, "timeout": 5.0, "connect_timeout": 5.0}
 _lock = threading.Lock()
-_sync_client: Optional[Client] = None
 # One AsyncClient per event loop: asyncio transports belong to the loop that made them.
 _async_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient]" = (
     weakref.WeakKeyDictionary()
@@ -62,32 +68,38 @@ def configure(
 ) -> None:
     """Chooses the socket and timeouts for the module's shared clients (call it
     before the first request; later calls replace the clients)."""
-    global _sync_client
     with _lock:
         _settings.update(socket=socket, timeout=timeout, connect_timeout=connect_timeout)
-        old, _sync_client = _sync_client, None
+        olds = list(_async_clients.values())
         _async_clients.clear()
-    if old is not None:
-        old.close()
+    for c in olds:
+        c._abandon()
+    messages.forget()
 
 
-def _client() -> Client:
-    global _sync_client
-    c = _sync_client
-    if c is None:
-        with _lock:
-            if _sync_client is None:
-                _sync_client = Client(**_settings)
-            c = _sync_client
-    return c
+async def _closed_with_loop(client: AsyncClient) -> AsyncGenerator[None, None]:
+    # An async generator the loop tracks: asyncio.run (loop.shutdown_asyncgens)
+    # closes it before closing the loop, and so closes the client's connections.
+    try:
+        yield
+    finally:
+        await client.aclose()
 
 
-def _aclient() -> AsyncClient:
+async def _aclient() -> AsyncClient:
     loop = asyncio.get_running_loop()
     c = _async_clients.get(loop)
     if c is None:
+        # Loops closed without shutting down their generators: drop their clients.
+        for old_loop, old in list(_async_clients.items()):
+            if old_loop.is_closed():
+                old._abandon()
+                _async_clients.pop(old_loop, None)
         c = AsyncClient(**_settings)
         _async_clients[loop] = c
+        lifetime = _closed_with_loop(c)
+        c._lifetime = lifetime  # type: ignore[attr-defined]
+        await lifetime.asend(None)
     return c
 
 
@@ -102,11 +114,12 @@ async def get_user_api_key(
 ) -> str | None:
     """The key to use for ``user_id`` and ``service``: the user's own, else the
     channel's pool, else the global pool (when ``fallback_to_pool``), else the
-    operator's default. None when there is none."""
-    r = await _aclient().get_user_api_key(
+    operator's default. None when there is none. An ``apikeyd.Key``: a ``str``
+    with ``.source``, ``.key_id``, ``.degraded`` and ``.warning``."""
+    r = await (await _aclient()).get_user_api_key(
         user_id=user_id, service=service, channel_id=channel_id, fallback_to_pool=fallback_to_pool
     )
-    return r.get("key")
+    return Key.from_result(r)
 
 
 async def get_gitea_credentials(
@@ -118,7 +131,7 @@ async def get_gitea_credentials(
     config: Any = None,
 ) -> tuple[str, str] | None:
     """``(token, base_url)`` for Gitea, or None when either is missing."""
-    r = await _aclient().get_gitea_credentials(
+    r = await (await _aclient()).get_gitea_credentials(
         user_id=user_id, channel_id=channel_id, fallback_to_pool=fallback_to_pool
     )
     token, base_url = r.get("token"), r.get("base_url")
@@ -129,81 +142,80 @@ async def get_gitea_credentials(
 
 async def get_pool_api_key(service: str, *, redis_client: Any = None) -> str | None:
     """A key of the global pool for ``service``, or None."""
-    r = await _aclient().get_pool_api_key(service=service)
-    return r.get("key")
+    r = await (await _aclient()).get_pool_api_key(service=service)
+    return Key.from_result({**r, "source": "global_pool"})
 
 
 async def get_channel_pool_api_key(channel_id: Id, service: str, *, redis_client: Any = None) -> str | None:
     """A key of ``channel_id``'s pool for ``service``, or None."""
-    r = await _aclient().get_channel_pool_api_key(channel_id=channel_id, service=service)
-    return r.get("key")
+    r = await (await _aclient()).get_channel_pool_api_key(channel_id=channel_id, service=service)
+    return Key.from_result({**r, "source": "channel_pool"})
 
 
-async def check_default_key_limit(user_id: Id, tool_name: str, redis_client: Any, daily_limit: int = 20) -> tuple[bool, int, int]:
-    """``(allowed, current_count, daily_limit)`` for today's uses of the operator's key."""
-    r = await _aclient().check_default_key_limit(user_id=user_id, tool_name=tool_name, daily_limit=daily_limit)
-    return bool(r["allowed"]), int(r["current_count"]), int(r["daily_limit"])
+async def check_default_key_limit(user_id: Id, tool_name: str, redis_client: Any, daily_limit: Optional[int] = None) -> tuple[bool, int, int]:
+    """``(allowed, current_count, daily_limit)`` for today's uses of the operator's
+    key, as an ``apikeyd.LimitCheck`` (with ``.degraded``: True when the quota store
+    could not be read, so the count is not today's). Without ``daily_limit`` the
+    daemon's ``quota.daily_limit`` applies (default 20, the original's)."""
+    r = await (await _aclient()).check_default_key_limit(user_id=user_id, tool_name=tool_name, daily_limit=daily_limit)
+    return LimitCheck.from_result(r)
 
 
 async def increment_default_key_usage(user_id: Id, tool_name: str, redis_client: Any) -> None:
     """Counts one use of the operator's key (raises Unavailable when the quota store is down)."""
-    await _aclient().increment_default_key_usage(user_id=user_id, tool_name=tool_name)
+    await (await _aclient()).increment_default_key_usage(user_id=user_id, tool_name=tool_name)
 
 
-async def consume_default_key_usage(user_id: Id, tool_name: str, redis_client: Any = None, daily_limit: int = 20) -> tuple[bool, int, int]:
-    """(apikeyd addition) Atomic check-and-increment: ``(allowed, count_after, daily_limit)``.
-    Prefer it to check + increment, which can let two concurrent calls both pass."""
-    r = await _aclient().consume_default_key_usage(user_id=user_id, tool_name=tool_name, daily_limit=daily_limit)
-    return bool(r["allowed"]), int(r["current_count"]), int(r["daily_limit"])
+async def consume_default_key_usage(user_id: Id, tool_name: str, redis_client: Any = None, daily_limit: Optional[int] = None) -> tuple[bool, int, int]:
+    """(apikeyd addition) Atomic check-and-increment: ``(allowed, count_after, daily_limit)``
+    as an ``apikeyd.LimitCheck``. Prefer it to check + increment, which can let two
+    concurrent calls both pass. Applied exactly once, also across daemon restarts."""
+    r = await (await _aclient()).consume_default_key_usage(user_id=user_id, tool_name=tool_name, daily_limit=daily_limit)
+    return LimitCheck.from_result(r)
 
 
-def _generic_missing(service: str) -> str:
-    return (
-        f"No API key for {service} is available to you. "
-        f"Get one from the provider, then run: set_user_api_key {service} <your-key>"
-    )
+def _ask_daemon(service: str) -> str:
+    # In the Messages worker thread only: a short-lived client of its own.
+    with Client(_settings["socket"], timeout=2.0, connect_timeout=0.5) as c:
+        return str(c.missing_api_key_error(service=service)["message"])
+
+
+#: The missing-key texts: built in, then the daemon's as learnt in the background.
+messages = Messages(_ask_daemon)
 
 
 def missing_api_key_error(service: str) -> str:
     """The message telling a user that no key for ``service`` is available and how to
-    set one. Asks the daemon (display names, signup URLs); a local text when it is
-    unreachable."""
+    set one. No I/O: computed from the daemon's service table (display names, signup
+    URLs; the operator's ``[services.*]`` learnt in a background thread), so it
+    returns at once even with the daemon down, and never raises."""
     try:
-        return str(_client().missing_api_key_error(service=service)["message"])
-    except DaemonUnreachable:
-        return _generic_missing(str(service))
+        return messages.missing(service)
+    except Exception:
+        return GENERIC_MISSING
 
 
 def default_key_limit_error(tool_name: str, current: int, limit: int) -> str:
-    """The message telling a user they reached today's limit on the operator's key.
-    Asks the daemon; a local text when it is unreachable."""
-    try:
-        return str(
-            _client().default_key_limit_error(tool_name=tool_name, current=current, limit=limit)["message"]
-        )
-    except DaemonUnreachable:
-        return (
-            f"You have used {tool_name} {current} times today on the operator's key; "
-            f"the daily limit is {limit}. The limit resets at 00:00 UTC. To lift it, set "
-            "your own key with set_user_api_key."
-        )
+    """The message telling a user they reached today's limit on the operator's key:
+    the daemon's text, computed here without I/O; never raises."""
+    return limit_text(tool_name, current, limit)
 
 
 async def set_user_api_key(user_id: Id, service: str, api_key: str, *, redis_client: Any = None) -> bool:
     """Stores ``api_key`` as the user's own key for ``service`` (durable on return)."""
-    r = await _aclient().set_user_api_key(user_id=user_id, service=service, key=api_key)
+    r = await (await _aclient()).set_user_api_key(user_id=user_id, service=service, key=api_key)
     return bool(r.get("stored"))
 
 
 async def delete_user_api_key(user_id: Id, service: str, *, redis_client: Any = None) -> bool:
     """Deletes the user's own key for ``service``; False when there was none."""
-    r = await _aclient().delete_user_api_key(user_id=user_id, service=service)
+    r = await (await _aclient()).delete_user_api_key(user_id=user_id, service=service)
     return bool(r.get("deleted"))
 
 
 async def list_user_api_keys(user_id: Id, *, redis_client: Any = None) -> List[Dict[str, Any]]:
     """The user's keys, masked: ``[{"service", "masked", "updated_at"}, ...]``."""
-    r = await _aclient().list_user_api_keys(user_id=user_id)
+    r = await (await _aclient()).list_user_api_keys(user_id=user_id)
     return list(r.get("keys") or [])
 
 
@@ -221,11 +233,11 @@ async def report_key_result(
     ``"rate_limited"``, ``"unauthorized"``, ``"error"``), for a pool key
     (``key_id``, from the answer that handed it out) or a user's own key
     (``user_id``). Returns ``{"recorded", "state", "cooling_until"}``."""
-    return await _aclient().report_key_result(
+    return dict(await (await _aclient()).report_key_result(
         service=service,
         outcome=outcome,
         key_id=key_id,
         user_id=user_id,
         channel_id=channel_id,
         retry_after_s=retry_after_s,
-    )
+    ))

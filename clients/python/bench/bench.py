@@ -1,4 +1,4 @@
-"""``python -m apikeyd.bench``: apikeyd's Python clients against redis-py's HGET.
+"""``python clients/python/bench/bench.py``: apikeyd's Python clients against redis-py's HGET.
 
 Measures, in one run and on one machine: the blocking Client (1 thread) and the
 AsyncClient (``--tasks`` tasks) asking for a cached user key and a cached pool key,
@@ -27,10 +27,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
 
-from . import AsyncClient, Client
+from apikeyd import AsyncClient, Client
 
 USER_KEY = "sk-bench-user-0123456789abcdef"
 POOL_KEY = "sk-bench-pool-fedcba9876543210"
+LIMIT = 10**9  # consume is always allowed: the bench measures the counting
 
 
 def _find_bin(explicit: Optional[str]) -> str:
@@ -156,7 +157,7 @@ def _async_rate(make: Callable[[], Callable[[], "asyncio.Future[object]"]], task
     return asyncio.run(main())
 
 
-def run(args: argparse.Namespace) -> List[Tuple[str, float, float]]:
+def run(args: argparse.Namespace) -> List[Tuple[str, float, float, float, float]]:
     try:
         import redis
         import redis.asyncio as aredis
@@ -188,6 +189,14 @@ def run(args: argparse.Namespace) -> List[Tuple[str, float, float]]:
             a = AsyncClient(svc.socket, connections=args.connections)
             return lambda: a.get_pool_api_key(service="benchpool")
 
+        def make_redis_incr() -> Callable[[], Any]:
+            ar = aredis.Redis(unix_socket_path=svc.redis, max_connections=tasks)
+            return lambda: ar.incr("bench:quota:async")
+
+        def make_consume() -> Callable[[], Any]:
+            a = AsyncClient(svc.socket, connections=args.connections)
+            return lambda: a.consume_default_key_usage(user_id="bench-async", tool_name="t", daily_limit=LIMIT)
+
         # (name, measure, index of the baseline row). Every round measures every case,
         # so a change in the machine's load hits all of them alike; medians are shown.
         cases: List[Tuple[str, Callable[[], float], int]] = [
@@ -197,9 +206,15 @@ def run(args: argparse.Namespace) -> List[Tuple[str, float, float]]:
              lambda: _sync_rate(lambda: c.get_user_api_key(user_id="bench-user", service="openai"), secs), 0),
             ("Client, cached pool key, 1 thread",
              lambda: _sync_rate(lambda: c.get_pool_api_key(service="benchpool"), secs), 0),
-            (f"redis-py asyncio HGET, {tasks} tasks", lambda: _async_rate(make_redis, tasks, secs), 3),
-            (f"AsyncClient, cached user key, {tasks} tasks", lambda: _async_rate(make_user, tasks, secs), 3),
-            (f"AsyncClient, cached pool key, {tasks} tasks", lambda: _async_rate(make_pool, tasks, secs), 3),
+            ("redis-py sync INCR, 1 thread", lambda: _sync_rate(lambda: r.incr("bench:quota:sync"), secs), 3),
+            ("Client, consume (check+increment), 1 thread",
+             lambda: _sync_rate(lambda: c.consume_default_key_usage(user_id="bench-sync", tool_name="t",
+                                                                    daily_limit=LIMIT), secs), 3),
+            (f"redis-py asyncio HGET, {tasks} tasks", lambda: _async_rate(make_redis, tasks, secs), 5),
+            (f"AsyncClient, cached user key, {tasks} tasks", lambda: _async_rate(make_user, tasks, secs), 5),
+            (f"AsyncClient, cached pool key, {tasks} tasks", lambda: _async_rate(make_pool, tasks, secs), 5),
+            (f"redis-py asyncio INCR, {tasks} tasks", lambda: _async_rate(make_redis_incr, tasks, secs), 8),
+            (f"AsyncClient, consume, {tasks} tasks", lambda: _async_rate(make_consume, tasks, secs), 8),
         ]
         samples: List[List[float]] = [[] for _ in cases]
         for _ in range(args.rounds):
@@ -207,19 +222,21 @@ def run(args: argparse.Namespace) -> List[Tuple[str, float, float]]:
                 samples[i].append(measure())
         c.close()
         medians = [statistics.median(s) for s in samples]
-        rows = [(name, medians[i], medians[i] / medians[base]) for i, (name, _m, base) in enumerate(cases)]
+        rows = [(name, min(samples[i]), medians[i], max(samples[i]), medians[i] / medians[base])
+                for i, (name, _m, base) in enumerate(cases)]
         return rows
     finally:
         svc.close()
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m apikeyd.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--socket", help="a running daemon's socket (default: start one)")
     ap.add_argument("--redis", help="a running redis-server's Unix socket (default: start one)")
     ap.add_argument("--apikeyd-bin", help="daemon binary to start (default: $APIKEYD_BIN, PATH, target/)")
     ap.add_argument("--seconds", type=float, default=1.0, help="measuring time per case and round (default 1)")
-    ap.add_argument("--rounds", type=int, default=5, help="rounds over all cases; medians are shown (default 5)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds over all cases; min/median/max are shown, ratios of medians (default 3)")
     ap.add_argument("--tasks", type=int, default=64, help="asyncio tasks (default 64)")
     ap.add_argument("--connections", type=int, default=2, help="AsyncClient connections (default 2)")
     args = ap.parse_args(argv)
@@ -230,10 +247,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     import redis
 
     print(f"python {sys.version.split()[0]}, redis-py {redis.__version__} ({parser}), "
-          f"median of {args.rounds} rounds of {args.seconds:g} s per case, AsyncClient connections={args.connections}")
-    print(f"{'case':<44} {'calls/s':>10} {'vs redis-py':>12}")
-    for name, rate, ratio in rows:
-        print(f"{name:<44} {rate:>10,.0f} {ratio:>11.2f}x")
+          f"{args.rounds} rounds of {args.seconds:g} s per case, AsyncClient connections={args.connections}")
+    print(f"| case | min calls/s | median | max | median vs redis-py |")
+    print("|---|---:|---:|---:|---:|")
+    for name, lo, med, hi, ratio in rows:
+        print(f"| {name} | {lo:,.0f} | {med:,.0f} | {hi:,.0f} | {ratio:.2f}x |")
 
 
 if __name__ == "__main__":
