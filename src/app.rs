@@ -33,6 +33,26 @@ pub enum ReloadError {
     KeyringDoesNotOpen,
 }
 
+impl From<ReloadError> for crate::error::Error {
+    /// The files are wrong (`bad_config`, with the problem), or the keystore could
+    /// not be asked (its own code).
+    fn from(e: ReloadError) -> Self {
+        match e {
+            ReloadError::Keystore(e) => e,
+            e => crate::error::Error::BadConfig(format!(
+                "reload failed, the running config and keyring stay: {e}"
+            )),
+        }
+    }
+}
+
+/// A reload applied: the key versions now in service, and the settings that
+/// changed in the file but need a restart (named every time until restarted).
+pub struct Reloaded {
+    pub key_versions: Vec<u32>,
+    pub warnings: Vec<String>,
+}
+
 /// Redis mode: the store's state that the rest of the daemon reads or switches.
 pub struct RedisSwitches {
     /// `redis.accept_legacy_plaintext`, applied by reloads.
@@ -44,6 +64,12 @@ pub struct RedisSwitches {
 /// Shared by every connection of one daemon.
 pub struct App {
     config: RwLock<Arc<Config>>,
+    /// The config the daemon started with: restart-only settings are compared
+    /// with it, so a reload names them until the daemon is restarted.
+    started_config: Arc<Config>,
+    /// The keystore's lock and the master key file's (re-taken on the file a
+    /// rotation wrote in its place).
+    lock: std::sync::Mutex<Option<crate::lock::KeystoreLock>>,
     /// The SQLite keystore (on a `SyncArbiter`): per-user keys unless they live in
     /// Redis, and the keyring's check value.
     pub keystore: Addr<Keystore>,
@@ -88,12 +114,15 @@ impl App {
     ) -> Self {
         let metrics =
             crate::metrics::Metrics::new(store.mode == crate::actors::store::StoreMode::Redis);
+        let config = Arc::new(config);
         App {
             deadline: config.request_timeout(),
             cache_reader,
             audit,
             key,
-            config: RwLock::new(Arc::new(config)),
+            started_config: config.clone(),
+            lock: std::sync::Mutex::new(None),
+            config: RwLock::new(config),
             keystore,
             user_keys,
             cache,
@@ -193,6 +222,14 @@ impl App {
         }
     }
 
+    /// Hands the keystore's lock to the daemon's shared state, for its whole life.
+    pub fn hold_lock(&self, lock: Option<crate::lock::KeystoreLock>) {
+        match self.lock.lock() {
+            Ok(mut l) => *l = lock,
+            Err(poisoned) => *poisoned.into_inner() = lock,
+        }
+    }
+
     /// Installs a reloaded config.
     fn set_config(&self, config: Config) {
         let new = Arc::new(config);
@@ -205,17 +242,18 @@ impl App {
     /// Re-reads the config file and the master keyring and applies them: services,
     /// access (new connections, names resolved again), quota, cache, the keyring,
     /// `redis.accept_legacy_plaintext` and `log.audit_quota`; reopens the audit file.
-    /// Each changed setting that needs a restart is logged as a warning. The keyring is only
-    /// put in service when it opens the keystore's check value; on any failure
-    /// nothing changes. Answers the key versions now in service.
-    pub async fn reload(&self) -> Result<Vec<u32>, ReloadError> {
+    /// Each setting changed since the start that needs a restart is logged as a
+    /// warning and answered, at every reload until the daemon is restarted. The
+    /// keyring is only put in service when it opens the keystore's check value; on
+    /// any failure nothing changes.
+    pub async fn reload(&self) -> Result<Reloaded, ReloadError> {
         crate::systemd::reloading();
         let outcome = self.reload_now().await;
         crate::systemd::ready();
         outcome
     }
 
-    async fn reload_now(&self) -> Result<Vec<u32>, ReloadError> {
+    async fn reload_now(&self) -> Result<Reloaded, ReloadError> {
         let path = self
             .config()
             .source
@@ -236,12 +274,22 @@ impl App {
         self.cache.do_send(Configure {
             cache: new.cache.clone(),
         });
-        let old = self.config();
-        for setting in crate::config::needs_restart(&old, &new) {
-            tracing::warn!(
-                setting,
+        let mut warnings = Vec::new();
+        for setting in crate::config::needs_restart(&self.started_config, &new) {
+            let text = format!(
                 "{setting} changed in the config file but needs a restart; the running value stays"
             );
+            tracing::warn!(setting, "{text}");
+            warnings.push(text);
+        }
+        // The key file a rotation wrote in place of the one locked at start.
+        let key_path = crate::actors::keystore::master_key_path(&new);
+        if let Ok(mut guard) = self.lock.lock() {
+            if let Some(lock) = guard.as_mut() {
+                if let Err(e) = lock.lock_key(&key_path) {
+                    tracing::error!("cannot lock the master key file after the reload: {e}");
+                }
+            }
         }
         if let Some(r) = &self.redis {
             r.accept_legacy
@@ -251,8 +299,11 @@ impl App {
             tracing::error!(error = %e, "cannot reopen log.audit_file; still appending to the old one");
         }
         self.set_config(new);
-        let versions = self.key.versions();
-        tracing::info!(key_versions = ?versions, "config and keyring reloaded");
-        Ok(versions)
+        let key_versions = self.key.versions();
+        tracing::info!(key_versions = ?key_versions, "config and keyring reloaded");
+        Ok(Reloaded {
+            key_versions,
+            warnings,
+        })
     }
 }

@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long a [`Connection`] waits. `None` waits for as long as it takes.
 #[derive(Clone, Copy, Debug)]
@@ -221,12 +221,35 @@ fn connect(socket: &Path, who: &str) -> Option<Connection> {
     }
 }
 
+/// What `apikeyd call` waits for by default: longer than the daemon's own bound on
+/// a request (`server.request_timeout_ms`, 10 s by default), after which it answers
+/// `timeout` itself.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Requests sent and answered so far by [`call`], shared by its sending thread.
+#[derive(Default)]
+struct Progress {
+    sent: usize,
+    answered: usize,
+    /// Since when the oldest unanswered request has waited without any answer
+    /// arriving; `None` while nothing is outstanding.
+    waiting_since: Option<Instant>,
+    /// The sending thread has sent every request (it half-closes next).
+    all_sent: bool,
+}
+
+/// How often [`call`]'s reader looks at the clock while it waits for an answer.
+const CALL_POLL: Duration = Duration::from_millis(100);
+
 /// Sends `requests` (or, when empty, every line of stdin) to the daemon at `socket`
 /// and prints each response line. Returns the process exit code: 0 when every
-/// response was `ok`, 1 when one was not (`too_large`, `forbidden` and every other
-/// error answer), 2 when the daemon could not be reached or closed the connection
-/// before answering.
-pub fn call(socket: &Path, requests: Vec<String>) -> i32 {
+/// request got an `ok` answer; 1 when one got an error answer (`too_large`,
+/// `forbidden` and every other code); 2 when a request got no answer: the daemon
+/// could not be reached, closed the connection without answering, or answered
+/// nothing for `timeout` (`None`: wait for as long as it takes). When the daemon
+/// closes the connection right after an error answer (as it does for a peer it
+/// refuses), the unanswered rest is that error's: 1.
+pub fn call(socket: &Path, requests: Vec<String>, timeout: Option<Duration>) -> i32 {
     let Some(conn) = connect(socket, "apikeyd call") else {
         return 2;
     };
@@ -236,30 +259,116 @@ pub fn call(socket: &Path, requests: Vec<String>) -> i32 {
     } else {
         Box::new(requests.into_iter().map(Ok))
     };
-    let mut code = 0;
+    let progress = std::sync::Arc::new(std::sync::Mutex::new(Progress::default()));
+    let Connection { mut reader, writer } = conn;
+    // The reader wakes up now and then to look at the clock; without a timeout it
+    // never needs to.
+    if timeout.is_some() && reader.get_ref().set_read_timeout(Some(CALL_POLL)).is_err() {
+        eprintln!("apikeyd call: cannot set a read timeout on the socket");
+        return 2;
+    }
+    let sender = {
+        let progress = progress.clone();
+        let mut writer = writer;
+        std::thread::spawn(move || -> std::io::Result<()> {
+            for line in lines {
+                let line = line?;
+                // The daemon answers nothing to a blank line: not a request.
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let mut buf = line.into_bytes();
+                buf.push(b'\n');
+                {
+                    let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+                    p.sent += 1;
+                    p.waiting_since.get_or_insert_with(Instant::now);
+                }
+                writer.write_all(&buf)?;
+            }
+            // Before half-closing: the daemon's close that follows must find it set.
+            progress.lock().unwrap_or_else(|e| e.into_inner()).all_sent = true;
+            // The daemon may have closed already; then there is nothing to half-close.
+            let _ = writer.shutdown(std::net::Shutdown::Write);
+            Ok(())
+        })
+    };
     let stdout = std::io::stdout();
-    let sent = conn.pipeline(lines, |line| {
-        let ok = serde_json::from_str::<serde_json::Value>(line)
-            .ok()
-            .and_then(|v| v.get("ok").and_then(|o| o.as_bool()))
-            .unwrap_or(false);
-        if !ok {
-            code = 1;
-        }
-        let _ = writeln!(stdout.lock(), "{line}");
-    });
-    match sent {
-        Ok(()) => code,
-        // The daemon closes the connection after `too_large` or a refused peer, so the
-        // rest could not be sent: that is the error answer already counted.
-        _ if code == 1 => 1,
-        _ => {
-            eprintln!(
-                "apikeyd call: the daemon closed the connection before all requests were sent"
-            );
-            2
+    let mut any_error = false;
+    let mut last_was_error = false;
+    let mut timed_out = false;
+    let mut line = Vec::new();
+    loop {
+        // read_until keeps what it read before a timeout in `line`: the next round
+        // carries on with the same line.
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) => break,
+            Ok(_) if line.last() != Some(&b'\n') => break, // closed mid-line
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&line);
+                let text = text.trim_end_matches('\n');
+                let ok = serde_json::from_str::<serde_json::Value>(text)
+                    .ok()
+                    .and_then(|v| v.get("ok").and_then(|o| o.as_bool()))
+                    .unwrap_or(false);
+                any_error |= !ok;
+                last_was_error = !ok;
+                let _ = writeln!(stdout.lock(), "{text}");
+                line.clear();
+                let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+                p.answered += 1;
+                p.waiting_since = (p.answered < p.sent).then(Instant::now);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                let p = progress.lock().unwrap_or_else(|e| e.into_inner());
+                let waited = p.waiting_since.map(|t| t.elapsed()).unwrap_or_default();
+                if timeout.is_some_and(|limit| waited >= limit) {
+                    timed_out = true;
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
         }
     }
+    let (unanswered, all_sent) = {
+        let p = progress.lock().unwrap_or_else(|e| e.into_inner());
+        (p.sent - p.answered.min(p.sent), p.all_sent)
+    };
+    if timed_out {
+        eprintln!(
+            "apikeyd call: no answer within {} s ({unanswered} request(s) unanswered)",
+            timeout.unwrap_or_default().as_secs_f64(),
+        );
+        // The sender may be blocked on stdin or a full socket: exiting ends it.
+        return 2;
+    }
+    if all_sent {
+        // It only half-closes now.
+        let _ = sender.join();
+    }
+    // Otherwise the sender still waits on stdin or failed to write: the daemon
+    // closed while requests were still coming, and nothing more will be answered.
+    if unanswered == 0 && all_sent {
+        return i32::from(any_error);
+    }
+    if last_was_error {
+        // The daemon said why it stopped (e.g. forbidden) before closing.
+        return 1;
+    }
+    if unanswered > 0 {
+        eprintln!(
+            "apikeyd call: the daemon closed the connection without answering {unanswered} request(s)"
+        );
+    } else {
+        eprintln!("apikeyd call: the daemon closed the connection before all requests were sent");
+    }
+    2
 }
 
 /// `apikeyd metrics`: prints the daemon's Prometheus text (op `metrics`). Exit code
@@ -268,6 +377,16 @@ pub fn metrics(socket: &Path) -> i32 {
     let Some(mut conn) = connect(socket, "apikeyd metrics") else {
         return 2;
     };
+    // One answer is awaited: bounded like `call`'s default, so a stuck daemon
+    // fails a cron job instead of hanging it.
+    if conn
+        .reader
+        .get_ref()
+        .set_read_timeout(Some(CALL_TIMEOUT))
+        .is_err()
+    {
+        return 2;
+    }
     if conn.send(r#"{"op":"metrics"}"#).is_err() {
         eprintln!("apikeyd metrics: the daemon closed the connection");
         return 2;
@@ -275,8 +394,15 @@ pub fn metrics(socket: &Path) -> i32 {
     let mut line = String::new();
     match conn.read_line_into(&mut line) {
         Ok(n) if n > 0 => {}
-        _ => {
+        Ok(_) => {
             eprintln!("apikeyd metrics: the daemon closed the connection without answering");
+            return 2;
+        }
+        Err(e) => {
+            eprintln!(
+                "apikeyd metrics: no answer within {} s: {e}",
+                CALL_TIMEOUT.as_secs()
+            );
             return 2;
         }
     }

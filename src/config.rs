@@ -413,6 +413,21 @@ impl Config {
     /// When `must_exist` is false and the file is missing, the defaults are used,
     /// relative to the current folder.
     pub fn load(path: &Path, must_exist: bool) -> Result<Config, ConfigError> {
+        let (config, mut problems) = Config::load_all(path, must_exist)?;
+        match problems.is_empty() {
+            true => Ok(config),
+            false => Err(problems.swap_remove(0)),
+        }
+    }
+
+    /// Like [`Config::load`], but a config whose values are wrong is still answered,
+    /// with every problem found (each wrapped with the file's path), so that
+    /// `check-config` can list them all and go on checking. `Err` only when the file
+    /// cannot be read or is not a config at all (TOML, unknown setting, wrong type).
+    pub fn load_all(
+        path: &Path,
+        must_exist: bool,
+    ) -> Result<(Config, Vec<ConfigError>), ConfigError> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => String::new(),
@@ -423,10 +438,12 @@ impl Config {
                 })
             }
         };
-        let mut config = Config::parse(&text).map_err(|e| ConfigError::InFile {
+        let in_file = |e| ConfigError::InFile {
             path: path.to_path_buf(),
             source: Box::new(e),
-        })?;
+        };
+        let (mut config, problems) = Config::parse_all(&text).map_err(in_file)?;
+        let problems = problems.into_iter().map(in_file).collect();
         let base = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -434,19 +451,31 @@ impl Config {
         let base = std::path::absolute(&base).unwrap_or(base);
         config.resolve_paths(&base);
         config.source = Some(std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()));
-        Ok(config)
+        Ok((config, problems))
     }
 
     /// Parses and validates TOML text; paths stay as written.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let (config, mut problems) = Config::parse_all(text)?;
+        match problems.is_empty() {
+            true => Ok(config),
+            false => Err(problems.swap_remove(0)),
+        }
+    }
+
+    /// Parses TOML text and answers the config with every value problem found (the
+    /// first is what [`Config::parse`] refuses with). `Err`: not a config at all.
+    pub fn parse_all(text: &str) -> Result<(Config, Vec<ConfigError>), ConfigError> {
         let mut config: Config = toml::from_str(text)?;
         config.services = std::mem::take(&mut config.services)
             .into_iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
             .collect();
-        config.validate()?;
-        config.access.resolve()?;
-        Ok(config)
+        let mut problems = config.problems();
+        if let Err(e) = config.access.resolve() {
+            problems.push(e);
+        }
+        Ok((config, problems))
     }
 
     fn resolve_paths(&mut self, base: &Path) {
@@ -507,59 +536,59 @@ impl Config {
         parse_mode(&self.server.socket_mode).unwrap_or(0o660)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key, why: &str| Err(ConfigError::invalid(key, why));
+    /// Every value problem of the config, in the order of the file's sections.
+    fn problems(&self) -> Vec<ConfigError> {
+        let mut found = Vec::new();
+        let mut bad = |key, why: &str| found.push(ConfigError::invalid(key, why));
         match parse_mode(&self.server.socket_mode) {
             Some(m) if m & !0o777 == 0 => {}
-            _ => {
-                return bad(
-                    "server.socket_mode",
-                    &format!(
-                        "{:?} is not an octal mode such as \"0660\"",
-                        self.server.socket_mode
-                    ),
-                )
-            }
+            _ => bad(
+                "server.socket_mode",
+                &format!(
+                    "{:?} is not an octal mode such as \"0660\"",
+                    self.server.socket_mode
+                ),
+            ),
         }
         if self.server.max_line_bytes < 64 {
-            return bad("server.max_line_bytes", "must be at least 64");
+            bad("server.max_line_bytes", "must be at least 64");
         }
         if self.server.max_connections == 0 {
-            return bad("server.max_connections", "must be at least 1");
+            bad("server.max_connections", "must be at least 1");
         }
         if self.server.max_connections_per_uid == 0 {
-            return bad("server.max_connections_per_uid", "must be at least 1");
+            bad("server.max_connections_per_uid", "must be at least 1");
         }
         if self.cache.max_entries == 0 {
-            return bad("cache.max_entries", "must be at least 1");
+            bad("cache.max_entries", "must be at least 1");
         }
         if self.pools.error_threshold == 0 {
-            return bad("pools.error_threshold", "must be at least 1");
+            bad("pools.error_threshold", "must be at least 1");
         }
         if self.quota.daily_limit > crate::protocol::MAX_COUNT {
-            return bad("quota.daily_limit", "must be at most 1000000000");
+            bad("quota.daily_limit", "must be at most 1000000000");
         }
         if self.redis.prefix.is_empty() || self.redis.prefix.contains(char::is_whitespace) {
-            return bad("redis.prefix", "must be non-empty and without whitespace");
+            bad("redis.prefix", "must be non-empty and without whitespace");
         }
         if self.redis.url.is_empty() && self.keystore.user_keys == Some(UserKeysIn::Redis) {
-            return bad(
+            bad(
                 "keystore.user_keys",
                 "= \"redis\" needs redis.url (embedded mode keeps user keys in the keystore)",
             );
         }
         if redis_url_has_password(&self.redis.url) {
-            return bad(
+            bad(
                 "redis.url",
                 "holds a password: put it in the file named by redis.password_file \
                  (or the systemd credential redis.password) and remove it from the URL",
             );
         }
         if self.redis.tls_cert_file.is_some() != self.redis.tls_key_file.is_some() {
-            return bad("redis.tls_cert_file", "and redis.tls_key_file go together");
+            bad("redis.tls_cert_file", "and redis.tls_key_file go together");
         }
         if !self.redis.sentinels.is_empty() && self.redis.master_name.is_empty() {
-            return bad(
+            bad(
                 "redis.master_name",
                 "must name the master the sentinels watch",
             );
@@ -568,7 +597,7 @@ impl Config {
             match self.metrics.listen.parse::<std::net::SocketAddr>() {
                 Ok(a) if a.ip().is_loopback() => {}
                 Ok(_) => {
-                    return bad(
+                    bad(
                         "metrics.listen",
                         &format!(
                             "{:?} is not a loopback address; the metrics are not authenticated, so use 127.0.0.1:PORT or [::1]:PORT",
@@ -577,7 +606,7 @@ impl Config {
                     )
                 }
                 Err(_) => {
-                    return bad(
+                    bad(
                         "metrics.listen",
                         &format!(
                             "{:?} is not an address such as \"127.0.0.1:9464\"",
@@ -587,11 +616,8 @@ impl Config {
                 }
             }
         }
-        if let Some(problem) = redis_url_problem(&self.redis.url) {
-            return Err(problem);
-        }
         if !valid_level(&self.log.level) {
-            return bad(
+            bad(
                 "log.level",
                 &format!(
                     "{:?} is not a level (trace, debug, info, warn, error, off) or a filter such as \"apikeyd=debug,warn\"",
@@ -600,14 +626,15 @@ impl Config {
             );
         }
         if self.server.idle_timeout_s == 0 {
-            return bad("server.idle_timeout_s", "must be at least 1 (seconds)");
+            bad("server.idle_timeout_s", "must be at least 1 (seconds)");
         }
+        found.extend(redis_url_problem(&self.redis.url));
         for name in self.services.keys() {
             if crate::protocol::check_service(name).is_err() {
-                return Err(ConfigError::ServiceName { name: name.clone() });
+                found.push(ConfigError::ServiceName { name: name.clone() });
             }
         }
-        Ok(())
+        found
     }
 }
 

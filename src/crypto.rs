@@ -644,7 +644,15 @@ fn keep_owner_and_mode(file: &Path, was: &std::fs::Metadata) -> std::io::Result<
 
 /// Creates `path` with mode 0600 holding `text`, synced to disk.
 fn write_private(path: &Path, text: &str, create_new: bool) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
+    // A bare file name's parent is "", which cannot be opened to sync: it is ".".
+    let parent = path.parent().map(|d| {
+        if d.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            d
+        }
+    });
+    if let Some(dir) = parent {
         std::fs::create_dir_all(dir)?;
     }
     let mut f = std::fs::OpenOptions::new()
@@ -657,7 +665,7 @@ fn write_private(path: &Path, text: &str, create_new: bool) -> std::io::Result<(
         f.write_all(b"\n")?;
     }
     f.sync_all()?;
-    if let Some(dir) = path.parent() {
+    if let Some(dir) = parent {
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())

@@ -26,6 +26,10 @@ pub enum Error {
     /// A backing store needed for this op cannot be reached right now.
     #[error("{0}")]
     Unavailable(String),
+    /// The config file (or the master key file it names) is not usable; the
+    /// message says what is wrong. Nothing was changed.
+    #[error("{0}")]
+    BadConfig(String),
     /// Anything else.
     #[error("{0}")]
     Internal(String),
@@ -40,6 +44,7 @@ impl Error {
             Error::Forbidden(_) => "forbidden",
             Error::TooLarge(_) => "too_large",
             Error::Unavailable(_) => "unavailable",
+            Error::BadConfig(_) => "bad_config",
             Error::Internal(_) => "internal",
         }
     }
@@ -235,6 +240,7 @@ mod tests {
     fn every_variant_has_its_spec_code() {
         let cases = [
             (Error::BadRequest("x".into()), "bad_request"),
+            (Error::BadConfig("x".into()), "bad_config"),
             (Error::UnknownOp(None), "unknown_op"),
             (Error::Forbidden("x".into()), "forbidden"),
             (Error::TooLarge(10), "too_large"),

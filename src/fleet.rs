@@ -89,10 +89,21 @@ impl FleetError {
     /// Whether Redis could not be reached (waiting may cure it), as opposed to an
     /// answer that refuses the key or a setting that is wrong.
     pub fn is_unreachable(&self) -> bool {
-        matches!(
-            self,
-            FleetError::Unconnected(_) | FleetError::Unreachable(_)
-        )
+        use crate::actors::redis::ConnectError as C;
+        match self {
+            FleetError::Unconnected(_) | FleetError::Unreachable(_) => true,
+            // No sentinel could be asked (none answered in time, or each failed to
+            // connect): an outage, like Redis down; one that answered without the
+            // master is not.
+            FleetError::Connect(C::NoSentinel(each)) => each.iter().all(|e| match e {
+                C::SentinelTimedOut { .. } => true,
+                C::Sentinel { source, .. } => {
+                    source.is_io_error() || source.is_timeout() || source.is_connection_refusal()
+                }
+                _ => false,
+            }),
+            _ => false,
+        }
     }
 }
 
@@ -170,7 +181,7 @@ fn refused(e: redis::RedisError) -> Result<FleetError, redis::RedisError> {
 }
 
 /// How long the daemon's own checks wait for Redis.
-const DAEMON_WAIT: Duration = Duration::from_secs(2);
+pub const DAEMON_WAIT: Duration = Duration::from_secs(2);
 /// How long the tools wait for Redis.
 pub const TOOL_WAIT: Duration = Duration::from_secs(30);
 
@@ -251,16 +262,25 @@ pub fn may_create_key(config: &Config) -> Result<(), FleetError> {
             file: file.clone(),
             source: Box::new(e),
         })?;
-    let names = names(config);
-    let checked: bool = con.exists(names.keycheck()).map_err(FleetError::Redis)?;
+    refuse_new_key(&mut con, &names(config), file)
+}
+
+/// Refuses a new master key (for `file`) when Redis holds a fleet's check values or
+/// a sealed value. Reads only; `may_create_key` and the start-up preflight share it.
+pub fn refuse_new_key(
+    con: &mut redis::Connection,
+    names: &Names,
+    file: &std::path::Path,
+) -> Result<(), FleetError> {
+    let checked: bool = con.exists(names.keycheck()).map_err(redis_failed)?;
     if checked
-        || first_sealed_value(&mut con, &names)
-            .map_err(FleetError::Redis)?
+        || first_sealed_value(con, names)
+            .map_err(redis_failed)?
             .is_some()
     {
         return Err(FleetError::FleetKeyExists {
-            file: file.clone(),
-            prefix: names.prefix,
+            file: file.to_path_buf(),
+            prefix: names.prefix.clone(),
         });
     }
     Ok(())
@@ -329,6 +349,23 @@ pub fn verify(
     names: &Names,
     key: &MasterKey,
 ) -> Result<(), FleetError> {
+    check(con, names, key)?;
+    for (v, check) in key.check_values() {
+        let _: bool = con
+            .hset_nx(names.keycheck(), format!("v{v}"), check)
+            .map_err(redis_failed)?;
+    }
+    let stored: HashMap<String, String> = con.hgetall(names.keycheck()).map_err(redis_failed)?;
+    compare(&stored, key, &names.prefix)
+}
+
+/// The read-only half of [`verify`]: compares `key` with what Redis holds now and
+/// records nothing (the start-up preflight and `check-config`).
+pub fn check(
+    con: &mut redis::Connection,
+    names: &Names,
+    key: &MasterKey,
+) -> Result<(), FleetError> {
     let stored: HashMap<String, String> = con.hgetall(names.keycheck()).map_err(redis_failed)?;
     if !stored.keys().any(|f| f.starts_with('v')) {
         if let Some(value) = first_sealed_value(con, names).map_err(redis_failed)? {
@@ -339,13 +376,6 @@ pub fn verify(
             }
         }
     }
-    compare(&stored, key, &names.prefix)?;
-    for (v, check) in key.check_values() {
-        let _: bool = con
-            .hset_nx(names.keycheck(), format!("v{v}"), check)
-            .map_err(redis_failed)?;
-    }
-    let stored: HashMap<String, String> = con.hgetall(names.keycheck()).map_err(redis_failed)?;
     compare(&stored, key, &names.prefix)
 }
 

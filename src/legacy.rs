@@ -64,6 +64,7 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, ImportError> {
     keystore::create_folder(&config.keystore.path)?;
     let _access = crate::lock::for_tool(
         &config.keystore.path,
+        &crate::actors::keystore::master_key_path(config),
         "import-legacy",
         &config.server.socket,
         true,

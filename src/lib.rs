@@ -31,15 +31,16 @@
 //! - `access` turns peer credentials (uid, gid, supplementary groups) into a role;
 //!   `audit` records writes, admin ops and refused connections; `metrics` counts
 //!   answers and renders the Prometheus text; `logfmt` escapes text-log values;
-//!   `check` is `apikeyd check-config`; `cli` holds the bodies of the subcommands
-//!   (the binary's `main.rs` is only the command line).
+//!   `check` is the start-up preflight, which `serve` and `apikeyd check-config`
+//!   share; `cli` holds the bodies of the subcommands (the binary's `main.rs` is only
+//!   the command line).
 //! - Redis: `keyspace` is the key layout (names, their inverse, scans), `envelope` the
 //!   sealed-value format, `actors::redis` the store (with `connection`: Target,
 //!   Sentinel, TLS; `listen`: pub/sub invalidation; `quota`: the counters, whose
 //!   calls of one event-loop turn go to Redis as one script). `fleet` checks the master key
 //!   against the fleet's and runs the heartbeat that gates rotation; `lock` holds the
-//!   keystore's flock. The tools `rotate`, `legacy` (import-legacy) and `migrate`
-//!   depend on these, never on actor internals.
+//!   keystore's and the master key file's flocks. The tools `rotate`, `legacy`
+//!   (import-legacy) and `migrate` depend on these, never on actor internals.
 
 pub mod access;
 pub mod actors;
@@ -106,12 +107,7 @@ pub enum StartError {
     /// In Redis mode: `[redis]` cannot be used to reach Redis.
     #[error(transparent)]
     Redis(#[from] actors::redis::ConnectError),
-    #[error("cannot open log.audit_file {} for appending: {source}", path.display())]
-    AuditFile {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    /// Opening the audit file when the daemon is built (`preflight` names the path).
+    /// Opening the audit file when the daemon is built (the preflight checked it).
     #[error("cannot open log.audit_file for appending: {0}")]
     Audit(#[source] std::io::Error),
     #[error("no keystore connection for the store")]
@@ -131,39 +127,48 @@ pub enum Control {
     Shutdown,
 }
 
-/// Opens and checks the keystore and master key: everything that can refuse a start,
-/// done before the socket is bound.
-/// Takes the keystore's lock first: a second daemon on the same keystore is refused
-/// before it touches anything.
-pub fn open_keystore(config: &Config) -> Result<Opened, StartError> {
+/// Opens and checks the keystore and master key, creating them on a first start;
+/// run after [`preflight`], which refused everything it could see before anything
+/// was created. Takes the keystore's lock first: a second daemon on the same
+/// keystore is refused before it touches anything; then the master key file's.
+/// `redis_answered`: what the preflight found of Redis (`Some(false)`: down, so the
+/// fleet check is left to the heartbeat instead of waiting for Redis again).
+pub fn open_keystore(config: &Config, redis_answered: Option<bool>) -> Result<Opened, StartError> {
     actors::keystore::create_folder(&config.keystore.path)?;
-    let lock = lock::acquire(
+    let mut lock = lock::acquire(
         &config.keystore.path,
         "serve",
         Some(config.server.socket.as_path()),
         true,
     )?;
+    let key_path = actors::keystore::master_key_path(config);
+    if key_path.exists() {
+        lock.lock_key(&key_path)?;
+    }
     let mut opened = actors::keystore::open_with(config, KEYSTORE_THREADS + 1, &|| {
         fleet::may_create_key(config)
     })?;
+    // A key made just now is locked as soon as it exists.
+    lock.lock_key(&key_path)?;
     opened.lock = Some(lock);
-    if !config.redis.url.is_empty() {
+    if !config.redis.url.is_empty() && redis_answered != Some(false) {
         opened.fleet_verified = fleet::verify_at_start(config, &opened.key)?;
     }
     Ok(opened)
 }
 
-/// Checks what `open_keystore` and `run` would otherwise only find out after the
-/// socket is bound: the audit file can be opened for appending. (The config's values,
-/// the Redis URL and the access names were checked when it was read.)
-pub fn preflight(config: &Config) -> Result<(), StartError> {
-    if let Some(path) = &config.log.audit_file {
-        audit::Audit::open(Some(path)).map_err(|source| StartError::AuditFile {
-            path: path.clone(),
-            source,
-        })?;
+/// Everything that can refuse a start, checked before anything is created, bound
+/// or changed ([`check::preflight`], which `check-config` runs too): the first
+/// problem, or what the checks found of Redis. Warnings are logged.
+pub fn preflight(config: &Config) -> Result<Option<bool>, String> {
+    let report = check::preflight(config, &check::Viewer::current(), check::Purpose::Serve);
+    if let Some(problem) = report.first_problem() {
+        return Err(problem.to_string());
     }
-    Ok(())
+    for f in &report.findings {
+        tracing::warn!("{}", f.text);
+    }
+    Ok(report.redis_answered)
 }
 
 /// What `run` needs of the Redis store beyond the `Store` handle.
@@ -264,7 +269,6 @@ async fn watchdog(app: Rc<App>, every: std::time::Duration) {
 /// heartbeat and the invalidation listener), not yet serving. Holds the keystore lock.
 pub struct Started {
     pub app: Rc<App>,
-    _lock: Option<lock::KeystoreLock>,
 }
 
 /// Builds the daemon on an opened keystore: the store, keystore and cache actors and
@@ -320,8 +324,9 @@ pub fn start(config: Config, opened: Opened) -> Result<Started, StartError> {
         key_for_app,
     );
     app.redis = switches;
+    app.hold_lock(lock);
     let app = Rc::new(app);
-    Ok(Started { app, _lock: lock })
+    Ok(Started { app })
 }
 
 /// Serves the daemon built by `start` on `listener` until `Control::Shutdown` (or the sender is dropped).

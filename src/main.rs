@@ -1,135 +1,20 @@
 //! The `apikeyd` command line: serve, check-config, call, metrics, keygen, rotation,
 //! import, completions and the man page. Nothing else lives here.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
 use apikeyd::cli;
+
+// The command line's definition, shared with build.rs (man page, completions).
+mod args;
+use args::{Cli, Command, MigrateTo};
 
 /// mimalloc: the hot path allocates small, short-lived buffers per request, where
 /// glibc malloc cost about a fifth of the daemon's time (docs/performance.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-#[derive(Parser)]
-#[command(
-    name = "apikeyd",
-    version,
-    about = "Hands API keys to local processes over a Unix socket",
-    long_about = "Hands API keys to local processes over a Unix socket speaking JSON lines.\n\
-                  Operators' guide: docs/operations.md; wire protocol: docs/protocol.md."
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-/// Exit codes of `apikeyd call` (also in docs/operations.md).
-const CALL_EXIT_CODES: &str = "Exit codes: 0 every response was ok; 1 any error answer \
-(including too_large and forbidden); 2 the daemon could not be reached (no socket, \
-no permission, connection closed early).";
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the daemon.
-    Serve {
-        /// Config file (default: $APIKEYD_CONFIG, else ./config.toml).
-        #[arg(long)]
-        config: Option<PathBuf>,
-    },
-    /// Check a config as `serve` would (TOML, values, paths and permissions, master
-    /// key, Redis, access names) without binding the socket; print the effective
-    /// configuration without secrets. Exit 0 when `serve` would start, 1 otherwise.
-    CheckConfig {
-        /// Config file (default: $APIKEYD_CONFIG, else ./config.toml).
-        #[arg(long)]
-        config: Option<PathBuf>,
-    },
-    /// Send JSON request lines (arguments, or stdin when none) and print the responses.
-    #[command(after_help = CALL_EXIT_CODES)]
-    Call {
-        /// The daemon's socket (default: $APIKEYD_SOCKET, else server.socket of the
-        /// config). With it the config is not read at all.
-        #[arg(long, env = "APIKEYD_SOCKET")]
-        socket: Option<PathBuf>,
-        /// Config file to find the socket in (default: $APIKEYD_CONFIG, else ./config.toml).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Requests, one JSON object each.
-        requests: Vec<String>,
-    },
-    /// Print the daemon's metrics in the Prometheus text format (for node_exporter's
-    /// textfile collector), read over the socket.
-    Metrics {
-        /// The daemon's socket (default: $APIKEYD_SOCKET, else server.socket of the config).
-        #[arg(long, env = "APIKEYD_SOCKET")]
-        socket: Option<PathBuf>,
-        /// Config file to find the socket in (default: $APIKEYD_CONFIG, else ./config.toml).
-        #[arg(long)]
-        config: Option<PathBuf>,
-    },
-    /// Seal the original module's per-user keys left in clear in Redis (in place, or
-    /// into the keystore with keystore.user_keys = "local") and encrypt pool values
-    /// left in clear. Idempotent; safe to interrupt and rerun.
-    ImportLegacy {
-        /// Config file (default: $APIKEYD_CONFIG, else ./config.toml).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Only print what would be done.
-        #[arg(long)]
-        dry_run: bool,
-    },
-    /// Add a master-key version, re-seal every stored key under it (keystore, and
-    /// Redis in Redis mode) and retire the old versions, while the daemon serves.
-    /// Safe to interrupt; rerun to carry on.
-    RotateMasterKey {
-        /// Config file (default: $APIKEYD_CONFIG, else ./config.toml).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// The key file to rotate (default: keystore.master_key_file).
-        #[arg(long)]
-        key_file: Option<PathBuf>,
-        /// Only add the new version and reload the local daemon (for several daemons
-        /// sharing one Redis: distribute the file, reload them all, then rerun).
-        #[arg(long)]
-        add_only: bool,
-    },
-    /// Move every per-user key between this daemon's keystore and Redis (for
-    /// `keystore.user_keys`). Idempotent; safe to interrupt and rerun; prints counts.
-    MigrateUserKeys {
-        /// Config file (default: $APIKEYD_CONFIG, else ./config.toml).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Where the keys go.
-        #[arg(long, value_enum)]
-        to: MigrateTo,
-    },
-    /// Write a new random master key file (mode 0600); refuses to overwrite.
-    Keygen {
-        /// Where to write the key file.
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// Print a shell completion script to stdout (e.g. `apikeyd completions bash >
-    /// /usr/share/bash-completion/completions/apikeyd`).
-    Completions {
-        /// The shell to complete for.
-        shell: clap_complete::Shell,
-    },
-    /// Print the manual page (roff) to stdout (e.g. `apikeyd man > /usr/local/share/man/man1/apikeyd.1`).
-    Man,
-}
-
-/// `migrate-user-keys --to`.
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum MigrateTo {
-    /// Sealed in `{prefix}:user_api_keys:{user_id}`, shared by the fleet.
-    Redis,
-    /// This daemon's SQLite keystore.
-    Local,
-}
 
 fn main() -> ExitCode {
     // Everything this process creates (keystore, WAL, key files, audit file) is
@@ -141,8 +26,9 @@ fn main() -> ExitCode {
         Command::Call {
             socket,
             config,
+            timeout,
             requests,
-        } => cli::call(socket, config, requests),
+        } => cli::call(socket, config, requests, timeout),
         Command::ImportLegacy { config, dry_run } => cli::import_legacy(config, dry_run),
         Command::MigrateUserKeys { config, to } => cli::migrate_user_keys(
             config,
@@ -157,23 +43,19 @@ fn main() -> ExitCode {
             add_only,
         } => cli::rotate(config, key_file, add_only),
         Command::Keygen { out } => cli::keygen(&out),
-        Command::CheckConfig { config } => cli::check_config(config),
+        Command::CheckConfig { config, as_user } => cli::check_config(config, as_user),
         Command::Metrics { socket, config } => cli::metrics(socket, config),
         Command::Completions { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "apikeyd", &mut std::io::stdout());
+            args::completions(shell, &mut std::io::stdout());
             ExitCode::SUCCESS
         }
-        Command::Man => {
-            let cmd = <Cli as clap::CommandFactory>::command();
-            match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("apikeyd man: {e}");
-                    ExitCode::from(1)
-                }
+        Command::Man => match args::man_page(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("apikeyd man: {e}");
+                ExitCode::from(1)
             }
-        }
+        },
     }
 }
 

@@ -30,13 +30,14 @@ use crate::op::Op;
 pub const OTHER_OP: &str = "other";
 
 /// Every wire code, and `ok`.
-pub const CODES: [&str; 7] = [
+pub const CODES: [&str; 8] = [
     "ok",
     "bad_request",
     "unknown_op",
     "forbidden",
     "too_large",
     "unavailable",
+    "bad_config",
     "internal",
 ];
 

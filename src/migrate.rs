@@ -75,6 +75,7 @@ pub fn migrate(config: &Config, to: Destination) -> Result<Report, MigrateError>
     // (then this run holds the lock until it ends).
     let _access = crate::lock::for_tool(
         &config.keystore.path,
+        &crate::actors::keystore::master_key_path(config),
         "migrate-user-keys",
         &config.server.socket,
         false,

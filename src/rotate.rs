@@ -421,6 +421,7 @@ pub fn rotate(r: Rotation<'_>) -> Result<(), RotateError> {
     // socket, or none may run (then this rotation holds the lock until it ends).
     let access = lock::for_tool(
         &config.keystore.path,
+        r.key_file,
         "rotate-master-key",
         &config.server.socket,
         false,

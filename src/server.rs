@@ -41,6 +41,25 @@ pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
             // The process umask (0077) would narrow it; the group must traverse it.
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))?;
         }
+    }
+    if check_bind(path)? {
+        std::fs::remove_file(path)?;
+    }
+    // SAFETY: umask has no preconditions; the previous mask is restored right after.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    unsafe { libc::umask(old) };
+    let listener = bound?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
+
+/// Whether `path` may be bound, changing nothing (the start-up preflight runs it
+/// before anything is created; `bind` again right before binding): its folder not
+/// writable by everyone, the path free or a stale socket, no daemon listening there.
+/// Answers whether a stale socket is to be removed first.
+pub fn check_bind(path: &Path) -> std::io::Result<bool> {
+    if let Some(dir) = path.parent().filter(|d| d.exists()) {
         // In a folder others may write to, someone else could swap the socket file.
         let mode = std::fs::metadata(dir)?.permissions().mode();
         if mode & 0o002 != 0 {
@@ -72,15 +91,9 @@ pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
                 format!("another daemon is listening on {}", path.display()),
             ));
         }
-        std::fs::remove_file(path)?;
+        return Ok(true);
     }
-    // SAFETY: umask has no preconditions; the previous mask is restored right after.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
-    unsafe { libc::umask(old) };
-    let listener = bound?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(listener)
+    Ok(false)
 }
 
 /// `server.socket` names one of the daemon's own files; `what` says which.

@@ -1,4 +1,4 @@
-//! What clients are told (issue 14 items 11–13): integer ids, answers during a Redis
+//! What clients are told: integer ids, answers during a Redis
 //! outage, and the quota message with the service filled in.
 
 mod common;
@@ -96,4 +96,122 @@ fn the_quota_message_fills_in_the_service() {
     let (code, message) = c.err(json!({"op": "default_key_limit_error", "tool_name": "t", "current": 1, "limit": 2, "service": "bad service"}));
     assert_eq!(code, "bad_request");
     assert!(message.contains("service"));
+}
+
+/// A peer on a Unix socket in a temp folder that does `serve` with each
+/// connection it accepts: the stand-in for a daemon that is stuck or dying.
+fn peer(serve: impl Fn(std::os::unix::net::UnixStream) + Send + 'static) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(dir.path().join("s.sock")).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            serve(stream);
+        }
+    });
+    dir
+}
+
+/// `apikeyd call ARGS... && echo healthy` through bash, as a health probe is written.
+fn probe(dir: &tempfile::TempDir, args: &str) -> (Option<i32>, String, String) {
+    let sock = dir.path().join("s.sock");
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "\"$0\" call --socket \"$1\" {args} && echo healthy; exit ${{PIPESTATUS[0]}}"
+        ))
+        .arg(common::bin())
+        .arg(&sock)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn call_is_unhealthy_when_the_daemon_closes_without_answering() {
+    // Accepts and closes at once.
+    let dir = peer(drop);
+    let (code, out, err) = probe(&dir, r#"'{"op":"ping"}'"#);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(!out.contains("healthy"), "{out}");
+    assert!(err.contains("closed the connection"), "{err}");
+
+    // Reads the request, then closes.
+    let dir = peer(|s| {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(s).read_line(&mut line);
+    });
+    let (code, out, err) = probe(&dir, r#"'{"op":"ping"}'"#);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(!out.contains("healthy"), "{out}");
+
+    // Answers the first of two requests, then closes: the second got no answer.
+    let dir = peer(|s| {
+        use std::io::{BufRead, Write};
+        let mut w = s.try_clone().unwrap();
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(s).read_line(&mut line);
+        let _ = w.write_all(b"{\"id\":null,\"ok\":true,\"result\":{\"pong\":true}}\n");
+    });
+    let (code, out, err) = probe(&dir, r#"'{"op":"ping"}' '{"op":"ping"}'"#);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(out.contains("pong") && !out.contains("healthy"), "{out}");
+    assert!(err.contains("closed the connection"), "{err}");
+}
+
+#[test]
+fn call_is_unhealthy_when_the_daemon_does_not_answer_in_time() {
+    // Reads the request and holds the connection open without answering.
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    let dir = peer(move |s| keep.lock().unwrap().push(s));
+    let (code, out, err) = probe(&dir, r#"--timeout 0.5 '{"op":"ping"}'"#);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(!out.contains("healthy"), "{out}");
+    assert!(err.contains("no answer within 0.5 s"), "{err}");
+    drop(held);
+}
+
+#[test]
+fn call_is_healthy_only_when_every_request_is_answered_ok() {
+    let d = TestDaemon::start();
+    let run = |args: &[&str]| {
+        std::process::Command::new(common::bin())
+            .arg("call")
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[r#"{"op":"ping"}"#, r#"{"op":"ping"}"#]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+    let out = run(&[r#"{"op":"ping"}"#, r#"{"op":"nope"}"#]);
+    assert_eq!(out.status.code(), Some(1));
+    // Requests from stdin: the same rules; blank lines are no requests (the daemon
+    // answers nothing to them).
+    let mut child = std::process::Command::new(common::bin())
+        .arg("call")
+        .arg("--socket")
+        .arg(&d.socket)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(b"{\"op\":\"ping\"}\n\n   \n{\"op\":\"ping\",\"id\":2}\n")
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
 }

@@ -552,3 +552,97 @@ fn secrets_of_rejected_requests_are_wiped() {
         );
     }
 }
+
+/// The key file is locked with the keystore: a tool (or a daemon) whose config
+/// names a copy of the keystore but the live daemon's key file is refused, naming
+/// the daemon, and changes nothing.
+#[test]
+fn the_live_key_file_is_refused_with_a_copy_of_the_keystore() {
+    let d = TestDaemon::start();
+    d.client().ok(json!({"op": "set_user_api_key", "user_id": "ana", "service": "openai", "key": "sk-ana-key-file-lock"}));
+    let key_before = std::fs::read(d.path("data/master.key")).unwrap();
+    rusqlite::Connection::open(d.path("data/keystore.sqlite3"))
+        .unwrap()
+        .execute("VACUUM INTO ?1", [d.path("copy.sqlite3").to_str().unwrap()])
+        .unwrap();
+    let copy_before = std::fs::read(d.path("copy.sqlite3")).unwrap();
+    // Nothing answers on this socket: the tool would run alone on the copy.
+    let config = d.path("copy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "server.socket = {:?}\nkeystore.path = {:?}\nkeystore.master_key_file = {:?}\n",
+            d.path("other/apikeyd.sock"),
+            d.path("copy.sqlite3"),
+            d.path("data/master.key")
+        ),
+    )
+    .unwrap();
+    let (out, text) = run(&["rotate-master-key"], &config);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("master key file") && text.contains(&format!("pid {}", d.pid())),
+        "names the daemon: {text}"
+    );
+    assert_eq!(
+        std::fs::read(d.path("data/master.key")).unwrap(),
+        key_before
+    );
+    assert!(!d.path("data/master.key.retired-v1").exists());
+    assert_eq!(std::fs::read(d.path("copy.sqlite3")).unwrap(), copy_before);
+
+    // A daemon on that config is refused the same way, before it creates anything.
+    let (out, text) = run(&["serve"], &config);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains(&format!("pid {}", d.pid())), "{text}");
+    assert!(!d.path("other").exists(), "{text}");
+    let r = d.client().ok(json!({"op": "get_user_api_key", "user_id": "ana", "service": "openai", "fallback_to_pool": false}));
+    assert_eq!(r["key"], "sk-ana-key-file-lock");
+}
+
+/// A second start after the keystore was renamed under a live daemon touches
+/// nothing of the live daemon's: refused, its journal intact, its lock note as it
+/// wrote it; writes it acknowledges afterwards survive kill -9, renaming the
+/// keystore back and a restart. A start that finds the journal without its
+/// database (the daemon gone) refuses without touching it.
+#[test]
+fn a_refused_start_never_touches_a_live_daemons_journal() {
+    let mut d = TestDaemon::start();
+    let mut c = d.client();
+    c.ok(json!({"op": "set_user_api_key", "user_id": "ana", "service": "openai", "key": "sk-ana-before-move"}));
+    let ks = d.path("data/keystore.sqlite3");
+    let wal = d.path("data/keystore.sqlite3-wal");
+    let note = d.path("data/keystore.sqlite3.lock");
+    assert!(wal.exists());
+    let wal_inode = std::fs::metadata(&wal).unwrap().ino();
+    let note_before = std::fs::read(&note).unwrap();
+    std::fs::rename(&ks, d.path("data/keystore.moved.sqlite3")).unwrap();
+
+    let (out, text) = run(&["serve"], &d.config_path);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("pid {}", d.pid())),
+        "names the live daemon: {text}"
+    );
+    assert_eq!(std::fs::metadata(&wal).unwrap().ino(), wal_inode, "{text}");
+    assert_eq!(std::fs::read(&note).unwrap(), note_before);
+    assert!(!ks.exists(), "no new keystore at the old path");
+
+    c.ok(json!({"op": "set_user_api_key", "user_id": "bob", "service": "openai", "key": "sk-bob-after-move"}));
+    d.kill9();
+    // The daemon is gone; its journal is still there, without its database.
+    let (out, text) = run(&["serve"], &d.config_path);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("exists but the keystore"), "{text}");
+    assert_eq!(std::fs::metadata(&wal).unwrap().ino(), wal_inode);
+    assert!(!ks.exists());
+
+    std::fs::rename(d.path("data/keystore.moved.sqlite3"), &ks).unwrap();
+    d.spawn();
+    d.wait_ready();
+    let mut c = d.client();
+    for (user, key) in [("ana", "sk-ana-before-move"), ("bob", "sk-bob-after-move")] {
+        let r = c.ok(json!({"op": "get_user_api_key", "user_id": user, "service": "openai", "fallback_to_pool": false}));
+        assert_eq!(r["key"], key);
+    }
+}

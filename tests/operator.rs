@@ -172,13 +172,15 @@ fn check_config_lists_every_problem() {
     );
     let out = run(d.dir.path(), &["check-config", "--config", "config.toml"]);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    // A config error: 2, as serve exits.
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
     assert!(stderr.contains("holds a password"), "{stderr}");
     assert!(
         !stdout.contains("hunter2pw") && !stderr.contains("hunter2pw"),
         "{stdout}{stderr}"
     );
-    // A key file others may read and Redis down: both listed.
+    // A key file others may read and Redis down: both listed, Redis as a warning
+    // (with a key file there, serve starts while Redis is down).
     let key = d.path("data/master.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     write_config(
@@ -190,10 +192,10 @@ fn check_config_lists_every_problem() {
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
     assert!(stderr.contains("readable by group or others"), "{stderr}");
     assert!(
-        stderr.contains("Redis at") && stderr.contains("refused"),
+        stderr.contains("warning: Redis") && stderr.contains("refused"),
         "{stderr}"
     );
-    assert!(stderr.contains("2 problem(s)"), "{stderr}");
+    assert!(stderr.contains("1 problem(s)"), "{stderr}");
     assert!(!d.socket.exists(), "nothing bound");
 
     // A key that does not open the keystore.
@@ -220,7 +222,7 @@ fn check_config_lists_every_problem() {
     // TOML that does not parse.
     write_config(d.dir.path(), "[server\n");
     let out = run(d.dir.path(), &["check-config", "--config", "config.toml"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("problem:"));
 }
 
@@ -359,4 +361,113 @@ fn help_completions_and_man_page() {
         Some(2),
         "an unknown shell is a usage error"
     );
+}
+
+/// Prepares a folder for a case and answers the config text.
+type Setup<'a> = dyn Fn(&Path) -> String + 'a;
+
+/// Each refusal at the socket stage: exit 1, one line on stderr (no panic, with or
+/// without RUST_BACKTRACE), and nothing created (no master key, no keystore).
+#[test]
+fn socket_refusals_come_before_anything_is_created() {
+    let live = TestDaemon::start();
+    let cases: [(&str, &Setup<'_>); 3] = [
+        ("exists and is not a socket", &|dir: &Path| {
+            std::fs::create_dir(dir.join("run")).unwrap();
+            std::fs::write(dir.join("run/apikeyd.sock"), "a file").unwrap();
+            String::new()
+        }),
+        ("writable by everyone", &|dir: &Path| {
+            std::fs::create_dir(dir.join("run")).unwrap();
+            std::fs::set_permissions(dir.join("run"), std::fs::Permissions::from_mode(0o777))
+                .unwrap();
+            String::new()
+        }),
+        ("another daemon is listening", &|_: &Path| {
+            format!("server.socket = {:?}\n", live.socket)
+        }),
+    ];
+    for (why, setup) in cases {
+        for backtrace in [None, Some("1")] {
+            let dir = tempfile::tempdir().unwrap();
+            write_config(dir.path(), &setup(dir.path()));
+            let mut cmd = Command::new(common::bin());
+            cmd.args(["serve", "--config", "config.toml"])
+                .current_dir(dir.path())
+                .env_remove("APIKEYD_CONFIG")
+                .env_remove("CREDENTIALS_DIRECTORY")
+                .env_remove("RUST_BACKTRACE")
+                .stdin(Stdio::null());
+            if let Some(b) = backtrace {
+                cmd.env("RUST_BACKTRACE", b);
+            }
+            let out = cmd.output().unwrap();
+            let err = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{why}: {err}");
+            assert_eq!(err.lines().count(), 1, "{why}: one line: {err}");
+            assert!(
+                err.contains("refusing to start") && err.contains(why),
+                "{why}: {err}"
+            );
+            assert!(!err.contains("panicked"), "{why}: {err}");
+            assert!(!dir.path().join("data").exists(), "{why}: created data/");
+        }
+    }
+    assert_eq!(
+        live.client().ok(json!({"op": "ping"}))["pong"],
+        true,
+        "the live daemon still serves"
+    );
+}
+
+/// `reload` names every restart-only setting changed since the start, at every
+/// reload until a restart; a config that cannot be used answers `bad_config` with
+/// the problem (and SIGHUP logs the same), and nothing changes.
+#[test]
+fn reload_answers_its_warnings_and_bad_config() {
+    let mut d = TestDaemon::start();
+    let mut c = d.client();
+    let reload = json!({"op": "reload"});
+    let r = c.ok(reload.clone());
+    assert_eq!(r["warnings"], json!([]), "{r}");
+
+    d.write_config("[server]\nmax_connections = 7\n");
+    for _ in 0..2 {
+        let r = c.ok(reload.clone());
+        let warnings = r["warnings"].as_array().expect("warnings").clone();
+        assert_eq!(warnings.len(), 1, "{r}");
+        assert!(
+            warnings[0]
+                .as_str()
+                .unwrap()
+                .contains("server.max_connections")
+                && warnings[0].as_str().unwrap().contains("needs a restart"),
+            "{r}"
+        );
+    }
+    d.write_config("");
+    assert_eq!(c.ok(reload.clone())["warnings"], json!([]));
+
+    let bad_level = "[log]\nlevel = \"verbose\"\n";
+    std::fs::write(&d.config_path, bad_level).unwrap();
+    let (code, message) = c.err(reload.clone());
+    assert_eq!(code, "bad_config");
+    assert!(
+        message.contains("log.level") && message.contains("verbose"),
+        "{message}"
+    );
+    std::fs::write(&d.config_path, "[server\n").unwrap();
+    let (code, _) = c.err(reload.clone());
+    assert_eq!(code, "bad_config");
+
+    // SIGHUP: the same problem in the log, and the daemon serves on.
+    std::fs::write(&d.config_path, bad_level).unwrap();
+    d.signal(libc::SIGHUP);
+    common::eventually(std::time::Duration::from_secs(10), || {
+        d.logs()
+            .lines()
+            .any(|l| l.contains("reload failed") && l.contains("log.level"))
+    });
+    assert_eq!(c.ok(json!({"op": "ping"}))["pong"], true);
+    assert!(d.stop().success());
 }

@@ -63,10 +63,11 @@ pub fn serve(explicit: Option<PathBuf>) -> ExitCode {
     if let Err(e) = crate::hardening::forbid_dumps() {
         return refuse(format!("cannot disable core dumps: {e}"));
     }
-    // Everything else that can refuse a start, before the socket is bound.
-    if let Err(e) = crate::preflight(&config) {
-        return refuse(e);
-    }
+    // Everything else that can refuse a start, before anything is created or bound.
+    let redis_answered = match crate::preflight(&config) {
+        Ok(r) => r,
+        Err(e) => return refuse(e),
+    };
     if config.cache.lock_memory {
         match crate::hardening::lock_memory() {
             Ok(()) => tracing::info!("memory locked (cache.lock_memory)"),
@@ -76,43 +77,56 @@ pub fn serve(explicit: Option<PathBuf>) -> ExitCode {
         }
     }
     let system = actix_rt::System::new();
-    let code = system.block_on(async move {
-        if let Err(e) = crate::server::check_socket_path(&config) {
-            tracing::error!("refusing to start: {e}");
-            return ExitCode::from(1);
-        }
-        let opened = match crate::open_keystore(&config) {
-            Ok(o) => o,
-            Err(e) => return refuse(e),
-        };
-        let socket = config.server.socket.clone();
+    let (code, refused) = system.block_on(async move {
+        // What binds comes first; what creates files (keystore, master key) next;
+        // the actors last, once the socket is bound, so that a refusal leaves
+        // nothing running and nothing behind.
         // Under socket activation systemd owns the socket file; otherwise we bind it.
         let passed = match crate::systemd::passed_listener() {
             Ok(p) => p,
-            Err(e) => return refuse(format!("bad socket from systemd: {e}")),
+            Err(e) => return (refuse(format!("bad socket from systemd: {e}")), true),
         };
         let metrics = match crate::metrics::bind(Some(&config.metrics.listen)) {
             Ok(m) => m,
-            Err(e) => return refuse(e),
+            Err(e) => return (refuse(e), true),
         };
+        let opened = match crate::open_keystore(&config, redis_answered) {
+            Ok(o) => o,
+            Err(e) => return (refuse(e), true),
+        };
+        let socket = config.server.socket.clone();
         let activated = passed.is_some();
-        let socket_mode = config.socket_mode();
-        // Every actor is built (and can refuse) before the socket is bound.
-        let started = match crate::start(config, opened) {
-            Ok(s) => s,
-            Err(e) => return refuse(e),
-        };
         let bound = match passed {
             Some(l) => tokio::net::UnixListener::from_std(l),
-            None => crate::server::bind(&socket, socket_mode),
+            None => crate::server::bind(&socket, config.socket_mode()),
         };
         let listener = match bound {
             Ok(l) => l,
-            Err(e) => return refuse(format!("cannot bind {}: {e}", socket.display())),
+            Err(e) => {
+                return (
+                    refuse(format!("cannot bind {}: {e}", socket.display())),
+                    true,
+                )
+            }
+        };
+        let remove_socket = || {
+            if !activated {
+                if let Err(e) = std::fs::remove_file(&socket) {
+                    tracing::warn!(error = %e, "cannot remove the socket file");
+                }
+            }
+        };
+        let started = match crate::start(config, opened) {
+            Ok(s) => s,
+            Err(e) => {
+                remove_socket();
+                return (refuse(e), true);
+            }
         };
         let (tx, rx) = mpsc::unbounded_channel();
         if let Err(e) = watch_signals(tx) {
-            return refuse(format!("cannot install signal handlers: {e}"));
+            remove_socket();
+            return (refuse(format!("cannot install signal handlers: {e}")), true);
         }
         if activated {
             tracing::info!("listening on the socket passed by systemd");
@@ -120,17 +134,18 @@ pub fn serve(explicit: Option<PathBuf>) -> ExitCode {
             tracing::info!(socket = %socket.display(), "listening");
         }
         let outcome = crate::run(started, listener, rx, metrics).await;
-        if !activated {
-            if let Err(e) = std::fs::remove_file(&socket) {
-                tracing::warn!(error = %e, "cannot remove the socket file");
-            }
-        }
+        remove_socket();
         if let Err(e) = outcome {
-            return refuse(e);
+            return (refuse(e), true);
         }
         tracing::info!("stopped");
-        ExitCode::SUCCESS
+        (ExitCode::SUCCESS, false)
     });
+    if refused {
+        // Actors built for a start that was then refused never ran; tearing their
+        // runtime down would run their start-up outside it. The process ends now.
+        std::mem::forget(system);
+    }
     code
 }
 

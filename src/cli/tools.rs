@@ -51,9 +51,22 @@ fn client_socket(
 }
 
 /// `apikeyd call`.
-pub fn call(socket: Option<PathBuf>, config: Option<PathBuf>, requests: Vec<String>) -> ExitCode {
+pub fn call(
+    socket: Option<PathBuf>,
+    config: Option<PathBuf>,
+    requests: Vec<String>,
+    timeout_s: f64,
+) -> ExitCode {
+    let timeout = match timeout_s {
+        0.0 => None,
+        t if t.is_finite() && t > 0.0 => Some(std::time::Duration::from_secs_f64(t)),
+        _ => {
+            eprintln!("apikeyd call: --timeout must be a number of seconds, 0 or more");
+            return ExitCode::from(2);
+        }
+    };
     match client_socket(socket, config) {
-        Ok(socket) => ExitCode::from(crate::client::call(&socket, requests) as u8),
+        Ok(socket) => ExitCode::from(crate::client::call(&socket, requests, timeout) as u8),
         Err(e) => {
             eprintln!("apikeyd call: {e}");
             ExitCode::from(2)
@@ -72,8 +85,12 @@ pub fn metrics(socket: Option<PathBuf>, config: Option<PathBuf>) -> ExitCode {
     }
 }
 
-/// `apikeyd check-config`: what `serve` would refuse, without binding anything.
-pub fn check_config(explicit: Option<PathBuf>) -> ExitCode {
+/// `apikeyd check-config`: runs `serve`'s preflight without creating, binding or
+/// changing anything and prints every finding. Exits as `serve` would: 0 it starts,
+/// 1 it refuses, 2 the config itself is wrong (unreadable, not TOML, a bad value).
+/// `as_user`: check permissions as that user sees them.
+pub fn check_config(explicit: Option<PathBuf>, as_user: Option<String>) -> ExitCode {
+    use crate::check::{Purpose, Severity, Viewer};
     let (path, must_exist) = match explicit {
         Some(p) => (p, true),
         None => (
@@ -81,8 +98,22 @@ pub fn check_config(explicit: Option<PathBuf>) -> ExitCode {
             std::env::var_os("APIKEYD_CONFIG").is_some(),
         ),
     };
-    let report = crate::check::check(&path, must_exist);
-    if let Some(text) = &report.effective {
+    let viewer = match as_user.as_deref().map(Viewer::user).transpose() {
+        Ok(v) => v.unwrap_or_else(Viewer::current),
+        Err(e) => {
+            eprintln!("apikeyd check-config: --as-user: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (config, config_problems) = match Config::load_all(&path, must_exist) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("problem: {e}");
+            eprintln!("the config cannot be read: `apikeyd serve` would refuse to start (exit 2)");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(text) = crate::check::effective(&config) {
         println!(
             "# effective configuration of {} (secrets left out)",
             path.display()
@@ -92,22 +123,26 @@ pub fn check_config(explicit: Option<PathBuf>) -> ExitCode {
             println!();
         }
     }
-    for note in &report.notes {
-        eprintln!("note: {note}");
+    if let Some(user) = &viewer.name {
+        eprintln!("checking permissions as user {user} (uid {})", viewer.uid);
     }
-    for problem in &report.problems {
+    for problem in &config_problems {
         eprintln!("problem: {problem}");
     }
-    if report.problems.is_empty() {
-        eprintln!("config OK: `apikeyd serve` would start");
-        ExitCode::SUCCESS
-    } else {
-        eprintln!(
-            "{} problem(s): `apikeyd serve` would refuse to start",
-            report.problems.len()
-        );
-        ExitCode::from(1)
+    let report = crate::check::preflight(&config, &viewer, Purpose::Check);
+    for f in &report.findings {
+        match f.severity {
+            Severity::Problem => eprintln!("problem: {}", f.text),
+            Severity::Warning => eprintln!("warning: {}", f.text),
+        }
     }
+    let problems = config_problems.len() + report.problems();
+    if problems == 0 {
+        eprintln!("config OK: `apikeyd serve` would start");
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("{problems} problem(s): `apikeyd serve` would refuse to start");
+    ExitCode::from(if config_problems.is_empty() { 1 } else { 2 })
 }
 
 /// `apikeyd import-legacy`.

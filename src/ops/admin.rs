@@ -24,21 +24,25 @@ pub fn ping() -> Result<Body> {
     })
 }
 
-/// `{"op":"reload"}` → `{"reloaded":true,"key_versions":[1,2]}`: re-reads the config
-/// file and the master keyring, like SIGHUP, and answers once they are in service.
+/// `{"op":"reload"}` → `{"reloaded":true,"key_versions":[1,2],"warnings":[]}`:
+/// re-reads the config file and the master keyring, like SIGHUP, and answers once
+/// they are in service; `warnings` names each changed setting that needs a restart.
+/// A config or key file that is not usable answers `bad_config` with the problem.
 pub async fn reload(app: &App) -> Result<Body> {
     #[derive(Serialize)]
     struct Reloaded {
         reloaded: bool,
         key_versions: Vec<u32>,
+        warnings: Vec<String>,
     }
-    let key_versions = app.reload().await.map_err(|e| {
+    let done = app.reload().await.map_err(|e| {
         tracing::error!("reload failed, keeping the running config and keyring: {e}");
-        Error::Internal(format!("reload failed: {e}"))
+        Error::from(e)
     })?;
     body(&Reloaded {
         reloaded: true,
-        key_versions,
+        key_versions: done.key_versions,
+        warnings: done.warnings,
     })
 }
 

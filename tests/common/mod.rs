@@ -677,6 +677,168 @@ pub fn call_as(bin: &Path, socket: &Path, groups: &[u32], requests: &[Value]) ->
         .collect()
 }
 
+/// A redis-server on a loopback TCP port started with `args` (`{port}` stands for
+/// the port), killed when dropped: for TLS, ACL and Sentinel set-ups.
+pub struct Server {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+pub fn start_server(dir: tempfile::TempDir, args: &[String]) -> Server {
+    let port = free_port();
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir.path())
+        .args(args.iter().map(|a| a.replace("{port}", &port.to_string())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = cmd.spawn().unwrap_or_else(|e| {
+        panic!("cannot run redis-server ({e}); install it: apt-get install redis-server (bash .ci/run does)")
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Server {
+        child,
+        port,
+        _dir: dir,
+    }
+}
+
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run openssl ({e}); install it: apt-get install openssl (bash .ci/run does)"
+            )
+        });
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, in `dir`.
+pub fn make_certificates(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=apikeyd test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    );
+    std::fs::write(dir.join("san.ext"), "subjectAltName = IP:127.0.0.1\n").unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.crt",
+        ],
+    );
+}
+
+/// A sentinel on a free loopback port watching the master at `master_port` as
+/// `mymaster`; ready once it names that master.
+pub fn start_sentinel(master_port: u16) -> Server {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let conf = dir.path().join("sentinel.conf");
+    let port = free_port();
+    std::fs::write(
+        &conf,
+        format!(
+            "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {master_port} 1\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("redis-server")
+        .arg(&conf)
+        .arg("--sentinel")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run redis-server ({e}); install it: apt-get install redis-server (bash .ci/run does)")
+        });
+    let server = Server {
+        child,
+        port,
+        _dir: dir,
+    };
+    eventually(Duration::from_secs(10), || {
+        redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+            .and_then(|mut c| {
+                redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg("mymaster")
+                    .query::<(String, String)>(&mut c)
+            })
+            .is_ok_and(|(_, p)| p == master_port.to_string())
+    });
+    server
+}
 /// Lowers the open-file limit (RLIMIT_NOFILE, soft and hard) of process `pid` to
 /// `n`, with `prlimit` (util-linux).
 pub fn limit_descriptors(pid: i32, n: u64) {

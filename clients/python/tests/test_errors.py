@@ -70,14 +70,14 @@ def test_unavailable_when_redis_is_killed(redis_harness):
     asyncio.run(main())
 
 
-def test_internal_when_reload_reads_a_broken_config(embedded_harness):
+def test_bad_config_when_reload_reads_a_broken_config(embedded_harness):
     d = embedded_harness.daemon()
     c = d.client()
     good = d.config_text()
     d.write_config("this is [ not toml\n")
-    with pytest.raises(apikeyd.Internal) as e:
+    with pytest.raises(apikeyd.BadConfig) as e:
         c.reload()
-    assert e.value.code == "internal"
+    assert e.value.code == "bad_config"
     d.write_config(good)
     assert c.reload()["reloaded"] is True
 
@@ -157,7 +157,8 @@ def test_forbidden_for_a_refused_peer_and_for_a_non_admin_op(embedded_harness):
 @pytest.mark.parametrize(
     "code,cls",
     [("bad_request", apikeyd.BadRequest), ("unknown_op", apikeyd.UnknownOp), ("forbidden", apikeyd.Forbidden),
-     ("too_large", apikeyd.TooLarge), ("unavailable", apikeyd.Unavailable), ("internal", apikeyd.Internal)],
+     ("too_large", apikeyd.TooLarge), ("unavailable", apikeyd.Unavailable), ("bad_config", apikeyd.BadConfig),
+     ("internal", apikeyd.Internal)],
 )
 def test_each_wire_code_maps_to_its_class(code, cls):
     def answer(req):

@@ -311,19 +311,10 @@ fn load_master_key(
 /// open, the key is not the one the keystore was written with.
 fn verify_master_key(db: &Connection, key: &MasterKey, held: bool) -> Result<(), KeystoreError> {
     let place = Place::Meta("keycheck");
-    let sealed: Option<Vec<u8>> = db
-        .query_row("SELECT value FROM meta WHERE name = 'keycheck'", [], |r| {
-            r.get(0)
-        })
-        .optional()
-        .map_err(KeystoreError::ReadCheck)?;
-    match sealed {
-        Some(s) if key.open(&s, place).is_ok() => return Ok(()),
-        Some(_) if held => return Err(KeystoreError::WrongMasterKey),
-        // Keys are held but the check value is gone (deleted by whoever can write
-        // the file): a stored key must open, or this is not the keystore's key.
-        None if held && !opens_a_stored_key(db, key)? => return Err(KeystoreError::WrongMasterKey),
-        _ => {}
+    match check_master_key(db, key, held)? {
+        KeyCheck::Opens => return Ok(()),
+        KeyCheck::Wrong => return Err(KeystoreError::WrongMasterKey),
+        KeyCheck::Unchecked => {}
     }
     let sealed = key.seal(b"apikeyd", place);
     db.execute(
@@ -332,6 +323,41 @@ fn verify_master_key(db: &Connection, key: &MasterKey, held: bool) -> Result<(),
     )
     .map_err(KeystoreError::WriteCheck)?;
     Ok(())
+}
+
+/// What the keystore says of a master key.
+#[derive(Debug, PartialEq, Eq)]
+pub enum KeyCheck {
+    /// It opens the check value.
+    Opens,
+    /// It is not the keystore's key.
+    Wrong,
+    /// Nothing proves either way (no keys held, or the check value is gone and a
+    /// stored key opens): the check value is to be written.
+    Unchecked,
+}
+
+/// Whether `key` is the keystore's (`held`: the keystore holds keys). Reads only:
+/// the start (which then writes the check value) and the start-up preflight share it.
+pub fn check_master_key(
+    db: &Connection,
+    key: &MasterKey,
+    held: bool,
+) -> Result<KeyCheck, KeystoreError> {
+    let sealed: Option<Vec<u8>> = db
+        .query_row("SELECT value FROM meta WHERE name = 'keycheck'", [], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(KeystoreError::ReadCheck)?;
+    Ok(match sealed {
+        Some(s) if key.open(&s, Place::Meta("keycheck")).is_ok() => KeyCheck::Opens,
+        Some(_) if held => KeyCheck::Wrong,
+        // Keys are held but the check value is gone (deleted by whoever can write
+        // the file): a stored key must open, or this is not the keystore's key.
+        None if held && !opens_a_stored_key(db, key)? => KeyCheck::Wrong,
+        _ => KeyCheck::Unchecked,
+    })
 }
 
 /// Whether `key` opens one stored key (a user key, else a pool key) of `db`.

@@ -6,6 +6,7 @@ for the original ``tools.manage_api_keys`` module. Documentation: docs/python.md
 """
 
 from ._errors import (
+    BadConfig,
     BadRequest,
     DaemonUnreachable,
     Error,
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient",
+    "BadConfig",
     "BadRequest",
     "Client",
     "DEFAULT_SOCKET",

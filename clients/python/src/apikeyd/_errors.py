@@ -80,6 +80,13 @@ class Unavailable(Error):
     code = "unavailable"
 
 
+class BadConfig(Error):
+    """``reload`` found the config file (or its master key file) unusable; the message
+    says what is wrong and nothing was changed (``bad_config``)."""
+
+    code = "bad_config"
+
+
 class Internal(Error):
     """Anything else went wrong in the daemon (``internal``)."""
 
@@ -96,7 +103,7 @@ class DaemonUnreachable(Error):
 
 _BY_CODE: Dict[str, Type[Error]] = {
     cls.code: cls
-    for cls in (BadRequest, UnknownOp, Forbidden, TooLarge, Unavailable, Internal)
+    for cls in (BadRequest, UnknownOp, Forbidden, TooLarge, Unavailable, BadConfig, Internal)
 }
 
 
