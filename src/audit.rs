@@ -1,13 +1,16 @@
 //! The audit trail: one structured line per write and per admin op, in the log and,
 //! when `log.audit_file` is set, appended to that file. Never a key: the line holds
 //! only identifiers that passed their parameter rules. Connections refused before any
-//! request are recorded too (op `connect`).
+//! request are recorded too (op `connect`): the first of a uid in full, then a count
+//! a minute.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -19,6 +22,34 @@ use crate::protocol::Subject;
 pub struct Audit {
     file: Option<Mutex<File>>,
     path: Option<PathBuf>,
+    /// Refused connections not yet written, per (uid, outcome, reason).
+    refusals: Mutex<HashMap<RefusalKind, Repeats>>,
+}
+
+/// How often refused connections of one uid (and cause) are summed up.
+pub const REFUSALS_EVERY: Duration = Duration::from_secs(60);
+
+type RefusalKind = (u32, String, String);
+
+/// The refusals of one kind since its last line.
+struct Repeats {
+    written_at: Instant,
+    unwritten: u64,
+    gid: u32,
+    pid: Option<i32>,
+}
+
+/// Refused connections summed up: `repeats` more since the last line about them.
+#[derive(Serialize)]
+struct Repeated<'a> {
+    ts: String,
+    uid: u32,
+    gid: u32,
+    pid: Option<i32>,
+    op: &'a str,
+    outcome: &'a str,
+    reason: &'a str,
+    repeats: u64,
 }
 
 /// A connection refused before any request: who, and with which code.
@@ -31,6 +62,13 @@ struct Refusal<'a> {
     op: &'a str,
     outcome: &'a str,
     reason: &'a str,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
 }
 
 fn open_append(p: &Path) -> std::io::Result<File> {
@@ -66,6 +104,7 @@ impl Audit {
         Ok(Audit {
             file,
             path: path.map(Path::to_path_buf),
+            refusals: Mutex::default(),
         })
     }
 
@@ -84,8 +123,109 @@ impl Audit {
     }
 
     /// Records a connection refused before any request (`forbidden` peer, or no
-    /// free slot: `unavailable`), in the log and the audit file.
-    pub fn refused(&self, peer: &Peer, outcome: &str, reason: &str) {
+    /// free slot: `unavailable`), in the log and the audit file: the first of a
+    /// uid (for one outcome and reason) in full, then a count of the others at
+    /// most once per [`REFUSALS_EVERY`], so that a client reconnecting in a loop
+    /// cannot fill the disk. Answers whether this one was written in full (the
+    /// caller logs it then, and not otherwise).
+    pub fn refused(&self, peer: &Peer, outcome: &str, reason: &str) -> bool {
+        let now = Instant::now();
+        let due = {
+            let mut refusals = lock(&self.refusals);
+            let key = (peer.uid, outcome.to_string(), reason.to_string());
+            match refusals.get_mut(&key) {
+                None => {
+                    refusals.insert(
+                        key,
+                        Repeats {
+                            written_at: now,
+                            unwritten: 0,
+                            gid: peer.gid,
+                            pid: peer.pid,
+                        },
+                    );
+                    None
+                }
+                Some(r) => {
+                    r.unwritten += 1;
+                    r.gid = peer.gid;
+                    r.pid = peer.pid;
+                    if now.duration_since(r.written_at) < REFUSALS_EVERY {
+                        return false;
+                    }
+                    r.written_at = now;
+                    Some(std::mem::take(&mut r.unwritten))
+                }
+            }
+        };
+        match due {
+            None => {
+                self.refused_in_full(peer, outcome, reason);
+                true
+            }
+            Some(repeats) => {
+                self.write_repeats(peer.uid, peer.gid, peer.pid, outcome, reason, repeats);
+                false
+            }
+        }
+    }
+
+    /// Writes the counts of refusals not written yet: those a minute old, or all
+    /// of them (at shutdown). Kinds quiet for a minute are forgotten, so that the
+    /// next refusal of that uid is written in full again.
+    pub fn flush_refusals(&self, all: bool) {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        {
+            let mut refusals = lock(&self.refusals);
+            refusals.retain(|(uid, outcome, reason), r| {
+                let old = now.duration_since(r.written_at) >= REFUSALS_EVERY;
+                if r.unwritten > 0 && (old || all) {
+                    due.push((
+                        *uid,
+                        r.gid,
+                        r.pid,
+                        outcome.clone(),
+                        reason.clone(),
+                        r.unwritten,
+                    ));
+                    r.unwritten = 0;
+                    r.written_at = now;
+                    return true;
+                }
+                !old
+            });
+        }
+        for (uid, gid, pid, outcome, reason, repeats) in due {
+            self.write_repeats(uid, gid, pid, &outcome, &reason, repeats);
+        }
+    }
+
+    fn write_repeats(
+        &self,
+        uid: u32,
+        gid: u32,
+        pid: Option<i32>,
+        outcome: &str,
+        reason: &str,
+        repeats: u64,
+    ) {
+        let line = Repeated {
+            ts: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            uid,
+            gid,
+            pid,
+            op: "connect",
+            outcome,
+            reason,
+            repeats,
+        };
+        if let Ok(text) = serde_json::to_string(&line) {
+            self.write(text, true);
+        }
+    }
+
+    fn refused_in_full(&self, peer: &Peer, outcome: &str, reason: &str) {
         let line = Refusal {
             ts: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
             uid: peer.uid,

@@ -574,6 +574,37 @@ mod tests {
     }
 
     #[test]
+    fn sentinel_families_name_the_master_and_count_sentinels() {
+        let status = RedisStatus::default();
+        status.sentinels.store(3, Ordering::Relaxed);
+        status.sentinels_reachable.store(2, Ordering::Relaxed);
+        status.failovers.store(1, Ordering::Relaxed);
+        status.set_master("10.0.0.2:6379");
+        let text = Metrics::new(true)
+            .render(&Gauges {
+                cache: CacheFigures {
+                    hits: 0,
+                    misses: 0,
+                    entries: 0,
+                },
+                connections: 0,
+                redis_up: Some(true),
+                redis: Some(&status),
+                pools: Some(Vec::new()),
+            })
+            .unwrap();
+        for want in [
+            "apikeyd_redis_master_info{addr=\"10.0.0.2:6379\"} 1\n",
+            "apikeyd_sentinels_reachable 2\n",
+            "apikeyd_sentinels 3\n",
+            "apikeyd_redis_failovers_total 1\n",
+            "# HELP apikeyd_redis_failovers_total ",
+        ] {
+            assert!(text.contains(want), "{want:?} in\n{text}");
+        }
+    }
+
+    #[test]
     fn bind_errors_keep_their_text() {
         let e = bind(Some("nowhere")).err().unwrap().to_string();
         assert_eq!(

@@ -261,6 +261,16 @@ pub async fn serve(app: Rc<App>, listener: UnixListener, shutdown: impl Future<O
     let slots = Arc::new(Semaphore::new(max));
     let by_uid: Rc<RefCell<HashMap<u32, usize>>> = Rc::default();
     let mut reserve = Reserve::take();
+    let flusher = {
+        let app = app.clone();
+        tokio::task::spawn_local(async move {
+            let mut every = tokio::time::interval(crate::audit::REFUSALS_EVERY / 4);
+            loop {
+                every.tick().await;
+                app.audit.flush_refusals(false);
+            }
+        })
+    };
     let mut failing = Repeated::default();
     tokio::pin!(shutdown);
     loop {
@@ -312,13 +322,14 @@ pub async fn serve(app: Rc<App>, listener: UnixListener, shutdown: impl Future<O
             role,
         };
         if role == Role::Denied {
-            tracing::warn!(
-                uid,
-                gid,
-                pid = peer.pid,
-                "connection refused: peer not allowed"
-            );
-            app.audit.refused(&peer, "forbidden", "peer not allowed");
+            if app.audit.refused(&peer, "forbidden", "peer not allowed") {
+                tracing::warn!(
+                    uid,
+                    gid,
+                    pid = peer.pid,
+                    "connection refused: peer not allowed (more from this uid are counted in the audit once a minute)"
+                );
+            }
             let e = Error::Forbidden(format!(
                 "uid {uid} gid {gid} may not use apikeyd; an operator can add it to access.allow_uids or access.allow_gids"
             ));
@@ -330,17 +341,18 @@ pub async fn serve(app: Rc<App>, listener: UnixListener, shutdown: impl Future<O
         // more than a quarter of them, so a small max_connections still serves users.
         let reserve = config.server.admin_reserved_connections.min(max / 4);
         if role != Role::Admin && slots.available_permits() <= reserve {
-            tracing::warn!(
-                uid,
-                max,
-                reserve,
-                "connection refused: only slots reserved for admins are left"
-            );
-            app.audit.refused(
+            if app.audit.refused(
                 &peer,
                 "unavailable",
                 "server.admin_reserved_connections left",
-            );
+            ) {
+                tracing::warn!(
+                    uid,
+                    max,
+                    reserve,
+                    "connection refused: only slots reserved for admins are left"
+                );
+            }
             let e = Error::Unavailable(format!(
                 "too many connections (server.max_connections = {max}, {reserve} kept for admins); retry later"
             ));
@@ -350,16 +362,17 @@ pub async fn serve(app: Rc<App>, listener: UnixListener, shutdown: impl Future<O
         let per_uid = config.server.max_connections_per_uid;
         drop(config);
         let Some(uid_slot) = UidSlot::take(&by_uid, uid, per_uid) else {
-            tracing::warn!(
-                uid,
-                per_uid,
-                "connection refused: server.max_connections_per_uid reached"
-            );
-            app.audit.refused(
+            if app.audit.refused(
                 &peer,
                 "unavailable",
                 "server.max_connections_per_uid reached",
-            );
+            ) {
+                tracing::warn!(
+                    uid,
+                    per_uid,
+                    "connection refused: server.max_connections_per_uid reached"
+                );
+            }
             let e = Error::Unavailable(format!(
                 "too many connections from uid {uid} (server.max_connections_per_uid = {per_uid}); close some or retry later"
             ));
@@ -367,13 +380,16 @@ pub async fn serve(app: Rc<App>, listener: UnixListener, shutdown: impl Future<O
             continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(
-                uid,
-                max,
-                "connection refused: server.max_connections reached"
-            );
-            app.audit
-                .refused(&peer, "unavailable", "server.max_connections reached");
+            if app
+                .audit
+                .refused(&peer, "unavailable", "server.max_connections reached")
+            {
+                tracing::warn!(
+                    uid,
+                    max,
+                    "connection refused: server.max_connections reached"
+                );
+            }
             let e = Error::Unavailable(format!(
                 "too many connections (server.max_connections = {max}); retry later"
             ));
@@ -392,6 +408,8 @@ pub async fn serve(app: Rc<App>, listener: UnixListener, shutdown: impl Future<O
         });
     }
     drop(listener);
+    flusher.abort();
+    app.audit.flush_refusals(true);
     tracing::info!("stopped accepting; answering requests in flight");
     stop.cancel();
     tracker.close();

@@ -311,3 +311,47 @@ fn the_json_log_writes_pid_as_a_number() {
     };
     assert!(fields["pid"].is_u64(), "{line}");
 }
+
+/// 2,000 refused connections from one denied uid add a handful of audit lines
+/// (the first in full, then counts), not 2,000; the count is written at the latest
+/// when the daemon stops.
+#[test]
+fn refused_connections_are_audited_in_summary() {
+    common::need_root();
+    let mut d = TestDaemon::start_with(Mode::Embedded, "log.audit_file = \"audit.jsonl\"\n", &[]);
+    common::open_up(&d);
+    // One process (perl-base, always there) connecting 2,000 times as nobody.
+    let script = "use Socket; for (1..2000) { socket(my $s, PF_UNIX, SOCK_STREAM, 0) or die $!; \
+        connect($s, pack_sockaddr_un($ARGV[0])) or die \"connect: $!\"; sysread($s, my $b, 4096); close($s) }";
+    let out = common::output_retrying_busy(
+        common::as_nobody(&[])
+            .args(["/usr/bin/perl", "-e", script])
+            .arg(&d.socket),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(d.stop().success());
+    let lines = audit_lines(&d.path("audit.jsonl"));
+    let refusals: Vec<&Value> = lines.iter().filter(|l| l["op"] == "connect").collect();
+    assert!(
+        (2..=5).contains(&refusals.len()),
+        "{} audit lines: {refusals:?}",
+        refusals.len()
+    );
+    assert_eq!(refusals[0]["uid"], 65534);
+    assert_eq!(refusals[0]["outcome"], "forbidden");
+    let counted: u64 = refusals[1..]
+        .iter()
+        .map(|l| l["repeats"].as_u64().expect("a count"))
+        .sum();
+    assert_eq!(counted, 1999, "{refusals:?}");
+    let logs = d.logs();
+    assert!(
+        logs.matches("connection refused: peer not allowed").count() <= 5,
+        "{}",
+        logs.matches("connection refused").count()
+    );
+}

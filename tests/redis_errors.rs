@@ -93,6 +93,14 @@ fn out_of_memory_is_unavailable_and_said_once() {
         1,
         "{logs}"
     );
+    let metrics = c.ok(json!({"op": "metrics"}))["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        metrics.contains("apikeyd_redis_refusals_total{cause=\"oom\"} "),
+        "{metrics}"
+    );
     config_set(&r, "maxmemory", "0");
     assert_eq!(set_key(&mut c, "after")["ok"], true);
     eventually(Duration::from_secs(10), || {

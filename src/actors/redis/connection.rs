@@ -115,7 +115,7 @@ impl RedisStatus {
             .collect()
     }
 
-    pub(super) fn set_master(&self, address: &str) {
+    pub(crate) fn set_master(&self, address: &str) {
         match self.master.lock() {
             Ok(mut m) => *m = Some(address.to_string()),
             Err(p) => *p.into_inner() = Some(address.to_string()),

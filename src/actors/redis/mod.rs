@@ -180,7 +180,10 @@ pub fn describe_error(e: &redis::RedisError) -> String {
     } else if e.kind() == redis::ErrorKind::AuthenticationFailed {
         "authentication failed (check the password in redis.url)".into()
     } else {
-        e.to_string()
+        match RedisRefusal::of(e) {
+            RedisRefusal::Other => e.to_string(),
+            refusal => format!("redis refused: {}", refusal.cause()),
+        }
     }
 }
 
