@@ -174,6 +174,10 @@ impl App {
             cache,
             connections: self.connections.load(std::sync::atomic::Ordering::Relaxed),
             redis_up: self.redis_up(),
+            unauthenticated_heartbeats: self.store.redis_status().map(|s| {
+                s.unauthenticated_heartbeats
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            }),
         })
     }
 

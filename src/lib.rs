@@ -174,6 +174,13 @@ struct RedisParts {
     addr: Addr<RedisStore>,
     /// The store's switches for the `App` (reloadable legacy setting, "has answered").
     switches: app::RedisSwitches,
+    member: FleetMember,
+}
+
+/// This daemon as a member of the fleet, for removing its heartbeat on a clean stop.
+struct FleetMember {
+    id: String,
+    leaving: Arc<AtomicBool>,
 }
 
 /// Starts the store actor the config asks for: Redis when `redis.url` is set, else
@@ -207,12 +214,18 @@ fn start_store(
         key.clone(),
         connected.clone(),
     )?;
+    let me = fleet::Identity::new(config.server.socket.clone());
+    let member = FleetMember {
+        id: me.id.clone(),
+        leaving: me.leaving.clone(),
+    };
     actix_rt::spawn(fleet::heartbeat(
         store.connection(),
         config.redis.clone(),
         key,
-        fleet::Identity::new(config.server.socket.clone()),
+        me,
         fleet_verified,
+        store.status(),
     ));
     let names = actors::redis::Names {
         prefix: config.redis.prefix.clone(),
@@ -236,6 +249,7 @@ fn start_store(
             names,
             addr,
             switches,
+            member,
         }),
     ))
 }
@@ -265,6 +279,8 @@ async fn watchdog(app: Rc<App>, every: std::time::Duration) {
 pub struct Started {
     pub app: Rc<App>,
     _lock: Option<lock::KeystoreLock>,
+    /// Redis mode: this daemon in the fleet (its heartbeat goes on a clean stop).
+    member: Option<FleetMember>,
 }
 
 /// Builds the daemon on an opened keystore: the store, keystore and cache actors and
@@ -299,7 +315,9 @@ pub fn start(config: Config, opened: Opened) -> Result<Started, StartError> {
     let cache_reader = cache.reader();
     let cache = cache.start();
     let mut switches = None;
+    let mut member = None;
     if let Some(r) = redis {
+        member = Some(r.member);
         actix_rt::spawn(actors::redis::listen(
             r.target,
             r.names,
@@ -321,7 +339,11 @@ pub fn start(config: Config, opened: Opened) -> Result<Started, StartError> {
     );
     app.redis = switches;
     let app = Rc::new(app);
-    Ok(Started { app, _lock: lock })
+    Ok(Started {
+        app,
+        _lock: lock,
+        member,
+    })
 }
 
 /// Serves the daemon built by `start` on `listener` until `Control::Shutdown` (or the sender is dropped).
@@ -378,6 +400,10 @@ pub async fn run(
         let _ = stop_rx.await;
     })
     .await;
+    if let Some(m) = &started.member {
+        let (redis, id, leaving) = (app.config().redis.clone(), m.id.clone(), m.leaving.clone());
+        let _ = tokio::task::spawn_blocking(move || fleet::leave(&redis, &id, &leaving)).await;
+    }
     if let Err(e) = app.keystore(actors::keystore::MarkClean).await {
         tracing::warn!(error = %e, "keystore not marked clean; the next start runs the full check");
     }

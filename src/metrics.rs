@@ -59,6 +59,7 @@ pub struct Metrics {
     cache_entries: Gauge,
     connections: Gauge,
     redis_up: Option<Gauge>,
+    unauthenticated_heartbeats: Counter,
 }
 
 impl Metrics {
@@ -108,7 +109,16 @@ impl Metrics {
             );
             g
         });
+        let unauthenticated_heartbeats = Counter::default();
+        if redis {
+            registry.register(
+                "fleet_unauthenticated_heartbeats",
+                "Fleet heartbeats ignored because the master key does not authenticate them",
+                unauthenticated_heartbeats.clone(),
+            );
+        }
         Metrics {
+            unauthenticated_heartbeats,
             counts: (0..=Op::ALL.len()).map(|_| Default::default()).collect(),
             quota_denials: AtomicU64::new(0),
             duration,
@@ -172,6 +182,8 @@ pub struct Gauges {
     pub connections: u64,
     /// Redis mode: whether Redis is up.
     pub redis_up: Option<bool>,
+    /// Redis mode: fleet heartbeats ignored as unauthenticated.
+    pub unauthenticated_heartbeats: Option<u64>,
 }
 
 impl Metrics {
@@ -205,6 +217,11 @@ impl Metrics {
             .set(i64::try_from(now.connections).unwrap_or(i64::MAX));
         if let Some(g) = &self.redis_up {
             g.set(i64::from(now.redis_up == Some(true)));
+        }
+        if let Some(n) = now.unauthenticated_heartbeats {
+            self.unauthenticated_heartbeats
+                .inner()
+                .store(n, Ordering::Relaxed);
         }
         let mut text = String::with_capacity(4096);
         encode(&mut text, &self.registry)

@@ -162,15 +162,16 @@ fn hand_over(config: &Config, access: &ToolAccess, current: u32) -> Result<(), R
 /// otherwise stops, naming the daemons that are behind and what to do.
 fn fleet_ready(
     config: &Config,
+    key: &MasterKey,
     key_file: &Path,
-    current: u32,
     step: &'static str,
     step_done: &'static str,
 ) -> Result<(), RotateError> {
     if config.redis.url.is_empty() {
         return Ok(());
     }
-    match crate::fleet::wait_until_sealing(config, current, FLEET_WAIT) {
+    let current = key.current_version();
+    match crate::fleet::wait_until_sealing(config, key, current, FLEET_WAIT) {
         Ok(()) => {
             println!("every live daemon on this Redis seals with key version {current}");
             Ok(())
@@ -470,21 +471,9 @@ pub fn rotate(r: Rotation<'_>) -> Result<(), RotateError> {
         );
         return Ok(());
     }
-    fleet_ready(
-        config,
-        r.key_file,
-        key.current_version(),
-        "re-sealing",
-        "re-sealed",
-    )?;
+    fleet_ready(config, &key, r.key_file, "re-sealing", "re-sealed")?;
     let broken = reseal_everything(config, &mut db, &key)?;
-    fleet_ready(
-        config,
-        r.key_file,
-        key.current_version(),
-        "retiring",
-        "retired",
-    )?;
+    fleet_ready(config, &key, r.key_file, "retiring", "retired")?;
     let retired: Vec<u32> = key
         .versions()
         .into_iter()
@@ -537,6 +526,7 @@ mod tests {
             versions: vec![1],
             sealing: 1,
             at: 0,
+            tags: Default::default(),
         }];
         let cases = [
             (
