@@ -424,3 +424,98 @@ fn a_fake_heartbeat_never_makes_a_daemon_seal_with_a_retired_version() {
         .unwrap();
     assert_eq!(sealed_version_of(&user), 2, "never a retired version");
 }
+
+/// What B acknowledged: (is a user key, service, key).
+type Acked = Vec<(bool, String, String)>;
+
+#[test]
+fn hiding_a_daemons_heartbeat_during_a_rotation_loses_no_write_it_acknowledged() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let a = TestDaemon::start_with(Mode::Redis, NO_CACHE, &[]);
+    let mut b = TestDaemon::start_sharing(&a, NO_CACHE);
+    let redis = a.redis.clone().unwrap();
+    let mut con = redis.conn();
+    eventually(Duration::from_secs(10), || live_daemons(&mut con) == 2);
+    let b_id = record_of(&mut con, b.pid()).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    // A Redis writer hides B's heartbeat every 2 ms.
+    let hider = {
+        let (stop, mut con, id) = (stop.clone(), redis.conn(), b_id.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _: redis::RedisResult<()> = redis::pipe()
+                    .srem("stargazer:apikeyd:fleet", &id)
+                    .del(format!("stargazer:apikeyd:fleet:{id}"))
+                    .query(&mut con);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    // Meanwhile B takes writes, user keys and pool keys, until it stops.
+    let writer = {
+        let (stop, socket) = (stop.clone(), b.socket.clone());
+        std::thread::spawn(move || {
+            let mut acked = Acked::new();
+            let timeouts = apikeyd::client::Timeouts::TOOL;
+            let Ok(mut c) = apikeyd::client::Connection::connect(&socket, timeouts) else {
+                return acked;
+            };
+            for i in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let (user, service, key) =
+                    (i % 2 == 0, format!("s{i}"), format!("sk-by-b-{i:012}"));
+                let line = if user {
+                    json!({"op": "set_user_api_key", "user_id": "w", "service": service, "key": key})
+                } else {
+                    json!({"op": "add_pool_key", "service": service, "key": key})
+                };
+                match c.request(&line.to_string()) {
+                    Ok(v) if v["ok"] == true => acked.push((user, service, key)),
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            acked
+        })
+    };
+    eventually(Duration::from_secs(10), || live_daemons(&mut con) == 1);
+    let (ok, text) = rotate(&a.config_path, &[]);
+    assert!(ok, "{text}");
+    assert!(text.contains("retired key versions [1]"), "{text}");
+    // B holds only the retired version: it stops at its next beat.
+    let status = b.wait_exit();
+    assert!(!status.success());
+    stop.store(true, Ordering::Relaxed);
+    hider.join().unwrap();
+    let acked = writer.join().unwrap();
+    assert!(acked.len() > 10, "B took writes: {}", acked.len());
+    // Every write B acknowledged is readable after the rotation.
+    let mut ca = a.client();
+    let mut lost = Vec::new();
+    for (user, service, key) in &acked {
+        let r = if *user {
+            ca.call(
+                json!({"op": "get_user_api_key", "user_id": "w", "service": service,
+                "fallback_to_pool": false, "fallback_to_config": false}),
+            )
+        } else {
+            ca.call(json!({"op": "get_pool_api_key", "service": service}))
+        };
+        if r["result"]["key"] != json!(key) {
+            lost.push(service.clone());
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged writes lost: {lost:?}",
+        lost.len(),
+        acked.len()
+    );
+}

@@ -95,6 +95,28 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 ";
 
+/// Adds a sealed pool key unless its field exists (after [`RETIRED_GUARD`]):
+/// KEYS[2] the pool hash, KEYS[3] its info hash; ARGV[2] key_id, ARGV[3] the sealed
+/// value, ARGV[4] the info, ARGV[5] channel, ARGV[6] message. Answers 1 when added.
+const ADD_POOL_KEY_WRITE: &str = r"
+local added = redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3])
+redis.call('HSETNX', KEYS[3], ARGV[2], ARGV[4])
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return added
+";
+
+/// Stores a sealed user key (after [`RETIRED_GUARD`]): KEYS[2] the user hash,
+/// KEYS[3] its info hash, KEYS[4] its rejected marks; ARGV[2] service, ARGV[3] the
+/// sealed value, ARGV[4] now, ARGV[5] channel, ARGV[6] message. A new key is not
+/// the one the provider rejected.
+const STORE_USER_KEY_WRITE: &str = r"
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[4])
+redis.call('HDEL', KEYS[4], ARGV[2])
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return 1
+";
+
 /// Reports that lose a compare-and-set race this often in a row give up.
 const REPORT_TRIES: usize = 8;
 
@@ -126,6 +148,9 @@ struct Inner {
     quota: quota::Batcher,
     report: redis::Script,
     enable: redis::Script,
+    /// Sealed-value writes, each behind [`RETIRED_GUARD`].
+    add_pool_key: redis::Script,
+    store_user_key: redis::Script,
 }
 
 /// A Redis error in words for the log and `check-config`: a refused connection is
@@ -236,6 +261,18 @@ impl Inner {
                     "redis is unreachable; retry shortly".into(),
                 ))
             }
+            Ok(Err(e)) if e.code() == Some(RETIRED_CODE) => {
+                tracing::error!(
+                    what,
+                    "a write sealed with a key version the fleet retired was refused; \
+                    this daemon switches version or stops at its next fleet heartbeat"
+                );
+                Err(Error::Unavailable(
+                    "this daemon sealed the key with a master key version the fleet retired; \
+                     nothing was stored; retry shortly"
+                        .into(),
+                ))
+            }
             Ok(Err(e)) if is_transient(&e) => {
                 tracing::warn!(what, error = %e, "redis cannot serve right now (loading or failing over)");
                 Err(Error::Unavailable(
@@ -327,17 +364,29 @@ impl Inner {
             added_at: Some(clock::now_s()),
         })
         .unwrap_or_default();
-        let pipe = redis::pipe()
-            .atomic()
-            .hset_nx(self.names.pool(&msg.pool), &key_id, value)
-            .hset_nx(self.names.pool_info(&msg.pool), &key_id, info)
-            .publish(
-                self.names.invalidate(),
-                self.announce(&Changed::Pool(msg.pool)),
-            )
-            .to_owned();
-        let (added, _, _): (bool, bool, i64) =
-            self.pipeline("add pool key", Kind::Write, &pipe).await?;
+        let (keycheck, pool, pool_info) = (
+            self.names.keycheck(),
+            self.names.pool(&msg.pool),
+            self.names.pool_info(&msg.pool),
+        );
+        let version = envelope_version(value.as_bytes());
+        let (channel, changed) = (
+            self.names.invalidate(),
+            self.announce(&Changed::Pool(msg.pool)),
+        );
+        let added: bool = self
+            .bounded("add pool key", Kind::Write, |mut c| {
+                let mut call = self.add_pool_key.prepare_invoke();
+                call.key(&keycheck).key(&pool).key(&pool_info);
+                call.arg(version)
+                    .arg(&key_id)
+                    .arg(&value)
+                    .arg(&info)
+                    .arg(&channel)
+                    .arg(&changed);
+                async move { call.invoke_async(&mut c).await }
+            })
+            .await?;
         self.confirm("add pool key").await?;
         Ok((key_id, added))
     }
@@ -660,26 +709,29 @@ impl Inner {
             &msg.service,
             &msg.key,
         );
-        let pipe = redis::pipe()
-            .atomic()
-            .hset(self.names.legacy_user(&msg.user_id), &msg.service, value)
-            .ignore()
-            .hset(
-                self.names.user_info(&msg.user_id),
-                &msg.service,
-                clock::now_s(),
-            )
-            .ignore()
-            // A new key is not the one the provider rejected.
-            .hdel(self.names.user_rejected(&msg.user_id), &msg.service)
-            .ignore()
-            .publish(
-                self.names.invalidate(),
-                self.user_changed(&msg.user_id, &msg.service),
-            )
-            .ignore()
-            .to_owned();
-        self.pipeline::<()>("set user key", Kind::Write, &pipe)
+        let keys = [
+            self.names.keycheck(),
+            self.names.legacy_user(&msg.user_id),
+            self.names.user_info(&msg.user_id),
+            self.names.user_rejected(&msg.user_id),
+        ];
+        let version = envelope_version(value.as_bytes());
+        let (now, channel) = (clock::now_s(), self.names.invalidate());
+        let changed = self.user_changed(&msg.user_id, &msg.service);
+        let _: i64 = self
+            .bounded("set user key", Kind::Write, |mut c| {
+                let mut call = self.store_user_key.prepare_invoke();
+                for k in &keys {
+                    call.key(k);
+                }
+                call.arg(version)
+                    .arg(&msg.service)
+                    .arg(&value)
+                    .arg(now)
+                    .arg(&channel)
+                    .arg(&changed);
+                async move { call.invoke_async(&mut c).await }
+            })
             .await?;
         self.confirm("set user key").await
     }
@@ -841,6 +893,10 @@ impl RedisStore {
                 quota: quota::Batcher::new(),
                 report: redis::Script::new(REPORT_SCRIPT),
                 enable: redis::Script::new(ENABLE_SCRIPT),
+                add_pool_key: redis::Script::new(&format!("{RETIRED_GUARD}{ADD_POOL_KEY_WRITE}")),
+                store_user_key: redis::Script::new(&format!(
+                    "{RETIRED_GUARD}{STORE_USER_KEY_WRITE}"
+                )),
             }),
         })
     }
