@@ -56,7 +56,7 @@ pub struct App {
     /// Pools and quota counters.
     pub store: Store,
     /// Where audit lines go.
-    pub audit: Audit,
+    pub audit: Arc<Audit>,
     /// The master keyring every actor seals and opens with; swapped on reload.
     pub key: Arc<MasterKey>,
     /// `server.request_timeout_ms` as read at start, like the store's and the cache's.
@@ -83,7 +83,7 @@ impl App {
         cache: Addr<KeyCache>,
         cache_reader: CacheReader,
         store: Store,
-        audit: Audit,
+        audit: Arc<Audit>,
         key: Arc<MasterKey>,
     ) -> Self {
         let metrics =

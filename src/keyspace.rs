@@ -96,6 +96,12 @@ impl Names {
         format!("{}:apikeyd:fleet:{member}", self.prefix)
     }
 
+    /// When `import-legacy` first sealed the values left in clear (unix seconds):
+    /// `{prefix}:apikeyd:legacy_cutover`. From then on a value in clear is tampering.
+    pub fn legacy_cutover(&self) -> String {
+        format!("{}:apikeyd:legacy_cutover", self.prefix)
+    }
+
     /// The pub/sub channel announcing changes: `{prefix}:apikeyd:invalidate`.
     pub fn invalidate(&self) -> String {
         format!("{}:apikeyd:invalidate", self.prefix)

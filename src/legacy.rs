@@ -4,6 +4,8 @@
 //! safe to interrupt: a clear value goes only in the transaction that writes its
 //! sealed copy, or after its keystore row is committed.
 
+use std::collections::HashSet;
+use std::path::Path;
 use std::time::Duration;
 
 use redis::Commands;
@@ -42,6 +44,39 @@ pub enum ImportError {
     /// Storing a user key failed (the keystore's own error, as the wire would say it).
     #[error("keystore: {0}")]
     Store(#[from] crate::error::Error),
+    #[error("cannot read the --accept-clear file {}: {source}", path.display())]
+    AcceptFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The entries an operator reviewed and accepts to import although they were
+/// written in clear after the cut-over: lines as `--dry-run` prints them after
+/// `accept-clear: ` (`user {user_id} {service} {fingerprint}` or
+/// `pool {hash} {field} {fingerprint}`); blank lines and `#` comments are ignored.
+pub fn read_accepted(path: &Path) -> Result<HashSet<String>, ImportError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ImportError::AcceptFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .map(|l| l.strip_prefix("accept-clear:").unwrap_or(l).trim())
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect())
+}
+
+/// What the import does about one value in clear, once the cut-over is recorded.
+enum AfterCutOver {
+    /// No cut-over yet: a legacy value, imported.
+    Before,
+    /// Named in the `--accept-clear` file: imported.
+    Accepted,
+    /// Not named: refused (left as it is; the daemons do not serve it).
+    Refused,
 }
 
 /// What an import did (or, with `--dry-run`, would do).
@@ -52,10 +87,52 @@ pub struct Report {
     pub user_keys_already_stored: usize,
     pub pool_values_encrypted: usize,
     pub skipped: usize,
+    /// Values in clear written after the cut-over and not accepted.
+    pub refused: usize,
 }
 
-/// Runs the import, printing one line per action (never a key).
-pub fn import(config: &Config, dry_run: bool) -> Result<Report, ImportError> {
+impl Report {
+    /// Whether every value in clear was imported (the tool exits non-zero otherwise).
+    pub fn complete(&self) -> bool {
+        self.skipped == 0 && self.refused == 0
+    }
+}
+
+/// Judges one value in clear: `line` is its entry as an `--accept-clear` file names
+/// it. After the cut-over a clear value was written by someone who can write Redis
+/// (the import sealed every one there was), so only a reviewed one is imported.
+fn judge(
+    cut_over: bool,
+    accepted: &HashSet<String>,
+    line: &str,
+    dry_run: bool,
+    report: &mut Report,
+) -> AfterCutOver {
+    if !cut_over {
+        return AfterCutOver::Before;
+    }
+    if accepted.contains(line) {
+        println!("accepted (reviewed in --accept-clear): {line}");
+        return AfterCutOver::Accepted;
+    }
+    report.refused += 1;
+    println!(
+        "{} a value in clear written after the cut-over (possible injection by someone who can write redis); \
+         review it, and to import it name it in an --accept-clear file:\naccept-clear: {line}",
+        if dry_run { "would refuse" } else { "refused" }
+    );
+    AfterCutOver::Refused
+}
+
+/// Runs the import, printing one line per action (never a key; each value in clear
+/// found after the cut-over by its fingerprint, its key_id). The first run that
+/// changes something records the cut-over; from then on a value in clear is only
+/// imported when `accepted` (read by [`read_accepted`]) names it.
+pub fn import(
+    config: &Config,
+    dry_run: bool,
+    accepted: &HashSet<String>,
+) -> Result<Report, ImportError> {
     if config.redis.url.is_empty() {
         return Err(ImportError::NoRedis);
     }
@@ -94,6 +171,14 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, ImportError> {
     };
     let target = if in_redis { "redis" } else { "the keystore" };
     let mut report = Report::default();
+    let cut_over: Option<i64> = con.get(names.legacy_cutover())?;
+    if let Some(at) = cut_over {
+        println!(
+            "the cut-over was recorded at {}: values in clear found now were written after it",
+            clock::rfc3339(at)
+        );
+    }
+    let cut_over = cut_over.is_some();
 
     for hash in keyspace::all_hashes(&mut con, &format!("{}:user_api_keys:*", names.prefix))? {
         let user_id = &hash[names.legacy_user("").len()..];
@@ -129,6 +214,15 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, ImportError> {
                 report.skipped += 1;
                 continue;
             };
+            let line = format!(
+                "user {} {} {}",
+                user_id.escape_debug(),
+                field.escape_debug(),
+                master.key_id(&key)
+            );
+            if let AfterCutOver::Refused = judge(cut_over, accepted, &line, dry_run, &mut report) {
+                continue;
+            }
             let present = if in_redis {
                 // A sealed key under the lower-cased field (when the module's field
                 // differs in case) is newer than the clear one.
@@ -217,6 +311,15 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, ImportError> {
                 report.skipped += 1;
                 continue;
             };
+            let line = format!(
+                "pool {} {} {}",
+                hash.escape_debug(),
+                field.escape_debug(),
+                master.key_id(&key)
+            );
+            if let AfterCutOver::Refused = judge(cut_over, accepted, &line, dry_run, &mut report) {
+                continue;
+            }
             report.pool_values_encrypted += 1;
             if dry_run {
                 println!(
@@ -259,6 +362,13 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, ImportError> {
                 field.escape_debug()
             );
         }
+    }
+    if !dry_run && !cut_over {
+        let _: bool = con.set_nx(names.legacy_cutover(), clock::now_s())?;
+        println!(
+            "recorded the cut-over: from now on a value in clear in redis is treated as tampering \
+             (not served; import-legacy imports it only when --accept-clear names it)"
+        );
     }
     Ok(report)
 }

@@ -190,6 +190,7 @@ fn start_store(
     key: Arc<MasterKey>,
     db: Connection,
     fleet_verified: bool,
+    audit: &Arc<audit::Audit>,
 ) -> Result<(Store, Option<RedisParts>), StartError> {
     if config.redis.url.is_empty() {
         let db = Mutex::new(Some(db));
@@ -213,6 +214,7 @@ fn start_store(
         &config.redis,
         key.clone(),
         connected.clone(),
+        audit.clone(),
     )?;
     let me = fleet::Identity::new(config.server.socket.clone());
     let member = FleetMember {
@@ -294,7 +296,9 @@ pub fn start(config: Config, opened: Opened) -> Result<Started, StartError> {
         fleet_verified,
     } = opened;
     let store_db = connections.pop().ok_or(StartError::NoStoreConnection)?;
-    let (store, redis) = start_store(&config, key.clone(), store_db, fleet_verified)?;
+    let audit =
+        Arc::new(audit::Audit::open(config.log.audit_file.as_deref()).map_err(StartError::Audit)?);
+    let (store, redis) = start_store(&config, key.clone(), store_db, fleet_verified, &audit)?;
     let key_for_app = key.clone();
     let threads = connections.len();
     let pool = Mutex::new(connections);
@@ -326,7 +330,6 @@ pub fn start(config: Config, opened: Opened) -> Result<Started, StartError> {
         ));
         switches = Some(r.switches);
     }
-    let audit = audit::Audit::open(config.log.audit_file.as_deref()).map_err(StartError::Audit)?;
     let mut app = App::new(
         config,
         keystore,

@@ -80,6 +80,11 @@ enum Command {
         /// Only print what would be done.
         #[arg(long)]
         dry_run: bool,
+        /// After the cut-over (the first import), values in clear are refused as
+        /// possible injections; import those this file names, one `--dry-run`
+        /// `accept-clear:` line each, reviewed by you.
+        #[arg(long, value_name = "FILE")]
+        accept_clear: Option<PathBuf>,
     },
     /// Add a master-key version, re-seal every stored key under it (keystore, and
     /// Redis in Redis mode) and retire the old versions, while the daemon serves.
@@ -143,7 +148,11 @@ fn main() -> ExitCode {
             config,
             requests,
         } => cli::call(socket, config, requests),
-        Command::ImportLegacy { config, dry_run } => cli::import_legacy(config, dry_run),
+        Command::ImportLegacy {
+            config,
+            dry_run,
+            accept_clear,
+        } => cli::import_legacy(config, dry_run, accept_clear),
         Command::MigrateUserKeys { config, to } => cli::migrate_user_keys(
             config,
             match to {

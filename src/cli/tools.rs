@@ -111,22 +111,44 @@ pub fn check_config(explicit: Option<PathBuf>) -> ExitCode {
 }
 
 /// `apikeyd import-legacy`.
-pub fn import_legacy(config: Option<PathBuf>, dry_run: bool) -> ExitCode {
+/// Exits 1 when any value in clear was skipped or refused.
+pub fn import_legacy(
+    config: Option<PathBuf>,
+    dry_run: bool,
+    accept_clear: Option<PathBuf>,
+) -> ExitCode {
     let config = match tool_config("import-legacy", config) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match crate::legacy::import(&config, dry_run) {
+    let accepted = match accept_clear.as_deref().map(crate::legacy::read_accepted) {
+        None => Default::default(),
+        Some(Ok(a)) => a,
+        Some(Err(e)) => {
+            eprintln!("apikeyd import-legacy: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match crate::legacy::import(&config, dry_run, &accepted) {
         Ok(r) => {
             println!(
-                "{}: {} user keys moved, {} already in the keystore, {} pool values encrypted, {} skipped",
+                "{}: {} user keys moved, {} already in the keystore, {} pool values encrypted, {} skipped, {} refused",
                 if dry_run { "dry run" } else { "done" },
                 r.user_keys_moved,
                 r.user_keys_already_stored,
                 r.pool_values_encrypted,
-                r.skipped
+                r.skipped,
+                r.refused
             );
-            ExitCode::SUCCESS
+            if r.complete() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "apikeyd import-legacy: {} values in clear were skipped or refused (see above); they stay as they are",
+                    r.skipped + r.refused
+                );
+                ExitCode::from(1)
+            }
         }
         Err(e) => {
             eprintln!("apikeyd import-legacy: {e}");

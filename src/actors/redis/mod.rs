@@ -148,6 +148,11 @@ struct Inner {
     quota: quota::Batcher,
     report: redis::Script,
     enable: redis::Script,
+    /// Set once `import-legacy`'s cut-over is seen in Redis (it stays set: a Redis
+    /// writer who deletes the record does not make clear values legacy again).
+    cut_over: AtomicBool,
+    /// Where a value in clear after the cut-over is recorded as a security event.
+    audit: Arc<crate::audit::Audit>,
     /// Sealed-value writes, each behind [`RETIRED_GUARD`].
     add_pool_key: redis::Script,
     store_user_key: redis::Script,
@@ -308,6 +313,48 @@ impl Inner {
         }
     }
 
+    /// Whether `import-legacy` recorded its cut-over (read from Redis until seen once).
+    async fn after_cut_over(&self) -> bool {
+        if self.cut_over.load(Ordering::Relaxed) {
+            return true;
+        }
+        let key = self.names.legacy_cutover();
+        let seen: bool = self
+            .bounded("read the legacy cut-over", Kind::Read, |mut c| {
+                let key = key.clone();
+                async move { c.exists(key).await }
+            })
+            .await
+            .unwrap_or(false);
+        if seen {
+            self.cut_over.store(true, Ordering::Relaxed);
+        }
+        seen
+    }
+
+    /// A value in clear was read at `place`. Answers whether it may be served as a
+    /// legacy value: before the cut-over, when `redis.accept_legacy_plaintext` allows
+    /// (logged once per hash); after it, never: someone who can write Redis put it
+    /// there, so it is recorded as a possible injection (a security event in the
+    /// audit log, once per hash) and treated as absent.
+    async fn clear_value(&self, hash: &str, kind: &str, place: &[(&str, &str)]) -> bool {
+        if self.after_cut_over().await {
+            if self.warned.borrow_mut().insert(hash.to_string()) {
+                tracing::error!(hash, "security: a {kind} stored in clear after import-legacy's cut-over; \
+                    possible injection by someone who can write redis; not served (see the audit log)");
+                self.audit.security("clear_value_after_cut_over", place);
+            }
+            return false;
+        }
+        if self.accept_legacy.load(Ordering::Relaxed) {
+            self.warn_once(hash, "serving values stored in clear (redis.accept_legacy_plaintext); run apikeyd import-legacy to encrypt them");
+            true
+        } else {
+            self.warn_once(hash, "skipping values stored in clear; run apikeyd import-legacy or set redis.accept_legacy_plaintext");
+            false
+        }
+    }
+
     async fn load_pool(&self, pool: PoolRef) -> Result<Vec<PoolEntry>> {
         let hash = self.names.pool(&pool);
         let pipe = redis::pipe()
@@ -325,11 +372,14 @@ impl Inner {
             };
             match open_value(&self.master, &self.names.prefix, &pool, &field, &value) {
                 PoolValue::Sealed(k) => keys.push(entry(k)),
-                PoolValue::Legacy(k) if self.accept_legacy.load(Ordering::Relaxed) => {
-                    self.warn_once(&hash, "serving pool values stored in clear (redis.accept_legacy_plaintext); run apikeyd import-legacy to encrypt them");
-                    keys.push(entry(k));
+                PoolValue::Legacy(k) => {
+                    if self
+                        .clear_value(&hash, "pool value", &[("hash", &hash), ("field", &field)])
+                        .await
+                    {
+                        keys.push(entry(k));
+                    }
                 }
-                PoolValue::Legacy(_) => self.warn_once(&hash, "skipping pool values stored in clear; run apikeyd import-legacy or set redis.accept_legacy_plaintext"),
                 PoolValue::Broken => tracing::error!(hash = %hash, field = %field,
                     "integrity: a pool value does not decrypt with this master key; skipping it"),
             }
@@ -674,13 +724,14 @@ impl Inner {
         );
         let key = match opened {
             PoolValue::Sealed(k) => Some(k),
-            PoolValue::Legacy(k) if self.accept_legacy.load(Ordering::Relaxed) => {
-                self.warn_once(&hash, "serving a user key stored in clear (redis.accept_legacy_plaintext); run apikeyd import-legacy to encrypt it");
-                Some(k)
-            }
-            PoolValue::Legacy(_) => {
-                self.warn_once(&hash, "skipping a user key stored in clear; run apikeyd import-legacy or set redis.accept_legacy_plaintext");
-                None
+            PoolValue::Legacy(k) => {
+                let place = [
+                    ("user_id", msg.user_id.as_str()),
+                    ("service", msg.service.as_str()),
+                ];
+                self.clear_value(&hash, "user key", &place)
+                    .await
+                    .then_some(k)
             }
             PoolValue::Broken => {
                 tracing::error!(user_id = %msg.user_id, service = %msg.service,
@@ -854,6 +905,7 @@ impl RedisStore {
         config: &RedisConfig,
         master: Arc<MasterKey>,
         connected: Arc<AtomicBool>,
+        audit: Arc<crate::audit::Audit>,
     ) -> std::result::Result<Self, ConnectError> {
         let timeout = Duration::from_millis(config.timeout_ms.max(1));
         let status = Arc::new(RedisStatus::default());
@@ -891,6 +943,8 @@ impl RedisStore {
                 answered: Arc::new(AtomicBool::new(false)),
                 warned: RefCell::new(HashSet::new()),
                 quota: quota::Batcher::new(),
+                cut_over: AtomicBool::new(false),
+                audit,
                 report: redis::Script::new(REPORT_SCRIPT),
                 enable: redis::Script::new(ENABLE_SCRIPT),
                 add_pool_key: redis::Script::new(&format!("{RETIRED_GUARD}{ADD_POOL_KEY_WRITE}")),
