@@ -519,3 +519,44 @@ fn hiding_a_daemons_heartbeat_during_a_rotation_loses_no_write_it_acknowledged()
         acked.len()
     );
 }
+
+#[test]
+fn offline_rotation_right_after_a_stop_is_not_refused_for_the_stopped_daemon() {
+    let mut a = TestDaemon::start_with(Mode::Redis, NO_CACHE, &[]);
+    a.client()
+        .ok(json!({"op": "add_pool_key", "service": "p1", "key": "sk-pool-one-0000001"}));
+    let mut con = a.redis.as_ref().unwrap().conn();
+    eventually(Duration::from_secs(10), || live_daemons(&mut con) == 1);
+    // A clean stop removes the daemon's heartbeat.
+    assert!(a.stop().success());
+    assert_eq!(
+        live_daemons(&mut con),
+        0,
+        "the heartbeat went with the daemon"
+    );
+    let (ok, text) = rotate(&a.config_path, &[]);
+    assert!(ok, "{text}");
+    assert!(text.contains("retired key versions [1]"), "{text}");
+
+    // Killed, it leaves a heartbeat behind; its pid no longer runs on this host, so
+    // rotation takes it for gone, and says so.
+    a.spawn();
+    a.wait_ready();
+    eventually(Duration::from_secs(10), || live_daemons(&mut con) == 1);
+    let pid = a.pid();
+    a.kill9();
+    assert_eq!(
+        live_daemons(&mut con),
+        1,
+        "a killed daemon's heartbeat lingers"
+    );
+    let (ok, text) = rotate(&a.config_path, &[]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!(
+            "treating the daemon with pid {pid} on this host as gone"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("retired key versions [2]"), "{text}");
+}
