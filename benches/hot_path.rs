@@ -85,6 +85,7 @@ fn actors(system: &actix_rt::SystemRunner, dir: &std::path::Path) -> Rc<App> {
                 user_id: "user-123".into(),
                 service: "openai".into(),
                 key: Secret::new("sk-bench".into()),
+                owner: 0,
             })
             .await
             .unwrap()

@@ -73,6 +73,12 @@ impl Names {
         format!("{}:apikeyd:user_info:{user_id}", self.prefix)
     }
 
+    /// The client uid that stored each of a user's keys, field = service:
+    /// `{prefix}:apikeyd:user_owner:{user_id}`.
+    pub fn user_owner(&self, user_id: &str) -> String {
+        format!("{}:apikeyd:user_owner:{user_id}", self.prefix)
+    }
+
     /// A user's keys reported unauthorized, field = service, value = unix seconds:
     /// `{prefix}:apikeyd:user_rejected:{user_id}`.
     pub fn user_rejected(&self, user_id: &str) -> String {

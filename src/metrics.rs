@@ -60,6 +60,7 @@ pub struct Metrics {
     connections: Gauge,
     redis_up: Option<Gauge>,
     unauthenticated_heartbeats: Counter,
+    key_reports: Family<[(&'static str, String); 1], Counter>,
 }
 
 impl Metrics {
@@ -117,8 +118,15 @@ impl Metrics {
                 unauthenticated_heartbeats.clone(),
             );
         }
+        let key_reports = Family::<[(&'static str, String); 1], Counter>::default();
+        registry.register(
+            "key_reports",
+            "report_key_result requests by client uid",
+            key_reports.clone(),
+        );
         Metrics {
             unauthenticated_heartbeats,
+            key_reports,
             counts: (0..=Op::ALL.len()).map(|_| Default::default()).collect(),
             quota_denials: AtomicU64::new(0),
             duration,
@@ -147,6 +155,13 @@ impl Metrics {
         if let Some(t) = took {
             self.duration.observe(t.as_secs_f64());
         }
+    }
+
+    /// Counts a `report_key_result` from client `uid` (uids are bounded by `[access]`).
+    pub fn key_reported(&self, uid: u32) {
+        self.key_reports
+            .get_or_create(&[("uid", uid.to_string())])
+            .inc();
     }
 
     /// Counts a quota answer with `allowed: false`.

@@ -5,6 +5,7 @@ use serde::Serialize;
 
 use super::pools::PoolKey;
 use super::Params;
+use crate::access::{Peer, Role};
 use crate::actors::cache::{ForgetPool, ForgetUserKey};
 use crate::actors::keystore::ReportUserKey;
 use crate::actors::store::{EnablePoolKey, HealthRules, KeyState, Outcome, PoolRef, ReportPoolKey};
@@ -94,15 +95,24 @@ const UNKNOWN: Recorded = Recorded {
 /// With `channel_id`, the key is looked up in that channel's pool, then in the global
 /// pool (a channel lookup may have fallen through to it). An unknown key (or a user
 /// without a key for the service) answers `{"recorded":false,"state":null,…}`.
-pub async fn report_key_result(app: &App, report: Report) -> Result<Body> {
+///
+/// Bounded, so that one client cannot take keys out of service for long: a
+/// `retry_after_s` above `pools.max_cooldown_s` counts as that maximum, and
+/// `unauthorized` on a user's key is only taken from the uid that stored it (or an
+/// admin), else `forbidden`. Reports are counted per client uid (metrics).
+pub async fn report_key_result(app: &App, report: Report, peer: &Peer) -> Result<Body> {
     let Report {
         service,
         outcome,
         retry_after_s,
         key,
     } = report;
+    app.metrics.key_reported(peer.uid);
     let (key_id, channel) = match key {
-        Reported::User(user_id) => return report_user_key(app, user_id, service, outcome).await,
+        Reported::User(user_id) => {
+            let reporter = (peer.role != Role::Admin).then_some(peer.uid);
+            return report_user_key(app, user_id, service, outcome, reporter).await;
+        }
         Reported::Pool { key_id, channel } => (key_id, channel),
     };
     let config = app.config();
@@ -110,6 +120,7 @@ pub async fn report_key_result(app: &App, report: Report) -> Result<Body> {
         cooldown_s: config.pools.cooldown_s,
         error_threshold: config.pools.error_threshold,
     };
+    let retry_after_s = retry_after_s.map(|s| s.min(config.pools.max_cooldown_s));
     drop(config);
     for channel in channel.map(Some).into_iter().chain([None]) {
         let pool = PoolRef {
@@ -155,6 +166,7 @@ async fn report_user_key(
     user_id: String,
     service: String,
     outcome: Outcome,
+    reporter: Option<u32>,
 ) -> Result<Body> {
     let unauthorized = outcome == Outcome::Unauthorized;
     let rejected = app
@@ -163,6 +175,7 @@ async fn report_user_key(
             user_id: user_id.clone(),
             service: service.clone(),
             unauthorized,
+            reporter,
         })
         .await?;
     let Some(rejected) = rejected else {

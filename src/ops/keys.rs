@@ -238,7 +238,14 @@ pub async fn get_gitea_credentials(app: &App, GiteaQuery(q): GiteaQuery) -> Resu
 }
 
 /// `{"op":"set_user_api_key","user_id":"u1","service":"openai","key":"sk-…"}` → `{"stored":true}`
-pub async fn set_user_api_key(app: &App, p: NewUserKey) -> Result<Body> {
+///
+/// The storing client's uid is recorded: only it (or an admin) may report the key
+/// `unauthorized`.
+pub async fn set_user_api_key(
+    app: &App,
+    p: NewUserKey,
+    peer: &crate::access::Peer,
+) -> Result<Body> {
     let NewUserKey {
         user_id,
         service,
@@ -249,6 +256,7 @@ pub async fn set_user_api_key(app: &App, p: NewUserKey) -> Result<Body> {
             user_id: user_id.clone(),
             service: service.clone(),
             key,
+            owner: peer.uid,
         })
         .await?;
     app.cache

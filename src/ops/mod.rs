@@ -30,7 +30,7 @@ pub async fn dispatch(app: &App, peer: &Peer, op: Op, req: &mut Request) -> Resu
             peer.gid
         )))
     } else {
-        run(app, op, req).await
+        run(app, peer, op, req).await
     };
     if op.audited(|| app.config().log.audit_quota) {
         app.audit.record(peer, op.name(), &req.subject, &outcome);
@@ -53,7 +53,7 @@ fn parse<P: Params>(req: &mut Request) -> Result<P> {
 /// The lookups and quota calls (the hot path) run in place; the other ops' futures
 /// are boxed, so that every request's future is as small as the largest hot op's,
 /// not the largest op's (it is moved into its allocation whole, on every request).
-async fn run(app: &App, op: Op, req: &mut Request) -> Result<Body> {
+async fn run(app: &App, peer: &Peer, op: Op, req: &mut Request) -> Result<Body> {
     match op {
         Op::Ping => admin::ping(),
         Op::Stats => Box::pin(admin::stats(app)).await,
@@ -61,7 +61,7 @@ async fn run(app: &App, op: Op, req: &mut Request) -> Result<Body> {
         Op::Reload => Box::pin(admin::reload(app)).await,
         Op::GetUserApiKey => keys::get_user_api_key(app, parse(req)?).await,
         Op::GetGiteaCredentials => keys::get_gitea_credentials(app, parse(req)?).await,
-        Op::SetUserApiKey => Box::pin(keys::set_user_api_key(app, parse(req)?)).await,
+        Op::SetUserApiKey => Box::pin(keys::set_user_api_key(app, parse(req)?, peer)).await,
         Op::DeleteUserApiKey => Box::pin(keys::delete_user_api_key(app, parse(req)?)).await,
         Op::ListUserApiKeys => Box::pin(keys::list_user_api_keys(app, parse(req)?)).await,
         Op::GetPoolApiKey => pools::get_pool_api_key(app, parse(req)?).await,
@@ -72,7 +72,7 @@ async fn run(app: &App, op: Op, req: &mut Request) -> Result<Body> {
         }
         Op::RemovePoolKey => Box::pin(pools::remove_pool_key(app, parse(req)?)).await,
         Op::ListPoolKeys => Box::pin(pools::list_pool_keys(app, parse(req)?)).await,
-        Op::ReportKeyResult => Box::pin(health::report_key_result(app, parse(req)?)).await,
+        Op::ReportKeyResult => Box::pin(health::report_key_result(app, parse(req)?, peer)).await,
         Op::EnablePoolKey => Box::pin(health::enable_pool_key(app, parse(req)?)).await,
         Op::CheckDefaultKeyLimit => quota::check_default_key_limit(app, parse(req)?).await,
         Op::IncrementDefaultKeyUsage => {

@@ -132,6 +132,16 @@ pub struct ReportUserKey {
     pub user_id: String,
     pub service: String,
     pub unauthorized: bool,
+    /// The reporting client's uid, `None` for an admin: `unauthorized` is only taken
+    /// from the uid that stored the key (or an admin), else `forbidden`.
+    pub reporter: Option<u32>,
+}
+
+/// Why a report of `unauthorized` on a user's key is refused.
+pub fn not_the_owner(reporter: u32) -> crate::error::Error {
+    crate::error::Error::Forbidden(format!(
+        "only the uid that stored this user's key (or an admin) may report it unauthorized; uid {reporter} did not store it"
+    ))
 }
 
 impl Handler<ReportUserKey> for Keystore {
@@ -147,6 +157,18 @@ impl Handler<ReportUserKey> for Keystore {
             )?
             .query_row(params![msg.user_id, msg.service], |r| r.get(0))
             .optional()?;
+        if let (Some(false), true, Some(reporter)) = (rejected, msg.unauthorized, msg.reporter) {
+            let owner: Option<u32> = self
+                .db
+                .prepare_cached(
+                    "SELECT uid FROM user_key_owner WHERE user_id = ?1 AND service = ?2",
+                )?
+                .query_row(params![msg.user_id, msg.service], |r| r.get(0))
+                .optional()?;
+            if owner != Some(reporter) {
+                return Err(not_the_owner(reporter));
+            }
+        }
         match rejected {
             Some(false) if msg.unauthorized => {
                 self.db
@@ -169,13 +191,23 @@ pub struct StoreUserKey {
     pub user_id: String,
     pub service: String,
     pub key: Secret,
+    /// The uid of the client that stores it (the only non-admin that may report it
+    /// `unauthorized`).
+    pub owner: u32,
 }
 
 impl Handler<StoreUserKey> for Keystore {
     type Result = Result<()>;
 
     fn handle(&mut self, msg: StoreUserKey, _: &mut Self::Context) -> Self::Result {
-        store_user_key(&self.db, &self.key, &msg.user_id, &msg.service, &msg.key)
+        let tx = self.db.unchecked_transaction()?;
+        store_user_key(&tx, &self.key, &msg.user_id, &msg.service, &msg.key)?;
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO user_key_owner (user_id, service, uid) VALUES (?1, ?2, ?3)",
+        )?
+        .execute(params![msg.user_id, msg.service, msg.owner])?;
+        tx.commit()?;
+        Ok(())
     }
 }
 

@@ -106,13 +106,14 @@ return added
 ";
 
 /// Stores a sealed user key (after [`RETIRED_GUARD`]): KEYS[2] the user hash,
-/// KEYS[3] its info hash, KEYS[4] its rejected marks; ARGV[2] service, ARGV[3] the
-/// sealed value, ARGV[4] now, ARGV[5] channel, ARGV[6] message. A new key is not
-/// the one the provider rejected.
+/// KEYS[3] its info hash, KEYS[4] its rejected marks, KEYS[5] its owners; ARGV[2]
+/// service, ARGV[3] the sealed value, ARGV[4] now, ARGV[5] channel, ARGV[6]
+/// message, ARGV[7] the storing uid. A new key is not the one the provider rejected.
 const STORE_USER_KEY_WRITE: &str = r"
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[2], ARGV[4])
 redis.call('HDEL', KEYS[4], ARGV[2])
+redis.call('HSET', KEYS[5], ARGV[2], ARGV[7])
 redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 1
 ";
@@ -765,6 +766,7 @@ impl Inner {
             self.names.legacy_user(&msg.user_id),
             self.names.user_info(&msg.user_id),
             self.names.user_rejected(&msg.user_id),
+            self.names.user_owner(&msg.user_id),
         ];
         let version = envelope_version(value.as_bytes());
         let (now, channel) = (clock::now_s(), self.names.invalidate());
@@ -780,7 +782,8 @@ impl Inner {
                     .arg(&value)
                     .arg(now)
                     .arg(&channel)
-                    .arg(&changed);
+                    .arg(&changed)
+                    .arg(msg.owner);
                 async move { call.invoke_async(&mut c).await }
             })
             .await?;
@@ -794,6 +797,8 @@ impl Inner {
             .hdel(self.names.user_info(&msg.user_id), &msg.service)
             .ignore()
             .hdel(self.names.user_rejected(&msg.user_id), &msg.service)
+            .ignore()
+            .hdel(self.names.user_owner(&msg.user_id), &msg.service)
             .ignore()
             .publish(
                 self.names.invalidate(),
@@ -845,8 +850,9 @@ impl Inner {
         let pipe = redis::pipe()
             .hexists(self.names.legacy_user(&msg.user_id), &msg.service)
             .hexists(self.names.user_rejected(&msg.user_id), &msg.service)
+            .hget(self.names.user_owner(&msg.user_id), &msg.service)
             .to_owned();
-        let (present, rejected): (bool, bool) = self
+        let (present, rejected, owner): (bool, bool, Option<u32>) = self
             .pipeline("read user key mark", Kind::Read, &pipe)
             .await?;
         if !present {
@@ -854,6 +860,9 @@ impl Inner {
         }
         if rejected || !msg.unauthorized {
             return Ok(Some(rejected));
+        }
+        if let Some(reporter) = msg.reporter.filter(|r| owner != Some(*r)) {
+            return Err(super::keystore::not_the_owner(reporter));
         }
         let pipe = redis::pipe()
             .atomic()
