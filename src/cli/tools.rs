@@ -26,10 +26,19 @@ pub fn migrate_user_keys(config: Option<PathBuf>, to: crate::migrate::Destinatio
     match crate::migrate::migrate(&config, to) {
         Ok(r) => {
             println!(
-                "done: {} user keys moved, {} already there, {} left in clear (run import-legacy), {} unreadable",
-                r.moved, r.already_in_target, r.left_in_clear, r.unreadable
+                "done: {} user keys moved, {} already there, {} left in clear (run import-legacy), {} unreadable, {} conflicts",
+                r.moved, r.already_in_target, r.left_in_clear, r.unreadable, r.conflicts
             );
-            ExitCode::SUCCESS
+            if r.conflicts == 0 {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "apikeyd migrate-user-keys: {} keys differed between the keystore and redis (listed above as conflicts); \
+                     no differing key was deleted",
+                    r.conflicts
+                );
+                ExitCode::from(1)
+            }
         }
         Err(e) => {
             eprintln!("apikeyd migrate-user-keys: {e}");
