@@ -69,6 +69,75 @@ pub fn read_accepted(path: &Path) -> Result<HashSet<String>, ImportError> {
         .collect())
 }
 
+/// Seals one value in clear in place (after [`crate::envelope::RETIRED_GUARD`]),
+/// only while its field still holds the value in clear that was read and judged:
+/// KEYS[2] the hash, KEYS[3] its info hash; ARGV[2] the field to write ('' to write
+/// nothing: a sealed copy is already there), ARGV[3] the sealed value, ARGV[4] the
+/// info, ARGV[5] 'nx' to keep existing info, ARGV[6] the field in clear (removed
+/// when it is not ARGV[2]), ARGV[7] channel, ARGV[8] message, ARGV[9] the value in
+/// clear as read. Answers 1 when done, 0 when the field changed meanwhile.
+const SEAL_SCRIPT: &str = r"
+if redis.call('HGET', KEYS[2], ARGV[6]) ~= ARGV[9] then return 0 end
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+  if ARGV[5] == 'nx' then redis.call('HSETNX', KEYS[3], ARGV[2], ARGV[4])
+  else redis.call('HSET', KEYS[3], ARGV[2], ARGV[4]) end
+end
+if ARGV[6] ~= ARGV[2] then redis.call('HDEL', KEYS[2], ARGV[6]) end
+redis.call('PUBLISH', ARGV[7], ARGV[8])
+return 1
+";
+
+/// One in-place seal of a value in clear (see [`SEAL_SCRIPT`]).
+struct Seal<'a> {
+    hash: &'a str,
+    info_hash: String,
+    /// The field to write and its sealed value; `None` when a sealed copy is there.
+    write: Option<(&'a str, String)>,
+    info: String,
+    keep_info: bool,
+    clear_field: &'a [u8],
+    clear_value: &'a [u8],
+    announce: String,
+}
+
+impl Seal<'_> {
+    /// Runs it; answers whether the field still held what was read.
+    fn run(
+        self,
+        con: &mut redis::Connection,
+        script: &redis::Script,
+        names: &Names,
+    ) -> redis::RedisResult<bool> {
+        let (field, value) = self.write.unwrap_or(("", String::new()));
+        let mut call = script.prepare_invoke();
+        call.key(names.keycheck())
+            .key(self.hash)
+            .key(&self.info_hash)
+            .arg(crate::envelope::envelope_version(value.as_bytes()))
+            .arg(field)
+            .arg(&value)
+            .arg(&self.info)
+            .arg(if self.keep_info { "nx" } else { "" })
+            .arg(self.clear_field)
+            .arg(names.invalidate())
+            .arg(&self.announce)
+            .arg(self.clear_value);
+        let done: i64 = call.invoke(con)?;
+        Ok(done == 1)
+    }
+}
+
+/// A value in clear changed between its read and its seal: left for a rerun.
+fn changed_meanwhile(hash: &str, field: &str, report: &mut Report) {
+    println!(
+        "skipped {} field {}: it changed meanwhile; rerun to judge it again",
+        hash.escape_debug(),
+        field.escape_debug()
+    );
+    report.skipped += 1;
+}
+
 /// What the import does about one value in clear, once the cut-over is recorded.
 enum AfterCutOver {
     /// No cut-over yet: a legacy value, imported.
@@ -179,6 +248,7 @@ pub fn import(
         );
     }
     let cut_over = cut_over.is_some();
+    let seal = redis::Script::new(&format!("{}{SEAL_SCRIPT}", crate::envelope::RETIRED_GUARD));
 
     for hash in keyspace::all_hashes(&mut con, &format!("{}:user_api_keys:*", names.prefix))? {
         let user_id = &hash[names.legacy_user("").len()..];
@@ -199,6 +269,7 @@ pub fn import(
             } else {
                 None
             };
+            let value_read = value.clone();
             let key = String::from_utf8(value)
                 .ok()
                 .map(Secret::new)
@@ -258,29 +329,33 @@ pub fn import(
             };
             let announce = serde_json::to_string(&changed).unwrap_or_default();
             if in_redis {
-                // One transaction: the sealed value replaces the clear one (or lands
-                // beside it under the lower-cased field, which then goes) atomically.
-                let mut pipe = redis::pipe();
-                pipe.atomic();
-                if present.is_none() {
-                    let sealed = crate::envelope::user_envelope(
+                // One script: the sealed value replaces the clear one (or lands
+                // beside it under the lower-cased field, which then goes) atomically,
+                // only while the clear value is still the one read.
+                let sealed = present.is_none().then(|| {
+                    let v = crate::envelope::user_envelope(
                         &master,
                         &names.prefix,
                         user_id,
                         &service,
                         &key,
                     );
-                    pipe.hset(&hash, &service, sealed).hset(
-                        names.user_info(user_id),
-                        &service,
-                        clock::now_s(),
-                    );
+                    (service.as_str(), v)
+                });
+                let done = Seal {
+                    hash: &hash,
+                    info_hash: names.user_info(user_id),
+                    write: sealed,
+                    info: clock::now_s().to_string(),
+                    keep_info: false,
+                    clear_field: &raw_field,
+                    clear_value: &value_read,
+                    announce,
                 }
-                if raw_field != service.as_bytes() {
-                    pipe.hdel(&hash, &raw_field);
+                .run(&mut con, &seal, &names)?;
+                if !done {
+                    changed_meanwhile(&hash, &field, &mut report);
                 }
-                pipe.publish(names.invalidate(), announce);
-                pipe.query::<()>(&mut con)?;
                 continue;
             }
             if present.is_none() {
@@ -340,22 +415,24 @@ pub fn import(
                 "imported".to_string()
             };
             let info = serde_json::json!({"label": label, "added_at": clock::now_s()}).to_string();
-            let mut pipe = redis::pipe();
-            pipe.atomic()
-                .hset(
-                    &hash,
-                    &key_id,
+            let done = Seal {
+                hash: &hash,
+                info_hash: names.pool_info(&pool),
+                write: Some((
+                    key_id.as_str(),
                     envelope(&master, &names.prefix, &pool, &key),
-                )
-                .hset_nx(names.pool_info(&pool), &key_id, info);
-            if raw_field != key_id.as_bytes() {
-                pipe.hdel(&hash, &raw_field);
+                )),
+                info,
+                keep_info: true,
+                clear_field: &raw_field,
+                clear_value: &value,
+                announce: serde_json::to_string(&Changed::Pool(pool.clone())).unwrap_or_default(),
             }
-            pipe.publish(
-                names.invalidate(),
-                serde_json::to_string(&Changed::Pool(pool.clone())).unwrap_or_default(),
-            );
-            pipe.query::<()>(&mut con)?;
+            .run(&mut con, &seal, &names)?;
+            if !done {
+                changed_meanwhile(&hash, &field, &mut report);
+                continue;
+            }
             println!(
                 "encrypted {} field {} as key_id {key_id}",
                 hash.escape_debug(),
