@@ -847,6 +847,52 @@ async fn beat(
 mod tests {
     use super::*;
 
+    #[test]
+    fn never_seals_with_a_retired_version() {
+        let none = BTreeSet::new();
+        let one: BTreeSet<u32> = [1].into();
+        assert_eq!(sealing_choice(&[1, 2], [1], &none), Some(1));
+        assert_eq!(sealing_choice(&[1, 2], [1], &one), Some(2));
+        assert_eq!(sealing_choice(&[1, 2], [3], &none), Some(2));
+        assert_eq!(sealing_choice(&[1, 2], [], &none), Some(2));
+        assert_eq!(sealing_choice(&[1], [], &one), None);
+    }
+
+    #[test]
+    fn heartbeats_authenticate_only_under_a_version_not_retired() {
+        let v1 = MasterKey::from_text(&MasterKey::generate_base64()).unwrap();
+        let both = v1.with_new_version();
+        let none = BTreeSet::new();
+        let mut m = Member {
+            id: "h:1:0".into(),
+            host: "h".into(),
+            pid: 1,
+            socket: "/s".into(),
+            versions: vec![1, 2],
+            sealing: 2,
+            at: 5,
+            tags: BTreeMap::new(),
+        };
+        m.sign(&both, &none);
+        assert!(m.authentic(b"h:1:0", &both, &none));
+        // A daemon holding only the older version still recognises it...
+        assert!(m.authentic(b"h:1:0", &v1, &none));
+        // ...until that version is retired: a retired key authenticates nothing.
+        assert!(!m.authentic(b"h:1:0", &v1, &[1].into()));
+        // Listed under another id, or altered: not authentic.
+        assert!(!m.authentic(b"h:2:0", &both, &none));
+        let mut altered = m.clone();
+        altered.versions = vec![1];
+        assert!(!altered.authentic(b"h:1:0", &both, &none));
+        // No tags at all (a Redis writer's record).
+        let mut bare = m.clone();
+        bare.tags.clear();
+        assert!(!bare.authentic(b"h:1:0", &both, &none));
+        // Another fleet's key.
+        let other = MasterKey::from_text(&MasterKey::generate_base64()).unwrap();
+        assert!(!m.authentic(b"h:1:0", &other, &none));
+    }
+
     fn redis_error() -> redis::RedisError {
         redis::RedisError::from((redis::ErrorKind::Io, "gone"))
     }
