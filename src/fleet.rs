@@ -727,6 +727,17 @@ pub async fn heartbeat(
                     verified = true;
                 }
                 Err(e) if e.is_unreachable() => {}
+                // A running daemon that lacks a version another host just added is
+                // the usual state mid-rotation (the fleet seals with what every
+                // daemon holds); only a start is refused for it. Reloaded right
+                // as a rotation adds a version, it must not stop.
+                Err(e @ FleetError::LacksVersion { .. }) => {
+                    tracing::warn!(
+                        "{e}; serving on: the fleet seals with versions this daemon holds"
+                    );
+                    checked = Some(key.versions());
+                    verified = true;
+                }
                 Err(e) => stop(&e.to_string()),
             }
         }
