@@ -86,6 +86,7 @@ fn actors(system: &actix_rt::SystemRunner, dir: &std::path::Path) -> Rc<App> {
                 service: "openai".into(),
                 key: Secret::new("sk-bench".into()),
                 idem: None,
+                owner: 0,
             })
             .await
             .unwrap()

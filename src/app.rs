@@ -82,7 +82,7 @@ pub struct App {
     /// Pools and quota counters.
     pub store: Store,
     /// Where audit lines go.
-    pub audit: Audit,
+    pub audit: Arc<Audit>,
     /// The master keyring every actor seals and opens with; swapped on reload.
     pub key: Arc<MasterKey>,
     /// `server.request_timeout_ms` as read at start, like the store's and the cache's.
@@ -109,7 +109,7 @@ impl App {
         cache: Addr<KeyCache>,
         cache_reader: CacheReader,
         store: Store,
-        audit: Audit,
+        audit: Arc<Audit>,
         key: Arc<MasterKey>,
     ) -> Self {
         let metrics =
@@ -211,6 +211,10 @@ impl App {
                     None
                 }
             },
+            unauthenticated_heartbeats: self.store.redis_status().map(|s| {
+                s.unauthenticated_heartbeats
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            }),
         })
     }
 

@@ -87,6 +87,11 @@ pub enum Command {
         /// Only print what would be done.
         #[arg(long)]
         dry_run: bool,
+        /// After the cut-over (the first import), values in clear are refused as
+        /// possible injections; import those this file names, one `--dry-run`
+        /// `accept-clear:` line each, reviewed by you.
+        #[arg(long, value_name = "FILE")]
+        accept_clear: Option<PathBuf>,
     },
     /// Store per-user keys given as JSON lines {"user_id", "service", "key"} (from
     /// FILE, or stdin) through the running daemon, which validates and seals each.

@@ -256,6 +256,30 @@ impl Audit {
         }
     }
 
+    /// Records a security event the daemon noticed by itself (not a request): a
+    /// short `event` name and where it happened (identifiers only, never a key), in
+    /// the log (as a warning) and the audit file.
+    pub fn security(&self, event: &str, place: &[(&str, &str)]) {
+        #[derive(Serialize)]
+        struct Event<'a> {
+            ts: String,
+            op: &'a str,
+            event: &'a str,
+            #[serde(flatten)]
+            place: std::collections::BTreeMap<&'a str, &'a str>,
+        }
+        let line = Event {
+            ts: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            op: "security",
+            event,
+            place: place.iter().copied().collect(),
+        };
+        if let Ok(text) = serde_json::to_string(&line) {
+            tracing::warn!(target: "apikeyd::audit", audit = %text);
+            self.write(text, false);
+        }
+    }
+
     /// Records one audited request and its outcome (`ok` or the error code).
     pub fn record<T>(&self, peer: &Peer, op: &str, subject: &Subject, outcome: &Result<T>) {
         let to_log = tracing::enabled!(target: "apikeyd::audit", tracing::Level::INFO);

@@ -209,6 +209,9 @@ pub struct PoolsConfig {
     pub cooldown_s: u64,
     /// `error` reports within a minute that cool a key down.
     pub error_threshold: u32,
+    /// The longest cooldown a report's `retry_after_s` can ask for; longer counts
+    /// as this (so one client cannot take a pool key out of service for years).
+    pub max_cooldown_s: u64,
 }
 
 impl Default for PoolsConfig {
@@ -216,6 +219,7 @@ impl Default for PoolsConfig {
         PoolsConfig {
             cooldown_s: 60,
             error_threshold: 3,
+            max_cooldown_s: 3600,
         }
     }
 }
@@ -568,6 +572,9 @@ impl Config {
         if self.cache.max_entries == 0 {
             bad("cache.max_entries", "must be at least 1");
         }
+        if self.pools.max_cooldown_s == 0 {
+            bad("pools.max_cooldown_s", "must be at least 1");
+        }
         if self.pools.error_threshold == 0 {
             bad("pools.error_threshold", "must be at least 1");
         }
@@ -771,6 +778,8 @@ mod tests {
         let shipped = Config::parse(include_str!("../config.toml")).unwrap();
         assert_eq!(shipped.pools.cooldown_s, 60);
         assert!(Config::parse("[pools]\nerror_threshold = 0").is_err());
+        assert!(Config::parse("[pools]\nmax_cooldown_s = 0").is_err());
+        assert_eq!(Config::parse("").unwrap().pools.max_cooldown_s, 3600);
         assert!(Config::parse("[pools]\ncooldown = 5").is_err());
     }
 

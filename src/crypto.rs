@@ -457,6 +457,52 @@ impl MasterKey {
         MasterKey::from_ring(Ring::new(keys, Some(ring.id_key.clone())).expect("keys are present"))
     }
 
+    /// The key that authenticates fleet heartbeats under `version`, derived from that
+    /// version's key with its own label: HKDF-Expand (RFC 5869) with PRK = the
+    /// version's key (already 32 uniformly random bytes, so Extract is skipped, as
+    /// §3.3 allows) and info = the label; one block, so one HMAC. It opens nothing.
+    fn heartbeat_key(&self, version: u32) -> Option<Hmac<Sha256>> {
+        let ring = self.ring();
+        let k = ring.keys.get(&version)?;
+        let mut expand = <Hmac<Sha256> as Mac>::new_from_slice(&**k).expect("HMAC takes any key");
+        expand.update(b"apikeyd fleet heartbeat v1");
+        expand.update(&[1]);
+        let mut derived = Zeroizing::new([0u8; 32]);
+        derived.copy_from_slice(&expand.finalize().into_bytes());
+        Some(<Hmac<Sha256> as Mac>::new_from_slice(&*derived).expect("HMAC takes any key"))
+    }
+
+    /// The tag of a fleet heartbeat `record` under `version` (hex), or `None` when
+    /// this keyring lacks the version.
+    pub fn heartbeat_tag(&self, version: u32, record: &[u8]) -> Option<String> {
+        let mut mac = self.heartbeat_key(version)?;
+        mac.update(record);
+        Some(
+            mac.finalize()
+                .into_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        )
+    }
+
+    /// Whether `tag` (hex) authenticates `record` under `version` (compared in
+    /// constant time); false when this keyring lacks the version.
+    pub fn heartbeat_tag_matches(&self, version: u32, record: &[u8], tag: &str) -> bool {
+        let Some(mut mac) = self.heartbeat_key(version) else {
+            return false;
+        };
+        let Some(bytes) = (0..tag.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(tag.get(i..i + 2)?, 16).ok())
+            .collect::<Option<Vec<u8>>>()
+        else {
+            return false;
+        };
+        mac.update(record);
+        mac.verify_slice(&bytes).is_ok()
+    }
+
     /// This keyring with only its current version left.
     pub fn current_only(&self) -> MasterKey {
         let ring = self.ring();

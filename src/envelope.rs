@@ -12,6 +12,33 @@ use crate::crypto::{MasterKey, Place, Secret};
 /// Anything else in a pool hash is a legacy value in clear.
 pub const ENVELOPE: &str = "akd1:";
 
+/// The error code a guarded write script answers when the value it would write is
+/// sealed with a retired key version (see [`RETIRED_GUARD`]).
+pub const RETIRED_CODE: &str = "APIKEYD_RETIRED";
+
+/// Lua prelude of every script that writes a sealed value into Redis: refuses the
+/// write, atomically with it, when the value's key version is listed in the fleet's
+/// `retired` field. Convention: `KEYS[1]` is `{prefix}:apikeyd:keycheck` and
+/// `ARGV[1]` the value's key version; the script's own keys and arguments follow.
+/// Rotation marks versions retired before its last re-seal pass, so no value sealed
+/// with a retired version can land after that pass, whatever the heartbeats said.
+pub const RETIRED_GUARD: &str = r"
+local retired = redis.call('HGET', KEYS[1], 'retired')
+if retired and string.find(',' .. string.gsub(retired, ' ', '') .. ',', ',' .. ARGV[1] .. ',', 1, true) then
+  return redis.error_reply('APIKEYD_RETIRED key version ' .. ARGV[1] .. ' is retired')
+end
+";
+
+/// The key version of an `akd1:` value (0 when it is not one).
+pub fn envelope_version(value: &[u8]) -> u32 {
+    value
+        .strip_prefix(ENVELOPE.as_bytes())
+        .and_then(|b64| B64.decode(b64).ok())
+        .as_deref()
+        .and_then(crate::crypto::sealed_version)
+        .unwrap_or(0)
+}
+
 /// The place a pool value is sealed for in Redis: bound to prefix, scope, channel,
 /// service and the field (key_id) it is stored under.
 pub fn pool_place<'a>(prefix: &'a str, pool: &'a PoolRef, key_id: &'a str) -> Place<'a> {

@@ -73,6 +73,12 @@ impl Names {
         format!("{}:apikeyd:user_info:{user_id}", self.prefix)
     }
 
+    /// The client uid that stored each of a user's keys, field = service:
+    /// `{prefix}:apikeyd:user_owner:{user_id}`.
+    pub fn user_owner(&self, user_id: &str) -> String {
+        format!("{}:apikeyd:user_owner:{user_id}", self.prefix)
+    }
+
     /// A user's keys reported unauthorized, field = service, value = unix seconds:
     /// `{prefix}:apikeyd:user_rejected:{user_id}`.
     pub fn user_rejected(&self, user_id: &str) -> String {
@@ -100,6 +106,12 @@ impl Names {
     /// `{prefix}:apikeyd:idempotency:{uid}:{key}`.
     pub fn idempotency(&self, uid: u32, key: &str) -> String {
         format!("{}:apikeyd:idempotency:{uid}:{key}", self.prefix)
+    }
+
+    /// When `import-legacy` first sealed the values left in clear (unix seconds):
+    /// `{prefix}:apikeyd:legacy_cutover`. From then on a value in clear is tampering.
+    pub fn legacy_cutover(&self) -> String {
+        format!("{}:apikeyd:legacy_cutover", self.prefix)
     }
 
     /// The pub/sub channel announcing changes: `{prefix}:apikeyd:invalidate`.

@@ -4,6 +4,8 @@
 //! safe to interrupt: a clear value goes only in the transaction that writes its
 //! sealed copy, or after its keystore row is committed.
 
+use std::collections::HashSet;
+use std::path::Path;
 use std::time::Duration;
 
 use redis::Commands;
@@ -42,6 +44,108 @@ pub enum ImportError {
     /// Storing a user key failed (the keystore's own error, as the wire would say it).
     #[error("keystore: {0}")]
     Store(#[from] crate::error::Error),
+    #[error("cannot read the --accept-clear file {}: {source}", path.display())]
+    AcceptFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The entries an operator reviewed and accepts to import although they were
+/// written in clear after the cut-over: lines as `--dry-run` prints them after
+/// `accept-clear: ` (`user {user_id} {service} {fingerprint}` or
+/// `pool {hash} {field} {fingerprint}`); blank lines and `#` comments are ignored.
+pub fn read_accepted(path: &Path) -> Result<HashSet<String>, ImportError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ImportError::AcceptFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .map(|l| l.strip_prefix("accept-clear:").unwrap_or(l).trim())
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect())
+}
+
+/// Seals one value in clear in place (after [`crate::envelope::RETIRED_GUARD`]),
+/// only while its field still holds the value in clear that was read and judged:
+/// KEYS[2] the hash, KEYS[3] its info hash; ARGV[2] the field to write ('' to write
+/// nothing: a sealed copy is already there), ARGV[3] the sealed value, ARGV[4] the
+/// info, ARGV[5] 'nx' to keep existing info, ARGV[6] the field in clear (removed
+/// when it is not ARGV[2]), ARGV[7] channel, ARGV[8] message, ARGV[9] the value in
+/// clear as read. Answers 1 when done, 0 when the field changed meanwhile.
+const SEAL_SCRIPT: &str = r"
+if redis.call('HGET', KEYS[2], ARGV[6]) ~= ARGV[9] then return 0 end
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+  if ARGV[5] == 'nx' then redis.call('HSETNX', KEYS[3], ARGV[2], ARGV[4])
+  else redis.call('HSET', KEYS[3], ARGV[2], ARGV[4]) end
+end
+if ARGV[6] ~= ARGV[2] then redis.call('HDEL', KEYS[2], ARGV[6]) end
+redis.call('PUBLISH', ARGV[7], ARGV[8])
+return 1
+";
+
+/// One in-place seal of a value in clear (see [`SEAL_SCRIPT`]).
+struct Seal<'a> {
+    hash: &'a str,
+    info_hash: String,
+    /// The field to write and its sealed value; `None` when a sealed copy is there.
+    write: Option<(&'a str, String)>,
+    info: String,
+    keep_info: bool,
+    clear_field: &'a [u8],
+    clear_value: &'a [u8],
+    announce: String,
+}
+
+impl Seal<'_> {
+    /// Runs it; answers whether the field still held what was read.
+    fn run(
+        self,
+        con: &mut redis::Connection,
+        script: &redis::Script,
+        names: &Names,
+    ) -> redis::RedisResult<bool> {
+        let (field, value) = self.write.unwrap_or(("", String::new()));
+        let mut call = script.prepare_invoke();
+        call.key(names.keycheck())
+            .key(self.hash)
+            .key(&self.info_hash)
+            .arg(crate::envelope::envelope_version(value.as_bytes()))
+            .arg(field)
+            .arg(&value)
+            .arg(&self.info)
+            .arg(if self.keep_info { "nx" } else { "" })
+            .arg(self.clear_field)
+            .arg(names.invalidate())
+            .arg(&self.announce)
+            .arg(self.clear_value);
+        let done: i64 = call.invoke(con)?;
+        Ok(done == 1)
+    }
+}
+
+/// A value in clear changed between its read and its seal: left for a rerun.
+fn changed_meanwhile(hash: &str, field: &str, report: &mut Report) {
+    println!(
+        "skipped {} field {}: it changed meanwhile; rerun to judge it again",
+        hash.escape_debug(),
+        field.escape_debug()
+    );
+    report.skipped += 1;
+}
+
+/// What the import does about one value in clear, once the cut-over is recorded.
+enum AfterCutOver {
+    /// No cut-over yet: a legacy value, imported.
+    Before,
+    /// Named in the `--accept-clear` file: imported.
+    Accepted,
+    /// Not named: refused (left as it is; the daemons do not serve it).
+    Refused,
 }
 
 /// What an import did (or, with `--dry-run`, would do).
@@ -52,10 +156,52 @@ pub struct Report {
     pub user_keys_already_stored: usize,
     pub pool_values_encrypted: usize,
     pub skipped: usize,
+    /// Values in clear written after the cut-over and not accepted.
+    pub refused: usize,
 }
 
-/// Runs the import, printing one line per action (never a key).
-pub fn import(config: &Config, dry_run: bool) -> Result<Report, ImportError> {
+impl Report {
+    /// Whether every value in clear was imported (the tool exits non-zero otherwise).
+    pub fn complete(&self) -> bool {
+        self.skipped == 0 && self.refused == 0
+    }
+}
+
+/// Judges one value in clear: `line` is its entry as an `--accept-clear` file names
+/// it. After the cut-over a clear value was written by someone who can write Redis
+/// (the import sealed every one there was), so only a reviewed one is imported.
+fn judge(
+    cut_over: bool,
+    accepted: &HashSet<String>,
+    line: &str,
+    dry_run: bool,
+    report: &mut Report,
+) -> AfterCutOver {
+    if !cut_over {
+        return AfterCutOver::Before;
+    }
+    if accepted.contains(line) {
+        println!("accepted (reviewed in --accept-clear): {line}");
+        return AfterCutOver::Accepted;
+    }
+    report.refused += 1;
+    println!(
+        "{} a value in clear written after the cut-over (possible injection by someone who can write redis); \
+         review it, and to import it name it in an --accept-clear file:\naccept-clear: {line}",
+        if dry_run { "would refuse" } else { "refused" }
+    );
+    AfterCutOver::Refused
+}
+
+/// Runs the import, printing one line per action (never a key; each value in clear
+/// found after the cut-over by its fingerprint, its key_id). The first run that
+/// changes something records the cut-over; from then on a value in clear is only
+/// imported when `accepted` (read by [`read_accepted`]) names it.
+pub fn import(
+    config: &Config,
+    dry_run: bool,
+    accepted: &HashSet<String>,
+) -> Result<Report, ImportError> {
     if config.redis.url.is_empty() {
         return Err(ImportError::NoRedis);
     }
@@ -95,6 +241,15 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, ImportError> {
     };
     let target = if in_redis { "redis" } else { "the keystore" };
     let mut report = Report::default();
+    let cut_over: Option<i64> = con.get(names.legacy_cutover())?;
+    if let Some(at) = cut_over {
+        println!(
+            "the cut-over was recorded at {}: values in clear found now were written after it",
+            clock::rfc3339(at)
+        );
+    }
+    let cut_over = cut_over.is_some();
+    let seal = redis::Script::new(&format!("{}{SEAL_SCRIPT}", crate::envelope::RETIRED_GUARD));
 
     for hash in keyspace::all_hashes(&mut con, &format!("{}:user_api_keys:*", names.prefix))? {
         let user_id = &hash[names.legacy_user("").len()..];
@@ -115,6 +270,7 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, ImportError> {
             } else {
                 None
             };
+            let value_read = value.clone();
             let key = String::from_utf8(value)
                 .ok()
                 .map(Secret::new)
@@ -130,6 +286,15 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, ImportError> {
                 report.skipped += 1;
                 continue;
             };
+            let line = format!(
+                "user {} {} {}",
+                user_id.escape_debug(),
+                field.escape_debug(),
+                master.key_id(&key)
+            );
+            if let AfterCutOver::Refused = judge(cut_over, accepted, &line, dry_run, &mut report) {
+                continue;
+            }
             let present = if in_redis {
                 // A sealed key under the lower-cased field (when the module's field
                 // differs in case) is newer than the clear one.
@@ -165,29 +330,33 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, ImportError> {
             };
             let announce = serde_json::to_string(&changed).unwrap_or_default();
             if in_redis {
-                // One transaction: the sealed value replaces the clear one (or lands
-                // beside it under the lower-cased field, which then goes) atomically.
-                let mut pipe = redis::pipe();
-                pipe.atomic();
-                if present.is_none() {
-                    let sealed = crate::envelope::user_envelope(
+                // One script: the sealed value replaces the clear one (or lands
+                // beside it under the lower-cased field, which then goes) atomically,
+                // only while the clear value is still the one read.
+                let sealed = present.is_none().then(|| {
+                    let v = crate::envelope::user_envelope(
                         &master,
                         &names.prefix,
                         user_id,
                         &service,
                         &key,
                     );
-                    pipe.hset(&hash, &service, sealed).hset(
-                        names.user_info(user_id),
-                        &service,
-                        clock::now_s(),
-                    );
+                    (service.as_str(), v)
+                });
+                let done = Seal {
+                    hash: &hash,
+                    info_hash: names.user_info(user_id),
+                    write: sealed,
+                    info: clock::now_s().to_string(),
+                    keep_info: false,
+                    clear_field: &raw_field,
+                    clear_value: &value_read,
+                    announce,
                 }
-                if raw_field != service.as_bytes() {
-                    pipe.hdel(&hash, &raw_field);
+                .run(&mut con, &seal, &names)?;
+                if !done {
+                    changed_meanwhile(&hash, &field, &mut report);
                 }
-                pipe.publish(names.invalidate(), announce);
-                pipe.query::<()>(&mut con)?;
                 continue;
             }
             if present.is_none() {
@@ -218,6 +387,15 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, ImportError> {
                 report.skipped += 1;
                 continue;
             };
+            let line = format!(
+                "pool {} {} {}",
+                hash.escape_debug(),
+                field.escape_debug(),
+                master.key_id(&key)
+            );
+            if let AfterCutOver::Refused = judge(cut_over, accepted, &line, dry_run, &mut report) {
+                continue;
+            }
             report.pool_values_encrypted += 1;
             if dry_run {
                 println!(
@@ -238,28 +416,37 @@ pub fn import(config: &Config, dry_run: bool) -> Result<Report, ImportError> {
                 "imported".to_string()
             };
             let info = serde_json::json!({"label": label, "added_at": clock::now_s()}).to_string();
-            let mut pipe = redis::pipe();
-            pipe.atomic()
-                .hset(
-                    &hash,
-                    &key_id,
+            let done = Seal {
+                hash: &hash,
+                info_hash: names.pool_info(&pool),
+                write: Some((
+                    key_id.as_str(),
                     envelope(&master, &names.prefix, &pool, &key),
-                )
-                .hset_nx(names.pool_info(&pool), &key_id, info);
-            if raw_field != key_id.as_bytes() {
-                pipe.hdel(&hash, &raw_field);
+                )),
+                info,
+                keep_info: true,
+                clear_field: &raw_field,
+                clear_value: &value,
+                announce: serde_json::to_string(&Changed::Pool(pool.clone())).unwrap_or_default(),
             }
-            pipe.publish(
-                names.invalidate(),
-                serde_json::to_string(&Changed::Pool(pool.clone())).unwrap_or_default(),
-            );
-            pipe.query::<()>(&mut con)?;
+            .run(&mut con, &seal, &names)?;
+            if !done {
+                changed_meanwhile(&hash, &field, &mut report);
+                continue;
+            }
             println!(
                 "encrypted {} field {} as key_id {key_id}",
                 hash.escape_debug(),
                 field.escape_debug()
             );
         }
+    }
+    if !dry_run && !cut_over {
+        let _: bool = con.set_nx(names.legacy_cutover(), clock::now_s())?;
+        println!(
+            "recorded the cut-over: from now on a value in clear in redis is treated as tampering \
+             (not served; import-legacy imports it only when --accept-clear names it)"
+        );
     }
     Ok(report)
 }

@@ -184,6 +184,13 @@ struct RedisParts {
     addr: Addr<RedisStore>,
     /// The store's switches for the `App` (reloadable legacy setting, "has answered").
     switches: app::RedisSwitches,
+    member: FleetMember,
+}
+
+/// This daemon as a member of the fleet, for removing its heartbeat on a clean stop.
+struct FleetMember {
+    id: String,
+    leaving: Arc<AtomicBool>,
 }
 
 /// Starts the store actor the config asks for: Redis when `redis.url` is set, else
@@ -193,6 +200,7 @@ fn start_store(
     key: Arc<MasterKey>,
     db: Connection,
     fleet_verified: bool,
+    audit: &Arc<audit::Audit>,
 ) -> Result<(Store, Option<RedisParts>), StartError> {
     if config.redis.url.is_empty() {
         let db = Mutex::new(Some(db));
@@ -216,13 +224,20 @@ fn start_store(
         &config.redis,
         key.clone(),
         connected.clone(),
+        audit.clone(),
     )?;
+    let me = fleet::Identity::new(config.server.socket.clone());
+    let member = FleetMember {
+        id: me.id.clone(),
+        leaving: me.leaving.clone(),
+    };
     actix_rt::spawn(fleet::heartbeat(
         store.connection(),
         config.redis.clone(),
         key,
-        fleet::Identity::new(config.server.socket.clone()),
+        me,
         fleet_verified,
+        store.status(),
     ));
     let names = actors::redis::Names {
         prefix: config.redis.prefix.clone(),
@@ -246,6 +261,7 @@ fn start_store(
             names,
             addr,
             switches,
+            member,
         }),
     ))
 }
@@ -274,6 +290,8 @@ async fn watchdog(app: Rc<App>, every: std::time::Duration) {
 /// heartbeat and the invalidation listener), not yet serving. Holds the keystore lock.
 pub struct Started {
     pub app: Rc<App>,
+    /// Redis mode: this daemon in the fleet (its heartbeat goes on a clean stop).
+    member: Option<FleetMember>,
 }
 
 /// Builds the daemon on an opened keystore: the store, keystore and cache actors and
@@ -287,7 +305,9 @@ pub fn start(config: Config, opened: Opened) -> Result<Started, StartError> {
         fleet_verified,
     } = opened;
     let store_db = connections.pop().ok_or(StartError::NoStoreConnection)?;
-    let (store, redis) = start_store(&config, key.clone(), store_db, fleet_verified)?;
+    let audit =
+        Arc::new(audit::Audit::open(config.log.audit_file.as_deref()).map_err(StartError::Audit)?);
+    let (store, redis) = start_store(&config, key.clone(), store_db, fleet_verified, &audit)?;
     let key_for_app = key.clone();
     let threads = connections.len();
     let pool = Mutex::new(connections);
@@ -308,7 +328,9 @@ pub fn start(config: Config, opened: Opened) -> Result<Started, StartError> {
     let cache_reader = cache.reader();
     let cache = cache.start();
     let mut switches = None;
+    let mut member = None;
     if let Some(r) = redis {
+        member = Some(r.member);
         actix_rt::spawn(actors::redis::listen(
             r.target,
             r.names,
@@ -317,7 +339,6 @@ pub fn start(config: Config, opened: Opened) -> Result<Started, StartError> {
         ));
         switches = Some(r.switches);
     }
-    let audit = audit::Audit::open(config.log.audit_file.as_deref()).map_err(StartError::Audit)?;
     let mut app = App::new(
         config,
         keystore,
@@ -331,7 +352,7 @@ pub fn start(config: Config, opened: Opened) -> Result<Started, StartError> {
     app.redis = switches;
     app.hold_lock(lock);
     let app = Rc::new(app);
-    Ok(Started { app })
+    Ok(Started { app, member })
 }
 
 /// Serves the daemon built by `start` on `listener` until `Control::Shutdown` (or the sender is dropped).
@@ -387,6 +408,10 @@ pub async fn run(
         let _ = stop_rx.await;
     })
     .await;
+    if let Some(m) = &started.member {
+        let (redis, id, leaving) = (app.config().redis.clone(), m.id.clone(), m.leaving.clone());
+        let _ = tokio::task::spawn_blocking(move || fleet::leave(&redis, &id, &leaving)).await;
+    }
     if let Err(e) = app.keystore(actors::keystore::MarkClean).await {
         tracing::warn!(error = %e, "keystore not marked clean; the next start runs the full check");
     }

@@ -29,7 +29,11 @@ fn main() -> ExitCode {
             timeout,
             requests,
         } => cli::call(socket, config, requests, timeout),
-        Command::ImportLegacy { config, dry_run } => cli::import_legacy(config, dry_run),
+        Command::ImportLegacy {
+            config,
+            dry_run,
+            accept_clear,
+        } => cli::import_legacy(config, dry_run, accept_clear),
         Command::ImportKeys {
             socket,
             config,

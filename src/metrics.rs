@@ -59,6 +59,8 @@ pub struct Metrics {
     duration: Histogram,
     /// Redis mode: `apikeyd_redis_up` and the Redis families are exported.
     redis: bool,
+    /// `report_key_result` requests by client uid.
+    key_reports: Family<[(&'static str, String); 1], Counter>,
 }
 
 impl Metrics {
@@ -70,6 +72,7 @@ impl Metrics {
             // 50 µs to about 3.3 s: cache hits are tens of µs, store calls ms, deadlines s.
             duration: Histogram::new(exponential_buckets(0.00005, 4.0, 9)),
             redis,
+            key_reports: Family::default(),
         }
     }
 
@@ -87,6 +90,13 @@ impl Metrics {
         if let Some(t) = took {
             self.duration.observe(t.as_secs_f64());
         }
+    }
+
+    /// Counts a `report_key_result` from client `uid` (uids are bounded by `[access]`).
+    pub fn key_reported(&self, uid: u32) {
+        self.key_reports
+            .get_or_create(&[("uid", uid.to_string())])
+            .inc();
     }
 
     /// Counts a quota answer with `allowed: false`.
@@ -126,6 +136,8 @@ pub struct Gauges<'a> {
     pub redis: Option<&'a RedisStatus>,
     /// Keys per pool and state; `None` when the store could not say now.
     pub pools: Option<Vec<PoolKeyCount>>,
+    /// Redis mode: fleet heartbeats ignored as unauthenticated.
+    pub unauthenticated_heartbeats: Option<u64>,
 }
 
 fn counter(n: u64) -> Counter {
@@ -208,6 +220,18 @@ impl Metrics {
                 "redis_up",
                 "1 when Redis has answered and is not known to be down",
                 gauge(u64::from(now.redis_up == Some(true))),
+            );
+        }
+        registry.register(
+            "key_reports",
+            "report_key_result requests by client uid",
+            self.key_reports.clone(),
+        );
+        if let Some(n) = now.unauthenticated_heartbeats {
+            registry.register(
+                "fleet_unauthenticated_heartbeats",
+                "Fleet heartbeats ignored because the master key does not authenticate them",
+                counter(n),
             );
         }
         if let Some(status) = now.redis {
@@ -553,6 +577,7 @@ mod tests {
                 redis_up: Some(true),
                 redis: Some(&status),
                 pools: None,
+                unauthenticated_heartbeats: None,
             })
             .unwrap();
         for want in [
@@ -591,6 +616,7 @@ mod tests {
                 redis_up: Some(true),
                 redis: Some(&status),
                 pools: Some(Vec::new()),
+                unauthenticated_heartbeats: None,
             })
             .unwrap();
         for want in [

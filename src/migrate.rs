@@ -1,8 +1,10 @@
 //! `apikeyd migrate-user-keys --to redis|local`: moves every per-user key between
 //! this daemon's SQLite keystore and Redis (`{prefix}:user_api_keys:{user_id}`).
 //! Idempotent and safe to kill at any point: a source copy is removed only after
-//! its target copy was read back and opened, and only if it still holds what was
-//! read (a newer write wins). Where both sides hold a key, the target's is kept.
+//! its target copy was read back and opens to exactly what was copied, and only if
+//! it still holds what was read (a newer write wins). Where both sides hold
+//! different keys, the newer by write time wins: an older target is replaced, an
+//! older source is kept; either way the conflict is listed and the run exits 1.
 
 use redis::Commands;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -63,7 +65,35 @@ pub struct Report {
     pub left_in_clear: usize,
     /// Values that open with no key version: left as they are.
     pub unreadable: usize,
+    /// Keys both sides held, different (each listed): the newer one by write time
+    /// was kept or copied over the older; an older source stays where it is.
+    pub conflicts: usize,
 }
+
+/// Lists one conflict: both sides hold a key for (user, service), and they differ.
+fn conflict(report: &mut Report, user_id: &str, service: &str, what: &str) {
+    report.conflicts += 1;
+    println!(
+        "conflict: user {} service {}: {what}",
+        user_id.escape_debug(),
+        service.escape_debug()
+    );
+}
+
+/// Writes a sealed user key into Redis only while its field still holds what was
+/// read (ARGV[4], '' for none), after [`crate::envelope::RETIRED_GUARD`]: KEYS[2]
+/// the user hash, KEYS[3] its info, KEYS[4] its rejected marks, KEYS[5] its owners;
+/// ARGV[2] service, ARGV[3] the value, ARGV[5] its write time, ARGV[6] '1' when
+/// rejected, ARGV[7] channel, ARGV[8] message. Answers 1 when written.
+const COPY_SCRIPT: &str = r"
+if (redis.call('HGET', KEYS[2], ARGV[2]) or '') ~= ARGV[4] then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[5])
+if ARGV[6] == '1' then redis.call('HSET', KEYS[4], ARGV[2], ARGV[5]) else redis.call('HDEL', KEYS[4], ARGV[2]) end
+redis.call('HDEL', KEYS[5], ARGV[2])
+redis.call('PUBLISH', ARGV[7], ARGV[8])
+return 1
+";
 
 /// Runs (or resumes) a migration, printing progress and counts (never a key).
 pub fn migrate(config: &Config, to: Destination) -> Result<Report, MigrateError> {
@@ -220,24 +250,52 @@ fn to_redis(
                 plain,
             });
         }
-        // What Redis holds now for each row.
+        // What Redis holds now for each row, and when it was written.
         let mut read = redis::pipe();
         for r in &rows {
-            read.hget(ctx.names.legacy_user(&r.user_id), &r.service);
+            read.hget(ctx.names.legacy_user(&r.user_id), &r.service)
+                .hget(ctx.names.user_info(&r.user_id), &r.service);
         }
-        let before: Vec<Option<Vec<u8>>> = read.query(con)?;
-        let mut write = redis::pipe();
+        let before: Vec<(Option<Vec<u8>>, Option<i64>)> = {
+            let flat: Vec<redis::Value> = read.query(con)?;
+            flat.chunks(2)
+                .map(|p| {
+                    let value = redis::from_redis_value(p[0].clone()).ok().flatten();
+                    let at = redis::from_redis_value(p[1].clone()).ok().flatten();
+                    (value, at)
+                })
+                .collect()
+        };
+        let copy = redis::Script::new(&format!("{}{COPY_SCRIPT}", crate::envelope::RETIRED_GUARD));
         let mut written = 0;
-        for (r, held) in rows.iter().zip(&before) {
-            let sealed_there = held.as_deref().is_some_and(|v| {
-                matches!(
-                    open_user_value(ctx.master, &ctx.names.prefix, &r.user_id, &r.service, v),
-                    PoolValue::Sealed(_)
-                )
+        let mut already = Vec::with_capacity(rows.len());
+        for (r, (held, held_at)) in rows.iter().zip(&before) {
+            let there = held.as_deref().and_then(|v| {
+                match open_user_value(ctx.master, &ctx.names.prefix, &r.user_id, &r.service, v) {
+                    PoolValue::Sealed(k) => Some(k),
+                    _ => None,
+                }
             });
-            if sealed_there {
-                continue;
+            match there {
+                Some(k) if k.expose() == r.plain.expose() => {
+                    already.push(true);
+                    continue;
+                }
+                Some(_) if held_at.unwrap_or(0) >= r.updated_at => {
+                    conflict(&mut report, &r.user_id, &r.service,
+                        "redis holds a different key stored at the same time or later; it is kept, and so is the keystore's");
+                    already.push(false);
+                    continue;
+                }
+                Some(_) => conflict(
+                    &mut report,
+                    &r.user_id,
+                    &r.service,
+                    "redis held an older, different key; the keystore's newer key replaces it",
+                ),
+                None => {}
             }
+            already.push(false);
             let value = user_envelope(
                 ctx.master,
                 &ctx.names.prefix,
@@ -245,57 +303,43 @@ fn to_redis(
                 &r.service,
                 &r.plain,
             );
-            write
-                .hset(ctx.names.legacy_user(&r.user_id), &r.service, value)
-                .ignore()
-                .hset(ctx.names.user_info(&r.user_id), &r.service, r.updated_at)
-                .ignore();
-            if r.rejected {
-                write
-                    .hset(
-                        ctx.names.user_rejected(&r.user_id),
-                        &r.service,
-                        r.updated_at,
-                    )
-                    .ignore();
+            let mut call = copy.prepare_invoke();
+            call.key(ctx.names.keycheck())
+                .key(ctx.names.legacy_user(&r.user_id))
+                .key(ctx.names.user_info(&r.user_id))
+                .key(ctx.names.user_rejected(&r.user_id))
+                .key(ctx.names.user_owner(&r.user_id))
+                .arg(crate::envelope::envelope_version(value.as_bytes()))
+                .arg(&r.service)
+                .arg(&value)
+                .arg(held.as_deref().unwrap_or(b""))
+                .arg(r.updated_at)
+                .arg(if r.rejected { "1" } else { "" })
+                .arg(ctx.names.invalidate())
+                .arg(announce(&r.user_id, &r.service));
+            let landed: i64 = call.invoke(con)?;
+            if landed == 0 {
+                eprintln!("user {} service {}: the redis field changed meanwhile; the keystore copy stays (rerun)", r.user_id, r.service);
             }
-            write
-                .publish(ctx.names.invalidate(), announce(&r.user_id, &r.service))
-                .ignore();
             written += 1;
         }
         if written > 0 {
-            write.query::<()>(con)?;
             ctx.wait_for_replicas(con)?;
         }
-        // Read back: a source row goes only once its target copy opens.
+        // Read back: a source row goes only once its target copy opens to exactly
+        // what was copied.
         let mut check = redis::pipe();
         for r in &rows {
             check.hget(ctx.names.legacy_user(&r.user_id), &r.service);
         }
         let now: Vec<Option<Vec<u8>>> = check.query(con)?;
         let tx = db.transaction()?;
-        for ((r, held), target) in rows.iter().zip(&before).zip(&now) {
+        for ((r, was_there), target) in rows.iter().zip(already).zip(&now) {
             let Some(target) = target else {
                 eprintln!("user {} service {}: the key vanished from redis before it was verified (deleted meanwhile?); the keystore copy stays", r.user_id, r.service);
                 continue;
             };
-            let verified = ctx.opens_to(&r.user_id, &r.service, target, &r.plain)
-                || matches!(
-                    open_user_value(
-                        ctx.master,
-                        &ctx.names.prefix,
-                        &r.user_id,
-                        &r.service,
-                        target
-                    ),
-                    PoolValue::Sealed(_)
-                );
-            if !verified {
-                eprintln!(
-                    "user {} service {}: the redis copy does not open; the keystore copy stays",
-                    r.user_id, r.service
-                );
+            if !ctx.opens_to(&r.user_id, &r.service, target, &r.plain) {
                 continue;
             }
             // Only if the row still holds what was copied: a newer write wins.
@@ -305,13 +349,7 @@ fn to_redis(
             .and_then(|mut s| s.execute(params![r.user_id, r.service, r.sealed]))?;
             tx.prepare_cached("DELETE FROM user_key_rejected WHERE user_id = ?1 AND service = ?2")
                 .and_then(|mut s| s.execute(params![r.user_id, r.service]))?;
-            let was_sealed_there = held.as_deref().is_some_and(|v| {
-                matches!(
-                    open_user_value(ctx.master, &ctx.names.prefix, &r.user_id, &r.service, v),
-                    PoolValue::Sealed(_)
-                )
-            });
-            if was_sealed_there {
+            if was_there {
                 report.already_in_target += 1;
             } else {
                 report.moved += 1;
@@ -347,6 +385,8 @@ fn to_local(
     for (hash, user_id) in crate::keyspace::user_hashes(con, ctx.names)? {
         let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash)?;
         let rejected: Vec<String> = con.hkeys(ctx.names.user_rejected(&user_id))?;
+        let written_at: std::collections::HashMap<String, i64> =
+            con.hgetall(ctx.names.user_info(&user_id))?;
         let mut moving = Vec::new();
         for (field, value) in fields {
             let service = String::from_utf8_lossy(&field).into_owned();
@@ -367,8 +407,34 @@ fn to_local(
             let tx = db.transaction()?;
             let mut outcome = Vec::with_capacity(chunk.len());
             for (_, service, _, plain) in chunk {
-                let there = stored_key(&tx, ctx.master, &user_id, service)?.is_some();
-                if !there {
+                let local_at: Option<i64> = tx
+                    .prepare_cached(
+                        "SELECT updated_at FROM user_keys WHERE user_id = ?1 AND service = ?2",
+                    )?
+                    .query_row(params![user_id, service], |r| r.get(0))
+                    .optional()?;
+                let there = stored_key(&tx, ctx.master, &user_id, service)?;
+                let redis_at = written_at.get(service).copied().unwrap_or(0);
+                let same = there.as_ref().is_some_and(|k| k.expose() == plain.expose());
+                let replace = match (&there, same) {
+                    (None, _) => local_at.is_none(),
+                    (Some(_), true) => false,
+                    (Some(_), false) if redis_at > local_at.unwrap_or(0) => {
+                        conflict(&mut report, &user_id, service,
+                            "the keystore held an older, different key; redis's newer key replaces it");
+                        true
+                    }
+                    (Some(_), false) => {
+                        conflict(&mut report, &user_id, service,
+                            "the keystore holds a different key stored at the same time or later; it is kept, and so is redis's");
+                        false
+                    }
+                };
+                if local_at.is_some() && there.is_none() {
+                    eprintln!("user {user_id} service {service}: the keystore row does not open; both copies stay");
+                }
+                let there = same;
+                if replace {
                     store_user_key(&tx, ctx.master, &user_id, service, plain)?;
                     if rejected.contains(service) {
                         tx.prepare_cached(
@@ -383,11 +449,11 @@ fn to_local(
             }
             tx.commit()?;
             for ((field, service, value, plain), there) in chunk.iter().zip(outcome) {
-                // Read back from the committed keystore before the Redis copy goes.
+                // Read back from the committed keystore before the Redis copy goes:
+                // it must open to exactly what Redis holds (a conflict kept both).
                 let verified = stored_key(db, ctx.master, &user_id, service)?
-                    .is_some_and(|k| there || k.expose() == plain.expose());
+                    .is_some_and(|k| k.expose() == plain.expose());
                 if !verified {
-                    eprintln!("user {user_id} service {service}: the keystore copy does not open; the redis copy stays");
                     continue;
                 }
                 let _: i64 = take

@@ -162,15 +162,16 @@ fn hand_over(config: &Config, access: &ToolAccess, current: u32) -> Result<(), R
 /// otherwise stops, naming the daemons that are behind and what to do.
 fn fleet_ready(
     config: &Config,
+    key: &MasterKey,
     key_file: &Path,
-    current: u32,
     step: &'static str,
     step_done: &'static str,
 ) -> Result<(), RotateError> {
     if config.redis.url.is_empty() {
         return Ok(());
     }
-    match crate::fleet::wait_until_sealing(config, current, FLEET_WAIT) {
+    let current = key.current_version();
+    match crate::fleet::wait_until_sealing(config, key, current, FLEET_WAIT) {
         Ok(()) => {
             println!("every live daemon on this Redis seals with key version {current}");
             Ok(())
@@ -396,7 +397,18 @@ fn reseal_everything(
     db: &mut Connection,
     key: &MasterKey,
 ) -> Result<usize, RotateError> {
-    for pass in 1..=5 {
+    reseal_passes(config, db, key, 5)
+}
+
+/// Re-seals like [`reseal_everything`], at most `passes` times; one pass answers
+/// after it without checking that nothing is left.
+fn reseal_passes(
+    config: &Config,
+    db: &mut Connection,
+    key: &MasterKey,
+    passes: usize,
+) -> Result<usize, RotateError> {
+    for pass in 1..=passes {
         let (rows, broken_rows) = reseal_sqlite(db, key)?;
         let (values, broken_values) = if config.redis.url.is_empty() {
             (0, 0)
@@ -407,7 +419,7 @@ fn reseal_everything(
             "pass {pass}: re-sealed {rows} keystore rows and {values} redis pool and user values under version {}",
             key.current_version()
         );
-        if pass > 1 && rows + values == 0 {
+        if (pass > 1 && rows + values == 0) || passes == 1 {
             return Ok(broken_rows + broken_values);
         }
     }
@@ -471,26 +483,28 @@ pub fn rotate(r: Rotation<'_>) -> Result<(), RotateError> {
         );
         return Ok(());
     }
-    fleet_ready(
-        config,
-        r.key_file,
-        key.current_version(),
-        "re-sealing",
-        "re-sealed",
-    )?;
-    let broken = reseal_everything(config, &mut db, &key)?;
-    fleet_ready(
-        config,
-        r.key_file,
-        key.current_version(),
-        "retiring",
-        "retired",
-    )?;
+    fleet_ready(config, &key, r.key_file, "re-sealing", "re-sealed")?;
     let retired: Vec<u32> = key
         .versions()
         .into_iter()
         .filter(|v| *v != key.current_version())
         .collect();
+    let broken = if fleet {
+        // One pass while every write still lands; then the versions are retired in
+        // Redis, from which moment every daemon's write of a value sealed with one of
+        // them is refused (atomically, in the script that writes it). The passes
+        // that follow catch every old value that landed before, including those of
+        // a daemon whose heartbeat a Redis writer hid, so none is left unreadable.
+        reseal_passes(config, &mut db, &key, 1)?;
+        fleet_ready(config, &key, r.key_file, "retiring", "retired")?;
+        crate::fleet::mark_retired(config, &retired)?;
+        println!(
+            "marked key versions {retired:?} retired for the fleet; writes sealed with them are refused from now on"
+        );
+        reseal_everything(config, &mut db, &key)?
+    } else {
+        reseal_everything(config, &mut db, &key)?
+    };
     let backup =
         key.write_backup(r.key_file, &retired)
             .map_err(|source| RotateError::WriteBackup {
@@ -512,9 +526,6 @@ pub fn rotate(r: Rotation<'_>) -> Result<(), RotateError> {
         r.key_file.display(),
         key.current_version()
     );
-    if fleet {
-        crate::fleet::mark_retired(config, &retired)?;
-    }
     if broken > 0 {
         println!(
             "{broken} stored values opened with no key version (see above); they stay unreadable"
@@ -538,6 +549,7 @@ mod tests {
             versions: vec![1],
             sealing: 1,
             at: 0,
+            tags: Default::default(),
         }];
         let cases = [
             (

@@ -421,7 +421,57 @@ fn enable_is_for_admins(mode: Mode) {
     assert_eq!(entry(&list(&mut d.client(), None), &a)["state"], "disabled");
 }
 
+/// One allowed client cannot take keys out of service for long: `retry_after_s` is
+/// capped by `pools.max_cooldown_s`, another uid's user key cannot be reported
+/// `unauthorized`, and reports are counted per uid.
+fn reports_are_bounded(mode: Mode) {
+    let d = TestDaemon::start_with(
+        mode,
+        &format!("[access]\nallow_uids = [{NOBODY}]\n[pools]\nmax_cooldown_s = 600\n"),
+        &[],
+    );
+    let mut c = d.client();
+    let a = add(&mut c, A, None);
+    // Root (an admin here) stores victim's key; nobody stores its own.
+    c.ok(json!({"op": "set_user_api_key", "user_id": "victim", "service": "openai", "key": "sk-victims-own-0001"}));
+    let bin = common::open_up(&d);
+    let user_report = |user: &str| json!({"op": "report_key_result", "service": "openai", "user_id": user, "outcome": "unauthorized"});
+    let out = common::call_as(
+        &bin,
+        &d.socket,
+        &[],
+        &[
+            json!({"op": "report_key_result", "service": "openai", "key_id": a,
+                "outcome": "rate_limited", "retry_after_s": 1_000_000_000u64}),
+            user_report("victim"),
+            json!({"op": "set_user_api_key", "user_id": "mine", "service": "openai", "key": "sk-nobodys-own-0001"}),
+            user_report("mine"),
+        ],
+    );
+    assert_eq!(out.len(), 4, "{out:?}");
+    let until = out[0]["result"]["cooling_until"].as_i64().unwrap();
+    assert!(until <= now() + 600, "capped at max_cooldown_s: {out:?}");
+    assert_eq!(out[1]["error"]["code"], "forbidden", "{out:?}");
+    assert_eq!(
+        out[3]["result"]["state"], "disabled",
+        "its own key: {out:?}"
+    );
+    // The victim is still served; an admin may report it.
+    let ask = json!({"op": "get_user_api_key", "user_id": "victim", "service": "openai"});
+    assert_eq!(c.ok(ask.clone())["key"], "sk-victims-own-0001");
+    assert_eq!(c.ok(user_report("victim"))["state"], "disabled");
+    // Counted per uid.
+    let metrics = c.ok(json!({"op": "metrics"})).to_string();
+    assert!(
+        metrics.contains(&format!(
+            "apikeyd_key_reports_total{{uid=\\\"{NOBODY}\\\"}} 3"
+        )),
+        "{metrics}"
+    );
+}
+
 in_every_mode!(
+    reports_are_bounded,
     key_id_in_answers,
     rate_limited_cools_and_never_shortens,
     errors_cool_down_at_the_threshold,

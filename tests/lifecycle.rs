@@ -407,7 +407,8 @@ fn stray_redis_keys_never_block_rotate_or_import() {
     assert!(text.contains("stargazer:global_api_pool:x"), "{text}");
 
     let (out, text) = run(&["import-legacy"], &d.config_path);
-    assert!(out.status.success(), "{text}");
+    assert_eq!(out.status.code(), Some(1), "entries were skipped: {text}");
+    assert!(text.contains("were skipped or refused"), "{text}");
     assert!(text.contains("stargazer:user_api_keys:stray"), "{text}");
     assert!(
         text.contains("field bad service!: the service name"),

@@ -113,6 +113,13 @@ fn an_outage_serves_cached_user_keys_degraded_and_loses_nothing() {
             .as_u64()
             .unwrap()
     };
+    // The set's own announcement may reach the cache after that first read and drop
+    // the entry it made: wait until a read is served from the cache.
+    eventually(Duration::from_secs(10), || {
+        let before = misses(&mut c);
+        get(&mut c, "carol", "openai");
+        misses(&mut c) == before
+    });
     redis.kill();
     // Past the TTL (a miss is counted when the entry has expired) the key is still
     // served, flagged degraded.
@@ -383,4 +390,62 @@ fn a_new_master_key_is_refused_when_redis_holds_sealed_user_keys() {
         log.contains("does not open the values sealed in Redis"),
         "{log}"
     );
+}
+
+#[test]
+fn rerunning_migrate_user_keys_never_deletes_a_newer_key() {
+    let mut d = TestDaemon::start_with(Mode::Redis, common::LOCAL_USER_KEYS, &[]);
+    let mut c = d.client();
+    set(&mut c, "ana", "openai", "sk-migrate-older-0001");
+    let stored_at = apikeyd::clock::now_s();
+    // Migrated to Redis while the daemon still keeps keys locally.
+    let (ok, text) = migrate(&d, "redis", None);
+    assert!(ok, "{text}");
+    assert!(text.contains("1 user keys moved"), "{text}");
+    // The user sets a newer key (in the keystore: the daemon is still local).
+    eventually(Duration::from_secs(5), || {
+        apikeyd::clock::now_s() > stored_at
+    });
+    set(&mut c, "ana", "openai", "sk-migrate-newer-0002");
+    // The rerun lists the conflict, exits non-zero, and copies the newer key.
+    let (ok, text) = migrate(&d, "redis", None);
+    assert!(!ok, "{text}");
+    assert!(text.contains("conflict: user ana service openai"), "{text}");
+    assert!(text.contains("1 conflicts"), "{text}");
+    // Switched to keys in Redis: the user is served the newer key.
+    d.write_config("[cache]\nuser_key_ttl_s = 0\n");
+    d.restart();
+    assert_eq!(
+        get(&mut d.client(), "ana", "openai")["key"],
+        "sk-migrate-newer-0002"
+    );
+
+    // The other way: a keystore row newer than Redis's key is never deleted.
+    let mut con = d.redis.as_ref().unwrap().conn();
+    let db = rusqlite::Connection::open(d.path("data/keystore.sqlite3")).unwrap();
+    let master = apikeyd::crypto::MasterKey::read_file(&d.path("data/master.key")).unwrap();
+    apikeyd::actors::keystore::store_user_key(
+        &db,
+        &master,
+        "ana",
+        "openai",
+        &apikeyd::crypto::Secret::new("sk-migrate-local-0003".into()),
+    )
+    .unwrap();
+    let _: () = con
+        .hset("stargazer:apikeyd:user_info:ana", "openai", 1)
+        .unwrap();
+    let (ok, text) = migrate(&d, "local", None);
+    assert!(!ok, "{text}");
+    assert!(text.contains("conflict: user ana service openai"), "{text}");
+    let rows: i64 = db
+        .query_row(
+            "SELECT count(*) FROM user_keys WHERE user_id = 'ana'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(rows, 1, "the newer keystore row stays");
+    let kept: Option<String> = con.hget("stargazer:user_api_keys:ana", "openai").unwrap();
+    assert!(kept.is_some(), "the older redis copy is not deleted either");
 }

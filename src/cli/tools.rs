@@ -26,10 +26,19 @@ pub fn migrate_user_keys(config: Option<PathBuf>, to: crate::migrate::Destinatio
     match crate::migrate::migrate(&config, to) {
         Ok(r) => {
             println!(
-                "done: {} user keys moved, {} already there, {} left in clear (run import-legacy), {} unreadable",
-                r.moved, r.already_in_target, r.left_in_clear, r.unreadable
+                "done: {} user keys moved, {} already there, {} left in clear (run import-legacy), {} unreadable, {} conflicts",
+                r.moved, r.already_in_target, r.left_in_clear, r.unreadable, r.conflicts
             );
-            ExitCode::SUCCESS
+            if r.conflicts == 0 {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "apikeyd migrate-user-keys: {} keys differed between the keystore and redis (listed above as conflicts); \
+                     no differing key was deleted",
+                    r.conflicts
+                );
+                ExitCode::from(1)
+            }
         }
         Err(e) => {
             eprintln!("apikeyd migrate-user-keys: {e}");
@@ -146,22 +155,44 @@ pub fn check_config(explicit: Option<PathBuf>, as_user: Option<String>) -> ExitC
 }
 
 /// `apikeyd import-legacy`.
-pub fn import_legacy(config: Option<PathBuf>, dry_run: bool) -> ExitCode {
+/// Exits 1 when any value in clear was skipped or refused.
+pub fn import_legacy(
+    config: Option<PathBuf>,
+    dry_run: bool,
+    accept_clear: Option<PathBuf>,
+) -> ExitCode {
     let config = match tool_config("import-legacy", config) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match crate::legacy::import(&config, dry_run) {
+    let accepted = match accept_clear.as_deref().map(crate::legacy::read_accepted) {
+        None => Default::default(),
+        Some(Ok(a)) => a,
+        Some(Err(e)) => {
+            eprintln!("apikeyd import-legacy: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match crate::legacy::import(&config, dry_run, &accepted) {
         Ok(r) => {
             println!(
-                "{}: {} user keys moved, {} already in the keystore, {} pool values encrypted, {} skipped",
+                "{}: {} user keys moved, {} already in the keystore, {} pool values encrypted, {} skipped, {} refused",
                 if dry_run { "dry run" } else { "done" },
                 r.user_keys_moved,
                 r.user_keys_already_stored,
                 r.pool_values_encrypted,
-                r.skipped
+                r.skipped,
+                r.refused
             );
-            ExitCode::SUCCESS
+            if r.complete() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "apikeyd import-legacy: {} values in clear were skipped or refused (see above); they stay as they are",
+                    r.skipped + r.refused
+                );
+                ExitCode::from(1)
+            }
         }
         Err(e) => {
             eprintln!("apikeyd import-legacy: {e}");

@@ -84,6 +84,10 @@ pub async fn stats(app: &App) -> Result<Body> {
         quota_batches: Option<u64>,
         #[serde(skip_serializing_if = "Option::is_none")]
         quota_batched_calls: Option<u64>,
+        /// Redis mode: fleet heartbeats this daemon ignored because its master key
+        /// does not authenticate them (each member id once).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        unauthenticated_heartbeats: Option<u64>,
     }
     #[derive(Serialize)]
     struct Process {
@@ -149,6 +153,7 @@ pub async fn stats(app: &App) -> Result<Body> {
                 redis_master,
                 quota_batches: count(|s| &s.quota_batches),
                 quota_batched_calls: count(|s| &s.quota_calls),
+                unauthenticated_heartbeats: count(|s| &s.unauthenticated_heartbeats),
             }
         },
         idempotency: {

@@ -5,6 +5,7 @@ use serde::Serialize;
 
 use super::pools::PoolKey;
 use super::{Params, Reply};
+use crate::access::{Peer, Role};
 use crate::actors::cache::{ForgetPool, ForgetUserKey};
 use crate::actors::keystore::ReportUserKey;
 use crate::actors::store::{EnablePoolKey, HealthRules, KeyState, Outcome, PoolRef, ReportPoolKey};
@@ -95,16 +96,28 @@ const UNKNOWN: Recorded = Recorded {
 /// With `channel_id`, the key is looked up in that channel's pool, then in the global
 /// pool (a channel lookup may have fallen through to it). An unknown key (or a user
 /// without a key for the service) answers `{"recorded":false,"state":null,…}`.
-pub async fn report_key_result(app: &App, report: Report, idem: Option<Idem>) -> Result<Reply> {
+///
+/// Bounded, so that one client cannot take keys out of service for long: a
+/// `retry_after_s` above `pools.max_cooldown_s` counts as that maximum, and
+/// `unauthorized` on a user's key is only taken from the uid that stored it (or an
+/// admin), else `forbidden`. Reports are counted per client uid (metrics).
+pub async fn report_key_result(
+    app: &App,
+    report: Report,
+    idem: Option<Idem>,
+    peer: &Peer,
+) -> Result<Reply> {
     let Report {
         service,
         outcome,
         retry_after_s,
         key,
     } = report;
+    app.metrics.key_reported(peer.uid);
     let (key_id, channel) = match key {
         Reported::User(user_id) => {
-            return report_user_key(app, user_id, service, outcome, idem).await
+            let reporter = (peer.role != Role::Admin).then_some(peer.uid);
+            return report_user_key(app, user_id, service, outcome, idem, reporter).await;
         }
         Reported::Pool { key_id, channel } => (key_id, channel),
     };
@@ -113,6 +126,7 @@ pub async fn report_key_result(app: &App, report: Report, idem: Option<Idem>) ->
         cooldown_s: config.pools.cooldown_s,
         error_threshold: config.pools.error_threshold,
     };
+    let retry_after_s = retry_after_s.map(|s| s.min(config.pools.max_cooldown_s));
     drop(config);
     for channel in channel.map(Some).into_iter().chain([None]) {
         let pool = PoolRef {
@@ -166,6 +180,7 @@ async fn report_user_key(
     service: String,
     outcome: Outcome,
     idem: Option<Idem>,
+    reporter: Option<u32>,
 ) -> Result<Reply> {
     let unauthorized = outcome == Outcome::Unauthorized;
     let written = app
@@ -175,6 +190,7 @@ async fn report_user_key(
             service: service.clone(),
             unauthorized,
             idem,
+            reporter,
         })
         .await?;
     let Some(rejected) = written.value else {

@@ -239,7 +239,15 @@ pub async fn get_gitea_credentials(app: &App, GiteaQuery(q): GiteaQuery) -> Resu
 }
 
 /// `{"op":"set_user_api_key","user_id":"u1","service":"openai","key":"sk-…"}` → `{"stored":true}`
-pub async fn set_user_api_key(app: &App, p: NewUserKey, idem: Option<Idem>) -> Result<Reply> {
+///
+/// The storing client's uid is recorded: only it (or an admin) may report the key
+/// `unauthorized`.
+pub async fn set_user_api_key(
+    app: &App,
+    p: NewUserKey,
+    idem: Option<Idem>,
+    peer: &crate::access::Peer,
+) -> Result<Reply> {
     let NewUserKey {
         user_id,
         service,
@@ -252,6 +260,7 @@ pub async fn set_user_api_key(app: &App, p: NewUserKey, idem: Option<Idem>) -> R
             service: service.clone(),
             key,
             idem,
+            owner: peer.uid,
         })
         .await?;
     app.cache

@@ -80,7 +80,7 @@ pub async fn dispatch(app: &App, peer: &Peer, op: Op, req: &mut Request) -> Resu
         )))
     } else {
         match idempotency(app, peer, op, req) {
-            Ok(idem) => run(app, op, req, idem).await,
+            Ok(idem) => run(app, peer, op, req, idem).await,
             Err(e) => Err(e),
         }
     };
@@ -106,9 +106,17 @@ fn parse<P: Params>(req: &mut Request) -> Result<P> {
 /// are boxed, so that every request's future is as small as the largest hot op's,
 /// not the largest op's (it is moved into its allocation whole, on every request).
 /// `idem`: a write's idempotency key, when one was sent.
-async fn run(app: &App, op: Op, req: &mut Request, idem: Option<Idem>) -> Result<Reply> {
+async fn run(
+    app: &App,
+    peer: &Peer,
+    op: Op,
+    req: &mut Request,
+    idem: Option<Idem>,
+) -> Result<Reply> {
     let read = match op {
-        Op::SetUserApiKey => return Box::pin(keys::set_user_api_key(app, parse(req)?, idem)).await,
+        Op::SetUserApiKey => {
+            return Box::pin(keys::set_user_api_key(app, parse(req)?, idem, peer)).await
+        }
         Op::DeleteUserApiKey => {
             return Box::pin(keys::delete_user_api_key(app, parse(req)?, idem)).await
         }
@@ -118,7 +126,7 @@ async fn run(app: &App, op: Op, req: &mut Request, idem: Option<Idem>) -> Result
         }
         Op::RemovePoolKey => return Box::pin(pools::remove_pool_key(app, parse(req)?, idem)).await,
         Op::ReportKeyResult => {
-            return Box::pin(health::report_key_result(app, parse(req)?, idem)).await
+            return Box::pin(health::report_key_result(app, parse(req)?, idem, peer)).await
         }
         Op::EnablePoolKey => {
             return Box::pin(health::enable_pool_key(app, parse(req)?, idem)).await

@@ -67,6 +67,12 @@ CREATE TABLE IF NOT EXISTS user_key_rejected (
     reported_at INTEGER NOT NULL,
     PRIMARY KEY (user_id, service)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS user_key_owner (
+    user_id TEXT NOT NULL,
+    service TEXT NOT NULL,
+    uid INTEGER NOT NULL,              -- the client uid that stored the key
+    PRIMARY KEY (user_id, service)
+) WITHOUT ROWID;
 PRAGMA user_version = 1;
 ";
 
@@ -412,8 +418,11 @@ pub fn store_user_key(
          ON CONFLICT (user_id, service) DO UPDATE SET sealed = ?3, updated_at = ?4",
     )?
     .execute(params![user_id, service, sealed, clock::now_s()])?;
-    // A new key is not the one the provider rejected.
+    // A new key is not the one the provider rejected, and whoever stored the old
+    // one does not own it (the caller records the new owner, when it knows it).
     db.prepare_cached("DELETE FROM user_key_rejected WHERE user_id = ?1 AND service = ?2")?
+        .execute(params![user_id, service])?;
+    db.prepare_cached("DELETE FROM user_key_owner WHERE user_id = ?1 AND service = ?2")?
         .execute(params![user_id, service])?;
     Ok(())
 }

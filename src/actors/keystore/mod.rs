@@ -159,6 +159,16 @@ pub struct ReportUserKey {
     pub unauthorized: bool,
     /// The write's idempotency key, when one was sent.
     pub idem: Option<Idem>,
+    /// The reporting client's uid, `None` for an admin: `unauthorized` is only taken
+    /// from the uid that stored the key (or an admin), else `forbidden`.
+    pub reporter: Option<u32>,
+}
+
+/// Why a report of `unauthorized` on a user's key is refused.
+pub fn not_the_owner(reporter: u32) -> crate::error::Error {
+    crate::error::Error::Forbidden(format!(
+        "only the uid that stored this user's key (or an admin) may report it unauthorized; uid {reporter} did not store it"
+    ))
 }
 
 impl Handler<ReportUserKey> for Keystore {
@@ -183,6 +193,18 @@ impl Keystore {
             )?
             .query_row(params![msg.user_id, msg.service], |r| r.get(0))
             .optional()?;
+        if let (Some(false), true, Some(reporter)) = (rejected, msg.unauthorized, msg.reporter) {
+            let owner: Option<u32> = self
+                .db
+                .prepare_cached(
+                    "SELECT uid FROM user_key_owner WHERE user_id = ?1 AND service = ?2",
+                )?
+                .query_row(params![msg.user_id, msg.service], |r| r.get(0))
+                .optional()?;
+            if owner != Some(reporter) {
+                return Err(not_the_owner(reporter));
+            }
+        }
         match rejected {
             Some(false) if msg.unauthorized => {
                 self.db
@@ -207,17 +229,35 @@ pub struct StoreUserKey {
     pub key: Secret,
     /// The write's idempotency key, when one was sent.
     pub idem: Option<Idem>,
+    /// The uid of the client that stores it (the only non-admin that may report it
+    /// `unauthorized`).
+    pub owner: u32,
 }
 
 impl Handler<StoreUserKey> for Keystore {
     type Result = Result<Written<()>>;
 
     fn handle(&mut self, msg: StoreUserKey, _: &mut Self::Context) -> Self::Result {
-        self.once(
-            msg.idem.as_ref(),
-            |_| true,
-            |s| store_user_key(&s.db, &s.key, &msg.user_id, &msg.service, &msg.key),
-        )
+        self.once(msg.idem.as_ref(), |_| true, |s| {
+            // A savepoint: the key and its owner land together, inside the
+            // idempotency record's transaction or on their own.
+            s.db.execute_batch("SAVEPOINT store_user_key")?;
+            let stored = store_user_key(&s.db, &s.key, &msg.user_id, &msg.service, &msg.key)
+                .and_then(|()| {
+                    s.db.prepare_cached(
+                        "INSERT OR REPLACE INTO user_key_owner (user_id, service, uid) VALUES (?1, ?2, ?3)",
+                    )?
+                    .execute(params![msg.user_id, msg.service, msg.owner])?;
+                    Ok(())
+                });
+            match stored {
+                Ok(()) => s.db.execute_batch("RELEASE store_user_key")?,
+                Err(_) => s
+                    .db
+                    .execute_batch("ROLLBACK TO store_user_key; RELEASE store_user_key")?,
+            }
+            stored
+        })
     }
 }
 

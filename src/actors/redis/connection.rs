@@ -79,6 +79,9 @@ pub struct RedisStatus {
     pub quota_batches: AtomicU64,
     /// Increments and consumes sent in those scripts.
     pub quota_calls: AtomicU64,
+    /// Fleet heartbeats ignored because the master key does not authenticate them
+    /// (each member id counted once).
+    pub unauthenticated_heartbeats: AtomicU64,
     /// The master's `host:port` as Sentinel last named it.
     master: Mutex<Option<String>>,
     /// Sentinels in `redis.sentinels`, and how many answered the last time all were

@@ -102,29 +102,34 @@ if KEYS[4] then redis.call('SET', KEYS[4], head .. ARGV[3], 'EX', ARGV[9]) end
 return {1, ''}
 ";
 
-/// Runs the commands of an atomic pipeline once per idempotency key, in one script:
-/// a live record (KEYS[1]) with the same fingerprint (ARGV[1]) answers {1, its
-/// answer} and runs nothing; one with another fingerprint answers {-1, ''};
-/// otherwise the commands run and their replies (JSON) are recorded for ARGV[2]
-/// seconds: {0, replies}. ARGV[3..] holds the commands, each as its word count and
-/// its words. (The commands name their keys among their words, not in KEYS: the
-/// daemon runs on a standalone Redis or under Sentinel, never on a cluster.)
-const ONCE_SCRIPT: &str = r"
-local head = ARGV[1] .. '\n'
-local rec = redis.call('GET', KEYS[1])
-if rec then
-  if string.sub(rec, 1, #head) ~= head then return {-1, ''} end
-  return {1, string.sub(rec, #head + 1)}
+/// Runs the commands of an atomic pipeline in one script, after
+/// [`RETIRED_GUARD`] (KEYS[1] the fleet's key check hash, ARGV[1] the key version of
+/// the sealed value written, 0 when none is): a value sealed with a retired version
+/// never lands. With an idempotency record (KEYS[2], fingerprint ARGV[2]; '' for
+/// none), a live record with the same fingerprint answers {1, its answer} and runs
+/// nothing; one with another fingerprint answers {-1, ''}; otherwise the commands run
+/// and their replies (JSON) are recorded for ARGV[3] seconds: {0, replies}. ARGV[4..]
+/// holds the commands, each as its word count and its words. (The commands name
+/// their keys among their words, not in KEYS: the daemon runs on a standalone Redis
+/// or under Sentinel, never on a cluster.)
+const WRITE_BODY: &str = r"
+local head = ARGV[2] .. '\n'
+if ARGV[2] ~= '' then
+  local rec = redis.call('GET', KEYS[2])
+  if rec then
+    if string.sub(rec, 1, #head) ~= head then return {-1, ''} end
+    return {1, string.sub(rec, #head + 1)}
+  end
 end
 local out = {}
-local i = 3
+local i = 4
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   out[#out + 1] = redis.call(unpack(ARGV, i + 1, i + n))
   i = i + n + 1
 end
 local answer = cjson.encode(out)
-redis.call('SET', KEYS[1], head .. answer, 'EX', ARGV[2])
+if ARGV[2] ~= '' then redis.call('SET', KEYS[2], head .. answer, 'EX', ARGV[3]) end
 return {0, answer}
 ";
 
@@ -167,7 +172,13 @@ struct Inner {
     /// Increments and consumes waiting for their batch.
     quota: quota::Batcher,
     report: redis::Script,
-    once: redis::Script,
+    /// Pipeline writes: behind [`RETIRED_GUARD`], once per idempotency key.
+    write: redis::Script,
+    /// Set once `import-legacy`'s cut-over is seen in Redis (it stays set: a Redis
+    /// writer who deletes the record does not make clear values legacy again).
+    cut_over: AtomicBool,
+    /// Where a value in clear after the cut-over is recorded as a security event.
+    audit: Arc<crate::audit::Audit>,
 }
 
 /// A Redis error in words for the log and `check-config`: a refused connection is
@@ -270,6 +281,18 @@ impl Inner {
                 self.mark_down(what, &describe_error(&e));
                 Err(Error::Unavailable(
                     "redis is unreachable; retry shortly".into(),
+                ))
+            }
+            Ok(Err(e)) if e.code() == Some(RETIRED_CODE) => {
+                tracing::error!(
+                    what,
+                    "a write sealed with a key version the fleet retired was refused; \
+                    this daemon switches version or stops at its next fleet heartbeat"
+                );
+                Err(Error::Unavailable(
+                    "this daemon sealed the key with a master key version the fleet retired; \
+                     nothing was stored; retry shortly"
+                        .into(),
                 ))
             }
             Ok(Err(e)) => {
@@ -383,6 +406,48 @@ impl Inner {
         }
     }
 
+    /// Whether `import-legacy` recorded its cut-over (read from Redis until seen once).
+    async fn after_cut_over(&self) -> bool {
+        if self.cut_over.load(Ordering::Relaxed) {
+            return true;
+        }
+        let key = self.names.legacy_cutover();
+        let seen: bool = self
+            .bounded("read the legacy cut-over", Kind::Read, |mut c| {
+                let key = key.clone();
+                async move { c.exists(key).await }
+            })
+            .await
+            .unwrap_or(false);
+        if seen {
+            self.cut_over.store(true, Ordering::Relaxed);
+        }
+        seen
+    }
+
+    /// A value in clear was read at `place`. Answers whether it may be served as a
+    /// legacy value: before the cut-over, when `redis.accept_legacy_plaintext` allows
+    /// (logged once per hash); after it, never: someone who can write Redis put it
+    /// there, so it is recorded as a possible injection (a security event in the
+    /// audit log, once per hash) and treated as absent.
+    async fn clear_value(&self, hash: &str, kind: &str, place: &[(&str, &str)]) -> bool {
+        if self.after_cut_over().await {
+            if self.warned.borrow_mut().insert(hash.to_string()) {
+                tracing::error!(hash, "security: a {kind} stored in clear after import-legacy's cut-over; \
+                    possible injection by someone who can write redis; not served (see the audit log)");
+                self.audit.security("clear_value_after_cut_over", place);
+            }
+            return false;
+        }
+        if self.accept_legacy.load(Ordering::Relaxed) {
+            self.warn_once(hash, "serving values stored in clear (redis.accept_legacy_plaintext); run apikeyd import-legacy to encrypt them");
+            true
+        } else {
+            self.warn_once(hash, "skipping values stored in clear; run apikeyd import-legacy or set redis.accept_legacy_plaintext");
+            false
+        }
+    }
+
     async fn load_pool(&self, pool: PoolRef) -> Result<Vec<PoolEntry>> {
         let hash = self.names.pool(&pool);
         let pipe = redis::pipe()
@@ -400,11 +465,14 @@ impl Inner {
             };
             match open_value(&self.master, &self.names.prefix, &pool, &field, &value) {
                 PoolValue::Sealed(k) => keys.push(entry(k)),
-                PoolValue::Legacy(k) if self.accept_legacy.load(Ordering::Relaxed) => {
-                    self.warn_once(&hash, "serving pool values stored in clear (redis.accept_legacy_plaintext); run apikeyd import-legacy to encrypt them");
-                    keys.push(entry(k));
+                PoolValue::Legacy(k) => {
+                    if self
+                        .clear_value(&hash, "pool value", &[("hash", &hash), ("field", &field)])
+                        .await
+                    {
+                        keys.push(entry(k));
+                    }
                 }
-                PoolValue::Legacy(_) => self.warn_once(&hash, "skipping pool values stored in clear; run apikeyd import-legacy or set redis.accept_legacy_plaintext"),
                 PoolValue::Broken => tracing::error!(hash = %hash, field = %field,
                     "integrity: a pool value does not decrypt with this master key; skipping it"),
             }
@@ -439,17 +507,29 @@ impl Inner {
         what: &str,
         pipe: &redis::Pipeline,
         idem: Option<&Idem>,
+        sealed_version: u32,
     ) -> Result<Written<Vec<i64>>> {
-        let Some(idem) = idem else {
+        if idem.is_none() && sealed_version == 0 {
             return self
                 .pipeline(what, Kind::Write, pipe)
                 .await
                 .map(Written::fresh);
+        }
+        let mut call = self.write.prepare_invoke();
+        call.key(self.names.keycheck());
+        match idem {
+            Some(idem) => call
+                .key(self.names.idempotency(idem.uid, &idem.key))
+                .arg(sealed_version)
+                .arg(&idem.fingerprint)
+                .arg(idem.ttl_s.max(1)),
+            // KEYS[2] is not read without a fingerprint.
+            None => call
+                .key(self.names.keycheck())
+                .arg(sealed_version)
+                .arg("")
+                .arg(1),
         };
-        let mut call = self.once.prepare_invoke();
-        call.key(self.names.idempotency(idem.uid, &idem.key))
-            .arg(&idem.fingerprint)
-            .arg(idem.ttl_s.max(1));
         for cmd in pipe.cmd_iter() {
             let words: Vec<&[u8]> = cmd
                 .args_iter()
@@ -470,15 +550,20 @@ impl Inner {
                 async move { call.invoke_async(&mut c).await }
             })
             .await?;
-        match status {
-            0 => {
-                idempotency::FIGURES
-                    .recorded
-                    .fetch_add(1, Ordering::Relaxed);
+        match (status, idem) {
+            (0, _) => {
+                if idem.is_some() {
+                    idempotency::FIGURES
+                        .recorded
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 idempotency::decode(&answer).map(Written::fresh)
             }
-            1 => idempotency::replay(&answer),
-            _ => Err(idempotency::conflict(idem)),
+            (1, _) => idempotency::replay(&answer),
+            (_, Some(idem)) => Err(idempotency::conflict(idem)),
+            (_, None) => Err(Error::Internal(format!(
+                "redis answered {what} with an unknown status"
+            ))),
         }
     }
 
@@ -514,6 +599,7 @@ impl Inner {
             added_at: Some(clock::now_s()),
         })
         .unwrap_or_default();
+        let version = envelope_version(value.as_bytes());
         let pipe = redis::pipe()
             .atomic()
             .hset_nx(self.names.pool(&msg.pool), &key_id, value)
@@ -524,7 +610,7 @@ impl Inner {
             )
             .to_owned();
         let replies = self
-            .write_once("add pool key", &pipe, msg.idem.as_ref())
+            .write_once("add pool key", &pipe, msg.idem.as_ref(), version)
             .await?;
         self.confirm("add pool key").await?;
         Ok(replies.map(|r| (key_id, reply(&r, 0) == 1)))
@@ -542,7 +628,7 @@ impl Inner {
             )
             .to_owned();
         let replies = self
-            .write_once("remove pool key", &pipe, msg.idem.as_ref())
+            .write_once("remove pool key", &pipe, msg.idem.as_ref(), 0)
             .await?;
         self.confirm("remove pool key").await?;
         Ok(replies.map(|r| reply(&r, 0) > 0))
@@ -744,7 +830,7 @@ impl Inner {
             )
             .to_owned();
         let replies = self
-            .write_once("enable pool key", &pipe, msg.idem.as_ref())
+            .write_once("enable pool key", &pipe, msg.idem.as_ref(), 0)
             .await?;
         self.confirm("enable pool key").await?;
         Ok(replies.map(|r| reply(&r, 0) == 1))
@@ -882,13 +968,14 @@ impl Inner {
         );
         let key = match opened {
             PoolValue::Sealed(k) => Some(k),
-            PoolValue::Legacy(k) if self.accept_legacy.load(Ordering::Relaxed) => {
-                self.warn_once(&hash, "serving a user key stored in clear (redis.accept_legacy_plaintext); run apikeyd import-legacy to encrypt it");
-                Some(k)
-            }
-            PoolValue::Legacy(_) => {
-                self.warn_once(&hash, "skipping a user key stored in clear; run apikeyd import-legacy or set redis.accept_legacy_plaintext");
-                None
+            PoolValue::Legacy(k) => {
+                let place = [
+                    ("user_id", msg.user_id.as_str()),
+                    ("service", msg.service.as_str()),
+                ];
+                self.clear_value(&hash, "user key", &place)
+                    .await
+                    .then_some(k)
             }
             PoolValue::Broken => {
                 tracing::error!(user_id = %msg.user_id, service = %msg.service,
@@ -917,6 +1004,7 @@ impl Inner {
             &msg.service,
             &msg.key,
         );
+        let version = envelope_version(value.as_bytes());
         let pipe = redis::pipe()
             .atomic()
             .hset(self.names.legacy_user(&msg.user_id), &msg.service, value)
@@ -927,13 +1015,15 @@ impl Inner {
             )
             // A new key is not the one the provider rejected.
             .hdel(self.names.user_rejected(&msg.user_id), &msg.service)
+            // Only the storing uid (or an admin) may report it unauthorized.
+            .hset(self.names.user_owner(&msg.user_id), &msg.service, msg.owner)
             .publish(
                 self.names.invalidate(),
                 self.user_changed(&msg.user_id, &msg.service),
             )
             .to_owned();
         let replies = self
-            .write_once("set user key", &pipe, msg.idem.as_ref())
+            .write_once("set user key", &pipe, msg.idem.as_ref(), version)
             .await?;
         self.confirm("set user key").await?;
         Ok(replies.map(|_| ()))
@@ -945,13 +1035,14 @@ impl Inner {
             .hdel(self.names.legacy_user(&msg.user_id), &msg.service)
             .hdel(self.names.user_info(&msg.user_id), &msg.service)
             .hdel(self.names.user_rejected(&msg.user_id), &msg.service)
+            .hdel(self.names.user_owner(&msg.user_id), &msg.service)
             .publish(
                 self.names.invalidate(),
                 self.user_changed(&msg.user_id, &msg.service),
             )
             .to_owned();
         let replies = self
-            .write_once("delete user key", &pipe, msg.idem.as_ref())
+            .write_once("delete user key", &pipe, msg.idem.as_ref(), 0)
             .await?;
         self.confirm("delete user key").await?;
         Ok(replies.map(|r| reply(&r, 0) > 0))
@@ -1005,8 +1096,9 @@ impl Inner {
         let pipe = redis::pipe()
             .hexists(self.names.legacy_user(&msg.user_id), &msg.service)
             .hexists(self.names.user_rejected(&msg.user_id), &msg.service)
+            .hget(self.names.user_owner(&msg.user_id), &msg.service)
             .to_owned();
-        let (present, rejected): (bool, bool) = self
+        let (present, rejected, owner): (bool, bool, Option<u32>) = self
             .pipeline("read user key mark", Kind::Read, &pipe)
             .await?;
         if !present {
@@ -1015,6 +1107,9 @@ impl Inner {
         if rejected || !msg.unauthorized {
             // Nothing to write, so nothing to record.
             return Ok(Written::fresh(Some(rejected)));
+        }
+        if let Some(reporter) = msg.reporter.filter(|r| owner != Some(*r)) {
+            return Err(super::keystore::not_the_owner(reporter));
         }
         let pipe = redis::pipe()
             .atomic()
@@ -1029,7 +1124,7 @@ impl Inner {
             )
             .to_owned();
         let replies = self
-            .write_once("mark user key rejected", &pipe, msg.idem.as_ref())
+            .write_once("mark user key rejected", &pipe, msg.idem.as_ref(), 0)
             .await?;
         self.confirm("mark user key rejected").await?;
         Ok(replies.map(|_| Some(true)))
@@ -1065,6 +1160,7 @@ impl RedisStore {
         config: &RedisConfig,
         master: Arc<MasterKey>,
         connected: Arc<AtomicBool>,
+        audit: Arc<crate::audit::Audit>,
     ) -> std::result::Result<Self, ConnectError> {
         let timeout = Duration::from_millis(config.timeout_ms.max(1));
         let status = Arc::new(RedisStatus::default());
@@ -1107,8 +1203,10 @@ impl RedisStore {
                 refusals: RefCell::default(),
                 down: RefCell::default(),
                 quota: quota::Batcher::new(),
+                cut_over: AtomicBool::new(false),
+                audit,
                 report: redis::Script::new(REPORT_SCRIPT),
-                once: redis::Script::new(ONCE_SCRIPT),
+                write: redis::Script::new(&format!("{RETIRED_GUARD}{WRITE_BODY}")),
             }),
         })
     }
