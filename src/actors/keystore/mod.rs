@@ -238,26 +238,27 @@ impl Handler<StoreUserKey> for Keystore {
     type Result = Result<Written<()>>;
 
     fn handle(&mut self, msg: StoreUserKey, _: &mut Self::Context) -> Self::Result {
-        self.once(msg.idem.as_ref(), |_| true, |s| {
-            // A savepoint: the key and its owner land together, inside the
-            // idempotency record's transaction or on their own.
-            s.db.execute_batch("SAVEPOINT store_user_key")?;
-            let stored = store_user_key(&s.db, &s.key, &msg.user_id, &msg.service, &msg.key)
-                .and_then(|()| {
-                    s.db.prepare_cached(
-                        "INSERT OR REPLACE INTO user_key_owner (user_id, service, uid) VALUES (?1, ?2, ?3)",
-                    )?
-                    .execute(params![msg.user_id, msg.service, msg.owner])?;
-                    Ok(())
-                });
-            match stored {
-                Ok(()) => s.db.execute_batch("RELEASE store_user_key")?,
-                Err(_) => s
-                    .db
-                    .execute_batch("ROLLBACK TO store_user_key; RELEASE store_user_key")?,
-            }
-            stored
-        })
+        self.once(
+            msg.idem.as_ref(),
+            |_| true,
+            |s| {
+                // The key and its owner land together: inside the idempotency record's
+                // transaction, or in one of their own (dropped unfinished = rolled back).
+                let own =
+                    s.db.is_autocommit()
+                        .then(|| s.db.unchecked_transaction())
+                        .transpose()?;
+                store_user_key(&s.db, &s.key, &msg.user_id, &msg.service, &msg.key)?;
+                s.db.prepare_cached(
+                "INSERT OR REPLACE INTO user_key_owner (user_id, service, uid) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![msg.user_id, msg.service, msg.owner])?;
+                if let Some(tx) = own {
+                    tx.commit()?;
+                }
+                Ok(())
+            },
+        )
     }
 }
 
