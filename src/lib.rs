@@ -118,6 +118,8 @@ pub enum StartError {
     NoStoreConnection,
     #[error("cannot start the metrics thread: {0}")]
     MetricsThread(#[source] std::io::Error),
+    #[error("cannot start the keystore's integrity check: {0}")]
+    CheckThread(#[source] std::io::Error),
 }
 
 /// Threads (each with its own SQLite connection) serving per-user keys.
@@ -143,7 +145,7 @@ pub fn open_keystore(config: &Config) -> Result<Opened, StartError> {
         Some(config.server.socket.as_path()),
         true,
     )?;
-    let mut opened = actors::keystore::open_with(config, KEYSTORE_THREADS + 1, &|| {
+    let mut opened = actors::keystore::open_serving(config, KEYSTORE_THREADS + 1, &|| {
         fleet::may_create_key(config)
     })?;
     opened.lock = Some(lock);
@@ -276,7 +278,22 @@ pub fn start(config: Config, opened: Opened) -> Result<Started, StartError> {
         mut connections,
         lock,
         fleet_verified,
+        check,
     } = opened;
+    if let Some(check) = check {
+        // A keystore that fails its deferred check stops the daemon as a refused
+        // start would: no write was accepted, and it is not marked clean.
+        check
+            .spawn(|e| {
+                if tracing::enabled!(tracing::Level::ERROR) {
+                    tracing::error!("refusing to go on: {e}");
+                } else {
+                    eprintln!("apikeyd: refusing to go on: {e}");
+                }
+                std::process::exit(1);
+            })
+            .map_err(StartError::CheckThread)?;
+    }
     let store_db = connections.pop().ok_or(StartError::NoStoreConnection)?;
     let (store, redis) = start_store(&config, key.clone(), store_db, fleet_verified)?;
     let key_for_app = key.clone();
