@@ -319,7 +319,7 @@ fn open_checked(
     })
 }
 
-/// From this size on, a keystore's full check (about 1 ms per MiB when the file is
+/// From this size on, a keystore's full check (about 2 ms per MiB when the file is
 /// in the page cache) runs in the background rather than before the daemon serves.
 const DEFER_CHECK_FROM: u64 = 4 << 20;
 
@@ -425,6 +425,12 @@ impl PendingCheck {
         std::thread::Builder::new()
             .name("keystore-check".into())
             .spawn(move || {
+                // Below the threads that serve: the check may take a while, requests
+                // should not wait for it. (On Linux the nice value is per thread.)
+                // SAFETY: setpriority on this thread's own id changes nothing else.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
+                }
                 let began = std::time::Instant::now();
                 match self.run() {
                     Ok(()) => {
