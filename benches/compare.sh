@@ -12,6 +12,7 @@ cargo build --release --locked -q --bin apikeyd --bin apikeyd-bench
 BIN="$PWD/target/release/apikeyd"
 BENCH="$PWD/target/release/apikeyd-bench"
 W="$(mktemp -d /tmp/apikeyd-bench.XXXXXX)"
+echo "== $(date -u '+%F %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' with uncommitted changes'), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # Only what this script started is stopped, by the pids it recorded: daemons in
 # $W/NAME/pid, redis-server in $W/redis.pid.
