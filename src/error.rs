@@ -84,6 +84,10 @@ impl From<rusqlite::Error> for Error {
                 Error::Unavailable("keystore is busy; retry shortly".into())
             }
             Some(C::ReadOnly) => Error::Unavailable("keystore is read-only".into()),
+            // Only the write gate of a keystore still being checked refuses statements.
+            Some(C::AuthorizationForStatementDenied) => Error::Unavailable(
+                "keystore integrity check still running; writes resume when it passes".into(),
+            ),
             Some(C::DiskFull) => Error::Unavailable("keystore disk is full".into()),
             Some(C::CannotOpen | C::SystemIoFailure) => {
                 Error::Unavailable("keystore cannot be read or written".into())

@@ -119,6 +119,8 @@ pub enum StartError {
     NoStoreConnection,
     #[error("cannot serve metrics.listen: {0}")]
     MetricsThread(#[source] std::io::Error),
+    #[error("cannot start the keystore's integrity check: {0}")]
+    CheckThread(#[source] std::io::Error),
 }
 
 /// Threads (each with its own SQLite connection) serving per-user keys.
@@ -150,7 +152,7 @@ pub fn open_keystore(config: &Config, redis_answered: Option<bool>) -> Result<Op
     if key_path.exists() {
         lock.lock_key(&key_path)?;
     }
-    let mut opened = actors::keystore::open_with(config, KEYSTORE_THREADS + 1, &|| {
+    let mut opened = actors::keystore::open_serving(config, KEYSTORE_THREADS + 1, &|| {
         fleet::may_create_key(config)
     })?;
     // A key made just now is locked as soon as it exists.
@@ -303,7 +305,22 @@ pub fn start(config: Config, opened: Opened) -> Result<Started, StartError> {
         mut connections,
         lock,
         fleet_verified,
+        check,
     } = opened;
+    if let Some(check) = check {
+        // A keystore that fails its deferred check stops the daemon as a refused
+        // start would: no write was accepted, and it is not marked clean.
+        check
+            .spawn(|e| {
+                if tracing::enabled!(tracing::Level::ERROR) {
+                    tracing::error!("refusing to go on: {e}");
+                } else {
+                    eprintln!("apikeyd: refusing to go on: {e}");
+                }
+                std::process::exit(1);
+            })
+            .map_err(StartError::CheckThread)?;
+    }
     let store_db = connections.pop().ok_or(StartError::NoStoreConnection)?;
     let audit =
         Arc::new(audit::Audit::open(config.log.audit_file.as_deref()).map_err(StartError::Audit)?);

@@ -1,5 +1,6 @@
 //! Limits under load and faults: clients that never read, deadlines, a busy, full or
-//! read-only keystore, a panicking handler, a corrupt keystore at start.
+//! read-only keystore, a panicking handler, a corrupt keystore at start or found by
+//! the integrity check that runs in the background after an unclean stop.
 
 mod common;
 
@@ -288,6 +289,126 @@ fn a_corrupt_keystore_is_refused_at_start(mode: Mode) {
     );
 }
 
+/// A daemon whose deferred integrity check waits until the returned file exists
+/// (a test hook), so that a test sees it serving before the check has run. User
+/// keys live in the keystore in both modes.
+fn hooked_check(mode: Mode) -> (TestDaemon, tempfile::TempDir) {
+    let gate = tempfile::tempdir().unwrap();
+    let file = gate.path().join("run-the-check");
+    let d = TestDaemon::start_with(
+        mode,
+        common::LOCAL_USER_KEYS,
+        &[
+            ("APIKEYD_TEST_HOOKS", "1"),
+            ("APIKEYD_TEST_KEYSTORE_CHECK_GATE", file.to_str().unwrap()),
+        ],
+    );
+    (d, gate)
+}
+
+fn set_key(user: &str, key: &str) -> Value {
+    json!({"op": "set_user_api_key", "user_id": user, "service": "openai", "key": key})
+}
+
+fn get_key(user: &str) -> Value {
+    json!({"op": "get_user_api_key", "user_id": user, "service": "openai", "fallback_to_config": false})
+}
+
+/// After a crash the full check runs in the background: reads are served at once,
+/// writes are refused (`unavailable`, nothing applied) until it passes, then accepted.
+fn after_a_crash_writes_wait_for_the_background_check(mode: Mode) {
+    let (mut d, gate) = hooked_check(mode);
+    let mut c = d.client();
+    for i in 0..50 {
+        c.ok(set_key(
+            &format!("u{i}"),
+            &format!("sk-before-crash-{i:04}"),
+        ));
+    }
+    drop(c);
+    d.kill9();
+    d.spawn();
+    d.wait_ready();
+    let mut c = d.client();
+    assert_eq!(c.ok(get_key("u7"))["key"], "sk-before-crash-0007");
+    let refused = c.call(set_key("u7", "sk-during-the-check"));
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("integrity check"),
+        "{refused}"
+    );
+    assert_eq!(c.ok(get_key("u7"))["key"], "sk-before-crash-0007");
+    std::fs::write(gate.path().join("run-the-check"), "").unwrap();
+    common::eventually(Duration::from_secs(20), || {
+        c.call(set_key("u7", "sk-after-the-check"))["ok"] == true
+    });
+    assert!(d.logs().contains("keystore integrity check passed"));
+    d.restart();
+    assert_eq!(
+        d.client().ok(get_key("u7"))["key"],
+        "sk-after-the-check",
+        "the write accepted after the check is durable"
+    );
+}
+
+/// A keystore damaged while the daemon was stopped, where opening it does not look:
+/// the daemon serves reads until the background check finds the damage, then stops
+/// with the refusal, having accepted no write and without marking the file clean; the
+/// next start is refused.
+fn a_corrupt_keystore_found_by_the_background_check_stops_the_daemon(mode: Mode) {
+    let (mut d, gate) = hooked_check(mode);
+    let mut c = d.client();
+    for i in 0..2000 {
+        c.ok(set_key(
+            &format!("user-{i:05}"),
+            &format!("sk-corrupt-{i:06}-0123456789abcdef"),
+        ));
+    }
+    drop(c);
+    assert!(d.stop().success());
+    let path = d.path("data/keystore.sqlite3");
+    let db = rusqlite::Connection::open(&path).unwrap();
+    db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    drop(db);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let pages = bytes.len() / 4096;
+    assert!(pages > 20, "{pages} pages");
+    // Scribble over the last page (a leaf far from the tables' first pages, which is
+    // all that opening reads).
+    let last = (pages - 1) * 4096;
+    for b in &mut bytes[last + 8..last + 4096] {
+        *b = 0xA5;
+    }
+    std::fs::write(&path, bytes).unwrap();
+    d.spawn();
+    d.wait_ready();
+    let mut c = d.client();
+    assert_eq!(
+        c.call(set_key("user-00001", "sk-onto-a-corrupt-file"))["error"]["code"],
+        "unavailable"
+    );
+    std::fs::write(gate.path().join("run-the-check"), "").unwrap();
+    let status = d.wait_exit();
+    assert!(!status.success());
+    let log = d.logs();
+    assert!(log.contains("restore it from a backup"), "{log}");
+    assert!(
+        !d.path("data/keystore.sqlite3.clean").exists(),
+        "a keystore that failed its check is not marked clean"
+    );
+    let (status, log) = d.expect_refusal();
+    assert!(!status.success());
+    assert!(
+        log.contains("restore it from a backup") || log.contains("malformed"),
+        "{log}"
+    );
+}
+
 in_every_mode!(
     a_writer_that_never_reads_cannot_grow_memory,
     a_client_that_stops_reading_is_dropped_after_the_idle_timeout,
@@ -296,6 +417,8 @@ in_every_mode!(
     a_read_only_keystore_is_refused_clearly,
     a_panicking_handler_answers_internal,
     a_corrupt_keystore_is_refused_at_start,
+    after_a_crash_writes_wait_for_the_background_check,
+    a_corrupt_keystore_found_by_the_background_check_stops_the_daemon,
 );
 
 /// Embedded only: one mode is enough to show SQLite's busy timeout (it takes 5 s).

@@ -182,6 +182,9 @@ pub struct Opened {
     pub lock: Option<crate::lock::KeystoreLock>,
     /// Redis mode: whether the key was checked against the fleet's at start.
     pub fleet_verified: bool,
+    /// The full integrity check still to run (see [`open_serving`]); until it passes
+    /// every connection above refuses writes.
+    pub check: Option<PendingCheck>,
 }
 
 /// Creates the keystore's folder (0700) when it is missing.
@@ -212,6 +215,30 @@ pub fn open_with(
     connections: usize,
     may_create_key: &dyn Fn() -> Result<(), FleetError>,
 ) -> Result<Opened, KeystoreError> {
+    open_checked(config, connections, may_create_key, false)
+}
+
+/// [`open_with`] for the daemon: a keystore that holds keys, has its whole schema
+/// and was not closed cleanly is not checked before this returns. Its full
+/// `quick_check` is left in [`Opened::check`], to run in the background while the
+/// daemon serves reads; until it passes, the connections refuse every write (and
+/// the WAL checkpoint), so nothing is built on a file that may be corrupt and the
+/// file itself is not touched. Reads are served meanwhile: every key is sealed with
+/// AES-256-GCM bound to its place, so a corrupt row cannot be served as a key.
+pub fn open_serving(
+    config: &Config,
+    connections: usize,
+    may_create_key: &dyn Fn() -> Result<(), FleetError>,
+) -> Result<Opened, KeystoreError> {
+    open_checked(config, connections, may_create_key, true)
+}
+
+fn open_checked(
+    config: &Config,
+    connections: usize,
+    may_create_key: &dyn Fn() -> Result<(), FleetError>,
+    background: bool,
+) -> Result<Opened, KeystoreError> {
     let path = &config.keystore.path;
     let open = |source| KeystoreError::Open {
         path: path.clone(),
@@ -224,12 +251,25 @@ pub fn open_with(
     create_folder(path)?;
     let unchanged = closed_cleanly(path);
     let db = connect(path).map_err(open)?;
+    // Deferred only for a file whose check would delay the start (a smaller one is
+    // checked at once, in a few milliseconds), and where opening writes nothing: the
+    // schema complete, the check value present, keys held.
+    let deferred = background
+        && !unchanged
+        && (big_enough_to_defer(path) || test_hook_gate().is_some())
+        && established(&db).map_err(not_sqlite)?
+        && holds_keys(&db);
     if unchanged {
         tracing::info!(
             "keystore was closed cleanly and is unchanged since; skipping the full check"
         );
         db.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))
             .map_err(not_sqlite)?;
+    } else if deferred {
+        tracing::info!(
+            "keystore was not closed cleanly: its full integrity check runs in the background; \
+             writes are refused until it passes"
+        );
     } else {
         let check: String = db
             .query_row("PRAGMA quick_check", [], |r| r.get(0))
@@ -241,11 +281,13 @@ pub fn open_with(
             });
         }
     }
-    db.execute_batch(SCHEMA)
-        .map_err(|source| KeystoreError::Schema {
-            path: path.clone(),
-            source,
-        })?;
+    if !deferred {
+        db.execute_batch(SCHEMA)
+            .map_err(|source| KeystoreError::Schema {
+                path: path.clone(),
+                source,
+            })?;
+    }
     // Whether any key is stored; counting them all would cost a scan at start.
     let held: bool = db
         .query_row(
@@ -265,12 +307,192 @@ pub fn open_with(
     while conns.len() < connections {
         conns.push(connect(path).map_err(open)?);
     }
+    let check = deferred.then(|| PendingCheck {
+        path: path.clone(),
+        gate: Arc::new(WriteGate::default()),
+    });
+    if let Some(c) = &check {
+        for db in &conns {
+            c.gate.guard(db);
+        }
+    }
     Ok(Opened {
         key: Arc::new(key),
         connections: conns,
         lock: None,
         fleet_verified: false,
+        check,
     })
+}
+
+/// From this size on, a keystore's full check (about 2 ms per MiB when the file is
+/// in the page cache) runs in the background rather than before the daemon serves.
+const DEFER_CHECK_FROM: u64 = 4 << 20;
+
+fn big_enough_to_defer(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.len() >= DEFER_CHECK_FROM)
+}
+
+/// Whether every object SCHEMA creates exists, the file's `user_version` is SCHEMA's
+/// and the master key's check value is stored: then opening writes nothing.
+fn established(db: &Connection) -> rusqlite::Result<bool> {
+    let version: i64 = db.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let wanted = SCHEMA
+        .split("PRAGMA user_version =")
+        .nth(1)
+        .and_then(|v| v.trim().trim_end_matches(';').trim().parse::<i64>().ok());
+    if Some(version) != wanted {
+        return Ok(false);
+    }
+    for name in SCHEMA
+        .split("IF NOT EXISTS ")
+        .skip(1)
+        .filter_map(|rest| rest.split_whitespace().next())
+    {
+        let exists: bool = db.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = ?1)",
+            [name],
+            |r| r.get(0),
+        )?;
+        if !exists {
+            return Ok(false);
+        }
+    }
+    db.query_row(
+        "SELECT EXISTS (SELECT 1 FROM meta WHERE name = 'keycheck')",
+        [],
+        |r| r.get(0),
+    )
+}
+
+/// Whether any key is stored (the tables exist).
+fn holds_keys(db: &Connection) -> bool {
+    db.query_row(
+        "SELECT EXISTS (SELECT 1 FROM user_keys) OR EXISTS (SELECT 1 FROM pool_keys)",
+        [],
+        |r| r.get(0),
+    )
+    .unwrap_or(false)
+}
+
+/// Whether the keystore may be written: closed until its full check has passed.
+#[derive(Default)]
+pub struct WriteGate(std::sync::atomic::AtomicBool);
+
+impl WriteGate {
+    fn is_open(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Makes `db` refuse, while the gate is closed, every statement that could write
+    /// (SQLITE_AUTH, answered as `unavailable`): only reads, transactions and pragmas
+    /// that only read are allowed. SQLite asks when a statement is prepared; a
+    /// refused statement is not cached, so it is asked again next time.
+    fn guard(self: &Arc<Self>, db: &Connection) {
+        use rusqlite::hooks::{AuthAction, Authorization};
+        let gate = self.clone();
+        db.authorizer(Some(move |ctx: rusqlite::hooks::AuthContext<'_>| {
+            let reads = matches!(
+                ctx.action,
+                AuthAction::Select
+                    | AuthAction::Read { .. }
+                    | AuthAction::Function { .. }
+                    | AuthAction::Recursive
+                    | AuthAction::Transaction { .. }
+                    | AuthAction::Savepoint { .. }
+                    | AuthAction::Pragma {
+                        pragma_value: None,
+                        ..
+                    }
+            );
+            if reads || gate.is_open() {
+                Authorization::Allow
+            } else {
+                Authorization::Deny
+            }
+        }));
+    }
+}
+
+/// The full integrity check of a keystore opened by [`open_serving`] without it.
+pub struct PendingCheck {
+    path: PathBuf,
+    gate: Arc<WriteGate>,
+}
+
+impl PendingCheck {
+    /// Runs `PRAGMA quick_check` on a connection of its own, on a thread of its own.
+    /// When it passes, writes are accepted; when it fails (or cannot run), they stay
+    /// refused and `on_failure` is called on that thread with the refusal.
+    pub fn spawn(
+        self,
+        on_failure: impl FnOnce(KeystoreError) + Send + 'static,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("keystore-check".into())
+            .spawn(move || {
+                // Below the threads that serve: the check may take a while, requests
+                // should not wait for it. (On Linux the nice value is per thread.)
+                // SAFETY: setpriority on this thread's own id changes nothing else.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
+                }
+                let began = std::time::Instant::now();
+                match self.run() {
+                    Ok(()) => {
+                        self.gate
+                            .0
+                            .store(true, std::sync::atomic::Ordering::Release);
+                        tracing::info!(
+                            ms = began.elapsed().as_millis() as u64,
+                            "keystore integrity check passed; writes accepted"
+                        );
+                    }
+                    Err(e) => on_failure(e),
+                }
+            })
+    }
+
+    fn run(&self) -> Result<(), KeystoreError> {
+        test_hook_wait();
+        let db = connect(&self.path).map_err(|source| KeystoreError::Open {
+            path: self.path.clone(),
+            source,
+        })?;
+        let check: String = db
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(|source| KeystoreError::NotSqlite {
+                path: self.path.clone(),
+                source,
+            })?;
+        if check == "ok" {
+            Ok(())
+        } else {
+            Err(KeystoreError::Corrupt {
+                path: self.path.clone(),
+                check,
+            })
+        }
+    }
+}
+
+/// Tests only (debug builds with `APIKEYD_TEST_HOOKS` set): the background check
+/// waits until the file named by `APIKEYD_TEST_KEYSTORE_CHECK_GATE` exists, so a
+/// test sees the daemon before the check has run.
+/// With it, the check is deferred whatever the keystore's size.
+fn test_hook_wait() {
+    if let Some(file) = test_hook_gate() {
+        while !file.exists() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
+fn test_hook_gate() -> Option<PathBuf> {
+    if !cfg!(debug_assertions) || std::env::var_os("APIKEYD_TEST_HOOKS").is_none() {
+        return None;
+    }
+    std::env::var_os("APIKEYD_TEST_KEYSTORE_CHECK_GATE").map(PathBuf::from)
 }
 
 /// Where the master key is read from: `$CREDENTIALS_DIRECTORY/master.key` when it
@@ -440,6 +662,65 @@ pub fn opens_keycheck(db: &Connection, key: &MasterKey) -> rusqlite::Result<bool
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Until the gate opens a guarded connection reads but refuses every write, the
+    /// WAL checkpoint of a clean stop included, with SQLITE_AUTH; then it writes.
+    #[test]
+    fn a_closed_gate_refuses_writes_and_checkpoints_but_not_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = connect(&dir.path().join("k.sqlite3")).unwrap();
+        db.execute_batch(SCHEMA).unwrap();
+        db.execute("INSERT INTO meta VALUES ('a', x'01')", [])
+            .unwrap();
+        let gate = Arc::new(WriteGate::default());
+        gate.guard(&db);
+        let read =
+            |db: &Connection| db.query_row("SELECT count(*) FROM meta", [], |r| r.get::<_, i64>(0));
+        assert_eq!(read(&db).unwrap(), 1);
+        let refused = |e: rusqlite::Error| {
+            e.sqlite_error_code() == Some(rusqlite::ErrorCode::AuthorizationForStatementDenied)
+        };
+        for write in [
+            "INSERT INTO meta VALUES ('b', x'02')",
+            "UPDATE meta SET value = x'03'",
+            "DELETE FROM meta",
+            "CREATE TABLE t (x)",
+            "PRAGMA user_version = 7",
+        ] {
+            assert!(refused(db.execute_batch(write).unwrap_err()), "{write}");
+        }
+        assert!(refused(
+            db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                .unwrap_err()
+        ));
+        db.query_row("PRAGMA user_version", [], |_| Ok(())).unwrap();
+        assert_eq!(read(&db).unwrap(), 1);
+        assert_eq!(
+            crate::error::Error::from(db.execute("DELETE FROM meta", []).unwrap_err()).code(),
+            "unavailable"
+        );
+        gate.0.store(true, std::sync::atomic::Ordering::Release);
+        db.execute("INSERT INTO meta VALUES ('b', x'02')", [])
+            .unwrap();
+        assert_eq!(read(&db).unwrap(), 2);
+    }
+
+    /// `established` reads SCHEMA's objects and version: a fresh file is not, a file
+    /// with the whole schema and a check value is.
+    #[test]
+    fn only_a_keystore_with_its_whole_schema_is_established() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = connect(&dir.path().join("k.sqlite3")).unwrap();
+        assert!(!established(&db).unwrap());
+        db.execute_batch(SCHEMA).unwrap();
+        assert!(!established(&db).unwrap(), "no check value yet");
+        db.execute("INSERT INTO meta VALUES ('keycheck', x'01')", [])
+            .unwrap();
+        assert!(established(&db).unwrap());
+        db.execute_batch("DROP TABLE user_key_rejected").unwrap();
+        assert!(!established(&db).unwrap());
+        assert!(!holds_keys(&db));
+    }
 
     #[test]
     fn refusals_keep_their_text() {

@@ -67,9 +67,26 @@ struct Args {
     /// What redis-server runs: hget, or consume (EVALSHA of the daemon's consume script).
     #[arg(long, default_value = "hget")]
     redis_cmd: String,
+    /// Give every daemon request its own `idempotency_key` (unique to the run), to
+    /// measure what recording it costs.
+    #[arg(long)]
+    idempotency: bool,
+    /// A process serving the daemon's requests whose CPU time is measured during
+    /// the daemon's runs: the daemon, and in Redis mode also its redis-server
+    /// (repeat the option). A closed-loop run where none reached 90% of a core is
+    /// marked CLIENT-BOUND.
+    #[arg(long = "server-pid")]
+    server_pids: Vec<u32>,
+    /// The pid of the redis-server at --redis, whose CPU time is measured during its
+    /// own runs (default: the process_id it reports in INFO).
+    #[arg(long)]
+    redis_pid: Option<u32>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Also write the JSON reports to this file (the text is printed as usual).
+    #[arg(long)]
+    json_out: Option<PathBuf>,
     /// Sweep the offered load and write a latency-vs-throughput chart to this SVG file.
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -151,22 +168,40 @@ fn bench(a: Args) -> Result<(), String> {
         rate: a.rate,
         keys: a.keys.max(1),
     };
-    let mut targets = vec![Target::Apikeyd { socket, templates }];
+    if a.idempotency && templates.iter().any(|t| !t.trim_end().ends_with('}')) {
+        return Err("--idempotency needs request templates that are JSON objects".into());
+    }
+    let mut targets = vec![(
+        Target::Apikeyd {
+            socket,
+            templates,
+            idempotency: a.idempotency,
+        },
+        a.server_pids.clone(),
+    )];
     if let Some(r) = &a.redis {
         let command = match a.redis_cmd.as_str() {
             "hget" => RedisCommand::Hget,
             "consume" => RedisCommand::Consume,
             other => return Err(format!("unknown --redis-cmd {other:?}: hget or consume")),
         };
-        targets.push(Target::Redis {
-            socket: r.clone(),
-            command,
-        });
+        let pid = match a.redis_pid {
+            Some(p) => p,
+            None => load::redis_pid(r).map_err(|e| format!("{}: {e}", r.display()))?,
+        };
+        targets.push((
+            Target::Redis {
+                socket: r.clone(),
+                command,
+            },
+            vec![pid],
+        ));
     }
     // Per target: the closed-loop run, and the paced runs of the sweep.
     let mut runs: Vec<(Report, Vec<Report>)> = Vec::new();
-    for target in &targets {
-        let first = load::run(target, &load).map_err(|e| e.to_string())?;
+    for (target, pids) in &targets {
+        let requests = load::requests(target, load.keys).map_err(|e| e.to_string())?;
+        let first = load::run(target, &requests, &load, pids).map_err(|e| e.to_string())?;
         if !a.json {
             println!("{}", first.line());
         }
@@ -179,7 +214,7 @@ fn bench(a: Args) -> Result<(), String> {
                     rate: Some(first.rps * share),
                     ..load.clone()
                 };
-                let r = load::run(target, &paced).map_err(|e| e.to_string())?;
+                let r = load::run(target, &requests, &paced, pids).map_err(|e| e.to_string())?;
                 if !a.json {
                     println!("{}  (offered {:.0} req/s)", r.line(), first.rps * share);
                 }
@@ -204,16 +239,17 @@ fn bench(a: Args) -> Result<(), String> {
         plot::chart(path, &series).map_err(|e| format!("{}: {e}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
+    // Each target's paced runs, then its closed-loop run, as before the split.
+    let reports: Vec<&Report> = runs
+        .iter()
+        .flat_map(|(first, sweep)| sweep.iter().chain(std::iter::once(first)))
+        .collect();
+    let json = serde_json::to_string_pretty(&reports).map_err(|e| e.to_string())?;
     if a.json {
-        // Each target's paced runs, then its closed-loop run, as before the split.
-        let reports: Vec<&Report> = runs
-            .iter()
-            .flat_map(|(first, sweep)| sweep.iter().chain(std::iter::once(first)))
-            .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&reports).map_err(|e| e.to_string())?
-        );
+        println!("{json}");
+    }
+    if let Some(path) = &a.json_out {
+        std::fs::write(path, json + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(())
 }

@@ -160,6 +160,10 @@ mod tests {
             max_us: p99,
             pacer_late_p50_us: None,
             pacer_late_p99_us: None,
+            cpu: Vec::new(),
+            cpu_us_per_request: None,
+            client_cpu_share: None,
+            saturated: None,
         }
     }
 
