@@ -165,23 +165,7 @@ fn rediss_with_a_ca_file_starts() {
     let certs = tempfile::tempdir().unwrap();
     common::make_certificates(certs.path());
     let p = |f: &str| certs.path().join(f).display().to_string();
-    let server = common::start_server(
-        tempfile::tempdir().unwrap(),
-        &[
-            "--port".into(),
-            "0".into(),
-            "--tls-port".into(),
-            "{port}".into(),
-            "--tls-cert-file".into(),
-            p("server.crt"),
-            "--tls-key-file".into(),
-            p("server.key"),
-            "--tls-ca-cert-file".into(),
-            p("ca.crt"),
-            "--tls-auth-clients".into(),
-            "no".into(),
-        ],
-    );
+    let server = common::start_tls_server(certs.path());
     let d = TestDaemon::prepare(
         Mode::Embedded,
         None,

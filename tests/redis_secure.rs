@@ -7,7 +7,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use common::{make_certificates, start_server, Mode, TestDaemon};
+use common::{make_certificates, start_server, start_tls_server, Mode, TestDaemon};
 use serde_json::json;
 
 fn round_trip(d: &TestDaemon) {
@@ -25,23 +25,7 @@ fn tls_with_a_generated_ca() {
     let dir = tempfile::tempdir().unwrap();
     make_certificates(dir.path());
     let p = |f: &str| dir.path().join(f).display().to_string();
-    let server = start_server(
-        tempfile::tempdir().unwrap(),
-        &[
-            "--port".into(),
-            "0".into(),
-            "--tls-port".into(),
-            "{port}".into(),
-            "--tls-cert-file".into(),
-            p("server.crt"),
-            "--tls-key-file".into(),
-            p("server.key"),
-            "--tls-ca-cert-file".into(),
-            p("ca.crt"),
-            "--tls-auth-clients".into(),
-            "no".into(),
-        ],
-    );
+    let server = start_tls_server(dir.path());
     let url = format!("rediss://127.0.0.1:{}/0", server.port);
     let d = TestDaemon::start_with(
         Mode::Embedded,

@@ -740,6 +740,29 @@ pub fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// A redis-server speaking only TLS on a loopback port, with the certificates that
+/// [`make_certificates`] wrote in `certs` (clients need not present one).
+pub fn start_tls_server(certs: &Path) -> Server {
+    let p = |f: &str| certs.join(f).display().to_string();
+    start_server(
+        tempfile::tempdir().expect("temp dir"),
+        &[
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            "{port}".into(),
+            "--tls-cert-file".into(),
+            p("server.crt"),
+            "--tls-key-file".into(),
+            p("server.key"),
+            "--tls-ca-cert-file".into(),
+            p("ca.crt"),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ],
+    )
+}
+
 /// A CA and a server certificate for 127.0.0.1 signed by it, in `dir`.
 pub fn make_certificates(dir: &Path) {
     openssl(
