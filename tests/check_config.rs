@@ -7,7 +7,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Client, Mode, RedisServer, TestDaemon};
 use serde_json::json;
@@ -58,28 +58,24 @@ fn serve(mut cmd: Command, config: &Path, socket: &Path) -> (bool, String) {
         .stderr(log.reopen().unwrap())
         .spawn()
         .expect("spawn serve");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let text = std::fs::read_to_string(log.path()).unwrap();
-            assert!(!status.success(), "serve stopped by itself: {text}");
-            return (false, text);
-        }
-        if let Ok(mut c) = Client::try_connect(socket) {
-            if c.call(json!({"op": "ping"}))["ok"] == true {
-                // SAFETY: kill with a pid we own.
-                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-                let status = child.wait().unwrap();
-                assert!(status.success(), "serve did not stop cleanly");
-                return (true, std::fs::read_to_string(log.path()).unwrap());
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "serve neither started nor refused"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+    let (mut exited, mut answered) = (None, false);
+    common::eventually("serve started or refused", Duration::from_secs(20), || {
+        exited = child.try_wait().unwrap();
+        answered = exited.is_none()
+            && Client::try_connect(socket)
+                .is_ok_and(|mut c| c.call(json!({"op": "ping"}))["ok"] == true);
+        exited.is_some() || answered
+    });
+    if let Some(status) = exited {
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        assert!(!status.success(), "serve stopped by itself: {text}");
+        return (false, text);
     }
+    // SAFETY: kill with a pid we own.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "serve did not stop cleanly");
+    (true, std::fs::read_to_string(log.path()).unwrap())
 }
 
 fn as_root() -> Command {
@@ -186,7 +182,7 @@ fn rediss_with_a_ca_file_starts() {
 #[test]
 fn a_missing_key_while_redis_holds_the_fleets_is_refused() {
     let redis = RedisServer::start();
-    let _first = TestDaemon::start_full(Mode::Redis, Some(redis.clone()), None, "", &[]);
+    let _first = TestDaemon::start_on(redis.clone(), "", &[]);
     let d = TestDaemon::prepare(Mode::Redis, Some(redis.clone()), None, "", &[]);
     let (checked, started) = agree(&d, &as_root);
     assert!(!started);

@@ -208,7 +208,7 @@ fn counts_start_at_zero_on_a_new_day(mode: Mode) {
                 .unwrap();
         }
         Some(r) => {
-            let today = format!("stargazer:apikeyd:usage:{}:u", utc_day());
+            let today = format!("stargazer:apikeyd:usage:{}:u", common::utc_day());
             let _: () = redis::cmd("RENAME")
                 .arg(&today)
                 .arg("stargazer:apikeyd:usage:2000-01-01:u")
@@ -238,16 +238,6 @@ fn counts_start_at_zero_on_a_new_day(mode: Mode) {
             .unwrap();
         assert_eq!(old, 0, "old days are purged");
     }
-}
-
-/// Today as the daemon counts it, `YYYY-MM-DD` in UTC.
-fn utc_day() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
-    humantime::format_rfc3339_seconds(t).to_string()[..10].to_string()
 }
 
 fn full_check_only_when_the_last_stop_was_not_clean(mode: Mode) {

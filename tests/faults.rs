@@ -13,18 +13,9 @@ use std::time::Duration;
 use common::{Mode, TestDaemon};
 use serde_json::{json, Value};
 
-fn rss_kb(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 fn a_writer_that_never_reads_cannot_grow_memory(mode: Mode) {
     let d = TestDaemon::start_with(mode, "", &[]);
-    let before = rss_kb(d.pid());
+    let before = common::rss_kb(d.pid());
     let s = UnixStream::connect(&d.socket).unwrap();
     s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
     let line =
@@ -38,7 +29,7 @@ fn a_writer_that_never_reads_cannot_grow_memory(mode: Mode) {
             Err(_) => break,
         }
     }
-    let after = rss_kb(d.pid());
+    let after = common::rss_kb(d.pid());
     eprintln!(
         "sent {} KiB before backpressure; RSS {before} kB -> {after} kB",
         sent / 1024
@@ -63,14 +54,9 @@ fn a_client_that_stops_reading_is_dropped_after_the_idle_timeout(mode: Mode) {
     while (&s).write(chunk.as_bytes()).is_ok() {}
     // Its session gives up writing and closes; only our stats connection remains.
     let mut c = d.client();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while c.ok(json!({"op": "stats"}))["connections"] != 1 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "stuck client was not dropped"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::eventually("the stuck client dropped", Duration::from_secs(10), || {
+        c.ok(json!({"op": "stats"}))["connections"] == 1
+    });
 }
 
 /// Holds an exclusive lock on the keystore until dropped.
@@ -262,19 +248,8 @@ fn a_panicking_handler_answers_internal(mode: Mode) {
 
 fn a_corrupt_keystore_is_refused_at_start(mode: Mode) {
     let mut d = TestDaemon::start_with(mode, "", &[]);
-    let mut c = d.client();
-    for i in 0..200 {
-        c.ok(json!({"op": "set_user_api_key", "user_id": format!("u{i}"), "service": "openai", "key": format!("sk-corrupt-{i:05}")}));
-    }
-    drop(c);
-    assert!(d.stop().success());
-    let path = d.path("data/keystore.sqlite3");
-    // Move everything from the WAL into the main file first.
-    let db = rusqlite::Connection::open(&path).unwrap();
-    db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        .unwrap();
-    drop(db);
-    let mut bytes = std::fs::read(&path).unwrap();
+    store_keys(&d, 200, |i| (format!("u{i}"), format!("sk-corrupt-{i:05}")));
+    let (path, mut bytes) = stopped_keystore(&mut d);
     assert!(bytes.len() > 8192);
     // Scribble over the second page (a b-tree page), leaving the header intact.
     for b in &mut bytes[4096..4096 + 512] {
@@ -310,6 +285,28 @@ fn set_key(user: &str, key: &str) -> Value {
     json!({"op": "set_user_api_key", "user_id": user, "service": "openai", "key": key})
 }
 
+/// Stores `n` user keys through one connection: user id and key `name(i)`.
+fn store_keys(d: &TestDaemon, n: usize, name: impl Fn(usize) -> (String, String)) {
+    let mut c = d.client();
+    for i in 0..n {
+        let (user, key) = name(i);
+        c.ok(set_key(&user, &key));
+    }
+}
+
+/// Stops the daemon; answers its keystore file's path and bytes, with everything
+/// moved from the WAL into the main file first.
+fn stopped_keystore(d: &mut TestDaemon) -> (std::path::PathBuf, Vec<u8>) {
+    assert!(d.stop().success());
+    let path = d.path("data/keystore.sqlite3");
+    let db = rusqlite::Connection::open(&path).unwrap();
+    db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    drop(db);
+    let bytes = std::fs::read(&path).unwrap();
+    (path, bytes)
+}
+
 fn get_key(user: &str) -> Value {
     json!({"op": "get_user_api_key", "user_id": user, "service": "openai", "fallback_to_config": false})
 }
@@ -318,14 +315,9 @@ fn get_key(user: &str) -> Value {
 /// writes are refused (`unavailable`, nothing applied) until it passes, then accepted.
 fn after_a_crash_writes_wait_for_the_background_check(mode: Mode) {
     let (mut d, gate) = hooked_check(mode);
-    let mut c = d.client();
-    for i in 0..50 {
-        c.ok(set_key(
-            &format!("u{i}"),
-            &format!("sk-before-crash-{i:04}"),
-        ));
-    }
-    drop(c);
+    store_keys(&d, 50, |i| {
+        (format!("u{i}"), format!("sk-before-crash-{i:04}"))
+    });
     d.kill9();
     d.spawn();
     d.wait_ready();
@@ -343,9 +335,11 @@ fn after_a_crash_writes_wait_for_the_background_check(mode: Mode) {
     );
     assert_eq!(c.ok(get_key("u7"))["key"], "sk-before-crash-0007");
     std::fs::write(gate.path().join("run-the-check"), "").unwrap();
-    common::eventually(Duration::from_secs(20), || {
-        c.call(set_key("u7", "sk-after-the-check"))["ok"] == true
-    });
+    common::eventually(
+        "a write after the deferred integrity check",
+        Duration::from_secs(20),
+        || c.call(set_key("u7", "sk-after-the-check"))["ok"] == true,
+    );
     assert!(d.logs().contains("keystore integrity check passed"));
     d.restart();
     assert_eq!(
@@ -361,21 +355,13 @@ fn after_a_crash_writes_wait_for_the_background_check(mode: Mode) {
 /// next start is refused.
 fn a_corrupt_keystore_found_by_the_background_check_stops_the_daemon(mode: Mode) {
     let (mut d, gate) = hooked_check(mode);
-    let mut c = d.client();
-    for i in 0..2000 {
-        c.ok(set_key(
-            &format!("user-{i:05}"),
-            &format!("sk-corrupt-{i:06}-0123456789abcdef"),
-        ));
-    }
-    drop(c);
-    assert!(d.stop().success());
-    let path = d.path("data/keystore.sqlite3");
-    let db = rusqlite::Connection::open(&path).unwrap();
-    db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        .unwrap();
-    drop(db);
-    let mut bytes = std::fs::read(&path).unwrap();
+    store_keys(&d, 2000, |i| {
+        (
+            format!("user-{i:05}"),
+            format!("sk-corrupt-{i:06}-0123456789abcdef"),
+        )
+    });
+    let (path, mut bytes) = stopped_keystore(&mut d);
     let pages = bytes.len() / 4096;
     assert!(pages > 20, "{pages} pages");
     // Scribble over the last page (a leaf far from the tables' first pages, which is

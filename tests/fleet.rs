@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine;
@@ -16,16 +15,19 @@ use serde_json::{json, Value};
 const NO_CACHE: &str = "[cache]\nuser_key_ttl_s = 0\npool_ttl_s = 0\n";
 
 fn rotate(config: &Path, extra: &[&str]) -> (bool, String) {
-    let out = Command::new(common::bin())
-        .arg("rotate-master-key")
-        .args(extra)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .expect("run rotate-master-key");
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
+    let (status, text) = common::tool("rotate-master-key", config, extra);
+    (status.success(), text)
+}
+
+/// The operator's steps once A has added a key version: A's key file copied to B,
+/// which adds it too; then A re-seals everything and retires version 1.
+fn add_on_b_then_retire_on_a(a: &TestDaemon, b: &TestDaemon) {
+    std::fs::copy(a.path("data/master.key"), b.path("data/master.key")).unwrap();
+    let (ok, text) = rotate(&b.config_path, &["--add-only"]);
+    assert!(ok, "{text}");
+    let (ok, text) = rotate(&a.config_path, &[]);
+    assert!(ok, "{text}");
+    assert!(text.contains("retired key versions [1]"), "{text}");
 }
 
 fn pool_key(c: &mut common::Client, service: &str) -> Value {
@@ -131,7 +133,11 @@ fn rotation_through_one_daemon_never_strands_another() {
     let (mut ca, mut cb) = (a.client(), b.client());
     ca.ok(json!({"op": "add_pool_key", "service": "p1", "key": "sk-pool-one-0000001"}));
     let mut con = a.redis.as_ref().unwrap().conn();
-    eventually(Duration::from_secs(10), || live_daemons(&mut con) == 2);
+    eventually(
+        "two live daemons in the fleet",
+        Duration::from_secs(10),
+        || live_daemons(&mut con) == 2,
+    );
 
     // Stray members of the fleet set hide nobody: one whose key is a hash, one whose
     // id is not UTF-8 and whose value is not a heartbeat.
@@ -176,16 +182,8 @@ fn rotation_through_one_daemon_never_strands_another() {
         .arg("sk-legacy-in-clear-0001")
         .query(&mut con)
         .unwrap();
-    let out = Command::new(common::bin())
-        .args(["import-legacy", "--config"])
-        .arg(&a.config_path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (status, text) = common::tool("import-legacy", &a.config_path, &[]);
+    assert!(status.success(), "{text}");
     assert_eq!(
         pool_key(&mut cb, "legacy"),
         json!("sk-legacy-in-clear-0001")
@@ -205,12 +203,7 @@ fn rotation_through_one_daemon_never_strands_another() {
     );
 
     // The operator follows the advice: copy A's key file to B, reload B there.
-    std::fs::copy(a.path("data/master.key"), b.path("data/master.key")).unwrap();
-    let (ok, text) = rotate(&b.config_path, &["--add-only"]);
-    assert!(ok, "{text}");
-    let (ok, text) = rotate(&a.config_path, &[]);
-    assert!(ok, "{text}");
-    assert!(text.contains("retired key versions [1]"), "{text}");
+    add_on_b_then_retire_on_a(&a, &b);
     assert_eq!(pool_versions(&mut con), vec![2]);
     ca.ok(json!({"op": "add_pool_key", "service": "p4", "key": "sk-pool-four-by-a-4"}));
     cb.ok(json!({"op": "add_pool_key", "service": "p5", "key": "sk-pool-five-by-b-5"}));
@@ -250,10 +243,18 @@ fn a_daemon_that_slept_through_a_rotation_stops_instead_of_sealing_with_a_retire
     let a = TestDaemon::start_with(Mode::Redis, NO_CACHE, &[]);
     let mut b = TestDaemon::start_sharing(&a, NO_CACHE);
     let mut con = a.redis.as_ref().unwrap().conn();
-    eventually(Duration::from_secs(10), || live_daemons(&mut con) == 2);
+    eventually(
+        "two live daemons in the fleet",
+        Duration::from_secs(10),
+        || live_daemons(&mut con) == 2,
+    );
     // B is paused past its heartbeat's expiry; the fleet takes it for gone.
     b.signal(libc::SIGSTOP);
-    eventually(Duration::from_secs(20), || live_daemons(&mut con) == 1);
+    eventually(
+        "the paused daemon gone from the fleet",
+        Duration::from_secs(20),
+        || live_daemons(&mut con) == 1,
+    );
     let (ok, text) = rotate(&a.config_path, &[]);
     assert!(ok, "{text}");
     b.signal(libc::SIGCONT);
@@ -291,7 +292,11 @@ fn two_beats(con: &mut redis::Connection, pid: i32) {
             .unwrap_or(0)
     };
     let start = at(con);
-    eventually(Duration::from_secs(20), || at(con) >= start + 2);
+    eventually(
+        "two more heartbeats of the daemon",
+        Duration::from_secs(20),
+        || at(con) >= start + 2,
+    );
 }
 
 /// Plants a heartbeat record for member `id`, as a Redis writer can.
@@ -312,15 +317,14 @@ fn rotated_fleet() -> (TestDaemon, TestDaemon) {
     let a = TestDaemon::start_with(Mode::Redis, NO_CACHE, &[]);
     let b = TestDaemon::start_sharing(&a, NO_CACHE);
     let mut con = a.redis.as_ref().unwrap().conn();
-    eventually(Duration::from_secs(10), || live_daemons(&mut con) == 2);
+    eventually(
+        "two live daemons in the fleet",
+        Duration::from_secs(10),
+        || live_daemons(&mut con) == 2,
+    );
     let (ok, text) = rotate(&a.config_path, &["--add-only"]);
     assert!(ok, "{text}");
-    std::fs::copy(a.path("data/master.key"), b.path("data/master.key")).unwrap();
-    let (ok, text) = rotate(&b.config_path, &["--add-only"]);
-    assert!(ok, "{text}");
-    let (ok, text) = rotate(&a.config_path, &[]);
-    assert!(ok, "{text}");
-    assert!(text.contains("retired key versions [1]"), "{text}");
+    add_on_b_then_retire_on_a(&a, &b);
     (a, b)
 }
 
@@ -437,7 +441,11 @@ fn hiding_a_daemons_heartbeat_during_a_rotation_loses_no_write_it_acknowledged()
     let mut b = TestDaemon::start_sharing(&a, NO_CACHE);
     let redis = a.redis.clone().unwrap();
     let mut con = redis.conn();
-    eventually(Duration::from_secs(10), || live_daemons(&mut con) == 2);
+    eventually(
+        "two live daemons in the fleet",
+        Duration::from_secs(10),
+        || live_daemons(&mut con) == 2,
+    );
     let b_id = record_of(&mut con, b.pid()).unwrap()["id"]
         .as_str()
         .unwrap()
@@ -485,7 +493,11 @@ fn hiding_a_daemons_heartbeat_during_a_rotation_loses_no_write_it_acknowledged()
             acked
         })
     };
-    eventually(Duration::from_secs(10), || live_daemons(&mut con) == 1);
+    eventually(
+        "one live daemon in the fleet",
+        Duration::from_secs(10),
+        || live_daemons(&mut con) == 1,
+    );
     let (ok, text) = rotate(&a.config_path, &[]);
     assert!(ok, "{text}");
     assert!(text.contains("retired key versions [1]"), "{text}");
@@ -526,7 +538,11 @@ fn offline_rotation_right_after_a_stop_is_not_refused_for_the_stopped_daemon() {
     a.client()
         .ok(json!({"op": "add_pool_key", "service": "p1", "key": "sk-pool-one-0000001"}));
     let mut con = a.redis.as_ref().unwrap().conn();
-    eventually(Duration::from_secs(10), || live_daemons(&mut con) == 1);
+    eventually(
+        "one live daemon in the fleet",
+        Duration::from_secs(10),
+        || live_daemons(&mut con) == 1,
+    );
     // A clean stop removes the daemon's heartbeat.
     assert!(a.stop().success());
     assert_eq!(
@@ -542,7 +558,11 @@ fn offline_rotation_right_after_a_stop_is_not_refused_for_the_stopped_daemon() {
     // rotation takes it for gone, and says so.
     a.spawn();
     a.wait_ready();
-    eventually(Duration::from_secs(10), || live_daemons(&mut con) == 1);
+    eventually(
+        "one live daemon in the fleet",
+        Duration::from_secs(10),
+        || live_daemons(&mut con) == 1,
+    );
     let pid = a.pid();
     a.kill9();
     assert_eq!(

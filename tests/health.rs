@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{Client, Mode, TestDaemon};
 use serde_json::{json, Value};
@@ -42,15 +42,6 @@ fn picked(c: &mut Client, n: usize) -> HashSet<String> {
             r["key"].as_str().unwrap_or("null").to_string()
         })
         .collect()
-}
-
-/// Polls `check` until it holds, for at most 10 s.
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(Instant::now() < deadline, "not within 10 s: {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn list(c: &mut Client, channel: Option<&str>) -> Vec<Value> {
@@ -342,7 +333,7 @@ fn picks_and_reports_are_counted(mode: Mode) {
     report(&mut c, &a, "ok", None);
     report(&mut c, &a, "error", None);
     // Picks reach the store in batches: poll.
-    eventually("30 picks counted", || {
+    common::eventually("30 picks counted", Duration::from_secs(10), || {
         entry(&list(&mut c, None), &a)["picks"] == 30
     });
     let e = entry(&list(&mut c, None), &a).clone();
@@ -493,23 +484,27 @@ fn two_daemons_share_health() {
     let a = add(&mut c1, A, None);
     add(&mut c1, B, None);
     // d2 caches the pool (cache.pool_ttl_s = 5 by default).
-    eventually("d2 hands out both keys", || picked(&mut c2, 40).len() == 2);
+    common::eventually("d2 hands out both keys", Duration::from_secs(10), || {
+        picked(&mut c2, 40).len() == 2
+    });
 
     report(&mut c1, &a, "rate_limited", Some(600));
-    eventually("d2 skips the cooling key", || {
+    common::eventually("d2 skips the cooling key", Duration::from_secs(10), || {
         picked(&mut c2, 40) == HashSet::from([B.to_string()])
     });
     let listed = list(&mut c2, None);
     assert_eq!(entry(&listed, &a)["state"], "cooling");
 
     c2.ok(json!({"op": "enable_pool_key", "service": "openai", "key_id": a}));
-    eventually("d1 hands out A again", || picked(&mut c1, 40).len() == 2);
+    common::eventually("d1 hands out A again", Duration::from_secs(10), || {
+        picked(&mut c1, 40).len() == 2
+    });
     report(&mut c2, &a, "unauthorized", None);
-    eventually("d1 skips the disabled key", || {
+    common::eventually("d1 skips the disabled key", Duration::from_secs(10), || {
         picked(&mut c1, 40) == HashSet::from([B.to_string()])
     });
     // Picks on both daemons reach the shared counters.
-    eventually("picks are counted", || {
+    common::eventually("picks are counted", Duration::from_secs(10), || {
         entry(&list(&mut c2, None), &a)["picks"].as_u64().unwrap() > 0
     });
 }
@@ -532,7 +527,7 @@ fn redis_counters_expire() {
     let ttl: i64 = redis::cmd("TTL").arg(&keys[0]).query(&mut r).unwrap();
     assert!((2 * 86_400..=3 * 86_400).contains(&ttl), "ttl {ttl}");
     // The flushed picks keep the expiry.
-    eventually("the pick is counted", || {
+    common::eventually("the pick is counted", Duration::from_secs(10), || {
         entry(&list(&mut c, None), &a)["picks"] == 1
     });
     let ttl: i64 = redis::cmd("TTL").arg(&keys[0]).query(&mut r).unwrap();

@@ -158,10 +158,14 @@ fn records_expire_after_the_ttl(mode: Mode) {
     assert_eq!(c.call(consume("k-ttl"))["replayed"], true);
     assert_eq!(count(&mut c, "u1", "search"), 1);
     // Once the record has expired the same key is a new write.
-    common::eventually(Duration::from_secs(10), || {
-        let r = c.call(consume("k-ttl"));
-        r["ok"] == true && r.get("replayed").is_none()
-    });
+    common::eventually(
+        "the idempotency record expired",
+        Duration::from_secs(10),
+        || {
+            let r = c.call(consume("k-ttl"));
+            r["ok"] == true && r.get("replayed").is_none()
+        },
+    );
     assert_eq!(count(&mut c, "u1", "search"), 2);
 }
 

@@ -387,14 +387,18 @@ fn cached_lookups_skip_the_store_and_expire(mode: Mode) {
     let get = json!({"op": "get_user_api_key", "user_id": "hot", "service": "openai"});
     // In Redis mode the daemon's own invalidation of the write may arrive after the
     // first lookup cached the key and drop it once: wait until lookups stay hits.
-    common::eventually(std::time::Duration::from_secs(10), || {
-        c.ok(get.clone());
-        let misses = c.ok(json!({"op": "stats"}))["cache"]["misses"].clone();
-        for _ in 0..10 {
+    common::eventually(
+        "lookups that stay cache hits",
+        std::time::Duration::from_secs(10),
+        || {
             c.ok(get.clone());
-        }
-        c.ok(json!({"op": "stats"}))["cache"]["misses"] == misses
-    });
+            let misses = c.ok(json!({"op": "stats"}))["cache"]["misses"].clone();
+            for _ in 0..10 {
+                c.ok(get.clone());
+            }
+            c.ok(json!({"op": "stats"}))["cache"]["misses"] == misses
+        },
+    );
     let before = c.ok(json!({"op": "stats"}))["cache"].clone();
     for _ in 0..100 {
         assert_eq!(c.ok(get.clone())["key"], "sk-hot-key-000001");
@@ -414,10 +418,14 @@ fn cached_lookups_skip_the_store_and_expire(mode: Mode) {
             .as_u64()
             .unwrap()
     };
-    common::eventually(std::time::Duration::from_secs(20), || {
-        c.ok(get.clone());
-        misses(&mut c) > after["misses"].as_u64().unwrap()
-    });
+    common::eventually(
+        "a cache miss after the TTL",
+        std::time::Duration::from_secs(20),
+        || {
+            c.ok(get.clone());
+            misses(&mut c) > after["misses"].as_u64().unwrap()
+        },
+    );
     assert_eq!(misses(&mut c), after["misses"].as_u64().unwrap() + 1);
     c.ok(get);
     assert_eq!(misses(&mut c), after["misses"].as_u64().unwrap() + 1);

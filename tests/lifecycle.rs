@@ -539,13 +539,19 @@ fn secrets_of_rejected_requests_are_wiped() {
     // A line the client never finished.
     c.send_raw(format!("{{\"op\":\"set_user_api_key\",\"key\":\"{}\"", canaries[2]).as_bytes());
     c.writer_shutdown();
-    let _ = c.recv_until_closed();
+    // Answered at EOF like any last line: refused, without echoing the key.
+    let answers = c.recv_until_closed();
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert_eq!(answers[0]["ok"], false, "{answers:?}");
+    assert!(!answers[0].to_string().contains(canaries[2]));
     drop(c);
     // The connection is gone once stats counts only the one asking.
     let mut probe = d.client();
-    common::eventually(std::time::Duration::from_secs(10), || {
-        probe.ok(json!({"op": "stats"}))["connections"] == 1
-    });
+    common::eventually(
+        "only the probe connection left",
+        std::time::Duration::from_secs(10),
+        || probe.ok(json!({"op": "stats"}))["connections"] == 1,
+    );
     for canary in canaries.iter().chain(&malformed) {
         assert!(
             !in_memory(d.pid(), canary.as_bytes()),

@@ -6,30 +6,23 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Mode, TestDaemon};
 use serde_json::json;
 
 /// The address the daemon logged for `metrics.listen` (port 0 picks a free one).
 fn metrics_addr(d: &TestDaemon) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(line) = d
-            .logs()
-            .lines()
-            .find(|l| l.contains("serving GET /metrics"))
-        {
-            let at = line.find("addr=").expect("addr in the line") + 5;
-            return line[at..].split_whitespace().next().unwrap().to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no metrics listener:\n{}",
-            d.logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let said = "serving GET /metrics";
+    common::eventually(
+        "the metrics listener, logged",
+        Duration::from_secs(10),
+        || d.logs().contains(said),
+    );
+    let log = d.logs();
+    let line = log.lines().find(|l| l.contains(said)).expect("the line");
+    let at = line.find("addr=").expect("addr in the line") + 5;
+    line[at..].split_whitespace().next().unwrap().to_string()
 }
 
 /// A plain HTTP/1.0 GET; (status line, body).
@@ -94,7 +87,7 @@ fn half_sent_requests_do_not_stop_the_metrics_port() {
     // Meanwhile the Unix socket accepts and answers.
     d.client().ok(json!({"op": "ping"}));
     drop(held);
-    common::eventually(Duration::from_secs(60), || {
+    common::eventually("GET /metrics answered", Duration::from_secs(60), || {
         let Ok(mut s) = TcpStream::connect(&addr) else {
             return false;
         };
@@ -165,14 +158,11 @@ fn prometheus_over_http(mode: Mode) {
     );
     drop(admin);
     // Earlier connections (the readiness ping) may still be closing: poll for one.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (status, text) = loop {
-        let (status, text) = get(&addr, "/metrics");
-        if text.contains("apikeyd_connections 1\n") || Instant::now() > deadline {
-            break (status, text);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let (mut status, mut text) = (String::new(), String::new());
+    common::eventually("apikeyd_connections 1", Duration::from_secs(10), || {
+        (status, text) = get(&addr, "/metrics");
+        text.contains("apikeyd_connections 1\n")
+    });
     assert!(status.contains("200"), "{status}");
     for want in [
         r#"apikeyd_requests_total{op="ping",code="ok"} "#,

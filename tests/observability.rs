@@ -5,20 +5,11 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Mode, TestDaemon};
 use redis::Commands;
 use serde_json::{json, Value};
-
-/// Polls `cond` every 20 ms until it holds; panics with `what` after 10 s.
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Sends SIGHUP and waits until the daemon logged one more finished reload.
 fn reload(d: &TestDaemon) {
@@ -27,7 +18,9 @@ fn reload(d: &TestDaemon) {
     };
     let before = done(&d.logs());
     d.signal(libc::SIGHUP);
-    wait_until("the reload", || done(&d.logs()) > before);
+    common::eventually("the reload", Duration::from_secs(10), || {
+        done(&d.logs()) > before
+    });
 }
 
 #[test]
@@ -142,7 +135,7 @@ fn refused_connections_are_in_the_audit_file() {
     let out = common::output_as(&bin, &d.socket, &[], &[json!({"op": "ping"})]);
     assert_eq!(out.status.code(), Some(1));
     let path = d.path("audit.jsonl");
-    wait_until("the refusal's audit line", || {
+    common::eventually("the refusal's audit line", Duration::from_secs(10), || {
         !audit_lines(&path).is_empty()
     });
     let lines = audit_lines(&path);
@@ -207,7 +200,7 @@ fn stats_says_not_connected_until_redis_has_answered() {
 
     // With a real Redis it turns true once Redis has answered.
     let d = TestDaemon::start_with(Mode::Redis, "", &[]);
-    wait_until("redis_connected", || {
+    common::eventually("redis_connected", Duration::from_secs(10), || {
         d.client().ok(json!({"op": "stats"}))["store"]["redis_connected"] == true
     });
 }
@@ -223,18 +216,30 @@ fn running_out_of_descriptors_never_stops_the_accept_loop() {
         .collect();
     assert!(held.len() >= 100, "only {} connections opened", held.len());
     let said = "cannot accept connections (out of file descriptors?)";
-    wait_until("the accept failure in the log", || d.logs().contains(said));
+    common::eventually(
+        "the accept failure in the log",
+        Duration::from_secs(10),
+        || d.logs().contains(said),
+    );
     drop(held);
-    common::eventually(Duration::from_secs(30), || {
-        common::Client::try_connect(&d.socket)
-            .map(|mut c| c.call(json!({"op": "ping"}))["ok"] == true)
-            .unwrap_or(false)
-    });
+    common::eventually(
+        "a ping answered after the descriptors are freed",
+        Duration::from_secs(30),
+        || {
+            common::Client::try_connect(&d.socket)
+                .map(|mut c| c.call(json!({"op": "ping"}))["ok"] == true)
+                .unwrap_or(false)
+        },
+    );
     // Said once accepts have succeeded for a few seconds: keep connecting.
-    common::eventually(Duration::from_secs(30), || {
-        d.client().ok(json!({"op": "ping"}));
-        d.logs().contains("accepting connections again after")
-    });
+    common::eventually(
+        "accepting connections again, logged",
+        Duration::from_secs(30),
+        || {
+            d.client().ok(json!({"op": "ping"}));
+            d.logs().contains("accepting connections again after")
+        },
+    );
     let logs = d.logs();
     assert_eq!(logs.matches(said).count(), 1, "{logs}");
 }
@@ -246,20 +251,20 @@ fn running_out_of_descriptors_never_stops_the_accept_loop() {
 fn a_redis_outage_is_said_once_then_its_recovery_with_a_count() {
     let d = TestDaemon::start_with(Mode::Redis, "", &[]);
     let redis = d.redis.clone().unwrap();
-    wait_until("the first heartbeat", || {
+    common::eventually("the first heartbeat", Duration::from_secs(10), || {
         redis
             .conn()
             .keys::<_, Vec<String>>("*apikeyd:fleet:*")
             .is_ok_and(|k| !k.is_empty())
     });
     redis.kill();
-    wait_until("the heartbeat failure", || {
+    common::eventually("the heartbeat failure", Duration::from_secs(10), || {
         d.logs().contains("fleet heartbeat not written")
     });
     // The outage lasts a few beats (its length, not a wait for the daemon).
     std::thread::sleep(Duration::from_secs(3));
     redis.restart();
-    wait_until("the heartbeat recovery", || {
+    common::eventually("the heartbeat recovery", Duration::from_secs(10), || {
         d.logs().contains("fleet heartbeat written again after")
     });
     let logs = d.logs();
@@ -295,7 +300,7 @@ fn a_redis_outage_is_said_once_then_its_recovery_with_a_count() {
 fn the_json_log_writes_pid_as_a_number() {
     let d = TestDaemon::start_with(Mode::Embedded, "log.format = \"json\"\n", &[]);
     d.client().ok(json!({"op": "ping"}));
-    wait_until("a connection line", || {
+    common::eventually("a connection line", Duration::from_secs(10), || {
         d.logs().contains("connection opened")
     });
     let logs = d.logs();

@@ -110,11 +110,11 @@ fn a_refused_redis_connection_is_not_called_a_timeout() {
     // A key is there already: without one, a start is refused while Redis cannot be
     // asked whether a fleet's key exists (tests/fleet.rs).
     let d = TestDaemon::start_with_key(&format!("[redis]\nurl = \"redis://127.0.0.1:{port}/0\"\n"));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !d.logs().contains("redis connection is down") {
-        assert!(std::time::Instant::now() < deadline, "{}", d.logs());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    common::eventually(
+        "the connection down, logged",
+        std::time::Duration::from_secs(10),
+        || d.logs().contains("redis connection is down"),
+    );
     let log = d.logs();
     let line = log
         .lines()
@@ -463,11 +463,15 @@ fn reload_answers_its_warnings_and_bad_config() {
     // SIGHUP: the same problem in the log, and the daemon serves on.
     std::fs::write(&d.config_path, bad_level).unwrap();
     d.signal(libc::SIGHUP);
-    common::eventually(std::time::Duration::from_secs(10), || {
-        d.logs()
-            .lines()
-            .any(|l| l.contains("reload failed") && l.contains("log.level"))
-    });
+    common::eventually(
+        "the reload failure naming log.level, logged",
+        std::time::Duration::from_secs(10),
+        || {
+            d.logs()
+                .lines()
+                .any(|l| l.contains("reload failed") && l.contains("log.level"))
+        },
+    );
     assert_eq!(c.ok(json!({"op": "ping"}))["pong"], true);
     assert!(d.stop().success());
 }

@@ -103,6 +103,10 @@ fn unknown_op(mode: Mode) {
     let (code, msg) = d.client().err(json!({"op": "drop_all_keys"}));
     assert_eq!(code, "unknown_op");
     assert!(msg.contains("drop_all_keys"));
+    // The test hook that panics in a handler is no op without its switch
+    // (`TestDaemon` starts the daemon without APIKEYD_TEST_HOOKS unless asked).
+    let (code, _) = d.client().err(json!({"op": "debug_panic"}));
+    assert_eq!(code, "unknown_op");
 }
 
 fn too_large_answers_and_the_connection_goes_on(mode: Mode) {
@@ -360,9 +364,11 @@ fn max_connections_refuses_the_extra_client(mode: Mode) {
     // The readiness check's connection frees its slot once the daemon sees its EOF;
     // the client that waits for that is the first of the three held.
     let mut first = d.client();
-    common::eventually(Duration::from_secs(10), || {
-        first.ok(json!({"op": "stats"}))["connections"] == 1
-    });
+    common::eventually(
+        "only this client connected",
+        Duration::from_secs(10),
+        || first.ok(json!({"op": "stats"}))["connections"] == 1,
+    );
     let mut held: Vec<Client> = vec![first, d.client(), d.client()];
     for c in &mut held {
         c.ok(json!({"op": "ping"}));
@@ -382,9 +388,11 @@ fn max_connections_refuses_the_extra_client(mode: Mode) {
     // A slot frees when a client leaves: a new client gets in once the daemon has
     // seen the EOF (until then it is refused like the extra one).
     drop(held.pop());
-    common::eventually(Duration::from_secs(10), || {
-        d.client().call(json!({"op": "ping"}))["ok"] == true
-    });
+    common::eventually(
+        "a freed slot taken by a new client",
+        Duration::from_secs(10),
+        || d.client().call(json!({"op": "ping"}))["ok"] == true,
+    );
 }
 
 /// SIGTERM while a client pipelines writes: every answer is either ok (applied) or

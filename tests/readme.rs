@@ -210,9 +210,11 @@ impl Checkout {
             .unwrap();
         let c = Checkout { dir, daemon };
         let socket = c.dir.path().join("run/apikeyd.sock");
-        common::eventually(Duration::from_secs(20), || {
-            common::Client::try_connect(&socket).is_ok()
-        });
+        common::eventually(
+            "the README's daemon listening",
+            Duration::from_secs(20),
+            || common::Client::try_connect(&socket).is_ok(),
+        );
         c
     }
 

@@ -6,7 +6,6 @@ mod common;
 
 use std::cell::Cell;
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::time::Duration;
 
 use common::{contains, eventually, Client, Mode, RedisServer, TestDaemon, CANARY};
@@ -19,16 +18,6 @@ fn redis_daemon(extra: &str) -> TestDaemon {
 
 fn all_keys(con: &mut redis::Connection) -> BTreeSet<String> {
     con.scan::<String>().unwrap().map(|k| k.unwrap()).collect()
-}
-
-fn today() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs)).to_string()
-        [..10]
-        .to_string()
 }
 
 #[test]
@@ -44,17 +33,21 @@ fn key_names_follow_the_layout() {
         "acme:channel_api_pool:c:1:openai".to_string(),
         "acme:apikeyd:pool_info:global_api_pool:openai".to_string(),
         "acme:apikeyd:pool_info:channel_api_pool:c:1:openai".to_string(),
-        format!("acme:apikeyd:usage:{}:u1", today()),
+        format!("acme:apikeyd:usage:{}:u1", common::utc_day()),
         "acme:apikeyd:keycheck".to_string(),
     ]
     .into();
     // The fleet set, and one heartbeat per live daemon, named after its host, pid and
     // a random part.
-    eventually(Duration::from_secs(10), || {
-        all_keys(&mut con)
-            .iter()
-            .any(|k| k.starts_with("acme:apikeyd:fleet:"))
-    });
+    eventually(
+        "the fleet heartbeat under the prefix",
+        Duration::from_secs(10),
+        || {
+            all_keys(&mut con)
+                .iter()
+                .any(|k| k.starts_with("acme:apikeyd:fleet:"))
+        },
+    );
     let (beats, rest): (BTreeSet<String>, BTreeSet<String>) = all_keys(&mut con)
         .into_iter()
         .partition(|k| k.starts_with("acme:apikeyd:fleet:"));
@@ -69,7 +62,10 @@ fn key_names_follow_the_layout() {
     assert_eq!(listed["keys"][0]["key_id"], pool[0].0.as_str());
     assert!(pool[0].1.starts_with("akd1:"));
     let count: u64 = con
-        .hget(format!("acme:apikeyd:usage:{}:u1", today()), "web")
+        .hget(
+            format!("acme:apikeyd:usage:{}:u1", common::utc_day()),
+            "web",
+        )
         .unwrap();
     assert_eq!(count, 1);
 }
@@ -171,7 +167,7 @@ fn a_value_copied_to_another_hash_is_not_served() {
 fn tcp_urls_work_too() {
     let redis = RedisServer::start_tcp();
     assert!(redis.url().starts_with("redis://127.0.0.1:"));
-    let d = TestDaemon::start_full(Mode::Redis, Some(redis), None, "", &[]);
+    let d = TestDaemon::start_on(redis, "", &[]);
     let mut c = d.client();
     c.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-over-tcp-000001"}));
     assert_eq!(
@@ -195,7 +191,10 @@ fn counters_expire_after_the_day() {
     let mut con = d.redis.as_ref().unwrap().conn();
     for user in ["a", "b"] {
         let ttl: i64 = con
-            .ttl(format!("stargazer:apikeyd:usage:{}:{user}", today()))
+            .ttl(format!(
+                "stargazer:apikeyd:usage:{}:{user}",
+                common::utc_day()
+            ))
             .unwrap();
         assert!(ttl > 0 && ttl <= 86_400 + 3_600 + 5, "ttl {ttl} for {user}");
     }
@@ -216,9 +215,11 @@ fn two_daemons_on_one_redis_share_pools_and_quotas() {
     assert_eq!(pick(&mut cb), Value::Null);
     let added =
         ca.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-shared-pool-0001"}));
-    let seen = eventually(Duration::from_secs(5), || {
-        pick(&mut cb) == "sk-shared-pool-0001"
-    });
+    let seen = eventually(
+        "B serves the pool key added through A",
+        Duration::from_secs(5),
+        || pick(&mut cb) == "sk-shared-pool-0001",
+    );
     eprintln!("add through A seen by B after {seen:?}");
     let id = added["key_id"].as_str().unwrap();
     assert_eq!(
@@ -229,7 +230,11 @@ fn two_daemons_on_one_redis_share_pools_and_quotas() {
     // Remove through B: A (default pool TTL) and B both stop serving it.
     assert_eq!(pick(&mut ca), "sk-shared-pool-0001");
     cb.ok(json!({"op": "remove_pool_key", "service": "openai", "key_id": id}));
-    let seen = eventually(Duration::from_secs(5), || pick(&mut ca) == Value::Null);
+    let seen = eventually(
+        "A stops serving the pool key removed through B",
+        Duration::from_secs(5),
+        || pick(&mut ca) == Value::Null,
+    );
     eprintln!("remove through B seen by A after {seen:?}");
     assert_eq!(pick(&mut cb), Value::Null);
     // Quotas are shared: 10 consumes alternating between daemons, limit 7.
@@ -265,7 +270,9 @@ fn survives_a_redis_outage_and_recovers_by_itself() {
     let stats = |c: &mut Client| c.ok(json!({"op": "stats"}))["store"]["redis_connected"].clone();
     // A failed command or the health check notices within about a second.
     c.call(json!({"op": "get_pool_api_key", "service": "openai"}));
-    eventually(Duration::from_secs(5), || stats(&mut c) == false);
+    eventually("redis_connected false", Duration::from_secs(5), || {
+        stats(&mut c) == false
+    });
 
     let r = c.ok(json!({"op": "get_user_api_key", "user_id": "u", "service": "openai"}));
     assert_eq!(
@@ -299,10 +306,12 @@ fn survives_a_redis_outage_and_recovers_by_itself() {
     c.ok(json!({"op": "set_user_api_key", "user_id": "w", "service": "openai", "key": "sk-written-in-outage"}));
 
     redis.restart();
-    eventually(Duration::from_secs(10), || stats(&mut c) == true);
+    eventually("redis_connected true", Duration::from_secs(10), || {
+        stats(&mut c) == true
+    });
     // Pub/sub is back too: a change through A reaches B's hour-long pool cache.
     let mut cb = b.client();
-    eventually(Duration::from_secs(10), || {
+    eventually("B reconnected to Redis", Duration::from_secs(10), || {
         cb.ok(json!({"op": "stats"}))["store"]["redis_connected"] == true
     });
     // The first command after the restart finds B's connection dead and retries once.
@@ -311,12 +320,16 @@ fn survives_a_redis_outage_and_recovers_by_itself() {
         Value::Null
     );
     // The subscription may come back a moment after the command connection.
-    eventually(Duration::from_secs(10), || {
-        c.ok(json!({"op": "remove_pool_key", "service": "openai", "key_id": "nothing"}));
-        c.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-after-restart-01"}));
-        cb.ok(json!({"op": "get_pool_api_key", "service": "openai"}))["key"]
-            == "sk-after-restart-01"
-    });
+    eventually(
+        "B's pool cache refreshed by pub/sub after the restart",
+        Duration::from_secs(10),
+        || {
+            c.ok(json!({"op": "remove_pool_key", "service": "openai", "key_id": "nothing"}));
+            c.ok(json!({"op": "add_pool_key", "service": "openai", "key": "sk-after-restart-01"}));
+            cb.ok(json!({"op": "get_pool_api_key", "service": "openai"}))["key"]
+                == "sk-after-restart-01"
+        },
+    );
     let r = c.ok(json!({"op": "consume_default_key_usage", "user_id": "u", "tool_name": "t"}));
     assert_eq!(
         r,
@@ -415,19 +428,9 @@ fn import_legacy_moves_keys_and_encrypts_pools() {
     );
 
     let run = |extra: &[&str]| {
-        let out = Command::new(common::bin())
-            .args(["import-legacy", "--config"])
-            .arg(&d.config_path)
-            .args(extra)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (status, text) = common::tool("import-legacy", &d.config_path, extra);
         // Bob's invalid entry is skipped by every run, which therefore exits 1.
-        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert_eq!(status.code(), Some(1), "{text}");
         assert!(text.contains("1 skipped"), "{text}");
         assert!(
             !text.contains("sk-legacy") && !text.contains("sk-ant"),
@@ -452,7 +455,7 @@ fn import_legacy_moves_keys_and_encrypts_pools() {
     let done = run(&[]);
     assert!(done.contains("2 user keys moved"), "{done}");
     // The running daemon's cached "none" was dropped by the announcement.
-    eventually(Duration::from_secs(5), || {
+    eventually("the legacy user key served", Duration::from_secs(5), || {
         get(&mut c)["key"] == "sk-legacy-alice-0001"
     });
     assert_eq!(get(&mut c)["source"], "user");
@@ -471,7 +474,7 @@ fn import_legacy_moves_keys_and_encrypts_pools() {
     let pool: Vec<(String, String)> = con.hgetall("stargazer:global_api_pool:openai").unwrap();
     assert_eq!(pool.len(), 1);
     assert!(pool[0].1.starts_with("akd1:"));
-    eventually(Duration::from_secs(5), || {
+    eventually("the legacy pool key served", Duration::from_secs(5), || {
         c.ok(json!({"op": "get_pool_api_key", "service": "openai"}))["key"] == "sk-legacy-pool-0004"
     });
     let r =
@@ -512,7 +515,7 @@ fn a_pool_field_that_is_not_utf8_hides_no_other_key() {
 fn quota_calls_share_scripts_and_are_answered_alone() {
     let d = redis_daemon("");
     let mut con = d.redis.as_ref().unwrap().conn();
-    let broken = format!("stargazer:apikeyd:usage:{}:broken", today());
+    let broken = format!("stargazer:apikeyd:usage:{}:broken", common::utc_day());
     let _: () = con.set(&broken, "not a hash").unwrap();
     let (threads, rounds, limit) = (8, 15, 100u64);
     let socket = d.socket.clone();
@@ -569,7 +572,7 @@ fn quota_calls_share_scripts_and_are_answered_alone() {
     increments.sort_unstable();
     let expected: Vec<u64> = (1..=(threads * rounds) as u64).collect();
     assert_eq!(increments, expected, "every increment counted once");
-    let usage = |user: &str| format!("stargazer:apikeyd:usage:{}:{user}", today());
+    let usage = |user: &str| format!("stargazer:apikeyd:usage:{}:{user}", common::utc_day());
     assert_eq!(con.hget::<_, _, u64>(usage("u"), "t").unwrap(), limit);
     assert_eq!(
         con.hget::<_, _, u64>(usage("v"), "t").unwrap(),
@@ -597,10 +600,8 @@ fn quota_calls_share_scripts_and_are_answered_alone() {
 #[test]
 fn a_redis_restart_never_serves_another_key_in_place_of_the_users() {
     let redis = RedisServer::start_persistent();
-    let d = TestDaemon::start_full(
-        Mode::Redis,
-        Some(redis.clone()),
-        None,
+    let d = TestDaemon::start_on(
+        redis.clone(),
         "[cache]\nuser_key_ttl_s = 1\n",
         &[("OPENAI_API_KEY", "sk-operator-default-0001")],
     );
@@ -634,15 +635,21 @@ fn a_redis_restart_never_serves_another_key_in_place_of_the_users() {
         |d: &TestDaemon| d.logs().matches("subscribed to pool invalidations").count();
     for _ in 0..3 {
         redis.kill();
-        eventually(Duration::from_secs(10), || {
-            ask(&mut c);
-            !connected(&mut c)
-        });
+        eventually(
+            "the daemon sees Redis down",
+            Duration::from_secs(10),
+            || {
+                ask(&mut c);
+                !connected(&mut c)
+            },
+        );
         let before = subscriptions(&d);
         redis.restart();
-        eventually(Duration::from_secs(20), || {
-            ask(&mut c) && subscriptions(&d) > before && ask(&mut c)
-        });
+        eventually(
+            "pub/sub subscribed again and answers served",
+            Duration::from_secs(20),
+            || ask(&mut c) && subscriptions(&d) > before && ask(&mut c),
+        );
     }
     while asked.get() < 1000 {
         ask(&mut c);
@@ -668,7 +675,7 @@ fn an_unknown_user_key_during_an_outage_is_no_key_not_the_default() {
     };
     assert_eq!(get(&mut c, "nokey")["source"], "global_pool");
     d.redis.as_ref().unwrap().kill();
-    eventually(Duration::from_secs(10), || {
+    eventually("redis_connected false", Duration::from_secs(10), || {
         c.ok(json!({"op": "stats"}))["store"]["redis_connected"] == false
     });
     let r = get(&mut c, "w");
@@ -678,10 +685,7 @@ fn an_unknown_user_key_during_an_outage_is_no_key_not_the_default() {
         "{r}"
     );
     assert!(
-        r["message"]
-            .as_str()
-            .unwrap()
-            .contains("temporarily unavailable"),
+        common::text(&r["message"]).contains("temporarily unavailable"),
         "{r}"
     );
     let r = get(&mut c, "nokey");

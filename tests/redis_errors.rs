@@ -35,28 +35,27 @@ fn set_key(c: &mut Client, user: &str) -> Value {
 }
 
 /// Asks `request` until its answer's message names `cause`; answers the error.
-fn refused_until(d: &TestDaemon, c: &mut Client, request: Value, cause: &str) -> Value {
+fn refused_until(c: &mut Client, request: Value, cause: &str) -> Value {
     let mut last = Value::Null;
     let mut shown = 0;
-    let began = std::time::Instant::now();
-    eventually(Duration::from_secs(20), || {
-        last = c.call(request.clone());
-        let found = last["ok"] == false
-            && last["error"]["message"]
-                .as_str()
-                .unwrap_or("")
-                .contains(cause);
-        if !found && shown < 3 {
-            // Shown with a failure: what came instead.
-            eprintln!("waiting for {cause}, got {last}");
-            shown += 1;
-        }
-        if !found && began.elapsed() > Duration::from_secs(19) && shown < 4 {
-            shown = 4;
-            eprintln!("log so far:\n{}", d.logs());
-        }
-        found
-    });
+    eventually(
+        "the Redis error in the answer",
+        Duration::from_secs(20),
+        || {
+            last = c.call(request.clone());
+            let found = last["ok"] == false
+                && last["error"]["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains(cause);
+            if !found && shown < 3 {
+                // Shown with a failure: what came instead.
+                eprintln!("waiting for {cause}, got {last}");
+                shown += 1;
+            }
+            found
+        },
+    );
     last
 }
 
@@ -103,9 +102,11 @@ fn out_of_memory_is_unavailable_and_said_once() {
     );
     config_set(&r, "maxmemory", "0");
     assert_eq!(set_key(&mut c, "after")["ok"], true);
-    eventually(Duration::from_secs(10), || {
-        lines_with(&d, "redis accepts commands again after") >= 1
-    });
+    eventually(
+        "Redis accepting commands again, logged",
+        Duration::from_secs(10),
+        || lines_with(&d, "redis accepts commands again after") >= 1,
+    );
     let logs = d.logs();
     assert!(
         logs.lines()
@@ -133,7 +134,6 @@ fn a_replica_is_read_only_and_said_so() {
         .query(&mut r.conn())
         .unwrap();
     let answer = refused_until(
-        &d,
         &mut c,
         json!({"op": "set_user_api_key", "user_id": "u", "service": "openai", "key": "sk-redis-errors-0001"}),
         "(READONLY)",
@@ -182,17 +182,21 @@ fn a_replica_without_its_master_is_masterdown() {
     // A read of a user never asked before, so that no cache answers it.
     let mut n = 0;
     let mut answer = Value::Null;
-    eventually(Duration::from_secs(20), || {
-        n += 1;
-        answer = c.call(json!({"op": "list_user_api_keys", "user_id": format!("m{n}")}));
-        if n < 4 {
-            eprintln!("waiting for MASTERDOWN, got {answer}");
-        }
-        answer["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("(MASTERDOWN)")
-    });
+    eventually(
+        "the answers after Redis recovered",
+        Duration::from_secs(20),
+        || {
+            n += 1;
+            answer = c.call(json!({"op": "list_user_api_keys", "user_id": format!("m{n}")}));
+            if n < 4 {
+                eprintln!("waiting for MASTERDOWN, got {answer}");
+            }
+            answer["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("(MASTERDOWN)")
+        },
+    );
     assert_eq!(answer["error"]["code"], "unavailable", "{answer}");
     let write = set_key(&mut c, "w");
     assert_eq!(write["error"]["code"], "unavailable", "{write}");
@@ -239,7 +243,6 @@ fn a_password_set_behind_the_daemon_is_noauth() {
         .query(&mut admin)
         .unwrap();
     let answer = refused_until(
-        &d,
         &mut c,
         json!({"op": "list_user_api_keys", "user_id": "u"}),
         "(NOAUTH)",
@@ -254,9 +257,11 @@ fn a_password_set_behind_the_daemon_is_noauth() {
         .arg("")
         .query(&mut admin)
         .unwrap();
-    eventually(Duration::from_secs(10), || {
-        set_key(&mut c, "after")["ok"] == true
-    });
+    eventually(
+        "a write accepted after Redis recovered",
+        Duration::from_secs(10),
+        || set_key(&mut c, "after")["ok"] == true,
+    );
 }
 
 #[test]
@@ -273,7 +278,6 @@ fn a_script_running_too_long_is_busy() {
             .query::<()>(&mut looping)
     });
     let answer = refused_until(
-        &d,
         &mut c,
         json!({"op": "set_user_api_key", "user_id": "u", "service": "openai", "key": "sk-redis-errors-0001"}),
         "(BUSY)",
@@ -284,7 +288,9 @@ fn a_script_running_too_long_is_busy() {
         .query(&mut r.conn())
         .unwrap();
     assert!(script.join().unwrap().is_err(), "the killed script fails");
-    eventually(Duration::from_secs(10), || {
-        set_key(&mut c, "after")["ok"] == true
-    });
+    eventually(
+        "a write accepted after Redis recovered",
+        Duration::from_secs(10),
+        || set_key(&mut c, "after")["ok"] == true,
+    );
 }

@@ -106,18 +106,24 @@ fn check_everything(d: &TestDaemon, users: usize, version: u32) {
     );
 }
 
-/// Readers and a writer hammer the daemon until `stop`; answers the failures seen.
+/// How many threads [`hammer`] runs.
+const HAMMERS: usize = 4;
+
+/// Readers and a writer hammer the daemon until `stop`, each counting its answers in
+/// `answered[t]`; answers the failures seen.
 fn hammer(
     d: &TestDaemon,
     users: usize,
     stop: Arc<AtomicBool>,
+    answered: Arc<[AtomicU64; HAMMERS]>,
 ) -> Vec<std::thread::JoinHandle<u64>> {
     let written = Arc::new(AtomicU64::new(0));
-    (0..4)
+    (0..HAMMERS)
         .map(|t| {
             let socket = d.socket.clone();
             let stop = stop.clone();
             let written = written.clone();
+            let answered = answered.clone();
             std::thread::spawn(move || {
                 let mut c = Client::connect(&socket);
                 let mut failures = 0;
@@ -130,6 +136,7 @@ fn hammer(
                     } else {
                         c.call(json!({"op": "get_user_api_key", "user_id": format!("u{i}"), "service": "openai", "channel_id": "c", "fallback_to_pool": t == 2}))
                     };
+                    answered[t].fetch_add(1, Ordering::Relaxed);
                     let good = r["ok"] == true
                         && (t == 3 || r["result"]["key"] == user_key(i))
                         && r["result"].get("degraded").is_none();
@@ -149,14 +156,30 @@ fn rotation_under_load_fails_no_request(mode: Mode) {
     let users = 600;
     seed(&d, users);
     let stop = Arc::new(AtomicBool::new(false));
-    let workers = hammer(&d, users, stop.clone());
-    std::thread::sleep(Duration::from_millis(100));
+    let answered: Arc<[AtomicU64; HAMMERS]> = Arc::default();
+    let workers = hammer(&d, users, stop.clone(), answered.clone());
+    // Every thread has answers before the rotation starts and more after it ends,
+    // so the load spans the whole rotation.
+    let every_thread_answers_again = || {
+        let at: Vec<u64> = answered.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+        common::eventually(
+            "answers on every load thread",
+            Duration::from_secs(20),
+            || {
+                answered
+                    .iter()
+                    .zip(&at)
+                    .all(|(a, before)| a.load(Ordering::Relaxed) >= before + 10)
+            },
+        );
+    };
+    every_thread_answers_again();
     let out = rotate_cmd(&d).output().unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("retired key versions [1]"), "{text}");
-    std::thread::sleep(Duration::from_millis(100));
+    every_thread_answers_again();
     stop.store(true, Ordering::Relaxed);
     let failures: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
     assert_eq!(failures, 0, "requests failed during the rotation");
@@ -174,21 +197,22 @@ fn rotation_killed_anywhere_can_be_rerun(mode: Mode) {
     let users = 1500;
     seed(&d, users);
     let mut version = 1;
-    for delay_ms in [0u64, 2, 10, 40] {
-        // Kill the rotation at a different point each time, once it has handed the
-        // new version to the daemon.
+    // Kill the rotation at a different stage each time, the first once it has
+    // handed the new version to the daemon; the stage is the line it just printed.
+    for stage in [
+        "the daemon now uses",
+        "pass 1:",
+        "pass 2:",
+        "kept the whole keyring",
+    ] {
         let mut child = rotate_cmd(&d)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        for line in lines.by_ref() {
-            if line.unwrap().contains("the daemon now uses") {
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(delay_ms));
+        let reached = lines.by_ref().any(|line| line.unwrap().contains(stage));
+        assert!(reached, "the rotation never printed {stage:?}");
         let _ = child.kill();
         let _ = child.wait();
         // The daemon serves every key meanwhile, and after a restart on the half-done state.

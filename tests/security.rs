@@ -96,14 +96,11 @@ fn sighup_applies_access_to_new_connections(mode: Mode) {
     );
     d.write_config(&format!("[access]\nallow_gids = [{NOBODY}]\n"));
     d.signal(libc::SIGHUP);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while call_as_nobody(&bin, &d.socket, &[json!({"op": "ping"})])[0]["ok"] != true {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "access change not applied"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    common::eventually(
+        "the access change applied",
+        std::time::Duration::from_secs(10),
+        || call_as_nobody(&bin, &d.socket, &[json!({"op": "ping"})])[0]["ok"] == true,
+    );
 }
 
 fn socket_and_folder_modes(mode: Mode) {

@@ -7,7 +7,7 @@ mod common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{eventually, Client, Mode, RedisServer, TestDaemon};
 use redis::Commands;
@@ -42,42 +42,46 @@ fn three_daemons_share_user_keys_and_drop_changed_ones() {
         assert_eq!(get(cl, "alice", "openai")["key"], Value::Null);
     }
     // Stored through A: B and C drop their cached "none" on the announcement.
-    let began = Instant::now();
     set(&mut ca, "alice", "openai", "sk-shared-alice-0001");
-    let mut seen = Vec::new();
-    for (name, cl) in [("b", &mut cb), ("c", &mut cc)] {
-        eventually(Duration::from_secs(5), || {
-            get(cl, "alice", "openai")["key"] == "sk-shared-alice-0001"
-        });
-        seen.push((name, began.elapsed()));
-    }
+    let stored = eventually(
+        "the stored key served by B and C",
+        Duration::from_secs(5),
+        || {
+            get(&mut cb, "alice", "openai")["key"] == "sk-shared-alice-0001"
+                && get(&mut cc, "alice", "openai")["key"] == "sk-shared-alice-0001"
+        },
+    );
     // Replaced through B, deleted through C: the others follow.
-    let began = Instant::now();
     set(&mut cb, "alice", "openai", "sk-shared-alice-0002");
-    let replaced = eventually(Duration::from_secs(5), || {
-        get(&mut ca, "alice", "openai")["key"] == "sk-shared-alice-0002"
-            && get(&mut cc, "alice", "openai")["key"] == "sk-shared-alice-0002"
-    });
-    assert!(began.elapsed() >= replaced);
+    let replaced = eventually(
+        "the replaced key served by A and C",
+        Duration::from_secs(5),
+        || {
+            get(&mut ca, "alice", "openai")["key"] == "sk-shared-alice-0002"
+                && get(&mut cc, "alice", "openai")["key"] == "sk-shared-alice-0002"
+        },
+    );
     let deleted =
         cc.ok(json!({"op": "delete_user_api_key", "user_id": "alice", "service": "openai"}));
     assert_eq!(deleted["deleted"], true);
-    let dropped = eventually(Duration::from_secs(5), || {
-        get(&mut ca, "alice", "openai")["key"].is_null()
-            && get(&mut cb, "alice", "openai")["key"].is_null()
-    });
+    let dropped = eventually(
+        "the deleted key gone from A and B",
+        Duration::from_secs(5),
+        || {
+            get(&mut ca, "alice", "openai")["key"].is_null()
+                && get(&mut cb, "alice", "openai")["key"].is_null()
+        },
+    );
     eprintln!(
         "invalidation delay (acknowledgement to the other daemons answering the new value): \
-         store seen by {:?}; replace seen by both in {replaced:?}; delete seen by both in {dropped:?}",
-        seen
+         store seen by both in {stored:?}; replace in {replaced:?}; delete in {dropped:?}"
     );
     // Listed the same everywhere, and never in clear in Redis.
     set(&mut ca, "bob", "anthropic", "sk-shared-bob-000003");
-    let listed = eventually(Duration::from_secs(5), || {
+    eventually("bob's key listed through C", Duration::from_secs(5), || {
         cc.ok(json!({"op": "list_user_api_keys", "user_id": "bob"}))["keys"][0]["service"]
             == "anthropic"
     });
-    let _ = listed;
     let mut con = a.redis.as_ref().unwrap().conn();
     let raw: Vec<u8> = con
         .hget("stargazer:user_api_keys:bob", "anthropic")
@@ -87,22 +91,20 @@ fn three_daemons_share_user_keys_and_drop_changed_ones() {
     // A report of `unauthorized` through one daemon is seen by the others.
     let r = cb.ok(json!({"op": "report_key_result", "service": "anthropic", "user_id": "bob", "outcome": "unauthorized"}));
     assert_eq!(r["state"], "disabled");
-    eventually(Duration::from_secs(5), || {
-        let g = get(&mut ca, "bob", "anthropic");
-        g["key"].is_null() && g["warning"].is_string()
-    });
+    eventually(
+        "the disabled key withheld by A with a warning",
+        Duration::from_secs(5),
+        || {
+            let g = get(&mut ca, "bob", "anthropic");
+            g["key"].is_null() && g["warning"].is_string()
+        },
+    );
 }
 
 #[test]
 fn an_outage_serves_cached_user_keys_degraded_and_loses_nothing() {
     let redis = RedisServer::start_persistent();
-    let a = TestDaemon::start_full(
-        Mode::Redis,
-        Some(redis.clone()),
-        None,
-        "[cache]\nuser_key_ttl_s = 1\n",
-        &[],
-    );
+    let a = TestDaemon::start_on(redis.clone(), "[cache]\nuser_key_ttl_s = 1\n", &[]);
     let mut c = a.client();
     set(&mut c, "carol", "openai", "sk-outage-carol-0001");
     let cached = get(&mut c, "carol", "openai");
@@ -115,30 +117,42 @@ fn an_outage_serves_cached_user_keys_degraded_and_loses_nothing() {
     };
     // The set's own announcement may reach the cache after that first read and drop
     // the entry it made: wait until a read is served from the cache.
-    eventually(Duration::from_secs(10), || {
-        let before = misses(&mut c);
-        get(&mut c, "carol", "openai");
-        misses(&mut c) == before
-    });
+    eventually(
+        "carol's key served from the cache",
+        Duration::from_secs(10),
+        || {
+            let before = misses(&mut c);
+            get(&mut c, "carol", "openai");
+            misses(&mut c) == before
+        },
+    );
     redis.kill();
     // Past the TTL (a miss is counted when the entry has expired) the key is still
     // served, flagged degraded.
     let before = misses(&mut c);
-    eventually(Duration::from_secs(10), || {
-        let g = get(&mut c, "carol", "openai");
-        assert_eq!(g["key"], "sk-outage-carol-0001", "{g}");
-        misses(&mut c) > before && g["degraded"] == true
-    });
+    eventually(
+        "carol's key served degraded from the cache",
+        Duration::from_secs(10),
+        || {
+            let g = get(&mut c, "carol", "openai");
+            assert_eq!(g["key"], "sk-outage-carol-0001", "{g}");
+            misses(&mut c) > before && g["degraded"] == true
+        },
+    );
     // Writes answer `unavailable`; nothing is half-stored.
     let (code, _) = c.err(json!({"op": "set_user_api_key", "user_id": "dave", "service": "openai", "key": "sk-outage-dave-00001"}));
     assert_eq!(code, "unavailable");
     // Redis comes back with what it acknowledged.
     // Persistent (appendfsync always): the restarted server has every acknowledged write.
     redis.restart();
-    eventually(Duration::from_secs(10), || {
-        let g = get(&mut c, "carol", "openai");
-        g["key"] == "sk-outage-carol-0001" && g.get("degraded").is_none()
-    });
+    eventually(
+        "carol's key served from Redis again",
+        Duration::from_secs(10),
+        || {
+            let g = get(&mut c, "carol", "openai");
+            g["key"] == "sk-outage-carol-0001" && g.get("degraded").is_none()
+        },
+    );
     set(&mut c, "dave", "openai", "sk-outage-dave-00001");
     assert_eq!(get(&mut c, "dave", "openai")["key"], "sk-outage-dave-00001");
 }
@@ -183,7 +197,7 @@ fn import_legacy_seals_user_keys_in_place() {
         assert!(v.starts_with(b"akd1:"), "{field} is sealed");
         assert_eq!(field, &field.to_ascii_lowercase());
     }
-    eventually(Duration::from_secs(5), || {
+    eventually("the legacy user key served", Duration::from_secs(5), || {
         get(&mut c, "erin", "openai")["key"] == "sk-legacy-erin-00001"
     });
     assert_eq!(
@@ -241,13 +255,11 @@ fn migrate(d: &TestDaemon, to: &str, killed_when: Option<&dyn Fn() -> bool>) -> 
         .spawn()
         .unwrap();
     if let Some(when) = killed_when {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !when() {
-            if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        eventually(
+            "the point to kill the tool at, or its exit",
+            Duration::from_secs(60),
+            || when() || child.try_wait().unwrap().is_some(),
+        );
         let _ = child.kill();
     }
     let out = child.wait_with_output().unwrap();
@@ -403,7 +415,7 @@ fn rerunning_migrate_user_keys_never_deletes_a_newer_key() {
     assert!(ok, "{text}");
     assert!(text.contains("1 user keys moved"), "{text}");
     // The user sets a newer key (in the keystore: the daemon is still local).
-    eventually(Duration::from_secs(5), || {
+    eventually("the next second", Duration::from_secs(5), || {
         apikeyd::clock::now_s() > stored_at
     });
     set(&mut c, "ana", "openai", "sk-migrate-newer-0002");

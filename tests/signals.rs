@@ -68,11 +68,11 @@ fn sighup_reloads_without_dropping_connections(mode: Mode) {
 
     d.write_config("[services.acme]\ndisplay_name = \"Acme Two\"\n[quota]\ndaily_limit = 7\n[cache]\nmax_entries = 10\n");
     d.signal(libc::SIGHUP);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !msg(&mut c).as_str().unwrap().contains("Acme Two") {
-        assert!(std::time::Instant::now() < deadline, "reload not applied");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    common::eventually(
+        "the reload applied",
+        std::time::Duration::from_secs(10),
+        || msg(&mut c).as_str().unwrap().contains("Acme Two"),
+    );
     // The same connection goes on working, with the new settings.
     assert_eq!(
         c.ok(json!({"op": "check_default_key_limit", "user_id": "u", "tool_name": "t"}))
@@ -94,9 +94,11 @@ fn sighup_reloads_without_dropping_connections(mode: Mode) {
     // A broken config is refused and the running one kept.
     d.write_config("[quota]\ndaily_limit = \"lots\"\n");
     d.signal(libc::SIGHUP);
-    common::eventually(std::time::Duration::from_secs(10), || {
-        d.logs().contains("reload failed")
-    });
+    common::eventually(
+        "the reload failure, logged",
+        std::time::Duration::from_secs(10),
+        || d.logs().contains("reload failed"),
+    );
     assert_eq!(
         c.ok(json!({"op": "check_default_key_limit", "user_id": "u", "tool_name": "t"}))
             ["daily_limit"],

@@ -9,7 +9,7 @@ use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::Client;
 use serde_json::json;
@@ -58,20 +58,19 @@ fn units_verify() {
     }
 }
 
-/// Reads notification datagrams until one contains `want`; returns everything read.
+/// Reads notification datagrams (each `recv` waits up to the socket's read timeout)
+/// until one contains `want`; keeps everything read in `log`.
 fn wait_for(notify: &UnixDatagram, want: &str, log: &mut Vec<String>) {
-    let deadline = Instant::now() + Duration::from_secs(20);
     let mut buf = [0u8; 4096];
-    while Instant::now() < deadline {
-        if let Ok(n) = notify.recv(&mut buf) {
-            let msg = String::from_utf8_lossy(&buf[..n]).to_string();
-            log.push(msg.clone());
-            if msg.lines().any(|l| l == want) {
-                return;
-            }
-        }
-    }
-    panic!("no {want} from the daemon; got {log:?}");
+    common::eventually(want, Duration::from_secs(20), || {
+        let Ok(n) = notify.recv(&mut buf) else {
+            return false;
+        };
+        let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+        let found = msg.lines().any(|l| l == want);
+        log.push(msg);
+        found
+    });
 }
 
 #[test]

@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::{Mode, TestDaemon, LOCAL_USER_KEYS};
 use redis::Commands;
 use serde_json::{json, Value};
@@ -16,15 +14,8 @@ const NO_CACHE: &str = "[cache]\nuser_key_ttl_s = 0\npool_ttl_s = 0\n";
 
 /// Runs import-legacy; answers (exit success, stdout + stderr).
 fn import(d: &TestDaemon, extra: &[&str]) -> (bool, String) {
-    let out = Command::new(common::bin())
-        .args(["import-legacy", "--config"])
-        .arg(&d.config_path)
-        .args(extra)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
+    let (status, text) = common::tool("import-legacy", &d.config_path, extra);
+    (status.success(), text)
 }
 
 fn user_key(c: &mut common::Client, user: &str, service: &str) -> Value {

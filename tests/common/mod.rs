@@ -60,11 +60,7 @@ impl RedisServer {
 
     /// A server that also listens on a free loopback TCP port; `url()` is then redis://.
     pub fn start_tcp() -> Arc<RedisServer> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
-        Self::start_inner(false, Some(port))
+        Self::start_inner(false, Some(free_port()))
     }
 
     fn start_inner(persistent: bool, tcp_port: Option<u16>) -> Arc<RedisServer> {
@@ -104,11 +100,11 @@ impl RedisServer {
                 panic!("cannot run redis-server ({e}); install it: apt-get install redis-server (bash .ci/run does)")
             });
         *self.child.lock().unwrap() = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&self.socket).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        eventually(
+            "redis-server answers on its socket",
+            Duration::from_secs(10),
+            || UnixStream::connect(&self.socket).is_ok(),
+        );
     }
 
     pub fn url(&self) -> String {
@@ -184,14 +180,14 @@ impl TestDaemon {
     /// come first, then tables.
     pub fn start_with(mode: Mode, extra: &str, env: &[(&str, &str)]) -> Self {
         let redis = (mode == Mode::Redis).then(RedisServer::start);
-        Self::start_full(mode, redis, None, extra, env)
+        Self::prepare(mode, redis, None, extra, env).started()
     }
 
     /// A second daemon on the same Redis as `other`, with its own folder and keystore
     /// but `other`'s master key (SPEC §4: daemons sharing a Redis share the key).
     pub fn start_sharing(other: &TestDaemon, extra: &str) -> Self {
         let key = std::fs::read(other.path("data/master.key")).expect("master key");
-        Self::start_full(Mode::Redis, other.redis.clone(), Some(key), extra, &[])
+        Self::prepare(Mode::Redis, other.redis.clone(), Some(key), extra, &[]).started()
     }
 
     /// An embedded-mode daemon whose data folder already holds a fresh master key, so
@@ -199,30 +195,32 @@ impl TestDaemon {
     /// of a key (tests/fleet.rs).
     pub fn start_with_key(extra: &str) -> Self {
         let key = apikeyd::crypto::MasterKey::generate_base64();
-        Self::start_full(
+        Self::prepare(
             Mode::Embedded,
             None,
             Some(key.as_bytes().to_vec()),
             extra,
             &[],
         )
+        .started()
     }
 
-    /// A daemon on `redis` whose data folder starts with `master_key` (when given).
-    pub fn start_full(
-        mode: Mode,
-        redis: Option<Arc<RedisServer>>,
-        master_key: Option<Vec<u8>>,
-        extra: &str,
-        env: &[(&str, &str)],
-    ) -> Self {
-        let mut d = Self::prepare(mode, redis, master_key, extra, env);
-        d.spawn();
-        d.wait_ready();
-        d
+    /// A daemon in Redis mode on `redis` (a server the test keeps, to stop or
+    /// restart it), with `extra` appended to its config.toml and `env` set.
+    pub fn start_on(redis: Arc<RedisServer>, extra: &str, env: &[(&str, &str)]) -> Self {
+        Self::prepare(Mode::Redis, Some(redis), None, extra, env).started()
     }
 
-    /// Like `start_full`, but nothing is started: for tests that expect a refusal.
+    /// Starts a daemon made by [`TestDaemon::prepare`] and waits until it answers.
+    pub fn started(mut self) -> Self {
+        self.spawn();
+        self.wait_ready();
+        self
+    }
+
+    /// A daemon on `redis` whose data folder starts with `master_key` (when given),
+    /// not yet started: for tests that expect a refusal, and (then `started`) for
+    /// the other ways to start.
     pub fn prepare(
         mode: Mode,
         redis: Option<Arc<RedisServer>>,
@@ -285,6 +283,8 @@ impl TestDaemon {
             .arg(&self.config_path)
             .env_remove("CREDENTIALS_DIRECTORY")
             .env_remove("APIKEYD_CONFIG")
+            // The test hooks are on only where a test asks for them (`env`).
+            .env_remove("APIKEYD_TEST_HOOKS")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
@@ -296,49 +296,35 @@ impl TestDaemon {
 
     /// Waits until the socket answers a ping; panics with the log if the process exits.
     pub fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().expect("wait"))
-            {
+        eventually("apikeyd answers a ping", Duration::from_secs(20), || {
+            if let Some(status) = self.try_wait() {
                 panic!(
                     "apikeyd exited with {status} before it was ready; log:\n{}",
                     self.logs()
                 );
             }
-            if let Ok(mut c) = Client::try_connect(&self.socket) {
-                if c.call(json!({"op": "ping"}))["ok"] == true {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "apikeyd not ready in 20 s; log:\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            Client::try_connect(&self.socket)
+                .is_ok_and(|mut c| c.call(json!({"op": "ping"}))["ok"] == true)
+        });
+    }
+
+    /// The exit status once the process has exited (it stays running otherwise).
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().expect("wait"))
     }
 
     /// Starts the process and expects it to refuse: returns its exit status and log.
     pub fn expect_refusal(&mut self) -> (ExitStatus, String) {
         self.spawn();
-        let child = self.child.as_mut().expect("child");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                self.child = None;
-                return (status, self.logs());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "apikeyd did not refuse to start; log:\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut status = None;
+        eventually("apikeyd refuses to start", Duration::from_secs(20), || {
+            status = self.try_wait();
+            status.is_some()
+        });
+        self.child = None;
+        (status.expect("exited"), self.logs())
     }
 
     /// Sets an environment variable for the next start.
@@ -366,19 +352,16 @@ impl TestDaemon {
         self.wait_exit()
     }
 
+    /// Waits for the process to exit (it is killed on drop if it does not).
     pub fn wait_exit(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = child.try_wait().expect("wait") {
-                return s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("apikeyd did not exit in 20 s; log:\n{}", self.logs());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        assert!(self.child.is_some(), "not running");
+        let mut status = None;
+        eventually("apikeyd exits", Duration::from_secs(20), || {
+            status = self.try_wait();
+            status.is_some()
+        });
+        self.child = None;
+        status.expect("exited")
     }
 
     /// SIGKILL, no chance to clean up.
@@ -412,8 +395,20 @@ impl Drop for TestDaemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // A failing test shows what the daemon said, whichever check failed.
+        if std::thread::panicking() {
+            let log = self.logs();
+            let tail: Vec<&str> = log.lines().rev().take(LOG_TAIL).collect();
+            eprintln!("--- the daemon's log, last {} lines ---", tail.len());
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
     }
 }
+
+/// How much of a daemon's log a failing test prints.
+const LOG_TAIL: usize = 60;
 
 /// A JSON-lines connection: `apikeyd::client::Connection` (the daemon's own client,
 /// so framing is not written twice), with the assertions tests want.
@@ -556,20 +551,27 @@ pub fn files_below(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
-/// Whether `needle` occurs in `hay`.
-/// Polls `f` until it is true, for at most `limit`; returns how long it took.
-pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+/// Polls `f` until it is true, for at most `limit`, and answers how long it took;
+/// past `limit` the test fails saying `what` was awaited. Every test that waits for
+/// something the daemon does waits here: none sleeps a guessed time.
+pub fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
     let began = Instant::now();
     while !f() {
-        assert!(
-            began.elapsed() < limit,
-            "condition not reached within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
+        assert!(began.elapsed() < limit, "not within {limit:?}: {what}");
+        std::thread::sleep(POLL);
     }
     began.elapsed()
 }
 
+/// How often [`eventually`] asks again.
+const POLL: Duration = Duration::from_millis(5);
+
+/// The string at `v` ("" when it is not one), for `contains` checks on answers.
+pub fn text(v: &Value) -> &str {
+    v.as_str().unwrap_or_default()
+}
+
+/// Whether `needle` occurs in `hay`.
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
@@ -578,14 +580,32 @@ pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
 /// "Text file busy": a binary just copied for another user can still be open for
 /// writing in a child that another test thread forked meanwhile (ETXTBSY).
 pub fn output_retrying_busy(cmd: &mut Command) -> std::process::Output {
-    for _ in 0..20 {
-        let out = cmd.output().expect("run the command");
-        if !String::from_utf8_lossy(&out.stderr).contains("Text file busy") {
-            return out;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    cmd.output().expect("run the command")
+    let mut out = None;
+    eventually(
+        "the command runs (not ETXTBSY)",
+        Duration::from_secs(10),
+        || {
+            let o = cmd.output().expect("run the command");
+            let busy = String::from_utf8_lossy(&o.stderr).contains("Text file busy");
+            out = Some(o);
+            !busy
+        },
+    );
+    out.expect("ran")
+}
+
+/// Runs `apikeyd <command> --config <config> <extra>…` (a tool beside the daemon)
+/// to its end; answers its exit status and its stdout followed by its stderr.
+pub fn tool(command: &str, config: &Path, extra: &[&str]) -> (ExitStatus, String) {
+    let out = Command::new(bin())
+        .args([command, "--config"])
+        .arg(config)
+        .args(extra)
+        .output()
+        .expect("run apikeyd");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status, text)
 }
 
 /// The uid and gid clients are switched to (`nobody`/`nogroup`).
@@ -692,6 +712,7 @@ impl Drop for Server {
     }
 }
 
+/// A loopback TCP port nothing listens on at the moment.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -711,11 +732,11 @@ pub fn start_server(dir: tempfile::TempDir, args: &[String]) -> Server {
     let child = cmd.spawn().unwrap_or_else(|e| {
         panic!("cannot run redis-server ({e}); install it: apt-get install redis-server (bash .ci/run does)")
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    eventually(
+        "redis-server answers on its port",
+        Duration::from_secs(10),
+        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
     Server {
         child,
         port,
@@ -849,19 +870,24 @@ pub fn start_sentinel(master_port: u16) -> Server {
         port,
         _dir: dir,
     };
-    eventually(Duration::from_secs(10), || {
-        redis::Client::open(format!("redis://127.0.0.1:{port}/"))
-            .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
-            .and_then(|mut c| {
-                redis::cmd("SENTINEL")
-                    .arg("get-master-addr-by-name")
-                    .arg("mymaster")
-                    .query::<(String, String)>(&mut c)
-            })
-            .is_ok_and(|(_, p)| p == master_port.to_string())
-    });
+    eventually(
+        "the sentinel names its master",
+        Duration::from_secs(10),
+        || {
+            redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+                .and_then(|mut c| {
+                    redis::cmd("SENTINEL")
+                        .arg("get-master-addr-by-name")
+                        .arg("mymaster")
+                        .query::<(String, String)>(&mut c)
+                })
+                .is_ok_and(|(_, p)| p == master_port.to_string())
+        },
+    );
     server
 }
+
 /// Lowers the open-file limit (RLIMIT_NOFILE, soft and hard) of process `pid` to
 /// `n`, with `prlimit` (util-linux).
 pub fn limit_descriptors(pid: i32, n: u64) {
@@ -875,4 +901,24 @@ pub fn limit_descriptors(pid: i32, n: u64) {
         "prlimit failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The resident memory of process `pid`, in kB (VmRSS).
+pub fn rss_kb(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("the process's status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in the status")
+}
+
+/// Today as the daemon counts quotas, `YYYY-MM-DD` in UTC.
+pub fn utc_day() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_secs();
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(secs);
+    humantime::format_rfc3339_seconds(t).to_string()[..10].to_string()
 }
