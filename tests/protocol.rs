@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Client, Mode, TestDaemon};
 use serde_json::{json, Value};
@@ -343,20 +343,91 @@ fn partial_last_line_is_answered_at_eof(mode: Mode) {
     assert!(c.try_recv().is_none());
 }
 
-fn idle_connections_are_closed(mode: Mode) {
-    let d = TestDaemon::start_with(mode, "[server]\nidle_timeout_s = 1", &[]);
-    // A connection in use stays open past the idle timeout: each request resets it.
-    let mut busy = d.client();
-    let until = Instant::now() + Duration::from_millis(2500);
-    while Instant::now() < until {
-        busy.ok(json!({"op": "ping"}));
-        std::thread::sleep(Duration::from_millis(200));
+/// The idle timeout on tokio's paused clock. The daemon runs in-process (`start`
+/// and `run`, as `serve` wires them) on this test's runtime, its clock paused: a
+/// `sleep` here moves the clock the session's idle timer reads, at once and
+/// exactly, so the test neither waits a real second nor races the timer.
+/// Embedded mode only: the timeout lives in the session, which is the same in both
+/// modes, and a real Redis answers on its own clock, which a paused clock would not
+/// wait for.
+#[test]
+fn idle_connections_are_closed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let idle = Duration::from_secs(1);
+    let mut config = apikeyd::config::Config::parse("[server]\nidle_timeout_s = 1\n").unwrap();
+    config.keystore.path = dir.path().join("data/keystore.sqlite3");
+    config.keystore.master_key_file = dir.path().join("data/master.key");
+    config.server.socket = dir.path().join("run/apikeyd.sock");
+    let system = actix_rt::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("a runtime")
+    });
+    system.block_on(async move {
+        let socket = config.server.socket.clone();
+        let listener = apikeyd::server::bind(&socket, config.socket_mode()).unwrap();
+        let opened = apikeyd::open_keystore(&config, None).unwrap();
+        let started = apikeyd::start(config, opened).unwrap();
+        let (control, rx) = tokio::sync::mpsc::unbounded_channel();
+        let daemon = actix_rt::spawn(apikeyd::run(started, listener, rx, None));
+
+        // A connection in use stays open past the idle timeout: each request resets it.
+        let mut busy = LineClient::connect(&socket).await;
+        for _ in 0..5 {
+            busy.ping().await;
+            tokio::time::sleep(idle * 6 / 10).await;
+        }
+        busy.ping().await;
+        // One left alone is closed when its idle time is up, not before.
+        let mut alone = LineClient::connect(&socket).await;
+        alone.ping().await;
+        let began = tokio::time::Instant::now();
+        assert_eq!(alone.read_line().await, "", "closed: EOF");
+        let waited = began.elapsed();
+        assert!(
+            waited >= idle && waited <= idle + Duration::from_millis(5),
+            "closed after {waited:?} of a {idle:?} idle timeout"
+        );
+
+        control.send(apikeyd::Control::Shutdown).ok();
+        daemon.await.unwrap().unwrap();
+    });
+}
+
+/// A JSON-lines client on the test's own runtime (the paused-clock test).
+struct LineClient {
+    reader: tokio::io::BufReader<tokio::net::UnixStream>,
+}
+
+impl LineClient {
+    async fn connect(socket: &std::path::Path) -> LineClient {
+        let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+        LineClient {
+            reader: tokio::io::BufReader::new(stream),
+        }
     }
-    busy.ok(json!({"op": "ping"}));
-    // One left alone is closed.
-    let mut c = d.client();
-    c.ok(json!({"op": "ping"}));
-    assert!(c.try_recv().is_none(), "idle connection should be closed");
+
+    async fn ping(&mut self) {
+        use tokio::io::AsyncWriteExt;
+        let line = json!({"op": "ping"}).to_string() + "\n";
+        self.reader
+            .get_mut()
+            .write_all(line.as_bytes())
+            .await
+            .unwrap();
+        let answer: Value = serde_json::from_str(&self.read_line().await).unwrap();
+        assert_eq!(answer["result"]["pong"], true, "{answer}");
+    }
+
+    /// The next line, or "" at EOF.
+    async fn read_line(&mut self) -> String {
+        use tokio::io::AsyncBufReadExt;
+        let mut line = String::new();
+        self.reader.read_line(&mut line).await.unwrap();
+        line
+    }
 }
 
 fn max_connections_refuses_the_extra_client(mode: Mode) {
@@ -460,6 +531,5 @@ in_every_mode!(
     fifty_concurrent_connections,
     garbage_flood_changes_nothing,
     partial_last_line_is_answered_at_eof,
-    idle_connections_are_closed,
     max_connections_refuses_the_extra_client,
 );
