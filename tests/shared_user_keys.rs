@@ -20,6 +20,14 @@ fn get(c: &mut Client, user: &str, service: &str) -> Value {
     )
 }
 
+/// Whether both daemons answer `key` (a string, or null for none) as alice's.
+fn both_get(x: &mut Client, y: &mut Client, key: &Value) -> bool {
+    get(x, "alice", "openai")["key"] == *key && get(y, "alice", "openai")["key"] == *key
+}
+
+/// How long the other daemons may take to follow a change.
+const WAIT: Duration = Duration::from_secs(5);
+
 fn set(c: &mut Client, user: &str, service: &str, key: &str) {
     c.ok(json!({"op": "set_user_api_key", "user_id": user, "service": service, "key": key}));
 }
@@ -42,36 +50,23 @@ fn three_daemons_share_user_keys_and_drop_changed_ones() {
         assert_eq!(get(cl, "alice", "openai")["key"], Value::Null);
     }
     // Stored through A: B and C drop their cached "none" on the announcement.
+    let alice = json!("sk-shared-alice-0001");
     set(&mut ca, "alice", "openai", "sk-shared-alice-0001");
-    let stored = eventually(
-        "the stored key served by B and C",
-        Duration::from_secs(5),
-        || {
-            get(&mut cb, "alice", "openai")["key"] == "sk-shared-alice-0001"
-                && get(&mut cc, "alice", "openai")["key"] == "sk-shared-alice-0001"
-        },
-    );
+    let stored = eventually("the stored key served by B and C", WAIT, || {
+        both_get(&mut cb, &mut cc, &alice)
+    });
     // Replaced through B, deleted through C: the others follow.
+    let alice = json!("sk-shared-alice-0002");
     set(&mut cb, "alice", "openai", "sk-shared-alice-0002");
-    let replaced = eventually(
-        "the replaced key served by A and C",
-        Duration::from_secs(5),
-        || {
-            get(&mut ca, "alice", "openai")["key"] == "sk-shared-alice-0002"
-                && get(&mut cc, "alice", "openai")["key"] == "sk-shared-alice-0002"
-        },
-    );
+    let replaced = eventually("the replaced key served by A and C", WAIT, || {
+        both_get(&mut ca, &mut cc, &alice)
+    });
     let deleted =
         cc.ok(json!({"op": "delete_user_api_key", "user_id": "alice", "service": "openai"}));
     assert_eq!(deleted["deleted"], true);
-    let dropped = eventually(
-        "the deleted key gone from A and B",
-        Duration::from_secs(5),
-        || {
-            get(&mut ca, "alice", "openai")["key"].is_null()
-                && get(&mut cb, "alice", "openai")["key"].is_null()
-        },
-    );
+    let dropped = eventually("the deleted key gone from A and B", WAIT, || {
+        both_get(&mut ca, &mut cb, &Value::Null)
+    });
     eprintln!(
         "invalidation delay (acknowledgement to the other daemons answering the new value): \
          store seen by both in {stored:?}; replace in {replaced:?}; delete in {dropped:?}"
