@@ -169,7 +169,7 @@ def _sync_rate(fn: Callable[[], object], threads: int, seconds: float) -> float:
     ready = threading.Barrier(threads + 1)
 
     def worker(i: int) -> None:
-        for _ in range(20):  # warm up: each thread's connection is open before the clock starts
+        for _ in range(3):  # warm up: each thread's connection is open before the clock starts
             fn()
         ready.wait()
         n = 0
@@ -200,7 +200,7 @@ def _async_rate(make: Make, tasks: int, seconds: float) -> float:
     async def main() -> float:
         fn, aclose = await make()
         try:
-            for _ in range(5):  # warm up, open connections
+            for _ in range(3):  # warm up, open connections
                 await asyncio.gather(*[fn() for _ in range(tasks)])
             count = [0]
 
@@ -411,9 +411,10 @@ def describe(svc: Services, args: argparse.Namespace) -> List[str]:
         f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
         f"{os.cpu_count()} CPUs; load average at start {_loadavg()}",
         f"daemon: apikeyd {version} ({svc.daemon_bin}), {mode}; redis-server {redis_version}",
-        f"python {sys.version.split()[0]}, apikeyd client {apikeyd.__version__}, "
+        f"python {sys.version.split()[0]}, apikeyd client {apikeyd.__version__} "
+        f"({os.path.relpath(os.path.dirname(apikeyd.__file__))}), "
         f"redis-py {redis.__version__} ({parser}), cryptography {cryptography.__version__}",
-        f"{args.rounds} rounds of {args.seconds:g} s per case; {args.callers} callers = threads (sync) "
+        f"{args.rounds} round{'s' if args.rounds != 1 else ''} of {args.seconds:g} s per case; {args.callers} callers = threads (sync) "
         f"or tasks (asyncio); AsyncClient connections={args.connections}",
     ]
 
@@ -469,6 +470,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                     help="rounds over all cases; min/median/max are shown, ratios of medians (default 3)")
     ap.add_argument("--callers", type=int, default=64, help="concurrent callers besides 1 (default 64)")
     ap.add_argument("--connections", type=int, default=2, help="AsyncClient connections (default 2)")
+    ap.add_argument("--only", action="append", metavar="TEXT",
+                    help="measure only the cases whose operation or name contains TEXT (repeatable; "
+                         "a ratio whose reference case was left out shows –)")
     args = ap.parse_args(argv)
     try:
         import cryptography  # noqa: F401
@@ -481,7 +485,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         setup(svc)
         header = describe(svc, args)
-        cases = build_cases(svc, args)
+        cases = [c for c in build_cases(svc, args)
+                 if not args.only or any(t in c.op or t in c.who for t in args.only)]
         samples: List[List[float]] = [[] for _ in cases]
         for _ in range(args.rounds):
             for i, case in enumerate(cases):
