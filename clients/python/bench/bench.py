@@ -132,6 +132,9 @@ class Services:
             log = open(os.path.join(self.tmp, "daemon.log"), "wb")
             env = {k: v for k, v in os.environ.items() if not k.startswith("APIKEYD_")}
             self.daemon_bin = _find_bin(args.apikeyd_bin)
+            rel = os.path.relpath(self.daemon_bin)
+            if not rel.startswith(".."):
+                self.daemon_bin = rel
             p = subprocess.Popen([self.daemon_bin, "serve", "--config", cfg],
                                  stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
             self.procs.append(p)
