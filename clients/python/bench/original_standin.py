@@ -16,9 +16,10 @@ process and the same rounds what that behaviour costs per call:
   in one pipeline, one round trip).
 
 Where the original's details are unknown, the cheaper choice is taken, so the
-stand-in is not slower than the original is likely to have been: one SQLite
-connection opened once and kept (not one per call), ``INCR`` and ``EXPIRE`` in one
-round trip (not two), no logging. The function signatures are those listed in
+stand-in is not slower than the original is likely to have been: the standard
+library's ``sqlite3`` called in the coroutine (no thread hop) on one connection
+opened once and kept (not one per call), ``INCR`` and ``EXPIRE`` in one round trip
+(not two), no logging. The function signatures are those listed in
 docs/python.md; ``redis_client`` is a ``redis.asyncio.Redis``, as the original
 received from the bot.
 
