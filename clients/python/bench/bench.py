@@ -161,9 +161,9 @@ def _sync_rate(fn: Callable[[], object], threads: int, seconds: float) -> float:
         start = time.perf_counter()
         end = start + seconds
         while True:
-            for _ in range(50):
+            for _ in range(10):
                 fn()
-            n += 50
+            n += 10
             now = time.perf_counter()
             if now >= end:
                 return n / (now - start)
@@ -212,9 +212,8 @@ def _async_rate(make: Make, tasks: int, seconds: float) -> float:
                 # stand-in's SQLite read) would starve a timer in the loop.
                 n = 0
                 while time.perf_counter() < end:
-                    for _ in range(10):
-                        await fn()
-                    n += 10
+                    await fn()
+                    n += 1
                 count[0] += n
 
             start = time.perf_counter()
