@@ -2,6 +2,7 @@
 # Runs the Python client's tests against the real daemon binary.
 #   VENV          virtualenv to create/reuse (default: <repo>/target/python-venv)
 #   APIKEYD_BIN   daemon binary (default: target/debug/apikeyd, else target/release/apikeyd)
+#   BENCH_SMOKE   0 skips the bench's smoke run (a few seconds, after the tests)
 # Extra arguments go to pytest. Exits non-zero on any failure, and when no test ran.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -29,5 +30,15 @@ set -e
 if [ "$rc" -eq 5 ]; then
     echo "run-tests.sh: pytest collected no tests; that is a failure" >&2
     exit 1
+fi
+# The bench (clients/python/bench, outside the package, in a virtualenv of its own)
+# still runs every case against this daemon and client: one short round, no figures kept.
+if [ "$rc" -eq 0 ] && [ "${BENCH_SMOKE:-1}" != 0 ]; then
+    if ! out="$(bash "$here/bench/run.sh" --rounds 1 --seconds 0.05 2>&1)"; then
+        printf '%s\n' "$out" >&2
+        echo "run-tests.sh: the bench's smoke run (clients/python/bench/run.sh) failed" >&2
+        exit 1
+    fi
+    echo "bench smoke run: $(grep -cE '^\| (user key|pool key|check\+increment) \|' <<<"$out") cases measured"
 fi
 exit "$rc"
