@@ -42,8 +42,8 @@ fn main() -> ExitCode {
         Command::MigrateUserKeys { config, to } => cli::migrate_user_keys(
             config,
             match to {
-                MigrateTo::Redis => apikeyd::migrate::Destination::Redis,
-                MigrateTo::Local => apikeyd::migrate::Destination::Local,
+                MigrateTo::Redis => apikeyd::tools::migrate::Destination::Redis,
+                MigrateTo::Local => apikeyd::tools::migrate::Destination::Local,
             },
         ),
         Command::RotateMasterKey {

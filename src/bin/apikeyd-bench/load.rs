@@ -254,7 +254,7 @@ impl Requests {
     /// EVALSHA for `bench:usage:{n}` (`sha` is the loaded script's).
     pub fn redis(command: RedisCommand, sha: &str, keys: usize) -> Requests {
         let mut r = Requests::new(keys);
-        let expiry = (apikeyd::clock::now_s() + 86_400).to_string();
+        let expiry = (apikeyd::model::clock::now_s() + 86_400).to_string();
         for n in 0..keys {
             match command {
                 RedisCommand::Hget => {
@@ -423,7 +423,7 @@ async fn drive(
         Target::Redis { socket, .. } => (socket, Framing::Resp, None),
     };
     let mut count = 0u64;
-    // Tokio framing rather than `apikeyd::client` or the `redis` crate: every
+    // Tokio framing rather than `apikeyd::wire::client` or the `redis` crate: every
     // connection of a run shares this one thread, so the load takes one core and
     // leaves the other to the server under test.
     let stream = UnixStream::connect(socket).await?;
@@ -524,7 +524,7 @@ pub fn requests(target: &Target, keys: usize) -> std::io::Result<std::rc::Rc<Req
                     let mut con = client.get_connection().map_err(std::io::Error::other)?;
                     redis::cmd("SCRIPT")
                         .arg("LOAD")
-                        .arg(apikeyd::actors::redis::CONSUME_SCRIPT)
+                        .arg(apikeyd::store::redis::CONSUME_SCRIPT)
                         .query(&mut con)
                         .map_err(std::io::Error::other)?
                 }
