@@ -1,10 +1,18 @@
-//! Key material: the master key, the `Secret` newtype, sealing with AES-256-GCM and
-//! associated data that binds a ciphertext to its place, and pool key ids.
+//! Key material: the master keyring and sealing with AES-256-GCM (here), the
+//! `Secret` newtype (`secret`), the place a sealed value is bound to (`place`), the
+//! keyring's versions and text format (`keyring`) and the key file on disk (`keyfile`).
+
+mod keyfile;
+mod keyring;
+mod place;
+mod secret;
+
+pub use keyfile::keyring_temp;
+pub use keyring::{KeyLine, MasterKeyError};
+pub use place::Place;
+pub use secret::Secret;
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -16,195 +24,12 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use zeroize::{Zeroize, Zeroizing};
 
-/// A decrypted key. It has no `Debug` or `Display`, and its bytes are zeroed on drop.
-pub struct Secret(Zeroizing<String>);
-
-impl Secret {
-    /// Takes ownership of `s`; the string's buffer is zeroed when the secret is dropped.
-    pub fn new(s: String) -> Self {
-        Secret(Zeroizing::new(s))
-    }
-
-    /// The key in clear, for sealing or for the one response that returns it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// The masked form of SPEC §3: first 4 and last 4 characters, or `****` below 12.
-    pub fn masked(&self) -> String {
-        let n = self.0.chars().count();
-        if n < 12 {
-            return "****".into();
-        }
-        let head: String = self.0.chars().take(4).collect();
-        let tail: String = self.0.chars().skip(n - 4).collect();
-        format!("{head}…{tail}")
-    }
-}
-
-/// Where a ciphertext lives. It becomes the associated data, so a ciphertext copied
-/// to another place does not open.
-#[derive(Clone, Copy)]
-pub enum Place<'a> {
-    /// A per-user key in the keystore.
-    User { user_id: &'a str, service: &'a str },
-    /// A pool key: `channel` is `None` for the global pool. `namespace` is `"sqlite"`
-    /// for the embedded store, or the Redis prefix in Redis mode. `key_id` is the
-    /// field or row the value is stored under, so a value written back under another
-    /// key's id does not open.
-    Pool {
-        namespace: &'a str,
-        channel: Option<&'a str>,
-        service: &'a str,
-        key_id: &'a str,
-    },
-    /// A per-user key in Redis (`{namespace}:user_api_keys:{user_id}`, field = service):
-    /// bound to the prefix too, so a value copied to another fleet's prefix, user or
-    /// service does not open, nor does a keystore row copied into Redis.
-    RedisUser {
-        namespace: &'a str,
-        user_id: &'a str,
-        service: &'a str,
-    },
-    /// A row of the keystore's own bookkeeping.
-    Meta(&'a str),
-}
-
-impl Place<'_> {
-    fn associated_data(&self) -> Vec<u8> {
-        match *self {
-            Place::User { user_id, service } => aad(b"apikeyd/1", &["user", "", user_id, service]),
-            // Pools bind the key_id too; the label is bumped so that no pool value of
-            // either form opens as the other.
-            Place::Pool {
-                namespace,
-                channel,
-                service,
-                key_id,
-            } => {
-                let kind = if channel.is_some() {
-                    "channel_pool"
-                } else {
-                    "pool"
-                };
-                aad(
-                    b"apikeyd/2",
-                    &[kind, namespace, channel.unwrap_or(""), service, key_id],
-                )
-            }
-            Place::RedisUser {
-                namespace,
-                user_id,
-                service,
-            } => aad(b"apikeyd/2", &["redis_user", namespace, user_id, service]),
-            Place::Meta(name) => aad(b"apikeyd/1", &["meta", "", name, ""]),
-        }
-    }
-
-    /// The associated data pool values were sealed with before they were bound to
-    /// their key_id (label `apikeyd/1`, no key_id); `None` for other places.
-    fn unbound_pool_data(&self) -> Option<Vec<u8>> {
-        match *self {
-            Place::Pool {
-                namespace,
-                channel,
-                service,
-                ..
-            } => {
-                let kind = if channel.is_some() {
-                    "channel_pool"
-                } else {
-                    "pool"
-                };
-                Some(aad(
-                    b"apikeyd/1",
-                    &[kind, namespace, channel.unwrap_or(""), service],
-                ))
-            }
-            _ => None,
-        }
-    }
-}
-
-/// `label` then each part length-prefixed, so no two places share an encoding.
-fn aad(label: &[u8], parts: &[&str]) -> Vec<u8> {
-    let mut out = label.to_vec();
-    for p in parts {
-        out.extend_from_slice(&(p.len() as u32).to_be_bytes());
-        out.extend_from_slice(p.as_bytes());
-    }
-    out
-}
+use keyring::Ring;
 
 /// Opening failed. Deliberately says nothing about why.
 #[derive(Debug, thiserror::Error)]
 #[error("ciphertext does not open with this master key at this place")]
 pub struct OpenError;
-
-/// Loading or creating the master key failed; the message is for the operator.
-/// Holds paths, line tags, version numbers and causes: never a byte of a key.
-#[derive(Debug, thiserror::Error)]
-pub enum MasterKeyError {
-    #[error("cannot read master key {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// The file is open to group or others; `mode` holds its permission bits.
-    #[error(
-        "master key {} is readable by group or others (mode {mode:o}); run: chmod 600 {}",
-        path.display(),
-        path.display()
-    )]
-    Permissions { path: PathBuf, mode: u32 },
-    /// The text of the file at `path` is not a key file.
-    #[error("master key {}: {source}", path.display())]
-    Format {
-        path: PathBuf,
-        #[source]
-        source: Box<MasterKeyError>,
-    },
-    #[error("cannot create master key {}: {source}", path.display())]
-    Create {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{line} is not base64 text of 32 bytes")]
-    NotBase64 { line: KeyLine },
-    #[error("{line} does not hold exactly 32 bytes")]
-    WrongLength { line: KeyLine },
-    #[error("the master key file holds no key")]
-    Empty,
-    #[error("a keyring without version 1 needs an `id:` line")]
-    NoIdLine,
-    #[error("the master key file has a line that is neither `id:…` nor `vN:…`")]
-    UntaggedLine,
-    #[error("the master key file has an unknown line tag `{tag}`")]
-    UnknownTag { tag: String },
-    #[error("the master key file has version {version} twice")]
-    DuplicateVersion { version: u32 },
-}
-
-/// Which part of a key file a decoding error is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyLine {
-    /// The one bare line of a single-key file.
-    Whole,
-    /// The `id:` line of a keyring.
-    Id,
-    /// The `vN:` line of a keyring.
-    Version(u32),
-}
-
-impl std::fmt::Display for KeyLine {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            KeyLine::Whole => f.write_str("the master key file"),
-            KeyLine::Id => f.write_str("the id line of the master key file"),
-            KeyLine::Version(v) => write!(f, "version {v} of the master key file"),
-        }
-    }
-}
 
 const FORMAT: u8 = 1;
 const NONCE_LEN: usize = 12;
@@ -219,113 +44,6 @@ pub fn sealed_version(sealed: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes([
         sealed[1], sealed[2], sealed[3], sealed[4],
     ]))
-}
-
-/// One immutable set of key versions.
-struct Ring {
-    /// Version → raw key bytes (kept to write the keyring file back).
-    keys: BTreeMap<u32, Zeroizing<[u8; 32]>>,
-    ciphers: BTreeMap<u32, Aes256Gcm>,
-    /// The version new values are sealed with: the highest.
-    current: u32,
-    /// Keys the HMAC behind `key_id`s. Stable across rotations, so ids never change.
-    id_key: Zeroizing<[u8; 32]>,
-}
-
-fn derive_id_key(v1: &[u8; 32]) -> Zeroizing<[u8; 32]> {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(v1).expect("HMAC takes any key");
-    mac.update(b"apikeyd key-id v1");
-    let mut id_key = Zeroizing::new([0u8; 32]);
-    id_key.copy_from_slice(&mac.finalize().into_bytes());
-    id_key
-}
-
-fn decode_32(text: &str, line: KeyLine) -> Result<Zeroizing<[u8; 32]>, MasterKeyError> {
-    let bytes = Zeroizing::new(
-        B64.decode(text.trim())
-            .map_err(|_| MasterKeyError::NotBase64 { line })?,
-    );
-    let arr: [u8; 32] = bytes
-        .as_slice()
-        .try_into()
-        .map_err(|_| MasterKeyError::WrongLength { line })?;
-    Ok(Zeroizing::new(arr))
-}
-
-impl Ring {
-    fn new(
-        keys: BTreeMap<u32, Zeroizing<[u8; 32]>>,
-        id_key: Option<Zeroizing<[u8; 32]>>,
-    ) -> Result<Ring, MasterKeyError> {
-        let current = *keys.keys().next_back().ok_or(MasterKeyError::Empty)?;
-        let id_key = match id_key {
-            Some(k) => k,
-            None => derive_id_key(keys.get(&1).ok_or(MasterKeyError::NoIdLine)?),
-        };
-        let ciphers = keys
-            .iter()
-            .map(|(v, k)| (*v, Aes256Gcm::new((&**k).into())))
-            .collect();
-        Ok(Ring {
-            keys,
-            ciphers,
-            current,
-            id_key,
-        })
-    }
-
-    /// Parses a key file: either one bare base64 line (version 1, as SPEC §4 describes
-    /// and as first starts write it), or a keyring of `vN:<base64>` lines with an
-    /// `id:<base64>` line, as rotation writes it. `#` starts a comment line.
-    fn parse(text: &str) -> Result<Ring, MasterKeyError> {
-        let lines: Vec<&str> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .collect();
-        let mut keys = BTreeMap::new();
-        let mut id_key = None;
-        if let [only] = lines.as_slice() {
-            if !only.contains(':') {
-                keys.insert(1, decode_32(only, KeyLine::Whole)?);
-                return Ring::new(keys, None);
-            }
-        }
-        for line in lines {
-            let (tag, value) = line.split_once(':').ok_or(MasterKeyError::UntaggedLine)?;
-            if tag == "id" {
-                id_key = Some(decode_32(value, KeyLine::Id)?);
-                continue;
-            }
-            let version: u32 = tag
-                .strip_prefix('v')
-                .and_then(|v| v.parse().ok())
-                .filter(|v| *v > 0)
-                .ok_or_else(|| MasterKeyError::UnknownTag {
-                    tag: tag.to_string(),
-                })?;
-            let key = decode_32(value, KeyLine::Version(version))?;
-            if keys.insert(version, key).is_some() {
-                return Err(MasterKeyError::DuplicateVersion { version });
-            }
-        }
-        Ring::new(keys, id_key)
-    }
-
-    fn to_text(&self) -> Zeroizing<String> {
-        let mut out = Zeroizing::new(String::from(
-            "# apikeyd keyring: keep it secret, mode 0600, backed up with the keystore\n",
-        ));
-        out.push_str("id:");
-        out.push_str(&B64.encode(*self.id_key));
-        out.push('\n');
-        for (v, k) in &self.keys {
-            out.push_str(&format!("v{v}:"));
-            out.push_str(&B64.encode(**k));
-            out.push('\n');
-        }
-        out
-    }
 }
 
 /// The master keyring, ready to seal and open; shared by every actor and swapped
@@ -364,36 +82,6 @@ impl MasterKey {
     /// Parses the text of a key file (see the file format in docs/security.md).
     pub fn from_text(text: &str) -> Result<Self, MasterKeyError> {
         Ring::parse(text).map(MasterKey::from_ring)
-    }
-
-    /// Reads a key file, refusing one that group or others may read.
-    pub fn read_file(path: &Path) -> Result<Self, MasterKeyError> {
-        let read = |source| MasterKeyError::Read {
-            path: path.to_path_buf(),
-            source,
-        };
-        let meta = std::fs::metadata(path).map_err(read)?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            return Err(MasterKeyError::Permissions {
-                path: path.to_path_buf(),
-                mode: meta.permissions().mode() & 0o777,
-            });
-        }
-        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(read)?);
-        MasterKey::from_text(&text).map_err(|e| MasterKeyError::Format {
-            path: path.to_path_buf(),
-            source: Box::new(e),
-        })
-    }
-
-    /// Writes a new random key to `path` with mode 0600; fails if the file exists.
-    pub fn create_file(path: &Path) -> Result<Self, MasterKeyError> {
-        let text = MasterKey::generate_base64();
-        write_private(path, &text, true).map_err(|source| MasterKeyError::Create {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        MasterKey::from_text(&text)
     }
 
     /// The versions this keyring opens, oldest first.
@@ -513,68 +201,6 @@ impl MasterKey {
         )
     }
 
-    /// Writes this keyring to `path` atomically (temp file 0600, fsync, rename, fsync
-    /// of the folder), always in the multi-version format with its `id:` line. A file
-    /// already there keeps its owner, group and (private) mode, so a rotation run as
-    /// root leaves the key readable by the service user it belonged to.
-    pub fn write_keyring(&self, path: &Path) -> std::io::Result<()> {
-        let ring = self.ring();
-        // A key file that is a symlink is rewritten where it points: replacing the
-        // link would leave the real file behind with the old versions.
-        let real;
-        let path = match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_symlink() => {
-                real = std::fs::canonicalize(path)?;
-                real.as_path()
-            }
-            _ => path,
-        };
-        let tmp = keyring_temp(path);
-        // Only a stale temp file of our own is removed, never a socket or a folder.
-        match std::fs::symlink_metadata(&tmp) {
-            Ok(m) if m.file_type().is_file() => std::fs::remove_file(&tmp)?,
-            Ok(_) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    format!(
-                        "{} exists and is not a regular file; refusing to replace it",
-                        tmp.display()
-                    ),
-                ))
-            }
-            Err(_) => {}
-        }
-        write_private(&tmp, &ring.to_text(), true)?;
-        if let Ok(was) = std::fs::metadata(path) {
-            keep_owner_and_mode(&tmp, &was)?;
-        }
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    }
-
-    /// Before versions are retired: writes this whole keyring to a new file beside
-    /// `path`, named after the `retired` versions (mode 0600, `path`'s owner), so
-    /// keystore backups sealed with them stay openable. Answers the file's path.
-    pub fn write_backup(&self, path: &Path, retired: &[u32]) -> std::io::Result<PathBuf> {
-        let names: Vec<String> = retired.iter().map(|v| format!("v{v}")).collect();
-        let mut name = path.as_os_str().to_owned();
-        name.push(format!(".retired-{}", names.join("-")));
-        let mut backup = PathBuf::from(&name);
-        let mut n = 1;
-        while backup.exists() {
-            n += 1;
-            backup = PathBuf::from(format!("{}.{n}", name.to_string_lossy()));
-        }
-        write_private(&backup, &self.ring().to_text(), true)?;
-        if let Ok(was) = std::fs::metadata(path) {
-            keep_owner_and_mode(&backup, &was)?;
-        }
-        Ok(backup)
-    }
-
     /// Replaces this keyring with `other`'s, for every holder of this `MasterKey`.
     pub fn replace_with(&self, other: &MasterKey) {
         let new = other.ring();
@@ -673,53 +299,11 @@ impl MasterKey {
     }
 }
 
-/// The temporary file `write_keyring` writes before renaming it over `path`.
-pub fn keyring_temp(path: &Path) -> PathBuf {
-    path.with_extension("key.tmp")
-}
-
-/// Gives `file` the owner and group of `was`, and its mode without group or other bits.
-fn keep_owner_and_mode(file: &Path, was: &std::fs::Metadata) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    std::os::unix::fs::chown(file, Some(was.uid()), Some(was.gid()))?;
-    std::fs::set_permissions(
-        file,
-        std::fs::Permissions::from_mode(was.mode() & 0o700 | 0o400),
-    )
-}
-
-/// Creates `path` with mode 0600 holding `text`, synced to disk.
-fn write_private(path: &Path, text: &str, create_new: bool) -> std::io::Result<()> {
-    // A bare file name's parent is "", which cannot be opened to sync: it is ".".
-    let parent = path.parent().map(|d| {
-        if d.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            d
-        }
-    });
-    if let Some(dir) = parent {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(create_new)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(text.as_bytes())?;
-    if !text.ends_with('\n') {
-        f.write_all(b"\n")?;
-    }
-    f.sync_all()?;
-    if let Some(dir) = parent {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
+    use super::keyfile::write_private;
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn key() -> MasterKey {
         MasterKey::from_text(&MasterKey::generate_base64()).unwrap()

@@ -3,15 +3,22 @@
 //! one `ConnectionManager` (cloned into each command; replaced when Sentinel names a
 //! new master) and serves the same messages as the embedded store and the keystore.
 //! The key layout is `crate::store::keyspace`, the value format `crate::store::envelope`; reaching
-//! Redis is `connection`, the pub/sub listener `listen`.
+//! Redis is `connection`, running a command on it `runner`, the pub/sub listener
+//! `listen`; the actor is `actor`, per-user keys `user_keys`, the counters `quota`.
 
+mod actor;
 pub mod connection;
 mod listen;
 mod quota;
+mod runner;
+mod user_keys;
 
+pub use actor::{client, RedisStore};
 pub use connection::*;
 pub use listen::listen;
 pub use quota::CONSUME_SCRIPT;
+pub use runner::describe_error;
+use runner::Retry;
 
 pub use crate::store::envelope::*;
 pub use crate::store::keyspace::{Changed, Names};
@@ -168,7 +175,7 @@ struct Inner {
     /// The connection's outage going on, if any, so that the log says it once.
     down: RefCell<Repeated>,
     /// Refusals going on, by cause, so that the log says each once and then counts.
-    refusals: RefCell<std::collections::HashMap<(Kind, RedisRefusal), Repeated>>,
+    refusals: RefCell<std::collections::HashMap<(Retry, RedisRefusal), Repeated>>,
     /// Pool hashes already warned about (legacy values), so the log is not flooded.
     warned: RefCell<HashSet<String>>,
     /// Increments and consumes waiting for their batch.
@@ -183,231 +190,7 @@ struct Inner {
     audit: Arc<crate::process::audit::Audit>,
 }
 
-/// A Redis error in words for the log and `check-config`: a refused connection is
-/// said to be refused, not timed out, and no error kind names leak through.
-pub fn describe_error(e: &redis::RedisError) -> String {
-    if e.is_connection_refusal() {
-        "connection refused (is redis-server running at redis.url?)".into()
-    } else if e.is_timeout() {
-        "timed out".into()
-    } else if e.kind() == redis::ErrorKind::AuthenticationFailed {
-        "authentication failed (check the password in redis.url)".into()
-    } else {
-        match RedisRefusal::of(e) {
-            RedisRefusal::Other => e.to_string(),
-            refusal => format!("redis refused: {}", refusal.cause()),
-        }
-    }
-}
-
-fn is_connection_error(e: &redis::RedisError) -> bool {
-    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
-}
-
-/// Whether a command may be sent again after `e`, decided by the error's kind.
-/// Reads always may (a connection error other than a timeout). A write may only
-/// when the error proves it never reached Redis: the connection was refused (or its
-/// socket file is missing). A dropped connection does not prove that (the reset may
-/// come after Redis ran the write), so such a write is answered `unavailable` and
-/// the client decides.
-fn may_retry(e: &redis::RedisError, kind: Kind) -> bool {
-    match kind {
-        Kind::Read => is_connection_error(e) && !e.is_timeout(),
-        Kind::Write => e.is_connection_refusal(),
-    }
-}
-
-/// Whether running a command twice is harmless.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-enum Kind {
-    Read,
-    Write,
-}
-
 impl Inner {
-    /// Runs one Redis command (or pipeline) made by `attempt` within
-    /// `redis.timeout_ms`, sending it a second time when [`may_retry`] allows. While
-    /// the connection is known to be down, fails at once; the health check revives it.
-    async fn bounded<T, F, Fut>(&self, what: &str, kind: Kind, attempt: F) -> Result<T>
-    where
-        F: FnMut(ConnectionManager) -> Fut,
-        Fut: Future<Output = RedisResult<T>>,
-    {
-        if !self.connected.load(Ordering::Relaxed) {
-            return Err(Error::Unavailable(
-                "redis is unreachable; retry shortly".into(),
-            ));
-        }
-        self.bounded_always(what, kind, attempt).await
-    }
-
-    async fn bounded_always<T, F, Fut>(&self, what: &str, kind: Kind, attempt: F) -> Result<T>
-    where
-        F: FnMut(ConnectionManager) -> Fut,
-        Fut: Future<Output = RedisResult<T>>,
-    {
-        self.bounded_for(self.timeout, what, kind, attempt).await
-    }
-
-    async fn bounded_for<T, F, Fut>(
-        &self,
-        limit: Duration,
-        what: &str,
-        kind: Kind,
-        mut attempt: F,
-    ) -> Result<T>
-    where
-        F: FnMut(ConnectionManager) -> Fut,
-        Fut: Future<Output = RedisResult<T>>,
-    {
-        let deadline = tokio::time::Instant::now() + limit;
-        let mut tries = 0;
-        let outcome = loop {
-            tries += 1;
-            let conn = self.conn.borrow().clone();
-            match tokio::time::timeout_at(deadline, attempt(conn)).await {
-                Ok(Err(e)) if tries == 1 && may_retry(&e, kind) => {
-                    tracing::debug!(what, error = %e, "redis command failed on a stale connection; retrying once");
-                }
-                other => break other,
-            }
-        };
-        match outcome {
-            Ok(Ok(v)) => {
-                self.answered.store(true, Ordering::Relaxed);
-                self.mark_up();
-                self.refusals_end(kind);
-                Ok(v)
-            }
-            Ok(Err(e)) if is_connection_error(&e) => {
-                self.mark_down(what, &describe_error(&e));
-                Err(Error::Unavailable(
-                    "redis is unreachable; retry shortly".into(),
-                ))
-            }
-            Ok(Err(e)) if e.code() == Some(RETIRED_CODE) => {
-                tracing::error!(
-                    what,
-                    "a write sealed with a key version the fleet retired was refused; \
-                    this daemon switches version or stops at its next fleet heartbeat"
-                );
-                Err(Error::Unavailable(
-                    "this daemon sealed the key with a master key version the fleet retired; \
-                     nothing was stored; retry shortly"
-                        .into(),
-                ))
-            }
-            Ok(Err(e)) => {
-                // Redis answered, so it is reachable; what it refused is said once
-                // per cause and then summed up (it may refuse every request).
-                self.answered.store(true, Ordering::Relaxed);
-                self.mark_up();
-                let refusal = RedisRefusal::of(&e);
-                self.refused(what, kind, refusal, &e);
-                Err(refusal.error(what))
-            }
-            Err(_) => {
-                self.mark_down(what, "timed out");
-                Err(Error::Unavailable(format!(
-                    "redis did not answer within {} ms; retry shortly",
-                    limit.as_millis()
-                )))
-            }
-        }
-    }
-
-    /// Logs a refusal: the first of its cause at once, then a count at most once a
-    /// minute (server-side errors carry no request data).
-    fn refused(&self, what: &str, kind: Kind, refusal: RedisRefusal, e: &redis::RedisError) {
-        self.status.count_refusal(refusal);
-        let command = match kind {
-            Kind::Read => "a read",
-            Kind::Write => "a write",
-        };
-        let said = self
-            .refusals
-            .borrow_mut()
-            .entry((kind, refusal))
-            .or_default()
-            .hit(std::time::Instant::now());
-        match said {
-            Say::First => tracing::error!(what, error = %e,
-                "redis refused {command}: {}", refusal.cause()),
-            Say::Again { times, total } => tracing::error!(
-                what,
-                times,
-                total,
-                "redis still refuses: {}; {times} more refusals in the last minute",
-                refusal.cause()
-            ),
-            Say::Nothing => {}
-        }
-    }
-
-    /// Redis ran a command of `kind`: the refusals of such commands have ended (a
-    /// read that succeeds says nothing of writes refused for lack of memory).
-    fn refusals_end(&self, kind: Kind) {
-        let mut refusals = self.refusals.borrow_mut();
-        if refusals.is_empty() {
-            return;
-        }
-        let now = std::time::Instant::now();
-        for ((k, refusal), streak) in refusals.iter_mut() {
-            if *k != kind {
-                continue;
-            }
-            if let Some((total, lasted)) = streak.end(now) {
-                tracing::info!(
-                    refusals = total,
-                    seconds = lasted.as_secs(),
-                    "redis accepts commands again after {total} refusals: {}",
-                    refusal.cause()
-                );
-            }
-        }
-        refusals.retain(|_, streak| streak.holds());
-    }
-
-    /// Redis answered: the connection is up (said when it was down, with how many
-    /// attempts failed meanwhile).
-    fn mark_up(&self) {
-        let was_up = self.connected.swap(true, Ordering::Relaxed);
-        let ended = self.down.borrow_mut().end(std::time::Instant::now());
-        match ended {
-            Some((failed, lasted)) => tracing::info!(
-                failed,
-                seconds = lasted.as_secs(),
-                "redis connection is up again after {failed} failed attempts"
-            ),
-            None if !was_up => tracing::info!("redis connection is up"),
-            None => {}
-        }
-    }
-
-    /// A command could not reach Redis: said when the connection goes down, then
-    /// counted (the health check tries every second) and summed up once a minute.
-    fn mark_down(&self, what: &str, why: &str) {
-        self.connected.store(false, Ordering::Relaxed);
-        let said = self.down.borrow_mut().hit(std::time::Instant::now());
-        match said {
-            Say::First => tracing::warn!(what, why, "redis connection is down"),
-            Say::Again { times, total } => tracing::warn!(
-                what,
-                why,
-                times,
-                total,
-                "redis connection is still down; {times} failed attempts in the last minute"
-            ),
-            Say::Nothing => {}
-        }
-    }
-
-    fn warn_once(&self, hash: &str, message: &'static str) {
-        if self.warned.borrow_mut().insert(hash.to_string()) {
-            tracing::warn!(hash, "{message}");
-        }
-    }
-
     /// Whether `import-legacy` recorded its cut-over (read from Redis until seen once).
     async fn after_cut_over(&self) -> bool {
         if self.cut_over.load(Ordering::Relaxed) {
@@ -415,7 +198,7 @@ impl Inner {
         }
         let key = self.names.legacy_cutover();
         let seen: bool = self
-            .bounded("read the legacy cut-over", Kind::Read, |mut c| {
+            .bounded("read the legacy cut-over", Retry::Read, |mut c| {
                 let key = key.clone();
                 async move { c.exists(key).await }
             })
@@ -457,7 +240,7 @@ impl Inner {
             .hgetall(self.names.pool_health(&pool))
             .to_owned();
         let (fields, health): (HashFields, std::collections::HashMap<String, String>) =
-            self.pipeline("load pool", Kind::Read, &pipe).await?;
+            self.pipeline("load pool", Retry::Read, &pipe).await?;
         let mut keys = Vec::with_capacity(fields.len());
         for (field, value) in text_fields(&hash, fields) {
             let entry = |key| PoolEntry {
@@ -490,7 +273,7 @@ impl Inner {
     async fn pipeline<T: redis::FromRedisValue>(
         &self,
         what: &str,
-        kind: Kind,
+        kind: Retry,
         pipe: &redis::Pipeline,
     ) -> Result<T> {
         self.bounded(
@@ -513,7 +296,7 @@ impl Inner {
     ) -> Result<Written<Vec<i64>>> {
         if idem.is_none() && sealed_version == 0 {
             return self
-                .pipeline(what, Kind::Write, pipe)
+                .pipeline(what, Retry::Write, pipe)
                 .await
                 .map(Written::fresh);
         }
@@ -547,7 +330,7 @@ impl Inner {
             }
         }
         let (status, answer): (i64, String) = self
-            .bounded(what, Kind::Write, |mut c| {
+            .bounded(what, Retry::Write, |mut c| {
                 let call = &call;
                 async move { call.invoke_async(&mut c).await }
             })
@@ -577,7 +360,7 @@ impl Inner {
     ) -> Result<Option<Written<T>>> {
         let name = self.names.idempotency(idem.uid, &idem.key);
         let record: Option<String> = self
-            .bounded("read idempotency record", Kind::Read, |mut c| {
+            .bounded("read idempotency record", Retry::Read, |mut c| {
                 let name = name.clone();
                 async move { c.get(name).await }
             })
@@ -651,7 +434,7 @@ impl Inner {
             Vec<(String, u64)>,
         );
         let (fields, infos, health, counts): Listed =
-            self.pipeline("list pool keys", Kind::Read, &pipe).await?;
+            self.pipeline("list pool keys", Retry::Read, &pipe).await?;
         let mut today: std::collections::HashMap<String, Counters> = Default::default();
         for (field, n) in counts {
             if let Some((key_id, counter)) = field.rsplit_once(':') {
@@ -701,7 +484,7 @@ impl Inner {
         let mut hashes: Vec<String> = Vec::new();
         for pattern in &patterns {
             let found: Vec<String> = self
-                .bounded("scan pools", Kind::Read, |mut c| async move {
+                .bounded("scan pools", Retry::Read, |mut c| async move {
                     let mut found = Vec::new();
                     let mut iter = c.scan_match::<_, String>(pattern).await?;
                     while let Some(name) = iter.next_item().await {
@@ -728,7 +511,7 @@ impl Inner {
                 .hgetall(self.names.pool_health(pool));
         }
         let replies: Vec<redis::Value> =
-            self.pipeline("count pool keys", Kind::Read, &pipe).await?;
+            self.pipeline("count pool keys", Retry::Read, &pipe).await?;
         let now = clock::now_s();
         let mut out = Vec::with_capacity(pools.len());
         for (pool, pair) in pools.into_iter().zip(replies.chunks_exact(2)) {
@@ -761,7 +544,7 @@ impl Inner {
         let changed = self.announce(&Changed::Pool(msg.pool.clone()));
         for _ in 0..REPORT_TRIES {
             let stored: Option<String> = self
-                .bounded("HGET", Kind::Read, |mut c| {
+                .bounded("HGET", Retry::Read, |mut c| {
                     let (hash, field) = (health_hash.clone(), msg.key_id.clone());
                     async move { c.hget(hash, field).await }
                 })
@@ -776,7 +559,7 @@ impl Inner {
                 changed.as_str()
             };
             let (written, recorded): (i64, String) = self
-                .bounded("report key result", Kind::Write, |mut c| {
+                .bounded("report key result", Retry::Write, |mut c| {
                     let mut call = self.report.prepare_invoke();
                     call.key(&keys[0]).key(&keys[1]).key(&keys[2]);
                     call.arg(&msg.key_id)
@@ -850,437 +633,7 @@ impl Inner {
                 .expire_at(&hash, expiry)
                 .ignore();
         }
-        self.pipeline::<()>("count picks", Kind::Write, &pipe).await
-    }
-
-    async fn ping(&self) {
-        if self.target.uses_sentinels() {
-            self.follow_master().await;
-        }
-        let _ = self
-            .bounded_always("PING", Kind::Read, |mut c| async move {
-                redis::cmd("PING").query_async::<String>(&mut c).await
-            })
-            .await;
-    }
-
-    /// With Sentinel: asks the sentinels which server is the master and, when it is
-    /// not the one this store talks to, moves the connection there (logged, and
-    /// counted in `stats`). A failover thus heals within a health-check period of
-    /// the sentinels' promotion.
-    async fn follow_master(&self) {
-        let (master, reachable) = self.target.ask_every_sentinel().await;
-        self.status
-            .sentinels_reachable
-            .store(reachable as u64, Ordering::Relaxed);
-        let (host, port) = match master {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot ask the sentinels for the master now");
-                return;
-            }
-        };
-        let address = format!("{host}:{port}");
-        let current = self.status.master();
-        if current.as_deref() == Some(address.as_str()) {
-            return;
-        }
-        let manager = self
-            .target
-            .client_at(&host, port)
-            .and_then(|c| manager(c, self.timeout));
-        match manager {
-            Ok(m) => {
-                *self.conn.borrow_mut() = m;
-                self.status.set_master(&address);
-                if let Some(old) = current {
-                    let n = self.status.failovers.fetch_add(1, Ordering::Relaxed) + 1;
-                    tracing::warn!(from = %old, to = %address, failovers = n,
-                        "redis master changed (Sentinel failover); now talking to the new master");
-                } else {
-                    tracing::info!(master = %address, "redis master (from Sentinel)");
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot set up a connection to the new redis master")
-            }
-        }
-    }
-
-    /// After a key write: when `redis.min_replicas_acked` asks for it, waits until that
-    /// many replicas confirm the writes of this connection (`WAIT`), so a failover
-    /// cannot lose an acknowledged key. Fewer confirmations answer `unavailable`.
-    async fn confirm(&self, what: &str) -> Result<()> {
-        if self.replicas == 0 {
-            return Ok(());
-        }
-        // Redis answers WAIT when its own timeout runs out; that must come well
-        // before the connection's response timeout (`redis.timeout_ms`), or a missing
-        // replica would look like a dead master.
-        let wait_ms = (self.timeout.as_millis() as u64 / 2).max(1);
-        let replicas = self.replicas;
-        let acked: u32 = self
-            .bounded_for(self.timeout, what, Kind::Read, |mut c| async move {
-                redis::cmd("WAIT")
-                    .arg(replicas)
-                    .arg(wait_ms)
-                    .query_async(&mut c)
-                    .await
-            })
-            .await?;
-        if acked < replicas {
-            tracing::warn!(
-                what,
-                acked,
-                wanted = replicas,
-                "a key write was not confirmed by enough replicas"
-            );
-            return Err(Error::Unavailable(format!(
-                "the write reached the redis master but only {acked} of {replicas} replicas confirmed it \
-                 (redis.min_replicas_acked); retry shortly"
-            )));
-        }
-        Ok(())
-    }
-
-    async fn load_user_key(&self, msg: LoadUserKey) -> Result<LoadedUserKey> {
-        let hash = self.names.legacy_user(&msg.user_id);
-        let pipe = redis::pipe()
-            .hget(&hash, &msg.service)
-            .hexists(self.names.user_rejected(&msg.user_id), &msg.service)
-            .to_owned();
-        let (value, rejected): (Option<Vec<u8>>, bool) =
-            self.pipeline("load user key", Kind::Read, &pipe).await?;
-        let absent = |rejected| LoadedUserKey {
-            key: None,
-            rejected,
-        };
-        let Some(value) = value else {
-            return Ok(absent(false));
-        };
-        if rejected {
-            return Ok(absent(true));
-        }
-        let opened = open_user_value(
-            &self.master,
-            &self.names.prefix,
-            &msg.user_id,
-            &msg.service,
-            &value,
-        );
-        let key = match opened {
-            PoolValue::Sealed(k) => Some(k),
-            PoolValue::Legacy(k) => {
-                let place = [
-                    ("user_id", msg.user_id.as_str()),
-                    ("service", msg.service.as_str()),
-                ];
-                self.clear_value(&hash, "user key", &place)
-                    .await
-                    .then_some(k)
-            }
-            PoolValue::Broken => {
-                tracing::error!(user_id = %msg.user_id, service = %msg.service,
-                    "integrity: a user key in redis does not decrypt with this master key; treating it as absent");
-                None
-            }
-        };
-        Ok(LoadedUserKey {
-            key,
-            rejected: false,
-        })
-    }
-
-    fn user_changed(&self, user_id: &str, service: &str) -> String {
-        self.announce(&Changed::UserKey {
-            user_id: user_id.to_string(),
-            service: service.to_string(),
-        })
-    }
-
-    async fn store_user_key(&self, msg: StoreUserKey) -> Result<Written<()>> {
-        let value = user_envelope(
-            &self.master,
-            &self.names.prefix,
-            &msg.user_id,
-            &msg.service,
-            &msg.key,
-        );
-        let version = envelope_version(value.as_bytes());
-        let pipe = redis::pipe()
-            .atomic()
-            .hset(self.names.legacy_user(&msg.user_id), &msg.service, value)
-            .hset(
-                self.names.user_info(&msg.user_id),
-                &msg.service,
-                clock::now_s(),
-            )
-            // A new key is not the one the provider rejected.
-            .hdel(self.names.user_rejected(&msg.user_id), &msg.service)
-            // Only the storing uid (or an admin) may report it unauthorized.
-            .hset(self.names.user_owner(&msg.user_id), &msg.service, msg.owner)
-            .publish(
-                self.names.invalidate(),
-                self.user_changed(&msg.user_id, &msg.service),
-            )
-            .to_owned();
-        let replies = self
-            .write_once("set user key", &pipe, msg.idem.as_ref(), version)
-            .await?;
-        self.confirm("set user key").await?;
-        Ok(replies.map(|_| ()))
-    }
-
-    async fn delete_user_key(&self, msg: DeleteUserKey) -> Result<Written<bool>> {
-        let pipe = redis::pipe()
-            .atomic()
-            .hdel(self.names.legacy_user(&msg.user_id), &msg.service)
-            .hdel(self.names.user_info(&msg.user_id), &msg.service)
-            .hdel(self.names.user_rejected(&msg.user_id), &msg.service)
-            .hdel(self.names.user_owner(&msg.user_id), &msg.service)
-            .publish(
-                self.names.invalidate(),
-                self.user_changed(&msg.user_id, &msg.service),
-            )
-            .to_owned();
-        let replies = self
-            .write_once("delete user key", &pipe, msg.idem.as_ref(), 0)
-            .await?;
-        self.confirm("delete user key").await?;
-        Ok(replies.map(|r| reply(&r, 0) > 0))
-    }
-
-    async fn list_user_keys(&self, msg: ListUserKeys) -> Result<Vec<UserKeyInfo>> {
-        let pipe = redis::pipe()
-            .hgetall(self.names.legacy_user(&msg.user_id))
-            .hgetall(self.names.user_info(&msg.user_id))
-            .to_owned();
-        let (fields, times): (HashFields, std::collections::HashMap<String, i64>) =
-            self.pipeline("list user keys", Kind::Read, &pipe).await?;
-        let hash = self.names.legacy_user(&msg.user_id);
-        let mut out = Vec::with_capacity(fields.len());
-        for (service, value) in text_fields(&hash, fields) {
-            let masked = match open_user_value(
-                &self.master,
-                &self.names.prefix,
-                &msg.user_id,
-                &service,
-                &value,
-            ) {
-                PoolValue::Sealed(k) => k.masked(),
-                PoolValue::Legacy(k) => format!("{} (stored in clear)", k.masked()),
-                PoolValue::Broken => {
-                    tracing::error!(user_id = %msg.user_id, service = %service,
-                        "integrity: a user key in redis does not decrypt; leaving it out of the list");
-                    continue;
-                }
-            };
-            out.push(UserKeyInfo {
-                updated_at: clock::rfc3339(times.get(&service).copied().unwrap_or(0)),
-                masked,
-                service,
-            });
-        }
-        out.sort_by(|a, b| a.service.cmp(&b.service));
-        Ok(out)
-    }
-
-    /// A report on a user's own key. Reads first, then writes only to mark the key
-    /// rejected; with an idempotency key the record is looked at before the read
-    /// and written with the mark.
-    async fn report_user_key(&self, msg: ReportUserKey) -> Result<Written<Option<bool>>> {
-        if let Some(idem) = &msg.idem {
-            if let Some(replayed) = self.recorded::<Vec<i64>>(idem).await? {
-                // Only a report that marked the key is recorded.
-                return Ok(replayed.map(|_| Some(true)));
-            }
-        }
-        let pipe = redis::pipe()
-            .hexists(self.names.legacy_user(&msg.user_id), &msg.service)
-            .hexists(self.names.user_rejected(&msg.user_id), &msg.service)
-            .hget(self.names.user_owner(&msg.user_id), &msg.service)
-            .to_owned();
-        let (present, rejected, owner): (bool, bool, Option<u32>) = self
-            .pipeline("read user key mark", Kind::Read, &pipe)
-            .await?;
-        if !present {
-            return Ok(Written::fresh(None));
-        }
-        if rejected || !msg.unauthorized {
-            // Nothing to write, so nothing to record.
-            return Ok(Written::fresh(Some(rejected)));
-        }
-        if let Some(reporter) = msg.reporter.filter(|r| owner != Some(*r)) {
-            return Err(super::keystore::not_the_owner(reporter));
-        }
-        let pipe = redis::pipe()
-            .atomic()
-            .hset(
-                self.names.user_rejected(&msg.user_id),
-                &msg.service,
-                clock::now_s(),
-            )
-            .publish(
-                self.names.invalidate(),
-                self.user_changed(&msg.user_id, &msg.service),
-            )
-            .to_owned();
-        let replies = self
-            .write_once("mark user key rejected", &pipe, msg.idem.as_ref(), 0)
-            .await?;
-        self.confirm("mark user key rejected").await?;
-        Ok(replies.map(|_| Some(true)))
-    }
-}
-
-/// Owns the Redis connection for pools and quotas.
-pub struct RedisStore {
-    inner: Rc<Inner>,
-}
-
-/// Builds the client for `[redis]` (URL, password, TLS; the master Sentinel names,
-/// asked now); a malformed URL or an unreadable file refuses the start.
-pub fn client(config: &RedisConfig) -> std::result::Result<redis::Client, ConnectError> {
-    Target::new(config)?.client()
-}
-
-impl RedisStore {
-    /// The store's connection, for the fleet heartbeat (it follows a failover too).
-    pub fn connection(&self) -> SharedConn {
-        self.inner.conn.clone()
-    }
-
-    /// What `stats` shows of the connection.
-    pub fn status(&self) -> Arc<RedisStatus> {
-        self.inner.status.clone()
-    }
-
-    /// A store on `target` (nothing is connected until the first command). With
-    /// Sentinel, the master is asked of the sentinels by the first health check.
-    pub fn new(
-        target: Target,
-        config: &RedisConfig,
-        master: Arc<MasterKey>,
-        connected: Arc<AtomicBool>,
-        audit: Arc<crate::process::audit::Audit>,
-    ) -> std::result::Result<Self, ConnectError> {
-        let timeout = Duration::from_millis(config.timeout_ms.max(1));
-        let status = Arc::new(RedisStatus::default());
-        status
-            .sentinels
-            .store(config.sentinels.len() as u64, Ordering::Relaxed);
-        // With Sentinel, the master named now; if no sentinel answers, the URL's own
-        // address stands in until the health check finds one.
-        let first = if target.uses_sentinels() {
-            match target.ask_sentinels_blocking() {
-                Ok((host, port)) => {
-                    status.set_master(&format!("{host}:{port}"));
-                    tracing::info!(master = %format!("{host}:{port}"), "redis master (from Sentinel)");
-                    target.client_at(&host, port)?
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot ask the sentinels for the master yet");
-                    target.build(target.info.clone())?
-                }
-            }
-        } else {
-            target.build(target.info.clone())?
-        };
-        let conn = Rc::new(RefCell::new(manager(first, timeout)?));
-        Ok(RedisStore {
-            inner: Rc::new(Inner {
-                conn,
-                target,
-                status,
-                replicas: config.replicas_to_wait_for(),
-                master,
-                names: Names {
-                    prefix: config.prefix.clone(),
-                },
-                timeout,
-                accept_legacy: Arc::new(AtomicBool::new(config.accept_legacy_plaintext)),
-                connected,
-                answered: Arc::new(AtomicBool::new(false)),
-                warned: RefCell::new(HashSet::new()),
-                refusals: RefCell::default(),
-                down: RefCell::default(),
-                quota: quota::Batcher::new(),
-                cut_over: AtomicBool::new(false),
-                audit,
-                report: redis::Script::new(REPORT_SCRIPT),
-                write: redis::Script::new(&format!("{RETIRED_GUARD}{WRITE_BODY}")),
-            }),
-        })
-    }
-}
-
-impl RedisStore {
-    /// The switch for `redis.accept_legacy_plaintext`, for reloads to flip.
-    pub fn accept_legacy_switch(&self) -> Arc<AtomicBool> {
-        self.inner.accept_legacy.clone()
-    }
-
-    /// Set once Redis has answered a command since start.
-    pub fn answered_flag(&self) -> Arc<AtomicBool> {
-        self.inner.answered.clone()
-    }
-}
-
-impl Actor for RedisStore {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        let check = |store: &mut Self, ctx: &mut Context<Self>| {
-            let inner = store.inner.clone();
-            ctx.spawn(async move { inner.ping().await }.into_actor(store));
-        };
-        check(self, ctx);
-        ctx.run_interval(HEALTH_EVERY, check);
-    }
-}
-
-macro_rules! forward {
-    ($msg:ty, $out:ty, $method:ident) => {
-        impl Handler<$msg> for RedisStore {
-            type Result = ResponseFuture<Result<$out>>;
-
-            fn handle(&mut self, msg: $msg, _: &mut Self::Context) -> Self::Result {
-                let inner = self.inner.clone();
-                Box::pin(async move { inner.$method(msg).await })
-            }
-        }
-    };
-}
-
-forward!(AddPoolKey, Written<(String, bool)>, add_pool_key);
-forward!(ReportPoolKey, Written<Option<Health>>, report_pool_key);
-forward!(CountPoolKeys, Vec<PoolKeyCount>, count_pool_keys);
-forward!(EnablePoolKey, Written<bool>, enable_pool_key);
-forward!(CountPicks, (), count_picks);
-forward!(RemovePoolKey, Written<bool>, remove_pool_key);
-forward!(ReadUsage, u64, read_usage);
-forward!(IncrementUsage, Written<u64>, increment_usage);
-forward!(ConsumeUsage, Written<(bool, u64)>, consume_usage);
-forward!(LoadUserKey, LoadedUserKey, load_user_key);
-forward!(StoreUserKey, Written<()>, store_user_key);
-forward!(DeleteUserKey, Written<bool>, delete_user_key);
-forward!(ListUserKeys, Vec<UserKeyInfo>, list_user_keys);
-forward!(ReportUserKey, Written<Option<bool>>, report_user_key);
-
-impl Handler<LoadPool> for RedisStore {
-    type Result = ResponseFuture<Result<Vec<PoolEntry>>>;
-
-    fn handle(&mut self, msg: LoadPool, _: &mut Self::Context) -> Self::Result {
-        let inner = self.inner.clone();
-        Box::pin(async move { inner.load_pool(msg.pool).await })
-    }
-}
-
-impl Handler<ListPoolKeys> for RedisStore {
-    type Result = ResponseFuture<Result<Vec<PoolKeyInfo>>>;
-
-    fn handle(&mut self, msg: ListPoolKeys, _: &mut Self::Context) -> Self::Result {
-        let inner = self.inner.clone();
-        Box::pin(async move { inner.list_pool_keys(msg.pool).await })
+        self.pipeline::<()>("count picks", Retry::Write, &pipe)
+            .await
     }
 }

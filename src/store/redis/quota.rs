@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use redis::AsyncCommands;
 use tokio::sync::oneshot;
 
-use super::{Inner, Kind};
+use super::{Inner, Retry};
 use crate::error::{Error, Result};
 use crate::model::clock;
 use crate::model::idempotency::{self, Idem, Written};
@@ -138,7 +138,7 @@ impl Inner {
     pub(super) async fn read_usage(&self, msg: ReadUsage) -> Result<u64> {
         let hash = self.names.usage(&clock::utc_day(), &msg.user_id);
         let n: Option<u64> = self
-            .bounded("HGET", Kind::Read, |mut c| {
+            .bounded("HGET", Retry::Read, |mut c| {
                 let (hash, tool) = (hash.clone(), msg.tool_name.clone());
                 async move { c.hget(hash, tool).await }
             })
@@ -281,7 +281,7 @@ impl Inner {
             };
         }
         let counts: Vec<u64> = self
-            .bounded("quota batch", Kind::Write, |mut c| {
+            .bounded("quota batch", Retry::Write, |mut c| {
                 let invocation = &invocation;
                 async move { invocation.invoke_async(&mut c).await }
             })
