@@ -3,8 +3,14 @@
 //! start — is `file`.
 
 mod file;
+mod integrity;
+mod master_key;
+mod open;
 
 pub use file::*;
+pub use integrity::*;
+pub use master_key::*;
+pub use open::*;
 
 use std::sync::Arc;
 
