@@ -368,11 +368,11 @@ fn a_fake_heartbeat_never_makes_a_daemon_seal_with_a_retired_version() {
     let leaked = retired_v1_only(&a);
     assert!(matches!(
         apikeyd::store::envelope::open_user_value(&leaked, "stargazer", "victim", "openai", &user),
-        apikeyd::store::envelope::PoolValue::Broken
+        apikeyd::store::envelope::StoredValue::Broken
     ));
     assert!(matches!(
         apikeyd::store::envelope::open_user_value(&b_key, "stargazer", "victim", "openai", &user),
-        apikeyd::store::envelope::PoolValue::Sealed(_)
+        apikeyd::store::envelope::StoredValue::Sealed(_)
     ));
     // Logged once as a security event, and counted.
     let logs = b.logs();

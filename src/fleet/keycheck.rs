@@ -23,7 +23,7 @@ impl SealedValue {
                 crate::store::envelope::open_user_value(key, prefix, user, service, value)
             }
         };
-        matches!(opened, PoolValue::Sealed(_))
+        matches!(opened, StoredValue::Sealed(_))
     }
 }
 

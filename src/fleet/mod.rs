@@ -18,7 +18,7 @@ use redis::{AsyncCommands, Commands};
 use crate::keys::MasterKey;
 use crate::model::clock;
 use crate::process::config::{Config, RedisConfig};
-use crate::store::envelope::{PoolValue, ENVELOPE};
+use crate::store::envelope::{StoredValue, ENVELOPE};
 use crate::store::keyspace::Names;
 
 mod keycheck;

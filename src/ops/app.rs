@@ -92,7 +92,7 @@ pub struct App {
     /// Non-blank request lines since start.
     pub requests_total: AtomicU64,
     pub started: Instant,
-    /// Redis mode only (set by `run` after `new`).
+    /// Redis mode only (set by `start` after `new`).
     pub redis: Option<RedisSwitches>,
     /// Request counters and the Prometheus registry.
     pub metrics: crate::process::metrics::Metrics,
@@ -137,7 +137,8 @@ impl App {
     }
 
     /// A user's own key: from this thread's cache shard on a hit, else through the
-    /// cache actor (which loads it from the keystore).
+    /// cache actor, which loads it through `UserKeys`: from the keystore, or from
+    /// Redis when user keys live there.
     pub async fn user_key(
         &self,
         user_id: &mut String,

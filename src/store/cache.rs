@@ -345,7 +345,8 @@ impl Actor for KeyCache {
     }
 }
 
-/// A user's own key for a service, from the cache or the keystore.
+/// A user's own key for a service, from the cache or else through `UserKeys` (the
+/// keystore, or Redis when user keys live there).
 #[derive(Message)]
 #[rtype(result = "Result<UserKey>")]
 pub struct LookupUserKey {

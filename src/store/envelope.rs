@@ -89,12 +89,12 @@ pub fn open_user_value(
     user_id: &str,
     service: &str,
     value: &[u8],
-) -> PoolValue {
+) -> StoredValue {
     open_at(master, user_place(prefix, user_id, service), value)
 }
 
-/// A value read from a pool or user hash.
-pub enum PoolValue {
+/// A value read from a pool or user hash, as it opened.
+pub enum StoredValue {
     Sealed(Secret),
     /// Written in clear by the original module.
     Legacy(Secret),
@@ -109,22 +109,22 @@ pub fn open_value(
     pool: &PoolRef,
     field: &str,
     value: &[u8],
-) -> PoolValue {
+) -> StoredValue {
     open_at(master, pool_place(prefix, pool, field), value)
 }
 
 /// A stored value that should belong at `place`: an envelope opened there, or a
 /// legacy value in clear (trimmed; empty counts as broken).
-fn open_at(master: &MasterKey, place: Place, value: &[u8]) -> PoolValue {
+fn open_at(master: &MasterKey, place: Place, value: &[u8]) -> StoredValue {
     match value.strip_prefix(ENVELOPE.as_bytes()) {
         Some(b64) => B64
             .decode(b64)
             .ok()
             .and_then(|sealed| master.open(&sealed, place).ok())
-            .map_or(PoolValue::Broken, PoolValue::Sealed),
+            .map_or(StoredValue::Broken, StoredValue::Sealed),
         None => match std::str::from_utf8(value) {
-            Ok(s) if !s.trim().is_empty() => PoolValue::Legacy(Secret::new(s.trim().to_owned())),
-            _ => PoolValue::Broken,
+            Ok(s) if !s.trim().is_empty() => StoredValue::Legacy(Secret::new(s.trim().to_owned())),
+            _ => StoredValue::Broken,
         },
     }
 }

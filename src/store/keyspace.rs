@@ -60,10 +60,10 @@ impl Names {
         format!("{}:apikeyd:usage:{day}:{user_id}", self.prefix)
     }
 
-    /// The original module's per-user hash: `{prefix}:user_api_keys:{user_id}`, field =
-    /// service. With `keystore.user_keys = "redis"` the daemon's sealed user keys live
-    /// here too.
-    pub fn legacy_user(&self, user_id: &str) -> String {
+    /// The per-user key hash: `{prefix}:user_api_keys:{user_id}`, field = service.
+    /// The original module wrote keys here in clear; with `keystore.user_keys =
+    /// "redis"` the daemon's sealed user keys live here.
+    pub fn user_keys(&self, user_id: &str) -> String {
         format!("{}:user_api_keys:{user_id}", self.prefix)
     }
 
@@ -169,7 +169,7 @@ pub fn user_hashes(
     con: &mut redis::Connection,
     names: &Names,
 ) -> redis::RedisResult<Vec<(String, String)>> {
-    let start = names.legacy_user("").len();
+    let start = names.user_keys("").len();
     Ok(
         all_hashes(con, &format!("{}:user_api_keys:*", names.prefix))?
             .into_iter()

@@ -14,7 +14,7 @@ use rusqlite::OptionalExtension;
 use crate::keys::Secret;
 use crate::model::clock;
 use crate::process::config::Config;
-use crate::store::envelope::{envelope, open_value, PoolValue};
+use crate::store::envelope::{envelope, open_value, StoredValue};
 use crate::store::keyspace;
 use crate::store::keyspace::{Changed, Names};
 use crate::store::keystore::{self, store_user_key};
@@ -257,7 +257,7 @@ pub fn import(
     ));
 
     for hash in keyspace::all_hashes(&mut con, &format!("{}:user_api_keys:*", names.prefix))? {
-        let user_id = &hash[names.legacy_user("").len()..];
+        let user_id = &hash[names.user_keys("").len()..];
         // Bytes, not text: a binary field or value is skipped, never a stop.
         let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash)?;
         for (raw_field, value) in fields {
@@ -379,7 +379,8 @@ pub fn import(
         let fields: Vec<(Vec<u8>, Vec<u8>)> = con.hgetall(&hash)?;
         for (raw_field, value) in fields {
             let field = String::from_utf8_lossy(&raw_field).into_owned();
-            let PoolValue::Legacy(key) = open_value(&master, &names.prefix, &pool, &field, &value)
+            let StoredValue::Legacy(key) =
+                open_value(&master, &names.prefix, &pool, &field, &value)
             else {
                 continue;
             };

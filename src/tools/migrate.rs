@@ -11,7 +11,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::keys::{MasterKey, Place, Secret};
 use crate::process::config::Config;
-use crate::store::envelope::{open_user_value, user_envelope, PoolValue};
+use crate::store::envelope::{open_user_value, user_envelope, StoredValue};
 use crate::store::keyspace::{Changed, Names};
 use crate::store::keystore::{self, store_user_key};
 
@@ -174,7 +174,7 @@ impl Ctx<'_> {
     fn opens_to(&self, user_id: &str, service: &str, value: &[u8], plain: &Secret) -> bool {
         matches!(
             open_user_value(self.master, &self.names.prefix, user_id, service, value),
-            PoolValue::Sealed(k) if k.expose() == plain.expose()
+            StoredValue::Sealed(k) if k.expose() == plain.expose()
         )
     }
 
@@ -253,7 +253,7 @@ fn to_redis(
         // What Redis holds now for each row, and when it was written.
         let mut read = redis::pipe();
         for r in &rows {
-            read.hget(ctx.names.legacy_user(&r.user_id), &r.service)
+            read.hget(ctx.names.user_keys(&r.user_id), &r.service)
                 .hget(ctx.names.user_info(&r.user_id), &r.service);
         }
         let before: Vec<(Option<Vec<u8>>, Option<i64>)> = {
@@ -275,7 +275,7 @@ fn to_redis(
         for (r, (held, held_at)) in rows.iter().zip(&before) {
             let there = held.as_deref().and_then(|v| {
                 match open_user_value(ctx.master, &ctx.names.prefix, &r.user_id, &r.service, v) {
-                    PoolValue::Sealed(k) => Some(k),
+                    StoredValue::Sealed(k) => Some(k),
                     _ => None,
                 }
             });
@@ -308,7 +308,7 @@ fn to_redis(
             );
             let mut call = copy.prepare_invoke();
             call.key(ctx.names.keycheck())
-                .key(ctx.names.legacy_user(&r.user_id))
+                .key(ctx.names.user_keys(&r.user_id))
                 .key(ctx.names.user_info(&r.user_id))
                 .key(ctx.names.user_rejected(&r.user_id))
                 .key(ctx.names.user_owner(&r.user_id))
@@ -333,7 +333,7 @@ fn to_redis(
         // what was copied.
         let mut check = redis::pipe();
         for r in &rows {
-            check.hget(ctx.names.legacy_user(&r.user_id), &r.service);
+            check.hget(ctx.names.user_keys(&r.user_id), &r.service);
         }
         let now: Vec<Option<Vec<u8>>> = check.query(con)?;
         let tx = db.transaction()?;
@@ -394,9 +394,9 @@ fn to_local(
         for (field, value) in fields {
             let service = String::from_utf8_lossy(&field).into_owned();
             match open_user_value(ctx.master, &ctx.names.prefix, &user_id, &service, &value) {
-                PoolValue::Sealed(plain) => moving.push((field, service, value, plain)),
-                PoolValue::Legacy(_) => report.left_in_clear += 1,
-                PoolValue::Broken => {
+                StoredValue::Sealed(plain) => moving.push((field, service, value, plain)),
+                StoredValue::Legacy(_) => report.left_in_clear += 1,
+                StoredValue::Broken => {
                     eprintln!(
                         "integrity: {} field {} does not open; left as it is",
                         hash.escape_debug(),

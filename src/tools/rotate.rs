@@ -14,7 +14,7 @@ use crate::fleet::{FleetError, Member, NotReady};
 use crate::keys::{sealed_version, MasterKey, MasterKeyError, Place};
 use crate::process::config::Config;
 use crate::process::lock::{self, ToolAccess, ToolAccessError};
-use crate::store::envelope::{envelope, open_user_value, user_envelope, PoolValue, ENVELOPE};
+use crate::store::envelope::{envelope, open_user_value, user_envelope, StoredValue, ENVELOPE};
 use crate::store::keyspace::Names;
 use crate::store::keystore;
 
@@ -366,7 +366,7 @@ fn reseal_redis(config: &Config, key: &MasterKey) -> Result<(usize, usize), Rota
     for (hash, pool) in crate::store::keyspace::pool_hashes(&mut con, &names)? {
         add(reseal_hash(&mut con, &swap, &hash, key, |field, value| {
             match crate::store::envelope::open_value(key, prefix, &pool, field, value) {
-                PoolValue::Sealed(plain) => Some(envelope(key, prefix, &pool, &plain)),
+                StoredValue::Sealed(plain) => Some(envelope(key, prefix, &pool, &plain)),
                 _ => None,
             }
         })?);
@@ -379,7 +379,7 @@ fn reseal_redis(config: &Config, key: &MasterKey) -> Result<(usize, usize), Rota
             &hash,
             key,
             |service, value| match open_user_value(key, prefix, &user_id, service, value) {
-                PoolValue::Sealed(plain) => {
+                StoredValue::Sealed(plain) => {
                     Some(user_envelope(key, prefix, &user_id, service, &plain))
                 }
                 _ => None,

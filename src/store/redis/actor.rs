@@ -4,7 +4,8 @@
 
 use super::*;
 
-/// Owns the Redis connection for pools and quotas.
+/// Owns the Redis connection for pools, quotas and (with `keystore.user_keys =
+/// "redis"`) per-user keys.
 pub struct RedisStore {
     inner: Rc<Inner>,
 }

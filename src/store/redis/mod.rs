@@ -2,13 +2,16 @@
 //! sealed per-user keys in Redis, shared by every daemon on it. `RedisStore` owns the
 //! one `ConnectionManager` (cloned into each command; replaced when Sentinel names a
 //! new master) and serves the same messages as the embedded store and the keystore.
-//! The key layout is `crate::store::keyspace`, the value format `crate::store::envelope`; reaching
-//! Redis is `connection`, running a command on it `runner`, the pub/sub listener
-//! `listen`; the actor is `actor`, per-user keys `user_keys`, the counters `quota`.
+//! Here: the shared state and the scripted writes. The key layout is
+//! `crate::store::keyspace`, the value format `crate::store::envelope`; reaching Redis
+//! is `connection`, running a command on it `runner`, reading pools `pool_reads`,
+//! the pub/sub listener `listen`; the actor is `actor`, per-user keys `user_keys`,
+//! the counters `quota`.
 
 mod actor;
 pub mod connection;
 mod listen;
+mod pool_reads;
 mod quota;
 mod runner;
 mod user_keys;
@@ -233,38 +236,6 @@ impl Inner {
         }
     }
 
-    async fn load_pool(&self, pool: PoolRef) -> Result<Vec<PoolEntry>> {
-        let hash = self.names.pool(&pool);
-        let pipe = redis::pipe()
-            .hgetall(&hash)
-            .hgetall(self.names.pool_health(&pool))
-            .to_owned();
-        let (fields, health): (HashFields, std::collections::HashMap<String, String>) =
-            self.pipeline("load pool", Retry::Read, &pipe).await?;
-        let mut keys = Vec::with_capacity(fields.len());
-        for (field, value) in text_fields(&hash, fields) {
-            let entry = |key| PoolEntry {
-                health: parse_health(health.get(&field).map(String::as_str)),
-                key_id: field.clone(),
-                key,
-            };
-            match open_value(&self.master, &self.names.prefix, &pool, &field, &value) {
-                PoolValue::Sealed(k) => keys.push(entry(k)),
-                PoolValue::Legacy(k) => {
-                    if self
-                        .clear_value(&hash, "pool value", &[("hash", &hash), ("field", &field)])
-                        .await
-                    {
-                        keys.push(entry(k));
-                    }
-                }
-                PoolValue::Broken => tracing::error!(hash = %hash, field = %field,
-                    "integrity: a pool value does not decrypt with this master key; skipping it"),
-            }
-        }
-        Ok(keys)
-    }
-
     fn announce(&self, changed: &Changed) -> String {
         serde_json::to_string(changed).unwrap_or_default()
     }
@@ -417,118 +388,6 @@ impl Inner {
             .await?;
         self.confirm("remove pool key").await?;
         Ok(replies.map(|r| reply(&r, 0) > 0))
-    }
-
-    async fn list_pool_keys(&self, pool: PoolRef) -> Result<Vec<PoolKeyInfo>> {
-        let hash = self.names.pool(&pool);
-        let pipe = redis::pipe()
-            .hgetall(&hash)
-            .hgetall(self.names.pool_info(&pool))
-            .hgetall(self.names.pool_health(&pool))
-            .hgetall(self.names.pool_counts(&clock::utc_day(), &pool))
-            .to_owned();
-        type Listed = (
-            HashFields,
-            Vec<(String, String)>,
-            std::collections::HashMap<String, String>,
-            Vec<(String, u64)>,
-        );
-        let (fields, infos, health, counts): Listed =
-            self.pipeline("list pool keys", Retry::Read, &pipe).await?;
-        let mut today: std::collections::HashMap<String, Counters> = Default::default();
-        for (field, n) in counts {
-            if let Some((key_id, counter)) = field.rsplit_once(':') {
-                today.entry(key_id.to_string()).or_default().set(counter, n);
-            }
-        }
-        let now = clock::now_s();
-        let infos: std::collections::HashMap<String, Info> = infos
-            .into_iter()
-            .map(|(k, v)| (k, serde_json::from_str(&v).unwrap_or_default()))
-            .collect();
-        let mut out: Vec<PoolKeyInfo> = text_fields(&hash, fields)
-            .into_iter()
-            .map(|(key_id, value)| {
-                let masked = match open_value(&self.master, &self.names.prefix, &pool, &key_id, &value) {
-                    PoolValue::Sealed(k) => k.masked(),
-                    PoolValue::Legacy(k) => format!("{} (stored in clear)", k.masked()),
-                    PoolValue::Broken => {
-                        tracing::error!(hash = %hash, field = %key_id, "integrity: a pool value does not decrypt");
-                        "(undecryptable)".into()
-                    }
-                };
-                let info = infos.get(&key_id);
-                let h = parse_health(health.get(&key_id).map(String::as_str));
-                PoolKeyInfo {
-                    state: h.state(now),
-                    cooling_until: h.cooling_until(now),
-                    today: today.get(&key_id).copied().unwrap_or_default(),
-                    masked,
-                    label: info.and_then(|i| i.label.clone()),
-                    added_at: info.and_then(|i| i.added_at).map(clock::rfc3339),
-                    key_id,
-                }
-            })
-            .collect();
-        out.sort_by(|a, b| a.added_at.cmp(&b.added_at).then(a.key_id.cmp(&b.key_id)));
-        Ok(out)
-    }
-
-    /// Every pool hash under the prefix (SCAN), then each pool's key ids and health
-    /// in one pipeline; only the counts leave.
-    async fn count_pool_keys(&self, _: CountPoolKeys) -> Result<Vec<PoolKeyCount>> {
-        let patterns = [
-            format!("{}:global_api_pool:*", self.names.prefix),
-            format!("{}:channel_api_pool:*", self.names.prefix),
-        ];
-        let mut hashes: Vec<String> = Vec::new();
-        for pattern in &patterns {
-            let found: Vec<String> = self
-                .bounded("scan pools", Retry::Read, |mut c| async move {
-                    let mut found = Vec::new();
-                    let mut iter = c.scan_match::<_, String>(pattern).await?;
-                    while let Some(name) = iter.next_item().await {
-                        found.push(name?);
-                    }
-                    Ok(found)
-                })
-                .await?;
-            hashes.extend(found);
-        }
-        hashes.sort();
-        hashes.dedup();
-        let pools: Vec<PoolRef> = hashes
-            .iter()
-            .filter_map(|h| crate::store::keyspace::pool_of(&self.names, h))
-            .collect();
-        if pools.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for pool in &pools {
-            pipe.hkeys(self.names.pool(pool))
-                .hgetall(self.names.pool_health(pool));
-        }
-        let replies: Vec<redis::Value> =
-            self.pipeline("count pool keys", Retry::Read, &pipe).await?;
-        let now = clock::now_s();
-        let mut out = Vec::with_capacity(pools.len());
-        for (pool, pair) in pools.into_iter().zip(replies.chunks_exact(2)) {
-            // A key of another type under the pattern answers an error: not a pool.
-            let (Ok(ids), Ok(health)) = (
-                redis::from_redis_value_ref::<Vec<String>>(&pair[0]),
-                redis::from_redis_value_ref::<std::collections::HashMap<String, String>>(&pair[1]),
-            ) else {
-                continue;
-            };
-            let mut count = PoolKeyCount::new(pool);
-            for id in &ids {
-                count.add(parse_health(health.get(id).map(String::as_str)).state(now));
-            }
-            out.push(count);
-        }
-        Ok(out)
     }
 
     async fn report_pool_key(&self, msg: ReportPoolKey) -> Result<Written<Option<Health>>> {

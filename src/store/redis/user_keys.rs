@@ -5,7 +5,7 @@ use super::*;
 
 impl Inner {
     pub(super) async fn load_user_key(&self, msg: LoadUserKey) -> Result<LoadedUserKey> {
-        let hash = self.names.legacy_user(&msg.user_id);
+        let hash = self.names.user_keys(&msg.user_id);
         let pipe = redis::pipe()
             .hget(&hash, &msg.service)
             .hexists(self.names.user_rejected(&msg.user_id), &msg.service)
@@ -30,8 +30,8 @@ impl Inner {
             &value,
         );
         let key = match opened {
-            PoolValue::Sealed(k) => Some(k),
-            PoolValue::Legacy(k) => {
+            StoredValue::Sealed(k) => Some(k),
+            StoredValue::Legacy(k) => {
                 let place = [
                     ("user_id", msg.user_id.as_str()),
                     ("service", msg.service.as_str()),
@@ -40,7 +40,7 @@ impl Inner {
                     .await
                     .then_some(k)
             }
-            PoolValue::Broken => {
+            StoredValue::Broken => {
                 tracing::error!(user_id = %msg.user_id, service = %msg.service,
                     "integrity: a user key in redis does not decrypt with this master key; treating it as absent");
                 None
@@ -70,7 +70,7 @@ impl Inner {
         let version = envelope_version(value.as_bytes());
         let pipe = redis::pipe()
             .atomic()
-            .hset(self.names.legacy_user(&msg.user_id), &msg.service, value)
+            .hset(self.names.user_keys(&msg.user_id), &msg.service, value)
             .hset(
                 self.names.user_info(&msg.user_id),
                 &msg.service,
@@ -95,7 +95,7 @@ impl Inner {
     pub(super) async fn delete_user_key(&self, msg: DeleteUserKey) -> Result<Written<bool>> {
         let pipe = redis::pipe()
             .atomic()
-            .hdel(self.names.legacy_user(&msg.user_id), &msg.service)
+            .hdel(self.names.user_keys(&msg.user_id), &msg.service)
             .hdel(self.names.user_info(&msg.user_id), &msg.service)
             .hdel(self.names.user_rejected(&msg.user_id), &msg.service)
             .hdel(self.names.user_owner(&msg.user_id), &msg.service)
@@ -113,12 +113,12 @@ impl Inner {
 
     pub(super) async fn list_user_keys(&self, msg: ListUserKeys) -> Result<Vec<UserKeyInfo>> {
         let pipe = redis::pipe()
-            .hgetall(self.names.legacy_user(&msg.user_id))
+            .hgetall(self.names.user_keys(&msg.user_id))
             .hgetall(self.names.user_info(&msg.user_id))
             .to_owned();
         let (fields, times): (HashFields, std::collections::HashMap<String, i64>) =
             self.pipeline("list user keys", Retry::Read, &pipe).await?;
-        let hash = self.names.legacy_user(&msg.user_id);
+        let hash = self.names.user_keys(&msg.user_id);
         let mut out = Vec::with_capacity(fields.len());
         for (service, value) in text_fields(&hash, fields) {
             let masked = match open_user_value(
@@ -128,9 +128,9 @@ impl Inner {
                 &service,
                 &value,
             ) {
-                PoolValue::Sealed(k) => k.masked(),
-                PoolValue::Legacy(k) => format!("{} (stored in clear)", k.masked()),
-                PoolValue::Broken => {
+                StoredValue::Sealed(k) => k.masked(),
+                StoredValue::Legacy(k) => format!("{} (stored in clear)", k.masked()),
+                StoredValue::Broken => {
                     tracing::error!(user_id = %msg.user_id, service = %service,
                         "integrity: a user key in redis does not decrypt; leaving it out of the list");
                     continue;
@@ -160,7 +160,7 @@ impl Inner {
             }
         }
         let pipe = redis::pipe()
-            .hexists(self.names.legacy_user(&msg.user_id), &msg.service)
+            .hexists(self.names.user_keys(&msg.user_id), &msg.service)
             .hexists(self.names.user_rejected(&msg.user_id), &msg.service)
             .hget(self.names.user_owner(&msg.user_id), &msg.service)
             .to_owned();
