@@ -8,6 +8,7 @@ mod viewer;
 
 pub use viewer::Viewer;
 
+use rustix::fs::Access;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -192,7 +193,7 @@ fn check_audit(config: &Config, viewer: &Viewer, _: Purpose, r: &mut Report) {
         return;
     };
     if path.exists() {
-        if !path.is_file() || !viewer.may(path, libc::W_OK) {
+        if !path.is_file() || !viewer.may(path, Access::WRITE_OK) {
             r.problem(format!(
                 "cannot open log.audit_file {} for appending: {} may not write it",
                 path.display(),
@@ -226,7 +227,7 @@ fn check_keystore_place(config: &Config, viewer: &Viewer, purpose: Purpose, r: &
         _ => PathBuf::from("."),
     };
     if dir.exists() {
-        if !dir.is_dir() || !viewer.may(&dir, libc::W_OK | libc::X_OK) {
+        if !dir.is_dir() || !viewer.may(&dir, Access::WRITE_OK | Access::EXEC_OK) {
             r.problem(format!(
                 "the keystore's folder {} is not a folder {} may write in (SQLite keeps its journal beside the keystore)",
                 dir.display(),
@@ -277,7 +278,7 @@ fn check_keystore_place(config: &Config, viewer: &Viewer, purpose: Purpose, r: &
         }
         return;
     }
-    if !viewer.may(store, libc::R_OK | libc::W_OK) {
+    if !viewer.may(store, Access::READ_OK | Access::WRITE_OK) {
         r.problem(format!(
             "{} may not read and write the keystore {}",
             viewer.who(),
@@ -304,7 +305,7 @@ fn check_master_key(config: &Config, viewer: &Viewer, purpose: Purpose, r: &mut 
         }
     };
     let key = if exists {
-        if !viewer.may(&key_path, libc::R_OK) {
+        if !viewer.may(&key_path, Access::READ_OK) {
             r.problem(format!(
                 "{} may not read the master key {}{}",
                 viewer.who(),
@@ -440,7 +441,7 @@ fn check_secret_file(setting: &str, path: &Path, viewer: &Viewer, r: &mut Report
             viewer.who()
         ));
     }
-    if !viewer.may(path, libc::R_OK) {
+    if !viewer.may(path, Access::READ_OK) {
         r.problem(format!(
             "{} may not read {setting} {}",
             viewer.who(),

@@ -141,15 +141,17 @@ pub(super) fn member_keys(names: &Names, ids: &[Vec<u8>]) -> Vec<Vec<u8>> {
 
 /// Whether process `pid` runs on this host (a pid that is not ours to signal runs).
 pub(super) fn pid_runs(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
+    let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
         return false;
     };
-    if pid <= 0 {
-        return false;
+    // Signal 0 only checks that the process exists; nothing is sent.
+    match rustix::process::test_kill_process(pid) {
+        Ok(()) => true,
+        Err(e) => e != rustix::io::Errno::SRCH,
     }
-    // SAFETY: signal 0 only checks that the process exists; nothing is sent.
-    let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 /// Every live daemon's heartbeat that `key` authenticates, found through the fleet

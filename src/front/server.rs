@@ -45,10 +45,10 @@ pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
     if check_bind(path)? {
         std::fs::remove_file(path)?;
     }
-    // SAFETY: umask has no preconditions; the previous mask is restored right after.
-    let old = unsafe { libc::umask(0o177) };
+    // The previous mask is restored right after.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
     let bound = UnixListener::bind(path);
-    unsafe { libc::umask(old) };
+    rustix::process::umask(old);
     let listener = bound?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
@@ -167,8 +167,7 @@ impl UidSlot {
         uid: u32,
         max: usize,
     ) -> Option<Option<UidSlot>> {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if uid == 0 || uid == unsafe { libc::geteuid() } {
+        if uid == 0 || uid == rustix::process::geteuid().as_raw() {
             return Some(None);
         }
         let mut c = counts.borrow_mut();

@@ -37,8 +37,7 @@ pub struct AccessIds {
 /// `access`. Root and the daemon's own uid are admins; a group list matches when any
 /// of the peer's groups (effective or supplementary) is listed.
 pub fn role(access: &AccessIds, uid: u32, gid: u32, groups: &[u32]) -> Role {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let own = unsafe { libc::geteuid() };
+    let own = rustix::process::geteuid().as_raw();
     let in_any =
         |listed: &[u32]| listed.contains(&gid) || groups.iter().any(|g| listed.contains(g));
     if uid == 0 || uid == own || access.admin_uids.contains(&uid) || in_any(&access.admin_gids) {
@@ -157,7 +156,7 @@ mod tests {
         assert_eq!(role(&a, 1001, 5, &[]), Role::User);
         assert_eq!(role(&a, 4242, 2000, &[]), Role::User);
         assert_eq!(role(&a, 4242, 5, &[2000]), Role::User);
-        if unsafe { libc::geteuid() } != 4242 {
+        if rustix::process::geteuid().as_raw() != 4242 {
             assert_eq!(role(&a, 4242, 4242, &[4243]), Role::Denied);
         }
     }

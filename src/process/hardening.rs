@@ -1,38 +1,30 @@
 //! Process hardening for a daemon that holds keys in memory: no core dumps, not
 //! ptrace-able by same-uid processes, and optionally memory locked against swap.
 
+use rustix::mm::MlockAllFlags;
+use rustix::process::{self, DumpableBehavior, Resource, Rlimit};
+
 /// Makes the process non-dumpable (no core files, no same-uid ptrace or
 /// `/proc/<pid>/mem` reads) and sets the core size limit to 0.
 pub fn forbid_dumps() -> std::io::Result<()> {
-    // SAFETY: plain syscalls with constant arguments.
-    unsafe {
-        let none = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::setrlimit(libc::RLIMIT_CORE, &none) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
+    let none = Rlimit {
+        current: Some(0),
+        maximum: Some(0),
+    };
+    process::setrlimit(Resource::Core, none)?;
+    process::set_dumpable_behavior(DumpableBehavior::NotDumpable)?;
     Ok(())
 }
 
-/// Whether the process is dumpable (0 after [`forbid_dumps`]).
+/// Whether the process is dumpable (0 after [`forbid_dumps`]; -1 when it cannot be read).
 pub fn dumpable() -> i32 {
-    // SAFETY: PR_GET_DUMPABLE takes no pointers.
-    unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) }
+    process::dumpable_behavior().map_or(-1, |b| b as i32)
 }
 
 /// Locks all current and future memory (the cache included) so decrypted keys are
 /// never written to swap. Fails when RLIMIT_MEMLOCK is too small; the caller warns.
 pub fn lock_memory() -> std::io::Result<()> {
-    // SAFETY: mlockall takes only flags.
-    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    rustix::mm::mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE)?;
     Ok(())
 }
 
@@ -51,27 +43,23 @@ pub fn locked_kb() -> u64 {
 /// Raises the soft open-file limit to the hard one and answers the soft limit now in
 /// force (or the error, leaving the limit as it was).
 pub fn raise_open_files() -> std::io::Result<u64> {
-    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            lim = raised;
-        }
-        Ok(lim.rlim_cur)
+    // `None` is RLIM_INFINITY.
+    let lim = process::getrlimit(Resource::Nofile);
+    let (current, maximum) = (
+        lim.current.unwrap_or(u64::MAX),
+        lim.maximum.unwrap_or(u64::MAX),
+    );
+    if current < maximum {
+        process::setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        )?;
+        return Ok(maximum);
     }
+    Ok(current)
 }
 
 #[cfg(test)]

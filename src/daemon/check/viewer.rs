@@ -1,6 +1,8 @@
 //! `Viewer`: the user whose view of the files the permission checks take, and what
 //! that user may read, write or search.
 
+use rustix::fs::Access;
+
 use super::*;
 
 /// The user whose view of the files the permission checks take: this process
@@ -18,8 +20,8 @@ pub struct Viewer {
 impl Viewer {
     /// This process.
     pub fn current() -> Viewer {
-        // SAFETY: geteuid/getegid have no preconditions.
-        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let uid = rustix::process::geteuid().as_raw();
+        let gid = rustix::process::getegid().as_raw();
         Viewer {
             uid,
             gids: vec![gid],
@@ -66,15 +68,11 @@ impl Viewer {
         }
     }
 
-    /// Whether this viewer may `want` (`libc::R_OK`, `W_OK`, `X_OK`, or'ed) on `path`.
-    pub(super) fn may(&self, path: &Path, want: i32) -> bool {
+    /// Whether this viewer may `want` (read, write, search/execute, or'ed) on `path`.
+    pub(super) fn may(&self, path: &Path, want: Access) -> bool {
         if self.name.is_none() {
-            let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-                return false;
-            };
-            // SAFETY: faccessat reads a NUL-terminated path and has no other preconditions.
-            return unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), want, libc::AT_EACCESS) }
-                == 0;
+            return rustix::fs::accessat(rustix::fs::CWD, path, want, rustix::fs::AtFlags::EACCESS)
+                .is_ok();
         }
         // Another user: every folder on the way must be searchable, then the mode
         // bits of the file itself (ACLs are not read).
@@ -82,21 +80,21 @@ impl Viewer {
         let mut ancestors: Vec<&Path> = absolute.ancestors().skip(1).collect();
         ancestors.reverse();
         for dir in ancestors {
-            if !self.bits_allow(dir, libc::X_OK) {
+            if !self.bits_allow(dir, Access::EXEC_OK) {
                 return false;
             }
         }
         self.bits_allow(&absolute, want)
     }
 
-    fn bits_allow(&self, path: &Path, want: i32) -> bool {
+    fn bits_allow(&self, path: &Path, want: Access) -> bool {
         let Ok(meta) = std::fs::metadata(path) else {
             return false;
         };
         let mode = meta.mode();
         if self.uid == 0 {
             // Root reads and writes anything; it executes what anyone may.
-            return want & libc::X_OK == 0 || meta.is_dir() || mode & 0o111 != 0;
+            return !want.contains(Access::EXEC_OK) || meta.is_dir() || mode & 0o111 != 0;
         }
         let bits = if meta.uid() == self.uid {
             (mode >> 6) & 7
@@ -105,7 +103,7 @@ impl Viewer {
         } else {
             mode & 7
         };
-        bits & (want as u32) == want as u32
+        bits & want.bits() == want.bits()
     }
 
     /// Whether this viewer may create files in `path` (or in the folders that would
@@ -119,7 +117,7 @@ impl Viewer {
                 d
             };
             if d.exists() {
-                return if d.is_dir() && self.may(d, libc::W_OK | libc::X_OK) {
+                return if d.is_dir() && self.may(d, Access::WRITE_OK | Access::EXEC_OK) {
                     Ok(())
                 } else {
                     Err(d.to_path_buf())

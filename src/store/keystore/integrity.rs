@@ -67,10 +67,8 @@ impl PendingCheck {
             .spawn(move || {
                 // Below the threads that serve: the check may take a while, requests
                 // should not wait for it. (On Linux the nice value is per thread.)
-                // SAFETY: setpriority on this thread's own id changes nothing else.
-                unsafe {
-                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
-                }
+                let me = rustix::thread::gettid();
+                let _ = rustix::process::setpriority_process(Some(me), 10);
                 let began = std::time::Instant::now();
                 match self.run() {
                     Ok(()) => {
