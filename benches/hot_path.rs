@@ -15,8 +15,9 @@ use apikeyd::ops::app::App;
 use apikeyd::ops::resolver::{resolve, Query};
 use apikeyd::process::config::Config;
 use apikeyd::store::cache::LookupUserKey;
-use apikeyd::store::handle::{AddPoolKey, ReportPoolKey};
-use apikeyd::store::keystore::{self, StoreUserKey};
+use apikeyd::store::keystore;
+use apikeyd::store::messages::StoreUserKey;
+use apikeyd::store::messages::{AddPoolKey, ReportPoolKey};
 use apikeyd::wire::protocol::{self, Line};
 
 const LINE: &[u8] = br#"{"op":"get_user_api_key","id":17,"user_id":"user-123","service":"OpenAI","channel_id":"chan-9"}"#;

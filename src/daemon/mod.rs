@@ -22,10 +22,10 @@ use crate::process::config::Config;
 use crate::process::{audit, lock, metrics, systemd};
 use crate::store::cache::KeyCache;
 use crate::store::embedded::SqliteStore;
-use crate::store::handle::{Store, StoreMode};
+use crate::store::handle::Store;
 use crate::store::keystore::{Keystore, KeystoreError, Opened};
 use crate::store::redis::RedisStore;
-use crate::store::user_keys::UserKeys;
+use crate::store::user_keys::{UserKeys, UserKeysAt};
 
 /// Why the daemon refuses to start; the message tells the operator what to do.
 #[derive(Debug, thiserror::Error)]
@@ -143,10 +143,7 @@ fn start_store(
                 key.clone(),
             )
         });
-        return Ok((
-            Store::new(StoreMode::Embedded, None, config.request_timeout(), addr),
-            None,
-        ));
+        return Ok((Store::embedded(config.request_timeout(), addr), None));
     }
     let target = crate::store::redis::Target::new(&config.redis)?;
     // "Not known to be down": the first command tries, and the first ping runs at once.
@@ -181,13 +178,7 @@ fn start_store(
     let status = store.status();
     let addr = store.start();
     Ok((
-        Store::new(
-            StoreMode::Redis,
-            Some(connected),
-            config.request_timeout(),
-            addr.clone(),
-        )
-        .with_redis_status(status),
+        Store::redis(config.request_timeout(), addr.clone(), connected, status),
         Some(RedisParts {
             target,
             names,
@@ -268,8 +259,13 @@ pub fn start(config: Config, opened: Opened) -> Result<Started, StartError> {
     });
     let in_redis = config.user_keys_in_redis();
     let user_keys = match &redis {
-        Some(r) if in_redis => UserKeys::new(true, config.request_timeout(), r.addr.clone()),
-        _ => UserKeys::new(false, config.request_timeout(), keystore.clone()),
+        Some(r) if in_redis => {
+            UserKeys::new(UserKeysAt::Redis(r.addr.clone()), config.request_timeout())
+        }
+        _ => UserKeys::new(
+            UserKeysAt::Keystore(keystore.clone()),
+            config.request_timeout(),
+        ),
     };
     tracing::info!(
         user_keys = if in_redis { "redis" } else { "local" },

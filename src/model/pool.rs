@@ -218,3 +218,58 @@ impl PoolKeyCount {
         }
     }
 }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RULES: HealthRules = HealthRules {
+        cooldown_s: 60,
+        error_threshold: 3,
+    };
+
+    #[test]
+    fn cooldowns_only_extend() {
+        let mut h = Health::default();
+        h.apply(Outcome::RateLimited, 1000, Some(120), RULES);
+        assert_eq!(h.cooling_until, 1120);
+        h.apply(Outcome::RateLimited, 1010, Some(5), RULES);
+        assert_eq!(h.cooling_until, 1120, "a shorter report never shortens");
+        h.apply(Outcome::RateLimited, 1010, None, RULES);
+        assert_eq!(h.cooling_until, 1120);
+        h.apply(Outcome::RateLimited, 1100, None, RULES);
+        assert_eq!(h.cooling_until, 1160);
+        assert_eq!(h.state(1159), KeyState::Cooling);
+        assert_eq!(h.state(1160), KeyState::Active);
+        assert!(h.usable(1160));
+    }
+
+    #[test]
+    fn errors_cool_down_at_the_threshold_within_a_minute() {
+        let mut h = Health::default();
+        h.apply(Outcome::Error, 1000, None, RULES);
+        h.apply(Outcome::Error, 1030, None, RULES);
+        assert_eq!(h.state(1030), KeyState::Active);
+        // The window ran out: counting starts again.
+        h.apply(Outcome::Error, 1061, None, RULES);
+        h.apply(Outcome::Error, 1062, None, RULES);
+        assert_eq!(h.state(1062), KeyState::Active);
+        h.apply(Outcome::Error, 1063, None, RULES);
+        assert_eq!(h.state(1063), KeyState::Cooling);
+        assert_eq!(h.cooling_until(1063), Some(1123));
+    }
+
+    #[test]
+    fn unauthorized_disables() {
+        let mut h = Health::default();
+        h.apply(Outcome::Unauthorized, 5, None, RULES);
+        assert_eq!(h.state(5), KeyState::Disabled);
+        assert!(!h.usable(i64::MAX));
+        h.apply(Outcome::Ok, 6, None, RULES);
+        assert_eq!(h.state(6), KeyState::Disabled);
+        assert_eq!(Outcome::parse("bogus"), None);
+        assert_eq!(
+            Outcome::parse("error").map(Outcome::counter),
+            Some("errors")
+        );
+    }
+}

@@ -12,8 +12,8 @@ use crate::model::pool::{HealthRules, KeyState, Outcome, PoolRef};
 use crate::ops::app::App;
 use crate::process::access::{Peer, Role};
 use crate::store::cache::{ForgetPool, ForgetUserKey};
-use crate::store::handle::{EnablePoolKey, ReportPoolKey};
-use crate::store::keystore::ReportUserKey;
+use crate::store::messages::ReportUserKey;
+use crate::store::messages::{EnablePoolKey, ReportPoolKey};
 use crate::wire::protocol::{body, Request};
 
 /// `report_key_result`'s parameters.

@@ -13,7 +13,8 @@ use crate::ops::app::App;
 use crate::ops::resolver::{resolve, Query, Resolved, Source};
 use crate::ops::services;
 use crate::store::cache::ForgetUserKey;
-use crate::store::keystore::{DeleteUserKey, ListUserKeys, StoreUserKey, UserKeyInfo};
+use crate::store::keystore::UserKeyInfo;
+use crate::store::messages::{DeleteUserKey, ListUserKeys, StoreUserKey};
 use crate::wire::protocol::{body, Body, Request};
 
 /// The rest of a lookup, once its user and service are known.

@@ -10,7 +10,7 @@ use crate::model::idempotency::Idem;
 use crate::model::pool::{PoolKeyInfo, PoolRef};
 use crate::ops::app::App;
 use crate::store::cache::{ForgetPool, Pick};
-use crate::store::handle::{AddPoolKey, RemovePoolKey};
+use crate::store::messages::{AddPoolKey, RemovePoolKey};
 use crate::wire::protocol::{body, Body, Request, Subject};
 
 /// A pool named by `service` and an optional `channel_id` (`list_pool_keys`).

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::model::idempotency::Idem;
 use crate::ops::app::App;
 use crate::process::config::OnStoreError;
-use crate::store::handle::{ConsumeUsage, IncrementUsage, ReadUsage};
+use crate::store::messages::{ConsumeUsage, IncrementUsage, ReadUsage};
 use crate::wire::protocol::{body, Body, Request};
 
 #[derive(Serialize)]

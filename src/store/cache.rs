@@ -19,8 +19,7 @@ use lru::LruCache;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-use super::handle::{CountPicks, Store};
-use super::keystore::LoadUserKey;
+use super::handle::Store;
 use super::user_keys::UserKeys;
 use crate::error::Result;
 use crate::keys::Secret;
@@ -28,6 +27,8 @@ use crate::model::clock;
 use crate::model::figures::CacheFigures;
 use crate::model::pool::{PoolEntry, PoolRef};
 use crate::process::config::CacheConfig;
+use crate::store::messages::CountPicks;
+use crate::store::messages::LoadUserKey;
 
 /// How often picks counted in memory are added to the store's daily counters.
 const FLUSH_PICKS_EVERY: Duration = Duration::from_secs(1);

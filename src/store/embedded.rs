@@ -6,7 +6,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::handle::*;
+use super::messages::*;
 use crate::error::Result;
 use crate::keys::{MasterKey, Place};
 use crate::model::clock;

@@ -34,5 +34,6 @@ pub mod envelope;
 pub mod handle;
 pub mod keyspace;
 pub mod keystore;
+pub mod messages;
 pub mod redis;
 pub mod user_keys;

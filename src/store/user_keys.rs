@@ -1,18 +1,45 @@
 //! `UserKeys`: the handle to wherever per-user keys live — the SQLite `Keystore`, or
-//! the `RedisStore` with `keystore.user_keys = "redis"`. Both serve the same messages
-//! (declared in `keystore`), so the cache and the ops never know which one it is.
+//! the `RedisStore` with `keystore.user_keys = "redis"`. Both answer the same
+//! messages (`store::messages`), so the cache and the ops never know which one it is;
+//! every call goes through `UserKeysAt::ask`, which applies the request deadline.
 
 use std::time::Duration;
 
-use actix::dev::ToEnvelope;
 use actix::prelude::*;
 
-use super::keystore::{
-    DeleteUserKey, ListUserKeys, LoadUserKey, LoadedUserKey, ReportUserKey, StoreUserKey,
-    UserKeyInfo,
-};
+use super::keystore::Keystore;
+use super::redis::RedisStore;
 use crate::error::Result;
 use crate::model::idempotency::Written;
+use crate::model::user_key::{LoadedUserKey, UserKeyInfo};
+use crate::store::messages::{
+    DeleteUserKey, ListUserKeys, LoadUserKey, ReportUserKey, StoreUserKey,
+};
+
+/// The actor that serves per-user keys.
+#[derive(Clone)]
+pub enum UserKeysAt {
+    /// The SQLite keystore (on a `SyncArbiter`).
+    Keystore(Addr<Keystore>),
+    /// Redis, sealed and shared by the fleet.
+    Redis(Addr<RedisStore>),
+}
+
+impl UserKeysAt {
+    /// Sends `msg` and waits at most `deadline` for the answer (`store::within`).
+    async fn ask<M, T>(&self, deadline: Duration, msg: M) -> Result<T>
+    where
+        M: Message<Result = Result<T>> + Send + 'static,
+        T: Send + 'static,
+        Keystore: Handler<M>,
+        RedisStore: Handler<M>,
+    {
+        match self {
+            UserKeysAt::Keystore(a) => super::within(deadline, a.send(msg)).await,
+            UserKeysAt::Redis(a) => super::within(deadline, a.send(msg)).await,
+        }
+    }
+}
 
 /// Where per-user keys are read and written.
 #[derive(Clone)]
@@ -20,64 +47,43 @@ pub struct UserKeys {
     /// The keys live in Redis, shared by the fleet: a cached key may then be served
     /// past its TTL while Redis is down (flagged degraded).
     pub in_redis: bool,
+    at: UserKeysAt,
     deadline: Duration,
-    load: Recipient<LoadUserKey>,
-    store: Recipient<StoreUserKey>,
-    delete: Recipient<DeleteUserKey>,
-    list: Recipient<ListUserKeys>,
-    report: Recipient<ReportUserKey>,
 }
 
 impl UserKeys {
-    /// A handle to `addr`, which serves every user-key message; each call waits at
-    /// most `deadline` (`server.request_timeout_ms`).
-    pub fn new<A>(in_redis: bool, deadline: Duration, addr: Addr<A>) -> Self
-    where
-        A: Actor
-            + Handler<LoadUserKey>
-            + Handler<StoreUserKey>
-            + Handler<DeleteUserKey>
-            + Handler<ListUserKeys>
-            + Handler<ReportUserKey>,
-        A::Context: ToEnvelope<A, LoadUserKey>
-            + ToEnvelope<A, StoreUserKey>
-            + ToEnvelope<A, DeleteUserKey>
-            + ToEnvelope<A, ListUserKeys>
-            + ToEnvelope<A, ReportUserKey>,
-    {
+    /// A handle to `at`; each call waits at most `deadline`
+    /// (`server.request_timeout_ms`).
+    pub fn new(at: UserKeysAt, deadline: Duration) -> Self {
         UserKeys {
-            in_redis,
+            in_redis: matches!(at, UserKeysAt::Redis(_)),
+            at,
             deadline,
-            load: addr.clone().recipient(),
-            store: addr.clone().recipient(),
-            delete: addr.clone().recipient(),
-            list: addr.clone().recipient(),
-            report: addr.recipient(),
         }
     }
 
     /// See [`LoadUserKey`].
     pub async fn load(&self, msg: LoadUserKey) -> Result<LoadedUserKey> {
-        super::within(self.deadline, self.load.send(msg)).await
+        self.at.ask(self.deadline, msg).await
     }
 
     /// See [`StoreUserKey`].
     pub async fn store(&self, msg: StoreUserKey) -> Result<Written<()>> {
-        super::within(self.deadline, self.store.send(msg)).await
+        self.at.ask(self.deadline, msg).await
     }
 
     /// See [`DeleteUserKey`].
     pub async fn delete(&self, msg: DeleteUserKey) -> Result<Written<bool>> {
-        super::within(self.deadline, self.delete.send(msg)).await
+        self.at.ask(self.deadline, msg).await
     }
 
     /// See [`ListUserKeys`].
     pub async fn list(&self, msg: ListUserKeys) -> Result<Vec<UserKeyInfo>> {
-        super::within(self.deadline, self.list.send(msg)).await
+        self.at.ask(self.deadline, msg).await
     }
 
     /// See [`ReportUserKey`].
     pub async fn report(&self, msg: ReportUserKey) -> Result<Written<Option<bool>>> {
-        super::within(self.deadline, self.report.send(msg)).await
+        self.at.ask(self.deadline, msg).await
     }
 }

@@ -18,10 +18,11 @@ use actix::prelude::*;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::Result;
-use crate::keys::{MasterKey, Place, Secret};
+use crate::keys::{MasterKey, Place};
 use crate::model::clock;
 use crate::model::idempotency::{self, once, Idem, Written};
 pub use crate::model::user_key::{LoadedUserKey, UserKeyInfo};
+use crate::store::messages::*;
 
 /// At a clean shutdown: checkpoints the WAL into the keystore and records its
 /// fingerprint, so the next start can skip the full integrity check.
@@ -94,15 +95,6 @@ impl Actor for Keystore {
     type Context = SyncContext<Self>;
 }
 
-/// Reads and decrypts one user's key for one service. A row that does not open is
-/// treated as absent and logged as an integrity error.
-#[derive(Message)]
-#[rtype(result = "Result<LoadedUserKey>")]
-pub struct LoadUserKey {
-    pub user_id: String,
-    pub service: String,
-}
-
 impl Handler<LoadUserKey> for Keystore {
     type Result = Result<LoadedUserKey>;
 
@@ -144,29 +136,6 @@ impl Handler<LoadUserKey> for Keystore {
             }
         }
     }
-}
-
-/// Records a report on a user's own key: `unauthorized` marks it rejected until the
-/// user stores a new one. Answers `None` when the user has no key for the service,
-/// else whether it is rejected now.
-#[derive(Message)]
-#[rtype(result = "Result<Written<Option<bool>>>")]
-pub struct ReportUserKey {
-    pub user_id: String,
-    pub service: String,
-    pub unauthorized: bool,
-    /// The write's idempotency key, when one was sent.
-    pub idem: Option<Idem>,
-    /// The reporting client's uid, `None` for an admin: `unauthorized` is only taken
-    /// from the uid that stored the key (or an admin), else `forbidden`.
-    pub reporter: Option<u32>,
-}
-
-/// Why a report of `unauthorized` on a user's key is refused.
-pub fn not_the_owner(reporter: u32) -> crate::error::Error {
-    crate::error::Error::Forbidden(format!(
-        "only the uid that stored this user's key (or an admin) may report it unauthorized; uid {reporter} did not store it"
-    ))
 }
 
 impl Handler<ReportUserKey> for Keystore {
@@ -218,20 +187,6 @@ impl Keystore {
     }
 }
 
-/// Encrypts and stores (or replaces) a user's key; durable when it returns.
-#[derive(Message)]
-#[rtype(result = "Result<Written<()>>")]
-pub struct StoreUserKey {
-    pub user_id: String,
-    pub service: String,
-    pub key: Secret,
-    /// The write's idempotency key, when one was sent.
-    pub idem: Option<Idem>,
-    /// The uid of the client that stores it (the only non-admin that may report it
-    /// `unauthorized`).
-    pub owner: u32,
-}
-
 impl Handler<StoreUserKey> for Keystore {
     type Result = Result<Written<()>>;
 
@@ -258,16 +213,6 @@ impl Handler<StoreUserKey> for Keystore {
             },
         )
     }
-}
-
-/// Deletes a user's key; answers whether one was there.
-#[derive(Message)]
-#[rtype(result = "Result<Written<bool>>")]
-pub struct DeleteUserKey {
-    pub user_id: String,
-    pub service: String,
-    /// The write's idempotency key, when one was sent.
-    pub idem: Option<Idem>,
 }
 
 impl Handler<DeleteUserKey> for Keystore {
@@ -313,13 +258,6 @@ impl Handler<CheckKeyring> for Keystore {
     fn handle(&mut self, msg: CheckKeyring, _: &mut Self::Context) -> Self::Result {
         Ok(opens_keycheck(&self.db, &msg.candidate)?)
     }
-}
-
-/// Lists a user's keys, masked, by service.
-#[derive(Message)]
-#[rtype(result = "Result<Vec<UserKeyInfo>>")]
-pub struct ListUserKeys {
-    pub user_id: String,
 }
 
 impl Handler<ListUserKeys> for Keystore {

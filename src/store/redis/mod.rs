@@ -38,11 +38,8 @@ use actix::prelude::*;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, RedisResult};
 
-use super::handle::*;
-use super::keystore::{
-    DeleteUserKey, ListUserKeys, LoadUserKey, LoadedUserKey, ReportUserKey, StoreUserKey,
-    UserKeyInfo,
-};
+use super::keystore::{LoadedUserKey, UserKeyInfo};
+use super::messages::*;
 use crate::error::{Error, RedisRefusal, Result};
 use crate::keys::MasterKey;
 use crate::model::clock;
@@ -51,6 +48,9 @@ use crate::model::idempotency::{self, Idem, Written};
 use crate::model::pool::*;
 use crate::process::config::RedisConfig;
 use crate::process::logfmt::{Repeated, Say};
+use crate::store::messages::{
+    DeleteUserKey, ListUserKeys, LoadUserKey, ReportUserKey, StoreUserKey,
+};
 
 /// How often the connection is checked (and re-established) in the background.
 const HEALTH_EVERY: Duration = Duration::from_secs(1);

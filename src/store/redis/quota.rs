@@ -19,7 +19,7 @@ use super::{Inner, Retry};
 use crate::error::{Error, Result};
 use crate::model::clock;
 use crate::model::idempotency::{self, Idem, Written};
-use crate::store::handle::{ConsumeUsage, IncrementUsage, ReadUsage};
+use crate::store::messages::{ConsumeUsage, IncrementUsage, ReadUsage};
 
 /// Check-and-increment in one script: Redis runs it atomically. What one consume
 /// does; public so the benchmark can run the very same script against redis-server

@@ -175,7 +175,7 @@ impl Inner {
             return Ok(Written::fresh(Some(rejected)));
         }
         if let Some(reporter) = msg.reporter.filter(|r| owner != Some(*r)) {
-            return Err(crate::store::keystore::not_the_owner(reporter));
+            return Err(crate::store::messages::not_the_owner(reporter));
         }
         let pipe = redis::pipe()
             .atomic()
