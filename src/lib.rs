@@ -24,10 +24,10 @@
 //!   (`fleet::members`).
 //! - `store`: the actors and their handles. `store::keystore::Keystore` owns the
 //!   SQLite keystore (on a `SyncArbiter`); `store::handle::Store` is the handle to
-//!   pools and quota counters (the embedded `SqliteStore`, or `RedisStore` behind the
-//!   same messages); `store::user_keys::UserKeys` the handle to per-user keys (the
+//!   pools and quota counters (`Backend`: the embedded `SqliteStore` or the
+//!   `RedisStore`); `store::user_keys::UserKeys` the handle to per-user keys (the
 //!   `Keystore`, or with `keystore.user_keys = "redis"` the `RedisStore`, sealed and
-//!   shared by the fleet); `store::cache::KeyCache` keeps decrypted keys in memory,
+//!   shared by the fleet); the messages both stores answer are `store::messages`; `store::cache::KeyCache` keeps decrypted keys in memory,
 //!   and connections on its thread read hits straight from it, so a hit touches no
 //!   store and sends no message. Every call into a store is bounded by
 //!   `server.request_timeout_ms` (`store::within`). Redis: `store::keyspace` is the key

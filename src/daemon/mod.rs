@@ -25,7 +25,8 @@ use crate::store::embedded::SqliteStore;
 use crate::store::handle::Store;
 use crate::store::keystore::{Keystore, KeystoreError, Opened};
 use crate::store::redis::RedisStore;
-use crate::store::user_keys::{UserKeys, UserKeysAt};
+use crate::store::user_keys::UserKeys;
+use crate::store::Backend;
 
 /// Why the daemon refuses to start; the message tells the operator what to do.
 #[derive(Debug, thiserror::Error)]
@@ -260,12 +261,9 @@ pub fn start(config: Config, opened: Opened) -> Result<Started, StartError> {
     let in_redis = config.user_keys_in_redis();
     let user_keys = match &redis {
         Some(r) if in_redis => {
-            UserKeys::new(UserKeysAt::Redis(r.addr.clone()), config.request_timeout())
+            UserKeys::new(Backend::Redis(r.addr.clone()), config.request_timeout())
         }
-        _ => UserKeys::new(
-            UserKeysAt::Keystore(keystore.clone()),
-            config.request_timeout(),
-        ),
+        _ => UserKeys::new(Backend::Local(keystore.clone()), config.request_timeout()),
     };
     tracing::info!(
         user_keys = if in_redis { "redis" } else { "local" },

@@ -1,5 +1,5 @@
 //! `Store`, the handle the ops and the cache reach pools and quota counters by:
-//! `Backend` names the one actor behind it (the embedded `SqliteStore` or the
+//! its `Backend` is the one actor behind it (the embedded `SqliteStore` or the
 //! `RedisStore`), and every call goes through `Backend::ask`, the one place the
 //! request deadline is applied. Both actors answer the same messages
 //! (`store::messages`), so nothing above this file knows which one it is.
@@ -13,6 +13,7 @@ use actix::prelude::*;
 use super::embedded::SqliteStore;
 use super::messages::*;
 use super::redis::RedisStore;
+use super::Backend;
 use crate::error::Result;
 use crate::model::figures::RedisStatus;
 use crate::model::idempotency::Written;
@@ -26,37 +27,15 @@ pub enum StoreMode {
     Redis,
 }
 
-/// The actor that serves pools and quota counters.
-#[derive(Clone)]
-pub enum Backend {
-    /// SQLite, in the keystore file (on a `SyncArbiter`).
-    Embedded(Addr<SqliteStore>),
-    /// Redis, shared by the fleet.
-    Redis(Addr<RedisStore>),
-}
-
-impl Backend {
-    /// Sends `msg` to the store and waits at most `deadline` for its answer
-    /// (`store::within`).
-    async fn ask<M, T>(&self, deadline: Duration, msg: M) -> Result<T>
-    where
-        M: Message<Result = Result<T>> + Send + 'static,
-        T: Send + 'static,
-        SqliteStore: Handler<M>,
-        RedisStore: Handler<M>,
-    {
-        match self {
-            Backend::Embedded(a) => super::within(deadline, a.send(msg)).await,
-            Backend::Redis(a) => super::within(deadline, a.send(msg)).await,
-        }
-    }
-}
+/// The actor that serves pools and quota counters: the embedded `SqliteStore` or
+/// the `RedisStore`.
+pub type PoolBackend = Backend<SqliteStore, RedisStore>;
 
 /// The handle to whichever store actor serves pools and quotas.
 #[derive(Clone)]
 pub struct Store {
     pub mode: StoreMode,
-    backend: Backend,
+    backend: PoolBackend,
     /// Redis mode: whether the connection is up right now.
     connected: Option<Arc<AtomicBool>>,
     /// Redis mode: the master and the failovers followed (for `stats`).
@@ -70,7 +49,7 @@ impl Store {
     pub fn embedded(deadline: Duration, addr: Addr<SqliteStore>) -> Self {
         Store {
             mode: StoreMode::Embedded,
-            backend: Backend::Embedded(addr),
+            backend: Backend::Local(addr),
             connected: None,
             redis_status: None,
             deadline,

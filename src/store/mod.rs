@@ -6,6 +6,9 @@
 use std::future::Future;
 use std::time::Duration;
 
+use actix::dev::ToEnvelope;
+use actix::prelude::*;
+
 use crate::error::{Error, Result};
 
 /// Awaits an actor's answer for at most `deadline` (`server.request_timeout_ms`).
@@ -24,6 +27,41 @@ pub async fn within<T>(
                 "the request did not finish within {} ms (server.request_timeout_ms); a write may or may not have been applied",
                 deadline.as_millis()
             )))
+        }
+    }
+}
+
+/// The actor behind a handle: on this host (SQLite) or in Redis. Every call through
+/// a handle goes through [`Backend::ask`], the one place the request deadline is
+/// applied.
+pub enum Backend<L: Actor, R: Actor> {
+    Local(Addr<L>),
+    Redis(Addr<R>),
+}
+
+impl<L: Actor, R: Actor> Clone for Backend<L, R> {
+    fn clone(&self) -> Self {
+        match self {
+            Backend::Local(a) => Backend::Local(a.clone()),
+            Backend::Redis(a) => Backend::Redis(a.clone()),
+        }
+    }
+}
+
+impl<L: Actor, R: Actor> Backend<L, R> {
+    /// Sends `msg` and waits at most `deadline` for the answer ([`within`]).
+    pub async fn ask<M, T>(&self, deadline: Duration, msg: M) -> Result<T>
+    where
+        M: Message<Result = Result<T>> + Send + 'static,
+        T: Send + 'static,
+        L: Handler<M>,
+        R: Handler<M>,
+        L::Context: ToEnvelope<L, M>,
+        R::Context: ToEnvelope<R, M>,
+    {
+        match self {
+            Backend::Local(a) => within(deadline, a.send(msg)).await,
+            Backend::Redis(a) => within(deadline, a.send(msg)).await,
         }
     }
 }

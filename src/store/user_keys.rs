@@ -1,14 +1,13 @@
 //! `UserKeys`: the handle to wherever per-user keys live — the SQLite `Keystore`, or
 //! the `RedisStore` with `keystore.user_keys = "redis"`. Both answer the same
 //! messages (`store::messages`), so the cache and the ops never know which one it is;
-//! every call goes through `UserKeysAt::ask`, which applies the request deadline.
+//! every call goes through `Backend::ask`, which applies the request deadline.
 
 use std::time::Duration;
 
-use actix::prelude::*;
-
 use super::keystore::Keystore;
 use super::redis::RedisStore;
+use super::Backend;
 use crate::error::Result;
 use crate::model::idempotency::Written;
 use crate::model::user_key::{LoadedUserKey, UserKeyInfo};
@@ -16,30 +15,8 @@ use crate::store::messages::{
     DeleteUserKey, ListUserKeys, LoadUserKey, ReportUserKey, StoreUserKey,
 };
 
-/// The actor that serves per-user keys.
-#[derive(Clone)]
-pub enum UserKeysAt {
-    /// The SQLite keystore (on a `SyncArbiter`).
-    Keystore(Addr<Keystore>),
-    /// Redis, sealed and shared by the fleet.
-    Redis(Addr<RedisStore>),
-}
-
-impl UserKeysAt {
-    /// Sends `msg` and waits at most `deadline` for the answer (`store::within`).
-    async fn ask<M, T>(&self, deadline: Duration, msg: M) -> Result<T>
-    where
-        M: Message<Result = Result<T>> + Send + 'static,
-        T: Send + 'static,
-        Keystore: Handler<M>,
-        RedisStore: Handler<M>,
-    {
-        match self {
-            UserKeysAt::Keystore(a) => super::within(deadline, a.send(msg)).await,
-            UserKeysAt::Redis(a) => super::within(deadline, a.send(msg)).await,
-        }
-    }
-}
+/// The actor that serves per-user keys: the SQLite `Keystore` or the `RedisStore`.
+pub type UserKeysAt = Backend<Keystore, RedisStore>;
 
 /// Where per-user keys are read and written.
 #[derive(Clone)]
@@ -56,7 +33,7 @@ impl UserKeys {
     /// (`server.request_timeout_ms`).
     pub fn new(at: UserKeysAt, deadline: Duration) -> Self {
         UserKeys {
-            in_redis: matches!(at, UserKeysAt::Redis(_)),
+            in_redis: matches!(at, Backend::Redis(_)),
             at,
             deadline,
         }
