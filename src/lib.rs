@@ -32,7 +32,8 @@
 //!   store and sends no message. Every call into a store is bounded by
 //!   `server.request_timeout_ms` (`store::within`). Redis: `store::keyspace` is the key
 //!   layout, `store::envelope` the sealed-value format, `store::redis` the store (its
-//!   command runner, pools, user keys, quota scripts, connection, pub/sub listener).
+//!   command runner, pools, user keys, quota scripts, connection), `store::invalidation`
+//!   the pub/sub listener that keeps the cache current.
 //! - `process`: the running process: `config`, `access` (peer credentials to a
 //!   role), `audit`, `metrics`, `logfmt`, `systemd` (readiness, watchdog),
 //!   `hardening`, `lock` (the keystore's and the master key file's flocks).

@@ -276,7 +276,7 @@ pub fn start(config: Config, opened: Opened) -> Result<Started, StartError> {
     let mut member = None;
     if let Some(r) = redis {
         member = Some(r.member);
-        actix_rt::spawn(crate::store::redis::listen(
+        actix_rt::spawn(crate::store::invalidation::listen(
             r.target,
             r.names,
             cache.clone(),

@@ -70,6 +70,7 @@ pub mod cache;
 pub mod embedded;
 pub mod envelope;
 pub mod handle;
+pub mod invalidation;
 pub mod keyspace;
 pub mod keystore;
 pub mod messages;

@@ -4,13 +4,12 @@
 //! new master) and serves the same messages as the embedded store and the keystore.
 //! Here: the shared state and the scripted writes. The key layout is
 //! `crate::store::keyspace`, the value format `crate::store::envelope`; reaching Redis
-//! is `connection`, running a command on it `runner`, reading pools `pool_reads`,
-//! the pub/sub listener `listen`; the actor is `actor`, per-user keys `user_keys`,
-//! the counters `quota`.
+//! is `connection`, running a command on it `runner`, reading pools `pool_reads`;
+//! the actor is `actor`, per-user keys `user_keys`, the counters `quota`. The
+//! pub/sub listener that keeps the cache current is `store::invalidation`.
 
 mod actor;
 pub mod connection;
-mod listen;
 mod pool_reads;
 mod quota;
 mod runner;
@@ -18,7 +17,6 @@ mod user_keys;
 
 pub use actor::{client, RedisStore};
 pub use connection::*;
-pub use listen::listen;
 pub use quota::CONSUME_SCRIPT;
 pub use runner::describe_error;
 use runner::Retry;

@@ -1,6 +1,7 @@
-//! The invalidation listener: a pub/sub subscription that drops changed pools and
-//! user keys from this daemon's cache, resubscribing (and dropping everything cached)
-//! after any gap.
+//! The invalidation listener (Redis mode): a pub/sub subscription that drops changed
+//! pools and user keys from this daemon's cache, resubscribing (and dropping
+//! everything cached) after any gap. Beside the cache and the Redis store rather
+//! than inside either, so that neither imports the other.
 
 use std::time::Duration;
 
@@ -8,7 +9,8 @@ use actix::prelude::*;
 use futures_util::StreamExt;
 use redis::RedisResult;
 
-use super::{Changed, Names, Target};
+use super::keyspace::{Changed, Names};
+use super::redis::connection::Target;
 use crate::store::cache::{ForgetAllPools, ForgetAllUserKeys, ForgetPool, ForgetUserKey, KeyCache};
 
 /// Keeps a subscription to the invalidation channel, forever: every announced
