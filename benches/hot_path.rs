@@ -9,14 +9,16 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 
-use apikeyd::actors::cache::LookupUserKey;
-use apikeyd::actors::keystore::{self, StoreUserKey};
-use apikeyd::actors::store::{AddPoolKey, HealthRules, Outcome, PoolRef, ReportPoolKey};
-use apikeyd::app::App;
-use apikeyd::config::Config;
-use apikeyd::crypto::{MasterKey, Place, Secret};
-use apikeyd::protocol::{self, Line};
-use apikeyd::resolver::{resolve, Query};
+use apikeyd::keys::{MasterKey, Place, Secret};
+use apikeyd::model::pool::{HealthRules, Outcome, PoolRef};
+use apikeyd::ops::app::App;
+use apikeyd::ops::resolver::{resolve, Query};
+use apikeyd::process::config::Config;
+use apikeyd::store::cache::LookupUserKey;
+use apikeyd::store::keystore;
+use apikeyd::store::messages::StoreUserKey;
+use apikeyd::store::messages::{AddPoolKey, ReportPoolKey};
+use apikeyd::wire::protocol::{self, Line};
 
 const LINE: &[u8] = br#"{"op":"get_user_api_key","id":17,"user_id":"user-123","service":"OpenAI","channel_id":"chan-9"}"#;
 

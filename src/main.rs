@@ -19,8 +19,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     // Everything this process creates (keystore, WAL, key files, audit file) is
     // private to its user; the socket gets server.socket_mode explicitly.
-    // SAFETY: umask has no preconditions.
-    unsafe { libc::umask(0o077) };
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     match Cli::parse().command {
         Command::Serve { config } => cli::serve(config),
         Command::Call {
@@ -42,8 +41,8 @@ fn main() -> ExitCode {
         Command::MigrateUserKeys { config, to } => cli::migrate_user_keys(
             config,
             match to {
-                MigrateTo::Redis => apikeyd::migrate::Destination::Redis,
-                MigrateTo::Local => apikeyd::migrate::Destination::Local,
+                MigrateTo::Redis => apikeyd::tools::migrate::Destination::Redis,
+                MigrateTo::Local => apikeyd::tools::migrate::Destination::Local,
             },
         ),
         Command::RotateMasterKey {

@@ -102,7 +102,7 @@ fn agree(d: &TestDaemon, how: &dyn Fn() -> Command) -> (Checked, bool) {
 #[test]
 fn redis_down_with_a_key_file_starts() {
     let port = common::free_port();
-    let key = apikeyd::crypto::MasterKey::generate_base64();
+    let key = apikeyd::keys::MasterKey::generate_base64();
     let d = TestDaemon::prepare(
         Mode::Embedded,
         None,
@@ -200,7 +200,7 @@ fn a_missing_key_while_redis_holds_the_fleets_is_refused() {
 /// Two problems of different stages: both listed (the check goes on after the first).
 #[test]
 fn a_bad_log_level_does_not_hide_a_world_readable_key() {
-    let key = apikeyd::crypto::MasterKey::generate_base64();
+    let key = apikeyd::keys::MasterKey::generate_base64();
     let d = TestDaemon::prepare(Mode::Embedded, None, Some(key.as_bytes().to_vec()), "", &[]);
     std::fs::write(&d.config_path, "log.level = \"verbose\"\n").unwrap();
     let key_file = d.path("data/master.key");
@@ -298,7 +298,7 @@ fn a_root_only_key_needs_the_credentials_directory() {
     }
     std::fs::create_dir(d.path("keys")).unwrap();
     std::fs::set_permissions(d.path("keys"), std::fs::Permissions::from_mode(0o700)).unwrap();
-    let key = apikeyd::crypto::MasterKey::generate_base64();
+    let key = apikeyd::keys::MasterKey::generate_base64();
     std::fs::write(d.path("keys/master.key"), key.as_bytes()).unwrap();
     std::fs::set_permissions(
         d.path("keys/master.key"),
@@ -388,7 +388,7 @@ fn a_password_file_others_may_read_is_refused() {
 /// (and finds the master once a sentinel answers); the check warns.
 #[test]
 fn sentinels_down_with_a_key_file_start() {
-    let key = apikeyd::crypto::MasterKey::generate_base64();
+    let key = apikeyd::keys::MasterKey::generate_base64();
     let d = TestDaemon::prepare(
         Mode::Embedded,
         None,
@@ -413,7 +413,7 @@ fn sentinels_down_with_a_key_file_start() {
 #[test]
 fn the_check_changes_nothing_in_redis_or_on_disk() {
     let redis = RedisServer::start();
-    let key = apikeyd::crypto::MasterKey::generate_base64();
+    let key = apikeyd::keys::MasterKey::generate_base64();
     let d = TestDaemon::prepare(
         Mode::Redis,
         Some(redis.clone()),

@@ -181,7 +181,7 @@ fn the_docs_list_every_shell_the_binary_completes() {
 /// Every key the config structs know, as `table.key` (`services.<name>.key` for the
 /// per-service tables), read from the structs themselves through serde.
 fn config_keys() -> Vec<String> {
-    use apikeyd::config::{Config, ServiceConfig};
+    use apikeyd::process::config::{Config, ServiceConfig};
     let mut keys = Vec::new();
     let config = serde_json::to_value(Config::default()).unwrap();
     for (table, members) in config.as_object().unwrap() {

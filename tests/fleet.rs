@@ -87,7 +87,7 @@ fn a_daemon_without_the_fleets_key_is_refused() {
     );
 
     // Another key altogether.
-    let other_key = apikeyd::crypto::MasterKey::generate_base64();
+    let other_key = apikeyd::keys::MasterKey::generate_base64();
     let mut other = TestDaemon::prepare(
         Mode::Redis,
         a.redis.clone(),
@@ -330,21 +330,21 @@ fn rotated_fleet() -> (TestDaemon, TestDaemon) {
 
 /// Keyring text holding only the retired version 1 (what a leak of the retired
 /// backup's v1 line gives).
-fn retired_v1_only(a: &TestDaemon) -> apikeyd::crypto::MasterKey {
+fn retired_v1_only(a: &TestDaemon) -> apikeyd::keys::MasterKey {
     let whole = std::fs::read_to_string(a.path("data/master.key.retired-v1")).unwrap();
     let only: String = whole
         .lines()
         .filter(|l| !l.starts_with("v2:"))
         .map(|l| format!("{l}\n"))
         .collect();
-    apikeyd::crypto::MasterKey::from_text(&only).unwrap()
+    apikeyd::keys::MasterKey::from_text(&only).unwrap()
 }
 
 #[test]
 fn a_fake_heartbeat_never_makes_a_daemon_seal_with_a_retired_version() {
     let (a, b) = rotated_fleet();
     let mut con = a.redis.as_ref().unwrap().conn();
-    let b_key = apikeyd::crypto::MasterKey::read_file(&b.path("data/master.key")).unwrap();
+    let b_key = apikeyd::keys::MasterKey::read_file(&b.path("data/master.key")).unwrap();
     assert_eq!(
         b_key.versions(),
         vec![1, 2],
@@ -353,7 +353,7 @@ fn a_fake_heartbeat_never_makes_a_daemon_seal_with_a_retired_version() {
 
     // A Redis writer plants a member that claims to hold only the retired version.
     let fake = json!({"id": "fake:1:0", "host": "h", "pid": 1, "socket": "/s",
-        "versions": [1], "sealing": 1, "at": apikeyd::clock::now_s()});
+        "versions": [1], "sealing": 1, "at": apikeyd::model::clock::now_s()});
     plant_heartbeat(&mut con, "fake:1:0", &fake);
     two_beats(&mut con, b.pid());
     let mut cb = b.client();
@@ -371,12 +371,12 @@ fn a_fake_heartbeat_never_makes_a_daemon_seal_with_a_retired_version() {
     // The retired version alone opens neither.
     let leaked = retired_v1_only(&a);
     assert!(matches!(
-        apikeyd::envelope::open_user_value(&leaked, "stargazer", "victim", "openai", &user),
-        apikeyd::envelope::PoolValue::Broken
+        apikeyd::store::envelope::open_user_value(&leaked, "stargazer", "victim", "openai", &user),
+        apikeyd::store::envelope::StoredValue::Broken
     ));
     assert!(matches!(
-        apikeyd::envelope::open_user_value(&b_key, "stargazer", "victim", "openai", &user),
-        apikeyd::envelope::PoolValue::Sealed(_)
+        apikeyd::store::envelope::open_user_value(&b_key, "stargazer", "victim", "openai", &user),
+        apikeyd::store::envelope::StoredValue::Sealed(_)
     ));
     // Logged once as a security event, and counted.
     let logs = b.logs();
@@ -409,7 +409,7 @@ fn a_fake_heartbeat_never_makes_a_daemon_seal_with_a_retired_version() {
         socket: "/s".into(),
         versions: vec![1],
         sealing: 1,
-        at: apikeyd::clock::now_s(),
+        at: apikeyd::model::clock::now_s(),
         tags: Default::default(),
     };
     signed.sign(&b_key, &Default::default());
@@ -469,8 +469,8 @@ fn hiding_a_daemons_heartbeat_during_a_rotation_loses_no_write_it_acknowledged()
         let (stop, socket) = (stop.clone(), b.socket.clone());
         std::thread::spawn(move || {
             let mut acked = Acked::new();
-            let timeouts = apikeyd::client::Timeouts::TOOL;
-            let Ok(mut c) = apikeyd::client::Connection::connect(&socket, timeouts) else {
+            let timeouts = apikeyd::wire::client::Timeouts::TOOL;
+            let Ok(mut c) = apikeyd::wire::client::Connection::connect(&socket, timeouts) else {
                 return acked;
             };
             for i in 0.. {

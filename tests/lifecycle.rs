@@ -208,7 +208,7 @@ fn a_deleted_keystore_check_value_does_not_let_another_key_in() {
     let real = std::fs::read(d.path("data/master.key")).unwrap();
     std::fs::write(
         d.path("data/master.key"),
-        apikeyd::crypto::MasterKey::generate_base64().as_bytes(),
+        apikeyd::keys::MasterKey::generate_base64().as_bytes(),
     )
     .unwrap();
     let (status, log) = d.expect_refusal();
@@ -331,8 +331,8 @@ fn rotation_keeps_owner_mode_and_a_backup_of_the_retired_version() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
 
     // The old backup opens with the kept versions, not with the rotated key alone.
-    use apikeyd::actors::keystore::opens_keycheck;
-    use apikeyd::crypto::MasterKey;
+    use apikeyd::keys::MasterKey;
+    use apikeyd::store::keystore::opens_keycheck;
     let old = rusqlite::Connection::open(&before).unwrap();
     assert!(opens_keycheck(&old, &MasterKey::read_file(&backup).unwrap()).unwrap());
     assert!(!opens_keycheck(&old, &MasterKey::read_file(&key_file).unwrap()).unwrap());

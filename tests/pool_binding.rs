@@ -110,8 +110,8 @@ fn values_sealed_before_the_binding_stay_readable() {
         let mut c = d.client();
         let id_b = add(&mut c, KEY_B);
         let master =
-            apikeyd::crypto::MasterKey::read_file(&d.path("data/master.key")).expect("master key");
-        let id_a = master.key_id(&apikeyd::crypto::Secret::new(KEY_A.into()));
+            apikeyd::keys::MasterKey::read_file(&d.path("data/master.key")).expect("master key");
+        let id_a = master.key_id(&apikeyd::keys::Secret::new(KEY_A.into()));
         let namespace = if mode == Mode::Redis {
             "stargazer"
         } else {
@@ -119,7 +119,7 @@ fn values_sealed_before_the_binding_stay_readable() {
         };
         let old = master.seal_unbound_pool_value(
             KEY_A.as_bytes(),
-            apikeyd::crypto::Place::Pool {
+            apikeyd::keys::Place::Pool {
                 namespace,
                 channel: None,
                 service: "openai",

@@ -354,7 +354,8 @@ fn partial_last_line_is_answered_at_eof(mode: Mode) {
 fn idle_connections_are_closed() {
     let dir = tempfile::tempdir().expect("temp dir");
     let idle = Duration::from_secs(1);
-    let mut config = apikeyd::config::Config::parse("[server]\nidle_timeout_s = 1\n").unwrap();
+    let mut config =
+        apikeyd::process::config::Config::parse("[server]\nidle_timeout_s = 1\n").unwrap();
     config.keystore.path = dir.path().join("data/keystore.sqlite3");
     config.keystore.master_key_file = dir.path().join("data/master.key");
     config.server.socket = dir.path().join("run/apikeyd.sock");
@@ -367,7 +368,7 @@ fn idle_connections_are_closed() {
     });
     system.block_on(async move {
         let socket = config.server.socket.clone();
-        let listener = apikeyd::server::bind(&socket, config.socket_mode()).unwrap();
+        let listener = apikeyd::front::server::bind(&socket, config.socket_mode()).unwrap();
         let opened = apikeyd::open_keystore(&config, None).unwrap();
         let started = apikeyd::start(config, opened).unwrap();
         let (control, rx) = tokio::sync::mpsc::unbounded_channel();

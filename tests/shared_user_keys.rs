@@ -292,13 +292,13 @@ fn migrate_user_keys_both_ways_killed_once_and_rerun() {
     let mut d = TestDaemon::start_with(Mode::Redis, common::LOCAL_USER_KEYS, &[]);
     assert!(d.stop().success());
     {
-        let master = apikeyd::crypto::MasterKey::read_file(&d.path("data/master.key")).unwrap();
+        let master = apikeyd::keys::MasterKey::read_file(&d.path("data/master.key")).unwrap();
         let mut db = rusqlite::Connection::open(d.path("data/keystore.sqlite3")).unwrap();
         let tx = db.transaction().unwrap();
         for u in 0..USERS {
             for s in 0..SERVICES {
-                let key = apikeyd::crypto::Secret::new(key_of(u, s));
-                apikeyd::actors::keystore::store_user_key(
+                let key = apikeyd::keys::Secret::new(key_of(u, s));
+                apikeyd::store::keystore::store_user_key(
                     &tx,
                     &master,
                     &format!("m{u}"),
@@ -383,7 +383,7 @@ fn a_new_master_key_is_refused_when_redis_holds_sealed_user_keys() {
     assert!(!status.success());
     assert!(log.contains("already holds values sealed"), "{log}");
     // A daemon with another key is refused too (the value does not open with it).
-    let other = apikeyd::crypto::MasterKey::generate_base64();
+    let other = apikeyd::keys::MasterKey::generate_base64();
     let mut wrong = TestDaemon::prepare(
         Mode::Redis,
         a.redis.clone(),
@@ -404,14 +404,14 @@ fn rerunning_migrate_user_keys_never_deletes_a_newer_key() {
     let mut d = TestDaemon::start_with(Mode::Redis, common::LOCAL_USER_KEYS, &[]);
     let mut c = d.client();
     set(&mut c, "ana", "openai", "sk-migrate-older-0001");
-    let stored_at = apikeyd::clock::now_s();
+    let stored_at = apikeyd::model::clock::now_s();
     // Migrated to Redis while the daemon still keeps keys locally.
     let (ok, text) = migrate(&d, "redis", None);
     assert!(ok, "{text}");
     assert!(text.contains("1 user keys moved"), "{text}");
     // The user sets a newer key (in the keystore: the daemon is still local).
     eventually("the next second", Duration::from_secs(5), || {
-        apikeyd::clock::now_s() > stored_at
+        apikeyd::model::clock::now_s() > stored_at
     });
     set(&mut c, "ana", "openai", "sk-migrate-newer-0002");
     // The rerun lists the conflict, exits non-zero, and copies the newer key.
@@ -430,13 +430,13 @@ fn rerunning_migrate_user_keys_never_deletes_a_newer_key() {
     // The other way: a keystore row newer than Redis's key is never deleted.
     let mut con = d.redis.as_ref().unwrap().conn();
     let db = rusqlite::Connection::open(d.path("data/keystore.sqlite3")).unwrap();
-    let master = apikeyd::crypto::MasterKey::read_file(&d.path("data/master.key")).unwrap();
-    apikeyd::actors::keystore::store_user_key(
+    let master = apikeyd::keys::MasterKey::read_file(&d.path("data/master.key")).unwrap();
+    apikeyd::store::keystore::store_user_key(
         &db,
         &master,
         "ana",
         "openai",
-        &apikeyd::crypto::Secret::new("sk-migrate-local-0003".into()),
+        &apikeyd::keys::Secret::new("sk-migrate-local-0003".into()),
     )
     .unwrap();
     let _: () = con

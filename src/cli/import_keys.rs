@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use serde_json::Value;
 use zeroize::Zeroizing;
 
-use crate::client::{Connection, Timeouts};
+use crate::wire::client::{Connection, Timeouts};
 
 /// What happened to one input line.
 enum Entry {

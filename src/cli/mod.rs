@@ -13,7 +13,7 @@ pub use tools::*;
 
 use std::path::PathBuf;
 
-use crate::config::{Config, ConfigError};
+use crate::process::config::{Config, ConfigError};
 
 /// The config named on the command line (must exist), else the default (may be absent).
 pub fn load_config(explicit: Option<PathBuf>) -> Result<Config, ConfigError> {

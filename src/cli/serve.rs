@@ -9,7 +9,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tokio::sync::mpsc;
 
 use super::load_config;
-use crate::config::{Config, LogFormat};
+use crate::process::config::{Config, LogFormat};
 use crate::Control;
 
 fn init_logging(config: &Config) {
@@ -22,7 +22,9 @@ fn init_logging(config: &Config) {
         LogFormat::Json => builder.json().init(),
         // Every value is escaped: ids, field names and hash names come from clients
         // and from Redis, and a raw newline in one would forge a log line.
-        LogFormat::Text => builder.fmt_fields(crate::logfmt::escaping_fields()).init(),
+        LogFormat::Text => builder
+            .fmt_fields(crate::process::logfmt::escaping_fields())
+            .init(),
     }
 }
 
@@ -48,7 +50,7 @@ pub fn serve(explicit: Option<PathBuf>) -> ExitCode {
         }
     };
     init_logging(&config);
-    match crate::hardening::raise_open_files() {
+    match crate::process::hardening::raise_open_files() {
         Ok(limit) => {
             if let Some(wanted) = config.fit_connections(limit) {
                 tracing::warn!(
@@ -60,7 +62,7 @@ pub fn serve(explicit: Option<PathBuf>) -> ExitCode {
         }
         Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
     }
-    if let Err(e) = crate::hardening::forbid_dumps() {
+    if let Err(e) = crate::process::hardening::forbid_dumps() {
         return refuse(format!("cannot disable core dumps: {e}"));
     }
     // Everything else that can refuse a start, before anything is created or bound.
@@ -69,7 +71,7 @@ pub fn serve(explicit: Option<PathBuf>) -> ExitCode {
         Err(e) => return refuse(e),
     };
     if config.cache.lock_memory {
-        match crate::hardening::lock_memory() {
+        match crate::process::hardening::lock_memory() {
             Ok(()) => tracing::info!("memory locked (cache.lock_memory)"),
             Err(e) => tracing::warn!(
                 "cache.lock_memory is set but memory cannot be locked ({e}); raise RLIMIT_MEMLOCK (LimitMEMLOCK= under systemd)"
@@ -82,11 +84,11 @@ pub fn serve(explicit: Option<PathBuf>) -> ExitCode {
         // the actors last, once the socket is bound, so that a refusal leaves
         // nothing running and nothing behind.
         // Under socket activation systemd owns the socket file; otherwise we bind it.
-        let passed = match crate::systemd::passed_listener() {
+        let passed = match crate::process::systemd::passed_listener() {
             Ok(p) => p,
             Err(e) => return (refuse(format!("bad socket from systemd: {e}")), true),
         };
-        let metrics = match crate::metrics::bind(Some(&config.metrics.listen)) {
+        let metrics = match crate::process::metrics::bind(Some(&config.metrics.listen)) {
             Ok(m) => m,
             Err(e) => return (refuse(e), true),
         };
@@ -98,7 +100,7 @@ pub fn serve(explicit: Option<PathBuf>) -> ExitCode {
         let activated = passed.is_some();
         let bound = match passed {
             Some(l) => tokio::net::UnixListener::from_std(l),
-            None => crate::server::bind(&socket, config.socket_mode()),
+            None => crate::front::server::bind(&socket, config.socket_mode()),
         };
         let listener = match bound {
             Ok(l) => l,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use super::load_config;
-use crate::config::Config;
+use crate::process::config::Config;
 
 /// The config of tool `name`, or the exit code 2 after saying why it cannot be read.
 fn tool_config(name: &str, explicit: Option<PathBuf>) -> Result<Config, ExitCode> {
@@ -15,15 +15,18 @@ fn tool_config(name: &str, explicit: Option<PathBuf>) -> Result<Config, ExitCode
         ExitCode::from(2)
     })
 }
-use crate::crypto::MasterKey;
+use crate::keys::MasterKey;
 
 /// `apikeyd migrate-user-keys`.
-pub fn migrate_user_keys(config: Option<PathBuf>, to: crate::migrate::Destination) -> ExitCode {
+pub fn migrate_user_keys(
+    config: Option<PathBuf>,
+    to: crate::tools::migrate::Destination,
+) -> ExitCode {
     let config = match tool_config("migrate-user-keys", config) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match crate::migrate::migrate(&config, to) {
+    match crate::tools::migrate::migrate(&config, to) {
         Ok(r) => {
             println!(
                 "done: {} user keys moved, {} already there, {} left in clear (run import-legacy), {} unreadable, {} conflicts",
@@ -52,7 +55,7 @@ pub fn migrate_user_keys(config: Option<PathBuf>, to: crate::migrate::Destinatio
 pub(super) fn client_socket(
     socket: Option<PathBuf>,
     config: Option<PathBuf>,
-) -> Result<PathBuf, crate::config::ConfigError> {
+) -> Result<PathBuf, crate::process::config::ConfigError> {
     match socket {
         Some(s) => Ok(s),
         None => load_config(config).map(|c| c.server.socket),
@@ -75,7 +78,7 @@ pub fn call(
         }
     };
     match client_socket(socket, config) {
-        Ok(socket) => ExitCode::from(crate::client::call(&socket, requests, timeout) as u8),
+        Ok(socket) => ExitCode::from(crate::wire::client::call(&socket, requests, timeout) as u8),
         Err(e) => {
             eprintln!("apikeyd call: {e}");
             ExitCode::from(2)
@@ -86,7 +89,7 @@ pub fn call(
 /// `apikeyd metrics`.
 pub fn metrics(socket: Option<PathBuf>, config: Option<PathBuf>) -> ExitCode {
     match client_socket(socket, config) {
-        Ok(socket) => ExitCode::from(crate::client::metrics(&socket) as u8),
+        Ok(socket) => ExitCode::from(crate::wire::client::metrics(&socket) as u8),
         Err(e) => {
             eprintln!("apikeyd metrics: {e}");
             ExitCode::from(2)
@@ -99,7 +102,7 @@ pub fn metrics(socket: Option<PathBuf>, config: Option<PathBuf>) -> ExitCode {
 /// 1 it refuses, 2 the config itself is wrong (unreadable, not TOML, a bad value).
 /// `as_user`: check permissions as that user sees them.
 pub fn check_config(explicit: Option<PathBuf>, as_user: Option<String>) -> ExitCode {
-    use crate::check::{Purpose, Severity, Viewer};
+    use crate::daemon::check::{Purpose, Severity, Viewer};
     let (path, must_exist) = match explicit {
         Some(p) => (p, true),
         None => (
@@ -122,7 +125,7 @@ pub fn check_config(explicit: Option<PathBuf>, as_user: Option<String>) -> ExitC
             return ExitCode::from(2);
         }
     };
-    if let Some(text) = crate::check::effective(&config) {
+    if let Some(text) = crate::daemon::check::effective(&config) {
         println!(
             "# effective configuration of {} (secrets left out)",
             path.display()
@@ -138,7 +141,7 @@ pub fn check_config(explicit: Option<PathBuf>, as_user: Option<String>) -> ExitC
     for problem in &config_problems {
         eprintln!("problem: {problem}");
     }
-    let report = crate::check::preflight(&config, &viewer, Purpose::Check);
+    let report = crate::daemon::check::preflight(&config, &viewer, Purpose::Check);
     for f in &report.findings {
         match f.severity {
             Severity::Problem => eprintln!("problem: {}", f.text),
@@ -165,7 +168,10 @@ pub fn import_legacy(
         Ok(c) => c,
         Err(code) => return code,
     };
-    let accepted = match accept_clear.as_deref().map(crate::legacy::read_accepted) {
+    let accepted = match accept_clear
+        .as_deref()
+        .map(crate::tools::legacy::read_accepted)
+    {
         None => Default::default(),
         Some(Ok(a)) => a,
         Some(Err(e)) => {
@@ -173,7 +179,7 @@ pub fn import_legacy(
             return ExitCode::from(1);
         }
     };
-    match crate::legacy::import(&config, dry_run, &accepted) {
+    match crate::tools::legacy::import(&config, dry_run, &accepted) {
         Ok(r) => {
             println!(
                 "{}: {} user keys moved, {} already in the keystore, {} pool values encrypted, {} skipped, {} refused",
@@ -208,12 +214,12 @@ pub fn rotate(config: Option<PathBuf>, key_file: Option<PathBuf>, add_only: bool
         Err(code) => return code,
     };
     let key_file = key_file.unwrap_or_else(|| config.keystore.master_key_file.clone());
-    let rotation = crate::rotate::Rotation {
+    let rotation = crate::tools::rotate::Rotation {
         config: &config,
         key_file: &key_file,
         add_only,
     };
-    match crate::rotate::rotate(rotation) {
+    match crate::tools::rotate::rotate(rotation) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("apikeyd rotate-master-key: {e}");

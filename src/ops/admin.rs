@@ -4,12 +4,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
-use crate::actors::cache::{CacheFigures, ReadCacheFigures};
-use crate::actors::redis::RedisStatus;
-use crate::actors::store::StoreMode;
-use crate::app::App;
 use crate::error::{Error, Result};
-use crate::protocol::{body, Body};
+use crate::model::figures::CacheFigures;
+use crate::model::figures::RedisStatus;
+use crate::ops::app::App;
+use crate::store::cache::ReadCacheFigures;
+use crate::store::handle::StoreMode;
+use crate::wire::protocol::{body, Body};
 
 /// `{"op":"ping"}` → `{"pong":true,"version":"0.1.0"}`
 pub fn ping() -> Result<Body> {
@@ -157,7 +158,7 @@ pub async fn stats(app: &App) -> Result<Body> {
             }
         },
         idempotency: {
-            let f = &crate::idempotency::FIGURES;
+            let f = &crate::model::idempotency::FIGURES;
             Idempotency {
                 records: (app.store.mode == StoreMode::Embedded)
                     .then(|| f.records.load(Ordering::Relaxed)),
@@ -167,8 +168,8 @@ pub async fn stats(app: &App) -> Result<Body> {
             }
         },
         process: Process {
-            dumpable: crate::hardening::dumpable() != 0,
-            locked_kb: crate::hardening::locked_kb(),
+            dumpable: crate::process::hardening::dumpable() != 0,
+            locked_kb: crate::process::hardening::locked_kb(),
         },
         version: env!("CARGO_PKG_VERSION"),
         pid: std::process::id(),

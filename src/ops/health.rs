@@ -5,15 +5,16 @@ use serde::Serialize;
 
 use super::pools::PoolKey;
 use super::{Params, Reply};
-use crate::access::{Peer, Role};
-use crate::actors::cache::{ForgetPool, ForgetUserKey};
-use crate::actors::keystore::ReportUserKey;
-use crate::actors::store::{EnablePoolKey, HealthRules, KeyState, Outcome, PoolRef, ReportPoolKey};
-use crate::app::App;
-use crate::clock;
 use crate::error::{Error, Result};
-use crate::idempotency::Idem;
-use crate::protocol::{body, Request};
+use crate::model::clock;
+use crate::model::idempotency::Idem;
+use crate::model::pool::{HealthRules, KeyState, Outcome, PoolRef};
+use crate::ops::app::App;
+use crate::process::access::{Peer, Role};
+use crate::store::cache::{ForgetPool, ForgetUserKey};
+use crate::store::messages::ReportUserKey;
+use crate::store::messages::{EnablePoolKey, ReportPoolKey};
+use crate::wire::protocol::{body, Request};
 
 /// `report_key_result`'s parameters.
 pub(super) struct Report {

@@ -6,15 +6,16 @@ use super::messages::{
     cooling_message, missing_key_message, rejected_key_warning, unavailable_key_message,
 };
 use super::{is_false, Params, Reply};
-use crate::actors::cache::ForgetUserKey;
-use crate::actors::keystore::{DeleteUserKey, ListUserKeys, StoreUserKey, UserKeyInfo};
-use crate::app::App;
-use crate::crypto::Secret;
 use crate::error::Result;
-use crate::idempotency::Idem;
-use crate::protocol::{body, Body, Request};
-use crate::resolver::{resolve, Query, Resolved, Source};
-use crate::services;
+use crate::keys::Secret;
+use crate::model::idempotency::Idem;
+use crate::ops::app::App;
+use crate::ops::resolver::{resolve, Query, Resolved, Source};
+use crate::ops::services;
+use crate::store::cache::ForgetUserKey;
+use crate::store::keystore::UserKeyInfo;
+use crate::store::messages::{DeleteUserKey, ListUserKeys, StoreUserKey};
+use crate::wire::protocol::{body, Body, Request};
 
 /// The rest of a lookup, once its user and service are known.
 fn query(req: &mut Request, user_id: String, service: String) -> Result<Query> {
@@ -246,7 +247,7 @@ pub async fn set_user_api_key(
     app: &App,
     p: NewUserKey,
     idem: Option<Idem>,
-    peer: &crate::access::Peer,
+    peer: &crate::process::access::Peer,
 ) -> Result<Reply> {
     let NewUserKey {
         user_id,

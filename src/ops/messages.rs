@@ -3,11 +3,11 @@
 use serde::Serialize;
 
 use super::Params;
-use crate::app::App;
-use crate::config::Config;
 use crate::error::Result;
-use crate::protocol::{body, Body, Request};
-use crate::services;
+use crate::ops::app::App;
+use crate::ops::services;
+use crate::process::config::Config;
+use crate::wire::protocol::{body, Body, Request};
 
 #[derive(Serialize)]
 struct Message {

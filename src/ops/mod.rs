@@ -1,21 +1,25 @@
 //! The ops of SPEC §3, one file per family. Each op has the same shape: its
 //! parameters are parsed from the request into the op's own struct (`Params`), the
-//! op asks the actors, and encodes its result.
+//! op asks the actors, and encodes its result. Beside them: the shared `App` the ops
+//! run against, the resolver, and the built-in service names.
 
 mod admin;
+pub mod app;
 mod health;
 mod keys;
 mod messages;
 mod pools;
 mod quota;
+pub mod resolver;
+pub mod services;
 
-use crate::access::{Peer, Role};
-use crate::app::App;
-use crate::crypto::Secret;
 use crate::error::{Error, Result};
-use crate::idempotency::{Idem, Written};
-use crate::op::Op;
-use crate::protocol::{Body, Request};
+use crate::keys::Secret;
+use crate::model::idempotency::{Idem, Written};
+use crate::ops::app::App;
+use crate::process::access::{Peer, Role};
+use crate::wire::catalog::Op;
+use crate::wire::protocol::{Body, Request};
 
 pub use messages::missing_key_message;
 

@@ -4,13 +4,14 @@ use serde::Serialize;
 
 use super::messages::cooling_message;
 use super::{Params, Reply};
-use crate::actors::cache::{ForgetPool, Pick};
-use crate::actors::store::{AddPoolKey, PoolKeyInfo, PoolRef, RemovePoolKey};
-use crate::app::App;
-use crate::crypto::Secret;
 use crate::error::Result;
-use crate::idempotency::Idem;
-use crate::protocol::{body, Body, Request, Subject};
+use crate::keys::Secret;
+use crate::model::idempotency::Idem;
+use crate::model::pool::{PoolKeyInfo, PoolRef};
+use crate::ops::app::App;
+use crate::store::cache::{ForgetPool, Pick};
+use crate::store::messages::{AddPoolKey, RemovePoolKey};
+use crate::wire::protocol::{body, Body, Request, Subject};
 
 /// A pool named by `service` and an optional `channel_id` (`list_pool_keys`).
 impl Params for PoolRef {

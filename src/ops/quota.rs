@@ -3,12 +3,12 @@
 use serde::Serialize;
 
 use super::{is_false, Params, Reply};
-use crate::actors::store::{ConsumeUsage, IncrementUsage, ReadUsage};
-use crate::app::App;
-use crate::config::OnStoreError;
 use crate::error::{Error, Result};
-use crate::idempotency::Idem;
-use crate::protocol::{body, Body, Request};
+use crate::model::idempotency::Idem;
+use crate::ops::app::App;
+use crate::process::config::OnStoreError;
+use crate::store::messages::{ConsumeUsage, IncrementUsage, ReadUsage};
+use crate::wire::protocol::{body, Body, Request};
 
 #[derive(Serialize)]
 struct Verdict {

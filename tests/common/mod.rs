@@ -10,7 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use apikeyd::client::{Connection, Timeouts};
+use apikeyd::wire::client::{Connection, Timeouts};
 use serde_json::{json, Value};
 
 /// Where pools and quotas live for a test.
@@ -194,7 +194,7 @@ impl TestDaemon {
     /// that a start with a `redis.url` that cannot be asked is not refused for want
     /// of a key (tests/fleet.rs).
     pub fn start_with_key(extra: &str) -> Self {
-        let key = apikeyd::crypto::MasterKey::generate_base64();
+        let key = apikeyd::keys::MasterKey::generate_base64();
         Self::prepare(
             Mode::Embedded,
             None,
@@ -410,7 +410,7 @@ impl Drop for TestDaemon {
 /// How much of a daemon's log a failing test prints.
 const LOG_TAIL: usize = 60;
 
-/// A JSON-lines connection: `apikeyd::client::Connection` (the daemon's own client,
+/// A JSON-lines connection: `apikeyd::wire::client::Connection` (the daemon's own client,
 /// so framing is not written twice), with the assertions tests want.
 pub struct Client {
     conn: Connection,

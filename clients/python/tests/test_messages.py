@@ -17,7 +17,7 @@ from conftest import REPO, wait_until
 
 
 def test_built_in_table_is_the_daemons():
-    text = (REPO / "src" / "services.rs").read_text()
+    text = (REPO / "src" / "ops" / "services.rs").read_text()
     table = text[text.index("const BUILT_IN"): text.index("];")]
     rows = re.findall(r'\(\s*"([^"]*)",\s*"([^"]*)",\s*"([^"]*)",?\s*\)', table)
     assert len(rows) > 10

@@ -56,12 +56,12 @@ def test_both_clients_send_the_same_lines_for_every_op():
 
 
 def _daemon_ops():
-    """(name, writes) of every op in the daemon's table (src/op.rs), test hook aside."""
+    """(name, writes) of every op in the daemon's table (src/wire/catalog.rs), test hook aside."""
     import re
 
     from conftest import REPO
 
-    text = (REPO / "src" / "op.rs").read_text()
+    text = (REPO / "src" / "wire" / "catalog.rs").read_text()
     table = text[text.index("ops! {"):]
     table = table[: table.index("}")]
     rows = re.findall(r'(\w+) = "(\w+)", write: (true|false), admin: (true|false);', table)

@@ -3,6 +3,14 @@
 //! tool in one run. Latency is recorded in an HDR histogram from each request's
 //! intended send time (so a stalled server cannot hide its queueing delay).
 
+mod cpu;
+mod requests;
+
+pub use cpu::redis_pid;
+use cpu::{sample, ticks_per_second, CpuSample};
+use requests::next_batch_bytes;
+pub use requests::{requests, Requests};
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -208,124 +216,6 @@ impl Tally {
     }
 }
 
-fn fill(template: &str, n: usize) -> String {
-    // `{N}` too: clap turns a literal `{n}` in help text into a line break, so the
-    // help documents `{N}`.
-    let n = n.to_string();
-    template.replace("{n}", &n).replace("{N}", &n)
-}
-
-/// Every request of a run, encoded once before it starts, so that both servers are
-/// sent bytes the same way: request (t, n) is template (or command) t for key n,
-/// ready to be copied into a connection's batch buffer.
-pub struct Requests {
-    bytes: Vec<u8>,
-    /// End of request i = t * keys + n in `bytes`.
-    ends: Vec<usize>,
-    keys: usize,
-    templates: usize,
-}
-
-impl Requests {
-    fn new(keys: usize) -> Self {
-        Requests {
-            bytes: Vec::new(),
-            ends: Vec::new(),
-            keys,
-            templates: 0,
-        }
-    }
-
-    /// JSON lines for the daemon: each template for each key, newline-terminated.
-    pub fn apikeyd(templates: &[String], keys: usize) -> Requests {
-        let mut r = Requests::new(keys);
-        for t in templates {
-            for n in 0..keys {
-                r.bytes.extend_from_slice(fill(t, n).as_bytes());
-                r.bytes.push(b'\n');
-                r.ends.push(r.bytes.len());
-            }
-        }
-        r.templates = templates.len();
-        r
-    }
-
-    /// RESP arrays for redis-server: `HGET bench:{n} openai`, or the consume script's
-    /// EVALSHA for `bench:usage:{n}` (`sha` is the loaded script's).
-    pub fn redis(command: RedisCommand, sha: &str, keys: usize) -> Requests {
-        let mut r = Requests::new(keys);
-        let expiry = (apikeyd::clock::now_s() + 86_400).to_string();
-        for n in 0..keys {
-            match command {
-                RedisCommand::Hget => {
-                    resp_command(&mut r.bytes, &["HGET", &format!("bench:{n}"), "openai"]);
-                }
-                RedisCommand::Consume => resp_command(
-                    &mut r.bytes,
-                    &[
-                        "EVALSHA",
-                        sha,
-                        "1",
-                        &format!("bench:usage:{n}"),
-                        "t",
-                        &expiry,
-                        "1000000000",
-                    ],
-                ),
-            }
-            r.ends.push(r.bytes.len());
-        }
-        r.templates = 1;
-        r
-    }
-
-    fn get(&self, t: usize, n: usize) -> &[u8] {
-        let i = t * self.keys + n;
-        let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        &self.bytes[start..self.ends[i]]
-    }
-}
-
-/// Appends `args` to `out` as one RESP command (an array of bulk strings).
-fn resp_command(out: &mut Vec<u8>, args: &[&str]) {
-    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-}
-
-/// Appends the next `load.pipeline` requests to `out`, advancing the key index `n`
-/// and the template index `t`. With `unique` (the daemon's JSON lines only), each
-/// request gets its own `idempotency_key`: `unique.0` (this run and connection)
-/// followed by the counter `unique.1`.
-fn next_batch_bytes(
-    requests: &Requests,
-    load: &Load,
-    n: &mut usize,
-    t: &mut usize,
-    mut unique: Option<(&str, &mut u64)>,
-    out: &mut Vec<u8>,
-) {
-    use std::io::Write;
-    for _ in 0..load.pipeline {
-        *n = (*n + 1) % requests.keys;
-        *t = (*t + 1) % requests.templates;
-        let request = requests.get(*t, *n);
-        match unique.as_mut() {
-            // `{...}\n` becomes `{...,"idempotency_key":"<prefix>-<count>"}\n`.
-            Some((prefix, count)) if request.ends_with(b"}\n") => {
-                out.extend_from_slice(&request[..request.len() - 2]);
-                let _ = write!(out, r#","idempotency_key":"{prefix}-{count}"}}"#);
-                out.push(b'\n');
-                **count += 1;
-            }
-            _ => out.extend_from_slice(request),
-        }
-    }
-}
-
 /// How answers are framed, and what counts as an error answer.
 #[derive(Clone, Copy)]
 enum Framing {
@@ -423,7 +313,7 @@ async fn drive(
         Target::Redis { socket, .. } => (socket, Framing::Resp, None),
     };
     let mut count = 0u64;
-    // Tokio framing rather than `apikeyd::client` or the `redis` crate: every
+    // Tokio framing rather than `apikeyd::wire::client` or the `redis` crate: every
     // connection of a run shares this one thread, so the load takes one core and
     // leaves the other to the server under test.
     let stream = UnixStream::connect(socket).await?;
@@ -506,97 +396,6 @@ async fn next_batch(
         Some(p) if p.next >= end => Ok(None),
         Some(p) => p.wait(tally, measure_from).await.map(Some),
     }
-}
-
-/// The requests of `target`, encoded once for every run against it (`keys` keys).
-/// For the consume script, loads it into redis-server first (the `redis` crate is
-/// used for that set-up only, never on the measured path).
-pub fn requests(target: &Target, keys: usize) -> std::io::Result<std::rc::Rc<Requests>> {
-    let keys = keys.max(1);
-    Ok(std::rc::Rc::new(match target {
-        Target::Apikeyd { templates, .. } => Requests::apikeyd(templates, keys),
-        Target::Redis { socket, command } => {
-            let sha = match command {
-                RedisCommand::Hget => String::new(),
-                RedisCommand::Consume => {
-                    let client = redis::Client::open(format!("redis+unix://{}", socket.display()))
-                        .map_err(std::io::Error::other)?;
-                    let mut con = client.get_connection().map_err(std::io::Error::other)?;
-                    redis::cmd("SCRIPT")
-                        .arg("LOAD")
-                        .arg(apikeyd::actors::redis::CONSUME_SCRIPT)
-                        .query(&mut con)
-                        .map_err(std::io::Error::other)?
-                }
-            };
-            Requests::redis(*command, &sha, keys)
-        }
-    }))
-}
-
-/// The pid of the redis-server at `socket` (`INFO server`), to read its CPU time.
-pub fn redis_pid(socket: &std::path::Path) -> std::io::Result<u32> {
-    let client = redis::Client::open(format!("redis+unix://{}", socket.display()))
-        .map_err(std::io::Error::other)?;
-    let mut con = client.get_connection().map_err(std::io::Error::other)?;
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query(&mut con)
-        .map_err(std::io::Error::other)?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("process_id:"))
-        .and_then(|p| p.trim().parse().ok())
-        .ok_or_else(|| std::io::Error::other("redis-server did not tell its process_id"))
-}
-
-/// A process's command name and CPU time (utime + stime, in clock ticks) from
-/// /proc/PID/stat; `pid` may be `self`.
-fn cpu_ticks(pid: &str) -> std::io::Result<(String, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let bad = || std::io::Error::other(format!("/proc/{pid}/stat: unexpected format"));
-    // `pid (comm) state ppid …`: comm may hold spaces and parentheses, so split at
-    // the last `)`; utime and stime are fields 14 and 15.
-    let open = stat.find('(').ok_or_else(bad)?;
-    let close = stat.rfind(')').ok_or_else(bad)?;
-    let name = stat[open + 1..close].to_string();
-    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-    let field = |k: usize| -> std::io::Result<u64> {
-        fields
-            .get(k - 3)
-            .and_then(|f| f.parse().ok())
-            .ok_or_else(bad)
-    };
-    Ok((name, field(14)? + field(15)?))
-}
-
-/// Clock ticks per second of /proc's CPU times.
-fn ticks_per_second() -> f64 {
-    // SAFETY: sysconf only reads a configuration value.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
-/// CPU times of the server processes and of this process at one moment.
-struct CpuSample {
-    at: Instant,
-    servers: Vec<(String, u64)>,
-    client: u64,
-}
-
-fn sample(pids: &[u32]) -> std::io::Result<CpuSample> {
-    let servers = pids
-        .iter()
-        .map(|p| cpu_ticks(&p.to_string()))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    Ok(CpuSample {
-        at: Instant::now(),
-        servers,
-        client: cpu_ticks("self")?.1,
-    })
 }
 
 /// Runs `load` against `target` on a single-threaded runtime (one core for the load,
@@ -705,136 +504,4 @@ fn report(target: &Target, load: &Load, tally: &Tally) -> Report {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn load(pipeline: usize) -> Load {
-        Load {
-            connections: 1,
-            pipeline,
-            duration: Duration::ZERO,
-            warmup: Duration::ZERO,
-            rate: None,
-            keys: 3,
-        }
-    }
-
-    #[test]
-    fn requests_are_encoded_once_per_template_and_key() {
-        let r = Requests::apikeyd(&[r#"{"a":"{n}"}"#.into(), r#"{"b":{N}}"#.into()], 3);
-        assert_eq!(r.get(0, 2), b"{\"a\":\"2\"}\n");
-        assert_eq!(r.get(1, 0), b"{\"b\":0}\n");
-        let h = Requests::redis(RedisCommand::Hget, "", 12);
-        assert_eq!(
-            h.get(0, 11),
-            b"*3\r\n$4\r\nHGET\r\n$8\r\nbench:11\r\n$6\r\nopenai\r\n"
-        );
-        let c = Requests::redis(RedisCommand::Consume, "abc", 1);
-        assert!(c
-            .get(0, 0)
-            .starts_with(b"*7\r\n$7\r\nEVALSHA\r\n$3\r\nabc\r\n$1\r\n1\r\n"));
-    }
-
-    #[test]
-    fn a_batch_cycles_keys_and_templates_and_can_make_each_request_unique() {
-        let r = Requests::apikeyd(&[r#"{"k":{n}}"#.into()], 3);
-        let (mut n, mut t, mut out) = (0, 0, Vec::new());
-        next_batch_bytes(&r, &load(4), &mut n, &mut t, None, &mut out);
-        assert_eq!(out, b"{\"k\":1}\n{\"k\":2}\n{\"k\":0}\n{\"k\":1}\n");
-        let mut count = 7;
-        out.clear();
-        next_batch_bytes(
-            &r,
-            &load(2),
-            &mut n,
-            &mut t,
-            Some(("run-0", &mut count)),
-            &mut out,
-        );
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "{\"k\":2,\"idempotency_key\":\"run-0-7\"}\n{\"k\":0,\"idempotency_key\":\"run-0-8\"}\n"
-        );
-        assert_eq!(count, 9);
-    }
-
-    async fn answers(framing: Framing, bytes: &[u8], n: usize) -> Vec<bool> {
-        let mut rd = BufReader::with_capacity(4, bytes);
-        let mut line = Vec::new();
-        let mut out = Vec::new();
-        for _ in 0..n {
-            out.push(read_answer(framing, &mut rd, &mut line).await.unwrap());
-        }
-        let mut rest = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut rd, &mut rest)
-            .await
-            .unwrap();
-        assert!(rest.is_empty(), "every byte belongs to an answer");
-        out
-    }
-
-    #[tokio::test]
-    async fn the_resp_reader_reads_whole_replies_and_sees_errors() {
-        let replies = b"$14\r\nsk-a\r\nsk-bench\r\n$-1\r\n*2\r\n:1\r\n:5\r\n-NOSCRIPT no\r\n+OK\r\n*2\r\n$3\r\nabc\r\n*1\r\n:2\r\n";
-        assert_eq!(
-            answers(Framing::Resp, replies, 6).await,
-            [true, true, true, false, true, true]
-        );
-        let mut rd = BufReader::new(&b"$10\r\nshort"[..]);
-        assert!(read_answer(Framing::Resp, &mut rd, &mut Vec::new())
-            .await
-            .is_err());
-    }
-
-    #[tokio::test]
-    async fn the_line_reader_counts_answers_without_ok_as_errors() {
-        let lines =
-            b"{\"id\":1,\"ok\":true,\"result\":{}}\n{\"ok\":false,\"error\":{\"code\":\"x\"}}\n";
-        assert_eq!(answers(Framing::JsonLines, lines, 2).await, [true, false]);
-    }
-
-    #[test]
-    fn cpu_time_is_read_from_proc() {
-        let (name, _) = cpu_ticks("self").unwrap();
-        assert!(!name.is_empty());
-        let mut burn = 0u64;
-        let (_, before) = cpu_ticks("self").unwrap();
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_millis(60) {
-            burn = std::hint::black_box(burn.wrapping_add(1));
-        }
-        let (_, after) = cpu_ticks("self").unwrap();
-        assert!(after > before, "60 ms of spinning shows in utime");
-        assert!(cpu_ticks("0").is_err());
-    }
-
-    #[test]
-    fn a_closed_loop_run_below_90_percent_is_client_bound() {
-        let target = Target::Redis {
-            socket: PathBuf::new(),
-            command: RedisCommand::Hget,
-        };
-        let mut r = report(&target, &load(1), &Tally::new());
-        r.requests = 1000;
-        let at = Instant::now();
-        let tick = ticks_per_second() as u64;
-        let first = CpuSample {
-            at,
-            servers: vec![("redis-server".into(), 0)],
-            client: 0,
-        };
-        let last = |server: u64| CpuSample {
-            at: at + Duration::from_secs(1),
-            servers: vec![("redis-server".into(), server)],
-            client: tick,
-        };
-        r.add_cpu(&[1], &first, &last(tick / 2));
-        assert_eq!(r.saturated, Some(false));
-        assert!((r.cpu[0].share - 0.5).abs() < 1e-9);
-        assert!((r.cpu_us_per_request.unwrap() - 500.0).abs() < 1e-6);
-        assert!(r.line().ends_with("CLIENT-BOUND"), "{}", r.line());
-        r.add_cpu(&[1], &first, &last(tick * 95 / 100));
-        assert_eq!(r.saturated, Some(true));
-        assert!(!r.line().contains("CLIENT-BOUND"));
-    }
-}
+mod tests;

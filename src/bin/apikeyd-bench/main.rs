@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use apikeyd::config::Config;
+use apikeyd::process::config::Config;
 use load::{Load, RedisCommand, Report, Target};
 
 #[derive(Parser)]

@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
-use apikeyd::client::{Connection, Timeouts};
-use apikeyd::config::Config;
+use apikeyd::process::config::Config;
+use apikeyd::wire::client::{Connection, Timeouts};
 
 /// The user key stored for `bench-{n}`. Made up: a bench never holds a real key.
 fn bench_key(n: usize) -> String {
@@ -15,7 +15,7 @@ fn bench_key(n: usize) -> String {
 /// Stores `keys` user keys (`bench-{n}` / openai) straight into the keystore in one
 /// transaction: setting up 500,000 keys through the socket would take one fsync each.
 pub fn populate_keystore(config: &Config, keys: usize) -> Result<(), String> {
-    use apikeyd::actors::keystore;
+    use apikeyd::store::keystore;
     let opened = keystore::open(config, 1).map_err(|e| e.to_string())?;
     let mut db = opened
         .connections
@@ -24,7 +24,7 @@ pub fn populate_keystore(config: &Config, keys: usize) -> Result<(), String> {
         .ok_or("the keystore opened no connection")?;
     let tx = db.transaction().map_err(|e| e.to_string())?;
     for n in 0..keys {
-        let key = apikeyd::crypto::Secret::new(bench_key(n));
+        let key = apikeyd::keys::Secret::new(bench_key(n));
         keystore::store_user_key(&tx, &opened.key, &format!("bench-{n}"), "openai", &key)
             .map_err(|e| e.to_string())?;
     }

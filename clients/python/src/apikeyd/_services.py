@@ -2,7 +2,7 @@
 
 The daemon's texts (src/ops/messages.rs) depend only on the parameters and on the
 service's display name and signup URL: the built-in table below (a copy of the
-daemon's, which tests/test_messages.py checks against src/services.rs), overridden
+daemon's, which tests/test_messages.py checks against src/ops/services.rs), overridden
 by the operator's ``[services.*]``. Those overrides are learnt from the daemon in a
 background thread, one service at a time as they are asked for, so a caller (a
 coroutine included) never waits for a socket: the first call for a service answers

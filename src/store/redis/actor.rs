@@ -1,0 +1,158 @@
+//! `RedisStore`, the actor that owns the Redis connection for pools, quota counters
+//! and (in Redis mode) per-user keys; each message it answers is forwarded to the
+//! shared state (`Inner`) on the actor's thread.
+
+use super::*;
+
+/// Owns the Redis connection for pools, quotas and (with `keystore.user_keys =
+/// "redis"`) per-user keys.
+pub struct RedisStore {
+    inner: Rc<Inner>,
+}
+
+/// Builds the client for `[redis]` (URL, password, TLS; the master Sentinel names,
+/// asked now); a malformed URL or an unreadable file refuses the start.
+pub fn client(config: &RedisConfig) -> std::result::Result<redis::Client, ConnectError> {
+    Target::new(config)?.client()
+}
+
+impl RedisStore {
+    /// The store's connection, for the fleet heartbeat (it follows a failover too).
+    pub fn connection(&self) -> SharedConn {
+        self.inner.conn.clone()
+    }
+
+    /// What `stats` shows of the connection.
+    pub fn status(&self) -> Arc<RedisStatus> {
+        self.inner.status.clone()
+    }
+
+    /// A store on `target` (nothing is connected until the first command). With
+    /// Sentinel, the master is asked of the sentinels by the first health check.
+    pub fn new(
+        target: Target,
+        config: &RedisConfig,
+        master: Arc<MasterKey>,
+        connected: Arc<AtomicBool>,
+        audit: Arc<crate::process::audit::Audit>,
+    ) -> std::result::Result<Self, ConnectError> {
+        let timeout = Duration::from_millis(config.timeout_ms.max(1));
+        let status = Arc::new(RedisStatus::default());
+        status
+            .sentinels
+            .store(config.sentinels.len() as u64, Ordering::Relaxed);
+        // With Sentinel, the master named now; if no sentinel answers, the URL's own
+        // address stands in until the health check finds one.
+        let first = if target.uses_sentinels() {
+            match target.ask_sentinels_blocking() {
+                Ok((host, port)) => {
+                    status.set_master(&format!("{host}:{port}"));
+                    tracing::info!(master = %format!("{host}:{port}"), "redis master (from Sentinel)");
+                    target.client_at(&host, port)?
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot ask the sentinels for the master yet");
+                    target.build(target.info.clone())?
+                }
+            }
+        } else {
+            target.build(target.info.clone())?
+        };
+        let conn = Rc::new(RefCell::new(manager(first, timeout)?));
+        Ok(RedisStore {
+            inner: Rc::new(Inner {
+                conn,
+                target,
+                status,
+                replicas: config.replicas_to_wait_for(),
+                master,
+                names: Names {
+                    prefix: config.prefix.clone(),
+                },
+                timeout,
+                accept_legacy: Arc::new(AtomicBool::new(config.accept_legacy_plaintext)),
+                connected,
+                answered: Arc::new(AtomicBool::new(false)),
+                warned: RefCell::new(HashSet::new()),
+                refusals: RefCell::default(),
+                down: RefCell::default(),
+                quota: quota::Batcher::new(),
+                cut_over: AtomicBool::new(false),
+                audit,
+                report: redis::Script::new(REPORT_SCRIPT),
+                write: redis::Script::new(&format!("{RETIRED_GUARD}{WRITE_BODY}")),
+            }),
+        })
+    }
+}
+
+impl RedisStore {
+    /// The switch for `redis.accept_legacy_plaintext`, for reloads to flip.
+    pub fn accept_legacy_switch(&self) -> Arc<AtomicBool> {
+        self.inner.accept_legacy.clone()
+    }
+
+    /// Set once Redis has answered a command since start.
+    pub fn answered_flag(&self) -> Arc<AtomicBool> {
+        self.inner.answered.clone()
+    }
+}
+
+impl Actor for RedisStore {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let check = |store: &mut Self, ctx: &mut Context<Self>| {
+            let inner = store.inner.clone();
+            ctx.spawn(async move { inner.ping().await }.into_actor(store));
+        };
+        check(self, ctx);
+        ctx.run_interval(HEALTH_EVERY, check);
+    }
+}
+
+macro_rules! forward {
+    ($msg:ty, $out:ty, $method:ident) => {
+        impl Handler<$msg> for RedisStore {
+            type Result = ResponseFuture<Result<$out>>;
+
+            fn handle(&mut self, msg: $msg, _: &mut Self::Context) -> Self::Result {
+                let inner = self.inner.clone();
+                Box::pin(async move { inner.$method(msg).await })
+            }
+        }
+    };
+}
+
+forward!(AddPoolKey, Written<(String, bool)>, add_pool_key);
+forward!(ReportPoolKey, Written<Option<Health>>, report_pool_key);
+forward!(CountPoolKeys, Vec<PoolKeyCount>, count_pool_keys);
+forward!(EnablePoolKey, Written<bool>, enable_pool_key);
+forward!(CountPicks, (), count_picks);
+forward!(RemovePoolKey, Written<bool>, remove_pool_key);
+forward!(ReadUsage, u64, read_usage);
+forward!(IncrementUsage, Written<u64>, increment_usage);
+forward!(ConsumeUsage, Written<(bool, u64)>, consume_usage);
+forward!(LoadUserKey, LoadedUserKey, load_user_key);
+forward!(StoreUserKey, Written<()>, store_user_key);
+forward!(DeleteUserKey, Written<bool>, delete_user_key);
+forward!(ListUserKeys, Vec<UserKeyInfo>, list_user_keys);
+forward!(ReportUserKey, Written<Option<bool>>, report_user_key);
+
+impl Handler<LoadPool> for RedisStore {
+    type Result = ResponseFuture<Result<Vec<PoolEntry>>>;
+
+    fn handle(&mut self, msg: LoadPool, _: &mut Self::Context) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.load_pool(msg.pool).await })
+    }
+}
+
+impl Handler<ListPoolKeys> for RedisStore {
+    type Result = ResponseFuture<Result<Vec<PoolKeyInfo>>>;
+
+    fn handle(&mut self, msg: ListPoolKeys, _: &mut Self::Context) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.list_pool_keys(msg.pool).await })
+    }
+}
