@@ -9,6 +9,8 @@ use zeroize::{Zeroize, Zeroizing};
 use crate::crypto::Secret;
 use crate::error::{Error, Result};
 
+mod fastpath;
+
 /// Upper bound of `daily_limit`, `current` and `limit`.
 pub const MAX_COUNT: u64 = 1_000_000_000;
 
@@ -348,7 +350,9 @@ pub fn parse_line(line: &[u8]) -> Line {
     let Ok(text) = std::str::from_utf8(line) else {
         return invalid("request is not valid UTF-8");
     };
-    let mut members = match serde_json::from_str::<Members>(text) {
+    // The common flat line skips serde_json; every other shape is read by it.
+    let parsed = fastpath::members(text).map_or_else(|| serde_json::from_str(text), Ok);
+    let mut members: Members = match parsed {
         Ok(m) => m,
         // serde_json's messages give a position, never the offending text.
         Err(e) => match serde_json::from_str::<IgnoredAny>(text) {
