@@ -106,8 +106,8 @@ impl Scalar<'_> {
 }
 
 /// The members of a flat request line, or `None` to let serde_json read it.
-pub(super) fn members(text: &str) -> Option<Members> {
-    let mut members = Members::default();
+pub(super) fn members(text: &str) -> Option<Box<Members>> {
+    let mut members = Box::<Members>::default();
     // The members already seen, by their bit in `slot`: serde refuses a second one.
     let mut seen = 0u32;
     let mut c = Cursor { text, at: 0 };
