@@ -99,7 +99,11 @@ fn encoded(id: &Id, outcome: &Result<Body>) -> Body {
 
 /// The response line of an op's answer.
 fn answered(id: &Id, outcome: Result<Reply>) -> Body {
-    let mut out = Zeroizing::new(Vec::with_capacity(96));
+    // Room for the whole line up front: a growing buffer would move, leaving a copy
+    // of the key it holds in memory that is not wiped (64: the envelope's own bytes).
+    let result = outcome.as_ref().map_or(0, |r| r.body.len());
+    let id_len = id.as_deref().map_or(4, |r| r.get().len());
+    let mut out = Zeroizing::new(Vec::with_capacity(result + id_len + 64));
     match outcome {
         Ok(Reply { body, replayed }) => write_answer(&mut out, id, &Ok(body), replayed),
         Err(e) => write_answer(&mut out, id, &Err(e), false),
