@@ -19,7 +19,7 @@ use super::{Inner, Kind};
 use crate::actors::store::{ConsumeUsage, IncrementUsage, ReadUsage};
 use crate::clock;
 use crate::error::{Error, Result};
-use crate::idempotency::{self, Idem, Written};
+use crate::idempotency::{self, Counters, Idem, Written};
 
 /// Check-and-increment in one script: Redis runs it atomically. What one consume
 /// does; public so the benchmark can run the very same script against redis-server
@@ -36,45 +36,82 @@ return {0, n}
 
 /// A batch of increments and consumes, in order. Call i has its counter hash in
 /// KEYS[i]; ARGV[1] is the expiry of today's hashes, ARGV[2] the TTL of idempotency
-/// records, and call i has four words from ARGV[4i-1]: its tool, its limit ('' for
-/// an increment, which has none), its idempotency record ('' for none; named here
-/// rather than in KEYS, as a call may have none: the daemon never runs on a cluster)
-/// and its fingerprint. Answers {verdict_1, count_1, verdict_2, count_2, …}: verdict
-/// 1 allowed (counted), 0 denied, 2 refused by Redis (a counter hash that is not a
-/// hash, say), 3 the record belongs to another request, 4 and 5 the recorded
-/// verdict (0 and 1) of an earlier call with the same key, with its count. A
-/// refused call fails alone: the others of its batch are applied and answered as
-/// usual. A record holds the fingerprint, a newline, the verdict and the count.
+/// records; ARGV[3..5] the record counters (current, previous, when the current
+/// may go; '' when no call of the batch has a record: see
+/// `idempotency::REDIS_COUNT_LUA`) and ARGV[6] the most records held; call i has
+/// four words from ARGV[4i+3]: its tool, its limit ('' for an increment, which has
+/// none), its idempotency record ('' for none; named here rather than in KEYS, as a
+/// call may have none: the daemon never runs on a cluster) and its fingerprint.
+/// Answers {verdict_1, count_1, verdict_2, count_2, …, records}: verdict 1 allowed
+/// (counted), 0 denied, 2 refused by Redis (a counter hash that is not a hash, say),
+/// 3 the record belongs to another request, 4 and 5 the recorded verdict (0 and 1)
+/// of an earlier call with the same key, with its count, 6 refused because the
+/// records are full (nothing applied); `records` is the records counted after the
+/// batch (0 without counters). A refused call fails alone: the others of its batch
+/// are applied and answered as usual. A record holds the fingerprint, a newline,
+/// the verdict and the count.
+///
+/// A call with a record costs one record command: its verdict and count are known
+/// before anything is written (the count is read, and the script runs alone), so
+/// `SET … NX GET` writes the record and reports an earlier one in one step; the count
+/// is written after, only when the record was new. The count read must be a whole
+/// number, so the increment after it cannot fail (a record is never left without its
+/// write). The counters cost two commands per batch, not per call.
 /// A refusal of the server's own (OOM, READONLY, NOPERM, MISCONF, …: any code but
 /// ERR and WRONGTYPE) refuses every write alike, so it ends the script as its error
 /// reply, which names the cause.
-const BATCH_SCRIPT: &str = r"
+const BATCH_BODY: &str = r"
+local function count_of(key, tool)
+  local n = tonumber(redis.call('HGET', key, tool) or '0')
+  if n == nil or n ~= math.floor(n) or n < 0 or n > 2^52 then error('not a count') end
+  return n
+end
 local function apply(key, tool, limit, expiry)
   if limit ~= '' then
-    local n = tonumber(redis.call('HGET', key, tool) or '0')
-    if n == nil then error('not a count') end
+    local n = count_of(key, tool)
     if n >= tonumber(limit) then return 0, n end
   end
   local n = redis.call('HINCRBY', key, tool, 1)
   redis.call('EXPIREAT', key, expiry)
   return 1, n
 end
+local counter, held, added = nil, 0, 0
+local cap = tonumber(ARGV[6])
+if ARGV[3] ~= '' then
+  local k = 0
+  for i = 1, #KEYS do
+    if ARGV[4 * i + 5] ~= '' then k = k + 1 end
+  end
+  counter, held = records_open(ARGV[3], ARGV[4], ARGV[5], k)
+end
 local function once(key, tool, limit, expiry, record, print, ttl)
   if record == '' then return apply(key, tool, limit, expiry) end
   local head = print .. '\n'
-  local rec = redis.call('GET', record)
+  local n = count_of(key, tool)
+  local verdict = 1
+  if limit ~= '' and n >= tonumber(limit) then verdict = 0 else n = n + 1 end
+  local rec
+  if held >= cap then
+    rec = redis.call('GET', record)
+    if not rec then return 6, 0 end
+  else
+    rec = redis.call('SET', record, head .. verdict .. ' ' .. n, 'NX', 'GET', 'EX', ttl)
+  end
   if rec then
     if string.sub(rec, 1, #head) ~= head then return 3, 0 end
-    local verdict, n = string.match(string.sub(rec, #head + 1), '^(%d+) (%d+)$')
-    return 4 + tonumber(verdict), tonumber(n)
+    local v, m = string.match(string.sub(rec, #head + 1), '^(%d+) (%d+)$')
+    return 4 + tonumber(v), tonumber(m)
   end
-  local verdict, n = apply(key, tool, limit, expiry)
-  redis.call('SET', record, head .. verdict .. ' ' .. n, 'EX', ttl)
+  held, added = held + 1, added + 1
+  if verdict == 1 then
+    redis.call('HINCRBY', key, tool, 1)
+    redis.call('EXPIREAT', key, expiry)
+  end
   return verdict, n
 end
 local out = {}
 for i = 1, #KEYS do
-  local a = 4 * i - 1
+  local a = 4 * i + 3
   local ok, verdict, n = pcall(once, KEYS[i], ARGV[a], ARGV[a + 1], ARGV[1],
     ARGV[a + 2], ARGV[a + 3], ARGV[2])
   if ok then
@@ -83,11 +120,14 @@ for i = 1, #KEYS do
     local message = type(verdict) == 'table' and verdict.err or tostring(verdict)
     local code = string.match(message, '^(%u+) ')
     if code and code ~= 'ERR' and code ~= 'WRONGTYPE' then
+      if counter then records_close(counter, added) end
       return redis.error_reply(message)
     end
     out[2 * i - 1], out[2 * i] = 2, 0
   end
 end
+if counter then records_close(counter, added) end
+out[#out + 1] = held
 return out
 ";
 
@@ -128,7 +168,7 @@ struct Queue {
 impl Batcher {
     pub(super) fn new() -> Self {
         Batcher {
-            script: redis::Script::new(BATCH_SCRIPT),
+            script: redis::Script::new(&format!("{}{BATCH_BODY}", idempotency::REDIS_COUNT_LUA)),
             queue: RefCell::default(),
         }
     }
@@ -240,6 +280,7 @@ impl Inner {
                             })
                         }
                         (3, Some((_, idem))) => Err(idempotency::conflict(idem)),
+                        (6, Some((_, idem))) => Err(idempotency::full(idem.max_records)),
                         _ => {
                             tracing::error!(hash = %call.hash, "redis refused a quota count: the counter is not a hash of counts (WRONGTYPE or not a number); something else wrote it");
                             Err(Error::Internal(
@@ -268,7 +309,26 @@ impl Inner {
             .max()
             .unwrap_or(1)
             .max(1);
+        let most = batch
+            .iter()
+            .filter_map(|c| c.record.as_ref().map(|(_, i)| i.max_records))
+            .max();
         invocation.arg(usage_expiry()).arg(ttl);
+        if most.is_some() {
+            self.records_ttl.set(ttl);
+        }
+        match most {
+            Some(most) => {
+                let counters =
+                    Counters::at(&self.names.idempotency_count(ttl), ttl, clock::now_s());
+                invocation
+                    .arg(counters.current)
+                    .arg(counters.previous)
+                    .arg(counters.expire_at)
+                    .arg(most)
+            }
+            None => invocation.arg("").arg("").arg(0).arg(0),
+        };
         for call in batch {
             invocation.key(&call.hash).arg(&call.tool);
             match call.limit {
@@ -286,7 +346,7 @@ impl Inner {
                 async move { invocation.invoke_async(&mut c).await }
             })
             .await?;
-        if counts.len() != 2 * batch.len() {
+        if counts.len() != 2 * batch.len() + 1 {
             tracing::error!(
                 calls = batch.len(),
                 answers = counts.len(),
@@ -295,6 +355,11 @@ impl Inner {
             return Err(Error::Internal(
                 "redis answered a quota batch wrongly (see the daemon log)".into(),
             ));
+        }
+        if most.is_some() {
+            idempotency::FIGURES
+                .records
+                .store(counts[2 * batch.len()], Ordering::Relaxed);
         }
         Ok(counts)
     }
