@@ -22,14 +22,15 @@ use crate::error::{Error, Result};
 /// lives TTL seconds, so the records held are at most those counted in the current
 /// and the previous window; a script adds a record only while that sum is below
 /// the cap (`server.idempotency_max_records`), which bounds the records Redis holds.
-/// `records_open(current, previous, expire_at, k)` counts `k` records up front (one
-/// `INCRBY`, which also answers the count; the counter's expiry is set when it is
-/// created) and answers the counter and the sum held before them;
+/// `records_open(current, previous, expire_at, k)` counts `k` (text) records up
+/// front (one `INCRBY`, which also answers the count; the counter's expiry is set
+/// when it is created) and answers the counter and the sum held before them;
 /// `records_close(counter, added)` gives back those not added. The script runs
 /// alone, so nobody sees the count in between. Counters are written only here.
 pub const REDIS_COUNT_LUA: &str = r"
 local function records_open(current, previous, expire_at, k)
   local after = redis.call('INCRBY', current, k)
+  k = tonumber(k)
   if after == k then redis.call('EXPIREAT', current, expire_at) end
   return {current, k}, after - k + (tonumber(redis.call('GET', previous)) or 0)
 end

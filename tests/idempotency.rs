@@ -408,3 +408,51 @@ fn expired_records_make_room(mode: Mode) {
     assert_eq!(count(&mut c, "u1", "search"), 3, "each write counted once");
     assert_eq!(c.call(consume("k2"))["replayed"], true);
 }
+
+/// Redis mode: a quota record answers the first verdict and count, a denial
+/// included, and records written by earlier versions (the verdict and the count
+/// after the call) are still replayed.
+#[test]
+fn quota_records_replay_denials_and_earlier_records() {
+    let d = TestDaemon::start_with(Mode::Redis, "", &[]);
+    let mut c = d.client();
+    let at_limit = |key: &str| {
+        json!({"op": "consume_default_key_usage", "user_id": "u9", "tool_name": "search",
+            "daily_limit": 1, "idempotency_key": key})
+    };
+    assert_eq!(twice(&mut c, at_limit("k-allowed"))["allowed"], true);
+    let denied = twice(&mut c, at_limit("k-denied"));
+    assert_eq!(
+        (denied["allowed"].clone(), denied["current_count"].clone()),
+        (json!(false), json!(1))
+    );
+    assert_eq!(count(&mut c, "u9", "search"), 1);
+
+    // A record as an earlier version wrote it: same fingerprint, "verdict count".
+    let redis = d.redis.as_ref().unwrap();
+    let mut con = redis.conn();
+    let names: Vec<String> = redis::cmd("KEYS")
+        .arg("stargazer:apikeyd:idempotency:*:k-allowed")
+        .query(&mut con)
+        .unwrap();
+    let name = &names[0];
+    let value: String = redis::cmd("GET").arg(name).query(&mut con).unwrap();
+    let (print, _) = value.split_once('\n').unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(name)
+        .arg(format!("{print}\n1 7"))
+        .arg("EX")
+        .arg(60)
+        .query(&mut con)
+        .unwrap();
+    let r = c.call(at_limit("k-allowed"));
+    assert_eq!(r["replayed"], true, "{r}");
+    assert_eq!(
+        (
+            r["result"]["allowed"].clone(),
+            r["result"]["current_count"].clone()
+        ),
+        (json!(true), json!(7))
+    );
+    assert_eq!(count(&mut c, "u9", "search"), 1);
+}

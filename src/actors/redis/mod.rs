@@ -94,7 +94,7 @@ if KEYS[4] then
     return {2, string.sub(rec, #head + 1)}
   end
   local held
-  counter, held = records_open(ARGV[10], ARGV[11], ARGV[12], 1)
+  counter, held = records_open(ARGV[10], ARGV[11], ARGV[12], '1')
   if held >= tonumber(ARGV[13]) then
     records_close(counter, 0)
     return {4, ''}
@@ -139,7 +139,7 @@ if ARGV[2] ~= '' then
     return {1, string.sub(rec, #head + 1)}
   end
   local held
-  counter, held = records_open(ARGV[4], ARGV[5], ARGV[6], 1)
+  counter, held = records_open(ARGV[4], ARGV[5], ARGV[6], '1')
   if held >= tonumber(ARGV[7]) then
     records_close(counter, 0)
     return {-2, ''}

@@ -38,80 +38,78 @@ return {0, n}
 /// KEYS[i]; ARGV[1] is the expiry of today's hashes, ARGV[2] the TTL of idempotency
 /// records; ARGV[3..5] the record counters (current, previous, when the current
 /// may go; '' when no call of the batch has a record: see
-/// `idempotency::REDIS_COUNT_LUA`) and ARGV[6] the most records held; call i has
-/// four words from ARGV[4i+3]: its tool, its limit ('' for an increment, which has
-/// none), its idempotency record ('' for none; named here rather than in KEYS, as a
-/// call may have none: the daemon never runs on a cluster) and its fingerprint.
-/// Answers {verdict_1, count_1, verdict_2, count_2, …, records}: verdict 1 allowed
-/// (counted), 0 denied, 2 refused by Redis (a counter hash that is not a hash, say),
-/// 3 the record belongs to another request, 4 and 5 the recorded verdict (0 and 1)
-/// of an earlier call with the same key, with its count, 6 refused because the
-/// records are full (nothing applied); `records` is the records counted after the
-/// batch (0 without counters). A refused call fails alone: the others of its batch
-/// are applied and answered as usual. A record holds the fingerprint, a newline,
-/// the verdict and the count.
+/// `idempotency::REDIS_COUNT_LUA`), ARGV[6] the most records held and ARGV[7] how
+/// many calls have a record; call i has four words from ARGV[4i+4]: its tool, its
+/// limit ('' for an increment, which has none), its idempotency record ('' for none;
+/// named here rather than in KEYS, as a call may have none: the daemon never runs on
+/// a cluster) and its fingerprint. Answers {verdict_1, count_1, verdict_2, count_2,
+/// …, records}: verdict 1 allowed (counted), 0 denied, 2 refused by Redis (a counter
+/// hash that is not a hash, say), 3 the record belongs to another request, 4 and 5
+/// the recorded verdict (0 and 1) of an earlier call with the same key, with its
+/// count, 6 refused because the records are full (nothing applied); `records` is the
+/// records counted after the batch (0 without counters). A refused call fails alone:
+/// the others of its batch are applied and answered as usual.
 ///
-/// A call with a record costs one record command: its verdict and count are known
-/// before anything is written (the count is read, and the script runs alone), so
+/// A call with a record costs one record command: its verdict is known before
+/// anything is written (the count is read, and the script runs alone), so
 /// `SET … NX GET` writes the record and reports an earlier one in one step; the count
-/// is written after, only when the record was new. The count read must be a whole
-/// number, so the increment after it cannot fail (a record is never left without its
-/// write). The counters cost two commands per batch, not per call.
+/// is written after, only when the record was new. The count read must be digits, so
+/// the increment after it cannot fail (a record is never left without its write). A
+/// record holds the fingerprint, a newline, the verdict, `+` and the count before
+/// the call, as Redis gave it: no number is turned into text, which costs Redis more
+/// than the commands around it. (Records of earlier versions hold the verdict, a
+/// space and the count after the call; they are read too.) The counters cost two
+/// commands per batch, not per call.
 /// A refusal of the server's own (OOM, READONLY, NOPERM, MISCONF, …: any code but
 /// ERR and WRONGTYPE) refuses every write alike, so it ends the script as its error
 /// reply, which names the cause.
 const BATCH_BODY: &str = r"
-local function count_of(key, tool)
-  local n = tonumber(redis.call('HGET', key, tool) or '0')
-  if n == nil or n ~= math.floor(n) or n < 0 or n > 2^52 then error('not a count') end
-  return n
-end
 local function apply(key, tool, limit, expiry)
   if limit ~= '' then
-    local n = count_of(key, tool)
+    local n = tonumber(redis.call('HGET', key, tool) or '0')
+    if n == nil then error('not a count') end
     if n >= tonumber(limit) then return 0, n end
   end
   local n = redis.call('HINCRBY', key, tool, 1)
   redis.call('EXPIREAT', key, expiry)
   return 1, n
 end
-local counter, held, added = nil, 0, 0
-local cap = tonumber(ARGV[6])
+local counter, held, added, cap = nil, 0, 0, 0
 if ARGV[3] ~= '' then
-  local k = 0
-  for i = 1, #KEYS do
-    if ARGV[4 * i + 5] ~= '' then k = k + 1 end
-  end
-  counter, held = records_open(ARGV[3], ARGV[4], ARGV[5], k)
+  counter, held = records_open(ARGV[3], ARGV[4], ARGV[5], ARGV[7])
+  cap = tonumber(ARGV[6])
 end
 local function once(key, tool, limit, expiry, record, print, ttl)
   if record == '' then return apply(key, tool, limit, expiry) end
   local head = print .. '\n'
-  local n = count_of(key, tool)
-  local verdict = 1
-  if limit ~= '' and n >= tonumber(limit) then verdict = 0 else n = n + 1 end
+  local before = redis.call('HGET', key, tool) or '0'
+  if #before > 15 or not string.find(before, '^%d+$') then error('not a count') end
+  local verdict = '1'
+  if limit ~= '' and tonumber(before) >= tonumber(limit) then verdict = '0' end
   local rec
   if held >= cap then
     rec = redis.call('GET', record)
     if not rec then return 6, 0 end
   else
-    rec = redis.call('SET', record, head .. verdict .. ' ' .. n, 'NX', 'GET', 'EX', ttl)
+    rec = redis.call('SET', record, head .. verdict .. '+' .. before, 'NX', 'GET', 'EX', ttl)
   end
   if rec then
     if string.sub(rec, 1, #head) ~= head then return 3, 0 end
-    local v, m = string.match(string.sub(rec, #head + 1), '^(%d+) (%d+)$')
+    local answer = string.sub(rec, #head + 1)
+    local v, m = string.match(answer, '^(%d)%+(%d+)$')
+    if v then return 4 + tonumber(v), tonumber(m) + tonumber(v) end
+    v, m = string.match(answer, '^(%d+) (%d+)$')
     return 4 + tonumber(v), tonumber(m)
   end
   held, added = held + 1, added + 1
-  if verdict == 1 then
-    redis.call('HINCRBY', key, tool, 1)
-    redis.call('EXPIREAT', key, expiry)
-  end
-  return verdict, n
+  if verdict == '0' then return 0, tonumber(before) end
+  local n = redis.call('HINCRBY', key, tool, '1')
+  redis.call('EXPIREAT', key, expiry)
+  return 1, n
 end
 local out = {}
 for i = 1, #KEYS do
-  local a = 4 * i + 3
+  local a = 4 * i + 4
   local ok, verdict, n = pcall(once, KEYS[i], ARGV[a], ARGV[a + 1], ARGV[1],
     ARGV[a + 2], ARGV[a + 3], ARGV[2])
   if ok then
@@ -313,6 +311,7 @@ impl Inner {
             .iter()
             .filter_map(|c| c.record.as_ref().map(|(_, i)| i.max_records))
             .max();
+        let recorded = batch.iter().filter(|c| c.record.is_some()).count();
         invocation.arg(usage_expiry()).arg(ttl);
         if most.is_some() {
             self.records_ttl.set(ttl);
@@ -326,8 +325,9 @@ impl Inner {
                     .arg(counters.previous)
                     .arg(counters.expire_at)
                     .arg(most)
+                    .arg(recorded)
             }
-            None => invocation.arg("").arg("").arg(0).arg(0),
+            None => invocation.arg("").arg("").arg(0).arg(0).arg(0),
         };
         for call in batch {
             invocation.key(&call.hash).arg(&call.tool);
