@@ -34,6 +34,44 @@ end
 return {0, n}
 ";
 
+/// One increment or consume (`limit` '' for an increment), as the batch scripts
+/// apply it: answers the verdict (1 allowed and counted, 0 denied) and the count.
+const APPLY_LUA: &str = r"
+local function apply(key, tool, limit, expiry)
+  if limit ~= '' then
+    local n = tonumber(redis.call('HGET', key, tool) or '0')
+    if n == nil then error('not a count') end
+    if n >= tonumber(limit) then return 0, n end
+  end
+  local n = redis.call('HINCRBY', key, tool, 1)
+  redis.call('EXPIREAT', key, expiry)
+  return 1, n
+end
+";
+
+/// A batch of increments and consumes without idempotency records (most batches),
+/// without the words and the Lua that records need. Call i has its counter hash in
+/// KEYS[i] and two words from ARGV[2i]: its tool and its limit; ARGV[1] is the
+/// expiry of today's hashes. Answers as [`BATCH_BODY`] does (the last number 0).
+const PLAIN_BODY: &str = r"
+local out = {}
+for i = 1, #KEYS do
+  local ok, verdict, n = pcall(apply, KEYS[i], ARGV[2 * i], ARGV[2 * i + 1], ARGV[1])
+  if ok then
+    out[2 * i - 1], out[2 * i] = verdict, n
+  else
+    local message = type(verdict) == 'table' and verdict.err or tostring(verdict)
+    local code = string.match(message, '^(%u+) ')
+    if code and code ~= 'ERR' and code ~= 'WRONGTYPE' then
+      return redis.error_reply(message)
+    end
+    out[2 * i - 1], out[2 * i] = 2, 0
+  end
+end
+out[#out + 1] = 0
+return out
+";
+
 /// A batch of increments and consumes, in order. Call i has its counter hash in
 /// KEYS[i]; ARGV[1] is the expiry of today's hashes, ARGV[2] the TTL of idempotency
 /// records; ARGV[3..5] the record counters (current, previous, when the current
@@ -64,16 +102,6 @@ return {0, n}
 /// ERR and WRONGTYPE) refuses every write alike, so it ends the script as its error
 /// reply, which names the cause.
 const BATCH_BODY: &str = r"
-local function apply(key, tool, limit, expiry)
-  if limit ~= '' then
-    local n = tonumber(redis.call('HGET', key, tool) or '0')
-    if n == nil then error('not a count') end
-    if n >= tonumber(limit) then return 0, n end
-  end
-  local n = redis.call('HINCRBY', key, tool, 1)
-  redis.call('EXPIREAT', key, expiry)
-  return 1, n
-end
 local counter, held, added, cap = nil, 0, 0, 0
 if ARGV[3] ~= '' then
   counter, held = records_open(ARGV[3], ARGV[4], ARGV[5], ARGV[7])
@@ -151,6 +179,9 @@ struct Call {
 
 /// The calls of this turn, waiting for the batch that sends them.
 pub(super) struct Batcher {
+    /// Batches without records ([`PLAIN_BODY`]).
+    plain: redis::Script,
+    /// Batches with records ([`BATCH_BODY`]).
     script: redis::Script,
     queue: RefCell<Queue>,
 }
@@ -166,7 +197,11 @@ struct Queue {
 impl Batcher {
     pub(super) fn new() -> Self {
         Batcher {
-            script: redis::Script::new(&format!("{}{BATCH_BODY}", idempotency::REDIS_COUNT_LUA)),
+            plain: redis::Script::new(&format!("{APPLY_LUA}{PLAIN_BODY}")),
+            script: redis::Script::new(&format!(
+                "{}{APPLY_LUA}{BATCH_BODY}",
+                idempotency::REDIS_COUNT_LUA
+            )),
             queue: RefCell::default(),
         }
     }
@@ -299,6 +334,19 @@ impl Inner {
 
     /// Runs one batch; answers two numbers per call.
     async fn run_batch(&self, batch: &[Call]) -> Result<Vec<u64>> {
+        let recorded = batch.iter().filter(|c| c.record.is_some()).count();
+        if recorded == 0 {
+            let mut invocation = self.quota.plain.prepare_invoke();
+            invocation.arg(usage_expiry());
+            for call in batch {
+                invocation.key(&call.hash).arg(&call.tool);
+                match call.limit {
+                    Some(limit) => invocation.arg(limit),
+                    None => invocation.arg(""),
+                };
+            }
+            return self.invoke_batch(batch, &invocation).await;
+        }
         let mut invocation = self.quota.script.prepare_invoke();
         // One TTL for the batch: the longest asked (they differ only across a reload).
         let ttl = batch
@@ -310,25 +358,17 @@ impl Inner {
         let most = batch
             .iter()
             .filter_map(|c| c.record.as_ref().map(|(_, i)| i.max_records))
-            .max();
-        let recorded = batch.iter().filter(|c| c.record.is_some()).count();
+            .max()
+            .unwrap_or(1);
         invocation.arg(usage_expiry()).arg(ttl);
-        if most.is_some() {
-            self.records_ttl.set(ttl);
-        }
-        match most {
-            Some(most) => {
-                let counters =
-                    Counters::at(&self.names.idempotency_count(ttl), ttl, clock::now_s());
-                invocation
-                    .arg(counters.current)
-                    .arg(counters.previous)
-                    .arg(counters.expire_at)
-                    .arg(most)
-                    .arg(recorded)
-            }
-            None => invocation.arg("").arg("").arg(0).arg(0).arg(0),
-        };
+        self.records_ttl.set(ttl);
+        let counters = Counters::at(&self.names.idempotency_count(ttl), ttl, clock::now_s());
+        invocation
+            .arg(counters.current)
+            .arg(counters.previous)
+            .arg(counters.expire_at)
+            .arg(most)
+            .arg(recorded);
         for call in batch {
             invocation.key(&call.hash).arg(&call.tool);
             match call.limit {
@@ -340,10 +380,22 @@ impl Inner {
                 None => invocation.arg("").arg(""),
             };
         }
+        let counts = self.invoke_batch(batch, &invocation).await?;
+        idempotency::FIGURES
+            .records
+            .store(counts[2 * batch.len()], Ordering::Relaxed);
+        Ok(counts)
+    }
+
+    /// Sends one batch's script; answers two numbers per call and one more.
+    async fn invoke_batch(
+        &self,
+        batch: &[Call],
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<Vec<u64>> {
         let counts: Vec<u64> = self
-            .bounded("quota batch", Kind::Write, |mut c| {
-                let invocation = &invocation;
-                async move { invocation.invoke_async(&mut c).await }
+            .bounded("quota batch", Kind::Write, |mut c| async move {
+                invocation.invoke_async(&mut c).await
             })
             .await?;
         if counts.len() != 2 * batch.len() + 1 {
@@ -355,11 +407,6 @@ impl Inner {
             return Err(Error::Internal(
                 "redis answered a quota batch wrongly (see the daemon log)".into(),
             ));
-        }
-        if most.is_some() {
-            idempotency::FIGURES
-                .records
-                .store(counts[2 * batch.len()], Ordering::Relaxed);
         }
         Ok(counts)
     }
