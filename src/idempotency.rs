@@ -63,6 +63,9 @@ impl Counters {
     }
 }
 
+/// When (unix seconds) a full embedded store last counted its live records.
+static RECOUNTED_AT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
 /// How often (seconds) the embedded store drops expired records.
 const PRUNE_EVERY_S: i64 = 60;
 
@@ -238,13 +241,17 @@ pub fn once<T: Serialize + DeserializeOwned>(
         };
     }
     if FIGURES.records.load(Ordering::Relaxed) >= idem.max_records {
-        // The running count may include expired records: count the live ones.
-        let live: i64 = db
-            .prepare_cached("SELECT count(*) FROM idempotency WHERE expires_at > ?1")?
-            .query_row(params![now], |r| r.get(0))?;
-        let live = u64::try_from(live).unwrap_or(0);
-        FIGURES.records.store(live, Ordering::Relaxed);
-        if live >= idem.max_records {
+        // The running count may include expired records: count the live ones, at
+        // most once a second (a count reads the whole expiry index).
+        if RECOUNTED_AT.swap(now, Ordering::Relaxed) != now {
+            let live: i64 = db
+                .prepare_cached("SELECT count(*) FROM idempotency WHERE expires_at > ?1")?
+                .query_row(params![now], |r| r.get(0))?;
+            FIGURES
+                .records
+                .store(u64::try_from(live).unwrap_or(0), Ordering::Relaxed);
+        }
+        if FIGURES.records.load(Ordering::Relaxed) >= idem.max_records {
             return Err(full(idem.max_records));
         }
     }
