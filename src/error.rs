@@ -38,6 +38,10 @@ pub enum Error {
     /// another op or other parameters; nothing was applied.
     #[error("this idempotency_key was already used for a different request; nothing was applied (use a fresh key for a new write)")]
     IdempotencyConflict,
+    /// `server.idempotency_max_records` records are held: a write with a new
+    /// `idempotency_key` is refused (answered `unavailable` with `"applied": false`).
+    #[error("too many idempotency records are held (server.idempotency_max_records = {0}); nothing was applied: send it again once older records expire, or without idempotency_key")]
+    IdempotencyFull(u64),
     /// Anything else.
     #[error("{0}")]
     Internal(String),
@@ -51,7 +55,9 @@ impl Error {
             Error::UnknownOp(_) => "unknown_op",
             Error::Forbidden(_) => "forbidden",
             Error::TooLarge(_) => "too_large",
-            Error::Unavailable(_) | Error::ShuttingDown => "unavailable",
+            Error::Unavailable(_) | Error::ShuttingDown | Error::IdempotencyFull(_) => {
+                "unavailable"
+            }
             Error::BadConfig(_) => "bad_config",
             Error::IdempotencyConflict => "idempotency_conflict",
             Error::Internal(_) => "internal",
@@ -62,7 +68,7 @@ impl Error {
     /// client may send it again as it is (shown as `"applied": false` in the error).
     pub fn applied(&self) -> Option<bool> {
         match self {
-            Error::ShuttingDown => Some(false),
+            Error::ShuttingDown | Error::IdempotencyFull(_) => Some(false),
             _ => None,
         }
     }

@@ -270,6 +270,8 @@ in_every_mode!(
     records_expire_after_the_ttl,
     bad_keys_are_refused_and_apply_nothing,
     concurrent_repeats_apply_once,
+    records_are_counted_and_capped,
+    expired_records_make_room,
 );
 
 /// Keys are per uid: nobody using root's key is a new write, not root's replay.
@@ -316,4 +318,147 @@ fn a_retry_on_another_daemon_is_replayed() {
     assert_eq!(retry["replayed"], true, "{retry}");
     assert_eq!(retry["result"], first);
     assert_eq!(count(&mut b.client(), "u1", "search"), 1);
+}
+
+/// `req` refused because the records are full: `unavailable`, not applied.
+fn refused_full(c: &mut Client, req: Value) {
+    let r = c.call(req);
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["error"]["code"], "unavailable", "{r}");
+    assert_eq!(r["error"]["applied"], false, "{r}");
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("server.idempotency_max_records = 3"),
+        "{message}"
+    );
+}
+
+/// The records held are shown in `stats` and metrics, and bounded by
+/// `server.idempotency_max_records`: past it a write with a new key is refused and
+/// applies nothing, while repeats of recorded keys are still answered.
+fn records_are_counted_and_capped(mode: Mode) {
+    let d = TestDaemon::start_with(mode, "[server]\nidempotency_max_records = 3", &[]);
+    let mut c = d.client();
+    let stats = c.ok(json!({"op": "stats"}));
+    assert_eq!(stats["idempotency"]["records"], 0, "{stats}");
+    assert_eq!(stats["idempotency"]["max_records"], 3, "{stats}");
+    c.ok(consume("k0"));
+    c.ok(consume("k1"));
+    c.ok(
+        json!({"op": "add_pool_key", "service": "openai", "key": "sk-capped-pool-0005",
+        "idempotency_key": "k2"}),
+    );
+    let stats = c.ok(json!({"op": "stats"}));
+    assert_eq!(stats["idempotency"]["records"], 3, "{stats}");
+    let metrics = c.ok(json!({"op": "metrics"}))["text"].to_string();
+    assert!(
+        metrics.contains("apikeyd_idempotency_records 3"),
+        "{metrics}"
+    );
+
+    refused_full(&mut c, consume("k3"));
+    refused_full(
+        &mut c,
+        json!({"op": "increment_default_key_usage", "user_id": "u1", "tool_name": "search",
+            "idempotency_key": "k4"}),
+    );
+    refused_full(
+        &mut c,
+        json!({"op": "set_user_api_key", "user_id": "u3", "service": "openai",
+            "key": "sk-capped-user-0006", "idempotency_key": "k5"}),
+    );
+    assert_eq!(
+        count(&mut c, "u1", "search"),
+        2,
+        "refused writes count nothing"
+    );
+    let got = c.ok(json!({"op": "get_user_api_key", "user_id": "u3", "service": "openai"}));
+    assert_ne!(got["key"], "sk-capped-user-0006", "{got}");
+    // Repeats are answered, and writes without a key go on as usual.
+    assert_eq!(c.call(consume("k0"))["replayed"], true);
+    c.ok(json!({"op": "consume_default_key_usage", "user_id": "u1", "tool_name": "search"}));
+    assert_eq!(count(&mut c, "u1", "search"), 3);
+    let stats = c.ok(json!({"op": "stats"}));
+    assert_eq!(stats["idempotency"]["records"], 3, "{stats}");
+
+    if mode == Mode::Redis {
+        // The bound is the fleet's: another daemon on the same Redis sees the
+        // records (by its own look, within a second or so) and the cap.
+        let other = TestDaemon::start_sharing(&d, "[server]\nidempotency_max_records = 3");
+        let mut o = other.client();
+        refused_full(&mut o, consume("k6"));
+        common::eventually(
+            "the other daemon counts 3 records",
+            Duration::from_secs(10),
+            || o.ok(json!({"op": "stats"}))["idempotency"]["records"] == 3,
+        );
+    }
+}
+
+/// Expired records free their room: with a 1 s TTL and room for two records, a
+/// third key is refused, then accepted once the first two have expired.
+fn expired_records_make_room(mode: Mode) {
+    let d = TestDaemon::start_with(
+        mode,
+        "[server]\nidempotency_ttl_s = 1\nidempotency_max_records = 2",
+        &[],
+    );
+    let mut c = d.client();
+    c.ok(consume("k0"));
+    c.ok(consume("k1"));
+    let r = c.call(consume("k2"));
+    assert_eq!(r["error"]["applied"], false, "{r}");
+    common::eventually("the first records expire", Duration::from_secs(10), || {
+        c.call(consume("k2"))["ok"] == true
+    });
+    assert_eq!(count(&mut c, "u1", "search"), 3, "each write counted once");
+    assert_eq!(c.call(consume("k2"))["replayed"], true);
+}
+
+/// Redis mode: a quota record answers the first verdict and count, a denial
+/// included, and records written by earlier versions (the verdict and the count
+/// after the call) are still replayed.
+#[test]
+fn quota_records_replay_denials_and_earlier_records() {
+    let d = TestDaemon::start_with(Mode::Redis, "", &[]);
+    let mut c = d.client();
+    let at_limit = |key: &str| {
+        json!({"op": "consume_default_key_usage", "user_id": "u9", "tool_name": "search",
+            "daily_limit": 1, "idempotency_key": key})
+    };
+    assert_eq!(twice(&mut c, at_limit("k-allowed"))["allowed"], true);
+    let denied = twice(&mut c, at_limit("k-denied"));
+    assert_eq!(
+        (denied["allowed"].clone(), denied["current_count"].clone()),
+        (json!(false), json!(1))
+    );
+    assert_eq!(count(&mut c, "u9", "search"), 1);
+
+    // A record as an earlier version wrote it: same fingerprint, "verdict count".
+    let redis = d.redis.as_ref().unwrap();
+    let mut con = redis.conn();
+    let names: Vec<String> = redis::cmd("KEYS")
+        .arg("stargazer:apikeyd:idempotency:*:k-allowed")
+        .query(&mut con)
+        .unwrap();
+    let name = &names[0];
+    let value: String = redis::cmd("GET").arg(name).query(&mut con).unwrap();
+    let (print, _) = value.split_once('\n').unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(name)
+        .arg(format!("{print}\n1 7"))
+        .arg("EX")
+        .arg(60)
+        .query(&mut con)
+        .unwrap();
+    let r = c.call(at_limit("k-allowed"));
+    assert_eq!(r["replayed"], true, "{r}");
+    assert_eq!(
+        (
+            r["result"]["allowed"].clone(),
+            r["result"]["current_count"].clone()
+        ),
+        (json!(true), json!(7))
+    );
+    assert_eq!(count(&mut c, "u9", "search"), 1);
 }

@@ -156,6 +156,7 @@ fn start_store(
         connected.clone(),
         audit.clone(),
     )?;
+    store.count_records_of_ttl(config.server.idempotency_ttl_s);
     let me = fleet::Identity::new(config.server.socket.clone());
     let member = FleetMember {
         id: me.id.clone(),

@@ -16,9 +16,55 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::model::clock;
 
-/// Records the embedded store keeps at most; past it the oldest go first (each still
-/// expires after the TTL). Redis bounds its records by their TTL alone.
-pub const MAX_RECORDS: i64 = 100_000;
+/// Lua shared by the Redis scripts that write records: the records are counted per
+/// window of TTL seconds (one counter per window, named by
+/// `Names::idempotency_count` and the window's number; see [`Counters`]). A record
+/// lives TTL seconds, so the records held are at most those counted in the current
+/// and the previous window; a script adds a record only while that sum is below
+/// the cap (`server.idempotency_max_records`), which bounds the records Redis holds.
+/// `records_open(current, previous, expire_at, k)` counts `k` (text) records up
+/// front (one `INCRBY`, which also answers the count; the counter's expiry is set
+/// when it is created) and answers the counter and the sum held before them;
+/// `records_close(counter, added)` gives back those not added. The script runs
+/// alone, so nobody sees the count in between. Counters are written only here.
+pub const REDIS_COUNT_LUA: &str = r"
+local function records_open(current, previous, expire_at, k)
+  local after = redis.call('INCRBY', current, k)
+  k = tonumber(k)
+  if after == k then redis.call('EXPIREAT', current, expire_at) end
+  return {current, k}, after - k + (tonumber(redis.call('GET', previous)) or 0)
+end
+local function records_close(counter, added)
+  if added < counter[2] then redis.call('DECRBY', counter[1], counter[2] - added) end
+end
+";
+
+/// The words a Redis script needs to count records of TTL `ttl_s` (see
+/// [`REDIS_COUNT_LUA`]): the current window's counter, the previous one's, and when
+/// the current one may go (once the next window is over). Windows follow the
+/// daemon's clock, as the daily counters do; records themselves expire by Redis's.
+pub struct Counters {
+    pub current: String,
+    pub previous: String,
+    pub expire_at: u64,
+}
+
+impl Counters {
+    /// The counters of the window holding `now_s`; `start` is
+    /// `Names::idempotency_count(ttl_s)`.
+    pub fn at(start: &str, ttl_s: u64, now_s: i64) -> Self {
+        let ttl_s = ttl_s.max(1);
+        let window = u64::try_from(now_s).unwrap_or(0) / ttl_s;
+        Counters {
+            current: format!("{start}{window}"),
+            previous: format!("{start}{}", window.saturating_sub(1)),
+            expire_at: (window + 2) * ttl_s,
+        }
+    }
+}
+
+/// When (unix seconds) a full embedded store last counted its live records.
+static RECOUNTED_AT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
 
 /// How often (seconds) the embedded store drops expired records.
 const PRUNE_EVERY_S: i64 = 60;
@@ -34,6 +80,8 @@ pub struct Idem {
     pub fingerprint: String,
     /// `server.idempotency_ttl_s` when the write was received.
     pub ttl_s: u64,
+    /// `server.idempotency_max_records` when the write was received.
+    pub max_records: u64,
 }
 
 /// A write's answer from a store, and whether it is the recorded answer of an
@@ -79,8 +127,19 @@ pub struct Figures {
     pub replayed: AtomicU64,
     /// Repeats refused with `idempotency_conflict`.
     pub conflicts: AtomicU64,
-    /// Embedded mode: records held in the keystore file after the last prune.
+    /// Records held: in embedded mode those in the keystore file (recounted by each
+    /// prune); in Redis mode the fleet's count as the last script that wrote a
+    /// record saw it (or the last background look, once a second).
     pub records: AtomicU64,
+}
+
+impl Figures {
+    /// One write recorded now by this daemon; the records held are one more until
+    /// they are counted again.
+    pub fn noted_record(&self) {
+        self.recorded.fetch_add(1, Ordering::Relaxed);
+        self.records.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// This process's counters (one daemon per process).
@@ -99,6 +158,15 @@ pub fn conflict(idem: &Idem) -> Error {
         "idempotency key reused with other parameters"
     );
     Error::IdempotencyConflict
+}
+
+/// The error a write with a new key answers when `max_records` records are held.
+pub fn full(max_records: u64) -> Error {
+    tracing::warn!(
+        max_records,
+        "idempotency records are full: a write with a new key was refused"
+    );
+    Error::IdempotencyFull(max_records)
 }
 
 /// Decodes a recorded answer.
@@ -141,8 +209,9 @@ pub fn create_table(db: &Connection) -> rusqlite::Result<()> {
 
 /// Runs `apply` once per idempotency key on `db`: with a key, in one `IMMEDIATE`
 /// transaction that first looks for a live record (a replay or a conflict then
-/// applies nothing), else applies and, when `worth_recording` says the answer
-/// changed something, records it. Two connections with the same key are serialised
+/// applies nothing), else (unless `max_records` live records are held: then it is
+/// refused) applies and, when `worth_recording` says the answer changed
+/// something, records it. Two connections with the same key are serialised
 /// by the transaction. Without a key, `apply` runs as it is.
 pub fn once<T: Serialize + DeserializeOwned>(
     db: &Connection,
@@ -171,6 +240,21 @@ pub fn once<T: Serialize + DeserializeOwned>(
             Err(conflict(idem))
         };
     }
+    if FIGURES.records.load(Ordering::Relaxed) >= idem.max_records {
+        // The running count may include expired records: count the live ones, at
+        // most once a second (a count reads the whole expiry index).
+        if RECOUNTED_AT.swap(now, Ordering::Relaxed) != now {
+            let live: i64 = db
+                .prepare_cached("SELECT count(*) FROM idempotency WHERE expires_at > ?1")?
+                .query_row(params![now], |r| r.get(0))?;
+            FIGURES
+                .records
+                .store(u64::try_from(live).unwrap_or(0), Ordering::Relaxed);
+        }
+        if FIGURES.records.load(Ordering::Relaxed) >= idem.max_records {
+            return Err(full(idem.max_records));
+        }
+    }
     let value = apply()?;
     if worth_recording(&value) {
         let expires = now.saturating_add(i64::try_from(idem.ttl_s).unwrap_or(i64::MAX));
@@ -185,43 +269,35 @@ pub fn once<T: Serialize + DeserializeOwned>(
             encode(&value),
             expires
         ])?;
-        FIGURES.recorded.fetch_add(1, Ordering::Relaxed);
         // Recounted exactly by the next prune.
-        FIGURES.records.fetch_add(1, Ordering::Relaxed);
+        FIGURES.noted_record();
     }
     tx.commit()?;
     Ok(Written::fresh(value))
 }
 
-/// Drops expired records, and the oldest past [`MAX_RECORDS`], at most once per
-/// [`PRUNE_EVERY_S`] (`last` is when it last ran); notes how many are left. A
-/// failure is logged: it must not fail the write that came along.
+/// Drops expired records at most once per [`PRUNE_EVERY_S`] (`last` is when it
+/// last ran); notes how many are left. A failure is logged: it must not fail the
+/// write that came along.
 pub fn prune(db: &Connection, last: &mut i64) {
     let now = clock::now_s();
     if now - *last < PRUNE_EVERY_S {
         return;
     }
     *last = now;
-    if let Err(e) = prune_to(db, now, MAX_RECORDS) {
+    if let Err(e) = prune_to(db, now) {
         tracing::warn!(error = %e, "expired idempotency records not dropped this time");
     }
 }
 
-/// Drops the records expired at `now`, then the oldest past `cap`.
-fn prune_to(db: &Connection, now: i64, cap: i64) -> Result<()> {
+/// Drops the records expired at `now` and notes how many are left.
+fn prune_to(db: &Connection, now: i64) -> Result<()> {
     db.prepare_cached("DELETE FROM idempotency WHERE expires_at <= ?1")?
         .execute(params![now])?;
     let held: i64 = db.query_row("SELECT count(*) FROM idempotency", [], |r| r.get(0))?;
-    if held > cap {
-        db.prepare_cached(
-            "DELETE FROM idempotency WHERE (uid, key) IN
-             (SELECT uid, key FROM idempotency ORDER BY expires_at LIMIT ?1)",
-        )?
-        .execute(params![held - cap])?;
-    }
     FIGURES
         .records
-        .store(held.clamp(0, cap) as u64, Ordering::Relaxed);
+        .store(u64::try_from(held).unwrap_or(0), Ordering::Relaxed);
     Ok(())
 }
 
@@ -243,6 +319,7 @@ mod tests {
             key: key.into(),
             fingerprint: fingerprint.into(),
             ttl_s: 600,
+            max_records: 1_000_000,
         }
     }
 
@@ -302,26 +379,33 @@ mod tests {
     }
 
     #[test]
-    fn expired_records_are_ignored_and_pruned_and_the_cap_holds() {
+    fn expired_records_are_ignored_and_pruned_and_the_cap_refuses_new_keys() {
         let db = db();
         let mut short = idem(1, "old", "f1");
         short.ttl_s = 0;
         once(&db, Some(&short), |_| true, || bump(&db)).unwrap();
         let again = once(&db, Some(&short), |_| true, || bump(&db)).unwrap();
         assert!(!again.replayed, "an expired record is not replayed");
-        for i in 0..5 {
-            once(
-                &db,
-                Some(&idem(1, &format!("k{i}"), "f")),
-                |_| true,
-                || bump(&db),
-            )
-            .unwrap();
+        prune_to(&db, clock::now_s()).unwrap();
+        let held = |db: &Connection| -> i64 {
+            db.query_row("SELECT count(*) FROM idempotency", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(held(&db), 0, "expired records are dropped");
+        let capped = |key: &str| {
+            let mut k = idem(1, key, "f");
+            k.max_records = 3;
+            k
+        };
+        for i in 0..3 {
+            once(&db, Some(&capped(&format!("k{i}"))), |_| true, || bump(&db)).unwrap();
         }
-        prune_to(&db, clock::now_s(), 3).unwrap();
-        let held: i64 = db
-            .query_row("SELECT count(*) FROM idempotency", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(held, 3);
+        let before = value(&db);
+        let e = once(&db, Some(&capped("k3")), |_| true, || bump(&db)).unwrap_err();
+        assert_eq!((e.code(), e.applied()), ("unavailable", Some(false)));
+        assert_eq!(value(&db), before, "a refused write applies nothing");
+        let replay = once(&db, Some(&capped("k0")), |_| true, || bump(&db)).unwrap();
+        assert!(replay.replayed, "a repeat is still answered when full");
+        assert_eq!(held(&db), 3);
     }
 }

@@ -61,7 +61,7 @@ pub async fn metrics(app: &App) -> Result<Body> {
 
 /// `{"op":"stats"}` → `{"uptime_s":12,"connections":1,"requests_total":40,
 /// "requests":{"by_op":{"ping":38,"stats":2},"by_code":{"ok":40}},"quota_denials":0,
-/// "idempotency":{"records":0,"recorded":0,"replayed":0,"conflicts":0},
+/// "idempotency":{"records":0,"max_records":1000000,"recorded":0,"replayed":0,"conflicts":0},
 /// "cache":{"hits":30,"misses":2,"entries":2},"store":{"mode":"embedded","redis_connected":null},
 /// "process":{"dumpable":false,"locked_kb":0},"version":"0.1.0","pid":4242}`
 ///
@@ -103,10 +103,12 @@ pub async fn stats(app: &App) -> Result<Body> {
     /// Writes sent with an `idempotency_key`, since start.
     #[derive(Serialize)]
     struct Idempotency {
-        /// Embedded mode: records kept in the keystore file (counted when expired
-        /// ones are dropped, about once a minute); Redis lets its records expire.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        records: Option<u64>,
+        /// Records held: embedded mode, in the keystore file (recounted when expired
+        /// ones are dropped, about once a minute); Redis mode, by the whole fleet
+        /// (as last seen: by a write with a key, or the background look each second).
+        records: u64,
+        /// `server.idempotency_max_records`: past it new keys are refused.
+        max_records: u64,
         recorded: u64,
         replayed: u64,
         conflicts: u64,
@@ -160,8 +162,8 @@ pub async fn stats(app: &App) -> Result<Body> {
         idempotency: {
             let f = &crate::model::idempotency::FIGURES;
             Idempotency {
-                records: (app.store.mode == StoreMode::Embedded)
-                    .then(|| f.records.load(Ordering::Relaxed)),
+                records: f.records.load(Ordering::Relaxed),
+                max_records: app.config().server.idempotency_max_records,
                 recorded: f.recorded.load(Ordering::Relaxed),
                 replayed: f.replayed.load(Ordering::Relaxed),
                 conflicts: f.conflicts.load(Ordering::Relaxed),

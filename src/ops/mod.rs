@@ -67,6 +67,7 @@ fn idempotency(app: &App, peer: &Peer, op: Op, req: &mut Request) -> Result<Opti
         key,
         fingerprint,
         ttl_s: app.config().server.idempotency_ttl_s,
+        max_records: app.config().server.idempotency_max_records,
     }))
 }
 

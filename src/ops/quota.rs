@@ -149,8 +149,9 @@ pub async fn consume_default_key_usage(app: &App, p: Usage, idem: Option<Idem>) 
             })?;
             Ok(Reply::of(&written, verdict))
         }
-        // Not a store failure: the key was used for another request.
-        Err(e @ Error::IdempotencyConflict) => Err(e),
+        // Not store failures: the key was used for another request, or the records
+        // are full (the client must know that this write was refused, not counted).
+        Err(e @ (Error::IdempotencyConflict | Error::IdempotencyFull(_))) => Err(e),
         // Nothing was applied (nor recorded): a retry with the same key counts.
         Err(e) => degraded(app, e, limit).map(Reply::from),
     }

@@ -52,6 +52,9 @@ pub struct ServerConfig {
     pub request_timeout_ms: u64,
     /// How long a write's idempotency record is kept: a repeat within it is replayed.
     pub idempotency_ttl_s: u64,
+    /// Most idempotency records held at once; past it a write with a new key is
+    /// refused (`unavailable`, not applied) until older records expire.
+    pub idempotency_max_records: u64,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +69,7 @@ impl Default for ServerConfig {
             idle_timeout_s: 300,
             request_timeout_ms: 10_000,
             idempotency_ttl_s: 600,
+            idempotency_max_records: 1_000_000,
         }
     }
 }

@@ -215,6 +215,16 @@ impl Metrics {
             "Repeated writes answered from their record (nothing applied)",
             counter(figures.replayed.load(Ordering::Relaxed)),
         );
+        registry.register(
+            "idempotency_conflicts",
+            "Repeated keys refused with idempotency_conflict (nothing applied)",
+            counter(figures.conflicts.load(Ordering::Relaxed)),
+        );
+        registry.register(
+            "idempotency_records",
+            "Idempotency records held (in Redis mode the fleet's, as last seen)",
+            gauge(figures.records.load(Ordering::Relaxed)),
+        );
         if self.redis {
             registry.register(
                 "redis_up",

@@ -241,6 +241,12 @@ impl Config {
                 "must be from 1 to 604800 (seconds; a week)",
             );
         }
+        if self.server.idempotency_max_records == 0 {
+            bad(
+                "server.idempotency_max_records",
+                "must be at least 1 (records)",
+            );
+        }
         found.extend(redis_url_problem(&self.redis.url));
         for name in self.services.keys() {
             if crate::wire::protocol::check_service(name).is_err() {

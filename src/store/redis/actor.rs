@@ -79,8 +79,15 @@ impl RedisStore {
                 quota: quota::Batcher::new(),
                 cut_over: AtomicBool::new(false),
                 audit,
-                report: redis::Script::new(REPORT_SCRIPT),
-                write: redis::Script::new(&format!("{RETIRED_GUARD}{WRITE_BODY}")),
+                report: redis::Script::new(&format!(
+                    "{}{REPORT_BODY}",
+                    idempotency::REDIS_COUNT_LUA
+                )),
+                write: redis::Script::new(&format!(
+                    "{}{RETIRED_GUARD}{WRITE_BODY}",
+                    idempotency::REDIS_COUNT_LUA
+                )),
+                records_ttl: std::cell::Cell::new(0),
             }),
         })
     }
@@ -95,6 +102,13 @@ impl RedisStore {
     /// Set once Redis has answered a command since start.
     pub fn answered_flag(&self) -> Arc<AtomicBool> {
         self.inner.answered.clone()
+    }
+
+    /// Has the health check read the fleet's idempotency record counters of TTL
+    /// `ttl_s` (`server.idempotency_ttl_s`) for `stats`, until a write with a key
+    /// names another TTL.
+    pub fn count_records_of_ttl(&self, ttl_s: u64) {
+        self.inner.records_ttl.set(ttl_s.max(1));
     }
 }
 

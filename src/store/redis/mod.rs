@@ -88,11 +88,14 @@ fn pool_counts_expiry() -> i64 {
 /// Writes a pool key's new health only if it still holds what the report was judged
 /// on (compare and set; the caller retries on 0), counts the report, and announces
 /// a change that picks must see. Answers {-1} when the pool has no such key.
-/// With an idempotency record (KEYS[4], fingerprint ARGV[8], TTL ARGV[9]) a live
-/// record answers {2, health recorded} (or {3} for another request's record) and
-/// applies nothing; a written report records its new health.
-const REPORT_SCRIPT: &str = r"
+/// With an idempotency record (KEYS[4], fingerprint ARGV[8], TTL ARGV[9], the
+/// record counters ARGV[10..12] and the most records held ARGV[13]: see
+/// `idempotency::REDIS_COUNT_LUA`) a live record answers {2, health recorded} (or
+/// {3} for another request's record) and applies nothing; with the records full a
+/// new one answers {4} and applies nothing; a written report records its new health.
+const REPORT_BODY: &str = r"
 local head = ''
+local counter
 if KEYS[4] then
   head = ARGV[8] .. '\n'
   local rec = redis.call('GET', KEYS[4])
@@ -100,15 +103,27 @@ if KEYS[4] then
     if string.sub(rec, 1, #head) ~= head then return {3, ''} end
     return {2, string.sub(rec, #head + 1)}
   end
+  local held
+  counter, held = records_open(ARGV[10], ARGV[11], ARGV[12], '1')
+  if held >= tonumber(ARGV[13]) then
+    records_close(counter, 0)
+    return {4, ''}
+  end
 end
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return {-1, ''} end
+local function unrecorded(reply)
+  if counter then records_close(counter, 0) end
+  return reply
+end
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return unrecorded({-1, ''}) end
 local cur = redis.call('HGET', KEYS[2], ARGV[1]) or ''
-if cur ~= ARGV[2] then return {0, ''} end
+if cur ~= ARGV[2] then return unrecorded({0, ''}) end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
 redis.call('EXPIREAT', KEYS[3], ARGV[5])
 if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
-if KEYS[4] then redis.call('SET', KEYS[4], head .. ARGV[3], 'EX', ARGV[9]) end
+if KEYS[4] then
+  redis.call('SET', KEYS[4], head .. ARGV[3], 'EX', ARGV[9])
+end
 return {1, ''}
 ";
 
@@ -117,29 +132,40 @@ return {1, ''}
 /// the sealed value written, 0 when none is): a value sealed with a retired version
 /// never lands. With an idempotency record (KEYS[2], fingerprint ARGV[2]; '' for
 /// none), a live record with the same fingerprint answers {1, its answer} and runs
-/// nothing; one with another fingerprint answers {-1, ''}; otherwise the commands run
-/// and their replies (JSON) are recorded for ARGV[3] seconds: {0, replies}. ARGV[4..]
-/// holds the commands, each as its word count and its words. (The commands name
-/// their keys among their words, not in KEYS: the daemon runs on a standalone Redis
-/// or under Sentinel, never on a cluster.)
+/// nothing; one with another fingerprint answers {-1, ''}; with ARGV[7] records
+/// already held (counted by ARGV[4..6]: see `idempotency::REDIS_COUNT_LUA`) a new
+/// one answers {-2, ''} and runs nothing; otherwise the commands run and their
+/// replies (JSON) are recorded for ARGV[3] seconds: {0, replies}. ARGV[8..] holds
+/// the commands, each as its word count and its words. (The commands name their
+/// keys among their words, not in KEYS: the daemon runs on a standalone Redis or
+/// under Sentinel, never on a cluster.)
 const WRITE_BODY: &str = r"
 local head = ARGV[2] .. '\n'
+local counter
 if ARGV[2] ~= '' then
   local rec = redis.call('GET', KEYS[2])
   if rec then
     if string.sub(rec, 1, #head) ~= head then return {-1, ''} end
     return {1, string.sub(rec, #head + 1)}
   end
+  local held
+  counter, held = records_open(ARGV[4], ARGV[5], ARGV[6], '1')
+  if held >= tonumber(ARGV[7]) then
+    records_close(counter, 0)
+    return {-2, ''}
+  end
 end
 local out = {}
-local i = 4
+local i = 8
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   out[#out + 1] = redis.call(unpack(ARGV, i + 1, i + n))
   i = i + n + 1
 end
 local answer = cjson.encode(out)
-if ARGV[2] ~= '' then redis.call('SET', KEYS[2], head .. answer, 'EX', ARGV[3]) end
+if ARGV[2] ~= '' then
+  redis.call('SET', KEYS[2], head .. answer, 'EX', ARGV[3])
+end
 return {0, answer}
 ";
 
@@ -184,6 +210,9 @@ struct Inner {
     report: redis::Script,
     /// Pipeline writes: behind [`RETIRED_GUARD`], once per idempotency key.
     write: redis::Script,
+    /// The idempotency TTL whose record counters the health check reads for
+    /// `stats` (0: none yet); the TTL of the last write with a key.
+    records_ttl: std::cell::Cell<u64>,
     /// Set once `import-legacy`'s cut-over is seen in Redis (it stays set: a Redis
     /// writer who deletes the record does not make clear values legacy again).
     cut_over: AtomicBool,
@@ -253,7 +282,7 @@ impl Inner {
         .await
     }
 
-    /// Runs the atomic `pipe` once per idempotency key (see [`ONCE_SCRIPT`]); answers
+    /// Runs the atomic `pipe` once per idempotency key (see [`WRITE_BODY`]); answers
     /// the replies of its commands, those of the first run when replayed. Without a
     /// key it is a plain `MULTI` pipeline.
     async fn write_once(
@@ -269,6 +298,9 @@ impl Inner {
                 .await
                 .map(Written::fresh);
         }
+        if let Some(idem) = idem {
+            self.records_ttl.set(idem.ttl_s.max(1));
+        }
         let mut call = self.write.prepare_invoke();
         call.key(self.names.keycheck());
         match idem {
@@ -276,13 +308,17 @@ impl Inner {
                 .key(self.names.idempotency(idem.uid, &idem.key))
                 .arg(sealed_version)
                 .arg(&idem.fingerprint)
-                .arg(idem.ttl_s.max(1)),
+                .arg(idem.ttl_s.max(1))
+                .arg(self.counters(idem))
+                .arg(idem.max_records),
             // KEYS[2] is not read without a fingerprint.
             None => call
                 .key(self.names.keycheck())
                 .arg(sealed_version)
                 .arg("")
-                .arg(1),
+                .arg(1)
+                .arg(vec!["", "", "0"])
+                .arg(0),
         };
         for cmd in pipe.cmd_iter() {
             let words: Vec<&[u8]> = cmd
@@ -307,18 +343,27 @@ impl Inner {
         match (status, idem) {
             (0, _) => {
                 if idem.is_some() {
-                    idempotency::FIGURES
-                        .recorded
-                        .fetch_add(1, Ordering::Relaxed);
+                    idempotency::FIGURES.noted_record();
                 }
                 idempotency::decode(&answer).map(Written::fresh)
             }
             (1, _) => idempotency::replay(&answer),
+            (-2, Some(idem)) => Err(idempotency::full(idem.max_records)),
             (_, Some(idem)) => Err(idempotency::conflict(idem)),
             (_, None) => Err(Error::Internal(format!(
                 "redis answered {what} with an unknown status"
             ))),
         }
+    }
+
+    /// The words of `REDIS_COUNT_LUA`'s counters for `idem`'s record, now.
+    fn counters(&self, idem: &Idem) -> Vec<String> {
+        let c = idempotency::Counters::at(
+            &self.names.idempotency_count(idem.ttl_s),
+            idem.ttl_s,
+            clock::now_s(),
+        );
+        vec![c.current, c.previous, c.expire_at.to_string()]
     }
 
     /// The live record of `idem`, read before a write that first reads what it will
@@ -429,7 +474,9 @@ impl Inner {
                     if let Some(idem) = &msg.idem {
                         call.key(self.names.idempotency(idem.uid, &idem.key))
                             .arg(&idem.fingerprint)
-                            .arg(idem.ttl_s.max(1));
+                            .arg(idem.ttl_s.max(1))
+                            .arg(self.counters(idem))
+                            .arg(idem.max_records);
                     }
                     async move { call.invoke_async(&mut c).await }
                 })
@@ -438,9 +485,7 @@ impl Inner {
                 (-1, _) => return Ok(Written::fresh(None)),
                 (1, idem) => {
                     if idem.is_some() {
-                        idempotency::FIGURES
-                            .recorded
-                            .fetch_add(1, Ordering::Relaxed);
+                        idempotency::FIGURES.noted_record();
                     }
                     // Only a change of health is a key write worth a replica's
                     // confirmation; an `ok` report only counts.
@@ -451,6 +496,7 @@ impl Inner {
                 }
                 (2, _) => return idempotency::replay(&recorded),
                 (3, Some(idem)) => return Err(idempotency::conflict(idem)),
+                (4, Some(idem)) => return Err(idempotency::full(idem.max_records)),
                 _ => continue,
             }
         }

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use super::{Inner, Retry};
 use crate::error::{Error, Result};
 use crate::model::clock;
-use crate::model::idempotency::{self, Idem, Written};
+use crate::model::idempotency::{self, Counters, Idem, Written};
 use crate::store::messages::{ConsumeUsage, IncrementUsage, ReadUsage};
 
 /// Check-and-increment in one script: Redis runs it atomically. What one consume
@@ -34,21 +34,9 @@ end
 return {0, n}
 ";
 
-/// A batch of increments and consumes, in order. Call i has its counter hash in
-/// KEYS[i]; ARGV[1] is the expiry of today's hashes, ARGV[2] the TTL of idempotency
-/// records, and call i has four words from ARGV[4i-1]: its tool, its limit ('' for
-/// an increment, which has none), its idempotency record ('' for none; named here
-/// rather than in KEYS, as a call may have none: the daemon never runs on a cluster)
-/// and its fingerprint. Answers {verdict_1, count_1, verdict_2, count_2, …}: verdict
-/// 1 allowed (counted), 0 denied, 2 refused by Redis (a counter hash that is not a
-/// hash, say), 3 the record belongs to another request, 4 and 5 the recorded
-/// verdict (0 and 1) of an earlier call with the same key, with its count. A
-/// refused call fails alone: the others of its batch are applied and answered as
-/// usual. A record holds the fingerprint, a newline, the verdict and the count.
-/// A refusal of the server's own (OOM, READONLY, NOPERM, MISCONF, …: any code but
-/// ERR and WRONGTYPE) refuses every write alike, so it ends the script as its error
-/// reply, which names the cause.
-const BATCH_SCRIPT: &str = r"
+/// One increment or consume (`limit` '' for an increment), as the batch scripts
+/// apply it: answers the verdict (1 allowed and counted, 0 denied) and the count.
+const APPLY_LUA: &str = r"
 local function apply(key, tool, limit, expiry)
   if limit ~= '' then
     local n = tonumber(redis.call('HGET', key, tool) or '0')
@@ -59,24 +47,16 @@ local function apply(key, tool, limit, expiry)
   redis.call('EXPIREAT', key, expiry)
   return 1, n
 end
-local function once(key, tool, limit, expiry, record, print, ttl)
-  if record == '' then return apply(key, tool, limit, expiry) end
-  local head = print .. '\n'
-  local rec = redis.call('GET', record)
-  if rec then
-    if string.sub(rec, 1, #head) ~= head then return 3, 0 end
-    local verdict, n = string.match(string.sub(rec, #head + 1), '^(%d+) (%d+)$')
-    return 4 + tonumber(verdict), tonumber(n)
-  end
-  local verdict, n = apply(key, tool, limit, expiry)
-  redis.call('SET', record, head .. verdict .. ' ' .. n, 'EX', ttl)
-  return verdict, n
-end
+";
+
+/// A batch of increments and consumes without idempotency records (most batches),
+/// without the words and the Lua that records need. Call i has its counter hash in
+/// KEYS[i] and two words from ARGV[2i]: its tool and its limit; ARGV[1] is the
+/// expiry of today's hashes. Answers as [`BATCH_BODY`] does (the last number 0).
+const PLAIN_BODY: &str = r"
 local out = {}
 for i = 1, #KEYS do
-  local a = 4 * i - 1
-  local ok, verdict, n = pcall(once, KEYS[i], ARGV[a], ARGV[a + 1], ARGV[1],
-    ARGV[a + 2], ARGV[a + 3], ARGV[2])
+  local ok, verdict, n = pcall(apply, KEYS[i], ARGV[2 * i], ARGV[2 * i + 1], ARGV[1])
   if ok then
     out[2 * i - 1], out[2 * i] = verdict, n
   else
@@ -88,6 +68,92 @@ for i = 1, #KEYS do
     out[2 * i - 1], out[2 * i] = 2, 0
   end
 end
+out[#out + 1] = 0
+return out
+";
+
+/// A batch of increments and consumes, in order. Call i has its counter hash in
+/// KEYS[i]; ARGV[1] is the expiry of today's hashes, ARGV[2] the TTL of idempotency
+/// records; ARGV[3..5] the record counters (current, previous, when the current
+/// may go; '' when no call of the batch has a record: see
+/// `idempotency::REDIS_COUNT_LUA`), ARGV[6] the most records held and ARGV[7] how
+/// many calls have a record; call i has four words from ARGV[4i+4]: its tool, its
+/// limit ('' for an increment, which has none), its idempotency record ('' for none;
+/// named here rather than in KEYS, as a call may have none: the daemon never runs on
+/// a cluster) and its fingerprint. Answers {verdict_1, count_1, verdict_2, count_2,
+/// …, records}: verdict 1 allowed (counted), 0 denied, 2 refused by Redis (a counter
+/// hash that is not a hash, say), 3 the record belongs to another request, 4 and 5
+/// the recorded verdict (0 and 1) of an earlier call with the same key, with its
+/// count, 6 refused because the records are full (nothing applied); `records` is the
+/// records counted after the batch (0 without counters). A refused call fails alone:
+/// the others of its batch are applied and answered as usual.
+///
+/// A call with a record costs one record command: its verdict is known before
+/// anything is written (the count is read, and the script runs alone), so
+/// `SET … NX GET` writes the record and reports an earlier one in one step; the count
+/// is written after, only when the record was new. The count read must be digits, so
+/// the increment after it cannot fail (a record is never left without its write). A
+/// record holds the fingerprint, a newline, the verdict, `+` and the count before
+/// the call, as Redis gave it: no number is turned into text, which costs Redis more
+/// than the commands around it. (Records of earlier versions hold the verdict, a
+/// space and the count after the call; they are read too.) The counters cost two
+/// commands per batch, not per call.
+/// A refusal of the server's own (OOM, READONLY, NOPERM, MISCONF, …: any code but
+/// ERR and WRONGTYPE) refuses every write alike, so it ends the script as its error
+/// reply, which names the cause.
+const BATCH_BODY: &str = r"
+local counter, held, added, cap = nil, 0, 0, 0
+if ARGV[3] ~= '' then
+  counter, held = records_open(ARGV[3], ARGV[4], ARGV[5], ARGV[7])
+  cap = tonumber(ARGV[6])
+end
+local function once(key, tool, limit, expiry, record, print, ttl)
+  if record == '' then return apply(key, tool, limit, expiry) end
+  local head = print .. '\n'
+  local before = redis.call('HGET', key, tool) or '0'
+  if #before > 15 or not string.find(before, '^%d+$') then error('not a count') end
+  local verdict = '1'
+  if limit ~= '' and tonumber(before) >= tonumber(limit) then verdict = '0' end
+  local rec
+  if held >= cap then
+    rec = redis.call('GET', record)
+    if not rec then return 6, 0 end
+  else
+    rec = redis.call('SET', record, head .. verdict .. '+' .. before, 'NX', 'GET', 'EX', ttl)
+  end
+  if rec then
+    if string.sub(rec, 1, #head) ~= head then return 3, 0 end
+    local answer = string.sub(rec, #head + 1)
+    local v, m = string.match(answer, '^(%d)%+(%d+)$')
+    if v then return 4 + tonumber(v), tonumber(m) + tonumber(v) end
+    v, m = string.match(answer, '^(%d+) (%d+)$')
+    return 4 + tonumber(v), tonumber(m)
+  end
+  held, added = held + 1, added + 1
+  if verdict == '0' then return 0, tonumber(before) end
+  local n = redis.call('HINCRBY', key, tool, '1')
+  redis.call('EXPIREAT', key, expiry)
+  return 1, n
+end
+local out = {}
+for i = 1, #KEYS do
+  local a = 4 * i + 4
+  local ok, verdict, n = pcall(once, KEYS[i], ARGV[a], ARGV[a + 1], ARGV[1],
+    ARGV[a + 2], ARGV[a + 3], ARGV[2])
+  if ok then
+    out[2 * i - 1], out[2 * i] = verdict, n
+  else
+    local message = type(verdict) == 'table' and verdict.err or tostring(verdict)
+    local code = string.match(message, '^(%u+) ')
+    if code and code ~= 'ERR' and code ~= 'WRONGTYPE' then
+      if counter then records_close(counter, added) end
+      return redis.error_reply(message)
+    end
+    out[2 * i - 1], out[2 * i] = 2, 0
+  end
+end
+if counter then records_close(counter, added) end
+out[#out + 1] = held
 return out
 ";
 
@@ -113,6 +179,9 @@ struct Call {
 
 /// The calls of this turn, waiting for the batch that sends them.
 pub(super) struct Batcher {
+    /// Batches without records ([`PLAIN_BODY`]).
+    plain: redis::Script,
+    /// Batches with records ([`BATCH_BODY`]).
     script: redis::Script,
     queue: RefCell<Queue>,
 }
@@ -128,7 +197,11 @@ struct Queue {
 impl Batcher {
     pub(super) fn new() -> Self {
         Batcher {
-            script: redis::Script::new(BATCH_SCRIPT),
+            plain: redis::Script::new(&format!("{APPLY_LUA}{PLAIN_BODY}")),
+            script: redis::Script::new(&format!(
+                "{}{APPLY_LUA}{BATCH_BODY}",
+                idempotency::REDIS_COUNT_LUA
+            )),
             queue: RefCell::default(),
         }
     }
@@ -240,6 +313,7 @@ impl Inner {
                             })
                         }
                         (3, Some((_, idem))) => Err(idempotency::conflict(idem)),
+                        (6, Some((_, idem))) => Err(idempotency::full(idem.max_records)),
                         _ => {
                             tracing::error!(hash = %call.hash, "redis refused a quota count: the counter is not a hash of counts (WRONGTYPE or not a number); something else wrote it");
                             Err(Error::Internal(
@@ -260,6 +334,19 @@ impl Inner {
 
     /// Runs one batch; answers two numbers per call.
     async fn run_batch(&self, batch: &[Call]) -> Result<Vec<u64>> {
+        let recorded = batch.iter().filter(|c| c.record.is_some()).count();
+        if recorded == 0 {
+            let mut invocation = self.quota.plain.prepare_invoke();
+            invocation.arg(usage_expiry());
+            for call in batch {
+                invocation.key(&call.hash).arg(&call.tool);
+                match call.limit {
+                    Some(limit) => invocation.arg(limit),
+                    None => invocation.arg(""),
+                };
+            }
+            return self.invoke_batch(batch, &invocation).await;
+        }
         let mut invocation = self.quota.script.prepare_invoke();
         // One TTL for the batch: the longest asked (they differ only across a reload).
         let ttl = batch
@@ -268,7 +355,20 @@ impl Inner {
             .max()
             .unwrap_or(1)
             .max(1);
+        let most = batch
+            .iter()
+            .filter_map(|c| c.record.as_ref().map(|(_, i)| i.max_records))
+            .max()
+            .unwrap_or(1);
         invocation.arg(usage_expiry()).arg(ttl);
+        self.records_ttl.set(ttl);
+        let counters = Counters::at(&self.names.idempotency_count(ttl), ttl, clock::now_s());
+        invocation
+            .arg(counters.current)
+            .arg(counters.previous)
+            .arg(counters.expire_at)
+            .arg(most)
+            .arg(recorded);
         for call in batch {
             invocation.key(&call.hash).arg(&call.tool);
             match call.limit {
@@ -280,13 +380,25 @@ impl Inner {
                 None => invocation.arg("").arg(""),
             };
         }
+        let counts = self.invoke_batch(batch, &invocation).await?;
+        idempotency::FIGURES
+            .records
+            .store(counts[2 * batch.len()], Ordering::Relaxed);
+        Ok(counts)
+    }
+
+    /// Sends one batch's script; answers two numbers per call and one more.
+    async fn invoke_batch(
+        &self,
+        batch: &[Call],
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<Vec<u64>> {
         let counts: Vec<u64> = self
-            .bounded("quota batch", Retry::Write, |mut c| {
-                let invocation = &invocation;
-                async move { invocation.invoke_async(&mut c).await }
+            .bounded("quota batch", Retry::Write, |mut c| async move {
+                invocation.invoke_async(&mut c).await
             })
             .await?;
-        if counts.len() != 2 * batch.len() {
+        if counts.len() != 2 * batch.len() + 1 {
             tracing::error!(
                 calls = batch.len(),
                 answers = counts.len(),

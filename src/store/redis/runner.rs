@@ -239,6 +239,28 @@ impl Inner {
                 redis::cmd("PING").query_async::<String>(&mut c).await
             })
             .await;
+        self.look_at_records().await;
+    }
+
+    /// Reads the fleet's idempotency record counters (see
+    /// `idempotency::REDIS_COUNT_LUA`) into `stats`.
+    async fn look_at_records(&self) {
+        let ttl = self.records_ttl.get();
+        if ttl == 0 || !self.connected.load(Ordering::Relaxed) {
+            return;
+        }
+        let c = idempotency::Counters::at(&self.names.idempotency_count(ttl), ttl, clock::now_s());
+        let names = [c.current, c.previous];
+        let counts: Result<Vec<Option<u64>>> = self
+            .bounded("MGET idempotency record counters", Retry::Read, |mut c| {
+                let names = &names;
+                async move { c.mget(names).await }
+            })
+            .await;
+        if let Ok(counts) = counts {
+            let held = counts.into_iter().flatten().sum();
+            idempotency::FIGURES.records.store(held, Ordering::Relaxed);
+        }
     }
 
     /// With Sentinel: asks the sentinels which server is the master and, when it is
