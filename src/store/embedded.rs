@@ -77,6 +77,17 @@ impl SqliteStore {
             .unwrap_or_default())
     }
 
+    /// Drops what is known of a pool key's health, so it counts as healthy again
+    /// (cooling, disabling and error counts gone): when it is removed, or enabled.
+    fn forget_health(&self, pool: &PoolRef, key_id: &str) -> Result<()> {
+        self.db
+            .prepare_cached(
+                "DELETE FROM pool_health WHERE channel_id = ?1 AND service = ?2 AND key_id = ?3",
+            )?
+            .execute(params![channel_col(pool), pool.service, key_id])?;
+        Ok(())
+    }
+
     fn has_key(&self, pool: &PoolRef, key_id: &str) -> Result<bool> {
         Ok(self
             .db
@@ -258,15 +269,7 @@ impl SqliteStore {
                 msg.key_id
             ])?;
         // A key added again later starts healthy.
-        self.db
-            .prepare_cached(
-                "DELETE FROM pool_health WHERE channel_id = ?1 AND service = ?2 AND key_id = ?3",
-            )?
-            .execute(params![
-                channel_col(&msg.pool),
-                msg.pool.service,
-                msg.key_id
-            ])?;
+        self.forget_health(&msg.pool, &msg.key_id)?;
         Ok(n > 0)
     }
 }
@@ -333,15 +336,7 @@ impl SqliteStore {
         if !self.has_key(&msg.pool, &msg.key_id)? {
             return Ok(false);
         }
-        self.db
-            .prepare_cached(
-                "DELETE FROM pool_health WHERE channel_id = ?1 AND service = ?2 AND key_id = ?3",
-            )?
-            .execute(params![
-                channel_col(&msg.pool),
-                msg.pool.service,
-                msg.key_id
-            ])?;
+        self.forget_health(&msg.pool, &msg.key_id)?;
         Ok(true)
     }
 }
