@@ -203,6 +203,25 @@ async fn refuse(mut stream: UnixStream, error: Error) {
     let _ = stream.shutdown().await;
 }
 
+/// Turns a peer away before any request: records the refusal in the audit under
+/// the wire code of `error` and `reason`, runs `warn` (the log line) only when the
+/// audit wrote this one in full (a client reconnecting in a loop is counted, not
+/// logged each time), then answers `error` and closes the connection.
+fn turn_away(
+    app: &App,
+    tracker: &TaskTracker,
+    stream: UnixStream,
+    peer: &Peer,
+    reason: &str,
+    error: Error,
+    warn: impl FnOnce(),
+) {
+    if app.audit.refused(peer, error.code(), reason) {
+        warn();
+    }
+    tracker.spawn_local(refuse(stream, error));
+}
+
 /// A descriptor kept in reserve (on /dev/null). When accept fails for want of
 /// descriptors, the reserve is given up so that one waiting client can be accepted
 /// and told why it is not served, instead of waiting in the backlog; then it is
@@ -324,18 +343,17 @@ pub async fn serve(app: Rc<App>, listener: UnixListener, shutdown: impl Future<O
             role,
         };
         if role == Role::Denied {
-            if app.audit.refused(&peer, "forbidden", "peer not allowed") {
+            let e = Error::Forbidden(format!(
+                "uid {uid} gid {gid} may not use apikeyd; an operator can add it to access.allow_uids or access.allow_gids"
+            ));
+            turn_away(&app, &tracker, stream, &peer, "peer not allowed", e, || {
                 tracing::warn!(
                     uid,
                     gid,
                     pid = peer.pid,
                     "connection refused: peer not allowed (more from this uid are counted in the audit once a minute)"
                 );
-            }
-            let e = Error::Forbidden(format!(
-                "uid {uid} gid {gid} may not use apikeyd; an operator can add it to access.allow_uids or access.allow_gids"
-            ));
-            tracker.spawn_local(refuse(stream, e));
+            });
             continue;
         }
         let config = app.config();
@@ -343,59 +361,48 @@ pub async fn serve(app: Rc<App>, listener: UnixListener, shutdown: impl Future<O
         // more than a quarter of them, so a small max_connections still serves users.
         let reserve = config.server.admin_reserved_connections.min(max / 4);
         if role != Role::Admin && slots.available_permits() <= reserve {
-            if app.audit.refused(
-                &peer,
-                "unavailable",
-                "server.admin_reserved_connections left",
-            ) {
+            let e = Error::Unavailable(format!(
+                "too many connections (server.max_connections = {max}, {reserve} kept for admins); retry later"
+            ));
+            let reason = "server.admin_reserved_connections left";
+            turn_away(&app, &tracker, stream, &peer, reason, e, || {
                 tracing::warn!(
                     uid,
                     max,
                     reserve,
                     "connection refused: only slots reserved for admins are left"
                 );
-            }
-            let e = Error::Unavailable(format!(
-                "too many connections (server.max_connections = {max}, {reserve} kept for admins); retry later"
-            ));
-            tracker.spawn_local(refuse(stream, e));
+            });
             continue;
         }
         let per_uid = config.server.max_connections_per_uid;
         drop(config);
         let Some(uid_slot) = UidSlot::take(&by_uid, uid, per_uid) else {
-            if app.audit.refused(
-                &peer,
-                "unavailable",
-                "server.max_connections_per_uid reached",
-            ) {
+            let e = Error::Unavailable(format!(
+                "too many connections from uid {uid} (server.max_connections_per_uid = {per_uid}); close some or retry later"
+            ));
+            let reason = "server.max_connections_per_uid reached";
+            turn_away(&app, &tracker, stream, &peer, reason, e, || {
                 tracing::warn!(
                     uid,
                     per_uid,
                     "connection refused: server.max_connections_per_uid reached"
                 );
-            }
-            let e = Error::Unavailable(format!(
-                "too many connections from uid {uid} (server.max_connections_per_uid = {per_uid}); close some or retry later"
-            ));
-            tracker.spawn_local(refuse(stream, e));
+            });
             continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            if app
-                .audit
-                .refused(&peer, "unavailable", "server.max_connections reached")
-            {
+            let e = Error::Unavailable(format!(
+                "too many connections (server.max_connections = {max}); retry later"
+            ));
+            let reason = "server.max_connections reached";
+            turn_away(&app, &tracker, stream, &peer, reason, e, || {
                 tracing::warn!(
                     uid,
                     max,
                     "connection refused: server.max_connections reached"
                 );
-            }
-            let e = Error::Unavailable(format!(
-                "too many connections (server.max_connections = {max}); retry later"
-            ));
-            tracker.spawn_local(refuse(stream, e));
+            });
             continue;
         };
         let app = app.clone();

@@ -239,6 +239,18 @@ pub async fn get_gitea_credentials(app: &App, GiteaQuery(q): GiteaQuery) -> Resu
     })
 }
 
+/// Drops the cached copy of a user's key once a write to it went through, so
+/// the next lookup on this daemon reads what the store now holds.
+async fn forget_cached(app: &App, user_id: &str, service: &str) -> Result<()> {
+    app.cache
+        .send(ForgetUserKey {
+            user_id: user_id.to_owned(),
+            service: service.to_owned(),
+        })
+        .await?;
+    Ok(())
+}
+
 /// `{"op":"set_user_api_key","user_id":"u1","service":"openai","key":"sk-…"}` → `{"stored":true}`
 ///
 /// The storing client's uid is recorded: only it (or an admin) may report the key
@@ -264,12 +276,7 @@ pub async fn set_user_api_key(
             owner: peer.uid,
         })
         .await?;
-    app.cache
-        .send(ForgetUserKey {
-            user_id: user_id.clone(),
-            service: service.clone(),
-        })
-        .await?;
+    forget_cached(app, &user_id, &service).await?;
     tracing::info!(op = "set_user_api_key", user_id = %user_id, service = %service,
         replayed = stored.replayed, "stored");
     Ok(Reply::of(
@@ -290,12 +297,7 @@ pub async fn delete_user_api_key(app: &App, p: UserService, idem: Option<Idem>) 
         })
         .await?;
     let deleted = written.value;
-    app.cache
-        .send(ForgetUserKey {
-            user_id: user_id.clone(),
-            service: service.clone(),
-        })
-        .await?;
+    forget_cached(app, &user_id, &service).await?;
     tracing::info!(op = "delete_user_api_key", user_id = %user_id, service = %service, deleted,
         replayed = written.replayed, "deleted");
     Ok(Reply::of(

@@ -39,20 +39,8 @@ struct Repeats {
     pid: Option<i32>,
 }
 
-/// Refused connections summed up: `repeats` more since the last line about them.
-#[derive(Serialize)]
-struct Repeated<'a> {
-    ts: String,
-    uid: u32,
-    gid: u32,
-    pid: Option<i32>,
-    op: &'a str,
-    outcome: &'a str,
-    reason: &'a str,
-    repeats: u64,
-}
-
-/// A connection refused before any request: who, and with which code.
+/// A connection refused before any request: who, and with which code; with
+/// `repeats`, the line that sums up that many more such refusals since the last one.
 #[derive(Serialize)]
 struct Refusal<'a> {
     ts: String,
@@ -62,6 +50,8 @@ struct Refusal<'a> {
     op: &'a str,
     outcome: &'a str,
     reason: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repeats: Option<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -164,7 +154,7 @@ impl Audit {
                 true
             }
             Some(repeats) => {
-                self.write_repeats(peer.uid, peer.gid, peer.pid, outcome, reason, repeats);
+                self.write_refusal(peer.uid, peer.gid, peer.pid, outcome, reason, Some(repeats));
                 false
             }
         }
@@ -197,20 +187,26 @@ impl Audit {
             });
         }
         for (uid, gid, pid, outcome, reason, repeats) in due {
-            self.write_repeats(uid, gid, pid, &outcome, &reason, repeats);
+            self.write_refusal(uid, gid, pid, &outcome, &reason, Some(repeats));
         }
     }
 
-    fn write_repeats(
+    fn refused_in_full(&self, peer: &Peer, outcome: &str, reason: &str) {
+        self.write_refusal(peer.uid, peer.gid, peer.pid, outcome, reason, None);
+    }
+
+    /// Writes one refusal line: a refusal in full (`repeats` none), or the sum of
+    /// `repeats` more refusals of the same peer, outcome and reason.
+    fn write_refusal(
         &self,
         uid: u32,
         gid: u32,
         pid: Option<i32>,
         outcome: &str,
         reason: &str,
-        repeats: u64,
+        repeats: Option<u64>,
     ) {
-        let line = Repeated {
+        let line = Refusal {
             ts: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
             uid,
             gid,
@@ -219,21 +215,6 @@ impl Audit {
             outcome,
             reason,
             repeats,
-        };
-        if let Ok(text) = serde_json::to_string(&line) {
-            self.write(text, true);
-        }
-    }
-
-    fn refused_in_full(&self, peer: &Peer, outcome: &str, reason: &str) {
-        let line = Refusal {
-            ts: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            uid: peer.uid,
-            gid: peer.gid,
-            pid: peer.pid,
-            op: "connect",
-            outcome,
-            reason,
         };
         if let Ok(text) = serde_json::to_string(&line) {
             self.write(text, true);

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use actix::prelude::*;
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::keystore::RecordsWrites;
 use super::messages::*;
 use crate::error::Result;
 use crate::keys::{MasterKey, Place};
 use crate::model::clock;
-use crate::model::idempotency::{self, once, Idem, Written};
+use crate::model::idempotency::{self, Written};
 use crate::model::pool::*;
 
 /// Owns pools and quota counters in SQLite.
@@ -23,6 +24,16 @@ pub struct SqliteStore {
     pool_counts_day: String,
     /// When expired idempotency records were last dropped (unix seconds).
     pruned_at: i64,
+}
+
+impl RecordsWrites for SqliteStore {
+    fn db(&self) -> &Connection {
+        &self.db
+    }
+
+    fn records(&mut self) -> (&Connection, &mut i64) {
+        (&self.db, &mut self.pruned_at)
+    }
 }
 
 impl SqliteStore {
@@ -39,20 +50,6 @@ impl SqliteStore {
             pool_counts_day: String::new(),
             pruned_at: 0,
         }
-    }
-
-    /// Runs `apply` once per idempotency key (see [`once`]), dropping expired
-    /// records now and then before a write that records.
-    fn once<T: serde::Serialize + serde::de::DeserializeOwned>(
-        &mut self,
-        idem: Option<&Idem>,
-        worth_recording: impl FnOnce(&T) -> bool,
-        apply: impl FnOnce(&Self) -> Result<T>,
-    ) -> Result<Written<T>> {
-        if idem.is_some() {
-            idempotency::prune(&self.db, &mut self.pruned_at);
-        }
-        once(&self.db, idem, worth_recording, || apply(self))
     }
 
     /// Today's day for pool counters, dropping those older than `COUNTER_DAYS` the
@@ -78,6 +75,17 @@ impl SqliteStore {
             .query_row(params![channel_col(pool), pool.service, key_id], health_row)
             .optional()?
             .unwrap_or_default())
+    }
+
+    /// Drops what is known of a pool key's health, so it counts as healthy again
+    /// (cooling, disabling and error counts gone): when it is removed, or enabled.
+    fn forget_health(&self, pool: &PoolRef, key_id: &str) -> Result<()> {
+        self.db
+            .prepare_cached(
+                "DELETE FROM pool_health WHERE channel_id = ?1 AND service = ?2 AND key_id = ?3",
+            )?
+            .execute(params![channel_col(pool), pool.service, key_id])?;
+        Ok(())
     }
 
     fn has_key(&self, pool: &PoolRef, key_id: &str) -> Result<bool> {
@@ -261,15 +269,7 @@ impl SqliteStore {
                 msg.key_id
             ])?;
         // A key added again later starts healthy.
-        self.db
-            .prepare_cached(
-                "DELETE FROM pool_health WHERE channel_id = ?1 AND service = ?2 AND key_id = ?3",
-            )?
-            .execute(params![
-                channel_col(&msg.pool),
-                msg.pool.service,
-                msg.key_id
-            ])?;
+        self.forget_health(&msg.pool, &msg.key_id)?;
         Ok(n > 0)
     }
 }
@@ -336,15 +336,7 @@ impl SqliteStore {
         if !self.has_key(&msg.pool, &msg.key_id)? {
             return Ok(false);
         }
-        self.db
-            .prepare_cached(
-                "DELETE FROM pool_health WHERE channel_id = ?1 AND service = ?2 AND key_id = ?3",
-            )?
-            .execute(params![
-                channel_col(&msg.pool),
-                msg.pool.service,
-                msg.key_id
-            ])?;
+        self.forget_health(&msg.pool, &msg.key_id)?;
         Ok(true)
     }
 }

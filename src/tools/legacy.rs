@@ -205,25 +205,14 @@ pub fn import(
     if config.redis.url.is_empty() {
         return Err(ImportError::NoRedis);
     }
-    // A daemon on this keystore must answer on this config's socket, or none may run
-    // (then this import holds the lock until it ends).
-    keystore::create_folder(&config.keystore.path)?;
-    let _access = crate::process::lock::for_tool(
-        &config.keystore.path,
-        &crate::store::keystore::master_key_path(config),
+    // The import may create the keystore, but no new master key while Redis holds the fleet's.
+    let (_held, db, master) = super::open_keystore(
+        config,
         "import-legacy",
-        &config.server.socket,
         true,
+        &|| crate::fleet::may_create_key(config).map_err(Into::into),
+        ImportError::NoConnection,
     )?;
-    let opened = keystore::open_with(config, 1, &|| {
-        crate::fleet::may_create_key(config).map_err(Into::into)
-    })?;
-    let db = opened
-        .connections
-        .into_iter()
-        .next()
-        .ok_or(ImportError::NoConnection)?;
-    let master = opened.key;
     // Seal what goes into Redis with a version every live daemon can open.
     crate::fleet::cap_to_fleet(config, &master)?;
     let client = crate::store::redis::client(&config.redis)?;

@@ -100,23 +100,13 @@ pub fn migrate(config: &Config, to: Destination) -> Result<Report, MigrateError>
     if config.redis.url.is_empty() {
         return Err(MigrateError::NoRedis);
     }
-    keystore::create_folder(&config.keystore.path)?;
-    // A daemon on this keystore must answer on this config's socket, or none may run
-    // (then this run holds the lock until it ends).
-    let _access = crate::process::lock::for_tool(
-        &config.keystore.path,
-        &crate::store::keystore::master_key_path(config),
+    let (_held, mut db, master) = super::open_keystore(
+        config,
         "migrate-user-keys",
-        &config.server.socket,
         false,
+        &|| Ok(()),
+        MigrateError::NoConnection,
     )?;
-    let opened = keystore::open(config, 1)?;
-    let mut db = opened
-        .connections
-        .into_iter()
-        .next()
-        .ok_or(MigrateError::NoConnection)?;
-    let master = opened.key;
     let mut con = crate::fleet::connect(&config.redis, crate::fleet::TOOL_WAIT)?;
     let names = Names {
         prefix: config.redis.prefix.clone(),

@@ -426,6 +426,16 @@ fn reseal_passes(
     Err(RotateError::OldVersionsKeepAppearing)
 }
 
+/// Writes `key`'s keyring over `key_file` (both times the rotation changes it: once
+/// to add the new version, once to keep only it), naming the file if that fails.
+fn write_keyring(key: &MasterKey, key_file: &Path) -> Result<(), RotateError> {
+    key.write_keyring(key_file)
+        .map_err(|source| RotateError::WriteKeyring {
+            path: key_file.to_path_buf(),
+            source,
+        })
+}
+
 /// Runs (or resumes) a rotation.
 pub fn rotate(r: Rotation<'_>) -> Result<(), RotateError> {
     let config = r.config;
@@ -457,11 +467,7 @@ pub fn rotate(r: Rotation<'_>) -> Result<(), RotateError> {
         if fleet {
             crate::fleet::verify_config(config, &key)?;
         }
-        key.write_keyring(r.key_file)
-            .map_err(|source| RotateError::WriteKeyring {
-                path: r.key_file.to_path_buf(),
-                source,
-            })?;
+        write_keyring(&key, r.key_file)?;
         println!(
             "added key version {} to {}",
             key.current_version(),
@@ -516,11 +522,7 @@ pub fn rotate(r: Rotation<'_>) -> Result<(), RotateError> {
         backup.display()
     );
     let key = key.current_only();
-    key.write_keyring(r.key_file)
-        .map_err(|source| RotateError::WriteKeyring {
-            path: r.key_file.to_path_buf(),
-            source,
-        })?;
+    write_keyring(&key, r.key_file)?;
     println!(
         "retired key versions {retired:?}; {} now holds only version {}",
         r.key_file.display(),

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::Connection;
 
 use crate::keys::MasterKeyError;
+use crate::model::idempotency::{self, Idem, Written};
 
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (
@@ -145,4 +146,30 @@ pub fn connect(path: &Path) -> rusqlite::Result<Connection> {
     db.pragma_update(None, "journal_mode", "WAL")?;
     db.pragma_update(None, "synchronous", "FULL")?;
     Ok(db)
+}
+
+/// An actor whose writes to the keystore file are recorded by idempotency key (the
+/// `Keystore` for user keys, the embedded store for pools and counters): both record
+/// in the file's one idempotency table, and drop its expired records alike.
+pub(crate) trait RecordsWrites: Sized {
+    /// The connection the records are kept on.
+    fn db(&self) -> &Connection;
+
+    /// That connection, and when expired records were last dropped (unix seconds).
+    fn records(&mut self) -> (&Connection, &mut i64);
+
+    /// Runs `apply` once per idempotency key (see [`idempotency::once`]), dropping
+    /// expired records now and then before a write that records.
+    fn once<T: serde::Serialize + serde::de::DeserializeOwned>(
+        &mut self,
+        idem: Option<&Idem>,
+        worth_recording: impl FnOnce(&T) -> bool,
+        apply: impl FnOnce(&Self) -> crate::error::Result<T>,
+    ) -> crate::error::Result<Written<T>> {
+        if idem.is_some() {
+            let (db, pruned_at) = self.records();
+            idempotency::prune(db, pruned_at);
+        }
+        idempotency::once(self.db(), idem, worth_recording, || apply(self))
+    }
 }

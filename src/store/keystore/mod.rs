@@ -20,7 +20,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::error::Result;
 use crate::keys::{MasterKey, Place};
 use crate::model::clock;
-use crate::model::idempotency::{self, once, Idem, Written};
+use crate::model::idempotency::{self, Written};
 pub use crate::model::user_key::{LoadedUserKey, UserKeyInfo};
 use crate::store::messages::*;
 
@@ -75,19 +75,15 @@ impl Keystore {
             pruned_at: 0,
         }
     }
+}
 
-    /// Runs `apply` once per idempotency key (see [`once`]), dropping expired
-    /// records now and then before a write that records.
-    fn once<T: serde::Serialize + serde::de::DeserializeOwned>(
-        &mut self,
-        idem: Option<&Idem>,
-        worth_recording: impl FnOnce(&T) -> bool,
-        apply: impl FnOnce(&Self) -> Result<T>,
-    ) -> Result<Written<T>> {
-        if idem.is_some() {
-            idempotency::prune(&self.db, &mut self.pruned_at);
-        }
-        once(&self.db, idem, worth_recording, || apply(self))
+impl RecordsWrites for Keystore {
+    fn db(&self) -> &Connection {
+        &self.db
+    }
+
+    fn records(&mut self) -> (&Connection, &mut i64) {
+        (&self.db, &mut self.pruned_at)
     }
 }
 
