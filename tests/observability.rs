@@ -261,8 +261,13 @@ fn a_redis_outage_is_said_once_then_its_recovery_with_a_count() {
     common::eventually("the heartbeat failure", Duration::from_secs(10), || {
         d.logs().contains("fleet heartbeat not written")
     });
-    // The outage lasts a few beats (its length, not a wait for the daemon).
-    std::thread::sleep(Duration::from_secs(3));
+    // The outage lasts until the daemon has failed three beats (it counts them).
+    let mut c = d.client();
+    common::eventually("three failed heartbeats", Duration::from_secs(15), || {
+        c.ok(json!({"op": "stats"}))["store"]["heartbeat_failures"]
+            .as_u64()
+            .is_some_and(|n| n >= 3)
+    });
     redis.restart();
     common::eventually("the heartbeat recovery", Duration::from_secs(10), || {
         d.logs().contains("fleet heartbeat written again after")

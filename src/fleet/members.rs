@@ -368,11 +368,17 @@ pub async fn heartbeat(
                     "fleet heartbeat written again",
                 ),
                 Ok(Some(why)) => stop(&why),
-                Err(e) => crate::process::logfmt::warn_repeated(
-                    &mut unwritten,
-                    &e,
-                    "fleet heartbeat not written",
-                ),
+                Err(e) => {
+                    watch
+                        .status
+                        .heartbeat_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    crate::process::logfmt::warn_repeated(
+                        &mut unwritten,
+                        &e,
+                        "fleet heartbeat not written",
+                    );
+                }
             }
         }
         tokio::time::sleep(BEAT_EVERY).await;

@@ -27,6 +27,8 @@ pub struct RedisStatus {
     /// Fleet heartbeats ignored because the master key does not authenticate them
     /// (each member id counted once).
     pub unauthenticated_heartbeats: AtomicU64,
+    /// This daemon's fleet heartbeats that could not be written (Redis down).
+    pub heartbeat_failures: AtomicU64,
     /// The master's `host:port` as Sentinel last named it.
     master: Mutex<Option<String>>,
     /// Sentinels in `redis.sentinels`, and how many answered the last time all were

@@ -89,6 +89,9 @@ pub async fn stats(app: &App) -> Result<Body> {
         /// does not authenticate them (each member id once).
         #[serde(skip_serializing_if = "Option::is_none")]
         unauthenticated_heartbeats: Option<u64>,
+        /// Redis mode: this daemon's fleet heartbeats that could not be written.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        heartbeat_failures: Option<u64>,
     }
     #[derive(Serialize)]
     struct Process {
@@ -157,6 +160,7 @@ pub async fn stats(app: &App) -> Result<Body> {
                 quota_batches: count(|s| &s.quota_batches),
                 quota_batched_calls: count(|s| &s.quota_calls),
                 unauthenticated_heartbeats: count(|s| &s.unauthenticated_heartbeats),
+                heartbeat_failures: count(|s| &s.heartbeat_failures),
             }
         },
         idempotency: {

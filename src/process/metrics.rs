@@ -265,6 +265,11 @@ fn register_redis(registry: &mut Registry, status: &RedisStatus) {
         "Redis master changes followed since start (Sentinel failovers)",
         counter(status.failovers.load(Ordering::Relaxed)),
     );
+    registry.register(
+        "fleet_heartbeat_failures",
+        "This daemon's fleet heartbeats that could not be written (Redis unreachable)",
+        counter(status.heartbeat_failures.load(Ordering::Relaxed)),
+    );
     let refusals = Family::<Labels, Counter>::default();
     for (refusal, n) in status.refusals() {
         refusals
