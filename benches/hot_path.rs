@@ -159,7 +159,7 @@ fn pool_picks(c: &mut Criterion) {
                 system.block_on(async move {
                     let began = Instant::now();
                     for _ in 0..iters {
-                        black_box(app.pool_key(&pool).await.unwrap());
+                        black_box(app.cache_reader.pool_key(&pool).await.unwrap());
                     }
                     began.elapsed()
                 })
@@ -198,7 +198,12 @@ fn cache_and_resolver(c: &mut Criterion) {
                 let (mut user, mut service) = ("user-123".to_string(), "openai".to_string());
                 let began = Instant::now();
                 for _ in 0..iters {
-                    black_box(app.user_key(&mut user, &mut service).await.unwrap());
+                    black_box(
+                        app.cache_reader
+                            .user_key(&mut user, &mut service)
+                            .await
+                            .unwrap(),
+                    );
                 }
                 began.elapsed()
             })

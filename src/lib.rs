@@ -23,17 +23,20 @@
 //!   (`fleet::keycheck`) and the authenticated heartbeats that gate rotation
 //!   (`fleet::members`).
 //! - `store`: the actors and their handles. `store::keystore::Keystore` owns the
-//!   SQLite keystore (on a `SyncArbiter`); `store::handle::Store` is the handle to
-//!   pools and quota counters (`Backend`: the embedded `SqliteStore` or the
-//!   `RedisStore`); `store::user_keys::UserKeys` the handle to per-user keys (the
-//!   `Keystore`, or with `keystore.user_keys = "redis"` the `RedisStore`, sealed and
-//!   shared by the fleet); the messages both stores answer are `store::messages`; `store::cache::KeyCache` keeps decrypted keys in memory,
-//!   and connections on its thread read hits straight from it, so a hit touches no
-//!   store and sends no message. Every call into a store is bounded by
-//!   `server.request_timeout_ms` (`store::within`). Redis: `store::keyspace` is the key
-//!   layout, `store::envelope` the sealed-value format, `store::redis` the store (its
-//!   command runner, pools, user keys, quota scripts, connection), `store::invalidation`
-//!   the pub/sub listener that keeps the cache current.
+//!   SQLite keystore (on a `SyncArbiter`); `store::handle` holds the handles the ops
+//!   and the cache reach the stores by: `Store` for pools and quota counters (the
+//!   embedded `SqliteStore` or the `RedisStore`) and `UserKeys` for per-user keys
+//!   (the `Keystore`, or with `keystore.user_keys = "redis"` the `RedisStore`, sealed
+//!   and shared by the fleet), each one typed `Backend` whose `ask` is the one place
+//!   a call into a store is bounded by `server.request_timeout_ms`. The messages both
+//!   stores answer are `store::messages`; each actor's `Handler` stands beside the
+//!   code that answers it. `store::cache::KeyCache` keeps decrypted keys in memory;
+//!   connections on its thread read it through `CacheReader`, which answers a hit
+//!   straight from its memory (no store, no message) and asks the actor on a miss.
+//!   Redis: `store::keyspace` is the key layout, `store::envelope` the sealed-value
+//!   format, `store::redis` the store (its command runner, pools, user keys, quota
+//!   scripts, connection), `store::invalidation` the pub/sub listener that keeps the
+//!   cache current.
 //! - `process`: the running process: `config`, `access` (peer credentials to a
 //!   role), `audit`, `metrics`, `logfmt`, `systemd` (readiness, watchdog),
 //!   `hardening`, `lock` (the keystore's and the master key file's flocks).
@@ -50,6 +53,26 @@
 //! - `error` maps every request failure to a wire code. Start-up, reload and the
 //!   tools fail with typed errors of their own module (`StartError`, `ConfigError`,
 //!   `KeystoreError`, `FleetError`, …; thiserror), printed by the CLI.
+//!
+//! A cache miss for a user's own key (`get_user_api_key`), file by file:
+//! 1. `ops/keys.rs`: the op parses its query and runs `ops::resolver::resolve`;
+//! 2. `ops/resolver.rs`: the user key comes first, from `app.cache_reader.user_key`;
+//! 3. `store/cache.rs`: `CacheReader::user_key` finds no entry and sends
+//!    `LookupUserKey` to the `KeyCache`, whose handler loads through `UserKeys::load`
+//!    (and caches the answer unless an invalidation raced with it);
+//! 4. `store/handle.rs`: `UserKeys::load` → `Backend::ask` sends `LoadUserKey` to
+//!    the actor, bounded by `server.request_timeout_ms` (`within`);
+//! 5. user keys in SQLite: `store/keystore/mod.rs`, `Handler<LoadUserKey> for
+//!    Keystore`: one query, opened with the master key (`keys`). Five files.
+//!
+//!    User keys in Redis: `store/redis/user_keys.rs`, `Handler<LoadUserKey> for
+//!    RedisStore` → `load_user_key`: one pipeline, the hash named by
+//!    `store::keyspace`, the value opened by `store::envelope` (and `keys`);
+//! 6. `store/redis/runner.rs`: `pipeline` → `bounded` runs it within
+//!    `redis.timeout_ms`, a read sent again once after a stale connection. Six files.
+//!
+//! `LoadUserKey` itself is declared in `store/messages.rs`; a value found stored in
+//! clear also passes `clear_value` in `store/redis/mod.rs`.
 
 pub mod cli;
 pub mod daemon;

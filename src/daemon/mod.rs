@@ -22,11 +22,9 @@ use crate::process::config::Config;
 use crate::process::{audit, lock, metrics, systemd};
 use crate::store::cache::KeyCache;
 use crate::store::embedded::SqliteStore;
-use crate::store::handle::Store;
+use crate::store::handle::{Backend, Store, UserKeys};
 use crate::store::keystore::{Keystore, KeystoreError, Opened};
 use crate::store::redis::RedisStore;
-use crate::store::user_keys::UserKeys;
-use crate::store::Backend;
 
 /// Why the daemon refuses to start; the message tells the operator what to do.
 #[derive(Debug, thiserror::Error)]
@@ -270,9 +268,8 @@ pub fn start(config: Config, opened: Opened) -> Result<Started, StartError> {
         user_keys = if in_redis { "redis" } else { "local" },
         "per-user keys"
     );
-    let cache = KeyCache::new(user_keys.clone(), store.clone(), &config.cache);
-    let cache_reader = cache.reader();
-    let cache = cache.start();
+    let (cache, cache_reader) =
+        KeyCache::new(user_keys.clone(), store.clone(), &config.cache).start_here();
     let mut switches = None;
     let mut member = None;
     if let Some(r) = redis {

@@ -7,15 +7,11 @@ use std::time::Instant;
 use actix::Addr;
 
 use crate::keys::{MasterKey, MasterKeyError};
-use crate::model::pool::PoolRef;
 use crate::process::audit::Audit;
 use crate::process::config::{Config, ConfigError};
-use crate::store::cache::{
-    CacheReader, Configure, KeyCache, LookupUserKey, Pick, PickPoolKey, UserKey,
-};
-use crate::store::handle::Store;
+use crate::store::cache::{CacheReader, Configure, KeyCache};
+use crate::store::handle::{Store, UserKeys};
 use crate::store::keystore::{read_master_key, CheckKeyring, Keystore};
-use crate::store::user_keys::UserKeys;
 
 /// Why a reload changed nothing; the running config and keyring stay.
 #[derive(Debug, thiserror::Error)]
@@ -75,9 +71,10 @@ pub struct App {
     pub keystore: Addr<Keystore>,
     /// Per-user keys, wherever they live (`keystore.user_keys`).
     pub user_keys: UserKeys,
-    /// Decrypted keys in memory: the actor, for misses and changes…
+    /// Decrypted keys in memory: the actor, for changes…
     pub cache: Addr<KeyCache>,
-    /// …and its same-thread read handle, for hits without a message.
+    /// …and its same-thread read handle: hits without a message, misses through
+    /// the actor.
     pub cache_reader: CacheReader,
     /// Pools and quota counters.
     pub store: Store,
@@ -136,44 +133,6 @@ impl App {
         }
     }
 
-    /// A user's own key: from this thread's cache shard on a hit, else through the
-    /// cache actor, which loads it through `UserKeys`: from the keystore, or from
-    /// Redis when user keys live there.
-    pub async fn user_key(
-        &self,
-        user_id: &mut String,
-        service: &mut String,
-    ) -> crate::error::Result<UserKey> {
-        // The strings move into the lookup and back, so a hit allocates nothing.
-        let (hit, u, s) = self
-            .cache_reader
-            .user_key(std::mem::take(user_id), std::mem::take(service));
-        (*user_id, *service) = (u, s);
-        match hit {
-            Some(key) => Ok(key),
-            None => {
-                let msg = LookupUserKey {
-                    user_id: user_id.clone(),
-                    service: service.clone(),
-                };
-                self.cache.send(msg).await?
-            }
-        }
-    }
-
-    /// A uniformly picked usable key of `pool`: from this thread's cache shard on a
-    /// hit, else through the cache actor (which loads the pool from the store).
-    /// Borrows `pool`, so a hit copies nothing.
-    pub async fn pool_key(&self, pool: &PoolRef) -> crate::error::Result<Pick> {
-        match self.cache_reader.pool_key(pool) {
-            Some(key) => Ok(key),
-            None => {
-                let pool = pool.clone();
-                self.cache.send(PickPoolKey { pool }).await?
-            }
-        }
-    }
-
     /// `None` in embedded mode; in Redis mode whether Redis has answered since start
     /// and is not known to be down now.
     pub fn redis_up(&self) -> Option<bool> {
@@ -192,7 +151,7 @@ impl App {
         M: actix::Message<Result = crate::error::Result<T>> + Send + 'static,
         T: Send + 'static,
     {
-        crate::store::within(self.deadline, self.keystore.send(msg)).await
+        crate::store::handle::within(self.deadline, self.keystore.send(msg)).await
     }
 
     /// The Prometheus text of the daemon's metrics now (`metrics` op, `/metrics`).

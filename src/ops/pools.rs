@@ -105,7 +105,7 @@ async fn pick(app: &App, pool: PoolRef) -> Result<Body> {
         retry_after_s: None,
         message: None,
     };
-    match app.pool_key(&pool).await? {
+    match app.cache_reader.pool_key(&pool).await? {
         Pick::Key { key, key_id } => body(&Picked {
             key: Some(key.expose()),
             key_id: Some(&key_id),

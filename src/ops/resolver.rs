@@ -77,7 +77,10 @@ pub async fn resolve(app: &App, q: Query) -> Result<Resolved> {
     };
 
     let mut q = q;
-    let user = app.user_key(&mut q.user_id, &mut q.service).await;
+    let user = app
+        .cache_reader
+        .user_key(&mut q.user_id, &mut q.service)
+        .await;
     match skip_failed("user", &q, user, &mut out.degraded) {
         // Whether the user has a key is unknown (the cache's copy, even expired, is
         // served when there is one): nothing else is handed out in its place, or a
@@ -112,7 +115,7 @@ pub async fn resolve(app: &App, q: Query) -> Result<Resolved> {
                 channel,
                 service: q.service.clone(),
             };
-            let picked = app.pool_key(&pool).await;
+            let picked = app.cache_reader.pool_key(&pool).await;
             // A pool whose keys are all cooling or disabled counts as empty; the
             // earliest return is kept in case nothing else is found.
             match skip_failed("pool", &q, picked, &mut out.degraded) {

@@ -19,8 +19,7 @@ use lru::LruCache;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-use super::handle::Store;
-use super::user_keys::UserKeys;
+use super::handle::{Store, UserKeys};
 use crate::error::Result;
 use crate::keys::Secret;
 use crate::model::clock;
@@ -263,28 +262,51 @@ impl Shard {
     }
 }
 
-/// Same-thread read access to the actor's shard, for cache hits without a message.
-/// Not `Send`: it only exists on the actor's own thread.
+/// How connections on the actor's thread read the cache: a hit is a plain lookup in
+/// the actor's shard (no message, no timer); a miss asks the actor, which loads the
+/// key from its store. Not `Send`: it only exists on the actor's own thread.
 #[derive(Clone)]
 pub struct CacheReader {
     shard: Rc<RefCell<Shard>>,
+    actor: Addr<KeyCache>,
 }
 
 impl CacheReader {
-    /// A user's key on a hit (with `key: None` = cached "has none"); `None` on a miss.
-    pub fn user_key(&self, user_id: String, service: String) -> (Option<UserKey>, String, String) {
-        let slot = (user_id, service);
+    /// A user's own key: from the shard on a hit (with `key: None` = cached "has
+    /// none"), else through [`LookupUserKey`]. The strings move into the lookup and
+    /// back, so a hit allocates nothing.
+    pub async fn user_key(&self, user_id: &mut String, service: &mut String) -> Result<UserKey> {
+        let slot = (std::mem::take(user_id), std::mem::take(service));
         let hit = self.shard.borrow_mut().user(&slot);
-        (hit, slot.0, slot.1)
+        (*user_id, *service) = slot;
+        match hit {
+            Some(key) => Ok(key),
+            None => {
+                let msg = LookupUserKey {
+                    user_id: user_id.clone(),
+                    service: service.clone(),
+                };
+                self.actor.send(msg).await?
+            }
+        }
     }
 
-    /// A pick from a cached pool on a hit; `None` on a miss.
-    pub fn pool_key(&self, pool: &PoolRef) -> Option<Pick> {
-        self.shard.borrow_mut().pool(pool)
+    /// A uniformly picked usable key of `pool`: from the shard on a hit, else through
+    /// [`PickPoolKey`]. Borrows `pool`, so a hit copies nothing.
+    pub async fn pool_key(&self, pool: &PoolRef) -> Result<Pick> {
+        let hit = self.shard.borrow_mut().pool(pool);
+        match hit {
+            Some(pick) => Ok(pick),
+            None => {
+                let pool = pool.clone();
+                self.actor.send(PickPoolKey { pool }).await?
+            }
+        }
     }
 }
 
-/// Owns the decrypted keys. Misses are loaded from the keystore or the store; a load
+/// Owns the decrypted keys. Misses are loaded through `UserKeys` (per-user keys) and
+/// `Store` (pools), the handles in `store::handle`; a load
 /// that raced with an invalidation is answered but not cached, so a write is never
 /// shadowed by an older read.
 pub struct KeyCache {
@@ -313,11 +335,16 @@ impl KeyCache {
         }
     }
 
-    /// The read handle for connections served on this actor's thread.
-    pub fn reader(&self) -> CacheReader {
-        CacheReader {
-            shard: self.shard.clone(),
-        }
+    /// Starts the cache on this thread: its address, and the read handle for the
+    /// connections served here.
+    pub fn start_here(self) -> (Addr<KeyCache>, CacheReader) {
+        let shard = self.shard.clone();
+        let actor = self.start();
+        let reader = CacheReader {
+            shard,
+            actor: actor.clone(),
+        };
+        (actor, reader)
     }
 }
 

@@ -2,7 +2,7 @@
 //! `SqliteStore` and the `RedisStore` answer the same ones; per-user keys: the
 //! `Keystore` and (with `keystore.user_keys = "redis"`) the `RedisStore`. They are
 //! declared here, below both actors and the handles that send them (`handle::Store`,
-//! `user_keys::UserKeys`), so that neither store names the other. Messages only one
+//! `handle::UserKeys`), so that neither store names the other. Messages only one
 //! actor answers are declared beside it (`keystore::MarkClean`, `cache::Pick`, …).
 
 use actix::prelude::*;

@@ -1,13 +1,15 @@
 //! `RedisStore`, the actor that owns the Redis connection for pools, quota counters
-//! and (in Redis mode) per-user keys; each message it answers is forwarded to the
-//! shared state (`Inner`) on the actor's thread.
+//! and (in Redis mode) per-user keys: its start and health check. Each message it
+//! answers has its `Handler` beside the code that answers it, on the shared state
+//! (`Inner`) on the actor's thread: per-user keys in `user_keys`, pool reads in
+//! `pool_reads`, quota counters in `quota`, pool writes in `store::redis` itself.
 
 use super::*;
 
 /// Owns the Redis connection for pools, quotas and (with `keystore.user_keys =
 /// "redis"`) per-user keys.
 pub struct RedisStore {
-    inner: Rc<Inner>,
+    pub(super) inner: Rc<Inner>,
 }
 
 /// Builds the client for `[redis]` (URL, password, TLS; the master Sentinel names,
@@ -122,51 +124,5 @@ impl Actor for RedisStore {
         };
         check(self, ctx);
         ctx.run_interval(HEALTH_EVERY, check);
-    }
-}
-
-macro_rules! forward {
-    ($msg:ty, $out:ty, $method:ident) => {
-        impl Handler<$msg> for RedisStore {
-            type Result = ResponseFuture<Result<$out>>;
-
-            fn handle(&mut self, msg: $msg, _: &mut Self::Context) -> Self::Result {
-                let inner = self.inner.clone();
-                Box::pin(async move { inner.$method(msg).await })
-            }
-        }
-    };
-}
-
-forward!(AddPoolKey, Written<(String, bool)>, add_pool_key);
-forward!(ReportPoolKey, Written<Option<Health>>, report_pool_key);
-forward!(CountPoolKeys, Vec<PoolKeyCount>, count_pool_keys);
-forward!(EnablePoolKey, Written<bool>, enable_pool_key);
-forward!(CountPicks, (), count_picks);
-forward!(RemovePoolKey, Written<bool>, remove_pool_key);
-forward!(ReadUsage, u64, read_usage);
-forward!(IncrementUsage, Written<u64>, increment_usage);
-forward!(ConsumeUsage, Written<(bool, u64)>, consume_usage);
-forward!(LoadUserKey, LoadedUserKey, load_user_key);
-forward!(StoreUserKey, Written<()>, store_user_key);
-forward!(DeleteUserKey, Written<bool>, delete_user_key);
-forward!(ListUserKeys, Vec<UserKeyInfo>, list_user_keys);
-forward!(ReportUserKey, Written<Option<bool>>, report_user_key);
-
-impl Handler<LoadPool> for RedisStore {
-    type Result = ResponseFuture<Result<Vec<PoolEntry>>>;
-
-    fn handle(&mut self, msg: LoadPool, _: &mut Self::Context) -> Self::Result {
-        let inner = self.inner.clone();
-        Box::pin(async move { inner.load_pool(msg.pool).await })
-    }
-}
-
-impl Handler<ListPoolKeys> for RedisStore {
-    type Result = ResponseFuture<Result<Vec<PoolKeyInfo>>>;
-
-    fn handle(&mut self, msg: ListPoolKeys, _: &mut Self::Context) -> Self::Result {
-        let inner = self.inner.clone();
-        Box::pin(async move { inner.list_pool_keys(msg.pool).await })
     }
 }

@@ -5,7 +5,8 @@
 //! Here: the shared state and the scripted writes. The key layout is
 //! `crate::store::keyspace`, the value format `crate::store::envelope`; reaching Redis
 //! is `connection`, running a command on it `runner`, reading pools `pool_reads`;
-//! the actor is `actor`, per-user keys `user_keys`, the counters `quota`. The
+//! the actor is `actor`, per-user keys `user_keys`, the counters `quota`; each
+//! message's `Handler` stands beside the code that answers it. The
 //! pub/sub listener that keeps the cache current is `store::invalidation`.
 
 mod actor;
@@ -267,21 +268,6 @@ impl Inner {
         serde_json::to_string(changed).unwrap_or_default()
     }
 
-    /// Runs `pipe` (built once, sent at most twice) and decodes its replies.
-    async fn pipeline<T: redis::FromRedisValue>(
-        &self,
-        what: &str,
-        kind: Retry,
-        pipe: &redis::Pipeline,
-    ) -> Result<T> {
-        self.bounded(
-            what,
-            kind,
-            |mut c| async move { pipe.query_async(&mut c).await },
-        )
-        .await
-    }
-
     /// Runs the atomic `pipe` once per idempotency key (see [`WRITE_BODY`]); answers
     /// the replies of its commands, those of the first run when replayed. Without a
     /// key it is a plain `MULTI` pipeline.
@@ -538,5 +524,52 @@ impl Inner {
         }
         self.pipeline::<()>("count picks", Retry::Write, &pipe)
             .await
+    }
+}
+
+// The writes above, as messages sent through `store::handle::Store`.
+
+impl Handler<AddPoolKey> for RedisStore {
+    type Result = ResponseFuture<Result<Written<(String, bool)>>>;
+
+    fn handle(&mut self, msg: AddPoolKey, _: &mut Self::Context) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.add_pool_key(msg).await })
+    }
+}
+
+impl Handler<RemovePoolKey> for RedisStore {
+    type Result = ResponseFuture<Result<Written<bool>>>;
+
+    fn handle(&mut self, msg: RemovePoolKey, _: &mut Self::Context) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.remove_pool_key(msg).await })
+    }
+}
+
+impl Handler<ReportPoolKey> for RedisStore {
+    type Result = ResponseFuture<Result<Written<Option<Health>>>>;
+
+    fn handle(&mut self, msg: ReportPoolKey, _: &mut Self::Context) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.report_pool_key(msg).await })
+    }
+}
+
+impl Handler<EnablePoolKey> for RedisStore {
+    type Result = ResponseFuture<Result<Written<bool>>>;
+
+    fn handle(&mut self, msg: EnablePoolKey, _: &mut Self::Context) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.enable_pool_key(msg).await })
+    }
+}
+
+impl Handler<CountPicks> for RedisStore {
+    type Result = ResponseFuture<Result<()>>;
+
+    fn handle(&mut self, msg: CountPicks, _: &mut Self::Context) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.count_picks(msg).await })
     }
 }

@@ -3,6 +3,35 @@
 
 use super::*;
 
+// The messages this file answers, each sent through `store::handle::Store`.
+
+impl Handler<LoadPool> for RedisStore {
+    type Result = ResponseFuture<Result<Vec<PoolEntry>>>;
+
+    fn handle(&mut self, msg: LoadPool, _: &mut Self::Context) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.load_pool(msg.pool).await })
+    }
+}
+
+impl Handler<ListPoolKeys> for RedisStore {
+    type Result = ResponseFuture<Result<Vec<PoolKeyInfo>>>;
+
+    fn handle(&mut self, msg: ListPoolKeys, _: &mut Self::Context) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.list_pool_keys(msg.pool).await })
+    }
+}
+
+impl Handler<CountPoolKeys> for RedisStore {
+    type Result = ResponseFuture<Result<Vec<PoolKeyCount>>>;
+
+    fn handle(&mut self, msg: CountPoolKeys, _: &mut Self::Context) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.count_pool_keys(msg).await })
+    }
+}
+
 impl Inner {
     pub(super) async fn load_pool(&self, pool: PoolRef) -> Result<Vec<PoolEntry>> {
         let hash = self.names.pool(&pool);

@@ -12,10 +12,11 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
+use actix::prelude::*;
 use redis::AsyncCommands;
 use tokio::sync::oneshot;
 
-use super::{Inner, Retry};
+use super::{Inner, RedisStore, Retry};
 use crate::error::{Error, Result};
 use crate::model::clock;
 use crate::model::idempotency::{self, Counters, Idem, Written};
@@ -204,6 +205,35 @@ impl Batcher {
             )),
             queue: RefCell::default(),
         }
+    }
+}
+
+// The messages this file answers, each sent through `store::handle::Store`.
+
+impl Handler<ReadUsage> for RedisStore {
+    type Result = ResponseFuture<Result<u64>>;
+
+    fn handle(&mut self, msg: ReadUsage, _: &mut Self::Context) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.read_usage(msg).await })
+    }
+}
+
+impl Handler<IncrementUsage> for RedisStore {
+    type Result = ResponseFuture<Result<Written<u64>>>;
+
+    fn handle(&mut self, msg: IncrementUsage, _: &mut Self::Context) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.increment_usage(msg).await })
+    }
+}
+
+impl Handler<ConsumeUsage> for RedisStore {
+    type Result = ResponseFuture<Result<Written<(bool, u64)>>>;
+
+    fn handle(&mut self, msg: ConsumeUsage, _: &mut Self::Context) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.consume_usage(msg).await })
     }
 }
 

@@ -63,6 +63,22 @@ impl Inner {
         self.bounded_even_if_down(what, kind, attempt).await
     }
 
+    /// Runs `pipe` (built once, sent at most twice) with [`Inner::bounded`] and
+    /// decodes its replies.
+    pub(super) async fn pipeline<T: redis::FromRedisValue>(
+        &self,
+        what: &str,
+        kind: Retry,
+        pipe: &redis::Pipeline,
+    ) -> Result<T> {
+        self.bounded(
+            what,
+            kind,
+            |mut c| async move { pipe.query_async(&mut c).await },
+        )
+        .await
+    }
+
     /// [`Inner::bounded`] without failing at once while the connection is known to
     /// be down: for the health check that revives it, and `WAIT` after a write.
     pub(super) async fn bounded_even_if_down<T, F, Fut>(

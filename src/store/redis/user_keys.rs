@@ -3,6 +3,53 @@
 
 use super::*;
 
+// The messages this file answers, each sent through `store::handle::UserKeys`.
+
+impl Handler<LoadUserKey> for RedisStore {
+    type Result = ResponseFuture<Result<LoadedUserKey>>;
+
+    fn handle(&mut self, msg: LoadUserKey, _: &mut Self::Context) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.load_user_key(msg).await })
+    }
+}
+
+impl Handler<StoreUserKey> for RedisStore {
+    type Result = ResponseFuture<Result<Written<()>>>;
+
+    fn handle(&mut self, msg: StoreUserKey, _: &mut Self::Context) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.store_user_key(msg).await })
+    }
+}
+
+impl Handler<DeleteUserKey> for RedisStore {
+    type Result = ResponseFuture<Result<Written<bool>>>;
+
+    fn handle(&mut self, msg: DeleteUserKey, _: &mut Self::Context) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.delete_user_key(msg).await })
+    }
+}
+
+impl Handler<ListUserKeys> for RedisStore {
+    type Result = ResponseFuture<Result<Vec<UserKeyInfo>>>;
+
+    fn handle(&mut self, msg: ListUserKeys, _: &mut Self::Context) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.list_user_keys(msg).await })
+    }
+}
+
+impl Handler<ReportUserKey> for RedisStore {
+    type Result = ResponseFuture<Result<Written<Option<bool>>>>;
+
+    fn handle(&mut self, msg: ReportUserKey, _: &mut Self::Context) -> Self::Result {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.report_user_key(msg).await })
+    }
+}
+
 impl Inner {
     pub(super) async fn load_user_key(&self, msg: LoadUserKey) -> Result<LoadedUserKey> {
         let hash = self.names.user_keys(&msg.user_id);
