@@ -77,6 +77,12 @@ fn a_request_never_waits_past_its_deadline(mode: Mode) {
     );
     let mut c = d.client();
     c.ok(json!({"op": "set_user_api_key", "user_id": "u", "service": "openai", "key": "sk-before-the-lock-1"}));
+    // Read once, so the read below is a cached one (the write cleared the entry and
+    // a miss under a loaded machine may outlast the 300 ms deadline).
+    assert_eq!(
+        c.ok(json!({"op": "get_user_api_key", "user_id": "u", "service": "openai"}))["key"],
+        "sk-before-the-lock-1"
+    );
     let lock = lock_keystore(&d);
     // The lock is held until after the answer: the answer can only come from the
     // request deadline (SQLite's own busy wait would say "busy", not this).
