@@ -25,9 +25,9 @@ use crate::keys::Secret;
 use crate::model::clock;
 use crate::model::figures::CacheFigures;
 use crate::model::pool::{PoolEntry, PoolRef};
+pub use crate::model::user_key::UserKey;
 use crate::process::config::CacheConfig;
-use crate::store::messages::CountPicks;
-use crate::store::messages::LoadUserKey;
+use crate::store::messages::{CountPicks, LoadUserKey};
 
 /// How often picks counted in memory are added to the store's daily counters.
 const FLUSH_PICKS_EVERY: Duration = Duration::from_secs(1);
@@ -35,18 +35,6 @@ const FLUSH_PICKS_EVERY: Duration = Duration::from_secs(1);
 struct Entry<T> {
     value: T,
     expires: Instant,
-}
-
-/// A user's own key as the resolver sees it.
-#[derive(Clone, Default)]
-pub struct UserKey {
-    /// `None`: the user has none, or it was reported unauthorized.
-    pub key: Option<Arc<Secret>>,
-    /// The user's key was reported unauthorized and is skipped until they store a new one.
-    pub rejected: bool,
-    /// Served from an entry past its TTL because the store holding user keys (Redis)
-    /// could not be asked: the answer is marked degraded.
-    pub stale: bool,
 }
 
 /// One key of a cached pool, with what a pick needs to skip it without a store call.
@@ -155,6 +143,13 @@ struct Shard {
 
 fn capacity(n: usize) -> NonZeroUsize {
     NonZeroUsize::new(n.max(1)).unwrap_or(NonZeroUsize::MIN)
+}
+/// An empty LRU of at most `n` entries whose table grows as they come (`LruCache::new`
+/// allocates it for all `n` at once: 4 MB of an idle daemon for the default).
+fn lru<K: std::hash::Hash + Eq, V>(n: usize) -> LruCache<K, V> {
+    let mut cache = LruCache::unbounded();
+    cache.resize(capacity(n));
+    cache
 }
 
 impl Shard {
@@ -321,8 +316,8 @@ impl KeyCache {
         KeyCache {
             shard: Rc::new(RefCell::new(Shard {
                 keep_stale_users: user_keys.in_redis,
-                users: LruCache::new(capacity(config.max_entries)),
-                pools: LruCache::new(capacity(config.max_entries)),
+                users: lru(config.max_entries),
+                pools: lru(config.max_entries),
                 user_ttl: Duration::from_secs(config.user_key_ttl_s),
                 pool_ttl: Duration::from_secs(config.pool_ttl_s),
                 counters: HashMap::new(),
