@@ -2,9 +2,9 @@
 //! zeroed when evicted. A hit answers without touching SQLite or Redis.
 //!
 //! The actor lives on the same arbiter thread as the connections it serves. Its
-//! state is a `Shard` that it shares with them through a `CacheReader`, so a hit is a
+//! state is a `Contents` that it shares with them through a `CacheReader`, so a hit is a
 //! plain lookup on that thread rather than a mailbox round trip (the actor sits where
-//! the data is used). Everything that fills or empties the shard — loads on a miss,
+//! the data is used). Everything that fills or empties the contents — loads on a miss,
 //! invalidations, reconfiguration — goes through the actor's messages.
 
 use std::cell::{Cell, RefCell};
@@ -43,7 +43,7 @@ struct Pooled {
     key_id: Arc<str>,
     cooling_until: i64,
     disabled: bool,
-    /// Picks not yet added to the store's counters (shared with `Shard::counters`).
+    /// Picks not yet added to the store's counters (shared with `Contents::counters`).
     picks: Rc<Cell<u64>>,
 }
 
@@ -122,7 +122,7 @@ impl CachedPool {
 
 /// The cached keys. There is one: the actor and every connection run on the same
 /// thread, which is what lets connections read it without a message.
-struct Shard {
+struct Contents {
     /// (user_id, service) → the key, or `None` for "this user has none".
     users: LruCache<(String, String), Entry<UserKey>>,
     pools: LruCache<PoolRef, Entry<CachedPool>>,
@@ -152,7 +152,7 @@ fn lru<K: std::hash::Hash + Eq, V>(n: usize) -> LruCache<K, V> {
     cache
 }
 
-impl Shard {
+impl Contents {
     /// Builds the cached form of a loaded pool, each key tied to its pick counter.
     fn cached(&mut self, pool: &PoolRef, loaded: Vec<PoolEntry>) -> CachedPool {
         let mut latest_cooling = 0;
@@ -258,21 +258,21 @@ impl Shard {
 }
 
 /// How connections on the actor's thread read the cache: a hit is a plain lookup in
-/// the actor's shard (no message, no timer); a miss asks the actor, which loads the
+/// the actor's contents (no message, no timer); a miss asks the actor, which loads the
 /// key from its store. Not `Send`: it only exists on the actor's own thread.
 #[derive(Clone)]
 pub struct CacheReader {
-    shard: Rc<RefCell<Shard>>,
+    contents: Rc<RefCell<Contents>>,
     actor: Addr<KeyCache>,
 }
 
 impl CacheReader {
-    /// A user's own key: from the shard on a hit (with `key: None` = cached "has
+    /// A user's own key: from the contents on a hit (with `key: None` = cached "has
     /// none"), else through [`LookupUserKey`]. The strings move into the lookup and
     /// back, so a hit allocates nothing.
     pub async fn user_key(&self, user_id: &mut String, service: &mut String) -> Result<UserKey> {
         let slot = (std::mem::take(user_id), std::mem::take(service));
-        let hit = self.shard.borrow_mut().user(&slot);
+        let hit = self.contents.borrow_mut().user(&slot);
         (*user_id, *service) = slot;
         match hit {
             Some(key) => Ok(key),
@@ -286,10 +286,10 @@ impl CacheReader {
         }
     }
 
-    /// A uniformly picked usable key of `pool`: from the shard on a hit, else through
+    /// A uniformly picked usable key of `pool`: from the contents on a hit, else through
     /// [`PickPoolKey`]. Borrows `pool`, so a hit copies nothing.
     pub async fn pool_key(&self, pool: &PoolRef) -> Result<Pick> {
-        let hit = self.shard.borrow_mut().pool(pool);
+        let hit = self.contents.borrow_mut().pool(pool);
         match hit {
             Some(pick) => Ok(pick),
             None => {
@@ -307,14 +307,14 @@ impl CacheReader {
 pub struct KeyCache {
     user_keys: UserKeys,
     store: Store,
-    shard: Rc<RefCell<Shard>>,
+    contents: Rc<RefCell<Contents>>,
 }
 
 impl KeyCache {
     /// An empty cache in front of `user_keys` and `store`.
     pub fn new(user_keys: UserKeys, store: Store, config: &CacheConfig) -> Self {
         KeyCache {
-            shard: Rc::new(RefCell::new(Shard {
+            contents: Rc::new(RefCell::new(Contents {
                 keep_stale_users: user_keys.in_redis,
                 users: lru(config.max_entries),
                 pools: lru(config.max_entries),
@@ -333,10 +333,10 @@ impl KeyCache {
     /// Starts the cache on this thread: its address, and the read handle for the
     /// connections served here.
     pub fn start_here(self) -> (Addr<KeyCache>, CacheReader) {
-        let shard = self.shard.clone();
+        let contents = self.contents.clone();
         let actor = self.start();
         let reader = CacheReader {
-            shard,
+            contents,
             actor: actor.clone(),
         };
         (actor, reader)
@@ -351,7 +351,7 @@ impl Actor for KeyCache {
     /// statistics; docs/operations.md gives their precision).
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(FLUSH_PICKS_EVERY, |cache, ctx| {
-            let picks = cache.shard.borrow_mut().take_picks();
+            let picks = cache.contents.borrow_mut().take_picks();
             if picks.is_empty() {
                 return;
             }
@@ -383,12 +383,12 @@ impl Handler<LookupUserKey> for KeyCache {
     fn handle(&mut self, msg: LookupUserKey, _: &mut Self::Context) -> Self::Result {
         let slot = (msg.user_id, msg.service);
         let generation = {
-            let mut shard = self.shard.borrow_mut();
-            if let Some(hit) = shard.user(&slot) {
+            let mut contents = self.contents.borrow_mut();
+            if let Some(hit) = contents.user(&slot) {
                 return Box::pin(fut::ready(Ok(hit)));
             }
-            shard.misses += 1;
-            shard.generation
+            contents.misses += 1;
+            contents.generation
         };
         let user_keys = self.user_keys.clone();
         let load = LoadUserKey {
@@ -399,22 +399,22 @@ impl Handler<LookupUserKey> for KeyCache {
             async move { user_keys.load(load).await }
                 .into_actor(self)
                 .map(move |loaded, cache, _| {
-                    let mut shard = cache.shard.borrow_mut();
+                    let mut contents = cache.contents.borrow_mut();
                     let loaded = match loaded {
                         Ok(l) => l,
                         // Whatever failed, the copy this daemon has seen is served
                         // (flagged degraded) rather than none.
-                        Err(e) => return shard.stale_user(&slot).ok_or(e),
+                        Err(e) => return contents.stale_user(&slot).ok_or(e),
                     };
                     let value = UserKey {
                         key: loaded.key.map(Arc::new),
                         rejected: loaded.rejected,
                         stale: false,
                     };
-                    if shard.generation == generation && !shard.user_ttl.is_zero() {
-                        shard.fits();
-                        let expires = Instant::now() + shard.user_ttl;
-                        shard.users.put(
+                    if contents.generation == generation && !contents.user_ttl.is_zero() {
+                        contents.fits();
+                        let expires = Instant::now() + contents.user_ttl;
+                        contents.users.put(
                             slot,
                             Entry {
                                 value: value.clone(),
@@ -440,12 +440,12 @@ impl Handler<PickPoolKey> for KeyCache {
 
     fn handle(&mut self, msg: PickPoolKey, _: &mut Self::Context) -> Self::Result {
         let generation = {
-            let mut shard = self.shard.borrow_mut();
-            if let Some(hit) = shard.pool(&msg.pool) {
+            let mut contents = self.contents.borrow_mut();
+            if let Some(hit) = contents.pool(&msg.pool) {
                 return Box::pin(fut::ready(Ok(hit)));
             }
-            shard.misses += 1;
-            shard.generation
+            contents.misses += 1;
+            contents.generation
         };
         let store = self.store.clone();
         let pool = msg.pool;
@@ -455,13 +455,13 @@ impl Handler<PickPoolKey> for KeyCache {
                 .into_actor(self)
                 .map(move |loaded, cache, _| {
                     let loaded = loaded?;
-                    let mut shard = cache.shard.borrow_mut();
-                    let keys = shard.cached(&pool, loaded);
+                    let mut contents = cache.contents.borrow_mut();
+                    let keys = contents.cached(&pool, loaded);
                     let picked = keys.pick();
-                    if shard.generation == generation && !shard.pool_ttl.is_zero() {
-                        shard.fits();
-                        let expires = Instant::now() + shard.pool_ttl;
-                        shard.pools.put(
+                    if contents.generation == generation && !contents.pool_ttl.is_zero() {
+                        contents.fits();
+                        let expires = Instant::now() + contents.pool_ttl;
+                        contents.pools.put(
                             pool,
                             Entry {
                                 value: keys,
@@ -487,9 +487,9 @@ impl Handler<ForgetUserKey> for KeyCache {
     type Result = ();
 
     fn handle(&mut self, msg: ForgetUserKey, _: &mut Self::Context) {
-        let mut shard = self.shard.borrow_mut();
-        shard.generation += 1;
-        shard.users.pop(&(msg.user_id, msg.service));
+        let mut contents = self.contents.borrow_mut();
+        contents.generation += 1;
+        contents.users.pop(&(msg.user_id, msg.service));
     }
 }
 
@@ -504,9 +504,9 @@ impl Handler<ForgetPool> for KeyCache {
     type Result = ();
 
     fn handle(&mut self, msg: ForgetPool, _: &mut Self::Context) {
-        let mut shard = self.shard.borrow_mut();
-        shard.generation += 1;
-        shard.pools.pop(&msg.pool);
+        let mut contents = self.contents.borrow_mut();
+        contents.generation += 1;
+        contents.pools.pop(&msg.pool);
     }
 }
 
@@ -523,14 +523,14 @@ impl Handler<ForgetAllUserKeys> for KeyCache {
     type Result = ();
 
     fn handle(&mut self, _: ForgetAllUserKeys, _: &mut Self::Context) {
-        let mut shard = self.shard.borrow_mut();
-        shard.generation += 1;
-        if !shard.keep_stale_users {
-            shard.users.clear();
+        let mut contents = self.contents.borrow_mut();
+        contents.generation += 1;
+        if !contents.keep_stale_users {
+            contents.users.clear();
             return;
         }
         let now = Instant::now();
-        for (_, entry) in shard.users.iter_mut() {
+        for (_, entry) in contents.users.iter_mut() {
             entry.expires = entry.expires.min(now);
         }
     }
@@ -546,9 +546,9 @@ impl Handler<ForgetAllPools> for KeyCache {
     type Result = ();
 
     fn handle(&mut self, _: ForgetAllPools, _: &mut Self::Context) {
-        let mut shard = self.shard.borrow_mut();
-        shard.generation += 1;
-        shard.pools.clear();
+        let mut contents = self.contents.borrow_mut();
+        contents.generation += 1;
+        contents.pools.clear();
     }
 }
 
@@ -563,13 +563,13 @@ impl Handler<Configure> for KeyCache {
     type Result = ();
 
     fn handle(&mut self, msg: Configure, _: &mut Self::Context) {
-        let mut shard = self.shard.borrow_mut();
-        shard.generation += 1;
-        shard.user_ttl = Duration::from_secs(msg.cache.user_key_ttl_s);
-        shard.pool_ttl = Duration::from_secs(msg.cache.pool_ttl_s);
-        shard.users.resize(capacity(msg.cache.max_entries));
-        shard.pools.resize(capacity(msg.cache.max_entries));
-        shard.fits();
+        let mut contents = self.contents.borrow_mut();
+        contents.generation += 1;
+        contents.user_ttl = Duration::from_secs(msg.cache.user_key_ttl_s);
+        contents.pool_ttl = Duration::from_secs(msg.cache.pool_ttl_s);
+        contents.users.resize(capacity(msg.cache.max_entries));
+        contents.pools.resize(capacity(msg.cache.max_entries));
+        contents.fits();
     }
 }
 
@@ -582,11 +582,11 @@ impl Handler<ReadCacheFigures> for KeyCache {
     type Result = MessageResult<ReadCacheFigures>;
 
     fn handle(&mut self, _: ReadCacheFigures, _: &mut Self::Context) -> Self::Result {
-        let shard = self.shard.borrow();
+        let contents = self.contents.borrow();
         MessageResult(CacheFigures {
-            hits: shard.hits,
-            misses: shard.misses,
-            entries: shard.users.len() + shard.pools.len(),
+            hits: contents.hits,
+            misses: contents.misses,
+            entries: contents.users.len() + contents.pools.len(),
         })
     }
 }
