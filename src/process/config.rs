@@ -100,7 +100,8 @@ impl Default for KeystoreConfig {
 pub enum UserKeysIn {
     /// Sealed in `{prefix}:user_api_keys:{user_id}`, shared by every daemon on the Redis.
     Redis,
-    /// In this daemon's SQLite keystore (the behaviour of versions that kept no user keys in Redis).
+    /// In this daemon's SQLite keystore (the behaviour of versions that kept no user
+    /// keys in Redis).
     Local,
 }
 
