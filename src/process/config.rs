@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use crate::process::access::{gid_of, uid_of, AccessIds};
 use serde::{Deserialize, Serialize};
 
-/// The whole configuration file (SPEC §6). Every key is optional.
+/// The whole configuration file (docs/operations.md, "Configuration reference").
+/// Every key is optional.
 #[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
