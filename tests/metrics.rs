@@ -1,5 +1,6 @@
-//! Metrics (issue 14 item 16): counters in `stats`, the Prometheus text over a real
-//! HTTP GET of /metrics on loopback, and `apikeyd metrics` over the socket.
+//! Metrics (docs/operations.md, "Monitoring"): counters in `stats`, the Prometheus
+//! text over a real HTTP GET of /metrics on loopback, and `apikeyd metrics` over the
+//! socket.
 
 mod common;
 
