@@ -115,7 +115,11 @@ fn docs_cite_no_issues_and_no_file_outside_the_repository() {
         "clients/python/README.md".to_string(),
     ];
     for dir in ["docs", "systemd"] {
-        files.extend(files_under(dir, "").into_iter().filter(|f| !f.ends_with(".svg")));
+        files.extend(
+            files_under(dir, "")
+                .into_iter()
+                .filter(|f| !f.ends_with(".svg")),
+        );
     }
     // The Python client's docstrings are what `help()` shows its users.
     files.extend(files_under("clients/python/src", ".py"));
