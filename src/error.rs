@@ -48,7 +48,7 @@ pub enum Error {
 }
 
 impl Error {
-    /// The stable code clients switch on (SPEC §2).
+    /// The stable code clients switch on (docs/protocol.md, "Error codes").
     pub fn code(&self) -> &'static str {
         match self {
             Error::BadRequest(_) => "bad_request",

@@ -28,7 +28,8 @@
 //!   embedded `SqliteStore` or the `RedisStore`) and `UserKeys` for per-user keys
 //!   (the `Keystore`, or with `keystore.user_keys = "redis"` the `RedisStore`, sealed
 //!   and shared by the fleet), each one typed `Backend` whose `ask` is the one place
-//!   a call into a store is bounded by `server.request_timeout_ms`. The messages both
+//!   a call into a store is bounded by `server.request_timeout_ms` (and
+//!   `App::keystore`, for the keystore's own messages). The messages both
 //!   stores answer are `store::messages`; each actor's `Handler` stands beside the
 //!   code that answers it. `store::cache::KeyCache` keeps decrypted keys in memory;
 //!   connections on its thread read it through `CacheReader`, which answers a hit
@@ -40,8 +41,9 @@
 //! - `process`: the running process: `config`, `access` (peer credentials to a
 //!   role), `audit`, `metrics`, `logfmt`, `systemd` (readiness, watchdog),
 //!   `hardening`, `lock` (the keystore's and the master key file's flocks).
-//! - `wire`: the format: `protocol` parses lines (one reader per parameter) and
-//!   encodes answers; `catalog::Op` is every op with its wire name and rules (write,
+//! - `wire`: the format: `protocol` parses lines (flat lines by a serde-free fast
+//!   path, every other shape by serde_json; one reader per parameter) and encodes
+//!   answers; `catalog::Op` is every op with its wire name and rules (write,
 //!   admin-only, audited), checked once before dispatch; `client` is the one
 //!   JSON-lines client.
 //! - `model`: the domain types (pools, key health, counters, loaded user keys, the

@@ -1,5 +1,5 @@
-//! Access by supplementary groups and by names (issue 14 items 1 and 2): real clients
-//! switched to another uid and groups with `setpriv`.
+//! Access by supplementary groups and by user and group names (docs/operations.md,
+//! "Access"): real clients switched to another uid and groups with `setpriv`.
 
 mod common;
 

@@ -70,26 +70,72 @@ fn help_texts() -> Vec<(String, String)> {
     texts
 }
 
-#[test]
-fn docs_cite_no_issues_and_no_file_outside_the_repository() {
-    let mut files = vec!["README.md".to_string(), "config.toml".to_string()];
-    let mut dirs = vec!["docs".to_string(), "systemd".to_string()];
+/// The files under `dir` (relative to the repository), recursively, whose names end
+/// with `ext` (any name when `ext` is empty).
+fn files_under(dir: &str, ext: &str) -> Vec<String> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_string()];
     while let Some(dir) = dirs.pop() {
         for e in std::fs::read_dir(repo().join(&dir)).unwrap() {
             let e = e.unwrap();
             let name = format!("{dir}/{}", e.file_name().to_string_lossy());
             if e.file_type().unwrap().is_dir() {
                 dirs.push(name);
-            } else if !name.ends_with(".svg") {
+            } else if name.ends_with(ext) {
                 files.push(name);
             }
         }
     }
+    files.sort();
+    files
+}
+
+/// The comments of Rust source (`//`, `///`, `//!`; not a `//` after `:`, as in a
+/// URL), one line each, joined with spaces so that a citation wrapped over two
+/// comment lines is still one.
+fn rust_comments(source: &str) -> String {
+    let mut out = String::new();
+    for line in source.lines() {
+        let at = line
+            .match_indices("//")
+            .find(|(i, _)| *i == 0 || line.as_bytes()[i - 1] != b':');
+        if let Some((i, _)) = at {
+            out.push_str(line[i..].trim_start_matches(['/', '!']).trim());
+            out.push(' ');
+        }
+    }
+    out
+}
+
+#[test]
+fn docs_cite_no_issues_and_no_file_outside_the_repository() {
+    let mut files = vec![
+        "README.md".to_string(),
+        "config.toml".to_string(),
+        "clients/python/README.md".to_string(),
+    ];
+    for dir in ["docs", "systemd"] {
+        files.extend(
+            files_under(dir, "")
+                .into_iter()
+                .filter(|f| !f.ends_with(".svg")),
+        );
+    }
+    // The Python client's docstrings are what `help()` shows its users.
+    files.extend(files_under("clients/python/src", ".py"));
     let mut bad = Vec::new();
     for f in &files {
         let text = std::fs::read_to_string(repo().join(f)).unwrap();
         for c in citations(&text) {
             bad.push(format!("{f}: {c:?}"));
+        }
+    }
+    // Rustdoc and comments are read by whoever works on the code, who can no more
+    // follow a tracker number or a file outside the repository than a user can.
+    for f in files_under("src", ".rs") {
+        let text = std::fs::read_to_string(repo().join(&f)).unwrap();
+        for c in citations(&rust_comments(&text)) {
+            bad.push(format!("{f} (comments): {c:?}"));
         }
     }
     for (what, text) in help_texts() {
@@ -112,6 +158,15 @@ fn the_citation_finder_finds_them() {
     assert_eq!(citations("the contract is ../shared/SPEC.md §2").len(), 2);
     assert_eq!(citations("(SPEC §4)").len(), 1);
     assert!(citations("an issue with 3 keys; security.md#the-keyring; &#39;").is_empty());
+}
+
+#[test]
+fn rust_comments_are_read_whole_and_code_is_not() {
+    let source = "//! Pools (issue\n//! 12).\n\
+                  let url = \"redis://h/#1\"; // see SPEC §4\n#[derive(Debug)]\n";
+    let comments = rust_comments(source);
+    assert_eq!(citations(&comments), vec!["issue 12", "spec §"]);
+    assert!(!comments.contains("redis"), "{comments}");
 }
 
 #[test]

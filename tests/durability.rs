@@ -1,5 +1,5 @@
 //! What survives: restarts, kill -9 right after acknowledged writes, the master key
-//! rules of SPEC §4, and quota days.
+//! rules (docs/operations.md, "The master key"), and quota days.
 
 mod common;
 

@@ -1,5 +1,6 @@
-//! A fleet on one Redis (issue 9): no daemon starts with a key other than the
-//! fleet's, and rotating the master key through one daemon never strands another.
+//! A fleet on one Redis (docs/security.md, "Rotation in a fleet"): no daemon starts
+//! with a key other than the fleet's, and rotating the master key through one daemon
+//! never strands another.
 
 mod common;
 

@@ -1,7 +1,7 @@
-//! Pool key health (issue 12): key_id in answers, `report_key_result`, cooldowns that
-//! only extend, the error threshold, disable and `enable_pool_key`, picks that skip
-//! cooling and disabled keys, `retry_after_s`, the user-key warning, counters, and the
-//! state shared by daemons on one Redis.
+//! Pool key health (docs/protocol.md, "report_key_result"): key_id in answers,
+//! `report_key_result`, cooldowns that only extend, the error threshold, disable and
+//! `enable_pool_key`, picks that skip cooling and disabled keys, `retry_after_s`, the
+//! user-key warning, counters, and the state shared by daemons on one Redis.
 
 mod common;
 

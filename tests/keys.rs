@@ -1,5 +1,6 @@
 //! Per-user keys, the parameter rules, and the resolution order through all four
-//! sources with both fallback switches (SPEC §2–§3).
+//! sources with both fallback switches (docs/protocol.md, "Parameter rules" and
+//! "get_user_api_key").
 
 mod common;
 

@@ -1,6 +1,7 @@
-//! Key lifecycle safety (issue 9): the keystore lock, rotation that keeps what it
-//! must, a socket path that never deletes a file, stray Redis keys, and secrets of
-//! rejected requests wiped from the daemon's memory.
+//! Key lifecycle safety (docs/security.md, "What each mechanism protects"): the
+//! keystore lock, rotation that keeps what it must, a socket path that never deletes
+//! a file, stray Redis keys, and secrets of rejected requests wiped from the daemon's
+//! memory.
 
 mod common;
 

@@ -1,5 +1,6 @@
-//! Metrics (issue 14 item 16): counters in `stats`, the Prometheus text over a real
-//! HTTP GET of /metrics on loopback, and `apikeyd metrics` over the socket.
+//! Metrics (docs/operations.md, "Monitoring"): counters in `stats`, the Prometheus
+//! text over a real HTTP GET of /metrics on loopback, and `apikeyd metrics` over the
+//! socket.
 
 mod common;
 
@@ -201,6 +202,7 @@ fn prometheus_over_http(mode: Mode) {
         }
     }
     promtool_check(&text);
+    every_family_is_documented(&text);
     let (status, _) = get(&addr, "/other");
     assert!(status.contains("404"), "{status}");
 
@@ -217,6 +219,42 @@ fn prometheus_over_http(mode: Mode) {
         "{text}"
     );
     promtool_check(&text);
+}
+
+/// The metric names of docs/operations.md's Prometheus table (its rows' first cell,
+/// labels left out).
+fn documented_families() -> Vec<String> {
+    let guide = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md"),
+    )
+    .unwrap();
+    guide
+        .lines()
+        .filter(|l| l.starts_with("| `apikeyd_"))
+        .flat_map(|l| {
+            let cell = l.split(" | ").next().unwrap_or_default();
+            cell.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(|name| name.split('{').next().unwrap_or_default().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Every family in `text` (its `# TYPE` line) has its row in the operations guide.
+fn every_family_is_documented(text: &str) {
+    let documented = documented_families();
+    assert!(documented.len() >= 20, "{documented:?}");
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest.split_whitespace().next().unwrap_or_default();
+            assert!(
+                documented.iter().any(|d| d == name),
+                "docs/operations.md, \"Prometheus\", lacks {name}"
+            );
+        }
+    }
 }
 
 fn stats_counts_per_op_and_code(mode: Mode) {

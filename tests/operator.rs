@@ -1,6 +1,7 @@
-//! The operator's path (issue 14): start-up errors that are never silent, refusals
-//! before the socket is bound, `check-config`, `call` exit codes and socket choice,
-//! default keys from systemd credentials, help, completions and the man page.
+//! The operator's path (docs/operations.md, "Running it"): start-up errors that are
+//! never silent, refusals before the socket is bound, `check-config`, `call` exit
+//! codes and socket choice, default keys from systemd credentials, help, completions
+//! and the man page.
 
 mod common;
 

@@ -1,5 +1,6 @@
-//! Pool values are bound to their key_id (issue 9, item 5): a store writer who moves
-//! a sealed value under another field or row does not get it served.
+//! Pool values are bound to their key_id (docs/security.md, "What each mechanism
+//! protects"): a store writer who moves a sealed value under another field or row
+//! does not get it served.
 
 mod common;
 

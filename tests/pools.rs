@@ -1,4 +1,5 @@
-//! Global and channel pools: add, remove, list, uniform picks (SPEC §3).
+//! Global and channel pools: add, remove, list, uniform picks (docs/protocol.md,
+//! "add_pool_key / remove_pool_key / list_pool_keys").
 
 mod common;
 

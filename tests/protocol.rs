@@ -1,5 +1,5 @@
-//! The wire protocol (SPEC §2): framing, ids, ordering, pipelining, error codes,
-//! limits and malformed input.
+//! The wire protocol (docs/protocol.md, "Framing" and "Error codes"): framing, ids,
+//! ordering, pipelining, error codes, limits and malformed input.
 
 mod common;
 

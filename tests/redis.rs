@@ -1,5 +1,6 @@
-//! Redis mode specifics (SPEC §1, §4): key names, nothing in clear, values bound to
-//! their hash, counter expiry, two daemons on one Redis, outages, legacy import.
+//! Redis mode specifics (docs/operations.md, "Redis mode"): key names, nothing in
+//! clear, values bound to their hash, counter expiry, two daemons on one Redis,
+//! outages, legacy import.
 //! The behavioural suite of every other test file also runs in Redis mode.
 
 mod common;

@@ -1,5 +1,6 @@
-//! Access by peer credentials (SPEC §5), socket and folder modes, and the canary: a
-//! key that must never appear in logs, error messages or the data folder in clear.
+//! Access by peer credentials (docs/operations.md, "Access"), socket and folder
+//! modes, and the canary: a key that must never appear in logs, error messages or the
+//! data folder in clear.
 
 mod common;
 

@@ -1,5 +1,5 @@
-//! Signals (SPEC §6): SIGTERM/SIGINT drain and exit 0; SIGHUP reloads without
-//! dropping connections.
+//! Signals (docs/operations.md, "Signals"): SIGTERM/SIGINT drain and exit 0; SIGHUP
+//! reloads without dropping connections.
 
 mod common;
 

@@ -1,6 +1,7 @@
-//! The daemon assembled: `open_keystore` and `preflight` before anything is bound,
-//! `start` wires the actors and the shared `App`, `run` serves them on a listener
-//! until told to stop; the systemd watchdog.
+//! The daemon assembled: `open_keystore` and `preflight` (in `check`, which `apikeyd
+//! check-config` shares) before anything is bound, `start` wires the actors and the
+//! shared `App`, `run` serves them on a listener until told to stop; the systemd
+//! watchdog.
 
 pub mod check;
 

@@ -170,7 +170,7 @@ fn start(
             let began = Instant::now();
             order.admit(&ticket).await;
             // Every call into a store is bounded by server.request_timeout_ms
-            // (actors::within), so this never waits forever.
+            // (store::handle::within), so this never waits forever.
             let outcome = AssertUnwindSafe(ops::dispatch(&app, &peer, op, &mut req))
                 .catch_unwind()
                 .await

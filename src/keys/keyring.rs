@@ -129,9 +129,10 @@ impl Ring {
         })
     }
 
-    /// Parses a key file: either one bare base64 line (version 1, as SPEC §4 describes
-    /// and as first starts write it), or a keyring of `vN:<base64>` lines with an
-    /// `id:<base64>` line, as rotation writes it. `#` starts a comment line.
+    /// Parses a key file (docs/security.md, "The keyring and rotation"): either one
+    /// bare base64 line (version 1, as first starts write it), or a keyring of
+    /// `vN:<base64>` lines with an `id:<base64>` line, as rotation writes it. `#`
+    /// starts a comment line.
     pub(super) fn parse(text: &str) -> Result<Ring, MasterKeyError> {
         let lines: Vec<&str> = text
             .lines()

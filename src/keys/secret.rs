@@ -16,7 +16,8 @@ impl Secret {
         &self.0
     }
 
-    /// The masked form of SPEC §3: first 4 and last 4 characters, or `****` below 12.
+    /// The masked form (docs/protocol.md, "list_user_api_keys"): first 4 and last 4
+    /// characters, or `****` below 12.
     pub fn masked(&self) -> String {
         let n = self.0.chars().count();
         if n < 12 {

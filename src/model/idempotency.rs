@@ -128,8 +128,10 @@ pub struct Figures {
     /// Repeats refused with `idempotency_conflict`.
     pub conflicts: AtomicU64,
     /// Records held: in embedded mode those in the keystore file (recounted by each
-    /// prune); in Redis mode the fleet's count as the last script that wrote a
-    /// record saw it (or the last background look, once a second).
+    /// prune); in Redis mode the fleet's count as last seen: stored by each quota
+    /// batch that records (the count its script saw) and by the background look once
+    /// a second, plus one for each record a keyed write or report adds in between.
+    /// With `"local"` user keys in Redis mode the keystore's recounts store it too.
     pub records: AtomicU64,
 }
 

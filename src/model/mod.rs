@@ -1,5 +1,7 @@
 //! The domain types every layer above speaks of: pools, key health and counters,
-//! loaded user keys, idempotency records, the clock; no actor, store or wire format.
+//! loaded user keys, what the stores count for `stats` (`figures`), idempotency
+//! records (with the records' SQLite table and the Redis counting Lua both stores
+//! share), the clock; no actor.
 
 pub mod clock;
 pub mod figures;

@@ -61,8 +61,9 @@ pub async fn metrics(app: &App) -> Result<Body> {
 
 /// `{"op":"stats"}` → `{"uptime_s":12,"connections":1,"requests_total":40,
 /// "requests":{"by_op":{"ping":38,"stats":2},"by_code":{"ok":40}},"quota_denials":0,
+/// "cache":{"hits":30,"misses":2,"entries":2},
+/// "store":{"mode":"embedded","redis_connected":null,"user_keys":"local"},
 /// "idempotency":{"records":0,"max_records":1000000,"recorded":0,"replayed":0,"conflicts":0},
-/// "cache":{"hits":30,"misses":2,"entries":2},"store":{"mode":"embedded","redis_connected":null},
 /// "process":{"dumpable":false,"locked_kb":0},"version":"0.1.0","pid":4242}`
 ///
 /// `pid` lets `rotate-master-key` prove that the daemon on a socket is the one

@@ -1,7 +1,7 @@
-//! The ops of SPEC §3, one file per family. Each op has the same shape: its
-//! parameters are parsed from the request into the op's own struct (`Params`), the
-//! op asks the actors, and encodes its result. Beside them: the shared `App` the ops
-//! run against, the resolver, and the built-in service names.
+//! The ops (docs/protocol.md, "Ops"), one file per family. Each op has the same
+//! shape: its parameters are parsed from the request into the op's own struct
+//! (`Params`), the op asks the actors, and encodes its result. Beside them: the
+//! shared `App` the ops run against, the resolver, and the built-in service names.
 
 mod admin;
 pub mod app;

@@ -1,8 +1,8 @@
-//! The resolution order of SPEC §1: user key → channel pool → global pool → config
-//! default. A pool store that fails is skipped and the answer marked degraded. The
-//! user's own key is never skipped: when it cannot be known (its store failed and no
-//! copy of it is cached), the answer is no key, degraded — a pool or default key
-//! must not stand in for a key the user may have.
+//! The resolution order (docs/protocol.md, "get_user_api_key"): user key → channel
+//! pool → global pool → config default. A pool store that fails is skipped and the
+//! answer marked degraded. The user's own key is never skipped: when it cannot be
+//! known (its store failed and no copy of it is cached), the answer is no key,
+//! degraded — a pool or default key must not stand in for a key the user may have.
 
 use std::sync::Arc;
 

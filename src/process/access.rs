@@ -1,5 +1,6 @@
-//! Who may talk to the daemon (SPEC §5): roles from the peer's credentials, the
-//! peer's supplementary groups, and user and group names in `[access]`.
+//! Who may talk to the daemon (docs/protocol.md, "Who may call what"; docs/operations.md,
+//! "Access"): roles from the peer's credentials, the peer's supplementary groups, and
+//! user and group names in `[access]`.
 
 use std::ffi::CString;
 use std::os::fd::AsRawFd;

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use crate::process::access::{gid_of, uid_of, AccessIds};
 use serde::{Deserialize, Serialize};
 
-/// The whole configuration file (SPEC §6). Every key is optional.
+/// The whole configuration file (docs/operations.md, "Configuration reference").
+/// Every key is optional.
 #[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -100,7 +101,8 @@ impl Default for KeystoreConfig {
 pub enum UserKeysIn {
     /// Sealed in `{prefix}:user_api_keys:{user_id}`, shared by every daemon on the Redis.
     Redis,
-    /// In this daemon's SQLite keystore (the behaviour before issue 11).
+    /// In this daemon's SQLite keystore (the behaviour of versions that kept no user
+    /// keys in Redis).
     Local,
 }
 

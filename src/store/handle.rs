@@ -1,11 +1,12 @@
-//! The handles the ops and the cache reach the stores by: `Store` for pools and
-//! quota counters (the embedded `SqliteStore` or the `RedisStore`), `UserKeys` for
-//! per-user keys (the SQLite `Keystore`, or the `RedisStore` with
-//! `keystore.user_keys = "redis"`). Each wraps one `Backend`, the actor behind it,
-//! and every call goes through `Backend::ask`, the one place the request deadline
-//! (`server.request_timeout_ms`) is applied. Both actors behind a handle answer the
-//! same messages (`store::messages`), so nothing above this file knows which one it
-//! is; each actor's `Handler` sits beside the code that answers.
+//! The handles the ops and the cache reach the stores by: `Store` for pools and quota
+//! counters (the embedded `SqliteStore` or the `RedisStore`), `UserKeys` for per-user
+//! keys (the SQLite `Keystore`, or the `RedisStore` with `keystore.user_keys =
+//! "redis"`). Each wraps one `Backend`, the actor behind it, and every call goes
+//! through `Backend::ask`, the one place the request deadline
+//! (`server.request_timeout_ms`) is applied (and `App::keystore`, for the keystore's
+//! own messages). Both actors behind a handle answer the same messages
+//! (`store::messages`), so nothing above this file knows which one it is; each
+//! actor's `Handler` sits beside the code that answers.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,7 +48,7 @@ pub async fn within<T>(
 
 /// The actor behind a handle: on this host (SQLite) or in Redis. Every call through
 /// a handle goes through [`Backend::ask`], the one place the request deadline is
-/// applied.
+/// applied (and `App::keystore`, for the keystore's own messages).
 pub enum Backend<L: Actor, R: Actor> {
     Local(Addr<L>),
     Redis(Addr<R>),

@@ -108,9 +108,9 @@ impl Names {
         format!("{}:apikeyd:idempotency:{uid}:{key}", self.prefix)
     }
 
-    /// The start of the names of the counters of idempotency records written with
-    /// TTL `ttl_s`, one per window of `ttl_s` seconds (Redis's clock), each named by
-    /// the window's number after this start: `{prefix}:apikeyd:idempotency-count:{ttl_s}:`.
+    /// The start of the names of the counters of idempotency records written with TTL
+    /// `ttl_s`, one per window of `ttl_s` seconds (the daemons' clocks), each named by the
+    /// window's number after this start: `{prefix}:apikeyd:idempotency-count:{ttl_s}:`.
     pub fn idempotency_count(&self, ttl_s: u64) -> String {
         format!("{}:apikeyd:idempotency-count:{ttl_s}:", self.prefix)
     }

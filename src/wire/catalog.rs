@@ -8,7 +8,7 @@ use std::str::FromStr;
 /// Declares `Op` from one table: variant, wire name, writes, admin only.
 macro_rules! ops {
     ($($variant:ident = $name:literal, write: $write:literal, admin: $admin:literal;)*) => {
-        /// One op of the wire protocol (SPEC §3 and apikeyd's additions).
+        /// One op of the wire protocol (docs/protocol.md, "Ops", apikeyd's additions included).
         #[derive(Clone, Copy, PartialEq, Eq, Debug)]
         pub enum Op {
             $(#[doc = concat!("`", $name, "`")] $variant,)*
@@ -30,8 +30,8 @@ macro_rules! ops {
                 match self { $(Op::$variant => $write,)* }
             }
 
-            /// Whether only admins may run it (SPEC §5: pool management; apikeyd adds
-            /// `reload` and `enable_pool_key`).
+            /// Whether only admins may run it (docs/protocol.md, "Who may call what":
+            /// pool management, `reload` and `enable_pool_key`).
             pub fn admin_only(self) -> bool {
                 match self { $(Op::$variant => $admin,)* }
             }

@@ -1,7 +1,7 @@
 //! The wire: one JSON object per line in, one per line out. Parsing a line into a
 //! `Request` (here; `fastpath` reads the common flat line without serde_json) and
 //! encoding responses, cutting the byte stream into lines
-//! (`framing`), and the parameter rules of SPEC §2 (`params`).
+//! (`framing`), and the parameter rules of docs/protocol.md (`params`).
 
 mod fastpath;
 mod framing;

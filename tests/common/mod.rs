@@ -184,7 +184,8 @@ impl TestDaemon {
     }
 
     /// A second daemon on the same Redis as `other`, with its own folder and keystore
-    /// but `other`'s master key (SPEC §4: daemons sharing a Redis share the key).
+    /// but `other`'s master key (daemons sharing a Redis share the key:
+    /// docs/operations.md, "The master key in Redis mode").
     pub fn start_sharing(other: &TestDaemon, extra: &str) -> Self {
         let key = std::fs::read(other.path("data/master.key")).expect("master key");
         Self::prepare(Mode::Redis, other.redis.clone(), Some(key), extra, &[]).started()

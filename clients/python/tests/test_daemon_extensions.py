@@ -81,7 +81,7 @@ def test_default_key_limit_error_names_the_service(daemon):
 
 
 def test_daemon_accepts_integer_ids_on_the_wire(daemon):
-    # The client sends strings; the daemon (issue 14) must also take JSON integers.
+    # The client sends strings; the daemon must also take JSON integers.
     r = daemon.client().call("get_user_api_key", user_id="1", service="openai")
     assert "key" in r
     import json

@@ -17,7 +17,7 @@ P = inspect.Parameter
 PK, KW = P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY
 E = P.empty
 
-# name -> (is async, [(param, kind, default)], return annotation), from issue 13.
+# name -> (is async, [(param, kind, default)], return annotation), as the original module declares them.
 ORIGINAL = {
     "get_user_api_key": (True, [("user_id", PK, E), ("service", PK, E), ("redis_client", KW, None),
                                 ("channel_id", KW, None), ("fallback_to_pool", KW, True), ("config", KW, None)],

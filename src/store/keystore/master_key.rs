@@ -1,6 +1,6 @@
-//! The master key rules of SPEC §4: where it is read from, loading or creating it,
-//! checking it against the keystore's check value and its stored keys, and writing a
-//! user key row sealed with it.
+//! The master key rules (docs/operations.md, "The master key"): where it is read
+//! from, loading or creating it, checking it against the keystore's check value and
+//! its stored keys, and writing a user key row sealed with it.
 
 use std::path::Path;
 

@@ -1,6 +1,7 @@
 //! The `Keystore` actor: owns per-user keys in the SQLite keystore (blocking, so on a
-//! `SyncArbiter`). The file itself — schema, integrity, clean marker, master key at
-//! start — is `file`.
+//! `SyncArbiter`). The file: its schema and connections (`file`), opening it with the
+//! master key and the clean-shutdown marker (`open`), the deferred integrity check
+//! (`integrity`), the master key rules (`master_key`).
 
 mod file;
 mod integrity;

@@ -70,7 +70,8 @@ pub fn create_folder(path: &Path) -> Result<(), KeystoreError> {
 }
 
 /// Opens the keystore, creates the schema, and loads (or on a first start creates)
-/// the master key, applying the rules of SPEC §4. Returns `connections` connections.
+/// the master key, applying the rules of docs/operations.md, "The master key".
+/// Returns `connections` connections.
 pub fn open(config: &Config, connections: usize) -> Result<Opened, KeystoreError> {
     open_with(config, connections, &|| Ok(()))
 }

@@ -1,5 +1,5 @@
-//! The parameter rules of SPEC §2: one reader per parameter on `Request`, each
-//! taking its member once and checking its shape.
+//! The parameter rules (docs/protocol.md, "Parameter rules"): one reader per
+//! parameter on `Request`, each taking its member once and checking its shape.
 
 use super::*;
 

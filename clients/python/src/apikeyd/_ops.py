@@ -178,7 +178,7 @@ class Ops(Generic[R]):
         service: Optional[str] = None,
         timeout: Optional[float] = None,
     ) -> R:
-        """The daily-limit message: ``{"message": str}``. ``service`` needs a daemon with issue 14."""
+        """The daily-limit message: ``{"message": str}``. ``service`` is an apikeyd addition to the original module."""
         return self.call(
             "default_key_limit_error",
             tool_name=tool_name,
@@ -200,7 +200,7 @@ class Ops(Generic[R]):
         idempotency_key: Optional[str] = None,
         timeout: Optional[float] = None,
     ) -> R:
-        """Reports how a key fared (``ok``, ``rate_limited``, ``unauthorized``, ``error``): ``{"recorded", "state", "cooling_until"}``. A write; needs a daemon with issue 12."""
+        """Reports how a key fared (``ok``, ``rate_limited``, ``unauthorized``, ``error``): ``{"recorded", "state", "cooling_until"}``. A write; an apikeyd addition."""
         return self.call(
             "report_key_result",
             service=service,
@@ -222,7 +222,7 @@ class Ops(Generic[R]):
         idempotency_key: Optional[str] = None,
         timeout: Optional[float] = None,
     ) -> R:
-        """Re-enables a disabled pool key (admins only): ``{"enabled": bool}``. A write; needs a daemon with issue 12."""
+        """Re-enables a disabled pool key (admins only): ``{"enabled": bool}``. A write; an apikeyd addition."""
         return self.call("enable_pool_key", service=service, key_id=key_id, channel_id=channel_id, idempotency_key=idempotency_key, timeout=timeout)
 
     def reload(self, *, timeout: Optional[float] = None) -> R:
