@@ -3,6 +3,7 @@
 mod common;
 
 use common::{Client, Mode, TestDaemon};
+use redis::Commands;
 use serde_json::json;
 
 fn counts_per_user_and_tool(mode: Mode) {
@@ -161,6 +162,61 @@ fn messages(mode: Mode) {
             "{m}"
         );
     }
+}
+
+/// Stray data in Redis: a user's daily counter that is not a hash of counts (another
+/// writer's string, or a field that is not a number) answers that user's quota calls
+/// as a store failure (`degraded`, denied per the default `quota.on_store_error`),
+/// names no value, changes nothing, and leaves the other users of the same script
+/// batch counted as usual; with and without idempotency keys.
+#[test]
+fn a_stray_counter_refuses_its_user_alone() {
+    let d = TestDaemon::start_with(Mode::Redis, "", &[]);
+    let mut con = d.redis.as_ref().unwrap().conn();
+    let usage = |user: &str| format!("stargazer:apikeyd:usage:{}:{user}", common::utc_day());
+    let _: () = con.set(usage("stray"), "sk-not-a-count-0001").unwrap();
+    let _: () = con.hset(usage("nan"), "t", "sk-not-a-count-0002").unwrap();
+    let mut c = d.client();
+    for (n, idem) in [(1, None), (2, Some("k"))] {
+        let mut batch = String::new();
+        for user in ["stray", "ok", "nan"] {
+            let mut line =
+                json!({"op": "consume_default_key_usage", "user_id": user, "tool_name": "t"});
+            if let Some(k) = idem {
+                line["idempotency_key"] = json!(format!("{k}-{user}"));
+            }
+            batch.push_str(&line.to_string());
+            batch.push('\n');
+        }
+        let writer = c.send_in_background(batch);
+        let answers: Vec<_> = (0..3).map(|_| c.recv()).collect();
+        writer.join().unwrap().unwrap();
+        for (answer, user) in answers.iter().zip(["stray", "ok", "nan"]) {
+            if user == "ok" {
+                assert_eq!(answer["result"]["allowed"], true, "{answer}");
+                assert_eq!(answer["result"]["current_count"], n, "{answer}");
+            } else {
+                assert_eq!(
+                    answer["result"],
+                    json!({"allowed": false, "current_count": 0, "daily_limit": 20, "degraded": true}),
+                    "{user}: {answer}"
+                );
+            }
+        }
+    }
+    let stray: String = con.get(usage("stray")).unwrap();
+    assert_eq!(stray, "sk-not-a-count-0001");
+    let nan: String = con.hget(usage("nan"), "t").unwrap();
+    assert_eq!(nan, "sk-not-a-count-0002");
+    let logs = d.logs();
+    // Each is refused as the call's own stray counter, not as a refusal of the server's.
+    for user in ["stray", "nan"] {
+        let said = |l: &&str| {
+            l.contains("the counter is not a hash of counts") && l.contains(&usage(user))
+        };
+        assert!(logs.lines().any(|l| said(&l)), "{user}: {logs}");
+    }
+    assert!(!logs.contains("sk-not-a-count"), "{logs}");
 }
 
 in_every_mode!(

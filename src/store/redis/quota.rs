@@ -37,7 +37,16 @@ return {0, n}
 
 /// One increment or consume (`limit` '' for an increment), as the batch scripts
 /// apply it: answers the verdict (1 allowed and counted, 0 denied) and the count.
+/// `refusal(err)`: the message of a call's error when it is the server's own refusal
+/// (any code but ERR and WRONGTYPE), which ends the batch; nil when it fails the call
+/// alone.
 const APPLY_LUA: &str = r"
+local function refusal(err)
+  local message = type(err) == 'table' and err.err or tostring(err)
+  local code = string.match(message, '^(%u+) ')
+  if code and code ~= 'ERR' and code ~= 'WRONGTYPE' then return message end
+  return nil
+end
 local function apply(key, tool, limit, expiry)
   if limit ~= '' then
     local n = tonumber(redis.call('HGET', key, tool) or '0')
@@ -61,11 +70,8 @@ for i = 1, #KEYS do
   if ok then
     out[2 * i - 1], out[2 * i] = verdict, n
   else
-    local message = type(verdict) == 'table' and verdict.err or tostring(verdict)
-    local code = string.match(message, '^(%u+) ')
-    if code and code ~= 'ERR' and code ~= 'WRONGTYPE' then
-      return redis.error_reply(message)
-    end
+    local message = refusal(verdict)
+    if message then return redis.error_reply(message) end
     out[2 * i - 1], out[2 * i] = 2, 0
   end
 end
@@ -144,9 +150,8 @@ for i = 1, #KEYS do
   if ok then
     out[2 * i - 1], out[2 * i] = verdict, n
   else
-    local message = type(verdict) == 'table' and verdict.err or tostring(verdict)
-    local code = string.match(message, '^(%u+) ')
-    if code and code ~= 'ERR' and code ~= 'WRONGTYPE' then
+    local message = refusal(verdict)
+    if message then
       if counter then records_close(counter, added) end
       return redis.error_reply(message)
     end
