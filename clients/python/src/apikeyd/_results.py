@@ -139,8 +139,9 @@ class PingResult(TypedDict):
     version: str
 
 
-class KeyResult(TypedDict):
-    key: Optional[str]
+class _Resolved(TypedDict):
+    """What every answer of the key resolution says besides the key itself."""
+
     source: Optional[str]
     key_id: NotRequired[str]
     message: NotRequired[str]
@@ -149,15 +150,13 @@ class KeyResult(TypedDict):
     degraded: NotRequired[bool]
 
 
-class GiteaResult(TypedDict):
+class KeyResult(_Resolved):
+    key: Optional[str]
+
+
+class GiteaResult(_Resolved):
     token: Optional[str]
     base_url: Optional[str]
-    source: Optional[str]
-    key_id: NotRequired[str]
-    message: NotRequired[str]
-    retry_after_s: NotRequired[int]
-    warning: NotRequired[str]
-    degraded: NotRequired[bool]
 
 
 class PoolKeyResult(TypedDict):
