@@ -32,6 +32,18 @@ fn rejects_typos_and_bad_values() {
     assert!(Config::parse("[quota]\non_store_error = \"maybe\"").is_err());
     assert!(Config::parse("[services.\"bad name\"]").is_err());
     assert!(Config::parse("[server]\nidle_timeout_s = 0").is_err());
+    for (key, bad) in [
+        ("idempotency_ttl_s", 0),
+        ("idempotency_ttl_s", 604_801),
+        ("idempotency_max_records", 0),
+    ] {
+        let e = Config::parse(&format!("[server]\n{key} = {bad}")).unwrap_err();
+        assert!(e.to_string().contains(&format!("server.{key}")), "{e}");
+    }
+    assert_eq!(
+        Config::parse("").unwrap().server.idempotency_max_records,
+        1_000_000
+    );
     for bad in ["verbose", "", "apikeyd", "apikeyd=loud"] {
         let e = Config::parse(&format!("[log]\nlevel = {bad:?}")).unwrap_err();
         assert!(e.to_string().contains("log.level"), "{e}");
